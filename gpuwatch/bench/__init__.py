@@ -1,0 +1,1 @@
+"""Benchmarks: `gpuwatch bench ...` commands that print a table and write JSON."""

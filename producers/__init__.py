@@ -1,0 +1,1 @@
+"""Node agent: NVML sampler, fleet simulator, publisher."""

@@ -1,0 +1,83 @@
+"""Field lists of `gpuwatch.samples/1`: the one place that names what a GPU sample carries.
+
+The simulator, the NVML sampler, the codecs and the feature pipeline all read these tuples,
+so adding a field here is how a new signal reaches the model.
+"""
+
+from __future__ import annotations
+
+SAMPLES_SCHEMA = "gpuwatch.samples/1"
+RISK_SCHEMA = "gpuwatch.risk/1"
+REMEDIATION_SCHEMA = "gpuwatch.remediation/1"
+DEADLETTER_SCHEMA = "gpuwatch.deadletter/1"
+
+# Gauges: a number, or null where the GPU does not support it (fan_pct on passively cooled boards).
+GAUGES: tuple[str, ...] = (
+    "temp_c",
+    "power_w",
+    "power_limit_w",
+    "mem_used_mib",
+    "mem_total_mib",
+    "util_gpu_pct",
+    "sm_clock_mhz",
+    "fan_pct",
+)
+
+# Cumulative counters: non-negative numbers that only grow until a reset (driver reload, reboot).
+COUNTERS: tuple[str, ...] = (
+    "ecc_sbe_volatile",
+    "ecc_dbe_volatile",
+    "ecc_sbe_aggregate",
+    "ecc_dbe_aggregate",
+    "retired_pages",
+    "remapped_rows_correctable",
+    "remapped_rows_uncorrectable",
+    "pcie_replay",
+    "nvlink_crc_errors",
+)
+
+# Booleans; `lost` means NVML reports the GPU fell off the bus (other fields may then be null).
+FLAGS: tuple[str, ...] = ("remap_pending", "remap_failure", "lost")
+
+# Required fields of every GPU sample, besides gpu_index (int), uuid (str),
+# throttle_reasons (int bitmask) and xid (list of ints seen since the previous sample).
+REQUIRED_NUMERIC: tuple[str, ...] = GAUGES + COUNTERS
+
+# Optional extras a richer sampler (NVML) sends; absent and null mean the same thing.
+OPTIONAL_GAUGES: tuple[str, ...] = (
+    "mem_clock_mhz",
+    "util_mem_pct",
+    "pcie_link_width",
+    "pcie_link_width_max",
+    "pcie_link_gen",
+    "pcie_link_gen_max",
+)
+OPTIONAL_COUNTERS: tuple[str, ...] = (
+    "nvlink_replay_errors",
+    "nvlink_recovery_errors",
+    "power_violation_us",
+    "thermal_violation_us",
+)
+OPTIONAL_FLAGS: tuple[str, ...] = ("retired_pages_pending",)
+
+ALL_NUMERIC: tuple[str, ...] = REQUIRED_NUMERIC + OPTIONAL_GAUGES + OPTIONAL_COUNTERS
+ALL_FLAGS: tuple[str, ...] = FLAGS + OPTIONAL_FLAGS
+ALL_COUNTERS: tuple[str, ...] = COUNTERS + OPTIONAL_COUNTERS
+
+# NVML clock-event (throttle) reason bits, nvmlClocksEventReason*.
+THROTTLE_GPU_IDLE = 0x1
+THROTTLE_APP_CLOCKS = 0x2
+THROTTLE_SW_POWER_CAP = 0x4
+THROTTLE_HW_SLOWDOWN = 0x8
+THROTTLE_SYNC_BOOST = 0x10
+THROTTLE_SW_THERMAL = 0x20
+THROTTLE_HW_THERMAL = 0x40
+THROTTLE_HW_POWER_BRAKE = 0x80
+
+# XID classes used by features, the simulator and the failure label.
+XID_MEMORY = frozenset({48, 63, 64, 92, 94, 95})
+XID_FATAL = frozenset({48, 62, 64, 74, 79, 95})
+XID_INTERCONNECT = frozenset({74, 79})
+
+FAILURE_MODES: tuple[str, ...] = ("none", "memory", "thermal", "power", "interconnect", "sudden")
+ACTIONS: tuple[str, ...] = ("checkpoint", "migrate", "reboot")

@@ -1,0 +1,82 @@
+"""The Redis key layout of gpuwatch, in one place (docs/redis.md is the same layout for other languages).
+
+A GPU is named by its host and index; `member(host, gpu)` (``"node-0003:5"``) is how sorted sets refer
+to it; readers split a member at its *last* colon, so host names may contain ``:``. Timestamps are
+unix seconds (floats); risks are floats in 0..1. Scripts name keys they build themselves, so this layout
+needs a single Redis (or one Redis Cluster shard), not a cluster spread over slots.
+
+Per GPU (expire `expire_after_s` after the last write, so GPUs gone for good disappear):
+  ``gpuwatch:gpu:{host}:{gpu}``      hash: host, gpu_index, uuid, risk, mode, model, ts (newest sample the
+                                     score used), scored_at, written_at (wall clock of the sink)
+  ``gpuwatch:hist:{host}:{gpu}``     list: the last N risk records as JSON, newest first
+Per host:
+  ``gpuwatch:host:{host}``           hash: host, max_risk, max_gpu, max_mode, gpus (count), oldest_ts,
+                                     newest_ts (min/max `ts` over the host's GPUs), written_at
+  ``gpuwatch:hostgpus:{host}``       sorted set: member gpu index, score risk (source of the rollup)
+Fleet-wide:
+  ``gpuwatch:fleet:risk``            sorted set: member ``host:gpu``, score risk
+  ``gpuwatch:hosts:risk``            sorted set: member host, score the host's max risk
+  ``gpuwatch:lastseen``              sorted set: member ``host:gpu``, score `ts` of its newest record
+Remediation:
+  ``gpuwatch:killswitch``            string; while it exists the policy takes no action
+  ``gpuwatch:audit``                 stream (capped): one entry per policy decision, field ``json``
+  ``gpuwatch:claim:{id}``            string (SET NX EX): a controller claimed remediation `id`
+  ``gpuwatch:outcome:{id}``          hash: how executing remediation `id` went
+"""
+
+from __future__ import annotations
+
+PREFIX = "gpuwatch:"
+
+GPU_PREFIX = PREFIX + "gpu:"
+HIST_PREFIX = PREFIX + "hist:"
+HOST_PREFIX = PREFIX + "host:"
+HOST_GPUS_PREFIX = PREFIX + "hostgpus:"
+FLEET_RISK = PREFIX + "fleet:risk"
+HOSTS_RISK = PREFIX + "hosts:risk"
+LASTSEEN = PREFIX + "lastseen"
+KILLSWITCH = PREFIX + "killswitch"
+AUDIT = PREFIX + "audit"
+CLAIM_PREFIX = PREFIX + "claim:"
+OUTCOME_PREFIX = PREFIX + "outcome:"
+
+
+def member(host: str, gpu: int | str) -> str:
+    """Sorted-set member naming one GPU: ``"{host}:{gpu}"``."""
+    return f"{host}:{gpu}"
+
+
+def split_member(value: str) -> tuple[str, int]:
+    """Inverse of `member`: ``"node-0003:5"`` -> ``("node-0003", 5)`` (splits at the last colon)."""
+    host, _, gpu = value.rpartition(":")
+    return host, int(gpu)
+
+
+def gpu_key(host: str, gpu: int | str) -> str:
+    """Hash with the newest risk of one GPU."""
+    return f"{GPU_PREFIX}{host}:{gpu}"
+
+
+def hist_key(host: str, gpu: int | str) -> str:
+    """List of the GPU's last risk records (JSON), newest first."""
+    return f"{HIST_PREFIX}{host}:{gpu}"
+
+
+def host_key(host: str) -> str:
+    """Rollup hash of one host (its riskiest GPU)."""
+    return f"{HOST_PREFIX}{host}"
+
+
+def host_gpus_key(host: str) -> str:
+    """Sorted set of the host's GPU indices by risk, from which the rollup is recomputed."""
+    return f"{HOST_GPUS_PREFIX}{host}"
+
+
+def claim_key(remediation_id: str) -> str:
+    """String a controller sets with NX before executing remediation `remediation_id`."""
+    return f"{CLAIM_PREFIX}{remediation_id}"
+
+
+def outcome_key(remediation_id: str) -> str:
+    """Hash with the outcome of executing remediation `remediation_id`."""
+    return f"{OUTCOME_PREFIX}{remediation_id}"

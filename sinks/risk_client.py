@@ -1,0 +1,145 @@
+"""Read GPU and host risk from Redis, as written by `RiskWriter` (for schedulers, dashboards, the CLI).
+
+    >>> from gpuwatch import RiskClient
+    >>> rc = RiskClient("redis://localhost:6379/0")
+    >>> rc.risk("node-0003", 5)
+    {'host': 'node-0003', 'gpu_index': 5, 'risk': 0.91, 'mode': 'memory', ..., 'stale': False}
+
+Every answer carries `stale`: the newest record is older than `stale_after_s` (by `ts`, the sample
+time, against this client's clock), so the number may no longer describe the GPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import redis
+from gpuwatch.sinks import redis_keys as k
+
+_GPU_FLOATS = ("risk", "ts", "scored_at", "written_at")
+_HOST_FLOATS = ("max_risk", "oldest_ts", "newest_ts", "written_at")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RiskClient:
+    """Answers about risk in Redis as plain dicts (floats, ints, strs, bools).
+
+    `url_or_client` is a Redis URL or a `redis.Redis` (either `decode_responses` setting works).
+    `clock` returns unix seconds (default `time.time`); staleness is judged against it.
+    """
+
+    def __init__(
+        self,
+        url_or_client: str | redis.Redis,
+        *,
+        stale_after_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(url_or_client, str):
+            self._redis: redis.Redis = redis.Redis.from_url(url_or_client, decode_responses=True)
+            self._owned = True
+        else:
+            self._redis = url_or_client
+            self._owned = False
+        self.stale_after_s = stale_after_s
+        self._clock = clock
+
+    def close(self) -> None:
+        """Closes the connection pool if this client created it from a URL."""
+        if self._owned:
+            self._redis.close()
+
+    def __enter__(self) -> RiskClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _is_stale(self, ts: float | None, now: float) -> bool:
+        return ts is None or now - ts > self.stale_after_s
+
+    def _gpu(self, raw: dict[Any, Any], now: float) -> dict[str, Any] | None:
+        if not raw:
+            return None
+        out: dict[str, Any] = {_text(key): _text(val) for key, val in raw.items()}
+        for name in _GPU_FLOATS:
+            if name in out:
+                out[name] = float(out[name])
+        out["gpu_index"] = int(out["gpu_index"])
+        out["age_s"] = now - out["ts"]
+        out["stale"] = self._is_stale(out["ts"], now)
+        return out
+
+    def _host(self, raw: dict[Any, Any], now: float) -> dict[str, Any] | None:
+        if not raw:
+            return None
+        out: dict[str, Any] = {_text(key): _text(val) for key, val in raw.items()}
+        for name in _HOST_FLOATS:
+            out[name] = float(out[name]) if out.get(name) else None
+        out["max_gpu"] = int(out["max_gpu"])
+        out["gpus"] = int(out["gpus"])
+        # A host is only as fresh as its least recently reported GPU: a silent GPU makes it stale.
+        out["stale"] = self._is_stale(out["oldest_ts"], now)
+        return out
+
+    def risk(self, host: str, gpu: int) -> dict[str, Any] | None:
+        """The newest risk of one GPU, or None if Redis knows nothing about it.
+
+        Keys: host, gpu_index, uuid, risk, mode, model, ts, scored_at, written_at, age_s, stale.
+        """
+        return self._gpu(self._redis.hgetall(k.gpu_key(host, gpu)), self._clock())
+
+    def history(self, host: str, gpu: int, n: int = 60) -> list[dict[str, Any]]:
+        """Up to `n` of the GPU's latest risk records (as published on the risk topic), newest first."""
+        return [orjson.loads(raw) for raw in self._redis.lrange(k.hist_key(host, gpu), 0, n - 1)]
+
+    def host_risk(self, host: str) -> dict[str, Any] | None:
+        """The host's rollup, or None: its riskiest GPU and how fresh its GPUs' data is.
+
+        Keys: host, max_risk, max_gpu, max_mode, gpus, oldest_ts, newest_ts, written_at, stale
+        (stale when any of its GPUs has not reported for `stale_after_s`).
+        """
+        return self._host(self._redis.hgetall(k.host_key(host)), self._clock())
+
+    def top(self, n: int = 10) -> list[dict[str, Any]]:
+        """The `n` riskiest GPUs of the fleet, riskiest first, as `risk()` answers (stale ones included)."""
+        out: list[dict[str, Any]] = []
+        start = 0
+        while len(out) < n:
+            members = self._redis.zrevrange(k.FLEET_RISK, start, start + n - 1)
+            if not members:
+                break
+            start += len(members)
+            pipe = self._redis.pipeline(transaction=False)
+            for m in members:
+                pipe.hgetall(k.gpu_key(*k.split_member(_text(m))))
+            now = self._clock()
+            # A GPU whose hash expired but which `prune` has not yet removed is skipped.
+            out += [g for g in (self._gpu(raw, now) for raw in pipe.execute()) if g is not None]
+        return out[:n]
+
+    def stale_gpus(self) -> list[str]:
+        """Members (``host:gpu``) whose newest record is older than `stale_after_s`, oldest first."""
+        cutoff = self._clock() - self.stale_after_s
+        return [_text(m) for m in self._redis.zrangebyscore(k.LASTSEEN, "-inf", f"({cutoff!r}")]
+
+    def healthy_hosts(self, threshold: float) -> list[str]:
+        """Hosts whose riskiest GPU is below `threshold` and whose data is not stale, least risky first."""
+        hosts = [_text(h) for h in self._redis.zrangebyscore(k.HOSTS_RISK, "-inf", f"({float(threshold)!r}")]
+        if not hosts:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for host in hosts:
+            pipe.hget(k.host_key(host), "oldest_ts")
+        now = self._clock()
+        return [
+            host
+            for host, oldest in zip(hosts, pipe.execute(), strict=True)
+            if oldest and not self._is_stale(float(oldest), now)
+        ]

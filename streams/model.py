@@ -1,0 +1,203 @@
+"""The failure model (an LSTM with risk and mode heads), its artifact format and batched scoring.
+
+Training (`gpuwatch.training`) and serving (the stream worker, `gpuwatch score`) both load
+models through `load_artifact` and score through `Scorer`: one implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from gpuwatch.schemas.fields import FAILURE_MODES
+from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "gpuwatch.model/1"
+# Modes the mode head chooses between; "none" is reported when risk is below `mode_min_risk`.
+FAILURE_CLASSES: tuple[str, ...] = tuple(m for m in FAILURE_MODES if m != "none")
+
+
+class FailureLSTM(nn.Module):
+    """LSTM over the feature sequence, then a small MLP with a risk logit and mode logits."""
+
+    def __init__(self, n_features: int, hidden: int = 64, mlp: int = 32, n_modes: int = len(FAILURE_CLASSES)):
+        super().__init__()
+        self.lstm = nn.LSTM(n_features, hidden, batch_first=True)
+        self.body = nn.Sequential(nn.Linear(hidden + n_features, mlp), nn.ReLU())
+        self.risk_head = nn.Linear(mlp, 1)
+        self.mode_head = nn.Linear(mlp, n_modes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, _ = self.lstm(x)
+        # The current row goes straight to the MLP as well: sharp present-state signals need no recurrence.
+        h = self.body(torch.cat([out[:, -1], x[:, -1]], dim=1))
+        return self.risk_head(h).squeeze(1), self.mode_head(h)
+
+
+@dataclass
+class ModelArtifact:
+    """Everything needed to score: weights, feature/window config, normalisation, calibration."""
+
+    version: str
+    state_dict: dict[str, torch.Tensor]
+    features: tuple[str, ...]
+    window: WindowConfig
+    norm_mean: np.ndarray
+    norm_std: np.ndarray
+    hidden: int = 64
+    mlp: int = 32
+    temperature: float = 1.0  # calibration: sigmoid(logit / temperature)
+    threshold: float = 0.5  # operating threshold chosen on validation data
+    horizon_s: float = 3600.0
+    mode_min_risk: float = 0.5
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str = ""
+    created_at: float = 0.0
+
+    def build(self) -> FailureLSTM:
+        model = FailureLSTM(len(self.features), self.hidden, self.mlp)
+        model.load_state_dict(self.state_dict)
+        model.eval()
+        return model
+
+    def save(self, path: str | Path) -> None:
+        payload = {
+            "format": ARTIFACT_FORMAT,
+            "version": self.version,
+            "state_dict": self.state_dict,
+            "features": list(self.features),
+            "window": {"seq_len": self.window.seq_len, "stride_s": self.window.stride_s},
+            "norm_mean": torch.from_numpy(self.norm_mean.astype(np.float32)),
+            "norm_std": torch.from_numpy(self.norm_std.astype(np.float32)),
+            "hidden": self.hidden,
+            "mlp": self.mlp,
+            "temperature": float(self.temperature),
+            "threshold": float(self.threshold),
+            "horizon_s": float(self.horizon_s),
+            "mode_min_risk": float(self.mode_min_risk),
+            "metrics": self.metrics,
+            "data_fingerprint": self.data_fingerprint,
+            "created_at": float(self.created_at or time.time()),
+        }
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, path)
+
+
+class ModelError(RuntimeError):
+    """A model artifact is missing, unreadable or does not match this version's features."""
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("gpuwatch") / "models" / "default.pt"))
+
+
+def load_artifact(path: str | Path | None = None) -> ModelArtifact:
+    """Load a model artifact (the packaged default when `path` is empty) and check it fits this code."""
+    path = Path(path) if path else default_model_path()
+    if not path.exists():
+        raise ModelError(f"model artifact {path} does not exist; train one with `gpuwatch train` or omit --model")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise ModelError(f"cannot read model artifact {path}: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("format") != ARTIFACT_FORMAT:
+        raise ModelError(f"{path} is not a {ARTIFACT_FORMAT} artifact")
+    features = tuple(raw["features"])
+    if features != FEATURE_NAMES:
+        raise ModelError(
+            f"{path} was trained on a different feature set ({len(features)} features, this code has "
+            f"{len(FEATURE_NAMES)}); retrain it with `gpuwatch train`"
+        )
+    return ModelArtifact(
+        version=raw["version"],
+        state_dict=raw["state_dict"],
+        features=features,
+        window=WindowConfig(**raw["window"]),
+        norm_mean=raw["norm_mean"].numpy(),
+        norm_std=raw["norm_std"].numpy(),
+        hidden=int(raw["hidden"]),
+        mlp=int(raw["mlp"]),
+        temperature=float(raw["temperature"]),
+        threshold=float(raw["threshold"]),
+        horizon_s=float(raw["horizon_s"]),
+        mode_min_risk=float(raw.get("mode_min_risk", 0.5)),
+        metrics=raw.get("metrics", {}),
+        data_fingerprint=raw.get("data_fingerprint", ""),
+        created_at=float(raw.get("created_at", 0.0)),
+    )
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+class Scorer:
+    """Scores batches of sequences in one forward pass; CUDA with pinned, non-blocking copies when present."""
+
+    def __init__(self, artifact: ModelArtifact, device: str = "auto") -> None:
+        self.artifact = artifact
+        self.device = resolve_device(device)
+        self.model = artifact.build().to(self.device)
+        self._mean = torch.from_numpy(artifact.norm_mean).to(self.device)
+        self._std = torch.from_numpy(artifact.norm_std).to(self.device)
+        self._pinned: torch.Tensor | None = None
+        self.version = artifact.version
+
+    def _to_device(self, seqs: np.ndarray) -> torch.Tensor:
+        host = torch.from_numpy(seqs)
+        if self.device.type != "cuda":
+            return host
+        if self._pinned is None or self._pinned.numel() < host.numel():
+            self._pinned = torch.empty(host.numel() * 2, dtype=torch.float32).pin_memory()
+        staged = self._pinned[: host.numel()].view(host.shape)
+        staged.copy_(host)
+        return staged.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def logits(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (uncalibrated) risk logits (B,) and mode logits (B, n_modes)."""
+        x = (self._to_device(np.ascontiguousarray(seqs, dtype=np.float32)) - self._mean) / self._std
+        risk_logit, mode_logit = self.model(x)
+        return risk_logit.float().cpu().numpy(), mode_logit.float().cpu().numpy()
+
+    def score(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated risk in [0, 1] (B,) and mode index into FAILURE_MODES (B,), "none" below mode_min_risk."""
+        if len(seqs) == 0:
+            return np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
+        risk_logit, mode_logit = self.logits(seqs)
+        risk = 1.0 / (1.0 + np.exp(-risk_logit.astype(np.float64) / self.artifact.temperature))
+        mode = mode_logit.argmax(axis=1) + 1  # +1: FAILURE_MODES[0] is "none"
+        mode = np.where(risk >= self.artifact.mode_min_risk, mode, 0)
+        return risk, mode
+
+
+def fingerprint_files(paths: list[Path]) -> str:
+    """sha256 over the bytes of the training inputs, so an artifact names the data it came from."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def artifact_bytes(artifact: ModelArtifact) -> int:
+    buf = io.BytesIO()
+    torch.save(artifact.state_dict, buf)
+    return buf.tell()

@@ -1,0 +1,174 @@
+"""The stream worker's batch step: decode snapshots, fold them into windows, score due GPUs.
+
+`RiskProcessor.process` is pure of Kafka: the faust agent, the in-process replay benchmark
+and offline `gpuwatch score` all call it, so they compute exactly the same risk.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, make_deadletter
+from gpuwatch.schemas.fields import FAILURE_MODES, RISK_SCHEMA
+from gpuwatch.streams.model import Scorer
+from gpuwatch.streams.window import WindowStore
+
+_MODES = FAILURE_MODES
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One consumed message and where it came from (for dead letters)."""
+
+    value: bytes | None
+    topic: str = ""
+    partition: int = -1
+    offset: int = -1
+
+
+@dataclass
+class BatchResult:
+    """What one batch produced: risk records (key, value) and dead letters, plus counts."""
+
+    risk: list[tuple[bytes, bytes]] = field(default_factory=list)
+    deadletters: list[bytes] = field(default_factory=list)
+    samples: int = 0  # GPU-samples folded into windows
+    rejected_samples: int = 0  # GPU-samples sent to the dead-letter topic
+    scored: int = 0
+    newest_sample_ts: float = 0.0
+
+
+class RiskProcessor:
+    """Windows + model for the GPUs of the partitions this worker owns."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        *,
+        rescore_interval_s: float = 5.0,
+        stage: str = "stream",
+        max_future_s: float = 300.0,
+        capacity: int = 1024,
+    ) -> None:
+        self.scorer = scorer
+        self.store = WindowStore(scorer.artifact.window, capacity=capacity)
+        self.rescore_interval_s = rescore_interval_s
+        self.stage = stage
+        self.max_future_s = max_future_s
+        self.horizon_s = scorer.artifact.horizon_s
+        self.model_version = scorer.version
+
+    def process(self, messages: Sequence[Inbound], *, now: float | None = None) -> BatchResult:
+        """Decode and fold `messages`; score every touched GPU that is due. Never raises on bad input."""
+        result = BatchResult()
+        snaps: list[Snapshot] = []
+        sources: list[Inbound] = []
+        for msg in messages:
+            try:
+                if msg.value is None:
+                    raise DecodeError("message has no value (tombstone)")
+                snaps.append(decode_snapshot(msg.value, now=now, max_future_s=self.max_future_s))
+                sources.append(msg)
+            except DecodeError as exc:
+                result.deadletters.append(self._deadletter(msg, str(exc)))
+        if snaps:
+            self.fold(snaps, sources, result)
+        return result
+
+    def fold(self, snaps: list[Snapshot], sources: Sequence[Inbound] | None, result: BatchResult) -> None:
+        """Fold decoded snapshots into the windows and score due GPUs (offline scoring enters here)."""
+        counts = [len(s.uuids) for s in snaps]
+        uuids = [u for s in snaps for u in s.uuids]
+        hosts = [s.host for s, n in zip(snaps, counts) for _ in range(n)]
+        gpu_index = np.concatenate([s.gpu_index for s in snaps])
+        ts = np.repeat(np.fromiter((s.ts for s in snaps), dtype=np.float64, count=len(snaps)), counts)
+        numeric = np.concatenate([s.numeric for s in snaps])
+        flags = np.concatenate([s.flags for s in snaps])
+        throttle = np.concatenate([s.throttle for s in snaps])
+        xids = [x for s in snaps for x in s.xids]
+
+        store = self.store
+        slots = store.slots_for(uuids, hosts, gpu_index)
+        accepted = store.update(slots, ts, numeric, flags, throttle, xids)
+        n_ok = int(accepted.sum())
+        result.samples += n_ok
+        if n_ok < len(slots):
+            self._reject_stale(snaps, sources, counts, accepted, result)
+        result.newest_sample_ts = max(result.newest_sample_ts, float(ts.max()))
+
+        touched = np.unique(slots[accepted])
+        due = touched[store.last_ts[touched] - store.last_scored_ts[touched] >= self.rescore_interval_s]
+        if len(due):
+            self.score_slots(due, result)
+
+    def score_slots(self, slots: np.ndarray, result: BatchResult) -> None:
+        """Score `slots` in one forward pass and append their risk records to `result`."""
+        store = self.store
+        risk, mode = self.scorer.score(store.sequences(slots))
+        store.last_scored_ts[slots] = store.last_ts[slots]
+        scored_at = time.time()
+        out = result.risk
+        hosts, uuids = store.hosts, store.uuids
+        for s, r, m, t, g in zip(
+            slots.tolist(), risk.tolist(), mode.tolist(), store.last_ts[slots].tolist(),
+            store.gpu_index[slots].tolist(),
+        ):
+            host = hosts[s]
+            out.append(
+                (
+                    host.encode(),
+                    orjson.dumps(
+                        {
+                            "schema": RISK_SCHEMA,
+                            "host": host,
+                            "gpu_index": g,
+                            "uuid": uuids[s],
+                            "ts": t,
+                            "risk": r,
+                            "horizon_s": self.horizon_s,
+                            "mode": _MODES[m],
+                            "model": self.model_version,
+                            "scored_at": scored_at,
+                        }
+                    ),
+                )
+            )
+        result.scored += len(slots)
+
+    def _deadletter(self, msg: Inbound, error: str) -> bytes:
+        return make_deadletter(
+            msg.value, error, topic=msg.topic, partition=msg.partition, offset=msg.offset, stage=self.stage
+        )
+
+    def _reject_stale(
+        self,
+        snaps: list[Snapshot],
+        sources: Sequence[Inbound] | None,
+        counts: list[int],
+        accepted: np.ndarray,
+        result: BatchResult,
+    ) -> None:
+        # Duplicates and out-of-order samples never touch a window; they go to the dead-letter topic whole.
+        start = 0
+        for i, (snap, n) in enumerate(zip(snaps, counts)):
+            bad = np.flatnonzero(~accepted[start : start + n])
+            start += n
+            if len(bad):
+                result.rejected_samples += len(bad)
+                gpus = ", ".join(str(int(snap.gpu_index[j])) for j in bad)
+                src = sources[i] if sources is not None else Inbound(None)
+                error = (
+                    f"host {snap.host} seq {snap.seq} ts {snap.ts}: GPU(s) {gpus} already have a sample at or "
+                    "after this ts (duplicate or out of order); not applied"
+                )
+                value = src.value if src.value is not None else orjson.dumps({"host": snap.host, "seq": snap.seq})
+                result.deadletters.append(self._deadletter(Inbound(value, src.topic, src.partition, src.offset), error))
+
+    def stats(self) -> dict[str, Any]:
+        return {"gpus_tracked": len(self.store), "state_bytes_per_gpu": self.store.state_bytes_per_gpu()}

@@ -1,0 +1,393 @@
+"""Per-GPU window state and the feature pipeline, vectorised over batches of GPU-samples.
+
+One implementation serves the stream worker, offline training, `gpuwatch score` and
+`gpuwatch eval`. State is preallocated NumPy arrays indexed by a slot per GPU (no lists
+of dicts): the last counter values, multi-scale EWMAs of rates and flags (1 min, 10 min,
+1 h, plus 6 h device baselines), and a ring of past feature rows spaced `stride_s` apart.
+A model sequence is the last `seq_len - 1` ring rows followed by the current row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpuwatch.schemas import fields as F
+
+_NUM = {name: i for i, name in enumerate(F.ALL_NUMERIC)}
+_FLAG = {name: i for i, name in enumerate(F.ALL_FLAGS)}
+
+# Counter groups whose per-minute rates are tracked; the order is the order of RATE_SIGNALS.
+_COUNTER_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("sbe", ("ecc_sbe_volatile",)),
+    ("dbe", ("ecc_dbe_volatile",)),
+    ("remap", ("remapped_rows_correctable", "remapped_rows_uncorrectable", "retired_pages")),
+    ("pcie", ("pcie_replay",)),
+    ("nvlink", ("nvlink_crc_errors", "nvlink_replay_errors", "nvlink_recovery_errors")),
+)
+_COUNTER_COLS = np.array([_NUM[c] for _, cols in _COUNTER_GROUPS for c in cols])
+_GROUP_OF_COL = np.array([g for g, (_, cols) in enumerate(_COUNTER_GROUPS) for _ in cols])
+_VIOLATION_COLS = np.array([_NUM["power_violation_us"], _NUM["thermal_violation_us"]])
+
+# Signals smoothed at every time scale: counter rates, then derived per-sample signals.
+EWMA_SIGNALS: tuple[str, ...] = tuple(name for name, _ in _COUNTER_GROUPS) + (
+    "thermal_dev",
+    "throttle_thermal",
+    "throttle_power",
+    "power_excursion",
+    "xid",
+    "clock_deficit",
+)
+EWMA_TAUS_S: tuple[float, ...] = (60.0, 600.0, 3600.0)
+# Slow per-device baselines (robust device normalisation): a GPU that always trickles SBEs or
+# always runs warm is compared against itself.
+BASELINE_TAU_S = 6 * 3600.0
+_BASELINED = (EWMA_SIGNALS.index("sbe"), EWMA_SIGNALS.index("thermal_dev"))
+
+_THROTTLE_BITS: tuple[tuple[str, int], ...] = (
+    ("thr_sw_power_cap", F.THROTTLE_SW_POWER_CAP),
+    ("thr_hw_slowdown", F.THROTTLE_HW_SLOWDOWN),
+    ("thr_sw_thermal", F.THROTTLE_SW_THERMAL),
+    ("thr_hw_thermal", F.THROTTLE_HW_THERMAL),
+    ("thr_hw_power_brake", F.THROTTLE_HW_POWER_BRAKE),
+)
+
+INSTANT_FEATURES: tuple[str, ...] = (
+    "temp",
+    "power_frac",
+    "util",
+    "sm_clock",
+    "fan",
+    "fan_missing",
+    "mem_used_frac",
+    "pcie_width_ratio",
+    "pcie_gen_ratio",
+    *(name for name, _ in _THROTTLE_BITS),
+    "remap_pending",
+    "remap_failure",
+    "retired_pages_pending",
+    "lost",
+    "xid_now",
+    "xid_last_memory",
+    "xid_last_fatal",
+    "log_min_since_xid",
+    "gap_ratio",
+    "log_dbe_aggregate",
+    "log_retired_pages",
+    "log_remapped_uncorrectable",
+    "thermal_r",
+    "violation_power",
+    "violation_thermal",
+)
+FEATURE_NAMES: tuple[str, ...] = (
+    INSTANT_FEATURES
+    + tuple(f"{s}_ewma_{int(t)}s" for t in EWMA_TAUS_S for s in EWMA_SIGNALS)
+    + tuple(f"{EWMA_SIGNALS[i]}_vs_baseline" for i in _BASELINED)
+)
+N_FEATURES = len(FEATURE_NAMES)
+N_SIGNALS = len(EWMA_SIGNALS)
+_NO_XID_MIN = 24 * 60.0  # "never seen an XID" reads as a day ago
+
+
+def xid_summary(xids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per sample: XID count, whether any was a memory XID, whether any was fatal."""
+    n = len(xids)
+    count = np.zeros(n, dtype=np.float32)
+    memory = np.zeros(n, dtype=bool)
+    fatal = np.zeros(n, dtype=bool)
+    for i, codes in enumerate(xids):
+        if codes:  # rare: the common empty list costs one truth test
+            count[i] = len(codes)
+            memory[i] = any(c in F.XID_MEMORY for c in codes)
+            fatal[i] = any(c in F.XID_FATAL for c in codes)
+    return count, memory, fatal
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Shape of the window; stored in the model artifact so training and serving agree."""
+
+    seq_len: int = 16
+    stride_s: float = 30.0
+
+
+class WindowStore:
+    """Bounded per-GPU state for every tracked GPU, grown by doubling, addressed by slot."""
+
+    def __init__(self, config: WindowConfig | None = None, capacity: int = 1024) -> None:
+        self.config = config or WindowConfig()
+        self.slot_of: dict[str, int] = {}
+        self.hosts: list[str] = []
+        self.uuids: list[str] = []
+        self._cap = 0
+        self._alloc(max(16, capacity))
+
+    # -- storage -------------------------------------------------------------------------------
+    def _alloc(self, cap: int) -> None:
+        t = self.config.seq_len
+        shapes: dict[str, tuple[tuple[int, ...], type]] = {
+            "gpu_index": ((), np.int32),
+            "last_ts": ((), np.float64),
+            "last_push_ts": ((), np.float64),
+            "last_xid_ts": ((), np.float64),
+            "last_scored_ts": ((), np.float64),
+            "n_seen": ((), np.int32),
+            "ring_pos": ((), np.int16),
+            "ring_count": ((), np.int16),
+            "xid_last_memory": ((), np.bool_),
+            "xid_last_fatal": ((), np.bool_),
+            "dt_ewma": ((), np.float32),
+            "last_counters": ((len(_COUNTER_COLS),), np.float64),
+            "last_violation": ((2,), np.float64),
+            "ewma": ((len(EWMA_TAUS_S), N_SIGNALS), np.float32),
+            "baseline": ((len(_BASELINED),), np.float32),
+            "current": ((N_FEATURES,), np.float32),
+            "ring": ((t, N_FEATURES), np.float16),
+        }
+        old_cap = self._cap
+        for name, (shape, dtype) in shapes.items():
+            new = np.zeros((cap, *shape), dtype=dtype)
+            if old_cap:
+                new[:old_cap] = getattr(self, name)
+            setattr(self, name, new)
+        if not old_cap:
+            self.last_xid_ts[:] = -np.inf
+            self.last_scored_ts[:] = -np.inf
+        else:
+            self.last_xid_ts[old_cap:] = -np.inf
+            self.last_scored_ts[old_cap:] = -np.inf
+        self._cap = cap
+
+    def __len__(self) -> int:
+        return len(self.uuids)
+
+    def state_bytes_per_gpu(self) -> int:
+        """Bytes of array state held per tracked GPU (excluding the uuid/host strings)."""
+        names = (
+            "gpu_index last_ts last_push_ts last_xid_ts last_scored_ts n_seen ring_pos ring_count "
+            "xid_last_memory xid_last_fatal dt_ewma last_counters last_violation ewma baseline current ring"
+        ).split()
+        return int(sum(getattr(self, n).nbytes for n in names) // self._cap)
+
+    def slots_for(self, uuids: list[str], hosts: list[str], gpu_index: np.ndarray) -> np.ndarray:
+        """Slot of each GPU (by uuid), allocating slots for GPUs seen for the first time."""
+        slot_of = self.slot_of
+        out = np.empty(len(uuids), dtype=np.int64)
+        for i, u in enumerate(uuids):
+            s = slot_of.get(u)
+            if s is None:
+                s = len(self.uuids)
+                if s >= self._cap:
+                    self._alloc(self._cap * 2)
+                slot_of[u] = s
+                self.uuids.append(u)
+                self.hosts.append(hosts[i])
+                self.gpu_index[s] = gpu_index[i]
+            out[i] = s
+        return out
+
+    # -- updates -------------------------------------------------------------------------------
+    def update(
+        self,
+        slots: np.ndarray,
+        ts: np.ndarray,
+        numeric: np.ndarray,
+        flags: np.ndarray,
+        throttle: np.ndarray,
+        xids: list[list[int]],
+    ) -> np.ndarray:
+        """Fold a batch of GPU-samples (arrival order) into the windows.
+
+        Returns a boolean mask of accepted rows; a sample no newer than the GPU's last one
+        (duplicate or out of order) is rejected and leaves the window untouched.
+        """
+        xid_count, xid_mem, xid_fatal = xid_summary(xids)
+        accepted = np.zeros(len(slots), dtype=bool)
+        # A GPU may appear several times in one batch: apply its samples in rounds of unique slots.
+        if len(np.unique(slots)) == len(slots):
+            rounds = [np.arange(len(slots))]
+        else:
+            order = np.argsort(slots, kind="stable")
+            sorted_slots = slots[order]
+            starts = np.r_[0, np.flatnonzero(np.diff(sorted_slots)) + 1]
+            rank = np.arange(len(slots)) - np.repeat(starts, np.diff(np.r_[starts, len(slots)]))
+            rank_by_row = np.empty_like(rank)
+            rank_by_row[order] = rank
+            rounds = [np.flatnonzero(rank_by_row == r) for r in range(int(rank.max()) + 1)]
+        for rows in rounds:
+            s = slots[rows]
+            fresh = (self.n_seen[s] == 0) | (ts[rows] > self.last_ts[s])
+            rows, s = rows[fresh], s[fresh]
+            if len(rows):
+                self._update_unique(
+                    s, ts[rows], numeric[rows], flags[rows], throttle[rows],
+                    xid_count[rows], xid_mem[rows], xid_fatal[rows],
+                )
+                accepted[rows] = True
+        return accepted
+
+    def _update_unique(
+        self,
+        s: np.ndarray,
+        ts: np.ndarray,
+        x: np.ndarray,
+        flags: np.ndarray,
+        throttle: np.ndarray,
+        xid_count: np.ndarray,
+        xid_mem: np.ndarray,
+        xid_fatal: np.ndarray,
+    ) -> None:
+        first = self.n_seen[s] == 0
+        dt = np.where(first, 0.0, ts - self.last_ts[s])
+        dt_pos = np.maximum(dt, 1e-3)
+
+        # Ring: keep the previous current row when a stride has passed, so the ring holds only the past.
+        push = ~first & (ts - self.last_push_ts[s] >= self.config.stride_s)
+        if push.any():
+            ps = s[push]
+            self.ring[ps, self.ring_pos[ps]] = self.current[ps]
+            self.ring_pos[ps] = (self.ring_pos[ps] + 1) % self.config.seq_len
+            self.ring_count[ps] = np.minimum(self.ring_count[ps] + 1, self.config.seq_len)
+            self.last_push_ts[ps] = ts[push]
+        self.last_push_ts[s[first]] = ts[first]
+
+        # Counter deltas: a drop means a reset (driver reload, reboot), counted from zero.
+        c = x[:, _COUNTER_COLS]
+        last = self.last_counters[s]
+        delta = np.where(c >= last, c - last, c)
+        delta = np.where(np.isnan(delta) | first[:, None], 0.0, delta)
+        self.last_counters[s] = np.where(np.isnan(c), last, c)
+        group_delta = np.zeros((len(s), len(_COUNTER_GROUPS)))
+        np.add.at(group_delta, (slice(None), _GROUP_OF_COL), delta)
+        rates = np.log1p(group_delta * (60.0 / dt_pos[:, None]))  # log events per minute
+
+        viol = x[:, _VIOLATION_COLS]
+        last_v = self.last_violation[s]
+        dv = np.where(viol >= last_v, viol - last_v, viol)
+        dv = np.where(np.isnan(dv) | first[:, None], 0.0, dv)
+        self.last_violation[s] = np.where(np.isnan(viol), last_v, viol)
+        violation_frac = np.clip(dv / (dt_pos[:, None] * 1e6), 0.0, 1.0)
+
+        temp = x[:, _NUM["temp_c"]]
+        power = x[:, _NUM["power_w"]]
+        limit = x[:, _NUM["power_limit_w"]]
+        power_frac = power / np.where(limit > 0, limit, np.nan)
+        # Thermal resistance (°C per W above ambient): fan or heatsink trouble raises it at any load.
+        thermal_r = (temp - 25.0) / (np.nan_to_num(power, nan=0.0) + 60.0)
+        sm_clock = x[:, _NUM["sm_clock_mhz"]]
+        util = x[:, _NUM["util_gpu_pct"]] / 100.0
+        clock_deficit = np.where(util > 0.5, np.clip(1.0 - sm_clock / 1980.0, 0.0, 1.0), 0.0)
+
+        thr_thermal = (throttle & (F.THROTTLE_SW_THERMAL | F.THROTTLE_HW_THERMAL)) != 0
+        thr_power = (throttle & (F.THROTTLE_HW_POWER_BRAKE | F.THROTTLE_HW_SLOWDOWN)) != 0
+
+        base = self.baseline[s]
+        base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, 1])
+        thermal_dev = np.nan_to_num(thermal_r - base_thermal, nan=0.0) * 10.0
+
+        signals = np.empty((len(s), N_SIGNALS), dtype=np.float32)
+        signals[:, : len(_COUNTER_GROUPS)] = rates
+        k = len(_COUNTER_GROUPS)
+        signals[:, k] = thermal_dev
+        signals[:, k + 1] = thr_thermal
+        signals[:, k + 2] = thr_power
+        signals[:, k + 3] = np.nan_to_num(np.maximum(power_frac - 1.0, 0.0) * 10.0, nan=0.0)
+        signals[:, k + 4] = np.log1p(xid_count)
+        signals[:, k + 5] = np.nan_to_num(clock_deficit, nan=0.0)
+
+        taus = np.asarray(EWMA_TAUS_S, dtype=np.float32)
+        alpha = np.where(first[:, None], 1.0, 1.0 - np.exp(-dt_pos[:, None] / taus[None, :]))
+        ew = self.ewma[s]
+        ew += alpha[:, :, None] * (signals[:, None, :] - ew)
+        self.ewma[s] = ew
+
+        a_base = np.where(first, 1.0, 1.0 - np.exp(-dt_pos / BASELINE_TAU_S))[:, None]
+        base_vals = np.stack([signals[:, _BASELINED[0]], np.nan_to_num(thermal_r, nan=0.3)], axis=1)
+        # The device baseline only learns while the GPU is not throttling, so a failing fan is not learned as normal.
+        learn = (~thr_thermal)[:, None] | first[:, None]
+        self.baseline[s] = np.where(learn, base + a_base * (base_vals - base), base)
+
+        # XID bookkeeping.
+        has_xid = xid_count > 0
+        self.last_xid_ts[s] = np.where(has_xid, ts, self.last_xid_ts[s])
+        self.xid_last_memory[s] = np.where(has_xid, xid_mem, self.xid_last_memory[s])
+        self.xid_last_fatal[s] = np.where(has_xid, xid_fatal, self.xid_last_fatal[s])
+        min_since_xid = np.minimum((ts - self.last_xid_ts[s]) / 60.0, _NO_XID_MIN)
+
+        # Silence is a signal: the gap to the previous sample relative to this GPU's usual interval.
+        dt_ew = self.dt_ewma[s]
+        dt_ew = np.where(first, 0.0, np.where(dt_ew == 0, dt, dt_ew + 0.05 * (dt - dt_ew)))
+        gap_ratio = np.where(dt_ew > 0, np.log(np.maximum(dt, 1e-3) / np.maximum(dt_ew, 1e-3)), 0.0)
+        self.dt_ewma[s] = dt_ew
+
+        fan = x[:, _NUM["fan_pct"]]
+        width_ratio = x[:, _NUM["pcie_link_width"]] / x[:, _NUM["pcie_link_width_max"]]
+        gen_ratio = x[:, _NUM["pcie_link_gen"]] / x[:, _NUM["pcie_link_gen_max"]]
+        lost = flags[:, _FLAG["lost"]]
+
+        cur = np.empty((len(s), N_FEATURES), dtype=np.float32)
+        cols = [
+            temp / 100.0,
+            power_frac,
+            util,
+            sm_clock / 2000.0,
+            fan / 100.0,
+            np.isnan(fan),
+            x[:, _NUM["mem_used_mib"]] / x[:, _NUM["mem_total_mib"]],
+            np.where(np.isnan(width_ratio), 1.0, width_ratio),
+            np.where(np.isnan(gen_ratio), 1.0, gen_ratio),
+            *(((throttle & bit) != 0) for _, bit in _THROTTLE_BITS),
+            flags[:, _FLAG["remap_pending"]],
+            flags[:, _FLAG["remap_failure"]],
+            flags[:, _FLAG["retired_pages_pending"]],
+            lost,
+            has_xid,
+            self.xid_last_memory[s],
+            self.xid_last_fatal[s],
+            np.log1p(min_since_xid) / 7.0,
+            np.clip(gap_ratio, -3.0, 8.0),
+            np.log1p(np.nan_to_num(x[:, _NUM["ecc_dbe_aggregate"]], nan=0.0)),
+            np.log1p(np.nan_to_num(x[:, _NUM["retired_pages"]], nan=0.0)),
+            np.log1p(np.nan_to_num(x[:, _NUM["remapped_rows_uncorrectable"]], nan=0.0)),
+            np.nan_to_num(thermal_r, nan=0.0) * 3.0,
+            violation_frac[:, 0],
+            violation_frac[:, 1],
+        ]
+        for j, col in enumerate(cols):
+            cur[:, j] = col
+        n_inst = len(INSTANT_FEATURES)
+        n_ew = len(EWMA_TAUS_S) * N_SIGNALS
+        cur[:, n_inst : n_inst + n_ew] = ew.reshape(len(s), -1)
+        cur[:, n_inst + n_ew] = ew[:, 1, _BASELINED[0]] - self.baseline[s, 0]
+        cur[:, n_inst + n_ew + 1] = ew[:, 1, _BASELINED[1]]
+        np.nan_to_num(cur, copy=False, nan=0.0, posinf=10.0, neginf=-10.0)
+        np.clip(cur, -1000.0, 1000.0, out=cur)  # features are O(1); the clip keeps float16 rings finite
+        self.current[s] = cur
+
+        self.last_ts[s] = ts
+        self.n_seen[s] += 1
+
+    # -- model input ---------------------------------------------------------------------------
+    def sequences(self, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(B, seq_len, N_FEATURES) float32: past ring rows (oldest first, edge-padded), then the current row."""
+        t = self.config.seq_len
+        b = len(slots)
+        if out is None:
+            out = np.empty((b, t, N_FEATURES), dtype=np.float32)
+        count = np.minimum(self.ring_count[slots].astype(np.int64), t - 1)
+        j = np.arange(t - 1)[None, :]
+        k = np.maximum(j - (t - 1 - count[:, None]), 0)  # edge padding: repeat the oldest row
+        idx = (self.ring_pos[slots].astype(np.int64)[:, None] - count[:, None] + k) % t
+        out[:, : t - 1] = self.ring[slots[:, None], idx]
+        current = self.current[slots]
+        out[:, t - 1] = current
+        no_past = count == 0
+        if no_past.any():
+            out[no_past, : t - 1] = current[no_past][:, None, :]
+        return out
+
+    def due_for_scoring(self, slots: np.ndarray, now: float, interval_s: float) -> np.ndarray:
+        """Subset of `slots` (unique) whose last scoring is at least `interval_s` old at `now`."""
+        slots = np.unique(slots)
+        return slots[now - self.last_scored_ts[slots] >= interval_s]
