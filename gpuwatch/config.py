@@ -40,6 +40,7 @@ class Settings:
     topic_risk: str = field(default="gpuwatch.risk", metadata={"doc": "Risk records, keyed by host."})
     topic_remediation: str = field(default="gpuwatch.remediation", metadata={"doc": "Remediation events, keyed by host."})
     topic_deadletter: str = field(default="gpuwatch.deadletter", metadata={"doc": "Messages that failed to decode or validate."})
+    topic_outcomes: str = field(default="gpuwatch.remediation.outcomes", metadata={"doc": "Outcomes of executed remediations (future training labels), keyed by host."})
     partitions: int = field(default=8, metadata={"doc": "Partitions for topics gpuwatch creates (bounds stream parallelism)."})
 
     stream_app_id: str = field(default="gpuwatch-stream", metadata={"doc": "Consumer group / faust app id of the stream workers."})
@@ -52,9 +53,21 @@ class Settings:
     risk_threshold: float = field(default=0.85, metadata={"doc": "Risk above which the policy starts its for-duration."})
     risk_for_s: float = field(default=300.0, metadata={"doc": "How long risk must stay above threshold before acting."})
     stale_after_s: float = field(default=60.0, metadata={"doc": "A GPU with no risk update for this long is stale."})
+    risk_clear_below: float = field(default=0.7, metadata={"doc": "A risk episode ends only when risk drops below this (hysteresis)."})
+    policy_migrate_after_s: float = field(default=300.0, metadata={"doc": "Migrate (drain) when risk is still above threshold this long after checkpoint."})
+    policy_checkpoint_grace_s: float = field(default=60.0, metadata={"doc": "Least time between checkpoint and migrate, so jobs can save their state."})
+    policy_migrate_risk: float = field(default=0.95, metadata={"doc": "Risk at which migrate follows checkpoint after a 60 s grace instead of waiting."})
+    policy_reboot_after_s: float = field(default=600.0, metadata={"doc": "Reboot when risk is still above threshold this long after migrate."})
+    policy_cooldown_s: float = field(default=3600.0, metadata={"doc": "After acting on a GPU, its next risk episode may not act for this long."})
+    policy_max_concurrent_drains: int = field(default=2, metadata={"doc": "Most hosts draining or rebooting at once, fleet-wide (blast radius)."})
+    policy_drain_hold_s: float = field(default=3600.0, metadata={"doc": "A drain counts against the limit until its GPU recovers or this long."})
+    audit_maxlen: int = field(default=100_000, metadata={"doc": "Approximate length cap of the Redis audit stream gpuwatch:audit."})
+    redis_history_len: int = field(default=60, metadata={"doc": "Risk records kept per GPU in gpuwatch:hist:{host}:{gpu}."})
+    redis_expire_after_s: float = field(default=86400.0, metadata={"doc": "A GPU's Redis keys vanish this long after its last risk record."})
 
     controller_executor: str = field(default="dry-run", metadata={"doc": "dry-run, command, webhook, slurm or kubernetes."})
     command_signing_key: str = field(default="", metadata={"doc": "Shared HMAC key for agent commands.", "secret": True})
+    controller_claim_ttl_s: float = field(default=604800.0, metadata={"doc": "How long a remediation id stays claimed (the de-duplication window)."})
 
     def kafka_client_config(self) -> dict[str, str]:
         """confluent-kafka settings for bootstrap and security, passed through unchanged."""

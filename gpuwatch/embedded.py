@@ -110,18 +110,26 @@ def _install_sigterm_handler() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def _spawn(name: str, argv: list[str], port: int, workdir: Path | None = None) -> EmbeddedServer:
+def _spawn(
+    name: str,
+    argv: list[str],
+    port: int,
+    workdir: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdout_pipe: bool = False,
+) -> EmbeddedServer:
     log_dir = Path(tempfile.gettempdir()) / "gpuwatch-embedded"
     log_dir.mkdir(exist_ok=True)
-    log_path = log_dir / f"{name}-{port}.log"
+    log_path = log_dir / f"{name}-{port or os.getpid()}-{int(time.time() * 1000) % 100000}.log"
     logf = open(log_path, "wb")  # noqa: SIM115 - handed to the child
     try:
         proc = subprocess.Popen(
             argv,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE if stdout_pipe else logf,
+            stderr=logf if stdout_pipe else subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=workdir,
+            env=env,
             preexec_fn=_die_with_parent,
             start_new_session=True,  # Ctrl-C reaches us, we stop children in order
         )
@@ -150,6 +158,11 @@ def _wait_port(server: EmbeddedServer, timeout: float) -> None:
             time.sleep(0.05)
     server.stop()
     raise EmbeddedStackError(f"{server.name} did not listen on port {server.port} within {timeout:.0f} s")
+
+
+def spawn_child(name: str, argv: list[str], env: dict[str, str] | None = None) -> EmbeddedServer:
+    """Start a gpuwatch child process (e.g. a stream worker) that dies with us; stdout is a pipe."""
+    return _spawn(name, argv, 0, env=env, stdout_pipe=True)
 
 
 def tansu_binary() -> str:

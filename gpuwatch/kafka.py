@@ -74,3 +74,13 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
     )
     conf.update(overrides)
     return Consumer(conf)
+
+
+def produce(producer: Producer, topic: str, key: bytes | None, value: bytes) -> None:
+    """Produce one message, waiting for deliveries while the local queue is full (never drops)."""
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value)
+            return
+        except BufferError:
+            producer.poll(0.05)

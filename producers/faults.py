@@ -102,7 +102,7 @@ def derive_defaults(
         if e["event_type"] == "fault_start":
             open_at[key] = e["event_time"]
             if mode is None:
-                excluded[f'{ft["Class"]}: {ft["Desc"]}'] += 1
+                excluded[f"{ft['Class']}: {ft['Desc']}"] += 1
             else:
                 counts[mode] += 1
                 per_node[e["node_id"]] += 1

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,9 +64,11 @@ class FleetConfig:
     job_len_s: tuple[float, float] = (900.0, 6 * 3600.0)  # log-uniform job length on a host
     idle_len_s: tuple[float, float] = (60.0, 1800.0)  # log-uniform gap between jobs
     # Benign noise that makes threshold rules raise false alarms.
-    hot_gpu_frac: float = 0.04  # GPUs with 15-30 % worse heatsinks: run hot, thermal-throttle now and then
+    hot_gpu_frac: float = 0.05  # GPUs with 60-130 % worse heatsinks: run hot, thermal-throttle now and then
     sbe_trickle_frac: float = 0.03  # GPUs with a steady harmless SBE trickle (and rare benign remaps)
     replay_trickle_frac: float = 0.02  # GPUs on marginal risers/links: steady PCIe replay or NVLink CRC
+    narrow_link_frac: float = 0.003  # GPUs that trained their PCIe link at x8 and run fine that way
+    remap_pending_frac: float = 0.01  # GPUs with a harmless remap pending since the last reset
     power_brake_per_host_day: float = 0.3  # brief host-wide HW power-brake blips (PSU/BMC capping)
     # Board.
     power_limit_w: float = 700.0
@@ -84,13 +88,14 @@ _ROW = {name: i for i, name in enumerate(_SLOW_INT + _SLOW_FLAG)}
 _VOLATILE = [_ROW[k] for k in ("ecc_sbe_volatile", "ecc_dbe_volatile", "pcie_replay", "nvlink_crc_errors",
                                "nvlink_replay_errors", "nvlink_recovery_errors")]  # fmt: skip
 _SLOW_FMT = "".join(f'"{k}":%d,' for k in _SLOW_INT) + "".join(f'"{k}":%s,' for k in _SLOW_FLAG)
-_DYN_FMT = "%s%s" + "".join(f'"{k}":{f},' for k, f in _DYN) + '"lost":false,"throttle_reasons":%d,"xid":%s}'
+_DYN_FMT = "%s" + "".join(f'"{k}":{f},' for k, f in _DYN) + '"lost":false,"throttle_reasons":%d,"xid":%s}'
 _NUMERIC_ALL = _STATIC_NUM + _SLOW_INT + tuple(k for k, _ in _DYN)
 _LOST_FMT = "".join(f'"{k}":null,' for k in _NUMERIC_ALL) + "".join(f'"{k}":false,' for k in _SLOW_FLAG)
 _LOST_FMT = _LOST_FMT.replace("%", "%%") + '"lost":true,"throttle_reasons":0,"xid":%s}'
 _BOOL = ("false", "true")
 # A field added to schemas/fields.py must be rendered here too; fail at import rather than ship bad samples.
-assert set(_NUMERIC_ALL) == set(F.ALL_NUMERIC) and set(_SLOW_FLAG) | {"lost"} == set(F.ALL_FLAGS)
+if set(_NUMERIC_ALL) != set(F.ALL_NUMERIC) or set(_SLOW_FLAG) | {"lost"} != set(F.ALL_FLAGS):
+    raise ImportError("simulator render layout is out of date with schemas/fields.py")
 
 
 def _gpu_uuid(seed: int, host: str, index: int) -> str:
@@ -132,7 +137,7 @@ class FleetSimulator:
         self._amb_phase = rng.uniform(0, 2 * math.pi, H)
         self._r_th = rng.normal(0.062, 0.004, n)
         hot = rng.random(n) < c.hot_gpu_frac
-        self._r_th[hot] *= rng.uniform(1.15, 1.30, int(hot.sum()))
+        self._r_th[hot] *= rng.uniform(1.6, 2.3, int(hot.sum()))
         self._idle_w = rng.uniform(62.0, 80.0, n)
         self._dyn_w = rng.uniform(560.0, 630.0, n)
         self._a_t = 1.0 - np.exp(-self.dt / rng.uniform(25.0, 60.0, n))  # first-order thermal lag
@@ -141,14 +146,16 @@ class FleetSimulator:
         self._sbe_rate = np.full(n, 2e-6)  # per second; most GPUs see a handful of SBEs per year
         trickle = rng.random(n) < c.sbe_trickle_frac
         self._sbe_rate[trickle] = rng.uniform(5e-4, 1e-2, int(trickle.sum()))
-        self._remap_rate = np.where(trickle, 1.0 / (20 * DAY_S), 0.0)
+        self._remap_rate = np.where(trickle, 1.0 / (5 * DAY_S), 0.0)
         self._replay_rate = np.full(n, 1e-6)
         self._crc_rate = np.full(n, 3e-7)
         marg = rng.random(n) < c.replay_trickle_frac
         on_nvl = rng.random(n) < 0.5
         self._replay_rate[marg & ~on_nvl] = rng.uniform(1e-4, 2e-3, int((marg & ~on_nvl).sum()))
         self._crc_rate[marg & on_nvl] = rng.uniform(1e-4, 2e-3, int((marg & on_nvl).sum()))
-        frail = rng.gamma(faults.FRAILTY_SHAPE, 1.0 / faults.FRAILTY_SHAPE, H) if c.host_frailty else np.ones(H)
+        frail = (
+            rng.gamma(faults.FRAILTY_SHAPE, 1.0 / faults.FRAILTY_SHAPE, H) if c.host_frailty else np.ones(H)
+        )
         self._lam_s = c.rate_per_gpu_day * c.rate_scale * frail[self._hidx] / DAY_S
 
         # Counters and flags, with some history so absolute values alone mean little.
@@ -160,7 +167,10 @@ class FleetSimulator:
         old_dbe = rng.random(n) < 0.005
         S[_ROW["ecc_dbe_aggregate"]] = old_dbe
         S[_ROW["remapped_rows_uncorrectable"]] = old_dbe
-        S[_ROW["pcie_link_width"]] = 16
+        self._width = np.where(rng.random(n) < c.narrow_link_frac, 8, 16)
+        S[_ROW["pcie_link_width"]] = self._width
+        S[_ROW["remap_pending"]] = rng.random(n) < c.remap_pending_frac
+        S[_ROW["remapped_rows_correctable"]] += S[_ROW["remap_pending"]]
         self._S_prev = np.full_like(S, -1)
         self._pv_us = np.zeros(n, dtype=np.int64)
         self._tv_us = np.zeros(n, dtype=np.int64)
@@ -190,7 +200,6 @@ class FleetSimulator:
         self._lost = np.zeros(n, dtype=bool)
         self._down_until = np.full(n, np.inf)
         self._cool = np.ones(n)
-        self._open: dict[int, dict] = {}  # gpu -> label of its current failure (until repaired)
         self._schedule(np.arange(n), self._t)
         for h, g, mode, after_s, prec_s in c.forced_failures:
             self.schedule_failure(h, g, mode, after_s, prec_s)
@@ -203,9 +212,10 @@ class FleetSimulator:
             for i, u in enumerate(self.uuids)
         ]
         self._lost_fmt = [p.split('"power_limit_w"')[0].replace("%", "%%") + _LOST_FMT for p in self._prefix]
-        self._slow = [""] * n
+        self._gpu_head = [""] * n  # static prefix + slow fields, re-rendered when the slow fields change
         self._head = [f'{{"schema":"{F.SAMPLES_SCHEMA}","host":"{h}","ts":' for h in self.hosts]
         self._xid: dict[int, list[int]] = {}
+        self._null_col, self._empty_col = ["null"] * n, ["[]"] * n
         self._cols: dict[str, np.ndarray] = {}
         self._host_ts = np.full(H, self._t)
 
@@ -316,9 +326,7 @@ class FleetSimulator:
             else:
                 xid, lost[k] = ([79], True) if s == 0 else (([62], False) if s == 1 else ([], True))
             self._xid[i] = xid
-            lab = self._label(i, float(fail_ts[k]), float(fail_ts[k] + repair[k]))
-            self._labels.append(lab)
-            self._open[i] = lab
+            self._labels.append(self._label(i, float(fail_ts[k]), float(fail_ts[k] + repair[k])))
         self._down[idx] = True
         self._lost[idx] = lost
         self._down_until[idx] = fail_ts + repair
@@ -326,20 +334,18 @@ class FleetSimulator:
         self._f_pstart[idx] = np.inf
 
     def _repair(self, idx: np.ndarray) -> None:
-        """GPUs back from repair: reset clears volatile counters and pending remaps; hosts back in service reboot."""
+        """GPUs back were reset (volatile counters, pending remaps); a host back in service rebooted."""
         S = self._S
         self._down[idx] = False
         self._lost[idx] = False
         self._down_until[idx] = np.inf
-        for i in idx.tolist():
-            self._open.pop(i, None)
         hosts_back = np.unique(self._hidx[idx])
         hosts_back = hosts_back[~self._down.reshape(self.H, self.G)[hosts_back].any(axis=1)]
         reset = np.union1d(idx, (hosts_back[:, None] * self.G + np.arange(self.G)).ravel())
         S[np.ix_(_VOLATILE, reset)] = 0
         S[_ROW["remap_pending"], reset] = 0
         S[_ROW["remap_failure"], idx] = 0
-        S[_ROW["pcie_link_width"], idx] = 16
+        S[_ROW["pcie_link_width"], idx] = self._width[idx]
         self._pv_us[reset] = 0
         self._tv_us[reset] = 0
         self._cool[idx] = 1.0
@@ -395,20 +401,23 @@ class FleetSimulator:
         stall = rng.random(H) < self.dt / 1800.0  # checkpoint/eval stalls inside jobs
         if stall.any():
             self._stall_until[stall] = t + rng.uniform(20.0, 90.0, int(stall.sum()))
-        busy_h = self._busy
-        busy = busy_h[hidx]
+        busy = self._busy[hidx]
         warm = busy & (((t - self._job_start) < WARMUP_S) | (self._stall_until > t))[hidx]
 
         z = rng.standard_normal((5, n))
-        util = np.where(busy, np.where(warm, np.abs(z[0]) * 12.0, np.clip(97.0 + 2.0 * z[0], 80.0, 100.0)), 0.0)
+        util = np.where(
+            busy, np.where(warm, np.abs(z[0]) * 12.0, np.clip(97.0 + 2.0 * z[0], 80.0, 100.0)), 0.0
+        )
         util = np.rint(util)
         util[down] = 0.0
 
         # Precursor ramps (0 -> 1 across the window) on the few GPUs that are in one.
         cool = self._cool
-        p_noise = np.full(n, 6.0)
+        p_noise = 1.5 + 5.0 * (util / 100.0)  # sensor and workload noise, watts (1 sigma)
         pre = np.flatnonzero(t >= self._f_pstart)
-        ramp = np.clip((t - self._f_pstart[pre]) / np.maximum(self._f_fail[pre] - self._f_pstart[pre], 1.0), 0, 1)
+        ramp = np.clip(
+            (t - self._f_pstart[pre]) / np.maximum(self._f_fail[pre] - self._f_pstart[pre], 1.0), 0, 1
+        )
         pm, st = self._f_mode[pre], self._f_strength[pre]
         sbe_lam = np.zeros(n)
         replay_lam = np.zeros(n)
@@ -434,7 +443,7 @@ class FleetSimulator:
             replay_lam[pre[pcie]] = st[pcie] * 0.005 * (1.0 + 60.0 * ramp[pcie] ** 2)
             crc_lam[pre[nvl]] = st[nvl] * 0.005 * (1.0 + 60.0 * ramp[nvl] ** 2)
             narrow = pcie & (ramp >= self._f_width_at[pre])
-            S[_ROW["pcie_link_width"], pre[narrow]] = 8
+            S[_ROW["pcie_link_width"], pre[narrow]] = self._width[pre[narrow]] // 2
             rec = nvl & (rng.random(pre.size) < st * 0.002 * ramp * self.dt)
             S[_ROW["nvlink_recovery_errors"], pre[rec]] += 1
         blip = rng.random(H) < c.power_brake_per_host_day * self.dt / DAY_S
@@ -452,9 +461,12 @@ class FleetSimulator:
         lim = c.power_limit_w
         capped = p_dem > lim
         power = np.where(capped, lim - np.abs(z[2]) * 3.0, np.maximum(p_dem, 20.0))
-        cf = cf * np.where(capped, np.clip((lim - self._idle_w) / np.maximum(p_dem - self._idle_w, 1.0), 0, 1), 1.0)
+        cf = cf * np.where(
+            capped, np.clip((lim - self._idle_w) / np.maximum(p_dem - self._idle_w, 1.0), 0, 1), 1.0
+        )
         if pre.size:
-            exc = (pm == M_POWER) & (rng.random(pre.size) < st * 0.02 * ramp)  # transient excursion past the limit
+            # transient excursions past the limit, each followed by a brake
+            exc = (pm == M_POWER) & (rng.random(pre.size) < st * 0.02 * ramp)
             if exc.any():
                 power[pre[exc]] = lim * rng.uniform(1.02, 1.15, int(exc.sum()))
                 self._brake_until[pre[exc]] = t + rng.uniform(2.0, 8.0, int(exc.sum()))
@@ -469,8 +481,12 @@ class FleetSimulator:
         active = busy & ~down
         sm = np.where(active, np.rint(MAX_CLOCK_MHZ * cf / 15.0) * 15.0, IDLE_CLOCK_MHZ)
         mem_ramp = np.minimum((t - self._job_start[hidx]) / WARMUP_S, 1.0)
-        mem_used = np.where(active, self._mem_frac[hidx] * c.mem_total_mib * mem_ramp + self._mem_off, IDLE_MEM_MIB)
-        util_mem = np.where(active, np.clip(40.0 * self._intensity[hidx] * cf + 4.0 * z[4], 0, 100) * util / 100, 0)
+        mem_used = np.where(
+            active, self._mem_frac[hidx] * c.mem_total_mib * mem_ramp + self._mem_off, IDLE_MEM_MIB
+        )
+        util_mem = np.where(
+            active, np.clip(40.0 * self._intensity[hidx] * cf + 4.0 * z[4], 0, 100) * util / 100, 0
+        )
         throttle = (
             F.THROTTLE_GPU_IDLE * ~active
             | F.THROTTLE_SW_POWER_CAP * capped
@@ -486,7 +502,9 @@ class FleetSimulator:
         sbe = (rng.random(n) < self._sbe_rate * self.dt) + self._bursts(sbe_lam, 3.3)
         S[_ROW["ecc_sbe_volatile"]] += sbe
         S[_ROW["ecc_sbe_aggregate"]] += sbe
-        S[_ROW["pcie_replay"]] += (rng.random(n) < self._replay_rate * self.dt) + self._bursts(replay_lam, 5.0)
+        S[_ROW["pcie_replay"]] += (rng.random(n) < self._replay_rate * self.dt) + self._bursts(
+            replay_lam, 5.0
+        )
         crc = (rng.random(n) < self._crc_rate * self.dt) + self._bursts(crc_lam, 10.0)
         S[_ROW["nvlink_crc_errors"]] += crc
         if crc.any():
@@ -497,9 +515,11 @@ class FleetSimulator:
             S[_ROW["remap_pending"], i] = 1
             self._xid.setdefault(i, []).append(63)
 
+        i64 = np.int64
         self._cols = {
-            "temp_c": self._temp, "power_w": power, "mem_used_mib": mem_used, "util_gpu_pct": util,
-            "sm_clock_mhz": sm, "fan_pct": self._fan, "util_mem_pct": util_mem,
+            "temp_c": self._temp, "power_w": power, "mem_used_mib": mem_used.astype(i64),
+            "util_gpu_pct": util.astype(i64), "sm_clock_mhz": sm.astype(i64), "fan_pct": self._fan,
+            "util_mem_pct": np.rint(util_mem).astype(i64),
             "pcie_link_gen": np.where(active, 5, 1), "throttle_reasons": throttle,
         }  # fmt: skip
 
@@ -512,35 +532,79 @@ class FleetSimulator:
         if dirty.size:
             np.copyto(self._S_prev, S)
             nint = len(_SLOW_INT)
-            for i, row in zip(dirty.tolist(), S[:, dirty].T.tolist()):
-                self._slow[i] = _SLOW_FMT % (*row[:nint], *(_BOOL[v] for v in row[nint:]))
-        ints = lambda a: np.rint(a).astype(np.int64).tolist()  # noqa: E731
-        fan = ["null"] * self.n if self.cfg.fanless else [str(v) for v in ints(cols["fan_pct"])]
-        xid = ["[]"] * self.n
+            for i, row in zip(dirty.tolist(), S[:, dirty].T.tolist(), strict=True):
+                self._gpu_head[i] = self._prefix[i] + _SLOW_FMT % (
+                    *row[:nint],
+                    *(_BOOL[v] for v in row[nint:]),
+                )
+        fan = (
+            self._null_col
+            if self.cfg.fanless
+            else list(map(str, np.rint(cols["fan_pct"]).astype(np.int64).tolist()))
+        )
+        xid = self._empty_col.copy()
         for i, codes in self._xid.items():
             xid[i] = "[" + ",".join(map(str, codes)) + "]"
         gpus = [
             _DYN_FMT % row
             for row in zip(
-                self._prefix, self._slow, cols["temp_c"].tolist(), cols["power_w"].tolist(),
-                ints(cols["mem_used_mib"]), ints(cols["util_gpu_pct"]), ints(cols["sm_clock_mhz"]), fan,
-                ints(cols["util_mem_pct"]), cols["pcie_link_gen"].tolist(), self._pv_us.tolist(),
-                self._tv_us.tolist(), cols["throttle_reasons"].tolist(), xid,
+                self._gpu_head, cols["temp_c"].tolist(), cols["power_w"].tolist(),
+                cols["mem_used_mib"].tolist(), cols["util_gpu_pct"].tolist(), cols["sm_clock_mhz"].tolist(),
+                fan,
+                cols["util_mem_pct"].tolist(), cols["pcie_link_gen"].tolist(), self._pv_us.tolist(),
+                self._tv_us.tolist(), cols["throttle_reasons"].tolist(), xid, strict=True,
             )
         ]  # fmt: skip
         for i in np.flatnonzero(self._lost).tolist():
             gpus[i] = self._lost_fmt[i] % xid[i]
         ts = self._host_ts.tolist()
-        order = np.argsort(self._host_ts, kind="stable").tolist() if self.cfg.ts_jitter_s > 0 else range(self.H)
+        order = (
+            np.argsort(self._host_ts, kind="stable").tolist() if self.cfg.ts_jitter_s > 0 else range(self.H)
+        )
         self._order = order
         seq = self._seq
         return [
-            f'{self._head[h]}{ts[h]:.3f},"seq":{seq},"gpus":[{",".join(gpus[h * G:(h + 1) * G])}]}}' for h in order
+            f'{self._head[h]}{ts[h]:.3f},"seq":{seq},"gpus":[{",".join(gpus[h * G : (h + 1) * G])}]}}'
+            for h in order
         ]
 
     def _step_lines(self) -> list[str]:
         self._advance()
         return self._render()
+
+
+class _BackgroundWriter:
+    """Writes byte chunks on a thread: file writes release the GIL, so disk time overlaps rendering."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = open(path, "wb")  # noqa: SIM115 - closed in __exit__
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._err: BaseException | None = None
+        self._t = threading.Thread(target=self._run, name="gpuwatch-sim-writer", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            if self._err is None:
+                try:
+                    self._f.write(chunk)
+                except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+                    self._err = e
+
+    def write(self, chunk: bytes) -> None:
+        if self._err is not None:
+            raise self._err
+        self._q.put(chunk)
+
+    def __enter__(self) -> _BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._q.put(None)
+        self._t.join()
+        self._f.close()
+        if self._err is not None and exc[0] is None:
+            raise self._err
 
 
 def simulate_to_dir(
@@ -562,19 +626,20 @@ def simulate_to_dir(
     sim = FleetSimulator(cfg)
     steps = max(int(round(days * DAY_S / interval_s)), 0)
     every = max(steps // 100, 1)
-    labels: list[dict] = []
     t_start = time.perf_counter()
-    with open(out / "samples.jsonl", "wb", buffering=1 << 22) as f:
+    with _BackgroundWriter(out / "samples.jsonl") as w:
         buf: list[str] = []
         for k in range(steps):
             buf.extend(sim._step_lines())
-            if len(buf) >= 4096:
-                f.write(("\n".join(buf) + "\n").encode())
+            if len(buf) >= 2048:
+                buf.append("")  # trailing newline
+                w.write("\n".join(buf).encode())
                 buf = []
             if progress is not None and k % every == 0:
                 progress(k / steps)
         if buf:
-            f.write(("\n".join(buf) + "\n").encode())
+            buf.append("")
+            w.write("\n".join(buf).encode())
     labels = sim.drain_labels()
     pending = sim.pending_labels()
     with open(out / "labels.jsonl", "wb") as f:
@@ -588,7 +653,8 @@ def simulate_to_dir(
         "failures": len(labels), "by_mode": by_mode,
     }  # fmt: skip
     meta = {
-        "schema": F.SAMPLES_SCHEMA, "seed": seed, "config": dataclasses.asdict(cfg), "start_ts": cfg.start_ts,
+        "samples_schema": F.SAMPLES_SCHEMA, "seed": seed, "config": dataclasses.asdict(cfg),
+        "start_ts": cfg.start_ts,
         "end_ts": sim.now, "steps": steps, "hosts": sim.hosts, "precursors_in_progress": len(pending),
         "fault_source": "StepFun InfiniteHBD trace (arXiv 2502.03885, Apache-2.0); see docs/simulator.md",
         **stats,
@@ -603,5 +669,7 @@ def bench_simulator(hosts: int = 64, gpus_per_host: int = 8, days: float = 0.1, 
     """Throughput of `simulate_to_dir` (JSONL writing included) into a temporary folder; returns its stats."""
     with tempfile.TemporaryDirectory(prefix="gpuwatch-bench-") as tmp:
         stats = simulate_to_dir(hosts, gpus_per_host, days, Path(tmp), seed=seed)
-        stats["bytes_per_gpu_sample"] = round((Path(tmp) / "samples.jsonl").stat().st_size / max(stats["gpu_samples"], 1))
+        stats["bytes_per_gpu_sample"] = round(
+            (Path(tmp) / "samples.jsonl").stat().st_size / max(stats["gpu_samples"], 1)
+        )
     return stats

@@ -183,10 +183,10 @@ def _check_enum(value: Any, path: str, choices: tuple[str, ...]) -> str:
 
 def _check_tag(obj: dict, expected: str) -> None:
     value = _need(obj, "schema", "")
-    if value == expected:
-        return
     if type(value) is not str:
         raise _fail("schema", f"expected string {expected!r}, got {_describe(value)}", "type")
+    if value == expected:
+        return
     family = expected.rpartition("/")[0]
     if value.startswith(family + "/"):
         raise _fail("schema", f"unsupported version {_short(value)}; this reader accepts {expected!r} "
@@ -226,6 +226,18 @@ _REAL = (int, float)
 _LOWER = np.array([0.0 if f in ALL_COUNTERS else -np.inf for f in ALL_NUMERIC])
 _COUNTERS = frozenset(ALL_COUNTERS)
 _OPTIONAL_NUMERIC = ALL_NUMERIC[len(REQUIRED_NUMERIC):]
+_REQ_NUMERIC = itemgetter(*REQUIRED_NUMERIC)
+_REQ_FLAGS = itemgetter(*FLAGS)
+_N_NUMERIC, _N_FLAGS = len(ALL_NUMERIC), len(ALL_FLAGS)
+_DICT = frozenset((dict,))
+
+
+def _extras_too_deep(obj: dict, gpus: list, max_depth: int) -> bool:
+    """Whether an unknown field of the snapshot or of a GPU sample nests deeper than `max_depth` allows."""
+    if len(obj) > 5 and any(_too_deep(obj[k], max_depth - 1) for k in obj.keys() - _TOP_REQUIRED):
+        return True
+    return any(_too_deep(g[k], max_depth - 3) for g in gpus if not _GPU_KNOWN.issuperset(g)
+               for k in g.keys() - _GPU_KNOWN)
 
 
 def _fast(obj: Any, max_depth: int, from_json: bool) -> Snapshot | None:
@@ -233,25 +245,28 @@ def _fast(obj: Any, max_depth: int, from_json: bool) -> Snapshot | None:
     if type(obj) is not dict or not obj.keys() >= _TOP_REQUIRED:
         return None
     host, ts, seq, gpus = obj["host"], obj["ts"], obj["seq"], obj["gpus"]
-    if (obj["schema"] != SAMPLES_SCHEMA or type(host) is not str or not 0 < len(host) <= MAX_HOST_LEN
+    if (type(obj["schema"]) is not str or obj["schema"] != SAMPLES_SCHEMA or type(host) is not str or not 0 < len(host) <= MAX_HOST_LEN
             or type(ts) not in _REAL or not 0 <= ts <= _FMAX or type(seq) is not int or not 0 <= seq <= MAX_INT64
             or type(gpus) is not list or not 0 < len(gpus) <= MAX_GPUS):
         return None
-    if len(obj) > 5 and any(_too_deep(obj[k], max_depth - 1) for k in obj.keys() - _TOP_REQUIRED):
+    if not _DICT.issuperset(map(type, gpus)):
         return None
-    rows, flag_rows = [], []
-    for g in gpus:
-        if type(g) is not dict or not g.keys() >= _GPU_REQUIRED:
-            return None
-        if not _GPU_KNOWN.issuperset(g) and any(_too_deep(g[k], max_depth - 3) for k in g.keys() - _GPU_KNOWN):
-            return None
-        rows.append(tuple(map(g.get, ALL_NUMERIC)))
-        flag_rows.append(tuple(map(g.get, ALL_FLAGS)))
-    idx, uuids, thr, xids = zip(*map(_META, gpus), strict=True)
-    if not (_INT.issuperset(map(type, idx)) and _STR.issuperset(map(type, uuids))
-            and _INT_OR_NULL.issuperset(map(type, thr)) and _LIST.issuperset(map(type, xids))
-            and _NUM_TYPES.issuperset(map(type, chain.from_iterable(rows)))
-            and _FLAG_TYPES.issuperset(map(type, chain.from_iterable(flag_rows)))):
+    if _extras_too_deep(obj, gpus, max_depth):
+        return None
+    vals: list = []
+    flags: list = []
+    try:  # itemgetter raises KeyError for a missing required field: presence check and extraction in one C call
+        for g in gpus:
+            vals += _REQ_NUMERIC(g)
+            vals += map(g.get, _OPTIONAL_NUMERIC)
+            flags += _REQ_FLAGS(g)
+            flags += map(g.get, OPTIONAL_FLAGS)
+        idx, uuids, thr, xids = zip(*map(_META, gpus), strict=True)
+    except KeyError:
+        return None
+    if not (_NUM_TYPES.issuperset(map(type, vals)) and _FLAG_TYPES.issuperset(map(type, flags))
+            and _INT.issuperset(map(type, idx)) and _STR.issuperset(map(type, uuids))
+            and _INT_OR_NULL.issuperset(map(type, thr)) and _LIST.issuperset(map(type, xids))):
         return None
     if min(idx) < 0 or max(idx) > MAX_GPU_INDEX or len(set(idx)) != len(idx):
         return None
@@ -264,13 +279,14 @@ def _fast(obj: Any, max_depth: int, from_json: bool) -> Snapshot | None:
         if not _INT.issuperset(map(type, flat)) or min(flat) < 0 or max(flat) > MAX_XID:
             return None
     # orjson never yields NaN/inf or ints beyond 64 bits; a caller's dict may hold any of them
-    if not from_json and not all(v is None or -_FMAX <= v <= _FMAX for v in chain.from_iterable(rows)):
+    if not from_json and not all(v is None or -_FMAX <= v <= _FMAX for v in vals):
         return None
-    numeric = np.array(rows, dtype=np.float64)  # None -> NaN
+    numeric = np.array(vals, dtype=np.float64).reshape(len(gpus), _N_NUMERIC)  # None -> NaN
     if (numeric < _LOWER).any():
         return None
     return Snapshot(host, float(ts), seq, np.array(idx, dtype=np.int64), list(uuids), numeric,
-                    np.array(flag_rows, dtype=bool), np.array(thr, dtype=np.int64), [list(x) for x in xids])
+                    np.array(flags, dtype=bool).reshape(len(gpus), _N_FLAGS), np.array(thr, dtype=np.int64),
+                    list(xids) if from_json else [list(x) for x in xids])
 
 
 def _explain(obj: Any, max_depth: int) -> None:

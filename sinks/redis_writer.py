@@ -13,7 +13,8 @@ from typing import Any
 
 import orjson
 import redis
-from gpuwatch.sinks import redis_keys as k
+
+from . import redis_keys as k
 
 _FIELDS_PER_RECORD = 9
 
@@ -125,7 +126,12 @@ class RiskWriter:
     """
 
     def __init__(
-        self, redis_client: redis.Redis, *, history_len: int = 60, expire_after_s: float = 86400.0, chunk: int = 500
+        self,
+        redis_client: redis.Redis,
+        *,
+        history_len: int = 60,
+        expire_after_s: float = 86400.0,
+        chunk: int = 500,
     ) -> None:
         if history_len < 1 or expire_after_s <= 0 or chunk < 1:
             raise ValueError("history_len and chunk must be >= 1 and expire_after_s > 0")
@@ -167,7 +173,11 @@ class RiskWriter:
         """
         if not records:
             return 0
-        head = [_num(time.time() if written_at is None else written_at), str(self.history_len), self._expire_ms]
+        head = [
+            _num(time.time() if written_at is None else written_at),
+            str(self.history_len),
+            self._expire_ms,
+        ]
         calls: list[list[str]] = []
         for start in range(0, len(records), self._chunk):
             args = list(head)

@@ -17,7 +17,8 @@ from typing import Any
 
 import orjson
 import redis
-from gpuwatch.sinks import redis_keys as k
+
+from . import redis_keys as k
 
 _GPU_FLOATS = ("risk", "ts", "scored_at", "written_at")
 _HOST_FLOATS = ("max_risk", "oldest_ts", "newest_ts", "written_at")

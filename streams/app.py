@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 
 import faust
+import orjson
 
 from gpuwatch.config import Settings
-from gpuwatch.kafka import make_producer
+from gpuwatch.kafka import make_producer, produce
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 
@@ -48,6 +49,7 @@ def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer:
     processor = RiskProcessor(scorer, rescore_interval_s=settings.rescore_interval_s)
     producer = make_producer(settings, **{"linger.ms": 2})
     app.gpuwatch_processor = processor  # type: ignore[attr-defined]
+    totals = StreamTotals()
 
     @app.agent(samples, concurrency=1)
     async def score(stream: faust.StreamT) -> None:
@@ -57,35 +59,58 @@ def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer:
             ]
             result = processor.process(batch, now=time.time())
             for key, value in result.risk:
-                _produce(producer, settings.topic_risk, key, value)
+                produce(producer, settings.topic_risk, key, value)
             for value in result.deadletters:
-                _produce(producer, settings.topic_deadletter, None, value)
+                produce(producer, settings.topic_deadletter, None, value)
+            producer.poll(0)
             # Durable before faust acknowledges the batch: nothing is lost if we crash right after.
             await asyncio.get_running_loop().run_in_executor(None, producer.flush, 30.0)
+            totals.add(result)
             if on_batch is not None:
                 on_batch(result)
 
-    @app.on_stop.connect  # type: ignore[misc]
+    @app.timer(interval=2.0)
+    async def _report() -> None:
+        totals.report(processor)
+
+    @app.on_before_shutdown.connect  # type: ignore[misc]
     async def _flush(app_: faust.App, **kwargs: object) -> None:
         producer.flush(10.0)
+        totals.report(processor)
 
     return app
 
 
-def _produce(producer: object, topic: str, key: bytes | None, value: bytes) -> None:
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value)  # type: ignore[attr-defined]
-            producer.poll(0)  # type: ignore[attr-defined]
-            return
-        except BufferError:
-            producer.poll(0.05)  # type: ignore[attr-defined]  # local queue full: wait for deliveries
+class StreamTotals:
+    """Running counts, printed as one `STATS {json}` line on stdout (progress for operators and the demo)."""
+
+    def __init__(self) -> None:
+        self.samples = self.rejected = self.scored = self.deadletters = self.batches = 0
+        self.started = time.time()
+
+    def add(self, result: BatchResult) -> None:
+        self.samples += result.samples
+        self.rejected += result.rejected_samples
+        self.scored += result.scored
+        self.deadletters += len(result.deadletters)
+        self.batches += 1
+
+    def report(self, processor: RiskProcessor) -> None:
+        line = {
+            "samples": self.samples,
+            "rejected_samples": self.rejected,
+            "scored": self.scored,
+            "deadletters": self.deadletters,
+            "batches": self.batches,
+            "uptime_s": round(time.time() - self.started, 1),
+            **processor.stats(),
+        }
+        print("STATS " + orjson.dumps(line).decode(), flush=True)
 
 
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     """Run one stream worker until SIGTERM/SIGINT (the `gpuwatch stream` command)."""
-    from faust.cli.base import Worker  # noqa: F401 - imported for side effects in faust
-
     app = create_app(settings)
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    # Our STATS lines go to real stdout; faust would otherwise route prints into its logger.
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -43,6 +43,8 @@ EWMA_TAUS_S: tuple[float, ...] = (60.0, 600.0, 3600.0)
 # Slow per-device baselines (robust device normalisation): a GPU that always trickles SBEs or
 # always runs warm is compared against itself.
 BASELINE_TAU_S = 6 * 3600.0
+# Rate signals (events per minute) are read out as log1p of their EWMA.
+_LOGGED = np.array([EWMA_SIGNALS.index(n) for n in ("sbe", "dbe", "remap", "pcie", "nvlink", "xid")])
 _BASELINED = (EWMA_SIGNALS.index("sbe"), EWMA_SIGNALS.index("thermal_dev"))
 
 _THROTTLE_BITS: tuple[tuple[str, int], ...] = (
@@ -260,7 +262,9 @@ class WindowStore:
         self.last_counters[s] = np.where(np.isnan(c), last, c)
         group_delta = np.zeros((len(s), len(_COUNTER_GROUPS)))
         np.add.at(group_delta, (slice(None), _GROUP_OF_COL), delta)
-        rates = np.log1p(group_delta * (60.0 / dt_pos[:, None]))  # log events per minute
+        # Raw events per minute are smoothed, and logged only when read out: EWMA-then-log keeps the
+        # features the same whether a GPU reports every second or every ten.
+        rates = group_delta * (60.0 / dt_pos[:, None])
 
         viol = x[:, _VIOLATION_COLS]
         last_v = self.last_violation[s]
@@ -293,7 +297,7 @@ class WindowStore:
         signals[:, k + 1] = thr_thermal
         signals[:, k + 2] = thr_power
         signals[:, k + 3] = np.nan_to_num(np.maximum(power_frac - 1.0, 0.0) * 10.0, nan=0.0)
-        signals[:, k + 4] = np.log1p(xid_count)
+        signals[:, k + 4] = xid_count * (60.0 / dt_pos)
         signals[:, k + 5] = np.nan_to_num(clock_deficit, nan=0.0)
 
         taus = np.asarray(EWMA_TAUS_S, dtype=np.float32)
@@ -358,8 +362,10 @@ class WindowStore:
             cur[:, j] = col
         n_inst = len(INSTANT_FEATURES)
         n_ew = len(EWMA_TAUS_S) * N_SIGNALS
-        cur[:, n_inst : n_inst + n_ew] = ew.reshape(len(s), -1)
-        cur[:, n_inst + n_ew] = ew[:, 1, _BASELINED[0]] - self.baseline[s, 0]
+        ew_out = ew.copy()
+        ew_out[:, :, _LOGGED] = np.log1p(np.maximum(ew_out[:, :, _LOGGED], 0.0))
+        cur[:, n_inst : n_inst + n_ew] = ew_out.reshape(len(s), -1)
+        cur[:, n_inst + n_ew] = ew_out[:, 1, _BASELINED[0]] - np.log1p(np.maximum(self.baseline[s, 0], 0.0))
         cur[:, n_inst + n_ew + 1] = ew[:, 1, _BASELINED[1]]
         np.nan_to_num(cur, copy=False, nan=0.0, posinf=10.0, neginf=-10.0)
         np.clip(cur, -1000.0, 1000.0, out=cur)  # features are O(1); the clip keeps float16 rings finite

@@ -114,7 +114,8 @@ def build_sequences(
     meta: list[tuple[int, int, float, float, bool, float]] = []
     uuids: list[str] = []
     last_taken = np.zeros(0)
-    for snaps, _bad in iter_snapshot_batches(samples_path):
+    # Small batches: a GPU can only be sampled at a batch boundary, so a batch must span < sample_every_s.
+    for snaps, _bad in iter_snapshot_batches(samples_path, batch=64):
         counts = [len(s.uuids) for s in snaps]
         slots = store.slots_for(
             [u for s in snaps for u in s.uuids],

@@ -74,7 +74,7 @@ def split_by_gpu(data: SequenceSet, fraction: float, seed: int) -> tuple[np.ndar
 def fit_temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float:
     """Temperature minimising weighted log loss on validation data (so 0.85 means 85%)."""
     best_t, best_loss = 1.0, np.inf
-    for t in np.exp(np.linspace(np.log(0.25), np.log(8.0), 200)):
+    for t in np.exp(np.linspace(np.log(0.02), np.log(8.0), 300)):
         p = np.clip(1 / (1 + np.exp(-logits / t)), 1e-7, 1 - 1e-7)
         loss = -np.sum(weight * (y * np.log(p) + (1 - y) * np.log(1 - p))) / weight.sum()
         if loss < best_loss:
@@ -85,7 +85,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> fl
 def best_f1_threshold(p: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
     """Threshold with the best weighted F1 on validation data, and that F1."""
     best = (0.5, 0.0)
-    for thr in np.linspace(0.05, 0.95, 91):
+    for thr in np.linspace(0.05, 0.99, 95):
         pred = p >= thr
         tp = np.sum(weight * (pred & (y == 1)))
         fp = np.sum(weight * (pred & (y == 0)))
@@ -153,7 +153,7 @@ def train(
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += float(loss)
+            total += loss.item()
             if step % 20 == 0 or step == steps_per_epoch - 1:
                 _progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch,
                           f"loss {total / (step + 1):.4f} {time.time() - t0:.0f}s")

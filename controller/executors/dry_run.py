@@ -1,0 +1,27 @@
+"""The default executor: logs what it would do and changes nothing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import Outcome
+
+log = logging.getLogger(__name__)
+
+_WOULD = {
+    "checkpoint": "would ask the jobs on {host} to checkpoint (GPU {gpu_index}: {reason})",
+    "migrate": "would drain {host} GPU {gpu_index} and migrate its jobs (reason {reason})",
+    "reboot": "would reboot {host} (drained; GPU {gpu_index}: {reason})",
+}
+
+
+class DryRunExecutor:
+    """Logs "would drain node-0003 GPU 5 (reason ...)" at INFO and reports success with `dry_run=True`."""
+
+    name = "dry-run"
+
+    def execute(self, event: dict[str, Any]) -> Outcome:
+        text = _WOULD.get(event["action"], "would {action} {host} GPU {gpu_index} ({reason})").format(**event)
+        log.info("%s [id %s]", text, event["id"])
+        return Outcome(ok=True, detail=text, dry_run=True)

@@ -1,0 +1,217 @@
+"""The `gpuwatch` command. Each subcommand imports only what it needs, so the agent starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gpuwatch.config import ConfigError, Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gpuwatch.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        gpus=args.gpus,
+        duration_s=args.duration,
+        history_min=args.history_min,
+        failures=args.failures,
+        seed=args.seed,
+        summary_json=Path(args.summary_json) if args.summary_json else None,
+    )
+    return run_demo(_settings(args), opts)
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from gpuwatch.streams.app import run_worker
+
+    settings = _settings(args)
+    if not settings.kafka_bootstrap:
+        raise ConfigError("gpuwatch stream needs GPUWATCH_KAFKA_BOOTSTRAP (or kafka_bootstrap in the config file)")
+    run_worker(settings, loglevel=args.loglevel)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gpuwatch.producers.simulator import simulate_to_dir
+
+    out = Path(args.out)
+
+    def progress(frac: float) -> None:
+        sys.stderr.write(f"\rsimulating {args.hosts}x{args.gpus_per_host} GPUs for {args.days} days: {frac:6.1%}")
+        sys.stderr.flush()
+
+    overrides = {"rate_scale": args.rate_scale, "repair_time_scale": args.repair_time_scale}
+    stats = simulate_to_dir(
+        args.hosts, args.gpus_per_host, args.days, out, seed=args.seed, interval_s=args.interval,
+        config_overrides=overrides, progress=progress,
+    )
+    sys.stderr.write("\n")
+    print(
+        f"wrote {stats['gpu_samples']:,} GPU-samples and {stats['failures']} failures to {out} "
+        f"in {stats['seconds']:.1f} s ({stats['gpu_samples_per_s']:,.0f} GPU-samples/s)"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gpuwatch.training.cli import train_command
+
+    return train_command(args)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from gpuwatch.training.score import score_command
+
+    return score_command(args)
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    from gpuwatch.sinks.service import run_sinks
+
+    return run_sinks(_settings(args))
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    from gpuwatch.controller.worker import run_controller
+
+    settings = _settings(args)
+    if not settings.kafka_bootstrap or not settings.redis_url:
+        raise ConfigError("gpuwatch controller needs GPUWATCH_KAFKA_BOOTSTRAP and GPUWATCH_REDIS_URL")
+    run_controller(settings)
+    return 0
+
+
+def cmd_risk(args: argparse.Namespace) -> int:
+    import orjson
+
+    from gpuwatch.sinks.risk_client import RiskClient
+
+    settings = _settings(args)
+    if not settings.redis_url:
+        raise ConfigError("gpuwatch risk needs GPUWATCH_REDIS_URL")
+    client = RiskClient(settings.redis_url, stale_after_s=settings.stale_after_s)
+    host, _, gpu = args.target.partition(":")
+    answer = client.risk(host, int(gpu)) if gpu else client.host_risk(host)
+    if answer is None:
+        print(f"no risk recorded for {args.target}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from gpuwatch.sinks.top import run_top
+
+    settings = _settings(args)
+    if not settings.redis_url:
+        raise ConfigError("gpuwatch top needs GPUWATCH_REDIS_URL")
+    return run_top(settings, n=args.n, once=args.once, interval_s=args.interval)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gpuwatch.bench.cli import bench_command
+
+    return bench_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpuwatch", description=__doc__)
+    parser.add_argument("--config", help="TOML settings file (default: $GPUWATCH_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on an embedded stack with a simulated fleet")
+    p.add_argument("--gpus", type=int, default=64, help="simulated GPUs (8 per host)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of live telemetry")
+    p.add_argument("--history-min", type=float, default=30.0, help="minutes of history replayed before going live")
+    p.add_argument("--failures", type=int, default=3, help="failures injected with precursors")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--summary-json", help="also write the summary as JSON here")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("stream", help="run a stream worker (samples -> risk)")
+    p.add_argument("--loglevel", default="warning")
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("simulate", help="fast-forward a simulated fleet to JSONL samples + labels")
+    p.add_argument("--hosts", type=int, default=16)
+    p.add_argument("--gpus-per-host", type=int, default=8)
+    p.add_argument("--days", type=float, default=1.0)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rate-scale", type=float, default=1000.0,
+                   help="multiplier on the real failure rate (~2e-4 per GPU-day in the StepFun trace); "
+                        "1 gives a realistic fleet with almost no failures, 1000 enough to train on")
+    p.add_argument("--repair-time-scale", type=float, default=0.02,
+                   help="multiplier on real repair times (hours to weeks) so GPUs return within a run")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("train", help="train a model artifact from recorded samples + labels")
+    p.add_argument("--data", action="append", required=True, help="a `gpuwatch simulate` output dir (repeatable)")
+    p.add_argument("--out", required=True, help="artifact path (.pt)")
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--sample-every", type=float, default=60.0, help="seconds between training sequences per GPU")
+    p.add_argument("--horizon", type=float, default=3600.0, help="prediction horizon in seconds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("score", help="score recorded samples offline with the stream's features and model")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--model", default="")
+    p.add_argument("--rescore-interval", type=float, default=5.0)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("sink", help="run the Redis risk sink and the remediation policy")
+    p.set_defaults(func=cmd_sink)
+
+    p = sub.add_parser("controller", help="execute remediation events (dry run by default)")
+    p.set_defaults(func=cmd_controller)
+
+    p = sub.add_parser("risk", help="print the risk of HOST or HOST:GPU from Redis")
+    p.add_argument("target")
+    p.set_defaults(func=cmd_risk)
+
+    p = sub.add_parser("top", help="live view of the riskiest GPUs")
+    p.add_argument("-n", type=int, default=20)
+    p.add_argument("--interval", type=float, default=2.0)
+    p.add_argument("--once", action="store_true", help="print once and exit")
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
+    p.add_argument("what", choices=["stream", "simulate", "decode"])
+    p.add_argument("--json", dest="json_path", help="write the figures here")
+    p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
+    p.add_argument("--seconds", type=float, default=0.0, help="how long to run (0: default)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("aiokafka", "faust", "mode", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"gpuwatch: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpuwatch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

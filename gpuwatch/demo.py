@@ -1,0 +1,267 @@
+"""`gpuwatch demo`: the whole pipeline on an embedded stack with a simulated fleet.
+
+The demo replays `history_min` minutes of simulated history (so windows hold real
+precursors), then goes live at 1 Hz for `duration_s`. Failures with precursors are
+injected to land inside the live phase. Everything runs for real: Tansu broker,
+redis-server, a `gpuwatch stream` worker process, the Redis sink, the remediation
+policy and a dry-run controller.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gpuwatch.config import Settings
+from gpuwatch.embedded import EmbeddedServer, embedded_stack, spawn_child
+from gpuwatch.kafka import ensure_topics, make_producer, produce
+
+
+@dataclass
+class DemoOptions:
+    gpus: int = 64
+    duration_s: float = 60.0
+    history_min: float = 30.0
+    failures: int = 3
+    seed: int = 7
+    summary_json: Path | None = None
+    policy_for_s: float = 10.0  # the demo compresses the 5-minute for-duration so actions fit in a minute
+    drain_timeout_s: float = 30.0
+
+
+@dataclass
+class DemoState:
+    """Counters shared by the demo's threads (guarded by `lock`)."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    produced_samples: int = 0
+    live_since: float = float("inf")
+    last_live_ts: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    risk_written: int = 0
+    gpus_scored: set[str] = field(default_factory=set)
+    remediation: dict[str, int] = field(default_factory=dict)
+    outcomes: int = 0
+    stream_stats: dict[str, Any] = field(default_factory=dict)
+    labels: list[dict] = field(default_factory=list)
+    max_risk_by_gpu: dict[str, float] = field(default_factory=dict)
+    newest_written_ts: float = 0.0
+
+
+def _watch_worker(proc: EmbeddedServer, state: DemoState) -> None:
+    assert proc.proc.stdout is not None
+    for raw in proc.proc.stdout:
+        line = raw.decode(errors="replace").strip()
+        if line.startswith("STATS "):
+            with state.lock:
+                state.stream_stats = orjson.loads(line[6:])
+
+
+def _start_worker(settings: Settings) -> EmbeddedServer:
+    env = dict(os.environ)
+    env.update(
+        {
+            "GPUWATCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "GPUWATCH_REDIS_URL": settings.redis_url,
+            "GPUWATCH_TOPIC_SAMPLES": settings.topic_samples,
+            "GPUWATCH_TOPIC_RISK": settings.topic_risk,
+            "GPUWATCH_TOPIC_DEADLETTER": settings.topic_deadletter,
+            "GPUWATCH_STREAM_APP_ID": settings.stream_app_id,
+            "GPUWATCH_RESCORE_INTERVAL_S": str(settings.rescore_interval_s),
+            "GPUWATCH_MODEL_PATH": settings.model_path,
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.pop("GPUWATCH_CONFIG", None)  # the child gets everything it needs from the variables above
+    return spawn_child("stream-worker", [sys.executable, "-P", "-m", "gpuwatch.cli", "stream"], env=env)
+
+
+def _wait_processed(state: DemoState, produced: int, timeout_s: float, say: Any) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with state.lock:
+            done = state.stream_stats.get("samples", 0) + state.stream_stats.get("rejected_samples", 0)
+        if done >= produced:
+            return True
+        time.sleep(0.25)
+    say(f"[demo] warning: the stream worker processed {done:,} of {produced:,} GPU-samples within {timeout_s:.0f} s")
+    return False
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def run_demo(settings: Settings, opts: DemoOptions) -> int:
+    """Run the demo and print its summary; returns the process exit code."""
+    from gpuwatch.controller.worker import run_controller
+    from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+    from gpuwatch.sinks.remediation_sink import run_remediation_sink
+    from gpuwatch.sinks.risk_sink import run_risk_sink
+
+    hosts = max(1, (opts.gpus + 7) // 8)
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    state = DemoState()
+    stop = threading.Event()
+    t_start = time.time()
+    with embedded_stack(settings) as settings:
+        settings = settings.replace(risk_for_s=opts.policy_for_s)
+        say(f"[demo] broker {settings.kafka_bootstrap}, redis {settings.redis_url}")
+        ensure_topics(settings)
+        worker = _start_worker(settings)
+        threading.Thread(target=_watch_worker, args=(worker, state), daemon=True).start()
+
+        def on_written(records: list[dict], written_at: float) -> None:
+            with state.lock:
+                state.risk_written += len(records)
+                for r in records:
+                    gpu = f"{r['host']}:{r['gpu_index']}"
+                    state.gpus_scored.add(gpu)
+                    state.max_risk_by_gpu[gpu] = max(state.max_risk_by_gpu.get(gpu, 0.0), r["risk"])
+                    state.newest_written_ts = max(state.newest_written_ts, r["ts"])
+                    if r["ts"] >= state.live_since:
+                        state.latencies_ms.append((written_at - r["ts"]) * 1000.0)
+
+        def on_event(event: dict) -> None:
+            with state.lock:
+                state.remediation[event["action"]] = state.remediation.get(event["action"], 0) + 1
+            say(f"[demo] remediation: {event['action']} {event['host']} GPU {event['gpu_index']} "
+                f"(risk {event['risk']:.2f}, {event['reason']})")
+
+        def on_outcome(outcome: dict) -> None:
+            with state.lock:
+                state.outcomes += 1
+
+        threads = [
+            threading.Thread(target=run_risk_sink, args=(settings,), kwargs={"stop": stop, "on_written": on_written},
+                             name="risk-sink", daemon=True),
+            threading.Thread(target=run_remediation_sink, args=(settings,),
+                             kwargs={"stop": stop, "on_event": on_event}, name="remediation-sink", daemon=True),
+            threading.Thread(target=run_controller, args=(settings,), kwargs={"stop": stop, "on_outcome": on_outcome},
+                             name="controller", daemon=True),
+        ]
+        for t in threads:
+            t.start()
+
+        now = time.time()
+        history_s = opts.history_min * 60.0
+        sim = FleetSimulator(FleetConfig(hosts=hosts, gpus_per_host=8, seed=opts.seed, interval_s=1.0,
+                                         start_ts=now - history_s))
+        rng = np.random.default_rng(opts.seed)
+        modes = ["memory", "thermal", "interconnect", "power"]
+        for k in range(min(opts.failures, hosts * 8)):
+            # Land each failure inside the live phase, with a precursor that began during the history.
+            fail_in = history_s + opts.duration_s * (0.3 + 0.5 * k / max(opts.failures, 1))
+            sim.schedule_failure(int(k % hosts), int(rng.integers(0, 8)), modes[k % len(modes)],
+                                 fail_in_s=fail_in, precursor_s=fail_in - rng.uniform(60, 300))
+        producer = make_producer(settings)
+
+        def publish() -> None:
+            for host, value in sim.step_json():
+                produce(producer, settings.topic_samples, host.encode(), value)
+            state.produced_samples += hosts * 8
+            producer.poll(0)
+
+        say(f"[demo] replaying {opts.history_min:g} min of history for {hosts * 8} GPUs ...")
+        while sim.now < time.time() - 1.0:
+            publish()
+        producer.flush(30)
+        # Live latency means steady state: wait until the worker has folded the whole history in.
+        _wait_processed(state, state.produced_samples, timeout_s=120.0, say=say)
+        with state.lock:
+            state.live_since = sim.now
+        say(f"[demo] live for {opts.duration_s:g} s at 1 Hz")
+        live_end = time.time() + opts.duration_s
+        next_tick = time.time()
+        last_report = 0.0
+        while time.time() < live_end:
+            publish()
+            producer.flush(5)
+            for label in sim.drain_labels():
+                state.labels.append(label)
+                say(f"[demo] GPU failed: {label['host']} GPU {label['gpu_index']} ({label['mode']})")
+            if time.time() - last_report >= 5:
+                last_report = time.time()
+                with state.lock:
+                    ss = state.stream_stats
+                    p99 = _percentile(state.latencies_ms, 99)
+                    say(f"[demo] t+{time.time() - (live_end - opts.duration_s):4.0f}s  samples scored "
+                        f"{ss.get('samples', 0):>8,}  risk records {state.risk_written:>7,}  remediation "
+                        f"{sum(state.remediation.values())}  latency p99 "
+                        + (f"{p99:.0f} ms" if p99 is not None else "n/a"))
+            next_tick += 1.0
+            time.sleep(max(0.0, next_tick - time.time()))
+        state.last_live_ts = sim.now - 1.0
+        produced = state.produced_samples
+        # Let the pipeline finish what was produced before the summary.
+        _wait_processed(state, produced, timeout_s=opts.drain_timeout_s, say=say)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+        worker.stop()
+        summary = _summary(state, produced, time.time() - t_start, hosts * 8)
+    _print_summary(summary)
+    if opts.summary_json:
+        opts.summary_json.parent.mkdir(parents=True, exist_ok=True)
+        opts.summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        say(f"[demo] summary written to {opts.summary_json}")
+    return 0 if summary["gpus_scored"] > 0 else 1
+
+
+def _summary(state: DemoState, produced: int, wall_s: float, gpus: int) -> dict[str, Any]:
+    ss = state.stream_stats
+    return {
+        "gpus": gpus,
+        "samples_produced": produced,
+        "samples": int(ss.get("samples", 0)),
+        "samples_deadlettered": int(ss.get("rejected_samples", 0)),
+        "gpus_scored": len(state.gpus_scored),
+        "risk_records": state.risk_written,
+        "remediation_events": dict(sorted(state.remediation.items())),
+        "remediation_outcomes": state.outcomes,
+        "failures": [
+            {**{k: lab[k] for k in ("host", "gpu_index", "mode", "fail_ts")},
+             "max_risk": round(state.max_risk_by_gpu.get(f"{lab['host']}:{lab['gpu_index']}", 0.0), 3)}
+            for lab in state.labels
+        ],
+        "latency_p50_ms": _percentile(state.latencies_ms, 50),
+        "latency_p99_ms": _percentile(state.latencies_ms, 99),
+        "latency_samples": len(state.latencies_ms),
+        "state_bytes_per_gpu": ss.get("state_bytes_per_gpu"),
+        "wall_s": round(wall_s, 1),
+    }
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    def fmt_ms(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:,.0f} ms"
+
+    rows = [
+        ("GPUs simulated", f"{s['gpus']:,}"),
+        ("GPU-samples produced", f"{s['samples_produced']:,}"),
+        ("GPU-samples processed", f"{s['samples']:,}"),
+        ("GPU-samples dead-lettered", f"{s['samples_deadlettered']:,}"),
+        ("GPUs scored", f"{s['gpus_scored']:,}"),
+        ("risk records in Redis", f"{s['risk_records']:,}"),
+        *((f"remediation: {a}", str(n)) for a, n in s["remediation_events"].items()),
+        ("remediation events", str(sum(s["remediation_events"].values()))),
+        ("failures (ground truth)", ", ".join(f"{f['host']}:{f['gpu_index']} {f['mode']} (max risk {f['max_risk']:.2f})"
+                                              for f in s["failures"]) or "none"),
+        ("latency p50 (sample -> Redis)", fmt_ms(s["latency_p50_ms"])),
+        ("latency p99 (sample -> Redis)", fmt_ms(s["latency_p99_ms"])),
+        ("wall time", f"{s['wall_s']:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "gpuwatch demo summary".center(width + 30, "="))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("=" * (width + 30))

@@ -1,0 +1,119 @@
+"""The remediation sink: consumes risk records, runs `RemediationPolicy`, publishes remediation events.
+
+Events go to `settings.topic_remediation` keyed by host through the idempotent producer; offsets are
+committed only once Kafka has acknowledged the events of the batch. Undecodable risk records are skipped
+here (the Redis sink, which reads the same topic, dead-letters them) and counted in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from confluent_kafka import KafkaException
+
+from gpuwatch.config import Settings
+from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+
+from ..schemas.codecs import decode_risk, encode_remediation
+from .policy import PolicyRules, RedisAuditLog, RedisKillSwitch, RemediationPolicy
+
+log = logging.getLogger(__name__)
+
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+def group_id(settings: Settings) -> str:
+    """Consumer group of the remediation sink."""
+    return settings.stream_app_id + "-remediation"
+
+
+def make_policy(settings: Settings, redis_client: redis.Redis) -> RemediationPolicy:
+    """The policy with rules from `settings`, the Redis kill switch and the Redis audit stream."""
+    return RemediationPolicy(
+        PolicyRules.from_settings(settings),
+        killswitch=RedisKillSwitch(redis_client),
+        audit=RedisAuditLog(redis_client, maxlen=settings.audit_maxlen),
+    )
+
+
+def _delivered(err: Any, msg: Any) -> None:
+    if err is not None:
+        log.error("remediation event to %s lost after retries: %s (%r)", msg.topic(), err, msg.value())
+
+
+def run_remediation_sink(
+    settings: Settings,
+    *,
+    stop: threading.Event | None = None,
+    on_event: OnEvent | None = None,
+    policy: RemediationPolicy | None = None,
+    redis_client: redis.Redis | None = None,
+    max_batch: int = 5000,
+    poll_timeout_s: float = 0.2,
+) -> None:
+    """Runs the policy over `settings.topic_risk` until `stop` is set (forever without one).
+
+    Group: `group_id(settings)`. `on_event(event)` is called for each remediation event once Kafka has
+    acknowledged it. `policy` overrides the one built by `make_policy` (then `redis_client` is unused
+    unless given); `redis_client` overrides `settings.redis_url`.
+    """
+    stop = stop or threading.Event()
+    ensure_topics(settings, [settings.topic_risk, settings.topic_remediation])
+    own_redis = redis_client is None and policy is None
+    if policy is None:
+        redis_client = redis_client or redis.Redis.from_url(
+            settings.redis_url, socket_timeout=10, socket_connect_timeout=5
+        )
+        policy = make_policy(settings, redis_client)
+    producer = make_producer(settings)
+    consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
+    consumer.subscribe([settings.topic_risk])
+    bad = 0
+    try:
+        while not stop.is_set():
+            msgs = consumer.consume(num_messages=max_batch, timeout=poll_timeout_s)
+            if not msgs:
+                continue
+            records = []
+            for msg in msgs:
+                if msg.error() is not None:
+                    log.warning("consumer error on %s: %s", settings.topic_risk, msg.error())
+                    continue
+                try:
+                    records.append(decode_risk(msg.value()))
+                except ValueError:
+                    bad += 1
+                    if bad in (1, 10, 100) or bad % 1000 == 0:
+                        log.warning("skipped %d undecodable risk records so far", bad)
+            events = policy.observe(records, time.time())
+            for event in events:
+                producer.produce(
+                    settings.topic_remediation,
+                    encode_remediation(event),
+                    key=event["host"],
+                    on_delivery=_delivered,
+                )
+            while producer.flush(1.0) > 0:
+                if stop.is_set():
+                    return  # unacknowledged events: leave the offsets so the records are seen again
+                log.warning("remediation events not yet acknowledged by Kafka; retrying")
+            for event in events:
+                if on_event is not None:
+                    try:
+                        on_event(event)
+                    except Exception:
+                        log.exception("on_event callback failed")
+            try:
+                consumer.commit(asynchronous=True)
+            except KafkaException as exc:
+                log.info("offset commit skipped: %s", exc)
+    finally:
+        consumer.close()
+        producer.flush(5.0)
+        if own_redis and redis_client is not None:
+            redis_client.close()

@@ -1,0 +1,146 @@
+"""The controller end to end, with the real broker and redis-server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from gpuwatch.config import ConfigError, Settings
+from gpuwatch.controller.executors import Executor, Outcome, make_executor
+from gpuwatch.controller.executors.dry_run import DryRunExecutor
+from gpuwatch.controller.worker import run_controller
+from gpuwatch.kafka import ensure_topics, make_producer
+from gpuwatch.schemas.codecs import decode_deadletter, encode_remediation, remediation_id
+from gpuwatch.sinks import redis_keys as k
+
+
+def event(
+    action: str = "migrate", host: str = "node-0003", gpu: int = 5, episode_ts: float = 1_750_000_000.0
+) -> dict:
+    uuid = f"GPU-{host}-{gpu}"
+    return {
+        "schema": "gpuwatch.remediation/1",
+        "id": remediation_id(host, gpu, uuid, action, episode_ts),
+        "host": host,
+        "gpu_index": gpu,
+        "uuid": uuid,
+        "action": action,
+        "reason": "risk 0.97 >= 0.85, mode memory",
+        "risk": 0.97,
+        "ts": episode_ts + 360,
+    }
+
+
+class Recording:
+    """An executor that remembers what it was asked to do."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def execute(self, ev: dict[str, Any]) -> Outcome:
+        self.calls.append(ev)
+        if ev["action"] == "reboot":
+            raise RuntimeError("BMC unreachable")
+        return Outcome(ok=True, detail=f"did {ev['action']}")
+
+
+def wait_for(cond: Callable[[], Any], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def read_topic(settings: Settings, topic: str, n: int) -> list[Any]:
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": "test-reader"})
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(settings.partitions)])
+    out: list[Any] = []
+    deadline = time.monotonic() + 15
+    while len(out) < n and time.monotonic() < deadline:
+        msg = consumer.poll(0.2)
+        if msg is not None and msg.error() is None:
+            out.append(msg)
+    consumer.close()
+    return out
+
+
+@pytest.fixture()
+def controller(settings: Settings) -> Iterator[tuple[Settings, Recording, list[dict]]]:
+    settings = settings.replace(topic_outcomes=settings.topic_remediation + ".outcomes")
+    ensure_topics(settings, [settings.topic_remediation, settings.topic_outcomes, settings.topic_deadletter])
+    executor = Recording()
+    outcomes: list[dict] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_controller,
+        args=(settings,),
+        kwargs={"stop": stop, "executor": executor, "on_outcome": outcomes.append, "poll_timeout_s": 0.05},
+        daemon=True,
+    )
+    thread.start()
+    yield settings, executor, outcomes
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive()
+
+
+def test_an_event_delivered_twice_executes_once(
+    controller: tuple[Settings, Recording, list[dict]], redis_client: redis.Redis
+) -> None:
+    settings, executor, outcomes = controller
+    producer = make_producer(settings)
+    ev, other = event(), event("checkpoint", gpu=2)
+    for e in (ev, ev, other, ev):
+        producer.produce(settings.topic_remediation, encode_remediation(e), key=e["host"])
+    producer.flush(10)
+
+    wait_for(lambda: len(outcomes) == 2)
+    assert sorted(c["id"] for c in executor.calls) == sorted([ev["id"], other["id"]])
+    assert redis_client.exists(k.claim_key(ev["id"]))
+    stored = {key.decode(): v.decode() for key, v in redis_client.hgetall(k.outcome_key(ev["id"])).items()}
+    assert stored["ok"] == "true" and stored["dry_run"] == "false" and stored["executor"] == "recording"
+    assert stored["action"] == "migrate" and float(stored["duration_s"]) >= 0
+
+    published = [orjson.loads(m.value()) for m in read_topic(settings, settings.topic_outcomes, 2)]
+    assert sorted(p["id"] for p in published) == sorted([ev["id"], other["id"]])
+    assert all(p["schema"] == "gpuwatch.outcome/1" and p["ok"] for p in published)
+
+
+def test_undecodable_messages_are_dead_lettered_and_a_failing_executor_is_recorded(
+    controller: tuple[Settings, Recording, list[dict]], redis_client: redis.Redis
+) -> None:
+    settings, executor, outcomes = controller
+    producer = make_producer(settings)
+    bad_action = {**event(), "action": "format-disk"}
+    producer.produce(settings.topic_remediation, b"\xff\xfe not json", key="node-0003")
+    producer.produce(settings.topic_remediation, orjson.dumps(bad_action), key="node-0003")
+    producer.produce(settings.topic_remediation, encode_remediation(event("reboot")), key="node-0003")
+    producer.flush(10)
+
+    wait_for(lambda: len(outcomes) == 1)
+    assert outcomes[0]["ok"] is False and "BMC unreachable" in outcomes[0]["detail"]
+    assert [c["action"] for c in executor.calls] == ["reboot"]
+    letters = [decode_deadletter(m.value()) for m in read_topic(settings, settings.topic_deadletter, 2)]
+    assert sorted(letter["stage"] for letter in letters) == ["controller", "controller"]
+    assert any("action" in letter["error"] for letter in letters)
+
+
+def test_dry_run_is_the_default_executor(caplog: pytest.LogCaptureFixture) -> None:
+    executor = make_executor(Settings())
+    assert isinstance(executor, DryRunExecutor) and isinstance(executor, Executor)
+    with caplog.at_level(logging.INFO):
+        outcome = executor.execute(event())
+    assert outcome == Outcome(ok=True, detail=outcome.detail, dry_run=True)
+    assert "would drain node-0003 GPU 5" in caplog.text
+    with pytest.raises(ConfigError, match="controller_executor"):
+        make_executor(Settings(controller_executor="slurm"))
