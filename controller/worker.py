@@ -50,7 +50,7 @@ def _retrying(stop: threading.Event, what: str, call: Callable[[], Any]) -> tupl
             if down_since:
                 log.warning("Redis is back after %.1f s; controller resumes", time.monotonic() - down_since)
             return True, result
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:  # down, loading, read-only after failover, out of memory
             if not down_since:
                 down_since = time.monotonic()
                 log.warning("cannot %s (%s); retrying with backoff until Redis answers", what, exc)

@@ -113,7 +113,13 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
     stop = threading.Event()
     t_start = time.time()
     with embedded_stack(settings) as settings:
-        settings = settings.replace(risk_for_s=opts.policy_for_s)
+        # Compress the policy's clocks (5-minute for-duration, 5-minute escalation) to fit a one-minute demo.
+        settings = settings.replace(
+            risk_for_s=opts.policy_for_s,
+            policy_checkpoint_grace_s=5.0,
+            policy_migrate_after_s=15.0,
+            policy_reboot_after_s=20.0,
+        )
         say(f"[demo] broker {settings.kafka_bootstrap}, redis {settings.redis_url}")
         ensure_topics(settings)
         worker = _start_worker(settings)

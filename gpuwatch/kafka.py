@@ -15,7 +15,13 @@ log = logging.getLogger(__name__)
 
 
 def all_topics(settings: Settings) -> list[str]:
-    return [settings.topic_samples, settings.topic_risk, settings.topic_remediation, settings.topic_deadletter]
+    return [
+        settings.topic_samples,
+        settings.topic_risk,
+        settings.topic_remediation,
+        settings.topic_deadletter,
+        settings.topic_outcomes,
+    ]
 
 
 def ensure_topics(settings: Settings, topics: list[str] | None = None, timeout: float = 30.0) -> None:

@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
+# The alert-rule and Prometheus tests need Debian's prometheus package (promtool + server).
+if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Debian's prometheus package (promtool, prometheus)" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
+    || echo "[setup] could not install prometheus; its tests will fail with instructions" >&2
+fi
 # .venv/bin/pytest, not `python -m pytest`: the latter would import the source folder gpuwatch/ instead
 # of the installed package (whose stage sub-packages are mapped from producers/, streams/, ...).
 exec .venv/bin/pytest -q "$@"

@@ -25,17 +25,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "risk-sink"
 PRUNE_EVERY_S = 60.0
-_RETRYABLE_PREFIXES = (
-    "OOM",
-    "BUSY",
-    "LOADING",
-    "MASTERDOWN",
-    "TRYAGAIN",
-    "READONLY",
-    "CLUSTERDOWN",
-    "NOREPLICAS",
-)
-
 OnWritten = Callable[[list[dict[str, Any]], float], None]
 
 
@@ -45,10 +34,9 @@ def group_id(settings: Settings) -> str:
 
 
 def redis_retryable(exc: redis.RedisError) -> bool:
-    """True for errors that go away by themselves (Redis down, loading, out of memory, failing over)."""
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return True
-    return str(exc).startswith(_RETRYABLE_PREFIXES)
+    """False only for a script error caused by the data (dead-letter the record); every other error,
+    Redis down, loading, out of memory, read-only after a failover, auth, is waited out."""
+    return not (type(exc) is redis.ResponseError and "@user_script" in str(exc))
 
 
 class _Sink:

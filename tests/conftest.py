@@ -44,6 +44,7 @@ def settings(kafka_server: EmbeddedServer, redis_server: EmbeddedServer, request
         topic_risk=f"risk.{suffix}",
         topic_remediation=f"remediation.{suffix}",
         topic_deadletter=f"deadletter.{suffix}",
+        topic_outcomes=f"outcomes.{suffix}",
         stream_app_id=f"stream-{suffix}",
         partitions=4,
     )
