@@ -21,6 +21,7 @@ import orjson
 import redis
 from confluent_kafka import KafkaException, Message
 
+from gpuwatch import metrics
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 
@@ -125,6 +126,7 @@ class _Controller:
             )
             self.producer.produce(self.settings.topic_deadletter, raw, key=msg.key())
             log.warning("dead-lettered an undecodable remediation event at offset %s: %s", msg.offset(), exc)
+            metrics.DEADLETTERS.labels(STAGE).inc()
             return self.flush()
         claim = f"{self.me} {time.time():.3f}"
         done, claimed = _retrying(
@@ -142,8 +144,11 @@ class _Controller:
                 event["host"],
                 event["gpu_index"],
             )
+            metrics.REMEDIATION_ACTIONS.labels(event["action"], "duplicate").inc()
             return True
         outcome, started_at, duration_s = _execute(self.executor, event)
+        result = "dry_run" if outcome.dry_run and outcome.ok else "ok" if outcome.ok else "failed"
+        metrics.REMEDIATION_ACTIONS.labels(event["action"], result).inc()
         record = outcome_record(event, self.executor.name, outcome, started_at, duration_s)
         self.producer.produce(self.settings.topic_outcomes, orjson.dumps(record), key=event["host"])
         self.store(record)
@@ -201,8 +206,10 @@ def run_controller(
     ctl = _Controller(settings, stop, executor or make_executor(settings), on_outcome, client)
     consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
     consumer.subscribe([settings.topic_remediation])
+    lag = metrics.ConsumerLagProbe(consumer, group_id(settings))
     try:
         while not stop.is_set():
+            lag.maybe_update()
             msg = consumer.poll(poll_timeout_s)
             if msg is None:
                 continue

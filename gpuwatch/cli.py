@@ -80,10 +80,12 @@ def cmd_sink(args: argparse.Namespace) -> int:
 
 def cmd_controller(args: argparse.Namespace) -> int:
     from gpuwatch.controller.worker import run_controller
+    from gpuwatch.metrics import start_metrics_server
 
     settings = _settings(args)
     if not settings.kafka_bootstrap or not settings.redis_url:
         raise ConfigError("gpuwatch controller needs GPUWATCH_KAFKA_BOOTSTRAP and GPUWATCH_REDIS_URL")
+    start_metrics_server(settings.controller_metrics_port)
     run_controller(settings)
     return 0
 

@@ -47,6 +47,9 @@ class Settings:
     stream_batch_size: int = field(default=2000, metadata={"doc": "Messages per take() batch."})
     stream_batch_within_s: float = field(default=0.2, metadata={"doc": "Longest wait to fill a batch."})
     rescore_interval_s: float = field(default=5.0, metadata={"doc": "Minimum seconds between two scorings of one GPU (at most 10)."})
+    checkpoint_interval_s: float = field(
+        default=30.0, metadata={"doc": "Seconds between window checkpoints to the stream's changelog topic."}
+    )
     model_path: str = field(default="", metadata={"doc": "Model artifact; empty uses the one shipped in the package."})
     device: str = field(default="auto", metadata={"doc": "Inference device: auto (CUDA when present), cpu or cuda."})
 
@@ -68,6 +71,10 @@ class Settings:
     controller_executor: str = field(default="dry-run", metadata={"doc": "dry-run, command, webhook, slurm or kubernetes."})
     command_signing_key: str = field(default="", metadata={"doc": "Shared HMAC key for agent commands.", "secret": True})
     controller_claim_ttl_s: float = field(default=604800.0, metadata={"doc": "How long a remediation id stays claimed (the de-duplication window)."})
+
+    stream_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch stream`'s Prometheus exporter (/metrics on all interfaces); 0 turns it off."})
+    sink_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch sink`'s Prometheus exporter, which also serves per-GPU risk; 0 turns it off."})
+    controller_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch controller`'s Prometheus exporter; 0 turns it off."})
 
     def kafka_client_config(self) -> dict[str, str]:
         """confluent-kafka settings for bootstrap and security, passed through unchanged."""

@@ -21,7 +21,8 @@ import numpy as np
 import orjson
 
 from gpuwatch.config import Settings
-from gpuwatch.embedded import EmbeddedServer, embedded_stack, spawn_child
+from gpuwatch.embedded import EmbeddedServer, embedded_stack
+from gpuwatch.processes import start_stream_worker
 from gpuwatch.kafka import ensure_topics, make_producer, produce
 
 
@@ -65,25 +66,6 @@ def _watch_worker(proc: EmbeddedServer, state: DemoState) -> None:
                 state.stream_stats = orjson.loads(line[6:])
 
 
-def _start_worker(settings: Settings) -> EmbeddedServer:
-    env = dict(os.environ)
-    env.update(
-        {
-            "GPUWATCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "GPUWATCH_REDIS_URL": settings.redis_url,
-            "GPUWATCH_TOPIC_SAMPLES": settings.topic_samples,
-            "GPUWATCH_TOPIC_RISK": settings.topic_risk,
-            "GPUWATCH_TOPIC_DEADLETTER": settings.topic_deadletter,
-            "GPUWATCH_STREAM_APP_ID": settings.stream_app_id,
-            "GPUWATCH_RESCORE_INTERVAL_S": str(settings.rescore_interval_s),
-            "GPUWATCH_MODEL_PATH": settings.model_path,
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.pop("GPUWATCH_CONFIG", None)  # the child gets everything it needs from the variables above
-    return spawn_child("stream-worker", [sys.executable, "-P", "-m", "gpuwatch.cli", "stream"], env=env)
-
-
 def _wait_processed(state: DemoState, produced: int, timeout_s: float, say: Any) -> bool:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -122,7 +104,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         )
         say(f"[demo] broker {settings.kafka_bootstrap}, redis {settings.redis_url}")
         ensure_topics(settings)
-        worker = _start_worker(settings)
+        worker = start_stream_worker(settings)
         threading.Thread(target=_watch_worker, args=(worker, state), daemon=True).start()
 
         def on_written(records: list[dict], written_at: float) -> None:

@@ -236,8 +236,9 @@ def _extras_too_deep(obj: dict, gpus: list, max_depth: int) -> bool:
     """Whether an unknown field of the snapshot or of a GPU sample nests deeper than `max_depth` allows."""
     if len(obj) > 5 and any(_too_deep(obj[k], max_depth - 1) for k in obj.keys() - _TOP_REQUIRED):
         return True
-    return any(_too_deep(g[k], max_depth - 3) for g in gpus if not _GPU_KNOWN.issuperset(g)
-               for k in g.keys() - _GPU_KNOWN)
+    if all(map(_GPU_KNOWN.issuperset, gpus)):  # C-level: the usual case of no unknown GPU fields
+        return False
+    return any(_too_deep(g[k], max_depth - 3) for g in gpus for k in g.keys() - _GPU_KNOWN)
 
 
 def _fast(obj: Any, max_depth: int, from_json: bool) -> Snapshot | None:
@@ -533,12 +534,17 @@ def make_deadletter(raw: bytes | bytearray | memoryview | str | None, error: str
     Use partition/offset -1 when unknown (e.g. a file line number goes in `offset`, `topic` holds the path).
     """
     data = b"" if raw is None else raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-    rec = {"schema": DEADLETTER_SCHEMA, "error": str(error)[:4096],
-           "source": {"topic": str(topic), "partition": int(partition), "offset": int(offset)},
+    rec = {"schema": DEADLETTER_SCHEMA, "error": _printable(error)[:4096],
+           "source": {"topic": _printable(topic), "partition": int(partition), "offset": int(offset)},
            "original_b64": base64.b64encode(data[:max_original]).decode("ascii"),
            "original_size": len(data), "original_truncated": len(data) > max_original,
-           "failed_at": time.time() if failed_at is None else float(failed_at), "stage": str(stage)}
+           "failed_at": time.time() if failed_at is None else float(failed_at), "stage": _printable(stage)}
     return orjson.dumps(rec)
+
+
+def _printable(text: object) -> str:
+    """str(text) with lone surrogates replaced: orjson refuses them, and dead-lettering must never fail."""
+    return str(text).encode("utf-8", "replace").decode("utf-8")
 
 
 def decode_deadletter(raw: bytes | bytearray | memoryview | str) -> dict:

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 from confluent_kafka import KafkaException
 
+from gpuwatch import metrics
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 
@@ -73,12 +74,15 @@ def run_remediation_sink(
     producer = make_producer(settings)
     consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
     consumer.subscribe([settings.topic_risk])
+    lag = metrics.ConsumerLagProbe(consumer, group_id(settings))
     bad = 0
     try:
         while not stop.is_set():
+            lag.maybe_update()
             msgs = consumer.consume(num_messages=max_batch, timeout=poll_timeout_s)
             if not msgs:
                 continue
+            t0 = time.perf_counter()
             records = []
             for msg in msgs:
                 if msg.error() is not None:
@@ -103,6 +107,7 @@ def run_remediation_sink(
                     return  # unacknowledged events: leave the offsets so the records are seen again
                 log.warning("remediation events not yet acknowledged by Kafka; retrying")
             for event in events:
+                metrics.REMEDIATION_EVENTS.labels(event["action"]).inc()
                 if on_event is not None:
                     try:
                         on_event(event)
@@ -112,6 +117,8 @@ def run_remediation_sink(
                 consumer.commit(asynchronous=True)
             except KafkaException as exc:
                 log.info("offset commit skipped: %s", exc)
+            metrics.BATCH_SIZE.labels("remediation-sink").observe(len(msgs))
+            metrics.BATCH_DURATION.labels("remediation-sink").observe(time.perf_counter() - t0)
     finally:
         consumer.close()
         producer.flush(5.0)

@@ -15,6 +15,7 @@ from typing import Any
 import redis
 from confluent_kafka import Consumer, KafkaException, Message
 
+from gpuwatch import metrics
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 
@@ -84,6 +85,7 @@ class _Sink:
         )
         self.dlq.produce(self.settings.topic_deadletter, raw, key=msg.key())
         self.dead += 1
+        metrics.DEADLETTERS.labels(stage).inc()
 
     def write(self, batch: list[tuple[Message, dict[str, Any]]]) -> bool:
         """Writes until Redis takes the batch (True) or `stop` is set while it is down (False)."""
@@ -167,22 +169,31 @@ def run_risk_sink(
     consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
     consumer.subscribe([settings.topic_risk])
     next_prune = time.monotonic() + PRUNE_EVERY_S
+    metrics.FLEET_RISK.configure(fresh_for_s=settings.stale_after_s, forget_after_s=settings.redis_expire_after_s)
+    lag = metrics.ConsumerLagProbe(consumer, group_id(settings))
     try:
         while not stop.is_set():
             msgs = consumer.consume(num_messages=max_batch, timeout=poll_timeout_s)
+            t0 = time.perf_counter()
             batch = sink.decode(msgs)
             if batch:
                 if not sink.write(batch):
                     break  # stopped during an outage: leave the offsets for the next run
+                records = [rec for _, rec in batch]
+                metrics.RISK_RECORDS_WRITTEN.inc(len(records))
+                metrics.FLEET_RISK.update(records)
                 if on_written is not None:
                     try:
-                        on_written([rec for _, rec in batch], time.time())
+                        on_written(records, time.time())
                     except Exception:
                         log.exception("on_written callback failed")
             if msgs:
                 if not sink.flush_dead_letters():
                     break
                 _commit(consumer)
+                metrics.BATCH_SIZE.labels(STAGE).observe(len(msgs))
+                metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - t0)
+            lag.maybe_update()
             if time.monotonic() >= next_prune:
                 sink.prune()
                 next_prune = time.monotonic() + PRUNE_EVERY_S

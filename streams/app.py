@@ -16,14 +16,23 @@ from collections.abc import Callable
 import faust
 import orjson
 
+from gpuwatch import metrics
 from gpuwatch.config import Settings
-from gpuwatch.kafka import make_producer, produce
+from gpuwatch.kafka import (
+    ensure_compacted_topic,
+    ensure_topics,
+    make_producer,
+    partition_count,
+    produce,
+    read_partitions_to_end,
+)
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 
 log = logging.getLogger(__name__)
 
 BatchHook = Callable[[BatchResult], None]
+LAG_INTERVAL_S = 10.0
 
 
 def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer: Scorer | None = None) -> faust.App:
@@ -49,11 +58,49 @@ def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer:
     processor = RiskProcessor(scorer, rescore_interval_s=settings.rescore_interval_s)
     producer = make_producer(settings, **{"linger.ms": 2})
     app.gpuwatch_processor = processor  # type: ignore[attr-defined]
+    metrics.register_gpu_telemetry(processor.telemetry)
     totals = StreamTotals()
+    windows_topic = windows_changelog_topic(settings)
+    owned: set[int] = set()
+    # Cleared while a rebalance restores windows, so no batch is folded into a half-restored store.
+    ready = asyncio.Event()
+
+    def write_checkpoint() -> int:
+        records = processor.checkpoint()
+        for part, key, value in records:
+            produce(producer, windows_topic, key, value, partition=part)
+        producer.flush(30.0)
+        return len(records)
+
+    @app.on_partitions_revoked.connect  # type: ignore[misc]
+    async def _revoked(app_: faust.App, revoked: set, **kwargs: object) -> None:
+        ready.clear()
+        # Hand over fresh windows: whoever gets these partitions restores from this checkpoint.
+        await asyncio.get_running_loop().run_in_executor(None, write_checkpoint)
+
+    @app.on_partitions_assigned.connect  # type: ignore[misc]
+    async def _assigned(app_: faust.App, assigned: set, **kwargs: object) -> None:
+        parts = {tp.partition for tp in assigned if tp.topic == settings.topic_samples}
+        processor.store.forget(lambda p: p in parts)
+        new = sorted(parts - owned)
+        restored = 0
+        if new:
+            records = await asyncio.get_running_loop().run_in_executor(
+                None, read_partitions_to_end, settings, windows_topic, new
+            )
+            restored = processor.restore(records)
+        owned.clear()
+        owned.update(parts)
+        totals.restored_gpus += restored
+        log.info("assigned partitions %s of %s; restored windows of %d GPUs", sorted(parts), settings.topic_samples,
+                 restored)
+        ready.set()
 
     @app.agent(samples, concurrency=1)
     async def score(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.stream_batch_size, within=settings.stream_batch_within_s):
+            await ready.wait()
+            t0 = time.perf_counter()
             batch = [
                 Inbound(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events
             ]
@@ -66,12 +113,25 @@ def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer:
             # Durable before faust acknowledges the batch: nothing is lost if we crash right after.
             await asyncio.get_running_loop().run_in_executor(None, producer.flush, 30.0)
             totals.add(result)
+            export_batch_metrics(result, len(batch), time.perf_counter() - t0)
             if on_batch is not None:
                 on_batch(result)
 
     @app.timer(interval=2.0)
     async def _report() -> None:
         totals.report(processor)
+
+    @app.timer(interval=settings.checkpoint_interval_s)
+    async def _checkpoint() -> None:
+        if ready.is_set():
+            totals.checkpointed += await asyncio.get_running_loop().run_in_executor(None, write_checkpoint)
+
+    lag_exported: set[tuple[str, str]] = set()
+
+    @app.timer(interval=LAG_INTERVAL_S)
+    async def _lag() -> None:
+        nonlocal lag_exported
+        lag_exported = export_lag(app, settings, lag_exported)
 
     @app.on_before_shutdown.connect  # type: ignore[misc]
     async def _flush(app_: faust.App, **kwargs: object) -> None:
@@ -86,6 +146,7 @@ class StreamTotals:
 
     def __init__(self) -> None:
         self.samples = self.rejected = self.scored = self.deadletters = self.batches = 0
+        self.restored_gpus = self.checkpointed = 0
         self.started = time.time()
 
     def add(self, result: BatchResult) -> None:
@@ -102,15 +163,55 @@ class StreamTotals:
             "scored": self.scored,
             "deadletters": self.deadletters,
             "batches": self.batches,
+            "restored_gpus": self.restored_gpus,
+            "checkpointed": self.checkpointed,
             "uptime_s": round(time.time() - self.started, 1),
             **processor.stats(),
         }
         print("STATS " + orjson.dumps(line).decode(), flush=True)
 
 
+def export_batch_metrics(result: BatchResult, messages: int, seconds: float) -> None:
+    """Update the stream worker's Prometheus metrics once per batch."""
+    metrics.BATCH_SIZE.labels("stream").observe(messages)
+    metrics.BATCH_DURATION.labels("stream").observe(seconds)
+    metrics.STREAM_SAMPLES.inc(result.samples)
+    metrics.STREAM_SAMPLES_REJECTED.inc(result.rejected_samples)
+    metrics.STREAM_SCORED.inc(result.scored)
+    if result.deadletters:
+        metrics.DEADLETTERS.labels("stream").inc(len(result.deadletters))
+    if result.scored:
+        metrics.INFERENCE_LATENCY.observe(result.inference_s)
+    if result.newest_sample_ts:
+        metrics.STREAM_NEWEST_SAMPLE_TS.set(result.newest_sample_ts)
+
+
+def export_lag(app: faust.App, settings: Settings, previous: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Set the consumer lag of this worker's samples partitions from faust's own offset bookkeeping
+    (end offsets seen in fetches, offsets it committed); returns the (topic, partition)s exported."""
+    monitor = app.monitor
+    lags: dict[tuple[str, str], int] = {}
+    for tp in app.consumer.assignment():
+        end, committed = monitor.tp_end_offsets.get(tp), monitor.tp_committed_offsets.get(tp)
+        if tp.topic == settings.topic_samples and end is not None and committed is not None:
+            lags[(tp.topic, str(tp.partition))] = max(0, end - committed)
+    metrics.set_consumer_lag(settings.stream_app_id, lags, previous)
+    return set(lags)
+
+
+def windows_changelog_topic(settings: Settings) -> str:
+    """The compacted topic holding each GPU's window checkpoint, partitioned like the samples topic."""
+    return f"{settings.stream_app_id}-windows"
+
+
 def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
     """Run one stream worker until SIGTERM/SIGINT (the `gpuwatch stream` command)."""
+    ensure_topics(settings, [settings.topic_samples, settings.topic_risk, settings.topic_deadletter])
+    ensure_compacted_topic(
+        settings, windows_changelog_topic(settings), partition_count(settings, settings.topic_samples)
+    )
     app = create_app(settings)
+    metrics.start_metrics_server(settings.stream_metrics_port)
     # Our STATS lines go to real stdout; faust would otherwise route prints into its logger.
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

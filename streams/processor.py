@@ -17,9 +17,10 @@ import orjson
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, make_deadletter
 from gpuwatch.schemas.fields import FAILURE_MODES, RISK_SCHEMA
 from gpuwatch.streams.model import Scorer
-from gpuwatch.streams.window import WindowStore
+from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 
 _MODES = FAILURE_MODES
+_TEMP_COL, _POWER_COL = FEATURE_NAMES.index("temp"), FEATURE_NAMES.index("power_frac")
 
 
 @dataclass(slots=True)
@@ -42,6 +43,7 @@ class BatchResult:
     rejected_samples: int = 0  # GPU-samples sent to the dead-letter topic
     scored: int = 0
     newest_sample_ts: float = 0.0
+    inference_s: float = 0.0  # wall time of the model's forward passes in this batch
 
 
 class RiskProcessor:
@@ -94,7 +96,12 @@ class RiskProcessor:
         xids = [x for s in snaps for x in s.xids]
 
         store = self.store
-        slots = store.slots_for(uuids, hosts, gpu_index)
+        partition = (
+            np.repeat(np.fromiter((m.partition for m in sources), dtype=np.int64, count=len(sources)), counts)
+            if sources is not None
+            else -1
+        )
+        slots = store.slots_for(uuids, hosts, gpu_index, partition)
         accepted = store.update(slots, ts, numeric, flags, throttle, xids)
         n_ok = int(accepted.sum())
         result.samples += n_ok
@@ -110,14 +117,18 @@ class RiskProcessor:
     def score_slots(self, slots: np.ndarray, result: BatchResult) -> None:
         """Score `slots` in one forward pass and append their risk records to `result`."""
         store = self.store
-        risk, mode = self.scorer.score(store.sequences(slots))
+        seqs = store.sequences(slots)
+        t0 = time.perf_counter()
+        risk, mode = self.scorer.score(seqs)
+        result.inference_s += time.perf_counter() - t0
         store.last_scored_ts[slots] = store.last_ts[slots]
         scored_at = time.time()
         out = result.risk
         hosts, uuids = store.hosts, store.uuids
-        for s, r, m, t, g in zip(
+        history = (store.last_ts[slots] - store.first_ts[slots]).tolist()
+        for s, r, m, t, g, h in zip(
             slots.tolist(), risk.tolist(), mode.tolist(), store.last_ts[slots].tolist(),
-            store.gpu_index[slots].tolist(),
+            store.gpu_index[slots].tolist(), history,
         ):
             host = hosts[s]
             out.append(
@@ -135,6 +146,7 @@ class RiskProcessor:
                             "mode": _MODES[m],
                             "model": self.model_version,
                             "scored_at": scored_at,
+                            "history_s": h,  # extra field: how much telemetry backs this score
                         }
                     ),
                 )
@@ -170,5 +182,43 @@ class RiskProcessor:
                 value = src.value if src.value is not None else orjson.dumps({"host": snap.host, "seq": snap.seq})
                 result.deadletters.append(self._deadletter(Inbound(value, src.topic, src.partition, src.offset), error))
 
+    def checkpoint(self) -> list[tuple[int, bytes, bytes]]:
+        """(partition, key, value) changelog records for every GPU changed since the last checkpoint."""
+        store = self.store
+        slots = store.dirty_slots()
+        slots = slots[store.partition[slots] >= 0]
+        if not len(slots):
+            return []
+        items = store.export_state(slots)
+        store.clear_dirty(slots)
+        return [(int(p), u.encode(), blob) for p, (u, blob) in zip(store.partition[slots].tolist(), items)]
+
+    def restore(self, records: list[tuple[bytes | None, bytes | None]]) -> int:
+        """Apply changelog records (oldest first; the last per GPU wins); returns GPUs restored."""
+        latest: dict[str, bytes] = {}
+        for key, value in records:
+            if key is not None and value is not None:
+                latest[key.decode()] = value
+        return self.store.import_state(list(latest.items()))
+
     def stats(self) -> dict[str, Any]:
         return {"gpus_tracked": len(self.store), "state_bytes_per_gpu": self.store.state_bytes_per_gpu()}
+
+    def telemetry(self, fresh_within_s: float = 120.0) -> tuple[list[str], np.ndarray, list[str], np.ndarray, np.ndarray]:
+        """(hosts, gpu_index, uuids, temp_c, power/limit) from the newest sample of each GPU sampled within
+        `fresh_within_s` of the newest sample seen (relative, so agent clock skew does not hide GPUs)."""
+        store = self.store
+        n = len(store.uuids)
+        last_ts = store.last_ts[:n]
+        if not n:
+            return [], np.zeros(0, np.int32), [], np.zeros(0), np.zeros(0)
+        slots = np.flatnonzero((last_ts >= last_ts.max() - fresh_within_s) & (last_ts > 0))
+        cur = store.current[slots]
+        hosts, uuids, picked = store.hosts, store.uuids, slots.tolist()
+        return (
+            [hosts[s] for s in picked],
+            store.gpu_index[slots],
+            [uuids[s] for s in picked],
+            cur[:, _TEMP_COL].astype(np.float64) * 100.0,
+            cur[:, _POWER_COL].astype(np.float64),
+        )

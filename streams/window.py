@@ -9,6 +9,7 @@ A model sequence is the last `seq_len - 1` ring rows followed by the current row
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,14 +123,29 @@ class WindowStore:
         self.slot_of: dict[str, int] = {}
         self.hosts: list[str] = []
         self.uuids: list[str] = []
+        self._free: list[int] = []  # slots of GPUs handed to another worker, reused first
         self._cap = 0
         self._alloc(max(16, capacity))
 
     # -- storage -------------------------------------------------------------------------------
     def _alloc(self, cap: int) -> None:
+        shapes = self._shapes()
+        old_cap = self._cap
+        for name, (shape, dtype) in shapes.items():
+            new = np.zeros((cap, *shape), dtype=dtype)
+            if old_cap:
+                new[:old_cap] = getattr(self, name)
+            setattr(self, name, new)
+        self._reset(np.arange(old_cap, cap))
+        self._cap = cap
+
+    def _shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
         t = self.config.seq_len
-        shapes: dict[str, tuple[tuple[int, ...], type]] = {
+        return {
             "gpu_index": ((), np.int32),
+            "partition": ((), np.int32),
+            "dirty": ((), np.bool_),
+            "first_ts": ((), np.float64),
             "last_ts": ((), np.float64),
             "last_push_ts": ((), np.float64),
             "last_xid_ts": ((), np.float64),
@@ -147,47 +163,101 @@ class WindowStore:
             "current": ((N_FEATURES,), np.float32),
             "ring": ((t, N_FEATURES), np.float16),
         }
-        old_cap = self._cap
-        for name, (shape, dtype) in shapes.items():
-            new = np.zeros((cap, *shape), dtype=dtype)
-            if old_cap:
-                new[:old_cap] = getattr(self, name)
-            setattr(self, name, new)
-        if not old_cap:
-            self.last_xid_ts[:] = -np.inf
-            self.last_scored_ts[:] = -np.inf
-        else:
-            self.last_xid_ts[old_cap:] = -np.inf
-            self.last_scored_ts[old_cap:] = -np.inf
-        self._cap = cap
+
+    def _reset(self, slots: np.ndarray) -> None:
+        for name in self._shapes():
+            getattr(self, name)[slots] = 0
+        self.last_xid_ts[slots] = -np.inf
+        self.last_scored_ts[slots] = -np.inf
 
     def __len__(self) -> int:
-        return len(self.uuids)
+        """Number of GPUs tracked now."""
+        return len(self.slot_of)
 
     def state_bytes_per_gpu(self) -> int:
         """Bytes of array state held per tracked GPU (excluding the uuid/host strings)."""
-        names = (
-            "gpu_index last_ts last_push_ts last_xid_ts last_scored_ts n_seen ring_pos ring_count "
-            "xid_last_memory xid_last_fatal dt_ewma last_counters last_violation ewma baseline current ring"
-        ).split()
-        return int(sum(getattr(self, n).nbytes for n in names) // self._cap)
+        return int(sum(getattr(self, n).nbytes for n in self._shapes()) // self._cap)
 
-    def slots_for(self, uuids: list[str], hosts: list[str], gpu_index: np.ndarray) -> np.ndarray:
+    def slots_for(
+        self, uuids: list[str], hosts: list[str], gpu_index: np.ndarray, partition: int | np.ndarray = -1
+    ) -> np.ndarray:
         """Slot of each GPU (by uuid), allocating slots for GPUs seen for the first time."""
         slot_of = self.slot_of
         out = np.empty(len(uuids), dtype=np.int64)
         for i, u in enumerate(uuids):
             s = slot_of.get(u)
             if s is None:
-                s = len(self.uuids)
-                if s >= self._cap:
-                    self._alloc(self._cap * 2)
-                slot_of[u] = s
-                self.uuids.append(u)
-                self.hosts.append(hosts[i])
+                s = self._new_slot(u, hosts[i])
                 self.gpu_index[s] = gpu_index[i]
             out[i] = s
+        self.partition[out] = partition
         return out
+
+    def _new_slot(self, uuid: str, host: str) -> int:
+        if self._free:
+            s = self._free.pop()
+            self.uuids[s], self.hosts[s] = uuid, host
+        else:
+            s = len(self.uuids)
+            if s >= self._cap:
+                self._alloc(self._cap * 2)
+            self.uuids.append(uuid)
+            self.hosts.append(host)
+        self.slot_of[uuid] = s
+        return s
+
+    # -- checkpoint and restore (so a restarted or rebalanced worker keeps its windows) ----------
+    def _record_dtype(self) -> np.dtype:
+        return np.dtype([(name, dtype, shape) for name, (shape, dtype) in self._shapes().items()])
+
+    def export_state(self, slots: np.ndarray) -> list[tuple[str, bytes]]:
+        """(uuid, blob) per slot: a host header plus the slot's arrays, for a changelog topic."""
+        rec = np.zeros(len(slots), dtype=self._record_dtype())
+        for name in self._shapes():
+            rec[name] = getattr(self, name)[slots]
+        out = []
+        for i, s in enumerate(slots.tolist()):
+            host = self.hosts[s].encode()
+            out.append((self.uuids[s], len(host).to_bytes(2, "big") + host + rec[i].tobytes()))
+        return out
+
+    def import_state(self, items: list[tuple[str, bytes]]) -> int:
+        """Restore GPUs from `export_state` blobs (newest wins over what is held); returns how many applied."""
+        dtype = self._record_dtype()
+        applied = 0
+        for uuid, blob in items:
+            n = int.from_bytes(blob[:2], "big")
+            body = blob[2 + n :]
+            if len(body) != dtype.itemsize:
+                continue  # written by a different window layout: start that GPU fresh instead
+            rec = np.frombuffer(body, dtype=dtype)[0]
+            s = self.slot_of.get(uuid)
+            if s is not None and self.last_ts[s] >= rec["last_ts"]:
+                continue
+            if s is None:
+                s = self._new_slot(uuid, blob[2 : 2 + n].decode())
+            for name in self._shapes():
+                getattr(self, name)[s] = rec[name]
+            self.dirty[s] = False
+            applied += 1
+        return applied
+
+    def forget(self, keep: Callable[[int], bool]) -> int:
+        """Drop GPUs whose partition fails `keep` (revoked in a rebalance); their slots are reused."""
+        dropped = [s for u, s in self.slot_of.items() if not keep(int(self.partition[s]))]
+        for s in dropped:
+            del self.slot_of[self.uuids[s]]
+            self._free.append(s)
+        if dropped:
+            self._reset(np.array(dropped))
+        return len(dropped)
+
+    def dirty_slots(self) -> np.ndarray:
+        """Slots changed since the last `clear_dirty` (what a checkpoint must write)."""
+        return np.flatnonzero(self.dirty[: len(self.uuids)])
+
+    def clear_dirty(self, slots: np.ndarray) -> None:
+        self.dirty[slots] = False
 
     # -- updates -------------------------------------------------------------------------------
     def update(
@@ -371,8 +441,10 @@ class WindowStore:
         np.clip(cur, -1000.0, 1000.0, out=cur)  # features are O(1); the clip keeps float16 rings finite
         self.current[s] = cur
 
+        self.first_ts[s] = np.where(first, ts, self.first_ts[s])
         self.last_ts[s] = ts
         self.n_seen[s] += 1
+        self.dirty[s] = True
 
     # -- model input ---------------------------------------------------------------------------
     def sequences(self, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

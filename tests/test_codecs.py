@@ -436,3 +436,11 @@ def test_optional_gauges_may_be_absent() -> None:
     raw = orjson.dumps(obj)
     assert np.isnan(decode_snapshot(raw).numeric[:, [ALL_NUMERIC.index(n) for n in OPTIONAL_GAUGES]]).all()
     assert schema_accepts(raw)
+
+
+def test_deadletter_never_fails_on_odd_input() -> None:
+    raw = codecs.make_deadletter(memoryview(b"\x00\xff"), "bad \ud800 text", topic="t\udcff", partition=-1,
+                                 offset=-1, stage="offline-replay")
+    rec = codecs.decode_deadletter(raw)
+    assert rec["error"] == "bad ? text" and rec["source"]["topic"] == "t?"
+    assert codecs.deadletter_original(rec) == b"\x00\xff"

@@ -11,9 +11,9 @@ import pytest
 import redis
 
 from gpuwatch.config import Settings
-from gpuwatch.demo import _start_worker
 from gpuwatch.embedded import EmbeddedServer
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_deadletter, decode_risk, deadletter_original
 from gpuwatch.sinks.risk_client import RiskClient
@@ -25,7 +25,7 @@ def worker(settings: Settings) -> Iterator[EmbeddedServer]:
     """A real `gpuwatch stream` process on the test's topics, scoring every sample."""
     settings = settings.replace(rescore_interval_s=0.5)
     ensure_topics(settings)
-    proc = _start_worker(settings)
+    proc = start_stream_worker(settings)
     yield proc
     proc.stop()
 

@@ -21,28 +21,30 @@ _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
 
 @dataclass
 class Failures:
-    """Ground truth per GPU uuid: sorted failure times, modes, repair ends, precursor flags."""
+    """Ground truth per GPU uuid: sorted failure times, modes, repair ends, precursor flags, precursor starts."""
 
-    by_uuid: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    by_uuid: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
 
     @classmethod
     def load(cls, path: Path) -> Failures:
-        rows: dict[str, list[tuple[float, int, float, bool]]] = {}
+        rows: dict[str, list[tuple[float, int, float, bool, float]]] = {}
         with open(path, "rb") as fh:
             for line in fh:
                 if not line.strip():
                     continue
                 rec = orjson.loads(line)
                 repair_end = rec.get("repair_end_ts") or rec["fail_ts"] + 3600.0
-                has_precursor = rec.get("precursor_start_ts") is not None and rec["mode"] != "sudden"
+                pstart = rec.get("precursor_start_ts")
+                has_precursor = pstart is not None and rec["mode"] != "sudden"
                 rows.setdefault(rec["uuid"], []).append(
-                    (float(rec["fail_ts"]), _MODE_INDEX[rec["mode"]], float(repair_end), has_precursor)
+                    (float(rec["fail_ts"]), _MODE_INDEX[rec["mode"]], float(repair_end), has_precursor,
+                     float(pstart) if has_precursor else np.nan)
                 )
         by_uuid = {}
         for uuid, items in rows.items():
             items.sort()
             a = np.array(items, dtype=np.float64)
-            by_uuid[uuid] = (a[:, 0], a[:, 1].astype(np.int64), a[:, 2], a[:, 3].astype(bool))
+            by_uuid[uuid] = (a[:, 0], a[:, 1].astype(np.int64), a[:, 2], a[:, 3].astype(bool), a[:, 4])
         return cls(by_uuid)
 
     def label(self, uuid: str, ts: float, horizon_s: float) -> tuple[int, int, float, bool, bool]:
@@ -50,7 +52,7 @@ class Failures:
         entry = self.by_uuid.get(uuid)
         if entry is None:
             return 0, 0, np.inf, False, False
-        fail, mode, repair_end, precursor = entry
+        fail, mode, repair_end, precursor, _ = entry
         failed_now = bool(np.any((fail <= ts) & (ts < repair_end)))
         i = int(np.searchsorted(fail, ts, side="right"))
         if i < len(fail) and fail[i] - ts <= horizon_s:

@@ -1,0 +1,266 @@
+"""Every Prometheus metric gpuwatch exports, in one place: names, labels, help text and buckets.
+
+Components import the metric objects from here and update them once per batch, never per GPU-sample.
+Per-GPU series (risk, last-seen time, temperature, power) are not set one by one: a collector reads the
+component's latest state when Prometheus scrapes. `start_metrics_server(port)` serves `/metrics`.
+The alert rules (deploy/prometheus/alerts.yml) and the Grafana dashboard use these names.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000)
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# -- stream workers ----------------------------------------------------------------------------------
+STREAM_SAMPLES = Counter(
+    "gpuwatch_stream_samples_total", "GPU-samples folded into windows by the stream worker (rate = samples/s)."
+)
+STREAM_SAMPLES_REJECTED = Counter(
+    "gpuwatch_stream_samples_rejected_total", "GPU-samples dead-lettered as duplicate or out of order."
+)
+STREAM_SCORED = Counter("gpuwatch_stream_scored_total", "GPU scorings by the model (one risk record each).")
+STREAM_NEWEST_SAMPLE_TS = Gauge(
+    "gpuwatch_stream_newest_sample_timestamp_seconds", "Sample time of the newest GPU-sample the worker folded."
+)
+INFERENCE_LATENCY = Histogram(
+    "gpuwatch_inference_latency_seconds",
+    "Wall time of one model forward pass over the GPUs of a batch that were due for scoring.",
+    buckets=SECONDS_BUCKETS,
+)
+
+# -- every Kafka consumer ----------------------------------------------------------------------------
+BATCH_SIZE = Histogram(
+    "gpuwatch_batch_size_messages", "Kafka messages per processed batch.", ["component"], buckets=BATCH_BUCKETS
+)
+BATCH_DURATION = Histogram(
+    "gpuwatch_batch_duration_seconds",
+    "Wall time to process one batch until its output is durable.",
+    ["component"],
+    buckets=SECONDS_BUCKETS,
+)
+CONSUMER_LAG = Gauge(
+    "gpuwatch_consumer_lag_messages",
+    "High watermark minus committed offset, per partition this process owns (sampled every few seconds).",
+    ["group", "topic", "partition"],
+)
+DEADLETTERS = Counter("gpuwatch_deadletters_total", "Messages sent to the dead-letter topic.", ["stage"])
+
+# -- sinks and controller ----------------------------------------------------------------------------
+RISK_RECORDS_WRITTEN = Counter("gpuwatch_risk_records_written_total", "Risk records the sink wrote to Redis.")
+REMEDIATION_EVENTS = Counter(
+    "gpuwatch_remediation_events_total", "Remediation events the policy published.", ["action"]
+)
+REMEDIATION_ACTIONS = Counter(
+    "gpuwatch_remediation_actions_total",
+    "Remediation events the controller handled, by outcome: ok, failed, dry_run or duplicate (already claimed).",
+    ["action", "outcome"],
+)
+
+# -- agents ------------------------------------------------------------------------------------------
+SPOOL_DEPTH = Gauge(
+    "gpuwatch_agent_spool_messages", "Snapshots waiting in the agent's local spool while Kafka is unreachable."
+)
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any:
+    """Serve every metric on http://addr:port/metrics from a daemon thread; port 0 does nothing (returns None).
+
+    Returns the server (call `.shutdown()` to stop it early). Raises OSError naming the port if it is taken.
+    """
+    if not port:
+        return None
+    try:
+        server, _thread = start_http_server(port, addr=addr)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {addr}:{port} ({exc}); pick a free port or 0 to turn it off") from exc
+    log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
+    return server
+
+
+class ConsumerLagProbe:
+    """Exports `gpuwatch_consumer_lag_messages` for a confluent-kafka consumer every `interval_s`.
+
+    Call `maybe_update()` from the thread that polls the consumer (it is not thread-safe); it does nothing
+    until the interval has passed. Lag = high watermark (cached from fetch responses, queried when missing)
+    minus the group's committed offset; partitions no longer assigned are dropped.
+    """
+
+    def __init__(self, consumer: Any, group: str, interval_s: float = 10.0) -> None:
+        self.consumer = consumer
+        self.group = group
+        self.interval_s = interval_s
+        self._next = time.monotonic() + min(interval_s, 2.0)
+        self._exported: set[tuple[str, str]] = set()
+
+    def maybe_update(self) -> None:
+        if time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.interval_s
+        try:
+            self.update()
+        except Exception as exc:  # a metrics probe must never stop the consumer loop
+            log.debug("consumer lag probe failed: %s", exc)
+
+    def update(self) -> None:
+        assigned = self.consumer.assignment()
+        lags: dict[tuple[str, str], int] = {}
+        if assigned:
+            for tp in self.consumer.committed(assigned, timeout=2.0):
+                if tp.offset < 0:  # nothing committed yet: lag unknown, not zero
+                    continue
+                _low, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    _low, high = self.consumer.get_watermark_offsets(tp, timeout=2.0, cached=False)
+                lags[(tp.topic, str(tp.partition))] = max(0, high - tp.offset)
+        set_consumer_lag(self.group, lags, self._exported)
+        self._exported = set(lags)
+
+
+def set_consumer_lag(group: str, lags: dict[tuple[str, str], int], previous: set[tuple[str, str]]) -> None:
+    """Set the lag gauge of `group` for each (topic, partition) and drop those in `previous` not in `lags`."""
+    for (topic, partition), lag in lags.items():
+        CONSUMER_LAG.labels(group, topic, partition).set(lag)
+    for topic, partition in previous - set(lags):
+        try:
+            CONSUMER_LAG.remove(group, topic, partition)
+        except KeyError:
+            pass
+
+
+@dataclass(slots=True)
+class _GpuRisk:
+    uuid: str
+    mode: str
+    risk: float
+    ts: float
+    received: float  # monotonic time of the record's arrival here
+
+
+class FleetRiskCollector(Collector):
+    """Per-GPU `gpuwatch_failure_risk{host,gpu,uuid,mode}` and `gpuwatch_gpu_last_risk_timestamp_seconds`.
+
+    The sink calls `update(records)` once per batch; a scrape reads the newest record per GPU. Risk is
+    exported only while fresh (received within `fresh_for_s`), so a GPU that went silent or moved to another
+    sink instance after a rebalance never holds a stale value; its last-seen time stays until `forget_after_s`
+    so "GPU silent" alerts can fire (query with `max by (host, gpu)` across sink instances).
+    """
+
+    def __init__(self, fresh_for_s: float = 60.0, forget_after_s: float = 86400.0) -> None:
+        self.fresh_for_s = fresh_for_s
+        self.forget_after_s = forget_after_s
+        self._latest: dict[tuple[str, int], _GpuRisk] = {}
+        self._lock = threading.Lock()
+
+    def configure(self, *, fresh_for_s: float, forget_after_s: float) -> None:
+        """Set how long risk stays exported and how long a silent GPU stays known."""
+        self.fresh_for_s, self.forget_after_s = fresh_for_s, forget_after_s
+
+    def update(self, records: Iterable[dict[str, Any]]) -> None:
+        """Remember the newest risk record per (host, gpu_index) from one batch of decoded records."""
+        now = time.monotonic()
+        with self._lock:
+            latest = self._latest
+            for r in records:
+                key = (r["host"], r["gpu_index"])
+                old = latest.get(key)
+                if old is None or r["ts"] >= old.ts:
+                    latest[key] = _GpuRisk(r["uuid"], r["mode"], float(r["risk"]), float(r["ts"]), now)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._latest.clear()
+
+    def collect(self) -> Iterator[Metric]:
+        now = time.monotonic()
+        risk = GaugeMetricFamily(
+            "gpuwatch_failure_risk",
+            "Calibrated probability that the GPU fails within the model's horizon, with the likeliest mode.",
+            labels=["host", "gpu", "uuid", "mode"],
+        )
+        seen = GaugeMetricFamily(
+            "gpuwatch_gpu_last_risk_timestamp_seconds",
+            "Sample time of the GPU's newest risk record (a GPU silent for long has an old value).",
+            labels=["host", "gpu", "uuid"],
+        )
+        with self._lock:
+            for key in [k for k, v in self._latest.items() if now - v.received > self.forget_after_s]:
+                del self._latest[key]
+            items = list(self._latest.items())
+        for (host, gpu), v in items:
+            if now - v.received <= self.fresh_for_s:
+                risk.add_metric([host, str(gpu), v.uuid, v.mode], v.risk)
+            seen.add_metric([host, str(gpu), v.uuid], v.ts)
+        yield risk
+        yield seen
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected on demand: no fixed set of series to describe at registration
+
+
+TelemetryFetch = Callable[[], tuple[Sequence[str], np.ndarray, Sequence[str], np.ndarray, np.ndarray]]
+
+
+class GpuTelemetryCollector(Collector):
+    """Per-GPU `gpuwatch_gpu_temperature_celsius` and `gpuwatch_gpu_power_ratio` read from a stream worker's
+    windows at scrape time. `fetch()` returns (hosts, gpu_index, uuids, temp_c, power_ratio) of the fresh GPUs
+    the worker owns; NaN values (unsupported by the GPU) are left out."""
+
+    def __init__(self, fetch: TelemetryFetch) -> None:
+        self.fetch = fetch
+
+    def collect(self) -> Iterator[Metric]:
+        temp = GaugeMetricFamily(
+            "gpuwatch_gpu_temperature_celsius", "GPU temperature from the newest sample.", labels=["host", "gpu", "uuid"]
+        )
+        power = GaugeMetricFamily(
+            "gpuwatch_gpu_power_ratio",
+            "GPU power draw over its power limit from the newest sample (1 = at the limit).",
+            labels=["host", "gpu", "uuid"],
+        )
+        try:
+            hosts, gpus, uuids, temp_c, power_ratio = self.fetch()
+        except Exception as exc:  # a scrape must not fail because the worker is mid-rebalance
+            log.debug("telemetry collection skipped: %s", exc)
+            hosts, gpus, uuids, temp_c, power_ratio = [], np.zeros(0), [], np.zeros(0), np.zeros(0)
+        for host, gpu, uuid, t, p in zip(hosts, gpus.tolist(), uuids, temp_c.tolist(), power_ratio.tolist()):
+            labels = [host, str(gpu), uuid]
+            if t == t:
+                temp.add_metric(labels, t)
+            if p == p:
+                power.add_metric(labels, p)
+        yield temp
+        yield power
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+FLEET_RISK = FleetRiskCollector()
+REGISTRY.register(FLEET_RISK)
+
+_telemetry_lock = threading.Lock()
+_telemetry: GpuTelemetryCollector | None = None
+
+
+def register_gpu_telemetry(fetch: TelemetryFetch) -> None:
+    """Export per-GPU temperature and power from `fetch` (one source per process; a second call replaces it)."""
+    global _telemetry
+    with _telemetry_lock:
+        if _telemetry is not None:
+            REGISTRY.unregister(_telemetry)
+        _telemetry = GpuTelemetryCollector(fetch)
+        REGISTRY.register(_telemetry)

@@ -1,0 +1,26 @@
+"""Start gpuwatch components as child processes with given settings (demo, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from gpuwatch.config import Settings
+from gpuwatch.embedded import EmbeddedServer, spawn_child
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """This process's environment plus every setting as a GPUWATCH_* variable, so a child sees the same."""
+    env = dict(os.environ)
+    env.pop("GPUWATCH_CONFIG", None)  # the variables below carry everything
+    for f in dataclasses.fields(settings):
+        env[f"GPUWATCH_{f.name.upper()}"] = str(getattr(settings, f.name))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def start_stream_worker(settings: Settings, name: str = "stream-worker") -> EmbeddedServer:
+    """A `gpuwatch stream` process; its stdout (STATS lines) is a pipe on `.proc.stdout`."""
+    # -P: never import the source checkout from the current directory, only the installed package.
+    return spawn_child(name, [sys.executable, "-P", "-m", "gpuwatch.cli", "stream"], env=settings_env(settings))

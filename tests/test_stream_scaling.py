@@ -1,0 +1,107 @@
+"""Stream workers keep their windows across a crash and split partitions when scaled out."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import orjson
+import pytest
+
+from gpuwatch.config import Settings
+from gpuwatch.embedded import EmbeddedServer
+from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.processes import start_stream_worker
+from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.schemas.codecs import decode_risk
+
+pytestmark = pytest.mark.slow
+
+
+class StatsWatcher:
+    """Follows a worker's `STATS {json}` lines on its stdout."""
+
+    def __init__(self, proc: EmbeddedServer) -> None:
+        self.latest: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(proc,), daemon=True)
+        self._thread.start()
+
+    def _run(self, proc: EmbeddedServer) -> None:
+        assert proc.proc.stdout is not None
+        for raw in proc.proc.stdout:
+            if raw.startswith(b"STATS "):
+                self.latest = orjson.loads(raw[6:])
+
+    def wait(self, pred, timeout: float = 90.0) -> dict:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.latest and pred(self.latest):
+                return self.latest
+            time.sleep(0.2)
+        raise AssertionError(f"worker stats never satisfied the condition; last: {self.latest}")
+
+
+def _publish(settings: Settings, sim: FleetSimulator, steps: int) -> None:
+    producer = make_producer(settings)
+    for _ in range(steps):
+        for host, value in sim.step_json():
+            producer.produce(settings.topic_samples, key=host.encode(), value=value)
+    assert producer.flush(15) == 0
+
+
+def _risk_records(settings: Settings, until, timeout: float = 90.0) -> list[dict]:  # type: ignore[no-untyped-def]
+    consumer = make_consumer(settings, f"check-{time.time_ns()}")
+    consumer.subscribe([settings.topic_risk])
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not until(out):
+            out += [decode_risk(m.value()) for m in consumer.consume(1000, 0.5) if m.error() is None]
+    finally:
+        consumer.close()
+    return out
+
+
+def test_crashed_worker_successor_restores_windows_from_changelog(settings: Settings) -> None:
+    settings = settings.replace(checkpoint_interval_s=1.0, rescore_interval_s=1.0)
+    ensure_topics(settings)
+    sim = FleetSimulator(FleetConfig(hosts=2, gpus_per_host=8, seed=11, start_ts=time.time() - 400))
+    first = start_stream_worker(settings, "worker-a")
+    stats = StatsWatcher(first)
+    _publish(settings, sim, 300)  # five minutes of history
+    stats.wait(lambda s: s["samples"] >= 300 * 16 and s["checkpointed"] >= 16)
+    time.sleep(2.5)  # one more checkpoint after the last batch
+    first.proc.kill()  # a crash: no revoke handler, no final checkpoint
+    first.proc.wait()
+
+    second = start_stream_worker(settings, "worker-b")
+    stats_b = StatsWatcher(second)
+    resumed_at = sim.now
+    _publish(settings, sim, 20)
+    restored = stats_b.wait(lambda s: s["restored_gpus"] >= 16 and s["samples"] >= 20 * 16)
+    assert restored["restored_gpus"] == 16
+    after = _risk_records(settings, lambda rs: len({r["uuid"] for r in rs if r["ts"] >= resumed_at}) >= 16)
+    fresh = [r for r in after if r["ts"] >= resumed_at]
+    assert len({r["uuid"] for r in fresh}) == 16
+    # Each score after the restart is backed by the history from before the crash, not only 20 s.
+    assert min(r["history_s"] for r in fresh) > 250
+    second.stop()
+
+
+def test_two_workers_split_the_partitions(settings: Settings) -> None:
+    settings = settings.replace(partitions=4, rescore_interval_s=1.0)
+    ensure_topics(settings)
+    workers = [start_stream_worker(settings, f"worker-{i}") for i in range(2)]
+    watchers = [StatsWatcher(w) for w in workers]
+    for w in watchers:
+        w.wait(lambda s: True)  # both are up and reporting
+    time.sleep(8)  # both members in the group before data arrives
+    sim = FleetSimulator(FleetConfig(hosts=16, gpus_per_host=8, seed=12, start_ts=time.time() - 60))
+    _publish(settings, sim, 30)
+    records = _risk_records(settings, lambda rs: len({r["uuid"] for r in rs}) >= 128)
+    assert len({r["uuid"] for r in records}) == 128
+    tracked = [w.wait(lambda s: s["gpus_tracked"] > 0)["gpus_tracked"] for w in watchers]
+    # Every GPU lives in exactly one worker, and both carry a share.
+    assert sum(tracked) == 128 and min(tracked) > 0, tracked
+    for w in workers:
+        w.stop()

@@ -1,0 +1,319 @@
+"""Metrics of risk records against ground-truth failures: what a user of the risk stream would see.
+
+Input is a `RiskTable` (one row per risk record: GPU, ts, one risk column per scorer) and the
+simulator's labels. Record-level metrics (PR-AUC, Brier, ECE) treat each record as a prediction of
+"fails within the horizon". Event-level metrics group alarms (risk >= threshold) into episodes:
+
+- an alarm *episode* is a run of alarmed records of one GPU, each within `merge_gap_s` of the previous
+  one and before the same next failure;
+- it is *true* when its GPU fails within the horizon after its last alarm, otherwise a *false alarm*;
+- a failure is *caught* when a true episode precedes it; its *lead time* is the failure ts minus the
+  start of the earliest such episode;
+- precision = true episodes / episodes; recall = caught / eligible failures (those with a precursor,
+  whose GPU was scored at least once in the horizon before the failure).
+
+Records while a GPU is in a failed state (between a failure and its repair) are not predictions and
+are dropped everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpuwatch.schemas.fields import FAILURE_MODES
+from gpuwatch.training.dataset import Failures
+
+DAY_S = 86400.0
+
+
+@dataclass
+class FailureTable:
+    """All failures, flat and sorted by (gpu, fail_ts); `gpu` uses the RiskTable's GPU codes (-1: never scored)."""
+
+    gpu: np.ndarray
+    fail_ts: np.ndarray
+    mode: np.ndarray  # index into FAILURE_MODES
+    repair_end: np.ndarray
+    precursor: np.ndarray  # bool: a precursor preceded the failure
+    precursor_start: np.ndarray  # nan where none
+
+    @classmethod
+    def build(cls, failures: Failures, gpu_code: dict[str, int]) -> FailureTable:
+        rows = []
+        for uuid, (fail, mode, repair_end, precursor, pstart) in failures.by_uuid.items():
+            g = gpu_code.get(uuid, -1)
+            for k in range(len(fail)):
+                rows.append((g, fail[k], mode[k], repair_end[k], precursor[k], pstart[k]))
+        rows.sort()
+        a = np.array(rows, dtype=np.float64).reshape(-1, 6)
+        return cls(
+            gpu=a[:, 0].astype(np.int64), fail_ts=a[:, 1], mode=a[:, 2].astype(np.int64),
+            repair_end=a[:, 3], precursor=a[:, 4].astype(bool), precursor_start=a[:, 5],
+        )  # fmt: skip
+
+
+@dataclass
+class RiskTable:
+    """Risk records sorted by (gpu, ts): one risk (and mode) column per scorer, same rows for all."""
+
+    uuids: list[str]  # uuid of each GPU code
+    gpu: np.ndarray
+    ts: np.ndarray
+    risk: dict[str, np.ndarray]
+    mode: dict[str, np.ndarray]
+
+    @classmethod
+    def from_columns(
+        cls, uuid: list[str], ts: np.ndarray, risk: dict[str, np.ndarray], mode: dict[str, np.ndarray]
+    ) -> RiskTable:
+        names, gpu = np.unique(np.asarray(uuid), return_inverse=True)
+        order = np.lexsort((ts, gpu))
+        return cls(
+            uuids=names.tolist(), gpu=gpu[order].astype(np.int64), ts=np.asarray(ts, dtype=np.float64)[order],
+            risk={k: np.asarray(v, dtype=np.float64)[order] for k, v in risk.items()},
+            mode={k: np.asarray(v, dtype=np.int64)[order] for k, v in mode.items()},
+        )  # fmt: skip
+
+
+@dataclass
+class Labelled:
+    """A RiskTable joined with the failures: failed-state records removed, next failure per record."""
+
+    gpu: np.ndarray
+    ts: np.ndarray
+    risk: dict[str, np.ndarray]
+    mode: dict[str, np.ndarray]
+    next_fail: np.ndarray  # index into `failures`, -1 when the GPU never fails after this record
+    to_fail_s: np.ndarray  # seconds to that failure (inf when none)
+    y: np.ndarray  # fails within the horizon
+    visible: np.ndarray  # positive and the failure's precursor has started (a model could see it)
+    failures: FailureTable
+    horizon_s: float
+    gpu_days: float
+
+
+def join_labels(table: RiskTable, failures: Failures, horizon_s: float) -> Labelled:
+    """Attach the next failure to every record and drop records taken while the GPU was down."""
+    ft = FailureTable.build(failures, {u: i for i, u in enumerate(table.uuids)})
+    n = len(table.ts)
+    t0 = float(table.ts.min()) if n else 0.0
+    scale = 1e9  # composite (gpu, ts) key: gpu * 1e9 + seconds since t0 keeps ms precision in float64
+    rec_key = table.gpu * scale + (table.ts - t0)
+    f_key = ft.gpu * scale + (ft.fail_ts - t0)
+    nxt = np.searchsorted(f_key, rec_key, side="right")  # first failure strictly after the record
+    has_next = nxt < len(ft.gpu)
+    nxt_c = np.minimum(nxt, max(len(ft.gpu) - 1, 0))
+    same = has_next & (ft.gpu[nxt_c] == table.gpu) if len(ft.gpu) else np.zeros(n, dtype=bool)
+    prev = nxt - 1
+    prev_c = np.maximum(prev, 0)
+    failed_now = (
+        (prev >= 0) & (ft.gpu[prev_c] == table.gpu) & (table.ts < ft.repair_end[prev_c])
+        if len(ft.gpu)
+        else np.zeros(n, dtype=bool)
+    )
+    keep = ~failed_now
+    next_fail = np.where(same, nxt_c, -1)[keep]
+    to_fail = np.where(same, ft.fail_ts[nxt_c] - table.ts, np.inf)[keep] if len(ft.gpu) else np.full(n, np.inf)[keep]
+    ts = table.ts[keep]
+    y = to_fail <= horizon_s
+    pstart = ft.precursor_start[np.maximum(next_fail, 0)] if len(ft.gpu) else np.full(len(ts), np.nan)
+    visible = y & (next_fail >= 0) & np.nan_to_num(ts >= pstart, nan=False).astype(bool)
+    gpu = table.gpu[keep]
+    same_gpu = np.r_[gpu[1:] == gpu[:-1], False]
+    # Observed time: gaps between consecutive records, capped so down time and holes do not count.
+    gaps = np.where(same_gpu, np.minimum(np.r_[np.diff(ts), 0.0], 60.0), 0.0)
+    return Labelled(
+        gpu=gpu, ts=ts, risk={k: v[keep] for k, v in table.risk.items()},
+        mode={k: v[keep] for k, v in table.mode.items()}, next_fail=next_fail, to_fail_s=to_fail, y=y,
+        visible=visible, failures=ft, horizon_s=horizon_s, gpu_days=float(gaps.sum() / DAY_S),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------ record-level metrics
+
+
+def average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the precision-recall curve as the step sum over distinct scores (sklearn's definition)."""
+    y = np.asarray(y, dtype=bool)
+    if not y.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(score, dtype=np.float64), kind="stable")
+    s, yy = np.asarray(score)[order], y[order]
+    tp = np.cumsum(yy)
+    fp = np.cumsum(~yy)
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # end of each run of tied scores
+    precision = tp[last] / (tp[last] + fp[last])
+    recall = tp[last] / tp[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def brier_score(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
+
+
+def calibration_bins(y: np.ndarray, p: np.ndarray, bins: int = 15) -> list[dict]:
+    """Equal-width reliability bins: count, mean predicted risk and observed failure rate per bin."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    y = np.asarray(y, dtype=np.float64)
+    b = np.minimum((p * bins).astype(np.int64), bins - 1)
+    count = np.bincount(b, minlength=bins)
+    sum_p = np.bincount(b, weights=p, minlength=bins)
+    sum_y = np.bincount(b, weights=y, minlength=bins)
+    return [
+        {"lo": k / bins, "hi": (k + 1) / bins, "count": int(count[k]),
+         "mean_risk": float(sum_p[k] / count[k]), "failure_rate": float(sum_y[k] / count[k])}
+        for k in range(bins) if count[k]
+    ]  # fmt: skip
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 15) -> float:
+    """ECE: count-weighted mean |observed rate - mean risk| over equal-width bins."""
+    rows = calibration_bins(y, p, bins)
+    n = sum(r["count"] for r in rows)
+    return float(sum(r["count"] * abs(r["failure_rate"] - r["mean_risk"]) for r in rows) / max(n, 1))
+
+
+# ------------------------------------------------------------------ event-level metrics
+
+
+@dataclass
+class Episodes:
+    """Alarm episodes at one threshold, as arrays over episodes."""
+
+    start_ts: np.ndarray
+    end_ts: np.ndarray
+    gpu: np.ndarray
+    next_fail: np.ndarray
+    true: np.ndarray
+    last_row: np.ndarray  # row (in the Labelled arrays) of each episode's last alarm
+
+
+def alarm_episodes(lab: Labelled, risk: np.ndarray, threshold: float, merge_gap_s: float) -> Episodes:
+    """Group records with risk >= threshold into episodes (see the module docstring)."""
+    a = np.flatnonzero(risk >= threshold)
+    if len(a) == 0:
+        z = np.zeros(0)
+        return Episodes(z, z, z.astype(np.int64), z.astype(np.int64), z.astype(bool), z.astype(np.int64))
+    g, t, f = lab.gpu[a], lab.ts[a], lab.next_fail[a]
+    new = np.r_[True, (g[1:] != g[:-1]) | (np.diff(t) > merge_gap_s) | (f[1:] != f[:-1])]
+    first = a[new]
+    last = a[np.r_[new[1:], True]]
+    end_ts = lab.ts[last]
+    true = lab.to_fail_s[last] <= lab.horizon_s
+    return Episodes(lab.ts[first], end_ts, lab.gpu[first], lab.next_fail[last], true, last)
+
+
+def eligible_failures(lab: Labelled) -> np.ndarray:
+    """Bool per failure: its GPU was scored at least once within the horizon before it."""
+    seen = np.zeros(len(lab.failures.gpu), dtype=bool)
+    seen[lab.next_fail[lab.y & (lab.next_fail >= 0)]] = True
+    return seen
+
+
+def event_metrics(
+    lab: Labelled, risk: np.ndarray, threshold: float, merge_gap_s: float, mode: np.ndarray | None = None
+) -> dict:
+    """Precision, recall (failures with precursors), F1, false alarms per 1,000 GPU-days, lead times, per mode."""
+    ep = alarm_episodes(lab, risk, threshold, merge_gap_s)
+    ft = lab.failures
+    eligible = eligible_failures(lab)
+    target = eligible & ft.precursor
+    caught = np.zeros(len(ft.gpu), dtype=bool)
+    lead = np.full(len(ft.gpu), np.nan)
+    if ep.true.any():
+        tf = ep.next_fail[ep.true]
+        caught[tf] = True
+        earliest = np.full(len(ft.gpu), np.inf)
+        np.minimum.at(earliest, tf, ep.start_ts[ep.true])
+        lead[caught] = ft.fail_ts[caught] - earliest[caught]
+    n_ep = len(ep.true)
+    n_true = int(ep.true.sum())
+    precision = n_true / n_ep if n_ep else float("nan")
+    recall = float(caught[target].sum() / max(target.sum(), 1))
+    f1 = 2 * precision * recall / (precision + recall) if n_ep and precision + recall > 0 else 0.0
+    leads_min = lead[caught & target] / 60.0
+    by_mode = {}
+    for m, name in enumerate(FAILURE_MODES):
+        sel = eligible & (ft.mode == m)
+        if sel.any():
+            by_mode[name] = {"failures": int(sel.sum()), "caught": int(caught[sel].sum()),
+                             "recall": float(caught[sel].mean())}  # fmt: skip
+    out = {
+        "threshold": float(threshold),
+        "precision": float(precision),
+        "recall": recall,
+        "f1": float(f1),
+        "alarm_episodes": n_ep,
+        "true_episodes": n_true,
+        "false_alarms": n_ep - n_true,
+        "false_alarms_per_1000_gpu_days": (n_ep - n_true) / max(lab.gpu_days, 1e-9) * 1000.0,
+        "failures_with_precursor": int(target.sum()),
+        "caught_with_precursor": int(caught[target].sum()),
+        "failures_all": int(eligible.sum()),
+        "caught_all": int(caught[eligible].sum()),
+        "recall_all": float(caught[eligible].sum() / max(eligible.sum(), 1)),
+        "median_lead_min": float(np.median(leads_min)) if len(leads_min) else float("nan"),
+        "p10_lead_min": float(np.percentile(leads_min, 10)) if len(leads_min) else float("nan"),
+        "recall_by_mode": by_mode,
+    }
+    if mode is not None and ep.true.any():
+        # The mode shown at the last alarm before the failure, the best-informed one a user saw.
+        got = mode[ep.last_row[ep.true]]
+        want = ft.mode[ep.next_fail[ep.true]]
+        out["mode_accuracy"] = float(np.mean(got == want))
+    return out
+
+
+def event_pr_curve(
+    lab: Labelled, risk: np.ndarray, merge_gap_s: float, n_thresholds: int = 120
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds, precision, recall) at event level over a quantile grid of the risk values."""
+    r = np.asarray(risk)
+    cand = np.unique(np.r_[np.quantile(r, np.linspace(0.0, 1.0, n_thresholds)), np.unique(r)[-1:]])
+    if len(np.unique(r)) <= n_thresholds:
+        cand = np.unique(r)
+    prec, rec = [], []
+    for thr in cand:
+        m = event_metrics(lab, r, float(thr), merge_gap_s)
+        prec.append(m["precision"] if m["alarm_episodes"] else np.nan)
+        rec.append(m["recall"])
+    return cand, np.asarray(prec), np.asarray(rec)
+
+
+def event_pr_auc(lab: Labelled, risk: np.ndarray, merge_gap_s: float, n_thresholds: int = 120) -> float:
+    """Area under the event-level PR curve: step sum of precision over recall gains, thresholds descending."""
+    _, prec, rec = event_pr_curve(lab, risk, merge_gap_s, n_thresholds)
+    ok = ~np.isnan(prec)
+    prec, rec = prec[ok][::-1], rec[ok][::-1]  # highest threshold first
+    if not len(rec):
+        return 0.0
+    rec = np.maximum.accumulate(rec)  # recall can only grow as the threshold falls, up to episode merging
+    return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
+
+
+def best_threshold(
+    lab: Labelled, risk: np.ndarray, merge_gap_s: float, min_precision: float = 0.0, n_thresholds: int = 120
+) -> tuple[float, dict]:
+    """Threshold with the best event-level F1 (among those with precision >= min_precision, if any)."""
+    thr, prec, rec = event_pr_curve(lab, risk, merge_gap_s, n_thresholds)
+    f1 = np.where(np.isnan(prec) | (prec + rec == 0), 0.0, 2 * np.nan_to_num(prec) * rec / np.maximum(prec + rec, 1e-12))
+    ok = np.nan_to_num(prec) >= min_precision
+    k = int(np.argmax(np.where(ok, f1, -1.0))) if ok.any() else int(np.argmax(f1))
+    return float(thr[k]), event_metrics(lab, risk, float(thr[k]), merge_gap_s)
+
+
+def scorer_report(lab: Labelled, name: str, threshold: float, merge_gap_s: float) -> dict:
+    """Every figure of one scorer: event metrics at `threshold`, event PR-AUC, record-level metrics."""
+    risk = lab.risk[name]
+    out = event_metrics(lab, risk, threshold, merge_gap_s, lab.mode.get(name))
+    out["pr_auc"] = event_pr_auc(lab, risk, merge_gap_s)
+    out["record_pr_auc"] = average_precision(lab.y, risk)
+    # Positives whose precursor had not started yet carry no signal; this AP leaves them out.
+    drop = lab.y & ~lab.visible
+    out["record_pr_auc_visible"] = average_precision(lab.y[~drop], risk[~drop])
+    out["brier"] = brier_score(lab.y, risk)
+    out["ece"] = expected_calibration_error(lab.y, risk)
+    out["calibration"] = calibration_bins(lab.y, risk)
+    return out
