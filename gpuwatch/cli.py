@@ -24,7 +24,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         failures=args.failures,
         seed=args.seed,
         summary_json=Path(args.summary_json) if args.summary_json else None,
+        report=Path(args.report) if args.report else None,
     )
+    if opts.report is not None:
+        from gpuwatch.report import ReportUnavailable, require_matplotlib
+
+        try:
+            require_matplotlib()  # say so now, not after the run
+        except ReportUnavailable as exc:
+            print(f"gpuwatch demo: {exc}", file=sys.stderr)
+            return 2
     return run_demo(_settings(args), opts)
 
 
@@ -72,6 +81,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     return score_command(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gpuwatch.training.eval_cli import eval_command
+
+    return eval_command(args)
+
+
 def cmd_sink(args: argparse.Namespace) -> int:
     from gpuwatch.sinks.service import run_sinks
 
@@ -117,6 +132,26 @@ def cmd_top(args: argparse.Namespace) -> int:
     return run_top(settings, n=args.n, once=args.once, interval_s=args.interval)
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from gpuwatch.producers.agent import run_agent
+    from gpuwatch.producers.nvml import NvmlUnavailable
+    from gpuwatch.producers.spool import SpoolError
+
+    settings = _settings(
+        args, agent_interval_s=args.interval, agent_spool_dir=args.spool_dir, agent_metrics_port=args.metrics_port
+    )
+    nvml = None
+    if args.fake_nvml:
+        from gpuwatch.producers.fake_nvml import FakeNvml
+
+        nvml = FakeNvml(args.fake_nvml, live=True)
+    try:
+        return run_agent(settings, simulate_hosts=args.hosts if args.simulate else 0, nvml=nvml)
+    except (NvmlUnavailable, SpoolError) as exc:
+        print(f"gpuwatch agent: {exc}", file=sys.stderr)
+        return 3
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gpuwatch.bench.cli import bench_command
 
@@ -136,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--failures", type=int, default=3, help="failures injected with precursors")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--summary-json", help="also write the summary as JSON here")
+    p.add_argument("--report", metavar="PATH.html",
+                   help="write an HTML report: risk over time of the GPUs that failed, remediations, fleet risk "
+                        "(needs matplotlib: pip install 'gpuwatch[report]')")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("stream", help="run a stream worker (samples -> risk)")
@@ -156,22 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_simulate)
 
+    from gpuwatch.training.args import add_eval_args, add_score_args, add_train_args
+
     p = sub.add_parser("train", help="train a model artifact from recorded samples + labels")
-    p.add_argument("--data", action="append", required=True, help="a `gpuwatch simulate` output dir (repeatable)")
-    p.add_argument("--out", required=True, help="artifact path (.pt)")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--sample-every", type=float, default=60.0, help="seconds between training sequences per GPU")
-    p.add_argument("--horizon", type=float, default=3600.0, help="prediction horizon in seconds")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    add_train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("score", help="score recorded samples offline with the stream's features and model")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--model", default="")
-    p.add_argument("--rescore-interval", type=float, default=5.0)
+    add_score_args(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("eval", help="evaluate the model and two baselines on held-out recordings")
+    add_eval_args(p)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sink", help="run the Redis risk sink and the remediation policy")
     p.set_defaults(func=cmd_sink)
@@ -189,8 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="print once and exit")
     p.set_defaults(func=cmd_top)
 
+    p = sub.add_parser("agent", help="node agent: sample this node's GPUs (NVML) and publish to Kafka")
+    p.add_argument("--simulate", action="store_true", help="publish a simulated fleet instead of NVML")
+    p.add_argument("--hosts", type=int, default=8, help="simulated hosts (with --simulate)")
+    p.add_argument("--interval", type=float, help="seconds between snapshots (default: agent_interval_s)")
+    p.add_argument("--spool-dir", help="on-disk spool directory (default: agent_spool_dir)")
+    p.add_argument("--metrics-port", type=int, help="port of /metrics and /healthz; 0 turns them off")
+    p.add_argument("--fake-nvml", type=int, default=0, metavar="N",
+                   help="sample N stand-in GPUs instead of NVML (benchmarks and tests; not real telemetry)")
+    p.set_defaults(func=cmd_agent)
+
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["stream", "simulate", "decode"])
+    p.add_argument("what", choices=["stream", "agent", "simulate", "decode"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
     p.add_argument("--seconds", type=float, default=0.0, help="how long to run (0: default)")

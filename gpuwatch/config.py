@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
+import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -35,18 +31,25 @@ class Settings:
     kafka_sasl_username: str = field(default="", metadata={"doc": "SASL user name."})
     kafka_sasl_password: str = field(default="", metadata={"doc": "SASL password (never logged).", "secret": True})
     kafka_ssl_cafile: str = field(default="", metadata={"doc": "CA bundle for TLS."})
+    kafka_ssl_certfile: str = field(default="", metadata={"doc": "Client certificate (PEM) for TLS client authentication."})
+    kafka_ssl_keyfile: str = field(default="", metadata={"doc": "Private key (PEM) of the client certificate."})
+    kafka_ssl_key_password: str = field(default="", metadata={"doc": "Password of the client key, if it is encrypted.", "secret": True})
 
     topic_samples: str = field(default="gpuwatch.samples", metadata={"doc": "Telemetry topic, keyed by host."})
     topic_risk: str = field(default="gpuwatch.risk", metadata={"doc": "Risk records, keyed by host."})
     topic_remediation: str = field(default="gpuwatch.remediation", metadata={"doc": "Remediation events, keyed by host."})
     topic_deadletter: str = field(default="gpuwatch.deadletter", metadata={"doc": "Messages that failed to decode or validate."})
     topic_outcomes: str = field(default="gpuwatch.remediation.outcomes", metadata={"doc": "Outcomes of executed remediations (future training labels), keyed by host."})
+    topic_commands: str = field(default="gpuwatch.commands", metadata={"doc": "Signed commands to node agents (checkpoint requests), keyed by host."})
     partitions: int = field(default=8, metadata={"doc": "Partitions for topics gpuwatch creates (bounds stream parallelism)."})
 
     stream_app_id: str = field(default="gpuwatch-stream", metadata={"doc": "Consumer group / faust app id of the stream workers."})
     stream_batch_size: int = field(default=2000, metadata={"doc": "Messages per take() batch."})
-    stream_batch_within_s: float = field(default=0.2, metadata={"doc": "Longest wait to fill a batch."})
+    stream_batch_within_s: float = field(default=0.1, metadata={"doc": "Longest wait to fill a batch."})
     rescore_interval_s: float = field(default=5.0, metadata={"doc": "Minimum seconds between two scorings of one GPU (at most 10)."})
+    stream_fetch_max_wait_ms: int = field(
+        default=100, metadata={"doc": "Longest a stream worker's fetch waits for data (latency floor on quiet topics)."}
+    )
     checkpoint_interval_s: float = field(
         default=30.0, metadata={"doc": "Seconds between window checkpoints to the stream's changelog topic."}
     )
@@ -64,17 +67,46 @@ class Settings:
     policy_cooldown_s: float = field(default=3600.0, metadata={"doc": "After acting on a GPU, its next risk episode may not act for this long."})
     policy_max_concurrent_drains: int = field(default=2, metadata={"doc": "Most hosts draining or rebooting at once, fleet-wide (blast radius)."})
     policy_drain_hold_s: float = field(default=3600.0, metadata={"doc": "A drain counts against the limit until its GPU recovers or this long."})
+    policy_cost_per_gpu_hour: float = field(default=2.5, metadata={"doc": "Price of one GPU-hour (any currency; the policy_cost_* values use the same one)."})
+    policy_job_gpus: int = field(default=8, metadata={"doc": "GPUs of the job a failing GPU would take down (a failure loses work on all of them)."})
+    policy_job_checkpoint_interval_s: float = field(default=3600.0, metadata={"doc": "How often jobs checkpoint on their own; a failure before gpuwatch's checkpoint loses half of it on average."})
+    policy_failure_overhead_s: float = field(default=1800.0, metadata={"doc": "Time an unplanned failure costs a job besides lost work (detection, requeue, reload); a migration avoids it."})
+    policy_cost_checkpoint: float = field(default=1.0, metadata={"doc": "Cost of one checkpoint request (jobs pause to save); checkpoint only when the expected loss exceeds it."})
+    policy_cost_migrate: float = field(default=5.0, metadata={"doc": "Cost of draining a host and restarting its jobs elsewhere; migrate only when the expected loss exceeds it."})
     audit_maxlen: int = field(default=100_000, metadata={"doc": "Approximate length cap of the Redis audit stream gpuwatch:audit."})
     redis_history_len: int = field(default=60, metadata={"doc": "Risk records kept per GPU in gpuwatch:hist:{host}:{gpu}."})
     redis_expire_after_s: float = field(default=86400.0, metadata={"doc": "A GPU's Redis keys vanish this long after its last risk record."})
 
     controller_executor: str = field(default="dry-run", metadata={"doc": "dry-run, command, webhook, slurm or kubernetes."})
-    command_signing_key: str = field(default="", metadata={"doc": "Shared HMAC key for agent commands.", "secret": True})
+    command_signing_key: str = field(default="", metadata={"doc": "HMAC keys for agent commands, comma-separated, newest first (signs with the first, accepts all: rotation); 16+ characters each.", "secret": True})
+    command_ttl_s: float = field(default=300.0, metadata={"doc": "A signed agent command expires this long after it is issued (at most 3600)."})
+    controller_timeout_s: float = field(default=120.0, metadata={"doc": "Longest a command, webhook, scontrol or Kubernetes call of an executor may take."})
+    controller_command: str = field(default="", metadata={"doc": "Command executor's template, split like a shell line but never run by a shell; placeholders {host} {gpu_index} {action} {id} {uuid} {risk}."})
+    controller_webhook_url: str = field(default="", metadata={"doc": "Webhook executor: http(s) URL each remediation event is POSTed to as JSON."})
+    controller_webhook_key: str = field(default="", metadata={"doc": "Webhook executor: HMAC key for the X-Gpuwatch-Signature header (empty: unsigned).", "secret": True})
+    controller_scontrol: str = field(default="scontrol", metadata={"doc": "Slurm executor: path of scontrol."})
+    controller_k8s_api: str = field(default="https://kubernetes.default.svc", metadata={"doc": "Kubernetes executor: API server URL."})
+    controller_k8s_token_file: str = field(default="/var/run/secrets/kubernetes.io/serviceaccount/token", metadata={"doc": "Kubernetes executor: file with the bearer token (read on each call, so rotation works)."})
+    controller_k8s_ca_file: str = field(default="/var/run/secrets/kubernetes.io/serviceaccount/ca.crt", metadata={"doc": "Kubernetes executor: CA bundle of the API server (system CAs when the file is absent)."})
+    controller_k8s_gpu_resource: str = field(default="nvidia.com/gpu", metadata={"doc": "Kubernetes executor: pods requesting this resource are evicted from a drained node."})
+    agent_checkpoint_signal: str = field(default="SIGUSR1", metadata={"doc": "Agent: signal sent to the processes on a GPU asked to checkpoint."})
+    agent_checkpoint_hook: str = field(default="", metadata={"doc": "Agent: command run instead of signalling (no shell); placeholders {host} {gpu_index} {uuid} {pids} {id}."})
+    agent_nonce_file: str = field(default="", metadata={"doc": "Agent: file remembering accepted command nonces across restarts (empty: memory only)."})
     controller_claim_ttl_s: float = field(default=604800.0, metadata={"doc": "How long a remediation id stays claimed (the de-duplication window)."})
 
     stream_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch stream`'s Prometheus exporter (/metrics on all interfaces); 0 turns it off."})
     sink_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch sink`'s Prometheus exporter, which also serves per-GPU risk; 0 turns it off."})
     controller_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch controller`'s Prometheus exporter; 0 turns it off."})
+    agent_metrics_port: int = field(default=0, metadata={"doc": "Port of the node agent's Prometheus exporter (spool depth, snapshots sent); 0 turns it off."})
+    agent_metrics_addr: str = field(default="0.0.0.0", metadata={"doc": "Agent: address its /metrics and /healthz endpoint listens on."})
+    agent_interval_s: float = field(default=1.0, metadata={"doc": "Agent: seconds between two snapshots of the node."})
+    agent_host: str = field(default="", metadata={"doc": "Agent: node name it publishes as (the message key); empty: the machine's host name. On Kubernetes set it from spec.nodeName."})
+    agent_spool_dir: str = field(default="/var/lib/gpuwatch/spool", metadata={"doc": "Agent: directory of the on-disk spool that holds snapshots until Kafka acknowledges them (keep it across restarts)."})
+    agent_spool_max_bytes: int = field(default=256 << 20, metadata={"doc": "Agent: spool size limit; when full, the oldest unsent snapshots are dropped and counted (256 MiB holds ~12 h of an 8-GPU node)."})
+    agent_spool_fsync: str = field(default="interval", metadata={"doc": "Agent: when the spool is fsynced: always (every snapshot), interval (at most once a second) or never (left to the OS)."})
+    agent_delivery_timeout_s: float = field(default=30.0, metadata={"doc": "Agent: a snapshot not acknowledged by Kafka within this long is resent by a fresh producer."})
+    agent_flush_timeout_s: float = field(default=10.0, metadata={"doc": "Agent: on SIGTERM, how long to wait for Kafka to acknowledge what is spooled (the rest waits in the spool)."})
+    agent_xid_events: bool = field(default=True, metadata={"doc": "Agent: collect XID errors from an NVML event set (every XID between two samples is reported)."})
 
     def kafka_client_config(self) -> dict[str, str]:
         """confluent-kafka settings for bootstrap and security, passed through unchanged."""
@@ -85,6 +117,12 @@ class Settings:
             conf["sasl.password"] = self.kafka_sasl_password
         if self.kafka_ssl_cafile:
             conf["ssl.ca.location"] = self.kafka_ssl_cafile
+        if self.kafka_ssl_certfile:
+            conf["ssl.certificate.location"] = self.kafka_ssl_certfile
+        if self.kafka_ssl_keyfile:
+            conf["ssl.key.location"] = self.kafka_ssl_keyfile
+        if self.kafka_ssl_key_password:
+            conf["ssl.key.password"] = self.kafka_ssl_key_password
         return conf
 
     def redacted(self) -> dict[str, Any]:

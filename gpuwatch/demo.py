@@ -9,7 +9,6 @@ policy and a dry-run controller.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
@@ -22,8 +21,13 @@ import orjson
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer, embedded_stack
+from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import start_stream_worker
-from gpuwatch.kafka import ensure_topics, make_producer, produce
+from gpuwatch.report import RunRecorder
+
+
+# Failures are placed this far into the live phase at the earliest (catching up takes a few seconds).
+_LIVE_MARGIN_S = 10.0
 
 
 @dataclass
@@ -34,6 +38,7 @@ class DemoOptions:
     failures: int = 3
     seed: int = 7
     summary_json: Path | None = None
+    report: Path | None = None  # HTML report with plots of the failed GPUs' risk (needs matplotlib)
     policy_for_s: float = 10.0  # the demo compresses the 5-minute for-duration so actions fit in a minute
     drain_timeout_s: float = 30.0
 
@@ -43,7 +48,6 @@ class DemoState:
     """Counters shared by the demo's threads (guarded by `lock`)."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    produced_samples: int = 0
     live_since: float = float("inf")
     last_live_ts: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
@@ -55,6 +59,7 @@ class DemoState:
     labels: list[dict] = field(default_factory=list)
     max_risk_by_gpu: dict[str, float] = field(default_factory=dict)
     newest_written_ts: float = 0.0
+    recorder: RunRecorder = field(default_factory=RunRecorder)
 
 
 def _watch_worker(proc: EmbeddedServer, state: DemoState) -> None:
@@ -85,6 +90,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 def run_demo(settings: Settings, opts: DemoOptions) -> int:
     """Run the demo and print its summary; returns the process exit code."""
     from gpuwatch.controller.worker import run_controller
+    from gpuwatch.producers.feed import SimulatedFeed
     from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
     from gpuwatch.sinks.remediation_sink import run_remediation_sink
     from gpuwatch.sinks.risk_sink import run_risk_sink
@@ -110,6 +116,8 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         def on_written(records: list[dict], written_at: float) -> None:
             with state.lock:
                 state.risk_written += len(records)
+                if opts.report:
+                    state.recorder.add_risk(records)
                 for r in records:
                     gpu = f"{r['host']}:{r['gpu_index']}"
                     state.gpus_scored.add(gpu)
@@ -121,6 +129,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         def on_event(event: dict) -> None:
             with state.lock:
                 state.remediation[event["action"]] = state.remediation.get(event["action"], 0) + 1
+                state.recorder.add_event(event)
             say(f"[demo] remediation: {event['action']} {event['host']} GPU {event['gpu_index']} "
                 f"(risk {event['risk']:.2f}, {event['reason']})")
 
@@ -139,6 +148,12 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         for t in threads:
             t.start()
 
+        say("[demo] waiting for the stream worker to join its group ...")
+        deadline = time.time() + 120
+        while time.time() < deadline and not state.stream_stats.get("partitions"):
+            if not worker.alive():
+                raise RuntimeError(f"the stream worker exited:\n{worker.log_tail()}")
+            time.sleep(0.2)
         now = time.time()
         history_s = opts.history_min * 60.0
         sim = FleetSimulator(FleetConfig(hosts=hosts, gpus_per_host=8, seed=opts.seed, interval_s=1.0,
@@ -147,48 +162,42 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         modes = ["memory", "thermal", "interconnect", "power"]
         for k in range(min(opts.failures, hosts * 8)):
             # Land each failure inside the live phase, with a precursor that began during the history.
-            fail_in = history_s + opts.duration_s * (0.3 + 0.5 * k / max(opts.failures, 1))
+            fail_in = history_s + _LIVE_MARGIN_S + opts.duration_s * (0.3 + 0.5 * k / max(opts.failures, 1))
             sim.schedule_failure(int(k % hosts), int(rng.integers(0, 8)), modes[k % len(modes)],
                                  fail_in_s=fail_in, precursor_s=fail_in - rng.uniform(60, 300))
-        producer = make_producer(settings)
+        feed = SimulatedFeed(sim, make_producer(settings), settings.topic_samples)
 
-        def publish() -> None:
-            for host, value in sim.step_json():
-                produce(producer, settings.topic_samples, host.encode(), value)
-            state.produced_samples += hosts * 8
-            producer.poll(0)
+        def processed() -> int:
+            with state.lock:
+                return int(state.stream_stats.get("samples", 0) + state.stream_stats.get("rejected_samples", 0))
 
         say(f"[demo] replaying {opts.history_min:g} min of history for {hosts * 8} GPUs ...")
-        while sim.now < time.time() - 1.0:
-            publish()
-        producer.flush(30)
-        # Live latency means steady state: wait until the worker has folded the whole history in.
-        _wait_processed(state, state.produced_samples, timeout_s=120.0, say=say)
+        # Live latency means steady state: publish up to now until the worker has digested it all.
+        if not feed.catch_up(processed, timeout_s=180.0):
+            say(f"[demo] warning: the stream worker processed {processed():,} of {feed.produced:,} GPU-samples")
         with state.lock:
             state.live_since = sim.now
         say(f"[demo] live for {opts.duration_s:g} s at 1 Hz")
-        live_end = time.time() + opts.duration_s
-        next_tick = time.time()
-        last_report = 0.0
-        while time.time() < live_end:
-            publish()
-            producer.flush(5)
+        live_start = time.time()
+        last_report = [0.0]
+
+        def on_tick() -> None:
             for label in sim.drain_labels():
                 state.labels.append(label)
                 say(f"[demo] GPU failed: {label['host']} GPU {label['gpu_index']} ({label['mode']})")
-            if time.time() - last_report >= 5:
-                last_report = time.time()
-                with state.lock:
-                    ss = state.stream_stats
-                    p99 = _percentile(state.latencies_ms, 99)
-                    say(f"[demo] t+{time.time() - (live_end - opts.duration_s):4.0f}s  samples scored "
-                        f"{ss.get('samples', 0):>8,}  risk records {state.risk_written:>7,}  remediation "
-                        f"{sum(state.remediation.values())}  latency p99 "
-                        + (f"{p99:.0f} ms" if p99 is not None else "n/a"))
-            next_tick += 1.0
-            time.sleep(max(0.0, next_tick - time.time()))
+            if time.time() - last_report[0] < 5:
+                return
+            last_report[0] = time.time()
+            with state.lock:
+                ss = state.stream_stats
+                p99 = _percentile(state.latencies_ms, 99)
+                say(f"[demo] t+{time.time() - live_start:4.0f}s  samples scored {ss.get('samples', 0):>8,}  "
+                    f"risk records {state.risk_written:>7,}  remediation {sum(state.remediation.values())}  "
+                    "latency p99 " + (f"{p99:.0f} ms" if p99 is not None else "n/a"))
+
+        feed.run_live(opts.duration_s, on_tick)
         state.last_live_ts = sim.now - 1.0
-        produced = state.produced_samples
+        produced = feed.produced
         # Let the pipeline finish what was produced before the summary.
         _wait_processed(state, produced, timeout_s=opts.drain_timeout_s, say=say)
         time.sleep(1.0)
@@ -198,11 +207,27 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         worker.stop()
         summary = _summary(state, produced, time.time() - t_start, hosts * 8)
     _print_summary(summary)
+    if opts.report:
+        _write_report(state, summary, opts, settings.risk_threshold, say)
     if opts.summary_json:
         opts.summary_json.parent.mkdir(parents=True, exist_ok=True)
         opts.summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         say(f"[demo] summary written to {opts.summary_json}")
     return 0 if summary["gpus_scored"] > 0 else 1
+
+
+def _write_report(state: DemoState, summary: dict[str, Any], opts: DemoOptions, threshold: float, say: Any) -> None:
+    from gpuwatch.report import render_report
+
+    rows = [
+        ("GPUs simulated", f"{summary['gpus']:,} ({opts.history_min:g} min of history, {opts.duration_s:g} s live)"),
+        ("GPU-samples processed", f"{summary['samples']:,}"),
+        ("remediation events", ", ".join(f"{a}: {n}" for a, n in summary["remediation_events"].items()) or "none"),
+        ("latency p99 (sample -> Redis)", "n/a" if summary["latency_p99_ms"] is None
+         else f"{summary['latency_p99_ms']:,.0f} ms"),
+    ]
+    data = state.recorder.report_data(state.labels, threshold=threshold, summary=rows, title="gpuwatch demo report")
+    say(f"[demo] report written to {render_report(data, opts.report)}")
 
 
 def _summary(state: DemoState, produced: int, wall_s: float, gpus: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ def all_topics(settings: Settings) -> list[str]:
         settings.topic_remediation,
         settings.topic_deadletter,
         settings.topic_outcomes,
+        settings.topic_commands,
     ]
 
 
@@ -41,7 +42,7 @@ def ensure_topics(settings: Settings, topics: list[str] | None = None, timeout: 
     if not missing:
         return
     futures = admin.create_topics([NewTopic(t, num_partitions=settings.partitions, replication_factor=1) for t in missing])
-    for topic, fut in futures.items():
+    for fut in futures.values():
         try:
             fut.result(timeout=15)
         except KafkaException as exc:
@@ -76,6 +77,8 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
             "enable.auto.commit": True,
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 500,
+            # librdkafka waits up to 500 ms for a fetch to fill; risk and remediation are latency-bound.
+            "fetch.wait.max.ms": 50,
         }
     )
     conf.update(overrides)

@@ -49,12 +49,29 @@ class PolicyRules:
     max_concurrent_drains: int = 2  # hosts draining (migrate) or rebooting at once, fleet-wide
     drain_hold_s: float = 3600.0  # a drain stops counting when its episode clears or after this long
     stale_after_s: float = 60.0  # records older than this (vs `now`) are never acted on
+    # Cost weighing (see `weigh`): act only when risk x job GPUs x hours a failure would cost x price >= action cost
+    cost_per_gpu_hour: float = 2.5  # price of a GPU-hour; the action costs are in the same currency
+    job_gpus: int = 8  # GPUs of the job a failing GPU takes down
+    job_checkpoint_interval_s: float = 3600.0  # jobs checkpoint this often on their own
+    failure_overhead_s: float = 1800.0  # an unplanned failure also costs this (detect, requeue, reload)
+    cost_checkpoint: float = 1.0  # jobs pause to write a checkpoint
+    cost_migrate: float = 5.0  # a planned restart elsewhere and a drained host
 
     def __post_init__(self) -> None:
         if not 0 <= self.clear_below <= self.threshold <= 1:
             raise ValueError("policy rules need 0 <= clear_below <= threshold <= 1")
         if self.max_concurrent_drains < 0:
             raise ValueError("max_concurrent_drains must be >= 0")
+        costs = (
+            self.cost_per_gpu_hour,
+            self.job_gpus,
+            self.job_checkpoint_interval_s,
+            self.failure_overhead_s,
+            self.cost_checkpoint,
+            self.cost_migrate,
+        )
+        if min(costs) < 0:
+            raise ValueError("policy costs, job size and times must be >= 0")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PolicyRules:
@@ -71,7 +88,34 @@ class PolicyRules:
             max_concurrent_drains=settings.policy_max_concurrent_drains,
             drain_hold_s=settings.policy_drain_hold_s,
             stale_after_s=settings.stale_after_s,
+            cost_per_gpu_hour=settings.policy_cost_per_gpu_hour,
+            job_gpus=settings.policy_job_gpus,
+            job_checkpoint_interval_s=settings.policy_job_checkpoint_interval_s,
+            failure_overhead_s=settings.policy_failure_overhead_s,
+            cost_checkpoint=settings.policy_cost_checkpoint,
+            cost_migrate=settings.policy_cost_migrate,
         )
+
+
+def weigh(
+    rules: PolicyRules, action: str, risk: float, since_checkpoint_s: float | None
+) -> tuple[float, float] | None:
+    """(expected loss, cost) of `action`, or None for actions that are not weighed (reboot).
+
+    expected loss = risk x job_gpus x hours a failure would cost the job x cost_per_gpu_hour, where the
+    hours are the work since its last checkpoint: for checkpoint, half the job's own checkpoint interval
+    (on average); for migrate, the time since gpuwatch's checkpoint (at most one interval) plus
+    `failure_overhead_s`, which a planned migration avoids. A reboot follows a drain: no job is at stake.
+    """
+    if action == "checkpoint":
+        lost_s, cost = rules.job_checkpoint_interval_s / 2, rules.cost_checkpoint
+    elif action == "migrate":
+        since = rules.job_checkpoint_interval_s / 2 if since_checkpoint_s is None else since_checkpoint_s
+        lost_s = min(max(since, 0.0), rules.job_checkpoint_interval_s) + rules.failure_overhead_s
+        cost = rules.cost_migrate
+    else:
+        return None
+    return risk * rules.job_gpus * lost_s / 3600 * rules.cost_per_gpu_hour, cost
 
 
 @dataclass
@@ -97,8 +141,9 @@ class RemediationPolicy:
     per action, in order: checkpoint (risk >= threshold for `for_s`), migrate (still high
     `migrate_after_s` later, or very high / a fast mode after `checkpoint_grace_s`), reboot (still high
     `reboot_after_s` after migrate, modes in `reboot_modes` only). Guard rails, checked in this order:
-    kill switch, per-GPU cooldown (first action of an episode), blast radius (`max_concurrent_drains`
-    hosts draining or rebooting). Stale, duplicate and out-of-order records are ignored.
+    kill switch, per-GPU cooldown (first action of an episode), cost (`weigh`: checkpoint and migrate
+    only when the expected loss of a failure exceeds the action's cost), blast radius
+    (`max_concurrent_drains` hosts draining or rebooting). Stale, duplicate and out-of-order records are ignored.
     Every decision (acted, suppressed, cleared) is passed to `audit`, suppressions once per episode.
     """
 
@@ -183,7 +228,12 @@ class RemediationPolicy:
         if due is None:
             return
         action, detail = due
-        blocked = self._guard(action, rec, gpu, ep, now, kill)
+        weighed = weigh(
+            r, action, risk, ts - ep.action_ts["checkpoint"] if "checkpoint" in ep.action_ts else None
+        )
+        if weighed is not None:
+            detail += f", expected loss {weighed[0]:.2f} vs cost {weighed[1]:g}"
+        blocked = self._guard(action, rec, gpu, ep, now, kill, weighed)
         if blocked is not None:
             if (action, blocked[0]) not in ep.audited:
                 ep.audited.add((action, blocked[0]))
@@ -232,7 +282,14 @@ class RemediationPolicy:
         return None
 
     def _guard(
-        self, action: str, rec: Mapping[str, Any], gpu: _Gpu, ep: _Episode, now: float, kill: bool
+        self,
+        action: str,
+        rec: Mapping[str, Any],
+        gpu: _Gpu,
+        ep: _Episode,
+        now: float,
+        kill: bool,
+        weighed: tuple[float, float] | None = None,
     ) -> tuple[str, str] | None:
         """(reason, detail) if a guard rail forbids `action` now, else None."""
         r = self.rules
@@ -244,6 +301,12 @@ class RemediationPolicy:
             return "cooldown", f"last action on this GPU {ago:.0f} s ago (cooldown {r.cooldown_s:g} s)"
         if action == "reboot" and str(rec.get("mode", "none")) not in r.reboot_modes:
             return "reboot_not_useful", f"a reboot does not fix mode {rec.get('mode')}"
+        if weighed is not None and weighed[0] < weighed[1]:
+            return (
+                "not_worth_it",
+                f"expected loss {weighed[0]:.2f} (risk {float(rec['risk']):.2f} x {r.job_gpus} GPUs at "
+                f"{r.cost_per_gpu_hour:g}/GPU-h) < {action} cost {weighed[1]:g}",
+            )
         if action in ("migrate", "reboot"):
             draining = self.active_drains(now)
             if rec["host"] not in draining and len(draining) >= r.max_concurrent_drains:

@@ -169,7 +169,9 @@ def run_risk_sink(
     consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
     consumer.subscribe([settings.topic_risk])
     next_prune = time.monotonic() + PRUNE_EVERY_S
-    metrics.FLEET_RISK.configure(fresh_for_s=settings.stale_after_s, forget_after_s=settings.redis_expire_after_s)
+    metrics.FLEET_RISK.configure(
+        fresh_for_s=settings.stale_after_s, forget_after_s=settings.redis_expire_after_s
+    )
     lag = metrics.ConsumerLagProbe(consumer, group_id(settings))
     try:
         while not stop.is_set():

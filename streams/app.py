@@ -35,8 +35,31 @@ BatchHook = Callable[[BatchResult], None]
 LAG_INTERVAL_S = 10.0
 
 
+def _cap_fetch_wait(max_wait_ms: int) -> None:
+    """faust hard-codes fetch_max_wait_ms=1500 for aiokafka; on a quiet partition that delay lands in
+    every sample's latency when the broker does not answer early, so cap it (wrapping, not editing, faust)."""
+    import aiokafka
+    from faust.transport.drivers import aiokafka as driver
+
+    base = aiokafka.AIOKafkaConsumer
+    if getattr(driver.aiokafka.AIOKafkaConsumer, "_gpuwatch_capped", False):
+        return
+
+    class CappedConsumer(base):  # type: ignore[misc, valid-type]
+        _gpuwatch_capped = True
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), max_wait_ms)  # type: ignore[call-overload]
+            super().__init__(*args, **kwargs)
+
+    driver.aiokafka = type(driver.aiokafka)("aiokafka_capped")
+    driver.aiokafka.__dict__.update(aiokafka.__dict__)
+    driver.aiokafka.AIOKafkaConsumer = CappedConsumer
+
+
 def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer: Scorer | None = None) -> faust.App:
     """Build the faust app for `settings`; `on_batch` sees every processed batch (demo, benchmarks)."""
+    _cap_fetch_wait(settings.stream_fetch_max_wait_ms)
     app = faust.App(
         settings.stream_app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -52,6 +75,10 @@ def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer:
         broker_heartbeat_interval=0.5,
         broker_commit_interval=1.0,
         producer_acks=-1,
+        # Big fetches and buffers: snapshots are ~6 KB and the worker is fastest on large batches.
+        consumer_max_fetch_size=16 * 1024 * 1024,
+        broker_max_poll_records=settings.stream_batch_size,
+        stream_buffer_maxsize=4 * settings.stream_batch_size,
     )
     samples = app.topic(settings.topic_samples, value_serializer="raw", key_serializer="raw")
     scorer = scorer or Scorer(load_artifact(settings.model_path or None), device=settings.device)
@@ -92,6 +119,7 @@ def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer:
         owned.clear()
         owned.update(parts)
         totals.restored_gpus += restored
+        totals.partitions = len(parts)
         log.info("assigned partitions %s of %s; restored windows of %d GPUs", sorted(parts), settings.topic_samples,
                  restored)
         ready.set()
@@ -147,9 +175,14 @@ class StreamTotals:
     def __init__(self) -> None:
         self.samples = self.rejected = self.scored = self.deadletters = self.batches = 0
         self.restored_gpus = self.checkpointed = 0
+        self.first_batch_at = self.last_batch_at = 0.0
+        self.partitions = 0  # samples partitions owned now
         self.started = time.time()
 
     def add(self, result: BatchResult) -> None:
+        now = time.time()
+        self.first_batch_at = self.first_batch_at or now
+        self.last_batch_at = now
         self.samples += result.samples
         self.rejected += result.rejected_samples
         self.scored += result.scored
@@ -163,9 +196,12 @@ class StreamTotals:
             "scored": self.scored,
             "deadletters": self.deadletters,
             "batches": self.batches,
+            "partitions": self.partitions,
             "restored_gpus": self.restored_gpus,
             "checkpointed": self.checkpointed,
             "uptime_s": round(time.time() - self.started, 1),
+            "first_batch_at": self.first_batch_at,
+            "last_batch_at": self.last_batch_at,
             **processor.stats(),
         }
         print("STATS " + orjson.dumps(line).decode(), flush=True)

@@ -204,7 +204,9 @@ class RiskProcessor:
     def stats(self) -> dict[str, Any]:
         return {"gpus_tracked": len(self.store), "state_bytes_per_gpu": self.store.state_bytes_per_gpu()}
 
-    def telemetry(self, fresh_within_s: float = 120.0) -> tuple[list[str], np.ndarray, list[str], np.ndarray, np.ndarray]:
+    def telemetry(
+        self, fresh_within_s: float = 120.0
+    ) -> tuple[list[str], np.ndarray, list[str], np.ndarray, np.ndarray]:
         """(hosts, gpu_index, uuids, temp_c, power/limit) from the newest sample of each GPU sampled within
         `fresh_within_s` of the newest sample seen (relative, so agent clock skew does not hide GPUs)."""
         store = self.store

@@ -31,22 +31,36 @@ _COUNTER_COLS = np.array([_NUM[c] for _, cols in _COUNTER_GROUPS for c in cols])
 _GROUP_OF_COL = np.array([g for g, (_, cols) in enumerate(_COUNTER_GROUPS) for _ in cols])
 _VIOLATION_COLS = np.array([_NUM["power_violation_us"], _NUM["thermal_violation_us"]])
 
-# Signals smoothed at every time scale: counter rates, then derived per-sample signals.
+# Signals smoothed at every time scale: counter rates, then derived per-sample signals. "Peer" signals
+# compare a GPU with the other GPUs of its host in the same snapshot: they share ambient air and the job,
+# so a GPU whose cooling or power delivery degrades stands out from its peers whatever the load.
 EWMA_SIGNALS: tuple[str, ...] = tuple(name for name, _ in _COUNTER_GROUPS) + (
     "thermal_dev",
+    "thermal_peer",
     "throttle_thermal",
     "throttle_power",
+    "own_brake",
     "power_excursion",
+    "power_jitter",
     "xid",
     "clock_deficit",
 )
+_SIG = {name: i for i, name in enumerate(EWMA_SIGNALS)}
+# Signals that only carry information under load; their EWMAs hold still while the GPU idles.
+_LOADED_ONLY = np.array([_SIG["thermal_peer"], _SIG["power_jitter"]])
+LOADED_POWER_FRAC = 0.5
 EWMA_TAUS_S: tuple[float, ...] = (60.0, 600.0, 3600.0)
 # Slow per-device baselines (robust device normalisation): a GPU that always trickles SBEs or
 # always runs warm is compared against itself.
 BASELINE_TAU_S = 6 * 3600.0
 # Rate signals (events per minute) are read out as log1p of their EWMA.
-_LOGGED = np.array([EWMA_SIGNALS.index(n) for n in ("sbe", "dbe", "remap", "pcie", "nvlink", "xid")])
-_BASELINED = (EWMA_SIGNALS.index("sbe"), EWMA_SIGNALS.index("thermal_dev"))
+_LOGGED = np.array([_SIG[n] for n in ("sbe", "dbe", "remap", "pcie", "nvlink", "xid")])
+# Rates compared with the device's own slow baseline (trickling GPUs are normal for themselves).
+_BASELINED_RATES = ("sbe", "pcie", "nvlink")
+_RATE_BASE_COLS = np.array([_SIG[n] for n in _BASELINED_RATES])
+# baseline columns: the rates above, then thermal resistance, then thermal resistance relative to peers.
+_B_THERMAL_R, _B_PEER_R = len(_BASELINED_RATES), len(_BASELINED_RATES) + 1
+N_BASELINES = len(_BASELINED_RATES) + 2
 
 _THROTTLE_BITS: tuple[tuple[str, int], ...] = (
     ("thr_sw_power_cap", F.THROTTLE_SW_POWER_CAP),
@@ -82,15 +96,32 @@ INSTANT_FEATURES: tuple[str, ...] = (
     "thermal_r",
     "violation_power",
     "violation_thermal",
+    "temp_peer",
+    "fan_peer",
+    "power_peer",
 )
 FEATURE_NAMES: tuple[str, ...] = (
     INSTANT_FEATURES
     + tuple(f"{s}_ewma_{int(t)}s" for t in EWMA_TAUS_S for s in EWMA_SIGNALS)
-    + tuple(f"{EWMA_SIGNALS[i]}_vs_baseline" for i in _BASELINED)
+    + tuple(f"{n}_vs_baseline" for n in _BASELINED_RATES)
+    + ("thermal_dev_vs_baseline",)
 )
 N_FEATURES = len(FEATURE_NAMES)
 N_SIGNALS = len(EWMA_SIGNALS)
 _NO_XID_MIN = 24 * 60.0  # "never seen an XID" reads as a day ago
+
+
+def _peer_means(group: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """(N, K): per row, the mean of each column over the other rows of its group, ignoring NaN."""
+    _, inv = np.unique(group, return_inverse=True)
+    ok = ~np.isnan(v)
+    vv = np.where(ok, v, 0.0)
+    out = np.empty_like(vv)
+    for k in range(v.shape[1]):
+        total = np.bincount(inv, weights=vv[:, k])[inv] - vv[:, k]
+        n = np.bincount(inv, weights=ok[:, k])[inv] - ok[:, k]
+        out[:, k] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    return out
 
 
 def xid_summary(xids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -124,6 +155,8 @@ class WindowStore:
         self.hosts: list[str] = []
         self.uuids: list[str] = []
         self._free: list[int] = []  # slots of GPUs handed to another worker, reused first
+        self._host_codes: dict[str, int] = {}
+        self.host_code = np.zeros(0, dtype=np.int32)  # per slot; local to this store, so not checkpointed
         self._cap = 0
         self._alloc(max(16, capacity))
 
@@ -137,6 +170,7 @@ class WindowStore:
                 new[:old_cap] = getattr(self, name)
             setattr(self, name, new)
         self._reset(np.arange(old_cap, cap))
+        self.host_code = np.r_[self.host_code[:old_cap], np.zeros(cap - old_cap, dtype=np.int32)]
         self._cap = cap
 
     def _shapes(self) -> dict[str, tuple[tuple[int, ...], type]]:
@@ -159,7 +193,9 @@ class WindowStore:
             "last_counters": ((len(_COUNTER_COLS),), np.float64),
             "last_violation": ((2,), np.float64),
             "ewma": ((len(EWMA_TAUS_S), N_SIGNALS), np.float32),
-            "baseline": ((len(_BASELINED),), np.float32),
+            "baseline": ((N_BASELINES,), np.float32),
+            "loaded_s": ((), np.float32),
+            "last_power_peer": ((), np.float32),
             "current": ((N_FEATURES,), np.float32),
             "ring": ((t, N_FEATURES), np.float16),
         }
@@ -204,6 +240,7 @@ class WindowStore:
             self.uuids.append(uuid)
             self.hosts.append(host)
         self.slot_of[uuid] = s
+        self.host_code[s] = self._host_codes.setdefault(host, len(self._host_codes))
         return s
 
     # -- checkpoint and restore (so a restarted or rebalanced worker keeps its windows) ----------
@@ -276,6 +313,9 @@ class WindowStore:
         """
         xid_count, xid_mem, xid_fatal = xid_summary(xids)
         accepted = np.zeros(len(slots), dtype=bool)
+        # Peer groups: a snapshot's GPUs arrive together (same host, same ts, contiguous rows).
+        hc = self.host_code[slots]
+        group = np.cumsum(np.r_[True, (hc[1:] != hc[:-1]) | (ts[1:] != ts[:-1])]) if len(slots) else hc
         # A GPU may appear several times in one batch: apply its samples in rounds of unique slots.
         if len(np.unique(slots)) == len(slots):
             rounds = [np.arange(len(slots))]
@@ -294,7 +334,7 @@ class WindowStore:
             if len(rows):
                 self._update_unique(
                     s, ts[rows], numeric[rows], flags[rows], throttle[rows],
-                    xid_count[rows], xid_mem[rows], xid_fatal[rows],
+                    xid_count[rows], xid_mem[rows], xid_fatal[rows], group[rows],
                 )
                 accepted[rows] = True
         return accepted
@@ -309,6 +349,7 @@ class WindowStore:
         xid_count: np.ndarray,
         xid_mem: np.ndarray,
         xid_fatal: np.ndarray,
+        group: np.ndarray,
     ) -> None:
         first = self.n_seen[s] == 0
         dt = np.where(first, 0.0, ts - self.last_ts[s])
@@ -347,6 +388,7 @@ class WindowStore:
         power = x[:, _NUM["power_w"]]
         limit = x[:, _NUM["power_limit_w"]]
         power_frac = power / np.where(limit > 0, limit, np.nan)
+        loaded = np.nan_to_num(power_frac, nan=0.0) >= LOADED_POWER_FRAC
         # Thermal resistance (°C per W above ambient): fan or heatsink trouble raises it at any load.
         thermal_r = (temp - 25.0) / (np.nan_to_num(power, nan=0.0) + 60.0)
         sm_clock = x[:, _NUM["sm_clock_mhz"]]
@@ -356,31 +398,60 @@ class WindowStore:
         thr_thermal = (throttle & (F.THROTTLE_SW_THERMAL | F.THROTTLE_HW_THERMAL)) != 0
         thr_power = (throttle & (F.THROTTLE_HW_POWER_BRAKE | F.THROTTLE_HW_SLOWDOWN)) != 0
 
+        # Peers: the mean of the other GPUs of the same snapshot (NaN when there are none).
+        fan = x[:, _NUM["fan_pct"]]
+        peer = _peer_means(group, np.stack([temp, thermal_r, power, fan, thr_power.astype(np.float64)], axis=1))
+        temp_peer = np.nan_to_num(temp - peer[:, 0], nan=0.0)
+        power_peer = np.nan_to_num(power - peer[:, 2], nan=0.0)
+        peer_r = np.nan_to_num(thermal_r - peer[:, 1], nan=0.0) * 100.0
+
         base = self.baseline[s]
-        base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, 1])
+        base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, _B_THERMAL_R])
         thermal_dev = np.nan_to_num(thermal_r - base_thermal, nan=0.0) * 10.0
+        # Peer-relative resistance against this GPU's own usual offset from its peers (a hot-running board
+        # is normal for itself); learnt under load only, warming up over the first hour of load.
+        thermal_peer = np.where(loaded, peer_r - base[:, _B_PEER_R], 0.0)
+        last_pp = self.last_power_peer[s]
+        jitter = np.where(loaded & ~first & ~np.isnan(last_pp), np.abs(power_peer - last_pp) / 100.0, 0.0)
+        self.last_power_peer[s] = np.where(loaded, power_peer, np.nan)
 
         signals = np.empty((len(s), N_SIGNALS), dtype=np.float32)
         signals[:, : len(_COUNTER_GROUPS)] = rates
-        k = len(_COUNTER_GROUPS)
-        signals[:, k] = thermal_dev
-        signals[:, k + 1] = thr_thermal
-        signals[:, k + 2] = thr_power
-        signals[:, k + 3] = np.nan_to_num(np.maximum(power_frac - 1.0, 0.0) * 10.0, nan=0.0)
-        signals[:, k + 4] = xid_count * (60.0 / dt_pos)
-        signals[:, k + 5] = np.nan_to_num(clock_deficit, nan=0.0)
+        signals[:, _SIG["thermal_dev"]] = thermal_dev
+        signals[:, _SIG["thermal_peer"]] = thermal_peer
+        signals[:, _SIG["throttle_thermal"]] = thr_thermal
+        signals[:, _SIG["throttle_power"]] = thr_power
+        signals[:, _SIG["own_brake"]] = np.maximum(thr_power - np.nan_to_num(peer[:, 4], nan=0.0), 0.0)
+        signals[:, _SIG["power_excursion"]] = np.nan_to_num(np.maximum(power_frac - 1.0, 0.0) * 10.0, nan=0.0)
+        signals[:, _SIG["power_jitter"]] = jitter
+        signals[:, _SIG["xid"]] = xid_count * (60.0 / dt_pos)
+        signals[:, _SIG["clock_deficit"]] = np.nan_to_num(clock_deficit, nan=0.0)
 
         taus = np.asarray(EWMA_TAUS_S, dtype=np.float32)
         alpha = np.where(first[:, None], 1.0, 1.0 - np.exp(-dt_pos[:, None] / taus[None, :]))
         ew = self.ewma[s]
-        ew += alpha[:, :, None] * (signals[:, None, :] - ew)
+        step = alpha[:, :, None] * (signals[:, None, :] - ew)
+        step[:, :, _LOADED_ONLY] *= (loaded | first)[:, None, None]  # hold still while idle
+        ew += step
         self.ewma[s] = ew
 
-        a_base = np.where(first, 1.0, 1.0 - np.exp(-dt_pos / BASELINE_TAU_S))[:, None]
-        base_vals = np.stack([signals[:, _BASELINED[0]], np.nan_to_num(thermal_r, nan=0.3)], axis=1)
-        # The device baseline only learns while the GPU is not throttling, so a failing fan is not learned as normal.
-        learn = (~thr_thermal)[:, None] | first[:, None]
-        self.baseline[s] = np.where(learn, base + a_base * (base_vals - base), base)
+        a_base = np.where(first, 1.0, 1.0 - np.exp(-dt_pos / BASELINE_TAU_S))
+        new_base = base.copy()
+        nb = len(_BASELINED_RATES)
+        new_base[:, :nb] += a_base[:, None] * (rates[:, _RATE_BASE_COLS] - base[:, :nb])
+        # The thermal baselines only learn while the GPU is not throttling, so a failing fan is not learned as normal.
+        learn = ~thr_thermal | first
+        r_now = np.nan_to_num(thermal_r, nan=0.3)
+        new_base[:, _B_THERMAL_R] = np.where(learn, base[:, _B_THERMAL_R] + a_base * (r_now - base[:, _B_THERMAL_R]),
+                                             base[:, _B_THERMAL_R])  # fmt: skip
+        learn_peer = loaded & ~thr_thermal
+        loaded_s = self.loaded_s[s] + np.where(loaded, np.minimum(dt_pos, 60.0), 0.0)
+        a_peer = 1.0 - np.exp(-np.minimum(dt_pos, 60.0) / np.clip(loaded_s, 60.0, BASELINE_TAU_S))
+        new_base[:, _B_PEER_R] = np.where(
+            learn_peer, base[:, _B_PEER_R] + a_peer * (peer_r - base[:, _B_PEER_R]), base[:, _B_PEER_R]
+        )
+        self.baseline[s] = new_base
+        self.loaded_s[s] = loaded_s
 
         # XID bookkeeping.
         has_xid = xid_count > 0
@@ -395,7 +466,6 @@ class WindowStore:
         gap_ratio = np.where(dt_ew > 0, np.log(np.maximum(dt, 1e-3) / np.maximum(dt_ew, 1e-3)), 0.0)
         self.dt_ewma[s] = dt_ew
 
-        fan = x[:, _NUM["fan_pct"]]
         width_ratio = x[:, _NUM["pcie_link_width"]] / x[:, _NUM["pcie_link_width_max"]]
         gen_ratio = x[:, _NUM["pcie_link_gen"]] / x[:, _NUM["pcie_link_gen_max"]]
         lost = flags[:, _FLAG["lost"]]
@@ -427,6 +497,9 @@ class WindowStore:
             np.nan_to_num(thermal_r, nan=0.0) * 3.0,
             violation_frac[:, 0],
             violation_frac[:, 1],
+            np.clip(temp_peer / 10.0, -5.0, 5.0),
+            np.nan_to_num((fan - peer[:, 3]) / 100.0, nan=0.0),
+            np.clip(power_peer / 100.0, -5.0, 5.0),
         ]
         for j, col in enumerate(cols):
             cur[:, j] = col
@@ -435,8 +508,11 @@ class WindowStore:
         ew_out = ew.copy()
         ew_out[:, :, _LOGGED] = np.log1p(np.maximum(ew_out[:, :, _LOGGED], 0.0))
         cur[:, n_inst : n_inst + n_ew] = ew_out.reshape(len(s), -1)
-        cur[:, n_inst + n_ew] = ew_out[:, 1, _BASELINED[0]] - np.log1p(np.maximum(self.baseline[s, 0], 0.0))
-        cur[:, n_inst + n_ew + 1] = ew[:, 1, _BASELINED[1]]
+        nb = len(_BASELINED_RATES)
+        cur[:, n_inst + n_ew : n_inst + n_ew + nb] = ew_out[:, 1, _RATE_BASE_COLS] - np.log1p(
+            np.maximum(self.baseline[s, :nb], 0.0)
+        )
+        cur[:, n_inst + n_ew + nb] = ew[:, 1, _SIG["thermal_dev"]]
         np.nan_to_num(cur, copy=False, nan=0.0, posinf=10.0, neginf=-10.0)
         np.clip(cur, -1000.0, 1000.0, out=cur)  # features are O(1); the clip keeps float16 rings finite
         self.current[s] = cur

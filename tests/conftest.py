@@ -45,6 +45,7 @@ def settings(kafka_server: EmbeddedServer, redis_server: EmbeddedServer, request
         topic_remediation=f"remediation.{suffix}",
         topic_deadletter=f"deadletter.{suffix}",
         topic_outcomes=f"outcomes.{suffix}",
+        topic_commands=f"commands.{suffix}",
         stream_app_id=f"stream-{suffix}",
         partitions=4,
     )

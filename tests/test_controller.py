@@ -143,4 +143,4 @@ def test_dry_run_is_the_default_executor(caplog: pytest.LogCaptureFixture) -> No
     assert outcome == Outcome(ok=True, detail=outcome.detail, dry_run=True)
     assert "would drain node-0003 GPU 5" in caplog.text
     with pytest.raises(ConfigError, match="controller_executor"):
-        make_executor(Settings(controller_executor="slurm"))
+        make_executor(Settings(controller_executor="ansible"))

@@ -41,14 +41,15 @@ def _wait_dead(pids: list[int], timeout: float = 10.0) -> list[int]:
 
 
 def test_stack_serves_kafka_and_redis_then_stops_them() -> None:
+    from gpuwatch.embedded import child_pids
+
+    before = set(child_pids())  # servers other fixtures in this session already hold
     with embedded_stack(Settings()) as s:
         assert s.kafka_bootstrap.startswith("127.0.0.1:")
         assert redis.Redis.from_url(s.redis_url).ping()
         metadata = AdminClient({"bootstrap.servers": s.kafka_bootstrap}).list_topics(timeout=10)
         assert metadata.brokers
-        from gpuwatch.embedded import child_pids
-
-        pids = child_pids()
+        pids = sorted(set(child_pids()) - before)
         assert len(pids) == 2
     assert _wait_dead(pids) == []
 

@@ -117,11 +117,11 @@ class GbdtConfig:
 class GbdtBaseline:
     """LightGBM on `tabular` window features, temperature-calibrated; a scorer like the LSTM's."""
 
-    def __init__(self, booster: object, artifact: ModelArtifact, temperature: float = 1.0,
+    def __init__(self, booster: object, artifact: ModelArtifact, platt: tuple[float, float] = (1.0, 0.0),
                  threshold: float = 0.5) -> None:  # fmt: skip
         self.booster = booster
         self.artifact = artifact
-        self.temperature = temperature
+        self.platt = platt  # calibrated risk = sigmoid(a * raw + b)
         self.threshold = threshold
         self.version = "gbdt-baseline"
 
@@ -131,7 +131,8 @@ class GbdtBaseline:
     def score(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if len(seqs) == 0:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
-        risk = 1.0 / (1.0 + np.exp(-self.logits(seqs) / self.temperature))
+        a, b = self.platt
+        risk = 1.0 / (1.0 + np.exp(-(a * self.logits(seqs) + b)))
         return risk, np.zeros(len(seqs), dtype=np.int64)
 
     @classmethod
@@ -142,7 +143,7 @@ class GbdtBaseline:
         """Train on `train_idx` with early stopping on `val_idx` (same split and weights as the LSTM)."""
         import lightgbm as lgb
 
-        from gpuwatch.training.train import fit_temperature
+        from gpuwatch.training.train import fit_platt
 
         c = config or GbdtConfig()
         xt = tabular(data.x[train_idx])
@@ -161,14 +162,14 @@ class GbdtBaseline:
         )  # fmt: skip
         print(f"gbdt baseline: {booster.best_iteration} trees", file=sys.stderr)
         raw = np.asarray(booster.predict(xv, raw_score=True), dtype=np.float64)
-        temperature = fit_temperature(raw, data.y[val_idx], data.weight[val_idx])
-        return cls(booster, artifact, temperature)
+        return cls(booster, artifact, fit_platt(raw, data.y[val_idx], data.weight[val_idx]))
 
     def save(self, path: str | Path) -> None:
         """Writes the booster (LightGBM text) to `path` and its calibration to `path` + '.json'."""
         path = Path(path)
         self.booster.save_model(str(path), num_iteration=self.booster.best_iteration or None)
-        meta = {"temperature": self.temperature, "threshold": self.threshold, "features": "tabular/1"}
+        meta = {"platt": list(self.platt), "threshold": self.threshold, "features": "tabular/1",
+                "window_features": len(FEATURE_NAMES)}  # fmt: skip
         Path(f"{path}.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -180,5 +181,8 @@ class GbdtBaseline:
         if not path.exists() or not meta_path.exists():
             raise FileNotFoundError(f"GBDT baseline {path} (and {meta_path}) not found; `gpuwatch train` writes them")
         meta = json.loads(meta_path.read_text())
+        if meta.get("window_features") != len(FEATURE_NAMES):
+            raise ValueError(f"GBDT baseline {path} was trained on another feature set; retrain with `gpuwatch train`")
         booster = lgb.Booster(model_file=str(path))
-        return cls(booster, artifact, float(meta["temperature"]), float(meta["threshold"]))
+        a, b = meta["platt"]
+        return cls(booster, artifact, (float(a), float(b)), float(meta["threshold"]))

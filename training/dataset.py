@@ -14,7 +14,7 @@ import orjson
 
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot
 from gpuwatch.schemas.fields import FAILURE_MODES
-from gpuwatch.streams.window import WindowConfig, WindowStore
+from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig, WindowStore
 
 _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
 
@@ -98,17 +98,23 @@ def build_sequences(
     labels_path: Path,
     *,
     window: WindowConfig | None = None,
-    sample_every_s: float = 60.0,
+    sample_every_s: float = 30.0,
     horizon_s: float = 3600.0,
-    negative_keep: float = 0.25,
+    negative_keep: float = 0.1,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> SequenceSet:
     """Replay a recording through the windows and take one sequence per GPU every `sample_every_s`.
 
-    Positives (failure within the horizon) are all kept; negatives with probability `negative_keep`
-    (weighted by its inverse). Samples while a GPU is in a failed state are not prediction targets.
+    Positives (failure within the horizon) are all kept. Negatives where something looks wrong (an
+    alert rule fires, an XID in the last hour) are all kept too, so the model sees the benign look-alikes
+    it must not alarm on; quiet negatives are kept with probability `negative_keep`. Every sequence is
+    weighted by the inverse of its keep probability. Samples while a GPU is in a failed state are not
+    prediction targets.
     """
+    from gpuwatch.training.baselines import rule_hits
+    from gpuwatch.training.score import iter_chunks
+
     failures = Failures.load(labels_path)
     store = WindowStore(window or WindowConfig())
     rng = np.random.default_rng(seed)
@@ -116,8 +122,12 @@ def build_sequences(
     meta: list[tuple[int, int, float, float, bool, float]] = []
     uuids: list[str] = []
     last_taken = np.zeros(0)
-    # Small batches: a GPU can only be sampled at a batch boundary, so a batch must span < sample_every_s.
-    for snaps, _bad in iter_snapshot_batches(samples_path, batch=64):
+    recent_xid = np.log1p(60.0) / 7.0  # the window's log_min_since_xid scale
+    xid_col = FEATURE_NAMES.index("log_min_since_xid")
+    # A GPU can only be sampled at a chunk boundary, so chunks span well under sample_every_s.
+    for snaps, _sources, _dead, _lines in iter_chunks(samples_path, min(sample_every_s / 3.0, 10.0)):
+        if not snaps:
+            continue
         counts = [len(s.uuids) for s in snaps]
         slots = store.slots_for(
             [u for s in snaps for u in s.uuids],
@@ -128,26 +138,29 @@ def build_sequences(
         store.update(
             slots, ts, np.concatenate([s.numeric for s in snaps]), np.concatenate([s.flags for s in snaps]),
             np.concatenate([s.throttle for s in snaps]), [x for s in snaps for x in s.xids],
-        )
-        if len(last_taken) < len(store):
-            last_taken = np.r_[last_taken, np.full(len(store) - len(last_taken), -np.inf)]
+        )  # fmt: skip
+        if len(last_taken) < len(store.uuids):
+            last_taken = np.r_[last_taken, np.full(len(store.uuids) - len(last_taken), -np.inf)]
         touched = np.unique(slots)
         due = touched[store.last_ts[touched] - last_taken[touched] >= sample_every_s]
         if len(due):
             last_taken[due] = store.last_ts[due]
+            seqs = store.sequences(due)
+            hard = rule_hits(seqs).any(axis=1) | (seqs[:, -1, xid_col] <= recent_xid)
             keep_rows = []
-            for s in due.tolist():
+            for k, s in enumerate(due.tolist()):
                 t = float(store.last_ts[s])
                 y, mode, lead, precursor, failed = failures.label(store.uuids[s], t, horizon_s)
                 if failed:
                     continue
-                if y == 0 and rng.random() >= negative_keep:
+                keep_p = 1.0 if (y or hard[k]) else negative_keep
+                if keep_p < 1.0 and rng.random() >= keep_p:
                     continue
-                keep_rows.append(s)
-                meta.append((y, mode, 1.0 if y else 1.0 / negative_keep, t, precursor, lead))
+                keep_rows.append(k)
+                meta.append((y, mode, 1.0 / keep_p, t, precursor, lead))
                 uuids.append(store.uuids[s])
             if keep_rows:
-                xs.append(store.sequences(np.array(keep_rows)).astype(np.float16))
+                xs.append(seqs[keep_rows].astype(np.float16))
         if progress is not None:
             progress(sum(counts))
     if not xs:

@@ -1,11 +1,11 @@
-"""Train the failure LSTM: focal loss, noise and time-warp augmentation, temperature calibration."""
+"""Train the failure LSTM: focal loss, noise and time-warp augmentation, Platt calibration on validation."""
 
 from __future__ import annotations
 
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -15,31 +15,39 @@ from gpuwatch import __version__
 from gpuwatch.streams.model import FAILURE_CLASSES, FailureLSTM, ModelArtifact
 from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig
 from gpuwatch.training.dataset import SequenceSet
+from gpuwatch.training.evaluate import average_precision
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 256
-    lr: float = 2e-3
-    hidden: int = 64
+    lr: float = 3e-3
+    hidden: int = 32
     mlp: int = 32
     focal_alpha: float = 0.75
     focal_gamma: float = 2.0
-    noise_std: float = 0.05
+    mode_weight: float = 0.2  # weight of the mode head's cross-entropy (positives only)
+    noise_std: float = 0.05  # Gaussian noise on normalised inputs
     time_warp: float = 0.3  # probability of a random time-warp per sequence
     val_fraction: float = 0.2
     seed: int = 0
     device: str = "cpu"
+    threads: int = 2
 
 
-def focal_loss(logit: torch.Tensor, y: torch.Tensor, alpha: float, gamma: float) -> torch.Tensor:
+def focal_loss(
+    logit: torch.Tensor, y: torch.Tensor, alpha: float, gamma: float, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Binary focal loss (Lin et al.): down-weights easy negatives in a heavily imbalanced target."""
     p = torch.sigmoid(logit)
     ce = nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
     p_t = p * y + (1 - p) * (1 - y)
     a_t = alpha * y + (1 - alpha) * (1 - y)
-    return (a_t * (1 - p_t) ** gamma * ce).mean()
+    loss = a_t * (1 - p_t) ** gamma * ce
+    if weight is None:
+        return loss.mean()
+    return (loss * weight).sum() / weight.sum()
 
 
 def time_warp(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
@@ -49,7 +57,7 @@ def time_warp(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tenso
     if not pick.any():
         return x
     n = int(pick.sum())
-    scale = torch.empty(n, 1).uniform_(0.6, 1.6, generator=gen)
+    scale = torch.empty(n, 1).uniform_(0.5, 2.0, generator=gen)
     pos = (t - 1) - (torch.arange(t - 1, -1, -1, dtype=torch.float32)[None, :] * scale)
     pos = pos.clamp(0, t - 1)
     lo = pos.floor().long()
@@ -71,8 +79,30 @@ def split_by_gpu(data: SequenceSet, fraction: float, seed: int) -> tuple[np.ndar
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
+def fit_platt(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+    """(a, b) minimising weighted log loss of sigmoid(a * logit + b) on validation data (so 0.85 means 85%)."""
+    x = torch.from_numpy(logits.astype(np.float64))
+    t = torch.from_numpy(y.astype(np.float64))
+    w = torch.from_numpy(weight.astype(np.float64))
+    a = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.0, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([a, b], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (nn.functional.binary_cross_entropy_with_logits(a * x + b, t, reduction="none") * w).sum() / w.sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a_val = float(a.detach())
+    if not np.isfinite(a_val) or a_val <= 1e-3:
+        return 1.0, 0.0  # degenerate validation set: leave the logits alone
+    return a_val, float(b.detach())
+
+
 def fit_temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> float:
-    """Temperature minimising weighted log loss on validation data (so 0.85 means 85%)."""
+    """Temperature (1 / Platt slope, no shift) minimising weighted log loss on validation data."""
     best_t, best_loss = 1.0, np.inf
     for t in np.exp(np.linspace(np.log(0.02), np.log(8.0), 300)):
         p = np.clip(1 / (1 + np.exp(-logits / t)), 1e-7, 1 - 1e-7)
@@ -83,7 +113,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> fl
 
 
 def best_f1_threshold(p: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
-    """Threshold with the best weighted F1 on validation data, and that F1."""
+    """Threshold with the best weighted F1 on validation sequences, and that F1."""
     best = (0.5, 0.0)
     for thr in np.linspace(0.05, 0.99, 95):
         pred = p >= thr
@@ -103,6 +133,13 @@ def _progress(prefix: str, done: int, total: int, extra: str = "") -> None:
     sys.stderr.flush()
 
 
+@torch.inference_mode()
+def _logits(model: FailureLSTM, xn: torch.Tensor, rows: np.ndarray, device: torch.device) -> np.ndarray:
+    model.eval()
+    out = [model(xn[rows[i : i + 4096]].to(device))[0].cpu() for i in range(0, len(rows), 4096)]
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
 def train(
     data: SequenceSet,
     config: TrainConfig,
@@ -110,29 +147,42 @@ def train(
     window: WindowConfig,
     horizon_s: float,
     data_fingerprint: str = "",
+    split: tuple[np.ndarray, np.ndarray] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> ModelArtifact:
-    """Train on `data` (split by GPU into train/validation), calibrate, and return an artifact."""
+    """Train on `data` (split by GPU into train/validation), calibrate, and return an artifact.
+
+    The epoch with the best validation average precision is kept. Calibration is Platt scaling folded
+    into the artifact (temperature = 1 / slope, the shift added to the risk head's bias), so `Scorer`
+    needs nothing new. The threshold is the best sequence-level F1 on validation; `gpuwatch train
+    --val-data` replaces it with the best event-level F1 on a validation fleet.
+    """
     torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
     gen = torch.Generator().manual_seed(config.seed)
     device = torch.device(config.device)
-    tr, va = split_by_gpu(data, config.val_fraction, config.seed)
-    x_all = data.x.astype(np.float32)
-    flat = x_all[tr].reshape(-1, x_all.shape[-1])
+    tr, va = split if split is not None else split_by_gpu(data, config.val_fraction, config.seed)
+    n_feat = data.x.shape[-1]
+    # Normalisation from a subsample of training rows (float64 sums; the full set can be large).
+    sub = tr[np.random.default_rng(config.seed).permutation(len(tr))[:50_000]]
+    flat = data.x[sub].astype(np.float64).reshape(-1, n_feat)
     mean = flat.mean(axis=0)
     std = flat.std(axis=0)
     std = np.where(std < 1e-3, 1.0, std)
-    xn = torch.from_numpy((x_all - mean) / std)
+    xn = torch.from_numpy((data.x.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
     y = torch.from_numpy(data.y.astype(np.float32))
+    w = torch.from_numpy(data.weight.astype(np.float32))
     mode_target = torch.from_numpy(np.maximum(data.mode - 1, 0))  # index into FAILURE_CLASSES
-    log(f"train: {len(tr)} sequences ({int(data.y[tr].sum())} positive), validation: {len(va)} "
-        f"({int(data.y[va].sum())} positive), {x_all.shape[1]} steps x {x_all.shape[2]} features")
+    log(f"train: {len(tr):,} sequences ({int(data.y[tr].sum()):,} positive), validation: {len(va):,} "
+        f"({int(data.y[va].sum()):,} positive), {data.x.shape[1]} steps x {n_feat} features")  # fmt: skip
 
-    model = FailureLSTM(x_all.shape[-1], config.hidden, config.mlp, len(FAILURE_CLASSES)).to(device)
+    model = FailureLSTM(n_feat, config.hidden, config.mlp, len(FAILURE_CLASSES)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(tr) // config.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.epochs * steps_per_epoch)
     tr_t = torch.from_numpy(tr)
+    best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, 0)
+    history = []
     for epoch in range(config.epochs):
         model.train()
         perm = tr_t[torch.randperm(len(tr_t), generator=gen)]
@@ -142,34 +192,43 @@ def train(
             idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
             xb = time_warp(xn[idx], config.time_warp, gen)
             xb = xb + config.noise_std * torch.randn(xb.shape, generator=gen)
-            yb = y[idx]
+            yb = y[idx].to(device)
             risk_logit, mode_logit = model(xb.to(device))
-            loss = focal_loss(risk_logit, yb.to(device), config.focal_alpha, config.focal_gamma)
-            pos = yb > 0.5
+            loss = focal_loss(risk_logit, yb, config.focal_alpha, config.focal_gamma, w[idx].to(device))
+            pos = y[idx] > 0.5
             if pos.any():
-                loss = loss + 0.2 * nn.functional.cross_entropy(mode_logit[pos.to(device)], mode_target[idx][pos].to(device))
+                ce = nn.functional.cross_entropy(mode_logit[pos.to(device)], mode_target[idx][pos].to(device))
+                loss = loss + config.mode_weight * ce
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             total += loss.item()
-            if step % 20 == 0 or step == steps_per_epoch - 1:
+            if step % 50 == 0 or step == steps_per_epoch - 1:
                 _progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch,
-                          f"loss {total / (step + 1):.4f} {time.time() - t0:.0f}s")
-        sys.stderr.write("\n")
+                          f"loss {total / (step + 1):.4f} {time.time() - t0:.0f}s")  # fmt: skip
+        val_logits = _logits(model, xn, va, device)
+        ap = average_precision(data.y[va], val_logits) if len(va) else 0.0
+        history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch, "val_ap": ap})
+        sys.stderr.write(f"  validation AP {ap:.3f}\n")
+        if ap > best[0]:
+            best = (ap, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, epoch + 1)
 
-    model.eval()
-    with torch.inference_mode():
-        val_logits = torch.cat([model(xn[va[i : i + 4096]].to(device))[0].cpu() for i in range(0, len(va), 4096)]).numpy()
+    model.load_state_dict(best[1])
+    val_logits = _logits(model, xn, va, device)
     yv, wv = data.y[va], data.weight[va]
-    temperature = fit_temperature(val_logits, yv, wv)
-    pv = 1 / (1 + np.exp(-val_logits / temperature))
+    a, b = fit_platt(val_logits, yv, wv)
+    state = {k: v.clone() for k, v in best[1].items()}
+    state["risk_head.bias"] = state["risk_head.bias"] + b / a  # sigmoid(a*z + b) = sigmoid((z + b/a) / (1/a))
+    temperature = 1.0 / a
+    pv = 1 / (1 + np.exp(-(a * val_logits + b)))
     threshold, val_f1 = best_f1_threshold(pv, yv, wv)
-    log(f"calibration temperature {temperature:.3f}; operating threshold {threshold:.2f} (validation F1 {val_f1:.3f})")
+    log(f"best epoch {best[2]} (validation AP {best[0]:.3f}); Platt a={a:.3f} b={b:.3f}; "
+        f"sequence-level threshold {threshold:.2f} (F1 {val_f1:.3f})")  # fmt: skip
     return ModelArtifact(
         version=f"lstm-{__version__}-{data_fingerprint[:8] or 'adhoc'}",
-        state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        state_dict=state,
         features=FEATURE_NAMES,
         window=window,
         norm_mean=mean.astype(np.float32),
@@ -179,7 +238,11 @@ def train(
         temperature=temperature,
         threshold=threshold,
         horizon_s=horizon_s,
-        metrics={"validation_f1": val_f1, "train_sequences": int(len(tr)), "val_sequences": int(len(va))},
+        metrics={
+            "validation_sequence_ap": best[0], "validation_sequence_f1": val_f1, "best_epoch": best[2],
+            "train_sequences": int(len(tr)), "val_sequences": int(len(va)), "history": history,
+            "train_config": asdict(config),
+        },  # fmt: skip
         data_fingerprint=data_fingerprint,
         created_at=time.time(),
     )

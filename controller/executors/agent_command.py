@@ -1,0 +1,87 @@
+"""Checkpoint requests for the node agent: a signed `gpuwatch.command/1` message on `topic_commands`,
+keyed by host. The agent (`gpuwatch.producers.commands.CommandListener`) verifies it and signals the
+processes on that GPU; its acknowledgement arrives later on `topic_outcomes` (`gpuwatch.command_ack/1`).
+Success here means Kafka accepted the command, not that the job has checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from confluent_kafka import Producer
+
+from gpuwatch.config import Settings
+from gpuwatch.kafka import ensure_topics, make_producer
+from gpuwatch.signing import COMMAND_SCHEMA, sign
+
+from . import Outcome, UnsafeTarget, target_values
+
+log = logging.getLogger(__name__)
+
+
+def command_from_event(event: dict[str, Any]) -> dict[str, Any]:
+    """The unsigned agent command for a remediation event (same id, host, GPU, uuid, action, reason, risk)."""
+    return {
+        "schema": COMMAND_SCHEMA,
+        "id": event["id"],
+        "host": event["host"],
+        "gpu_index": int(event["gpu_index"]),
+        "uuid": event.get("uuid", ""),
+        "action": event["action"],
+        "reason": str(event.get("reason", "")),
+        "risk": float(event.get("risk", 0.0)),
+    }
+
+
+class AgentCommandExecutor:
+    """Publishes checkpoint events as commands signed with `key`, valid for `settings.command_ttl_s`."""
+
+    name = "agent-command"
+
+    def __init__(self, settings: Settings, *, key: bytes, producer: Producer | None = None) -> None:
+        self.settings = settings
+        self._key = key
+        self._producer = producer
+        self._topic_ready = False
+
+    def _ensure(self) -> Producer:
+        if not self._topic_ready:
+            ensure_topics(self.settings, [self.settings.topic_commands])
+            self._topic_ready = True
+        if self._producer is None:
+            self._producer = make_producer(self.settings)
+        return self._producer
+
+    def execute(self, event: dict[str, Any]) -> Outcome:
+        try:
+            target_values(event)
+        except UnsafeTarget as exc:
+            log.warning("remediation %s refused: %s", event.get("id"), exc)
+            return Outcome(ok=False, detail=f"refused: {exc}")
+        if event["action"] != "checkpoint":
+            return Outcome(
+                ok=False, detail=f"node agents only take checkpoint commands, not {event['action']}"
+            )
+        command = sign(command_from_event(event), self._key, ttl_s=self.settings.command_ttl_s)
+        producer = self._ensure()
+        errors: list[str] = []
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        producer.produce(
+            self.settings.topic_commands, orjson.dumps(command), key=event["host"], on_delivery=delivered
+        )
+        left = producer.flush(self.settings.controller_timeout_s)
+        if left or errors:
+            why = errors[0] if errors else f"not acknowledged within {self.settings.controller_timeout_s:g} s"
+            return Outcome(ok=False, detail=f"checkpoint command for {event['host']} not delivered: {why}")
+        detail = (
+            f"checkpoint command sent to the agent on {event['host']} (GPU {event['gpu_index']}, "
+            f"nonce {command['nonce']}, expires in {self.settings.command_ttl_s:g} s)"
+        )
+        log.info("remediation %s: %s", event["id"], detail)
+        return Outcome(ok=True, detail=detail)

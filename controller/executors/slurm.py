@@ -1,0 +1,87 @@
+"""Slurm: drain the node for migrate; for reboot, make sure it is drained, then ``scontrol reboot ASAP``.
+
+Commands (argument lists, no shell; `scontrol` is the configured path):
+
+* migrate: ``scontrol update nodename=<host> state=drain reason=<gpuwatch: ...>``
+* reboot:  ``scontrol --oneliner show node <host>``; if its State has no DRAIN, the drain above first;
+  then ``scontrol reboot ASAP reason=<...> <host>``. The node stays drained after the reboot until an
+  operator resumes it (``scontrol update nodename=<host> state=resume``).
+
+Slurm drains whole nodes: a bad GPU takes its node out of scheduling. Checkpoints are not Slurm's job
+here (they go to the node agent, see `make_executor`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from gpuwatch.argv import Completed, run_argv
+
+from . import Outcome, UnsafeTarget, short_reason, target_values
+
+log = logging.getLogger(__name__)
+
+_STATE_RE = re.compile(r"\bState=(\S+)")
+
+
+class SlurmExecutor:
+    """Runs `scontrol` (a path or a name on PATH); each call may take `timeout_s`."""
+
+    name = "slurm"
+
+    def __init__(self, scontrol: str = "scontrol", *, timeout_s: float = 120.0) -> None:
+        self.scontrol = scontrol
+        self.timeout_s = timeout_s
+
+    def drain_argv(self, host: str, reason: str) -> list[str]:
+        return [self.scontrol, "update", f"nodename={host}", "state=drain", f"reason={reason}"]
+
+    def reboot_argv(self, host: str, reason: str) -> list[str]:
+        return [self.scontrol, "reboot", "ASAP", f"reason={reason}", host]
+
+    def show_argv(self, host: str) -> list[str]:
+        return [self.scontrol, "--oneliner", "show", "node", host]
+
+    def _run(self, argv: list[str]) -> Completed:
+        done = run_argv(argv, timeout_s=self.timeout_s)
+        (log.info if done.ok else log.warning)("%s: %s", " ".join(argv), done.describe())
+        return done
+
+    def execute(self, event: dict[str, Any]) -> Outcome:
+        try:
+            host = target_values(event)["host"]
+        except UnsafeTarget as exc:
+            log.warning("remediation %s refused: %s", event.get("id"), exc)
+            return Outcome(ok=False, detail=f"refused: {exc}")
+        action, reason = event["action"], short_reason(event)
+        try:
+            if action == "migrate":
+                done = self._run(self.drain_argv(host, reason))
+                return Outcome(ok=done.ok, detail=f"drain {host}: {done.describe()}")
+            if action == "reboot":
+                return self._reboot(host, reason)
+        except OSError as exc:
+            return Outcome(
+                ok=False, detail=f"cannot run {self.scontrol}: {exc}; check setting 'controller_scontrol'"
+            )
+        return Outcome(
+            ok=False, detail=f"the slurm executor does not {action}; checkpoints go to the node agent"
+        )
+
+    def _reboot(self, host: str, reason: str) -> Outcome:
+        shown = self._run(self.show_argv(host))
+        if not shown.ok:
+            return Outcome(ok=False, detail=f"reboot {host} not attempted: show node {shown.describe()}")
+        match = _STATE_RE.search(shown.stdout)
+        state = match.group(1) if match else "?"
+        steps = []
+        if "DRAIN" not in state.upper():
+            drained = self._run(self.drain_argv(host, reason))
+            if not drained.ok:
+                return Outcome(ok=False, detail=f"reboot {host} not attempted: drain {drained.describe()}")
+            steps.append(f"drained (was {state})")
+        done = self._run(self.reboot_argv(host, reason))
+        steps.append(f"reboot ASAP: {done.describe()}")
+        return Outcome(ok=done.ok, detail=f"{host}: " + "; ".join(steps))

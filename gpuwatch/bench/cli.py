@@ -1,0 +1,33 @@
+"""`gpuwatch bench WHAT`: dispatch to one benchmark module per subject."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    if args.what == "stream":
+        from gpuwatch.bench.stream import run_stream_bench
+
+        run_stream_bench(args)
+        return 0
+    if args.what == "agent":
+        from gpuwatch.bench.agent import run_agent_bench
+
+        figures = run_agent_bench(args.json_path, seconds=args.seconds or 60.0, gpus=args.gpus or 8)
+        return 0 if figures["snapshots_invalid"] == 0 and figures["exit_code"] == 0 else 1
+    if args.what == "simulate":
+        from gpuwatch.bench.table import emit
+        from gpuwatch.producers.simulator import bench_simulator
+
+        figures = bench_simulator(hosts=max(1, (args.gpus or 512) // 8))
+        emit("gpuwatch bench simulate", [(k, v, "") for k, v in figures.items()], figures, args.json_path)
+        return 0
+    if args.what == "decode":
+        from gpuwatch.bench.table import emit
+        from gpuwatch.schemas.bench import bench_decode
+
+        figures = bench_decode()
+        emit("gpuwatch bench decode", [(k, v, "") for k, v in figures.items()], figures, args.json_path)
+        return 0
+    raise SystemExit(f"gpuwatch bench: unknown benchmark {args.what!r}")

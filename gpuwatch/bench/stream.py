@@ -1,0 +1,255 @@
+"""`gpuwatch bench stream`: the stream worker's figures, measured side by side in one run (CPU only).
+
+1. worker_samples_per_s: a real `gpuwatch stream` process draining a pre-filled samples topic
+   (decode, windows, features, batched inference, risk out), GPU-samples per second.
+2. raw_loop_samples_per_s: the ceiling, a confluent-kafka loop that only consumes and
+   orjson-decodes the same messages from the same broker; ratio_vs_raw = 1 / 2.
+3. worker_replay_samples_per_s: the worker's batch step on the same messages in-process (no broker).
+4. batched_vs_per_sample_speedup: one forward pass for a batch versus one pass per GPU-sample.
+5. latency_p99_ms: sample ts to risk visible in Redis for a fleet at 1 Hz on the embedded stack.
+6. state_bytes_per_gpu: window state per tracked GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from gpuwatch.bench.table import emit
+from gpuwatch.config import Settings, load_settings
+from gpuwatch.embedded import EmbeddedServer, embedded_stack
+from gpuwatch.kafka import ensure_topics, make_consumer, make_producer, produce
+from gpuwatch.processes import start_stream_worker
+from gpuwatch.producers.feed import SimulatedFeed
+from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.streams.processor import Inbound, RiskProcessor
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _messages(gpus: int, steps: int, seed: int = 5) -> list[tuple[str, bytes]]:
+    sim = FleetSimulator(FleetConfig(hosts=max(1, gpus // 8), seed=seed, start_ts=time.time() - steps - 5))
+    out: list[tuple[str, bytes]] = []
+    for _ in range(steps):
+        out += sim.step_json()
+    return out
+
+
+def _fill(settings: Settings, topic: str, msgs: list[tuple[str, bytes]]) -> None:
+    producer = make_producer(settings, **{"linger.ms": 20, "batch.size": 512 * 1024})
+    for host, value in msgs:
+        produce(producer, topic, host.encode(), value)
+    if producer.flush(120) != 0:
+        raise RuntimeError("could not deliver the benchmark's messages to the broker")
+
+
+def raw_loop(settings: Settings, topic: str, expected: int) -> float:
+    """Messages/s of a plain confluent-kafka consume + orjson.loads loop over `topic`."""
+    consumer = make_consumer(settings, f"bench-raw-{time.time_ns()}", **{"fetch.max.bytes": 50 << 20})
+    consumer.subscribe([topic])
+    n = 0
+    first = last = 0.0
+    deadline = time.monotonic() + 300
+    while n < expected and time.monotonic() < deadline:
+        for msg in consumer.consume(5000, 0.5):
+            if msg.error() is None:
+                orjson.loads(msg.value())
+                n += 1
+        if n and not first:
+            first = time.perf_counter()
+        last = time.perf_counter()
+    consumer.close()
+    if n < expected:
+        raise RuntimeError(f"raw loop read {n} of {expected} messages")
+    return n / max(last - first, 1e-9)
+
+
+class _Stats:
+    def __init__(self, proc: EmbeddedServer) -> None:
+        self.latest: dict[str, Any] = {}
+        threading.Thread(target=self._run, args=(proc,), daemon=True).start()
+
+    def _run(self, proc: EmbeddedServer) -> None:
+        assert proc.proc.stdout is not None
+        for raw in proc.proc.stdout:
+            if raw.startswith(b"STATS "):
+                self.latest = orjson.loads(raw[6:])
+
+
+def worker_drain(settings: Settings, expected_samples: int) -> dict[str, Any]:
+    """Start a worker on a pre-filled topic; GPU-samples/s between its first and last batch."""
+    worker = start_stream_worker(settings, "bench-worker")
+    stats = _Stats(worker)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            s = stats.latest
+            if s and s["samples"] + s["rejected_samples"] >= expected_samples:
+                break
+            if not worker.alive():
+                raise RuntimeError(f"the stream worker died:\n{worker.log_tail()}")
+            time.sleep(0.5)
+        else:
+            raise RuntimeError(f"the worker processed {stats.latest.get('samples')} of {expected_samples} in time")
+        s = stats.latest
+        span = s["last_batch_at"] - s["first_batch_at"]
+        return {"samples": s["samples"], "seconds": span, "samples_per_s": s["samples"] / max(span, 1e-9),
+                "batches": s["batches"], "state_bytes_per_gpu": s["state_bytes_per_gpu"]}
+    finally:
+        worker.stop()
+
+
+def replay(msgs: list[tuple[str, bytes]], batch: int, rescore_s: float) -> dict[str, Any]:
+    """The worker's batch step in-process on the same messages (decode to risk bytes)."""
+    processor = RiskProcessor(Scorer(load_artifact(), device="cpu"), rescore_interval_s=rescore_s)
+    inbound = [Inbound(v, "bench", 0, i) for i, (_, v) in enumerate(msgs)]
+    t0 = time.perf_counter()
+    samples = scored = 0
+    for i in range(0, len(inbound), batch):
+        r = processor.process(inbound[i : i + batch])
+        samples += r.samples
+        scored += r.scored
+    dt = time.perf_counter() - t0
+    return {"samples_per_s": samples / dt, "scored_per_s": scored / dt,
+            "state_bytes_per_gpu": processor.store.state_bytes_per_gpu()}
+
+
+def batched_speedup(n: int = 2000) -> dict[str, float]:
+    """Sequences/s scored in one batched pass versus one pass per sequence (a REST /predict style)."""
+    artifact = load_artifact()
+    scorer = Scorer(artifact, device="cpu")
+    seqs = np.random.default_rng(0).normal(size=(n, artifact.window.seq_len, len(artifact.features))).astype(
+        np.float32
+    )
+    scorer.score(seqs[:64])  # warm-up
+    t0 = time.perf_counter()
+    scorer.score(seqs)
+    batched = time.perf_counter() - t0
+    m = min(n, 500)
+    t0 = time.perf_counter()
+    for i in range(m):
+        scorer.score(seqs[i : i + 1])
+    single = (time.perf_counter() - t0) / m * n
+    return {"batched_seqs_per_s": n / batched, "per_sample_seqs_per_s": n / single, "speedup": single / batched}
+
+
+def live_latency(settings: Settings, gpus: int, seconds: float) -> dict[str, Any]:
+    """Sample ts → risk visible in Redis, for `gpus` simulated GPUs at 1 Hz through the whole pipeline."""
+    from gpuwatch.sinks.risk_sink import run_risk_sink
+
+    ensure_topics(settings)
+    worker = start_stream_worker(settings, "bench-live-worker")
+    stats = _Stats(worker)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    live_from = [float("inf")]
+
+    def on_written(records: list[dict], written_at: float) -> None:
+        with lock:
+            latencies.extend((written_at - r["ts"]) * 1000.0 for r in records if r["ts"] >= live_from[0])
+
+    stop = threading.Event()
+    sink = threading.Thread(target=run_risk_sink, args=(settings,), kwargs={"stop": stop, "on_written": on_written},
+                            daemon=True)
+    sink.start()
+    sim = FleetSimulator(FleetConfig(hosts=max(1, gpus // 8), seed=9, start_ts=time.time() - 60))
+    feed = SimulatedFeed(sim, make_producer(settings), settings.topic_samples)
+    backlog: list[int] = []
+
+    def processed() -> int:
+        if not worker.alive():
+            raise RuntimeError(f"the stream worker died:\n{worker.log_tail()}")
+        return int(stats.latest.get("samples", 0))
+
+    try:
+        # A minute of history first, so every GPU has a window; then keep the sim clock at wall time.
+        if not feed.catch_up(processed, timeout_s=300.0):
+            raise RuntimeError(f"the worker could not catch up with {gpus:,} GPUs at 1 Hz ({processed():,} of "
+                               f"{feed.produced:,} GPU-samples)")
+        live_from[0] = sim.now
+        _say(f"live: {gpus:,} GPUs at 1 Hz for {seconds:.0f} s")
+        feed.run_live(seconds, lambda: backlog.append(feed.produced - processed()))
+        time.sleep(3)
+    finally:
+        stop.set()
+        sink.join(10)
+        worker.stop()
+    with lock:
+        lat = np.array(latencies)
+    if not len(lat):
+        raise RuntimeError("no live risk record reached Redis")
+    return {"p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "max_ms": float(lat.max()), "records": int(len(lat)),
+            "backlog_gpu_samples_max": int(max(backlog) if backlog else 0)}
+
+
+def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)  # the worker scores on one thread; compare like with like
+    gpus = args.gpus or 4000
+    steps = 40
+    live_gpus = 10_000
+    live_s = args.seconds or 60.0
+    msgs = _messages(gpus, steps)
+    n_samples = len(msgs) * 8
+    _say(f"{len(msgs):,} messages = {n_samples:,} GPU-samples ({gpus:,} GPUs x {steps} s)")
+    base = load_settings(env={})
+    with embedded_stack(base) as settings:
+        s_raw = settings.replace(topic_samples=f"bench.samples.{time.time_ns()}", partitions=8)
+        ensure_topics(s_raw, [s_raw.topic_samples])
+        _fill(s_raw, s_raw.topic_samples, msgs)
+        _say("raw consume + decode loop")
+        raw_msgs_per_s = raw_loop(s_raw, s_raw.topic_samples, len(msgs))
+        _say("stream worker draining the same topic")
+        s_worker = s_raw.replace(
+            stream_app_id=f"bench-{time.time_ns()}", topic_risk=f"bench.risk.{time.time_ns()}",
+            topic_deadletter=f"bench.dl.{time.time_ns()}",
+        )
+        ensure_topics(s_worker, [s_worker.topic_risk, s_worker.topic_deadletter])
+        worker = worker_drain(s_worker, n_samples)
+        _say("in-process replay")
+        rep = replay(msgs, settings.stream_batch_size, settings.rescore_interval_s)
+        _say("batched versus per-sample inference")
+        speed = batched_speedup()
+        s_live = settings.replace(
+            stream_app_id=f"bench-live-{time.time_ns()}", topic_samples=f"bench.live.{time.time_ns()}",
+            topic_risk=f"bench.live.risk.{time.time_ns()}", partitions=8,
+        )
+        lat = live_latency(s_live, live_gpus, live_s)
+    raw_samples_per_s = raw_msgs_per_s * 8
+    figures = {
+        "worker_samples_per_s": worker["samples_per_s"],
+        "raw_loop_samples_per_s": raw_samples_per_s,
+        "ratio_vs_raw": worker["samples_per_s"] / raw_samples_per_s,
+        "worker_replay_samples_per_s": rep["samples_per_s"],
+        "batched_vs_per_sample_speedup": speed["speedup"],
+        "batched_seqs_per_s": speed["batched_seqs_per_s"],
+        "per_sample_seqs_per_s": speed["per_sample_seqs_per_s"],
+        "latency_p50_ms": lat["p50_ms"],
+        "latency_p99_ms": lat["p99_ms"],
+        "latency_max_ms": lat["max_ms"],
+        "latency_records": lat["records"],
+        "latency_gpus": live_gpus,
+        "latency_seconds": live_s,
+        "backlog_gpu_samples_max": lat["backlog_gpu_samples_max"],
+        "state_bytes_per_gpu": rep["state_bytes_per_gpu"],
+        "bench_gpus": gpus,
+        "bench_gpu_samples": n_samples,
+        "broker": "embedded Tansu (memory)",
+        "device": "cpu",
+        "torch_threads": 1,
+    }
+    targets = {"worker_samples_per_s": ">= 50,000", "ratio_vs_raw": ">= 0.5", "batched_vs_per_sample_speedup": ">= 50",
+               "latency_p99_ms": "<= 1,000", "state_bytes_per_gpu": "<= 4,096"}
+    rows = [(k, v, f"target {targets[k]}" if k in targets else "") for k, v in figures.items()]
+    emit("gpuwatch bench stream", rows, figures, args.json_path)
+    return figures

@@ -1,0 +1,398 @@
+"""A one-file HTML report of a run: risk over time for the GPUs that failed, and the fleet's risk.
+
+`render_report(data, path)` draws PNG plots with matplotlib (the `report` extra) and embeds them in a
+self-contained HTML page. For each failed GPU: its risk against time before the failure, the threshold,
+the failure moment and each remediation; then the distribution of the fleet's latest risk and a table of
+every remediation event.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+INSTALL_HINT = "the report needs matplotlib: pip install 'gpuwatch[report]' (or pip install matplotlib)"
+ACTION_COLORS = {"checkpoint": "#1f77b4", "migrate": "#ff7f0e", "reboot": "#9467bd"}
+
+
+class ReportUnavailable(RuntimeError):
+    """matplotlib is not installed; the message says how to install it."""
+
+
+@dataclass
+class FailedGpu:
+    """One GPU that failed during the run, with what the pipeline saw and did before."""
+
+    host: str
+    gpu_index: int
+    mode: str
+    fail_ts: float
+    risk: Sequence[tuple[float, float]]  # (sample ts, risk), oldest first
+    remediation: Sequence[tuple[float, str]] = ()  # (ts, action)
+    precursor_ts: float | None = None  # when the (simulated) degradation began, if known
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.gpu_index}"
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows; `summary` rows appear as a table at the top."""
+
+    failed: list[FailedGpu]
+    fleet_risk: Sequence[float]  # the latest risk of every GPU
+    # Remediation events: dicts with ts, host, gpu_index, action and risk.
+    events: list[dict[str, Any]] = field(default_factory=list)
+    threshold: float = 0.85
+    summary: list[tuple[str, str]] = field(default_factory=list)
+    title: str = "gpuwatch run report"
+
+
+def lead_time_s(gpu: FailedGpu, threshold: float) -> float | None:
+    """Seconds between the first risk above `threshold` (in the last unbroken run before the failure) and
+    the failure; None if risk was not above the threshold when the GPU failed."""
+    ts = np.array([t for t, _ in gpu.risk if t <= gpu.fail_ts], dtype=np.float64)
+    risk = np.array([r for t, r in gpu.risk if t <= gpu.fail_ts], dtype=np.float64)
+    if not len(ts) or risk[-1] <= threshold:
+        return None
+    below = np.flatnonzero(risk <= threshold)
+    first = below[-1] + 1 if len(below) else 0
+    return float(gpu.fail_ts - ts[first])
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ReportUnavailable(INSTALL_HINT) from exc
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _window(gpu: FailedGpu, minutes: np.ndarray, lead: float | None) -> tuple[float, float]:
+    """x range in minutes: the run-up to the failure (what happened long before is flat and uninteresting)."""
+    start = -10.0
+    for moment in (gpu.precursor_ts, *(t for t, _ in gpu.remediation)):
+        if moment is not None:
+            start = min(start, (moment - gpu.fail_ts) / 60.0 - 2.0)
+    if lead is not None:
+        start = min(start, -lead / 60.0 - 2.0)
+    lo = max(start, float(minutes.min())) if len(minutes) else start
+    hi = max(float(minutes.max()) if len(minutes) else 0.0, 0.0) + 0.5
+    return min(lo, -1.0), hi
+
+
+def _closeup(gpu: FailedGpu, lead: float | None) -> tuple[float, float]:
+    """x range in seconds around the failure: at least the last minute, back to the remediations of the
+    last 5 minutes and the threshold crossing if it was that recent."""
+    start = -60.0
+    for ts, _ in gpu.remediation:
+        if ts - gpu.fail_ts >= -300.0:
+            start = min(start, ts - gpu.fail_ts - 15.0)
+    if lead is not None and lead <= 300.0:
+        start = min(start, -lead - 15.0)
+    return max(start, -315.0), 30.0
+
+
+def _label_groups(gpu: FailedGpu, unit_s: float, min_gap: float) -> list[tuple[float, list[str]]]:
+    """Remediations as (offset from the failure in `unit_s` units, actions), merging those closer than `min_gap`."""
+    groups: list[tuple[float, list[str]]] = []
+    for ts, action in sorted(gpu.remediation):
+        x = (ts - gpu.fail_ts) / unit_s
+        if groups and x - groups[-1][0] < min_gap:
+            groups[-1][1].append(action)
+        else:
+            groups.append((x, [action]))
+    return groups
+
+
+def _relative(seconds: float) -> str:
+    """A signed offset from the failure, in seconds when short: '-6 s', '-2.5 min'."""
+    return f"{seconds:+.0f} s" if abs(seconds) < 90 else f"{seconds / 60:+.1f} min"
+
+
+def _draw(ax: Any, gpu: FailedGpu, threshold: float, unit_s: float, lo: float, hi: float) -> None:
+    """One view of a failed GPU: x is time relative to the failure in units of `unit_s` seconds."""
+    t = np.array([p[0] for p in gpu.risk], dtype=np.float64)
+    r = np.array([p[1] for p in gpu.risk], dtype=np.float64)
+    if gpu.precursor_ts is not None:
+        ax.axvspan((gpu.precursor_ts - gpu.fail_ts) / unit_s, 0, color="#fde0c5", alpha=0.5, lw=0,
+                   label="degradation (ground truth)")  # fmt: skip
+    ax.plot((t - gpu.fail_ts) / unit_s, r, color="#222222", lw=1.4, marker=".", ms=3, label="risk")
+    ax.axhline(threshold, color="#d62728", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.axvline(0, color="#d62728", lw=2.2, label="failure")
+    for x, actions in _label_groups(gpu, unit_s, (hi - lo) / 40.0):
+        if not lo <= x <= hi:
+            continue
+        for action in actions:
+            ax.axvline(x, color=ACTION_COLORS.get(action, "#2ca02c"), lw=1.6, ls=":")
+        # Actions seconds apart share one label, so their names do not print over each other.
+        ax.text(x, 0.45, " + ".join(actions) + " ", rotation=90, ha="right", va="center", fontsize=8,
+                color=ACTION_COLORS.get(actions[0], "#2ca02c"),
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})  # fmt: skip
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(lo, hi)
+    ax.set_xlabel(f"{'minutes' if unit_s == 60 else 'seconds'} relative to the failure")
+    ax.set_ylabel("failure risk")
+    ax.grid(alpha=0.3)
+
+
+def _plot_failed(plt: Any, gpus: list[FailedGpu], threshold: float) -> str:
+    """One row per failed GPU: the whole recorded run-up (minutes) and a close-up of the failure (seconds)."""
+    fig, axes = plt.subplots(len(gpus), 2, figsize=(12.4, 3.3 * len(gpus)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]})  # fmt: skip
+    for (wide, close), gpu in zip(axes, gpus):
+        lead = lead_time_s(gpu, threshold)
+        minutes = np.array([(p[0] - gpu.fail_ts) / 60.0 for p in gpu.risk])
+        _draw(wide, gpu, threshold, 60.0, *_window(gpu, minutes, lead))
+        lo, hi = _closeup(gpu, lead)
+        _draw(close, gpu, threshold, 1.0, lo, hi)
+        verdict = (
+            f"above threshold {_relative(lead)[1:]} before failing" if lead is not None else "not flagged"
+        )
+        wide.set_title(f"{gpu.name} ({gpu.mode}): {verdict}", fontsize=10, loc="left")
+        close.set_title(f"{gpu.name}: the last {-lo:.0f} s", fontsize=10, loc="left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for action, color in ACTION_COLORS.items():
+        if any(a == action for g in gpus for _, a in g.remediation):
+            handles.append(plt.Line2D([], [], color=color, ls=":", lw=1.6))
+            labels.append(f"remediation: {action}")
+    fig.tight_layout(rect=(0, 0.9 / (3.3 * len(gpus) + 0.9), 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def _plot_fleet(plt: Any, risk: np.ndarray, failed_risk: dict[str, float], threshold: float) -> str:
+    fig, ax = plt.subplots(figsize=(12.4, 3.6))
+    bins = np.linspace(0.0, 1.0, 41)
+    counts, _, patches = ax.hist(risk, bins=bins, color="#4c72b0", edgecolor="white")
+    for patch, left in zip(patches, bins[:-1]):
+        if left >= threshold:
+            patch.set_facecolor("#d62728")
+    ax.axvline(threshold, color="#d62728", ls="--", lw=1)
+    above = int((risk > threshold).sum())
+    ax.set_yscale("log")
+    ax.set_ylim(0.7, max(counts.max(), 1) * 2.5)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("latest failure risk")
+    ax.set_ylabel("GPUs (log scale)")
+    ax.set_title(
+        f"{len(risk):,} GPUs: {above} above the threshold {threshold:g}, "
+        f"median risk {np.median(risk) if len(risk) else 0:.3f}",
+        fontsize=10,
+    )
+    by_bin: dict[int, list[str]] = {}
+    for name, r in failed_risk.items():
+        by_bin.setdefault(
+            int(np.clip(np.searchsorted(bins, r, side="right") - 1, 0, len(bins) - 2)), []
+        ).append(name)
+    for b, names in by_bin.items():  # one label per bar, so failed GPUs with similar risk do not overlap
+        ax.annotate(
+            "\n".join(names),
+            ((bins[b] + bins[b + 1]) / 2, max(counts[b], 1.0)),
+            xytext=(0, 14),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="#d62728",
+            arrowprops={"arrowstyle": "-|>", "color": "#d62728", "lw": 0.8},
+        )
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def _time(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%H:%M:%S UTC")
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px auto;max-width:1320px;color:#222}
+h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd}
+p.note{color:#555;font-size:13px;margin-top:2px} img{max-width:100%}
+table{border-collapse:collapse;font-size:13px;margin:8px 0} td,th{border:1px solid #ddd;padding:3px 9px;text-align:left}
+th{background:#f3f3f3} .kv td:first-child{color:#555}
+"""
+
+
+def render_report(data: ReportData, path: str | Path) -> Path:
+    """Write the HTML report to `path` (parents created) and return it. Raises ReportUnavailable without
+    matplotlib."""
+    plt = _pyplot()
+    path = Path(path)
+    risk = np.asarray(data.fleet_risk, dtype=np.float64)
+    parts = [
+        f"<h1>{html.escape(data.title)}</h1>",
+        f"<p class='note'>Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC}.</p>",
+    ]
+    if data.summary:
+        parts.append(
+            "<table class='kv'>"
+            + "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in data.summary)
+            + "</table>"
+        )
+
+    parts.append("<h2>GPUs that failed</h2>")
+    with_risk = [g for g in data.failed if len(g.risk)]
+    if with_risk:
+        parts.append(
+            "<p class='note'>One row per failed GPU: its risk over the recorded run-up (left) and in the "
+            "moments before the failure (right). Red line: the failure; dashed: the threshold; dotted: each "
+            "remediation the controller executed. The shaded span is when the simulated degradation began.</p>"
+            f"<img alt='risk of the failed GPUs over time' src='data:image/png;base64,"
+            f"{_plot_failed(plt, with_risk, data.threshold)}'>"
+        )
+        rows = []
+        for g in with_risk:
+            lead = lead_time_s(g, data.threshold)
+            actions = ", ".join(f"{a} at {_relative(t - g.fail_ts)}" for t, a in g.remediation) or "none"
+            rows.append(
+                (
+                    g.name,
+                    g.mode,
+                    _time(g.fail_ts),
+                    f"{max(r for _, r in g.risk):.2f}",
+                    "not flagged" if lead is None else _relative(lead)[1:],
+                    actions,
+                )
+            )
+        parts.append(
+            _table(("GPU", "mode", "failed at", "max risk", "warning before failure", "remediation"), rows)
+        )
+    else:
+        parts.append("<p>No GPU failed during the run (or none had been scored yet).</p>")
+
+    parts.append("<h2>Fleet risk</h2>")
+    if len(risk):
+        final = {g.name: float(g.risk[-1][1]) for g in with_risk}
+        parts.append(
+            "<p class='note'>Distribution of every GPU's latest risk; bars at or above the threshold "
+            "are red; arrows mark the failed GPUs.</p>"
+            f"<img alt='fleet risk distribution' src='data:image/png;base64,"
+            f"{_plot_fleet(plt, risk, final, data.threshold)}'>"
+        )
+    else:
+        parts.append("<p>No risk was recorded.</p>")
+
+    parts.append("<h2>Remediation events</h2>")
+    failed_names = {g.name for g in data.failed}
+    if data.events:
+        rows = [
+            (
+                _time(e["ts"]),
+                f"{e['host']}:{e['gpu_index']}",
+                e["action"],
+                f"{e['risk']:.2f}",
+                "yes" if f"{e['host']}:{e['gpu_index']}" in failed_names else "no",
+            )
+            for e in sorted(data.events, key=lambda e: e["ts"])
+        ]
+        parts.append(_table(("time", "GPU", "action", "risk", "GPU failed"), rows))
+    else:
+        parts.append("<p>None.</p>")
+
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(data.title)}</title>"
+        f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
+def require_matplotlib() -> None:
+    """Raise ReportUnavailable (saying how to install it) now, rather than after a long run."""
+    _pyplot()
+
+
+class RunRecorder:
+    """Collects what a report needs while a run goes: a bounded risk series per GPU (the GPUs that will
+    fail are not known in advance), the latest risk of every GPU, and remediation events. Not thread-safe:
+    call it from one thread or under the caller's lock."""
+
+    def __init__(self, max_points_per_gpu: int = 240) -> None:
+        self.max_points = max_points_per_gpu
+        self.series: dict[str, deque[tuple[float, float]]] = {}
+        self.latest: dict[str, float] = {}
+        self.events: list[dict[str, Any]] = []
+
+    def add_risk(self, records: Sequence[dict[str, Any]]) -> None:
+        """Record a batch of decoded risk records (``host``, ``gpu_index``, ``ts``, ``risk``)."""
+        series, latest, cap = self.series, self.latest, self.max_points
+        for r in records:
+            key = f"{r['host']}:{r['gpu_index']}"
+            points = series.get(key)
+            if points is None:
+                points = series[key] = deque(maxlen=cap)
+            points.append((float(r["ts"]), float(r["risk"])))
+            latest[key] = float(r["risk"])
+
+    def add_event(self, event: dict[str, Any]) -> None:
+        """Record a remediation event (``ts``, ``host``, ``gpu_index``, ``action``, ``risk``)."""
+        self.events.append({k: event[k] for k in ("ts", "host", "gpu_index", "action", "risk")})
+
+    def report_data(
+        self,
+        failures: Sequence[dict[str, Any]],
+        *,
+        threshold: float,
+        summary: list[tuple[str, str]],
+        title: str,
+    ) -> ReportData:
+        """ReportData for the GPUs in `failures` (simulator labels: host, gpu_index, mode, fail_ts and
+        optionally precursor_start_ts)."""
+        failed = []
+        for lab in failures:
+            key = f"{lab['host']}:{lab['gpu_index']}"
+            failed.append(
+                FailedGpu(
+                    host=lab["host"],
+                    gpu_index=int(lab["gpu_index"]),
+                    mode=lab["mode"],
+                    fail_ts=float(lab["fail_ts"]),
+                    risk=sorted(self.series.get(key, ())),
+                    remediation=sorted(
+                        (e["ts"], e["action"]) for e in self.events if f"{e['host']}:{e['gpu_index']}" == key
+                    ),
+                    precursor_ts=lab.get("precursor_start_ts"),
+                )
+            )
+        return ReportData(
+            failed=failed,
+            fleet_risk=list(self.latest.values()),
+            events=list(self.events),
+            threshold=threshold,
+            summary=summary,
+            title=title,
+        )

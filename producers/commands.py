@@ -1,0 +1,297 @@
+"""The node agent's command listener: verifies signed commands for this host and asks jobs to checkpoint.
+
+`CommandListener` reads `settings.topic_commands` in a consumer group of its own (one per host), keeps
+the messages keyed by its host, and checks each with `gpuwatch.signing.verify`: unsigned, forged,
+malformed, expired and replayed commands, and commands signed for another host, are refused. An accepted
+checkpoint command runs the handler (`CheckpointHandler`: signal the processes NVML reports on that GPU,
+or run a hook). Every accepted or refused command is logged with its reason and acknowledged on
+`settings.topic_outcomes` as a `gpuwatch.command_ack/1` record keyed by host. Keys are never logged.
+
+Start it next to the sampler: ``threading.Thread(target=listener.run, args=(stop,), daemon=True).start()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from confluent_kafka import KafkaException
+
+from gpuwatch.argv import fill, parse_template, run_argv
+from gpuwatch.config import ConfigError, Settings
+from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.signing import (
+    ACK_SCHEMA,
+    COMMAND_SCHEMA,
+    CommandRejected,
+    FileNonceStore,
+    MemoryNonceStore,
+    NonceStore,
+    parse_keys,
+    verify,
+)
+
+log = logging.getLogger(__name__)
+
+HOOK_PLACEHOLDERS = ("host", "gpu_index", "uuid", "pids", "id")
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What the handler did with an accepted command: `ok`, a line for humans, the processes it reached."""
+
+    ok: bool
+    detail: str
+    pids: tuple[int, ...] = field(default=())
+
+
+Handler = Callable[[dict[str, Any]], Handled]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class CheckpointHandler:
+    """Asks the processes on one GPU to checkpoint: sends them `signal_name`, or runs `hook` instead.
+
+    `nvml` is an initialised pynvml module (or a stand-in with nvmlDeviceGetHandleByIndex,
+    nvmlDeviceGetUUID and nvmlDeviceGetComputeRunningProcesses). PIDs are NVML's, i.e. of the host's PID
+    namespace: a containerised agent needs hostPID. A command whose uuid is not the GPU's is refused
+    (the card at that index was replaced). `hook` is a template (no shell) with {host} {gpu_index}
+    {uuid} {pids} (comma-separated) {id}.
+    """
+
+    def __init__(
+        self,
+        nvml: Any,
+        *,
+        host: str,
+        signal_name: str = "SIGUSR1",
+        hook: str | Sequence[str] = "",
+        timeout_s: float = 60.0,
+    ) -> None:
+        try:
+            self.signal = signal.Signals[signal_name.upper()]
+        except KeyError:
+            raise ConfigError(
+                f"setting 'agent_checkpoint_signal': {signal_name!r} is not a signal name"
+            ) from None
+        self.nvml = nvml
+        self.host = host
+        self.hook = parse_template(hook, HOOK_PLACEHOLDERS, "agent_checkpoint_hook") if hook else None
+        self.timeout_s = timeout_s
+
+    def pids(self, gpu_index: int, uuid: str) -> list[int]:
+        """PIDs of the compute processes on GPU `gpu_index`; ValueError if its uuid is not `uuid`."""
+        handle = self.nvml.nvmlDeviceGetHandleByIndex(gpu_index)
+        actual = _text(self.nvml.nvmlDeviceGetUUID(handle))
+        if uuid and actual != uuid:
+            raise ValueError(f"GPU {gpu_index} is {actual}, the command names {uuid}")
+        return sorted({int(p.pid) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)})
+
+    def __call__(self, command: dict[str, Any]) -> Handled:
+        gpu, uuid = int(command["gpu_index"]), str(command.get("uuid", ""))
+        try:
+            pids = self.pids(gpu, uuid)
+        except Exception as exc:  # NVMLError and the uuid check
+            return Handled(False, f"cannot list the processes on GPU {gpu}: {exc}")
+        if self.hook is not None:
+            values = {"host": self.host, "gpu_index": str(gpu), "uuid": uuid, "id": str(command["id"])}
+            argv = fill(self.hook, {**values, "pids": ",".join(map(str, pids))})
+            try:
+                done = run_argv(argv, timeout_s=self.timeout_s)
+            except OSError as exc:
+                return Handled(
+                    False, f"cannot run {argv[0]}: {exc}; check 'agent_checkpoint_hook'", tuple(pids)
+                )
+            return Handled(done.ok, f"hook {argv[0]}: {done.describe()}", tuple(pids))
+        if not pids:
+            return Handled(True, f"no compute processes on GPU {gpu}; nothing to checkpoint")
+        reached, errors = [], []
+        for pid in pids:
+            try:
+                os.kill(pid, self.signal)
+                reached.append(pid)
+            except ProcessLookupError:
+                errors.append(f"{pid} gone")
+            except PermissionError:
+                errors.append(f"{pid} not permitted")
+        detail = f"sent {self.signal.name} to {len(reached)} of {len(pids)} processes on GPU {gpu} {reached}"
+        if errors:
+            detail += f" ({', '.join(errors)})"
+        return Handled(bool(reached), detail, tuple(reached))
+
+
+class CommandListener:
+    """Receives, verifies and executes the commands for `host` (see the module docstring).
+
+    `keys` verify signatures (current and previous keys during a rotation); `seen_nonce_store`
+    remembers accepted nonces (a `FileNonceStore` survives restarts); `handler` executes accepted
+    commands; `clock` gives unix seconds.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        host: str,
+        *,
+        keys: Sequence[bytes],
+        seen_nonce_store: NonceStore,
+        handler: Handler,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not keys:
+            raise ConfigError("the command listener needs 'command_signing_key' (the controller's key)")
+        self.settings = settings
+        self.host = host
+        self._keys = list(keys)
+        self.nonces = seen_nonce_store
+        self.handler = handler
+        self.clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Settings, host: str, nvml: Any) -> CommandListener:
+        """A listener with `command_signing_key`, `agent_nonce_file` and a `CheckpointHandler` built from
+        `agent_checkpoint_signal` / `agent_checkpoint_hook`. ConfigError when no key is set."""
+        store: NonceStore = (
+            FileNonceStore(settings.agent_nonce_file) if settings.agent_nonce_file else MemoryNonceStore()
+        )
+        handler = CheckpointHandler(
+            nvml,
+            host=host,
+            signal_name=settings.agent_checkpoint_signal,
+            hook=settings.agent_checkpoint_hook,
+            timeout_s=settings.controller_timeout_s,
+        )
+        return cls(
+            settings,
+            host,
+            keys=parse_keys(settings.command_signing_key),
+            seen_nonce_store=store,
+            handler=handler,
+        )
+
+    def group_id(self) -> str:
+        """Consumer group: one per host, so every agent sees every command and keeps its own."""
+        return f"{self.settings.stream_app_id}-agent-{self.host}"
+
+    def process(self, key: bytes | str | None, value: bytes | None) -> dict[str, Any] | None:
+        """Verifies and executes one message; returns its ack record, or None if it is for another host."""
+        if key is None or _text(key) != self.host:
+            return None
+        now = self.clock()
+        command: Any = None
+        try:
+            try:
+                command = orjson.loads(value or b"")
+            except orjson.JSONDecodeError:
+                raise CommandRejected("malformed", "not JSON") from None
+            verify(command, self._keys, now=now, seen_nonces=self.nonces)
+            self._check_fields(command)
+        except CommandRejected as exc:
+            log.warning(
+                "command %r for %s refused: %s (%s)", _field(command, "id"), self.host, exc.reason, exc.detail
+            )
+            return self._ack(command, now, accepted=False, reason=exc.reason, ok=False, detail=exc.detail)
+        try:
+            done = self.handler(command)
+        except Exception as exc:  # a handler bug must not stop the listener; it is acknowledged as failed
+            log.exception("command %s: handler failed", command["id"])
+            done = Handled(False, f"handler raised {type(exc).__name__}: {exc}")
+        (log.info if done.ok else log.warning)(
+            "command %s (%s GPU %s) accepted: %s",
+            command["id"],
+            command["action"],
+            command["gpu_index"],
+            done.detail,
+        )
+        return self._ack(
+            command, now, accepted=True, reason="accepted", ok=done.ok, detail=done.detail, pids=done.pids
+        )
+
+    def _check_fields(self, command: dict[str, Any]) -> None:
+        # authentic by now; these catch a signed command meant for another host or a newer agent
+        if command.get("schema") != COMMAND_SCHEMA:
+            raise CommandRejected(
+                "malformed", f"schema is {command.get('schema')!r}, expected {COMMAND_SCHEMA}"
+            )
+        if command.get("host") != self.host:
+            raise CommandRejected("wrong_host", f"signed for {command.get('host')!r}, this is {self.host}")
+        if command.get("action") != "checkpoint":
+            raise CommandRejected(
+                "unsupported_action", f"agents only checkpoint, not {command.get('action')!r}"
+            )
+        gpu = command.get("gpu_index")
+        if type(gpu) is not int or gpu < 0 or not isinstance(command.get("id"), str):
+            raise CommandRejected("malformed", "needs an id and a non-negative integer gpu_index")
+
+    def _ack(
+        self,
+        command: Any,
+        now: float,
+        *,
+        accepted: bool,
+        reason: str,
+        ok: bool,
+        detail: str,
+        pids: Sequence[int] = (),
+    ) -> dict[str, Any]:
+        gpu = _field(command, "gpu_index")
+        return {
+            "schema": ACK_SCHEMA,
+            "id": _field(command, "id"),
+            "host": self.host,
+            "gpu_index": gpu if type(gpu) is int else None,
+            "action": _field(command, "action"),
+            "nonce": _field(command, "nonce"),
+            "accepted": accepted,
+            "reason": reason,
+            "ok": ok,
+            "detail": detail,
+            "pids": list(pids),
+            "at": now,
+        }
+
+    def run(self, stop: threading.Event, *, poll_timeout_s: float = 0.5) -> None:
+        """Consumes `topic_commands` until `stop` is set, acknowledging each command on `topic_outcomes`."""
+        ensure_topics(self.settings, [self.settings.topic_commands, self.settings.topic_outcomes])
+        producer = make_producer(self.settings)
+        consumer = make_consumer(self.settings, self.group_id(), **{"enable.auto.commit": False})
+        consumer.subscribe([self.settings.topic_commands])
+        log.info("listening for signed commands for %s on %s", self.host, self.settings.topic_commands)
+        try:
+            while not stop.is_set():
+                msg = consumer.poll(poll_timeout_s)
+                if msg is None:
+                    continue
+                if msg.error() is not None:
+                    log.warning("consumer error on %s: %s", self.settings.topic_commands, msg.error())
+                    continue
+                ack = self.process(msg.key(), msg.value())
+                if ack is not None:
+                    producer.produce(self.settings.topic_outcomes, orjson.dumps(ack), key=self.host)
+                    while producer.flush(1.0) > 0 and not stop.is_set():
+                        log.warning("command ack not yet acknowledged by Kafka; retrying")
+                try:
+                    consumer.commit(message=msg, asynchronous=True)
+                except KafkaException as exc:
+                    log.info("offset commit skipped: %s", exc)
+        finally:
+            consumer.close()
+            producer.flush(5.0)
+
+
+def _field(command: Any, name: str) -> Any:
+    """A field of a possibly malformed command, only if it is a short plain value (acks and logs)."""
+    value = command.get(name) if isinstance(command, dict) else None
+    if isinstance(value, str):
+        return value[:128]
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -1,0 +1,164 @@
+"""`gpuwatch top`: the riskiest GPUs from Redis, redrawn in place every few seconds (ANSI, no curses).
+
+`render` turns rows from `RiskClient.top` into a table; `run_top` polls Redis and redraws (or prints once
+with ``--once``, plain text, for scripts and logs).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import redis
+
+from gpuwatch.config import Settings
+
+from . import redis_keys as k
+from .risk_client import RiskClient
+
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
+_HIDE, _SHOW = "\x1b[?25l", "\x1b[?25h"
+_RED, _YELLOW, _DIM, _BOLD, _RESET = "\x1b[31;1m", "\x1b[33m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+_MAX_GPU_CHARS = 40
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One refresh: the riskiest GPUs (as `RiskClient.top` answers) and fleet-wide counts."""
+
+    rows: list[dict[str, Any]]
+    total: int  # GPUs with a risk in Redis
+    stale: int  # of those, how many have not reported for stale_after_s
+    killswitch: str | None  # the kill switch note while it is on
+    at: float  # wall clock of the read
+
+
+def read_frame(client: RiskClient, redis_client: redis.Redis, n: int) -> Frame:
+    """Reads one frame (raises redis-py errors when Redis cannot be reached)."""
+    rows = client.top(n)
+    now = time.time()
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.zcard(k.FLEET_RISK)
+    pipe.zcount(k.LASTSEEN, "-inf", f"({now - client.stale_after_s!r}")
+    pipe.get(k.KILLSWITCH)
+    total, stale, kill = pipe.execute()
+    note = (
+        None
+        if kill is None
+        else _printable(kill.decode(errors="replace") if isinstance(kill, bytes) else str(kill))
+    )
+    return Frame(rows, int(total), int(stale), note, now)
+
+
+def age(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``, ``3d04h`` (negative ages, from clock skew, read as 0s)."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def render(frame: Frame, *, threshold: float, warn: float, n: int, color: bool = False) -> str:
+    """The table for `frame`: rank, GPU (host:index), risk, mode, age, stale, model; a header line first.
+
+    With `color`, risks >= `threshold` are red, >= `warn` yellow, stale rows dim.
+    """
+    when = time.strftime("%H:%M:%S", time.localtime(frame.at))
+    kill = f"kill switch ON ({frame.killswitch})" if frame.killswitch is not None else "kill switch off"
+    head = (
+        f"gpuwatch top  {when}  {min(n, len(frame.rows))} riskiest of {frame.total} GPUs  "
+        f"{frame.stale} stale  {kill}  (acts at risk >= {threshold:g})"
+    )
+    lines = [f"{_BOLD}{head}{_RESET}" if color else head, ""]
+    if not frame.rows:
+        lines.append("no risk recorded yet: is `gpuwatch sink` running and writing to this Redis?")
+        return "\n".join(lines) + "\n"
+    names = [_gpu_name(r) for r in frame.rows]
+    width = max(3, *(len(x) for x in names))
+    lines.append(f"{'#':>3}  {'GPU':<{width}}  {'RISK':>5}  {'MODE':<12}  {'AGE':>7}  {'STALE':<5}  MODEL")
+    for rank, (row, name) in enumerate(zip(frame.rows, names, strict=True), 1):
+        risk = f"{row['risk']:5.3f}"
+        if color and not row["stale"]:
+            tint = _RED if row["risk"] >= threshold else _YELLOW if row["risk"] >= warn else ""
+            risk = f"{tint}{risk}{_RESET}" if tint else risk
+        line = (
+            f"{rank:>3}  {name:<{width}}  {risk}  {_printable(row.get('mode', '')):<12}  {age(row['age_s']):>7}  "
+            f"{'STALE' if row['stale'] else '':<5}  {_printable(row.get('model', ''))}"
+        )
+        lines.append(f"{_DIM}{line}{_RESET}" if color and row["stale"] else line.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _printable(text: str) -> str:
+    # values come from Redis (host names, notes): a control character could drive the terminal
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _gpu_name(row: dict[str, Any]) -> str:
+    name = _printable(k.member(row["host"], row["gpu_index"]))
+    return name if len(name) <= _MAX_GPU_CHARS else name[: _MAX_GPU_CHARS - 3] + "..."
+
+
+def run_top(
+    settings: Settings,
+    *,
+    n: int = 20,
+    once: bool = False,
+    interval_s: float = 2.0,
+    out: TextIO | None = None,
+    stop: threading.Event | None = None,
+    redis_client: redis.Redis | None = None,
+) -> int:
+    """Shows the `n` riskiest GPUs of `settings.redis_url`; returns the exit code.
+
+    ``once``: print one plain table and return (1 if Redis cannot be read). Otherwise redraw every
+    `interval_s` until Ctrl-C or `stop` is set; Redis errors are shown in place and retried.
+    Colors only when `out` is a terminal.
+    """
+    out = out or sys.stdout
+    client_redis = redis_client or redis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=3
+    )
+    client = RiskClient(client_redis, stale_after_s=settings.stale_after_s)
+    style = {"threshold": settings.risk_threshold, "warn": settings.risk_clear_below, "n": n}
+    stop = stop or threading.Event()
+    try:
+        if once:
+            try:
+                out.write(render(read_frame(client, client_redis, n), **style))
+            except redis.RedisError as exc:
+                print(f"gpuwatch top: cannot read Redis at {_where(settings)}: {exc}", file=sys.stderr)
+                return 1
+            return 0
+        color = bool(getattr(out, "isatty", lambda: False)())
+        out.write(_HIDE if color else "")
+        try:
+            while True:
+                try:
+                    text = render(read_frame(client, client_redis, n), **style, color=color)
+                except redis.RedisError as exc:
+                    text = f"gpuwatch top  {time.strftime('%H:%M:%S')}  Redis at {_where(settings)} unreachable: {exc}; retrying\n"
+                out.write(_CLEAR + text)
+                out.flush()
+                if stop.wait(interval_s):
+                    return 0
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            out.write(_SHOW if color else "")
+            out.flush()
+    finally:
+        if redis_client is None:
+            client_redis.close()
+
+
+def _where(settings: Settings) -> str:
+    # the URL without credentials: redis://user:password@host -> host
+    return settings.redis_url.rpartition("@")[2] or "(no redis_url)"

@@ -1,0 +1,67 @@
+"""The alert rules and the Prometheus config are valid, and the alert expressions behave as specified.
+
+Uses Debian's `promtool` (package `prometheus`); the unit tests live in deploy/prometheus/tests/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROM = ROOT / "deploy" / "prometheus"
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool not found: install Debian's prometheus package (apt-get install -y prometheus)")
+    return path
+
+
+def run(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([promtool(), *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_alert_rules_are_valid() -> None:
+    res = run("check", "rules", PROM / "alerts.yml")
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_prometheus_config_is_valid_and_loads_the_rules() -> None:
+    res = run("check", "config", PROM / "prometheus.yml")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "alerts.yml" in res.stdout + res.stderr
+
+
+def test_alert_expressions_pass_their_unit_tests() -> None:
+    res = run("test", "rules", "alerts_test.yml", cwd=PROM / "tests")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("original", "broken"),
+    [
+        ("gpuwatch_failure_risk) > 0.85", "gpuwatch_failure_risk) > 0.8"),  # fires on a GPU at exactly 0.85
+        ("max by (host, gpu, uuid) (gpuwatch_failure_risk)", "gpuwatch_failure_risk"),  # mode change resets
+        # Without the pipeline guard, a stalled pipeline floods one "silent" alert per GPU.
+        ("and on () (sum(rate(gpuwatch_risk_records_written_total[5m])) > 0)", ""),
+        # Without `or vector(0)`, a sink that never started goes unseen.
+        (
+            "(sum(rate(gpuwatch_risk_records_written_total[5m])) or vector(0)) == 0",
+            "sum(rate(gpuwatch_risk_records_written_total[5m])) == 0",
+        ),
+    ],
+)
+def test_unit_tests_catch_a_broken_rule(tmp_path: Path, original: str, broken: str) -> None:
+    rules = (PROM / "alerts.yml").read_text()
+    assert original in rules
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "alerts.yml").write_text(rules.replace(original, broken))
+    shutil.copy(PROM / "tests" / "alerts_test.yml", tmp_path / "tests" / "alerts_test.yml")
+    res = run("test", "rules", "alerts_test.yml", cwd=tmp_path / "tests")
+    assert res.returncode != 0, f"the unit tests did not notice {original!r} -> {broken!r}"

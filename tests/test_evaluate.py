@@ -1,0 +1,131 @@
+"""The evaluation metrics on hand-made inputs whose answers are worked out by hand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from gpuwatch.training.dataset import Failures
+from gpuwatch.training.evaluate import (
+    RiskTable,
+    alarm_episodes,
+    average_precision,
+    brier_score,
+    event_metrics,
+    event_pr_auc,
+    expected_calibration_error,
+    join_labels,
+)
+
+H = 3600.0
+DAY = 86400.0
+
+
+def test_average_precision_matches_the_hand_computed_step_sum() -> None:
+    # Ranked: pos (P 1, R .5), neg, pos (P 2/3, R 1), neg -> .5 * 1 + .5 * 2/3
+    assert average_precision(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1])) == pytest.approx(5 / 6)
+    # Perfect ranking is 1; all scores tied gives the base rate.
+    assert average_precision(np.array([0, 1, 1]), np.array([0.1, 0.8, 0.9])) == pytest.approx(1.0)
+    assert average_precision(np.array([1, 0, 0, 0]), np.full(4, 0.5)) == pytest.approx(0.25)
+
+
+def test_ece_and_brier_on_constant_predictions() -> None:
+    y = np.array([1, 1] + [0] * 8)
+    assert expected_calibration_error(y, np.full(10, 0.2)) == pytest.approx(0.0)
+    assert expected_calibration_error(y, np.full(10, 0.9)) == pytest.approx(0.7)
+    # Two bins: 0.1 predicted where 1 of 2 fail (gap .4), 0.95 where 2 of 2 fail (gap .05) -> (2*.4 + 2*.05) / 4
+    y2, p2 = np.array([1, 0, 1, 1]), np.array([0.1, 0.1, 0.95, 0.95])
+    assert expected_calibration_error(y2, p2) == pytest.approx(0.225)
+    assert brier_score(np.array([1, 0]), np.array([0.75, 0.25])) == pytest.approx(0.0625)
+
+
+def _labels(tmp_path: Path, rows: list[dict]) -> Failures:
+    path = tmp_path / "labels.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return Failures.load(path)
+
+
+def _fleet(tmp_path: Path) -> tuple[RiskTable, Failures]:
+    """Three GPUs scored every 60 s for one day.
+
+    A fails at 50,000 s (memory, precursor from 45,000), alarmed 47,040..49,980 with a 300 s dip: one
+      episode, lead 2,960 s; down until 53,600 with risk 1.0 (not predictions).
+    B never fails: alarms 10,000..10,300 and 30,000..30,060 (two false episodes, > merge gap apart).
+    C fails suddenly at 70,000 and is never alarmed; it also has a precursor failure at 80,000 that
+      is missed (alarm only at 60,000, more than the horizon before: a false alarm).
+    """
+    ts = np.arange(0.0, DAY, 60.0)
+    uuid, t_all, risk = [], [], []
+    for g in ("A", "B", "C"):
+        r = np.full(len(ts), 0.01)
+        if g == "A":
+            r[(ts >= 47_000) & (ts < 50_000)] = 0.9
+            r[(ts >= 48_000) & (ts < 48_300)] = 0.2  # a dip shorter than the merge gap
+            r[(ts >= 50_000) & (ts < 53_600)] = 1.0  # failed state: must be ignored
+        if g == "B":
+            r[(ts >= 10_000) & (ts <= 10_300)] = 0.95
+            r[(ts >= 30_000) & (ts <= 30_060)] = 0.95
+        if g == "C":
+            r[ts == 60_000] = 0.99
+        uuid += [g] * len(ts)
+        t_all.append(ts)
+        risk.append(r)
+    table = RiskTable.from_columns(uuid, np.concatenate(t_all), {"m": np.concatenate(risk)},
+                                   {"m": np.zeros(3 * len(ts), dtype=np.int64)})  # fmt: skip
+    failures = _labels(tmp_path, [
+        {"uuid": "A", "fail_ts": 50_000.0, "mode": "memory", "precursor_start_ts": 45_000.0, "repair_end_ts": 53_600.0},
+        {"uuid": "C", "fail_ts": 70_000.0, "mode": "sudden", "precursor_start_ts": None, "repair_end_ts": 70_100.0},
+        {"uuid": "C", "fail_ts": 80_000.0, "mode": "thermal", "precursor_start_ts": 79_000.0, "repair_end_ts": 80_500.0},
+    ])  # fmt: skip
+    return table, failures
+
+
+def test_event_metrics_count_episodes_catches_and_lead_time(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    m = event_metrics(lab, lab.risk["m"], 0.5, merge_gap_s=600.0)
+    assert m["alarm_episodes"] == 4  # A (one, despite the dip), B twice, C once
+    assert m["true_episodes"] == 1
+    assert m["precision"] == pytest.approx(0.25)
+    assert m["failures_with_precursor"] == 2 and m["caught_with_precursor"] == 1
+    assert m["recall"] == pytest.approx(0.5)
+    assert m["recall_all"] == pytest.approx(1 / 3)  # the sudden failure counts only here
+    assert m["f1"] == pytest.approx(2 * 0.25 * 0.5 / 0.75)
+    assert m["median_lead_min"] == pytest.approx(2960 / 60)
+    assert m["recall_by_mode"]["memory"]["recall"] == 1.0 and m["recall_by_mode"]["thermal"]["recall"] == 0.0
+    assert m["recall_by_mode"]["sudden"] == {"failures": 1, "caught": 0, "recall": 0.0}
+    # Observed time: gaps between records (capped at 60 s), so A's and C's down times do not count.
+    assert lab.gpu_days == pytest.approx((3 * (DAY - 60) - 3600 - 120 - 480) / DAY)
+    assert m["false_alarms_per_1000_gpu_days"] == pytest.approx(3 / lab.gpu_days * 1000)
+
+
+def test_a_short_merge_gap_splits_an_episode_at_the_dip(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    ep = alarm_episodes(lab, lab.risk["m"], 0.5, merge_gap_s=120.0)
+    # A's alarm splits in two at the 300 s dip; both precede the failure within the horizon.
+    a = ep.gpu == table.uuids.index("A")
+    assert a.sum() == 2 and ep.true[a].all()
+    m = event_metrics(lab, lab.risk["m"], 0.5, merge_gap_s=120.0)
+    assert m["median_lead_min"] == pytest.approx(2960 / 60)  # lead counts from the earliest true episode
+
+
+def test_failed_state_records_are_not_predictions(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    a = table.uuids.index("A")
+    down = (lab.gpu == a) & (lab.ts >= 50_000) & (lab.ts < 53_600)
+    assert not down.any()
+    assert lab.y[(lab.gpu == a) & (lab.ts >= 46_400) & (lab.ts < 50_000)].all()
+    assert not lab.y[(lab.gpu == a) & (lab.ts < 46_400)].any()
+
+
+def test_event_pr_auc_is_one_for_a_perfect_scorer_and_lower_with_false_alarms(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    perfect = np.where(lab.visible, 0.99, 0.01)  # alarms exactly while a precursor is visible
+    assert event_pr_auc(lab, perfect, 600.0) == pytest.approx(1.0)
+    assert event_pr_auc(lab, lab.risk["m"], 600.0) < 0.5

@@ -1,0 +1,152 @@
+"""The Prometheus metrics: per-GPU collectors, consumer lag from a real broker, the stream's batch metrics."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gpuwatch import metrics
+from gpuwatch.config import Settings
+from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.streams.app import export_batch_metrics
+from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.streams.processor import Inbound, RiskProcessor
+
+
+def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """{sorted label items: value} of every sample called `name` in the registry's exposition text."""
+    text = generate_latest(registry).decode()
+    return {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+def rec(host: str, gpu: int, ts: float, risk: float, mode: str = "none") -> dict[str, Any]:
+    return {"host": host, "gpu_index": gpu, "uuid": f"GPU-{host}-{gpu}", "ts": ts, "risk": risk, "mode": mode}
+
+
+def test_fleet_risk_exports_the_newest_record_per_gpu_with_its_mode() -> None:
+    collector = metrics.FleetRiskCollector()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    collector.update([rec("n1", 0, 100.0, 0.2), rec("n1", 1, 100.0, 0.5)])
+    # The second record of GPU 1 is older than the one held: it must not replace it.
+    collector.update([rec("n1", 0, 105.0, 0.91, "thermal"), rec("n1", 1, 99.0, 0.99, "memory")])
+
+    risk = samples(registry, "gpuwatch_failure_risk")
+    assert risk == {
+        (("gpu", "0"), ("host", "n1"), ("mode", "thermal"), ("uuid", "GPU-n1-0")): 0.91,
+        (("gpu", "1"), ("host", "n1"), ("mode", "none"), ("uuid", "GPU-n1-1")): 0.5,
+    }
+    seen = samples(registry, "gpuwatch_gpu_last_risk_timestamp_seconds")
+    assert seen[(("gpu", "0"), ("host", "n1"), ("uuid", "GPU-n1-0"))] == 105.0
+
+
+def test_fleet_risk_hides_stale_risk_but_keeps_last_seen_until_forgotten() -> None:
+    collector = metrics.FleetRiskCollector(fresh_for_s=0.2, forget_after_s=0.6)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    collector.update([rec("n1", 0, 100.0, 0.97)])
+    assert len(samples(registry, "gpuwatch_failure_risk")) == 1
+    time.sleep(0.3)
+    # A silent GPU (or one another sink instance now owns) must not hold a stale high risk ...
+    assert samples(registry, "gpuwatch_failure_risk") == {}
+    # ... but its last-seen time stays, so "GPU silent" can fire, until Redis would forget it too.
+    assert len(samples(registry, "gpuwatch_gpu_last_risk_timestamp_seconds")) == 1
+    time.sleep(0.4)
+    assert samples(registry, "gpuwatch_gpu_last_risk_timestamp_seconds") == {}
+
+
+def test_consumer_lag_is_high_watermark_minus_committed(settings: Settings) -> None:
+    topic = settings.topic_samples
+    ensure_topics(settings.replace(partitions=1), [topic])
+    producer = make_producer(settings)
+    for i in range(50):
+        producer.produce(topic, value=b"x%d" % i)
+    assert producer.flush(10) == 0
+    group = f"lag-{topic}"
+    consumer = make_consumer(settings, group, **{"enable.auto.commit": False})
+    consumer.subscribe([topic])
+    got: list[Any] = []
+    deadline = time.monotonic() + 30
+    while len(got) < 20 and time.monotonic() < deadline:
+        got += [m for m in consumer.consume(20 - len(got), 0.5) if m.error() is None]
+    assert len(got) == 20
+    consumer.commit(message=got[-1], asynchronous=False)
+    # Fetch the rest so the cached high watermark is current, without committing it.
+    while len(got) < 50 and time.monotonic() < deadline:
+        got += [m for m in consumer.consume(50, 0.5) if m.error() is None]
+    try:
+        probe = metrics.ConsumerLagProbe(consumer, group)
+        probe.update()
+        assert (
+            REGISTRY.get_sample_value(
+                "gpuwatch_consumer_lag_messages", {"group": group, "topic": topic, "partition": "0"}
+            )
+            == 30
+        )
+        assert consumer.committed([TopicPartition(topic, 0)])[0].offset == 20
+        consumer.unsubscribe()
+        while consumer.assignment() and time.monotonic() < deadline:
+            consumer.consume(1, 0.2)  # the revocation is applied on the next poll
+        probe.update()  # a partition no longer owned is dropped, not left at its last value
+        assert (
+            REGISTRY.get_sample_value(
+                "gpuwatch_consumer_lag_messages", {"group": group, "topic": topic, "partition": "0"}
+            )
+            is None
+        )
+    finally:
+        consumer.close()
+
+
+@pytest.fixture(scope="module")
+def processor() -> RiskProcessor:
+    return RiskProcessor(Scorer(load_artifact(), device="cpu"), rescore_interval_s=5.0)
+
+
+def test_stream_batch_updates_counters_and_exports_gpu_telemetry(processor: RiskProcessor) -> None:
+    sim = FleetSimulator(FleetConfig(hosts=2, gpus_per_host=8, seed=5, start_ts=time.time() - 20))
+    before = {
+        name: REGISTRY.get_sample_value(name) or 0.0
+        for name in (
+            "gpuwatch_stream_samples_total",
+            "gpuwatch_stream_scored_total",
+            "gpuwatch_inference_latency_seconds_count",
+        )
+    }
+    batches = 0
+    for _ in range(12):
+        batch = [Inbound(value, "samples", 0, i) for i, (_host, value) in enumerate(sim.step_json())]
+        result = processor.process(batch, now=time.time())
+        export_batch_metrics(result, len(batch), 0.01)
+        batches += 1
+    after = {name: REGISTRY.get_sample_value(name) or 0.0 for name in before}
+    assert after["gpuwatch_stream_samples_total"] - before["gpuwatch_stream_samples_total"] == 12 * 16
+    assert after["gpuwatch_stream_scored_total"] > before["gpuwatch_stream_scored_total"]
+    assert (
+        after["gpuwatch_inference_latency_seconds_count"] > before["gpuwatch_inference_latency_seconds_count"]
+    )
+    assert REGISTRY.get_sample_value("gpuwatch_stream_newest_sample_timestamp_seconds") == pytest.approx(
+        sim.now - 1.0, abs=1.0
+    )
+
+    hosts, gpus, uuids, temp_c, power = processor.telemetry()
+    assert len(hosts) == len(uuids) == len(gpus) == 16
+    assert ((temp_c > 20) & (temp_c < 110)).all(), temp_c
+    assert ((power > 0) & (power < 1.5)).all(), power
+
+    registry = CollectorRegistry()
+    registry.register(metrics.GpuTelemetryCollector(processor.telemetry))
+    temps = samples(registry, "gpuwatch_gpu_temperature_celsius")
+    assert len(temps) == 16
+    assert len(samples(registry, "gpuwatch_gpu_power_ratio")) == 16

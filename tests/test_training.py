@@ -1,0 +1,123 @@
+"""Training, offline scoring and evaluation end to end on a tiny simulated fleet, and the replay cadence."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from gpuwatch.cli import build_parser
+from gpuwatch.producers.simulator import FleetConfig, FleetSimulator, simulate_to_dir
+from gpuwatch.schemas.codecs import decode_risk, decode_snapshot
+from gpuwatch.schemas.fields import ALL_NUMERIC
+from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.streams.processor import Inbound, RiskProcessor
+from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
+from gpuwatch.training.baselines import RULES, ThresholdRules, rule_hits
+from gpuwatch.training.cli import train_command
+from gpuwatch.training.eval_cli import eval_command
+from gpuwatch.training.score import replay, score_command
+
+
+def _fleet(out: Path, seed: int) -> None:
+    # Two hosts of four GPUs for three hours at 5 s, two failures with long precursors, plus random ones.
+    simulate_to_dir(2, 4, days=3 / 24, out=out, seed=seed, interval_s=5.0, config_overrides={
+        "rate_scale": 3000.0, "repair_time_scale": 0.005,
+        "forced_failures": [(0, 1, "memory", 7200.0, 3600.0), (1, 2, "interconnect", 9000.0, 3600.0)],
+    })  # fmt: skip
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
+    _fleet(tmp_path / "train", 1)
+    _fleet(tmp_path / "val", 2)
+    _fleet(tmp_path / "test", 3)
+    model = tmp_path / "model.pt"
+    assert train_command(_args(
+        "train", "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val"), "--out", str(model),
+        "--epochs", "1", "--sample-every", "60",
+    )) == 0  # fmt: skip
+    artifact = load_artifact(model)
+    assert artifact.features == FEATURE_NAMES
+    assert 0.0 < artifact.threshold < 1.0 and artifact.temperature > 0
+    assert artifact.data_fingerprint and artifact.metrics["threshold_from"].startswith("best event-level F1")
+    assert model.with_suffix(".gbdt.txt").exists()
+
+    risk_path = tmp_path / "risk.jsonl"
+    assert score_command(_args(
+        "score", "--input", str(tmp_path / "test" / "samples.jsonl"), "--output", str(risk_path),
+        "--model", str(model), "--json", str(tmp_path / "score.json"),
+    )) == 0  # fmt: skip
+    records = [decode_risk(line) for line in risk_path.read_bytes().splitlines()]
+    assert records and all(r["model"] == artifact.version and 0 <= r["risk"] <= 1 for r in records)
+    # Sampled every 5 s and rescored every 5 s: one record per GPU-sample.
+    summary = orjson.loads((tmp_path / "score.json").read_bytes())
+    assert summary["risk_records"] == summary["gpu_samples"] == len(records)
+
+    report_path = tmp_path / "eval.json"
+    assert eval_command(_args("eval", "--data", str(tmp_path / "test"), "--model", str(model),
+                              "--json", str(report_path))) == 0  # fmt: skip
+    report = orjson.loads(report_path.read_bytes())
+    for key in ("pr_auc", "precision", "recall", "f1", "median_lead_min", "ece", "baseline_threshold_f1",
+                "baseline_gbdt_f1"):  # fmt: skip
+        assert key in report
+    assert set(report["scorers"]) == {"lstm", "threshold", "gbdt"}
+    assert report["data"]["risk_records"] == len(records)
+    assert report["scorers"]["lstm"]["failures_with_precursor"] >= 2  # the two forced failures at least
+
+
+def test_replay_scores_the_same_samples_as_a_live_worker() -> None:
+    """Offline replay vs one snapshot per batch (a live worker at 1 Hz): same GPUs, same ts, same risk."""
+    sim = FleetSimulator(FleetConfig(hosts=3, gpus_per_host=4, seed=5, start_ts=1_700_000_000.0, interval_s=1.0))
+    lines = [value for _ in range(40) for _, value in sim.step_json()]
+    artifact = load_artifact()
+    live = RiskProcessor(Scorer(artifact, "cpu"), rescore_interval_s=5.0)
+    expected = [orjson.loads(v) for line in lines for _, v in live.process([Inbound(line)]).risk]
+
+    with tempfile.NamedTemporaryFile(suffix=".jsonl") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+        fh.flush()
+        offline = RiskProcessor(Scorer(artifact, "cpu"), rescore_interval_s=5.0)
+        got = [orjson.loads(v) for result in replay(Path(fh.name), offline) for _, v in result.risk]
+    key = lambda r: (r["uuid"], r["ts"])  # noqa: E731
+    assert sorted(map(key, got)) == sorted(map(key, expected))
+    assert len(expected) == 12 * 8  # 40 s at 1 Hz, scored at 0, 5, ..., 35 s
+    risk_live = {key(r): r["risk"] for r in expected}
+    assert all(r["risk"] == pytest.approx(risk_live[key(r)], abs=1e-5) for r in got)
+
+
+def test_peer_features_single_out_the_gpu_that_runs_hot() -> None:
+    """A GPU 15 °C hotter than its peers at the same power reads as hot relative to them."""
+    store = WindowStore()
+    sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=4, seed=2, start_ts=1_700_000_000.0, interval_s=5.0))
+    temp_col = ALL_NUMERIC.index("temp_c")
+    for _ in range(5):
+        snap = decode_snapshot(sim.step_json()[0][1])
+        snap.numeric[2, temp_col] += 15.0
+        slots = store.slots_for(snap.uuids, [snap.host] * 4, snap.gpu_index)
+        store.update(slots, np.full(4, snap.ts), snap.numeric, snap.flags, snap.throttle, snap.xids)
+    temp_peer = store.current[slots, FEATURE_NAMES.index("temp_peer")]  # (temp - mean of the others) / 10 °C
+    assert temp_peer[2] > 1.2
+    assert np.all(np.abs(np.delete(temp_peer, 2)) < 0.8)
+
+
+def test_threshold_rules_fire_on_what_they_say() -> None:
+    seqs = np.zeros((3, 16, len(FEATURE_NAMES)), dtype=np.float32)
+    seqs[:, :, FEATURE_NAMES.index("log_min_since_xid")] = np.log1p(24 * 60.0) / 7.0  # no recent XID
+    seqs[:, :, FEATURE_NAMES.index("pcie_width_ratio")] = 1.0
+    seqs[0, -11:, FEATURE_NAMES.index("temp")] = 0.88  # 88 °C for the last 5 minutes
+    seqs[1, -1, FEATURE_NAMES.index("remap_pending")] = 1.0
+    hits = rule_hits(seqs)
+    names = [r.name for r in RULES]
+    assert hits[0].tolist() == [n == "gpu_hot" for n in names]
+    assert hits[1].tolist() == [n == "row_remap" for n in names]
+    assert not hits[2].any()
+    risk, mode = ThresholdRules(load_artifact()).score(seqs)
+    assert risk.tolist() == [1.0, 1.0, 0.0]

@@ -1,0 +1,94 @@
+"""Named simulated fleets for training, validation and held-out evaluation of the default model.
+
+`python -m gpuwatch.training.fleets NAME OUT_DIR` writes OUT_DIR/samples.jsonl, labels.jsonl and meta.json.
+Held-out fleets use other seeds AND other fleet parameters than training: precursors stretched past
+the training range of lengths and scaled past its range of strengths, another mode mix, more hot GPUs
+and more benign error trickles (more chances for false alarms), another failure rate.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpuwatch.producers.simulator import simulate_to_dir
+
+
+@dataclass(frozen=True)
+class Fleet:
+    hosts: int
+    gpus_per_host: int
+    days: float
+    interval_s: float
+    seed: int
+    overrides: dict = field(default_factory=dict)
+    about: str = ""
+
+
+# Training fleets: many failures (x5000, spread evenly over hosts, quick repairs) so the model sees
+# hundreds of precursors; two sampling intervals so features do not overfit one cadence.
+_TRAIN = {"rate_scale": 5000.0, "repair_time_scale": 0.005, "host_frailty": False}
+
+FLEETS: dict[str, Fleet] = {
+    "train-a": Fleet(32, 8, 2.0, 10.0, 101, dict(_TRAIN), "training fleet at 10 s: simulator defaults, failures x5000"),
+    "train-b": Fleet(16, 8, 1.0, 5.0, 102, dict(_TRAIN), "training fleet at 5 s: simulator defaults, failures x5000"),
+    "val": Fleet(16, 8, 1.0, 5.0, 202, {"rate_scale": 3000.0, "repair_time_scale": 0.01},
+                 "validation fleet (operating thresholds): simulator defaults, failures x3000, another seed"),
+    "heldout": Fleet(
+        40, 8, 0.75, 5.0, 303,
+        {
+            "rate_scale": 2500.0, "repair_time_scale": 0.02,
+            # Stretched: every mode 5 min to 2.5 h (training: power <= 30 min, thermal <= 1 h, others <= 2 h).
+            "precursor_range_s": (300.0, 9000.0),
+            # Scaled: strengths U(0.25, 1) x 1.3, i.e. up to 1.3, past the training maximum of 1.0.
+            "precursor_strength": 1.3,
+            "mode_mix": {"memory": 0.2, "thermal": 0.2, "power": 0.2, "interconnect": 0.2, "sudden": 0.2},
+            "hot_gpu_frac": 0.10, "sbe_trickle_frac": 0.05, "replay_trickle_frac": 0.04,
+            "power_brake_per_host_day": 0.6,
+        },
+        "held-out fleet: other seed, stretched and stronger precursors, even mode mix, noisier fleet",
+    ),  # fmt: skip
+    "heldout-faint": Fleet(
+        40, 8, 0.5, 5.0, 404,
+        {
+            "rate_scale": 2500.0, "repair_time_scale": 0.02,
+            # Scaled down: strengths U(0.25, 1) x 0.6, so the faintest are 0.15, below the training minimum 0.25.
+            "precursor_strength": 0.6,
+            "precursor_range_s": (120.0, 5400.0),
+            "hot_gpu_frac": 0.08, "sbe_trickle_frac": 0.05, "replay_trickle_frac": 0.04,
+        },
+        "held-out fleet: other seed, fainter precursors (down to 0.15 strength), 2 min to 1.5 h",
+    ),  # fmt: skip
+}
+
+
+def simulate_fleet(name: str, out: Path) -> dict:
+    """Simulate the named fleet into `out`; returns the simulator's stats."""
+    if name not in FLEETS:
+        raise SystemExit(f"unknown fleet {name!r}; choose one of {', '.join(FLEETS)}")
+    f = FLEETS[name]
+
+    def progress(frac: float) -> None:
+        sys.stderr.write(f"\rsimulating fleet {name}: {frac:6.1%}")
+        sys.stderr.flush()
+
+    stats = simulate_to_dir(f.hosts, f.gpus_per_host, f.days, out, seed=f.seed, interval_s=f.interval_s,
+                            config_overrides=dict(f.overrides), progress=progress)  # fmt: skip
+    sys.stderr.write("\n")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print(f"usage: python -m gpuwatch.training.fleets {{{','.join(FLEETS)}}} OUT_DIR", file=sys.stderr)
+        return 2
+    stats = simulate_fleet(args[0], Path(args[1]))
+    print(f"fleet {args[0]}: {stats['gpu_samples']:,} GPU-samples, {stats['failures']} failures "
+          f"{stats['by_mode']} in {stats['seconds']:.0f} s -> {args[1]}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
