@@ -43,7 +43,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.kafka_bootstrap:
         raise ConfigError("gpuwatch stream needs GPUWATCH_KAFKA_BOOTSTRAP (or kafka_bootstrap in the config file)")
-    run_worker(settings, loglevel=args.loglevel)
+    run_worker(settings, loglevel=args.loglevel, decode_only=args.decode_only)
     return 0
 
 
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stream", help="run a stream worker (samples -> risk)")
     p.add_argument("--loglevel", default="warning")
+    p.add_argument("--decode-only", action="store_true",
+                   help="benchmark ceiling: consume and orjson-decode only (no scoring, nothing produced)")
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("simulate", help="fast-forward a simulated fleet to JSONL samples + labels")

@@ -50,6 +50,9 @@ class Settings:
     stream_fetch_max_wait_ms: int = field(
         default=100, metadata={"doc": "Longest a stream worker's fetch waits for data (latency floor on quiet topics)."}
     )
+    torch_threads: int = field(
+        default=1, metadata={"doc": "CPU threads for inference in a stream worker (scale out with processes instead)."}
+    )
     checkpoint_interval_s: float = field(
         default=30.0, metadata={"doc": "Seconds between window checkpoints to the stream's changelog topic."}
     )

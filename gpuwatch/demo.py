@@ -25,7 +25,6 @@ from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.report import RunRecorder
 
-
 # Failures are placed this far into the live phase at the earliest (catching up takes a few seconds).
 _LIVE_MARGIN_S = 10.0
 

@@ -3,7 +3,8 @@
 Components import the metric objects from here and update them once per batch, never per GPU-sample.
 Per-GPU series (risk, last-seen time, temperature, power) are not set one by one: a collector reads the
 component's latest state when Prometheus scrapes. `start_metrics_server(port)` serves `/metrics`.
-The alert rules (deploy/prometheus/alerts.yml) and the Grafana dashboard use these names.
+The alert rules (deploy/prometheus/alerts.yml) and the Grafana dashboard use these names. The node agent
+exports its own `gpuwatch_agent_*` metrics (spool depth, snapshots sent) from `gpuwatch.producers.agent`.
 """
 
 from __future__ import annotations
@@ -74,12 +75,6 @@ REMEDIATION_ACTIONS = Counter(
     "gpuwatch_remediation_actions_total",
     "Remediation events the controller handled, by outcome: ok, failed, dry_run or duplicate (already claimed).",
     ["action", "outcome"],
-)
-
-# -- agents ------------------------------------------------------------------------------------------
-SPOOL_DEPTH = Gauge(
-    "gpuwatch_agent_spool_messages",
-    "Snapshots waiting in the agent's local spool while Kafka is unreachable.",
 )
 
 

@@ -20,7 +20,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_stream_worker(settings: Settings, name: str = "stream-worker") -> EmbeddedServer:
+def start_stream_worker(
+    settings: Settings, name: str = "stream-worker", extra_args: list[str] | None = None
+) -> EmbeddedServer:
     """A `gpuwatch stream` process; its stdout (STATS lines) is a pipe on `.proc.stdout`."""
     # -P: never import the source checkout from the current directory, only the installed package.
-    return spawn_child(name, [sys.executable, "-P", "-m", "gpuwatch.cli", "stream"], env=settings_env(settings))
+    argv = [sys.executable, "-P", "-m", "gpuwatch.cli", "stream", *(extra_args or [])]
+    return spawn_child(name, argv, env=settings_env(settings))

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
+from confluent_kafka import KafkaException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -49,11 +50,13 @@ class NvmlSource:
         self.invalid = 0  # snapshots the codec refused (a sampler bug); their seq is skipped, a visible gap
 
     def tick(self) -> list[tuple[str, bytes]]:
+        seq, self.seq = self.seq, self.seq + 1
         ts = time.time()
         gpus = self.sampler.read()
-        seq, self.seq = self.seq, self.seq + 1
         try:
-            raw = encode_snapshot({"schema": SAMPLES_SCHEMA, "host": self.host, "ts": ts, "seq": seq, "gpus": gpus})
+            raw = encode_snapshot(
+                {"schema": SAMPLES_SCHEMA, "host": self.host, "ts": ts, "seq": seq, "gpus": gpus}
+            )
         except EncodeError as exc:
             self.invalid += 1
             log.error("snapshot %d not published: %s", seq, exc)
@@ -97,6 +100,7 @@ class Agent:
         self.late_ticks = 0  # intervals skipped because a tick started more than one interval late
         self.last_tick_ts = 0.0
         self.last_tick_s = 0.0
+        self.tick_errors = 0  # ticks whose sampling raised (logged)
         self.stop_event = threading.Event()
 
     def run(self, stop: threading.Event | None = None, *, max_ticks: int | None = None) -> None:
@@ -123,7 +127,12 @@ class Agent:
     def tick(self) -> None:
         """Takes one snapshot per host and hands them to the publisher."""
         t0 = time.perf_counter()
-        pairs = self.source.tick()
+        try:
+            pairs = self.source.tick()
+        except Exception:  # a sampler bug must not stop the agent; the skipped seq shows up as a gap
+            self.tick_errors += 1
+            log.exception("sampling failed; trying again next interval")
+            pairs = []
         for host, raw in pairs:
             self.publisher.publish(host, raw)
         self.publisher.pump(0.0)
@@ -189,30 +198,53 @@ class AgentCollector:
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(f"gpuwatch_agent_{name}", doc, value=value)
 
-        yield gauge("spool_messages", "Snapshots not yet acknowledged by Kafka (spooled or in flight).", p.pending)
+        yield gauge(
+            "spool_messages", "Snapshots not yet acknowledged by Kafka (spooled or in flight).", p.pending
+        )
         yield counter("snapshots", "Node snapshots taken.", a.snapshots)
         yield counter("snapshots_sent", "Snapshots Kafka acknowledged.", p.sent)
-        yield counter("snapshots_dropped", "Snapshots deleted unsent because the spool was full.", p.spool.dropped)
-        yield counter("snapshots_rejected", "Snapshots the broker refused for good (e.g. too large).", p.rejected)
+        yield counter(
+            "snapshots_dropped", "Snapshots deleted unsent because the spool was full.", p.spool.dropped
+        )
+        yield counter(
+            "snapshots_rejected", "Snapshots the broker refused for good (e.g. too large).", p.rejected
+        )
         yield gauge("spool_bytes", "Bytes of the on-disk spool.", p.spool.bytes)
-        yield gauge("in_flight_messages", "Snapshots handed to the Kafka producer, not yet acknowledged.", p.in_flight)
-        yield counter("delivery_failures", "Failed Kafka delivery reports (each snapshot is resent).", p.delivery_failures)
+        yield gauge(
+            "in_flight_messages", "Snapshots handed to the Kafka producer, not yet acknowledged.", p.in_flight
+        )
+        yield counter(
+            "delivery_failures",
+            "Failed Kafka delivery reports (each snapshot is resent).",
+            p.delivery_failures,
+        )
         yield counter("producer_restarts", "Kafka producers replaced after failures.", p.producer_restarts)
         if p.broker_up is not None:
             yield gauge("broker_up", "1 when the last Kafka report was a delivery, 0 when all brokers are down.",
                         float(p.broker_up))  # fmt: skip
         yield counter("late_ticks", "Sampling intervals skipped because the agent was stalled.", a.late_ticks)
+        yield counter(
+            "tick_errors", "Ticks whose sampling failed with an unexpected error (logged).", a.tick_errors
+        )
         yield gauge("last_snapshot_timestamp_seconds", "Unix time of the last snapshot.", a.last_tick_ts)
         yield gauge("tick_seconds", "Time the last tick took (sampling, encoding, spooling).", a.last_tick_s)
         if isinstance(a.source, NvmlSource):
             s = a.source.sampler
-            yield counter("nvml_errors", "Unexpected NVML errors (not NotSupported, not a lost GPU).", s.errors)
+            yield counter(
+                "nvml_errors", "Unexpected NVML errors (not NotSupported, not a lost GPU).", s.errors
+            )
             yield gauge("gpus", "GPUs NVML reports on this node.", s.gpu_count)
-            yield gauge("gpus_lost", "GPUs NVML reports lost (fell off the bus) in the last snapshot.", s.lost_count)
-            yield counter("snapshots_invalid", "Snapshots the codec refused (not published).", a.source.invalid)
+            yield gauge(
+                "gpus_lost", "GPUs NVML reports lost (fell off the bus) in the last snapshot.", s.lost_count
+            )
+            yield counter(
+                "snapshots_invalid", "Snapshots the codec refused (not published).", a.source.invalid
+            )
             if s.xids is not None:
                 yield counter("xid", "XID errors received from the NVML event set.", s.xids.xids)
-                yield counter("xid_dropped", "XIDs dropped because one GPU had too many queued.", s.xids.dropped)
+                yield counter(
+                    "xid_dropped", "XIDs dropped because one GPU had too many queued.", s.xids.dropped
+                )
 
 
 class MetricsServer:
@@ -285,7 +317,9 @@ def build_agent(settings: Settings, *, simulate_hosts: int = 0, nvml: Any = None
     Raises NvmlUnavailable (NVML missing or unusable), SpoolError (spool directory unusable) or ConfigError.
     """
     if not settings.kafka_bootstrap:
-        raise ConfigError("gpuwatch agent needs GPUWATCH_KAFKA_BOOTSTRAP (or kafka_bootstrap in the config file)")
+        raise ConfigError(
+            "gpuwatch agent needs GPUWATCH_KAFKA_BOOTSTRAP (or kafka_bootstrap in the config file)"
+        )
     if settings.agent_spool_fsync not in FSYNC_POLICIES:
         raise ConfigError(f"setting 'agent_spool_fsync' must be one of {', '.join(FSYNC_POLICIES)}, "
                           f"got {settings.agent_spool_fsync!r}")  # fmt: skip
@@ -296,7 +330,9 @@ def build_agent(settings: Settings, *, simulate_hosts: int = 0, nvml: Any = None
         source = SimulatedSource(simulate_hosts, settings.agent_interval_s)
         client_id = f"gpuwatch-agent-sim-{host_name(settings)}"
     else:
-        sampler = NvmlSampler(nvml if nvml is not None else load_pynvml(), xid_events=settings.agent_xid_events)
+        sampler = NvmlSampler(
+            nvml if nvml is not None else load_pynvml(), xid_events=settings.agent_xid_events
+        )
         source = NvmlSource(sampler, host_name(settings))
         client_id = f"gpuwatch-agent-{source.host}"
     try:
@@ -305,11 +341,27 @@ def build_agent(settings: Settings, *, simulate_hosts: int = 0, nvml: Any = None
     except Exception:
         source.close()
         raise
-    publisher = Publisher(settings, spool, client_id=client_id, delivery_timeout_s=settings.agent_delivery_timeout_s)
-    return Agent(source, publisher, interval_s=settings.agent_interval_s, flush_timeout_s=settings.agent_flush_timeout_s)
+    try:
+        publisher = Publisher(
+            settings, spool, client_id=client_id, delivery_timeout_s=settings.agent_delivery_timeout_s
+        )
+    except Exception as exc:  # release NVML and the spool lock first
+        spool.close()
+        source.close()
+        if isinstance(exc, KafkaException):
+            raise ConfigError(f"the Kafka client rejects the settings: {exc.args[0].str()}") from None
+        raise
+    return Agent(
+        source,
+        publisher,
+        interval_s=settings.agent_interval_s,
+        flush_timeout_s=settings.agent_flush_timeout_s,
+    )
 
 
-def _start_command_listener(settings: Settings, agent: Agent, stop: threading.Event) -> threading.Thread | None:
+def _start_command_listener(
+    settings: Settings, agent: Agent, stop: threading.Event
+) -> threading.Thread | None:
     """Signed checkpoint commands for this node (producers/commands.py), when a signing key is set."""
     if not settings.command_signing_key or not isinstance(agent.source, NvmlSource):
         return None

@@ -98,7 +98,7 @@ NVML_MEMORY_ERROR_TYPE_CORRECTED, NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 0, 1
 NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS = 0
 NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR = 1
 NVML_PERF_POLICY_POWER, NVML_PERF_POLICY_THERMAL = 0, 1
-NVML_NVLINK_MAX_LINKS = 18
+NVML_NVLINK_MAX_LINKS = 36  # nvidia-ml-py 13.x; older releases say 18
 NVML_NVLINK_ERROR_DL_REPLAY = 0
 NVML_NVLINK_ERROR_DL_RECOVERY = 1
 NVML_NVLINK_ERROR_DL_CRC_FLIT = 2
@@ -429,7 +429,11 @@ class FakeNvml:
     def nvmlDeviceGetRetiredPages(self, device: FakeHandle, sourceFilter: int) -> list[int]:  # noqa: N803
         self.calls["nvmlDeviceGetRetiredPages"] += 1
         g = self._gpu(device, "retired")
-        pages = g.retired_dbe if sourceFilter == NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR else g.retired_sbe
+        pages = (
+            g.retired_dbe
+            if sourceFilter == NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
+            else g.retired_sbe
+        )
         return list(pages)
 
     def nvmlDeviceGetRetiredPagesPendingStatus(self, device: FakeHandle) -> int:

@@ -125,9 +125,10 @@ class NvmlSampler:
         self._field_keys = [key for _, _, key in _FIELDS]
         self._batch = hasattr(nvml, "nvmlDeviceGetFieldValues")
         # Newer drivers call throttle reasons "clock events"; older nvidia-ml-py only has the old name.
-        self._throttle_fn: Callable[[Any], int] = getattr(
-            nvml, "nvmlDeviceGetCurrentClocksEventReasons", None
-        ) or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        self._throttle_fn: Callable[[Any], int] = (
+            getattr(nvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+            or nvml.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
         self._c = {name: getattr(nvml, name, default) for name, default in (
             ("NVML_TEMPERATURE_GPU", 0), ("NVML_CLOCK_SM", 1), ("NVML_CLOCK_MEM", 2), ("NVML_VOLATILE_ECC", 0),
             ("NVML_AGGREGATE_ECC", 1), ("NVML_MEMORY_ERROR_TYPE_CORRECTED", 0),
@@ -318,32 +319,56 @@ class NvmlSampler:
             corr, unc = k["NVML_MEMORY_ERROR_TYPE_CORRECTED"], k["NVML_MEMORY_ERROR_TYPE_UNCORRECTED"]
             vol, agg = k["NVML_VOLATILE_ECC"], k["NVML_AGGREGATE_ECC"]
             ecc = n.nvmlDeviceGetTotalEccErrors
-            return {"ecc_sbe_volatile": c(ecc, h, corr, vol), "ecc_dbe_volatile": c(ecc, h, unc, vol),
-                    "ecc_sbe_aggregate": c(ecc, h, corr, agg), "ecc_dbe_aggregate": c(ecc, h, unc, agg)}
+            return {
+                "ecc_sbe_volatile": c(ecc, h, corr, vol),
+                "ecc_dbe_volatile": c(ecc, h, unc, vol),
+                "ecc_sbe_aggregate": c(ecc, h, corr, agg),
+                "ecc_dbe_aggregate": c(ecc, h, unc, agg),
+            }
         if group == "retired":
-            sbe = c(n.nvmlDeviceGetRetiredPages, h, 0)  # NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS
-            dbe = c(n.nvmlDeviceGetRetiredPages, h, 1)  # NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR
-            return {"retired_sbe": None if sbe is None else len(sbe), "retired_dbe": None if dbe is None else len(dbe),
-                    "retired_pages_pending": c(n.nvmlDeviceGetRetiredPagesPendingStatus, h)}
+            # causes: NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS (0), ..._DOUBLE_BIT_ECC_ERROR (1)
+            sbe = c(n.nvmlDeviceGetRetiredPages, h, 0)
+            dbe = c(n.nvmlDeviceGetRetiredPages, h, 1)
+            return {
+                "retired_sbe": None if sbe is None else len(sbe),
+                "retired_dbe": None if dbe is None else len(dbe),
+                "retired_pages_pending": c(n.nvmlDeviceGetRetiredPagesPendingStatus, h),
+            }
         if group == "remap":
             rows = c(n.nvmlDeviceGetRemappedRows, h)
-            keys = ("remapped_rows_correctable", "remapped_rows_uncorrectable", "remap_pending", "remap_failure")
+            keys = (
+                "remapped_rows_correctable",
+                "remapped_rows_uncorrectable",
+                "remap_pending",
+                "remap_failure",
+            )
             return dict.fromkeys(keys) if rows is None else dict(zip(keys, rows, strict=True))
         if group == "pcie_replay":
             return {"pcie_replay": c(n.nvmlDeviceGetPcieReplayCounter, h)}
         if group == "violation":
             pw = c(n.nvmlDeviceGetViolationStatus, h, k["NVML_PERF_POLICY_POWER"])
             th = c(n.nvmlDeviceGetViolationStatus, h, k["NVML_PERF_POLICY_THERMAL"])
-            return {"power_violation_ns": None if pw is None else pw.violationTime,
-                    "thermal_violation_ns": None if th is None else th.violationTime}
+            return {
+                "power_violation_ns": None if pw is None else pw.violationTime,
+                "thermal_violation_ns": None if th is None else th.violationTime,
+            }
         return self._read_nvlink(d)
+
+    def _link_exists(self, handle: Any, link: int) -> bool:
+        """Whether NVLink `link` exists on the GPU (NVML answers InvalidArgument past the last one)."""
+        try:
+            self._nvml.nvmlDeviceGetNvLinkState(handle, link)
+        except self._err as exc:
+            if getattr(exc, "value", None) in _LOST:
+                raise _Lost from None
+            return False
+        return True
 
     def _read_nvlink(self, d: _Device) -> dict[str, Any]:
         """NVLink error counters summed over the GPU's links; all null on a GPU without NVLink."""
         n, c, h, k = self._nvml, self._call, d.handle, self._c
         if d.nvlinks is None:
-            d.nvlinks = [link for link in range(k["NVML_NVLINK_MAX_LINKS"])
-                         if c(n.nvmlDeviceGetNvLinkState, h, link) is not None]  # fmt: skip
+            d.nvlinks = [link for link in range(k["NVML_NVLINK_MAX_LINKS"]) if self._link_exists(h, link)]
         out: dict[str, Any] = dict.fromkeys(("nvlink_crc_flit", "nvlink_crc_data", "nvlink_replay_errors",
                                              "nvlink_recovery_errors"))  # fmt: skip
         counters = (("nvlink_crc_flit", k["NVML_NVLINK_ERROR_DL_CRC_FLIT"]),

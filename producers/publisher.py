@@ -205,7 +205,9 @@ class Publisher:
                 self._failed += 1
         self._new_producer()
         self.producer_restarts += 1
-        log.info("resending %d records with a new producer (%s)", self._failed, self.last_error or "no error text")
+        log.info(
+            "resending %d records with a new producer (%s)", self._failed, self.last_error or "no error text"
+        )
         for entry in self._window:
             if entry.state == _FAILED:
                 try:
@@ -228,7 +230,9 @@ class Publisher:
         if err.code() in _PERMANENT:
             entry.state = _REJECTED
             self.rejected += 1
-            log.error("the broker refused a %d-byte snapshot for good (%s); dropped", len(entry.value), err.str())
+            log.error(
+                "the broker refused a %d-byte snapshot for good (%s); dropped", len(entry.value), err.str()
+            )
             return
         entry.state = _FAILED
         self._failed += 1

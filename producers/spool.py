@@ -148,7 +148,9 @@ class Spool:
         seg.count += 1
         self.appended += 1
         now = time.monotonic()
-        if self.fsync == "always" or (self.fsync == "interval" and now - self._last_fsync >= self.fsync_interval_s):
+        if self.fsync == "always" or (
+            self.fsync == "interval" and now - self._last_fsync >= self.fsync_interval_s
+        ):
             os.fsync(self._writer.fileno())
             self._last_fsync = now
         return seg.end - 1
@@ -165,7 +167,9 @@ class Spool:
         length, crc = _HEAD.unpack(head)
         payload = self._reader.read(length)
         if len(payload) != length or zlib.crc32(payload) != crc:
-            raise SpoolError(f"spool segment {seg.path} changed under the agent (record {self._read} is corrupt)")
+            raise SpoolError(
+                f"spool segment {seg.path} changed under the agent (record {self._read} is corrupt)"
+            )
         rid = self._read
         self._read += 1
         (klen,) = _KEYLEN.unpack_from(payload)
@@ -214,7 +218,9 @@ class Spool:
             data = path.read_bytes()
             count, valid = _scan(data)
             if valid < len(data):
-                log.warning("spool segment %s: cut %d bytes of torn or corrupt records", path.name, len(data) - valid)
+                log.warning(
+                    "spool segment %s: cut %d bytes of torn or corrupt records", path.name, len(data) - valid
+                )
                 with open(path, "r+b") as f:
                     f.truncate(valid)
             seg = _Segment(base, count, valid, path)

@@ -64,7 +64,9 @@ class XidCollector:
         except n.NVMLError as exc:
             log.warning("NVML event sets are not available (%s): XIDs will not be reported", exc)
             return False
-        wanted = getattr(n, "nvmlEventTypeXidCriticalError", _XID) | getattr(n, "nvmlEventTypeSingleBitEccError", _SBE)
+        wanted = getattr(n, "nvmlEventTypeXidCriticalError", _XID) | getattr(
+            n, "nvmlEventTypeSingleBitEccError", _SBE
+        )
         wanted |= getattr(n, "nvmlEventTypeDoubleBitEccError", _DBE)
         registered = 0
         for index, handle in self._handles:
@@ -73,7 +75,9 @@ class XidCollector:
                 n.nvmlDeviceRegisterEvents(handle, types, self._set)
                 registered += 1
             except n.NVMLError as exc:
-                log.warning("GPU %d: cannot register for XID events (%s); its XIDs will not be reported", index, exc)
+                log.warning(
+                    "GPU %d: cannot register for XID events (%s); its XIDs will not be reported", index, exc
+                )
         if not registered:
             n.nvmlEventSetFree(self._set)
             self._set = None

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import faust
 import orjson
+import torch
 
 from gpuwatch import metrics
 from gpuwatch.config import Settings
@@ -57,8 +58,18 @@ def _cap_fetch_wait(max_wait_ms: int) -> None:
     driver.aiokafka.AIOKafkaConsumer = CappedConsumer
 
 
-def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer: Scorer | None = None) -> faust.App:
-    """Build the faust app for `settings`; `on_batch` sees every processed batch (demo, benchmarks)."""
+def create_app(
+    settings: Settings,
+    *,
+    on_batch: BatchHook | None = None,
+    scorer: Scorer | None = None,
+    decode_only: bool = False,
+) -> faust.App:
+    """Build the faust app for `settings`; `on_batch` sees every processed batch (demo, benchmarks).
+
+    `decode_only` turns the agent into the benchmark's ceiling: the same app and consumer, but each
+    batch is only orjson-decoded and counted (no windows, no model, nothing produced).
+    """
     _cap_fetch_wait(settings.stream_fetch_max_wait_ms)
     app = faust.App(
         settings.stream_app_id,
@@ -128,6 +139,9 @@ def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer:
     async def score(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.stream_batch_size, within=settings.stream_batch_within_s):
             await ready.wait()
+            if decode_only:
+                totals.add(_decode_only(events))
+                continue
             t0 = time.perf_counter()
             batch = [
                 Inbound(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events
@@ -167,6 +181,13 @@ def create_app(settings: Settings, *, on_batch: BatchHook | None = None, scorer:
         totals.report(processor)
 
     return app
+
+
+def _decode_only(events: list) -> BatchResult:
+    result = BatchResult()
+    for e in events:
+        result.samples += len(orjson.loads(e.message.value)["gpus"])
+    return result
 
 
 class StreamTotals:
@@ -240,8 +261,9 @@ def windows_changelog_topic(settings: Settings) -> str:
     return f"{settings.stream_app_id}-windows"
 
 
-def run_worker(settings: Settings, *, loglevel: str = "warning") -> None:
+def run_worker(settings: Settings, *, loglevel: str = "warning", decode_only: bool = False) -> None:
     """Run one stream worker until SIGTERM/SIGINT (the `gpuwatch stream` command)."""
+    torch.set_num_threads(settings.torch_threads)
     ensure_topics(settings, [settings.topic_samples, settings.topic_risk, settings.topic_deadletter])
     ensure_compacted_topic(
         settings, windows_changelog_topic(settings), partition_count(settings, settings.topic_samples)

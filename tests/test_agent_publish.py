@@ -14,13 +14,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import orjson
 import pytest
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer, free_port, start_kafka
 from gpuwatch.kafka import ensure_topics, partition_count, read_partitions_to_end
-from gpuwatch.producers.agent import Agent, MetricsServer, NvmlSource, SimulatedSource
+from gpuwatch.producers.agent import Agent, MetricsServer, NvmlSource, SimulatedSource, build_agent
 from gpuwatch.producers.fake_nvml import FakeNvml
 from gpuwatch.producers.nvml import NvmlSampler
 from gpuwatch.producers.publisher import Publisher
@@ -201,6 +200,7 @@ def test_sigterm_flushes_and_exits_zero(settings: Settings, tmp_path: Path) -> N
             "--metrics-port", str(port)]  # fmt: skip
     proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
+
         def snapshots() -> int:
             try:
                 return json.loads(_get(f"http://127.0.0.1:{port}/healthz")[1])["snapshots"]
@@ -220,3 +220,48 @@ def test_sigterm_flushes_and_exits_zero(settings: Settings, tmp_path: Path) -> N
     reopened = Spool(tmp_path / "spool")
     assert reopened.pending == 0
     reopened.close()
+
+
+def test_simulated_fleet_is_published_in_real_time(settings: Settings, tmp_path: Path) -> None:
+    ensure_topics(settings, [settings.topic_samples])
+    conf = settings.replace(agent_spool_dir=str(tmp_path / "spool"), agent_interval_s=0.1)
+    agent = build_agent(conf, simulate_hosts=3)
+    started = time.time()
+    agent.run(max_ticks=4)
+    snaps = [decode_snapshot(value) for _, value in _read_all(settings)]
+    assert sorted((s.host, s.seq) for s in snaps) == [
+        (f"node-{h:04d}", q) for h in range(3) for q in range(4)
+    ]
+    assert all(abs(s.ts - started) < 30 for s in snaps)  # the simulated clock is the wall clock
+    assert all(len(s.uuids) == 8 for s in snaps)
+
+
+def test_a_sampler_exception_does_not_stop_the_agent(settings: Settings, tmp_path: Path) -> None:
+    ensure_topics(settings, [settings.topic_samples])
+    agent = _nvml_agent(settings, tmp_path / "spool", gpus=1, interval_s=0.05)
+    sampler = agent.source.sampler  # type: ignore[attr-defined]
+    real_read, calls = sampler.read, []
+
+    def flaky_read() -> list[dict]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in the sampler")
+        return real_read()
+
+    sampler.read = flaky_read
+    agent.run(max_ticks=4)
+    assert agent.tick_errors == 1
+    assert [decode_snapshot(v).seq for _, v in _read_all(settings)] == [0, 2, 3]  # the failed tick is a gap
+
+
+def test_kafka_security_settings_pass_through() -> None:
+    conf = Settings(
+        kafka_bootstrap="kafka:9093", kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="agent", kafka_sasl_password="pw", kafka_ssl_cafile="/ca.pem",
+        kafka_ssl_certfile="/cert.pem", kafka_ssl_keyfile="/key.pem", kafka_ssl_key_password="kpw",
+    ).kafka_client_config()  # fmt: skip
+    assert conf == {
+        "bootstrap.servers": "kafka:9093", "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "agent", "sasl.password": "pw", "ssl.ca.location": "/ca.pem",
+        "ssl.certificate.location": "/cert.pem", "ssl.key.location": "/key.pem", "ssl.key.password": "kpw",
+    }  # fmt: skip

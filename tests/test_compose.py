@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 import gpuwatch.metrics  # noqa: F401 - registers every gpuwatch metric
 from gpuwatch.cli import build_parser
 from gpuwatch.config import Settings
+from gpuwatch.producers.agent import AgentCollector, build_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
@@ -144,10 +146,24 @@ def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(services: dict
     assert home == "/var/lib/grafana/dashboards/gpuwatch.json"
 
 
-def exported_metric_names() -> set[str]:
-    """Series names gpuwatch's registry exposes (histograms with their _bucket/_count/_sum series)."""
+@pytest.fixture()
+def agent_registry(tmp_path: Path) -> Iterator[CollectorRegistry]:
+    """The registry a (simulated) node agent serves: it exports its own gpuwatch_agent_* metrics."""
+    settings = Settings(
+        kafka_bootstrap="127.0.0.1:9", agent_spool_dir=str(tmp_path), agent_flush_timeout_s=0.1
+    )
+    agent = build_agent(settings, simulate_hosts=1)
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(agent))
+    yield registry
+    agent.shutdown()
+
+
+def exported_metric_names(*registries: CollectorRegistry) -> set[str]:
+    """Series names gpuwatch's registries expose (histograms with their _bucket/_count/_sum series)."""
     names = set()
-    for line in generate_latest(REGISTRY).decode().splitlines():
+    text = "".join(generate_latest(r).decode() for r in (REGISTRY, *registries))
+    for line in text.splitlines():
         if line.startswith("# TYPE gpuwatch_"):
             _, _, name, kind = line.split()
             names.add(name)
@@ -158,11 +174,11 @@ def exported_metric_names() -> set[str]:
     return names
 
 
-def test_dashboard_and_alerts_query_only_metrics_gpuwatch_exports() -> None:
+def test_dashboard_and_alerts_query_only_metrics_gpuwatch_exports(agent_registry: CollectorRegistry) -> None:
     dashboard = (ROOT / "deploy" / "grafana" / "dashboards" / "gpuwatch.json").read_text()
     alerts = (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
     used = set(re.findall(r"\bgpuwatch_[a-z_]+", dashboard + alerts))
-    unknown = used - exported_metric_names()
+    unknown = used - exported_metric_names(agent_registry)
     assert not unknown, f"queried but never exported: {sorted(unknown)}"
     for wanted in (
         "gpuwatch_failure_risk",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 import types
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -26,7 +27,7 @@ def nvml() -> FakeNvml:
 
 
 @pytest.fixture()
-def sampler(nvml: FakeNvml) -> NvmlSampler:
+def sampler(nvml: FakeNvml) -> Iterator[NvmlSampler]:
     s = NvmlSampler(nvml, xid_wait_ms=50)
     yield s
     s.close()
@@ -63,12 +64,14 @@ def test_every_field_of_the_contract_with_nvml_units(nvml: FakeNvml, sampler: Nv
     assert (s["mem_used_mib"], s["mem_total_mib"]) == (61234, 81559)
     assert (s["temp_c"], s["util_gpu_pct"], s["util_mem_pct"], s["fan_pct"]) == (45, 97, 41, 55)
     assert (s["sm_clock_mhz"], s["mem_clock_mhz"]) == (1980, 2619)
-    assert (s["ecc_sbe_volatile"], s["ecc_dbe_volatile"], s["ecc_sbe_aggregate"], s["ecc_dbe_aggregate"]) == (3, 1, 40, 2)
+    ecc = (s["ecc_sbe_volatile"], s["ecc_dbe_volatile"], s["ecc_sbe_aggregate"], s["ecc_dbe_aggregate"])
+    assert ecc == (3, 1, 40, 2)
     assert s["retired_pages"] == 3 and s["retired_pages_pending"] is True
     assert (s["remapped_rows_correctable"], s["remapped_rows_uncorrectable"]) == (2, 1)
     assert s["remap_pending"] is True and s["remap_failure"] is False and s["lost"] is False
     assert s["pcie_replay"] == 5
-    assert (s["pcie_link_width"], s["pcie_link_width_max"], s["pcie_link_gen"], s["pcie_link_gen_max"]) == (8, 16, 4, 5)
+    link = (s["pcie_link_width"], s["pcie_link_width_max"], s["pcie_link_gen"], s["pcie_link_gen_max"])
+    assert link == (8, 16, 4, 5)
     assert s["nvlink_crc_errors"] == 3 + 2 + 4
     assert (s["nvlink_replay_errors"], s["nvlink_recovery_errors"]) == (8, 1)
     assert s["throttle_reasons"] == 0xC
@@ -133,7 +136,9 @@ def test_unsupported_fields_without_batched_reads(monkeypatch: pytest.MonkeyPatc
     assert s.errors == 0
 
 
-def test_a_lost_gpu_is_published_as_lost_and_the_others_keep_reporting(nvml: FakeNvml, sampler: NvmlSampler) -> None:
+def test_a_lost_gpu_is_published_as_lost_and_the_others_keep_reporting(
+    nvml: FakeNvml, sampler: NvmlSampler
+) -> None:
     source = NvmlSource(sampler, "node-1")
     nvml.gpus[3].lost = True
     nvml.inject_xid(3, 79)  # fallen off the bus
@@ -167,7 +172,9 @@ def test_unknown_error_counts_as_lost_and_a_gpu_lost_at_start_still_appears() ->
     s.close()
 
 
-def test_every_xid_between_two_samples_is_reported_once_in_order(nvml: FakeNvml, sampler: NvmlSampler) -> None:
+def test_every_xid_between_two_samples_is_reported_once_in_order(
+    nvml: FakeNvml, sampler: NvmlSampler
+) -> None:
     assert sampler.read()[0]["xid"] == []
     for code in (13, 31, 13, 13):  # a repeated XID is a new event each time, not one gauge value
         nvml.inject_xid(0, code)

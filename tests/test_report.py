@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuwatch.report import FailedGpu, ReportData, ReportUnavailable, lead_time_s, render_report
+from gpuwatch.report import FailedGpu, ReportData, ReportUnavailable, RunRecorder, lead_time_s, render_report
 
 T0 = 1_750_000_000.0
 
@@ -104,3 +104,33 @@ def test_missing_matplotlib_says_how_to_install_it(tmp_path: Path, monkeypatch: 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
     with pytest.raises(ReportUnavailable, match=r"pip install 'gpuwatch\[report\]'"):
         render_report(report_data(), tmp_path / "r.html")
+
+
+def test_run_recorder_keeps_a_bounded_series_per_gpu_and_builds_report_data() -> None:
+    recorder = RunRecorder(max_points_per_gpu=5)
+    for i in range(8):
+        recorder.add_risk([{"host": "n1", "gpu_index": 0, "ts": T0 + 5 * i, "risk": i / 10},
+                           {"host": "n2", "gpu_index": 3, "ts": T0 + 5 * i, "risk": 0.01}])  # fmt: skip
+    recorder.add_event(
+        {"ts": T0 + 30, "host": "n1", "gpu_index": 0, "action": "checkpoint", "risk": 0.6, "id": "x"}
+    )
+    recorder.add_event(
+        {"ts": T0 + 31, "host": "n2", "gpu_index": 3, "action": "migrate", "risk": 0.9, "id": "y"}
+    )
+    label = {
+        "host": "n1",
+        "gpu_index": 0,
+        "mode": "memory",
+        "fail_ts": T0 + 40,
+        "precursor_start_ts": T0 - 100,
+    }
+    data = recorder.report_data([label], threshold=0.85, summary=[("k", "v")], title="t")
+
+    (gpu,) = data.failed
+    assert [ts for ts, _ in gpu.risk] == [T0 + 5 * i for i in range(3, 8)], (
+        "only the newest 5 points are kept"
+    )
+    assert gpu.remediation == [(T0 + 30, "checkpoint")], "only this GPU's remediations"
+    assert gpu.precursor_ts == T0 - 100 and gpu.mode == "memory"
+    assert sorted(data.fleet_risk) == [0.01, 0.7]  # the latest risk of each GPU
+    assert len(data.events) == 2 and "id" not in data.events[0]

@@ -93,7 +93,8 @@ def test_torn_tail_is_cut_and_appending_continues(tmp_path: Path) -> None:
     seg = tmp_path / _segments(tmp_path)[-1]
     whole = seg.stat().st_size
     with open(seg, "ab") as f:
-        f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00partial")  # a record header promising 64 bytes, then a crash
+        # a record header promising 64 bytes, then a crash
+        f.write(b"\x40\x00\x00\x00\x00\x00\x00\x00partial")
 
     again = Spool(tmp_path, max_bytes=100_000, segment_bytes=10_000)
     assert seg.stat().st_size == whole

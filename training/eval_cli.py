@@ -111,10 +111,12 @@ def build_report(
         "vs recall (failures with precursors caught), over thresholds",
         "record_pr_auc": "record level: average precision of each risk record for 'fails within the horizon', "
         "sudden failures and not-yet-visible precursors included",
-        "episode": f"alarms (risk >= threshold) of one GPU less than {merge_gap_s:.0f} s apart",
-        "lead_min": "failure ts minus the first alarm of the earliest episode that preceded it, caught failures "
-        "with precursors",
-        "false_alarms_per_1000_gpu_days": "episodes with no failure within the horizon after their last alarm",
+        "episode": f"alarms (risk >= threshold) of one GPU less than {merge_gap_s:.0f} s apart, all followed by "
+        "the same failure within the horizon (true) or all not (false)",
+        "lead_min": "failure ts minus the first alarm of the earliest true episode before it (at most the "
+        "horizon), caught failures with precursors",
+        "false_alarms_per_1000_gpu_days": "episodes of alarms with no failure within the horizon after them, "
+        "per 1,000 GPU-days outside failed states",
         "ece": "15 equal-width bins over all records outside failed states",
     }
     report["scorers"] = scorers

@@ -4,11 +4,13 @@ Input is a `RiskTable` (one row per risk record: GPU, ts, one risk column per sc
 simulator's labels. Record-level metrics (PR-AUC, Brier, ECE) treat each record as a prediction of
 "fails within the horizon". Event-level metrics group alarms (risk >= threshold) into episodes:
 
-- an alarm *episode* is a run of alarmed records of one GPU, each within `merge_gap_s` of the previous
-  one and before the same next failure;
-- it is *true* when its GPU fails within the horizon after its last alarm, otherwise a *false alarm*;
+- an alarm is *true* when its GPU fails within the horizon after it (what the risk claims), else false;
+- an alarm *episode* is a run of alarms of one GPU, each within `merge_gap_s` of the previous one, all
+  true for the same failure or all false: an alarm that starts more than the horizon before a failure
+  and lasts until it is one false episode followed by one true episode (so alarming all the time does
+  not pay);
 - a failure is *caught* when a true episode precedes it; its *lead time* is the failure ts minus the
-  start of the earliest such episode;
+  first alarm of the earliest such episode (at most the horizon);
 - precision = true episodes / episodes; recall = caught / eligible failures (those with a precursor,
   whose GPU was scored at least once in the horizon before the failure).
 
@@ -196,12 +198,12 @@ def alarm_episodes(lab: Labelled, risk: np.ndarray, threshold: float, merge_gap_
     if len(a) == 0:
         z = np.zeros(0)
         return Episodes(z, z, z.astype(np.int64), z.astype(np.int64), z.astype(bool), z.astype(np.int64))
-    g, t, f = lab.gpu[a], lab.ts[a], lab.next_fail[a]
-    new = np.r_[True, (g[1:] != g[:-1]) | (np.diff(t) > merge_gap_s) | (f[1:] != f[:-1])]
+    g, t, f, y = lab.gpu[a], lab.ts[a], lab.next_fail[a], lab.y[a]
+    new = np.r_[True, (g[1:] != g[:-1]) | (np.diff(t) > merge_gap_s) | (f[1:] != f[:-1]) | (y[1:] != y[:-1])]
     first = a[new]
     last = a[np.r_[new[1:], True]]
     end_ts = lab.ts[last]
-    true = lab.to_fail_s[last] <= lab.horizon_s
+    true = lab.y[last]
     return Episodes(lab.ts[first], end_ts, lab.gpu[first], lab.next_fail[last], true, last)
 
 

@@ -51,7 +51,9 @@ def _snapshots(port: int) -> int:
         return 0
 
 
-def run_agent_bench(json_path: str | None, *, seconds: float = 60.0, gpus: int = 8, warmup_s: float = 5.0) -> dict:
+def run_agent_bench(
+    json_path: str | None, *, seconds: float = 60.0, gpus: int = 8, warmup_s: float = 5.0
+) -> dict:
     """Runs the benchmark, prints a table, writes the figures to `json_path` (if given) and returns them."""
     broker = start_kafka()
     work = Path(tempfile.mkdtemp(prefix="gpuwatch-bench-agent-"))
@@ -70,7 +72,9 @@ def run_agent_bench(json_path: str | None, *, seconds: float = 60.0, gpus: int =
         deadline = time.monotonic() + 60
         while _snapshots(port) < 2:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the agent did not start; its log:\n{(work / 'agent.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"the agent did not start; its log:\n{(work / 'agent.log').read_text()[-3000:]}"
+                )
             time.sleep(0.2)
         time.sleep(warmup_s)
 
@@ -117,10 +121,18 @@ def run_agent_bench(json_path: str | None, *, seconds: float = 60.0, gpus: int =
         "nvml": "stand-in (producers/fake_nvml.py): real driver call latency not included",
     }
     rows = [
-        ("cpu_pct_one_core", figures["cpu_pct_one_core"], f"% of one core over {figures['measured_s']} s (budget 1 %)"),
+        (
+            "cpu_pct_one_core",
+            figures["cpu_pct_one_core"],
+            f"% of one core over {figures['measured_s']} s (budget 1 %)",
+        ),
         ("rss_mb", figures["rss_mb"], "MiB resident, largest seen while measuring (budget 80)"),
         ("rss_peak_mb", figures["rss_peak_mb"], "MiB, VmHWM over the whole run, start-up included"),
-        ("snapshots_published", figures["snapshots_published"], f"{gpus} GPUs each, read back from the broker"),
+        (
+            "snapshots_published",
+            figures["snapshots_published"],
+            f"{gpus} GPUs each, read back from the broker",
+        ),
         ("snapshots_invalid", invalid, "rejected by decode_snapshot"),
         ("seq_contiguous", figures["seq_contiguous"], "0..n-1, nothing missing"),
         ("exit_code", exit_code, "after SIGTERM (0: flushed and stopped)"),
