@@ -15,7 +15,7 @@ from gpuwatch.embedded import EmbeddedServer
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
-from gpuwatch.schemas.codecs import decode_deadletter, decode_risk, deadletter_original
+from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter, decode_risk
 from gpuwatch.sinks.risk_client import RiskClient
 from gpuwatch.sinks.risk_sink import run_risk_sink
 
