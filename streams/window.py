@@ -48,7 +48,7 @@ EWMA_SIGNALS: tuple[str, ...] = tuple(name for name, _ in _COUNTER_GROUPS) + (
 _SIG = {name: i for i, name in enumerate(EWMA_SIGNALS)}
 # Signals that only carry information under load; their EWMAs hold still while the GPU idles.
 _LOADED_ONLY = np.array([_SIG["thermal_peer"], _SIG["power_jitter"]])
-LOADED_POWER_FRAC = 0.5
+LOADED_UTIL = 0.5
 EWMA_TAUS_S: tuple[float, ...] = (60.0, 600.0, 3600.0)
 # Slow per-device baselines (robust device normalisation): a GPU that always trickles SBEs or
 # always runs warm is compared against itself.
@@ -388,11 +388,12 @@ class WindowStore:
         power = x[:, _NUM["power_w"]]
         limit = x[:, _NUM["power_limit_w"]]
         power_frac = power / np.where(limit > 0, limit, np.nan)
-        loaded = np.nan_to_num(power_frac, nan=0.0) >= LOADED_POWER_FRAC
         # Thermal resistance (°C per W above ambient): fan or heatsink trouble raises it at any load.
         thermal_r = (temp - 25.0) / (np.nan_to_num(power, nan=0.0) + 60.0)
         sm_clock = x[:, _NUM["sm_clock_mhz"]]
         util = x[:, _NUM["util_gpu_pct"]] / 100.0
+        # Load is the job's demand (utilisation), not power: a throttling GPU draws less power but is busy.
+        loaded = np.nan_to_num(util, nan=0.0) >= LOADED_UTIL
         clock_deficit = np.where(util > 0.5, np.clip(1.0 - sm_clock / 1980.0, 0.0, 1.0), 0.0)
 
         thr_thermal = (throttle & (F.THROTTLE_SW_THERMAL | F.THROTTLE_HW_THERMAL)) != 0

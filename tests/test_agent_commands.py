@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from helpers import wait_for
 
 from gpuwatch.config import Settings
 from gpuwatch.controller.worker import run_controller
@@ -62,16 +63,6 @@ signal.signal(signal.SIGUSR1, on_usr1)
 open(out + ".ready", "w").close()
 time.sleep(60)
 """
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from helpers import wait_for
 
 from gpuwatch.config import ConfigError, Settings
 from gpuwatch.controller.executors import Executor, Outcome, make_executor
@@ -52,13 +53,6 @@ class Recording:
         if ev["action"] == "reboot":
             raise RuntimeError("BMC unreachable")
         return Outcome(ok=True, detail=f"did {ev['action']}")
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def read_topic(settings: Settings, topic: str, n: int) -> list[Any]:

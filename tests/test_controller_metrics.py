@@ -6,22 +6,14 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
+from helpers import scrape
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port
 from gpuwatch.kafka import make_producer
 from gpuwatch.schemas.codecs import encode_remediation, remediation_id
-
-
-def scrape(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            return resp.read().decode()
-    except OSError:
-        return ""
 
 
 @pytest.mark.slow

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from helpers import wait_for
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer, start_redis
@@ -37,17 +38,6 @@ def rec(host: str, gpu: int, ts: float, risk: float, mode: str = "none") -> dict
         "model": "test-model",
         "scored_at": ts + 0.5,
     }
-
-
-def wait_for(cond: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Polls `cond` until it is truthy; the timeout only guards against a hang."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture()

@@ -7,24 +7,16 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 import redis
+from helpers import scrape
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port
 from gpuwatch.kafka import make_producer
 from gpuwatch.schemas.codecs import encode_risk
 from gpuwatch.sinks import redis_keys as k
-
-
-def scrape(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            return resp.read().decode()
-    except OSError:
-        return ""
 
 
 @pytest.mark.slow

@@ -273,9 +273,14 @@ def event_pr_curve(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(thresholds, precision, recall) at event level over a quantile grid of the risk values."""
     r = np.asarray(risk)
-    cand = np.unique(np.r_[np.quantile(r, np.linspace(0.0, 1.0, n_thresholds)), np.unique(r)[-1:]])
-    if len(np.unique(r)) <= n_thresholds:
-        cand = np.unique(r)
+    values = np.unique(r)
+    if len(values) <= n_thresholds:
+        cand = values
+    else:
+        # Most records sit near zero: a fixed grid plus quantiles of the upper tail cover the useful range.
+        tail = r[r >= 0.01]
+        q = np.quantile(tail, np.linspace(0.0, 1.0, n_thresholds // 2)) if len(tail) else np.zeros(0)
+        cand = np.unique(np.r_[np.linspace(0.01, 0.99, n_thresholds // 2), q, values[0], values[-1]])
     prec, rec = [], []
     for thr in cand:
         m = event_metrics(lab, r, float(thr), merge_gap_s)
