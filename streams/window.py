@@ -53,6 +53,7 @@ EWMA_TAUS_S: tuple[float, ...] = (60.0, 600.0, 3600.0)
 # Slow per-device baselines (robust device normalisation): a GPU that always trickles SBEs or
 # always runs warm is compared against itself.
 BASELINE_TAU_S = 6 * 3600.0
+PEER_WARMUP_S = 600.0  # loaded seconds over which the peer-relative thermal baseline is a plain running mean
 # Rate signals (events per minute) are read out as log1p of their EWMA.
 _LOGGED = np.array([_SIG[n] for n in ("sbe", "dbe", "remap", "pcie", "nvlink", "xid")])
 # Rates compared with the device's own slow baseline (trickling GPUs are normal for themselves).
@@ -410,7 +411,7 @@ class WindowStore:
         base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, _B_THERMAL_R])
         thermal_dev = np.nan_to_num(thermal_r - base_thermal, nan=0.0) * 10.0
         # Peer-relative resistance against this GPU's own usual offset from its peers (a hot-running board
-        # is normal for itself); learnt under load only, warming up over the first hour of load.
+        # is normal for itself); learnt under load only.
         thermal_peer = np.where(loaded, peer_r - base[:, _B_PEER_R], 0.0)
         last_pp = self.last_power_peer[s]
         jitter = np.where(loaded & ~first & ~np.isnan(last_pp), np.abs(power_peer - last_pp) / 100.0, 0.0)
@@ -447,7 +448,9 @@ class WindowStore:
                                              base[:, _B_THERMAL_R])  # fmt: skip
         learn_peer = loaded & ~thr_thermal
         loaded_s = self.loaded_s[s] + np.where(loaded, np.minimum(dt_pos, 60.0), 0.0)
-        a_peer = 1.0 - np.exp(-np.minimum(dt_pos, 60.0) / np.clip(loaded_s, 60.0, BASELINE_TAU_S))
+        # A running mean over the first minutes of load, then the slow baseline (so a precursor is not learnt).
+        tau_peer = np.where(loaded_s < PEER_WARMUP_S, np.maximum(loaded_s, 30.0), BASELINE_TAU_S)
+        a_peer = 1.0 - np.exp(-np.minimum(dt_pos, 60.0) / tau_peer)
         new_base[:, _B_PEER_R] = np.where(
             learn_peer, base[:, _B_PEER_R] + a_peer * (peer_r - base[:, _B_PEER_R]), base[:, _B_PEER_R]
         )
