@@ -50,6 +50,9 @@ class Settings:
     stream_fetch_max_wait_ms: int = field(
         default=100, metadata={"doc": "Longest a stream worker's fetch waits for data (latency floor on quiet topics)."}
     )
+    risk_refresh_s: float = field(
+        default=10.0, metadata={"doc": "Longest a tracked GPU goes without a risk record (silent GPUs are re-published)."}
+    )
     torch_threads: int = field(
         default=1, metadata={"doc": "CPU threads for inference in a stream worker (scale out with processes instead)."}
     )

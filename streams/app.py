@@ -163,6 +163,18 @@ def create_app(
     async def _report() -> None:
         totals.report(processor)
 
+    @app.timer(interval=2.0)
+    async def _refresh_silent() -> None:
+        # Every GPU's risk is refreshed at least every 10 s, also when its samples stop coming.
+        if not ready.is_set():
+            return
+        result = processor.refresh_silent(time.time(), settings.risk_refresh_s)
+        if result.risk:
+            for key, value in result.risk:
+                produce(producer, settings.topic_risk, key, value)
+            await asyncio.get_running_loop().run_in_executor(None, producer.flush, 30.0)
+            totals.refreshed += result.scored
+
     @app.timer(interval=settings.checkpoint_interval_s)
     async def _checkpoint() -> None:
         if ready.is_set():
@@ -198,6 +210,7 @@ class StreamTotals:
         self.restored_gpus = self.checkpointed = 0
         self.first_batch_at = self.last_batch_at = 0.0
         self.partitions = 0  # samples partitions owned now
+        self.refreshed = 0  # risk records re-published for silent GPUs
         self.started = time.time()
 
     def add(self, result: BatchResult) -> None:
@@ -218,6 +231,7 @@ class StreamTotals:
             "deadletters": self.deadletters,
             "batches": self.batches,
             "partitions": self.partitions,
+            "refreshed": self.refreshed,
             "restored_gpus": self.restored_gpus,
             "checkpointed": self.checkpointed,
             "uptime_s": round(time.time() - self.started, 1),

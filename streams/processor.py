@@ -65,6 +65,7 @@ class RiskProcessor:
         self.max_future_s = max_future_s
         self.horizon_s = scorer.artifact.horizon_s
         self.model_version = scorer.version
+        self._scored_wall = np.zeros(0)  # wall time of each slot's last risk record
 
     def process(self, messages: Sequence[Inbound], *, now: float | None = None) -> BatchResult:
         """Decode and fold `messages`; score every touched GPU that is due. Never raises on bad input."""
@@ -123,6 +124,11 @@ class RiskProcessor:
         result.inference_s += time.perf_counter() - t0
         store.last_scored_ts[slots] = store.last_ts[slots]
         scored_at = time.time()
+        if len(self._scored_wall) < len(store.uuids):
+            grown = np.zeros(max(len(store.uuids), 2 * len(self._scored_wall)))
+            grown[: len(self._scored_wall)] = self._scored_wall
+            self._scored_wall = grown
+        self._scored_wall[slots] = scored_at
         out = result.risk
         hosts, uuids = store.hosts, store.uuids
         history = (store.last_ts[slots] - store.first_ts[slots]).tolist()
@@ -181,6 +187,22 @@ class RiskProcessor:
                 )
                 value = src.value if src.value is not None else orjson.dumps({"host": snap.host, "seq": snap.seq})
                 result.deadletters.append(self._deadletter(Inbound(value, src.topic, src.partition, src.offset), error))
+
+    def refresh_silent(self, now: float, max_age_s: float = 10.0) -> BatchResult:
+        """Re-score tracked GPUs whose last risk record is older than `max_age_s` of wall time.
+
+        Such GPUs have gone silent (or their host stopped sending): the record they get keeps the ts
+        of their newest sample, so readers see the staleness; the gap itself enters the features
+        when the next sample arrives.
+        """
+        result = BatchResult()
+        tracked = np.fromiter(self.store.slot_of.values(), dtype=np.int64, count=len(self.store.slot_of))
+        if len(tracked):
+            known = tracked[tracked < len(self._scored_wall)]
+            due = known[now - self._scored_wall[known] >= max_age_s]
+            if len(due):
+                self.score_slots(np.sort(due), result)
+        return result
 
     def checkpoint(self) -> list[tuple[int, bytes, bytes]]:
         """(partition, key, value) changelog records for every GPU changed since the last checkpoint."""

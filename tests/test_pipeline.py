@@ -94,3 +94,31 @@ def test_malformed_message_is_dead_lettered_and_worker_keeps_going(settings: Set
     # The good snapshots after the bad ones were still scored.
     assert {decode_risk(v)["gpu_index"] for v in got[settings.topic_risk]} == set(range(8))
     assert worker.alive()
+
+
+def test_a_silent_gpu_keeps_getting_risk_records_with_its_last_ts(settings: Settings) -> None:
+    settings = settings.replace(risk_refresh_s=3.0, rescore_interval_s=0.5)
+    ensure_topics(settings)
+    proc = start_stream_worker(settings)
+    try:
+        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=8, seed=5, start_ts=time.time() - 5))
+        producer = make_producer(settings)
+        for _ in range(5):
+            for host, value in sim.step_json():
+                producer.produce(settings.topic_samples, key=host.encode(), value=value)
+        assert producer.flush(10) == 0
+        last_ts = sim.now
+        # The host then goes silent: its GPUs are still re-scored, stamped with their last sample's ts.
+        got = _collect(
+            settings, [settings.topic_risk],
+            lambda g: len({(r["uuid"], round(r["scored_at"])) for r in map(orjson.loads, g[settings.topic_risk])
+                           if r["ts"] == pytest.approx(last_ts)}) >= 16,
+        )
+        latest = [decode_risk(v) for v in got[settings.topic_risk] if decode_risk(v)["ts"] == pytest.approx(last_ts)]
+        spans = {}
+        for r in latest:
+            spans.setdefault(r["uuid"], []).append(r["scored_at"])
+        assert len(spans) == 8
+        assert all(max(s) - min(s) >= 2.5 for s in spans.values())  # re-published, not just scored once
+    finally:
+        proc.stop()
