@@ -211,6 +211,7 @@ def verify(
         or not _number(expires)
     ):
         raise CommandRejected("malformed", "needs a nonce (16-128 characters), issued_at and expires_at")
+    assert issued is not None and expires is not None  # _number() rejected anything else
     if issued > now + skew_s:
         raise CommandRejected("not_yet_valid", f"issued {issued - now:.0f} s in the future; check NTP")
     if now > expires:

@@ -272,7 +272,7 @@ def _fast(obj: Any, max_depth: int, from_json: bool) -> Snapshot | None:
     if min(idx) < 0 or max(idx) > MAX_GPU_INDEX or len(set(idx)) != len(idx):
         return None
     if None in thr:
-        thr = [0 if t is None else t for t in thr]
+        thr = tuple(0 if t is None else t for t in thr)
     if min(thr) < 0 or max(thr) > MAX_INT64 or max(map(len, xids)) > MAX_XIDS:
         return None
     if any(xids):
@@ -310,6 +310,7 @@ def _explain(obj: Any, max_depth: int) -> None:
         if type(g) is not dict:
             raise _fail(p, f"expected object, got {_describe(g)}", "type")
         idx = _check_int(_need(g, "gpu_index", p), p + ".gpu_index", 0, MAX_GPU_INDEX)
+        assert idx is not None  # not nullable: a null raised above
         if idx in seen:
             raise _fail(p + ".gpu_index", f"duplicate gpu_index {idx} (also at gpus[{seen[idx]}])", "duplicate")
         seen[idx] = i

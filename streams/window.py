@@ -46,22 +46,24 @@ EWMA_SIGNALS: tuple[str, ...] = tuple(name for name, _ in _COUNTER_GROUPS) + (
     "clock_deficit",
 )
 _SIG = {name: i for i, name in enumerate(EWMA_SIGNALS)}
-# Signals that only carry information under load; their EWMAs hold still while the GPU idles.
-_LOADED_ONLY = np.array([_SIG["thermal_peer"], _SIG["power_jitter"]])
-LOADED_UTIL = 0.5
+LOADED_UTIL = 0.5  # utilisation above which a GPU counts as loaded
+# Temperatures lag a load change by a minute or two (and by a different time constant per GPU), so the
+# peer-relative thermal signal holds still until the load state has been steady this long.
+SETTLE_S = 180.0
 EWMA_TAUS_S: tuple[float, ...] = (60.0, 600.0, 3600.0)
 # Slow per-device baselines (robust device normalisation): a GPU that always trickles SBEs or
 # always runs warm is compared against itself.
 BASELINE_TAU_S = 6 * 3600.0
-PEER_WARMUP_S = 600.0  # loaded seconds over which the peer-relative thermal baseline is a plain running mean
+PEER_WARMUP_S = 600.0  # settled seconds over which a peer-relative thermal baseline is a plain running mean
 # Rate signals (events per minute) are read out as log1p of their EWMA.
 _LOGGED = np.array([_SIG[n] for n in ("sbe", "dbe", "remap", "pcie", "nvlink", "xid")])
 # Rates compared with the device's own slow baseline (trickling GPUs are normal for themselves).
 _BASELINED_RATES = ("sbe", "pcie", "nvlink")
 _RATE_BASE_COLS = np.array([_SIG[n] for n in _BASELINED_RATES])
-# baseline columns: the rates above, then thermal resistance, then thermal resistance relative to peers.
-_B_THERMAL_R, _B_PEER_R = len(_BASELINED_RATES), len(_BASELINED_RATES) + 1
-N_BASELINES = len(_BASELINED_RATES) + 2
+# baseline columns: the rates above, thermal resistance, then resistance relative to peers idle and loaded.
+_B_THERMAL_R = len(_BASELINED_RATES)
+_B_PEER_IDLE, _B_PEER_LOADED = _B_THERMAL_R + 1, _B_THERMAL_R + 2
+N_BASELINES = len(_BASELINED_RATES) + 3
 
 _THROTTLE_BITS: tuple[tuple[str, int], ...] = (
     ("thr_sw_power_cap", F.THROTTLE_SW_POWER_CAP),
@@ -195,7 +197,9 @@ class WindowStore:
             "last_violation": ((2,), np.float64),
             "ewma": ((len(EWMA_TAUS_S), N_SIGNALS), np.float32),
             "baseline": ((N_BASELINES,), np.float32),
-            "loaded_s": ((), np.float32),
+            "state_s": ((2,), np.float32),  # settled seconds seen idle, loaded (baseline warm-up)
+            "state_since": ((), np.float64),  # ts of the last change between idle and loaded
+            "was_loaded": ((), np.bool_),
             "last_power_peer": ((), np.float32),
             "current": ((N_FEATURES,), np.float32),
             "ring": ((t, N_FEATURES), np.float16),
@@ -410,9 +414,15 @@ class WindowStore:
         base = self.baseline[s]
         base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, _B_THERMAL_R])
         thermal_dev = np.nan_to_num(thermal_r - base_thermal, nan=0.0) * 10.0
-        # Peer-relative resistance against this GPU's own usual offset from its peers (a hot-running board
-        # is normal for itself); learnt under load only.
-        thermal_peer = np.where(loaded, peer_r - base[:, _B_PEER_R], 0.0)
+        # Peer-relative resistance against this GPU's own usual offset from its peers in the same load state
+        # (a hot-running board is normal for itself), once temperatures have settled after a load change.
+        changed = first | (loaded != self.was_loaded[s])
+        self.state_since[s] = np.where(changed, ts, self.state_since[s])
+        self.was_loaded[s] = loaded
+        settled = ts - self.state_since[s] >= SETTLE_S
+        b_col = np.where(loaded, _B_PEER_LOADED, _B_PEER_IDLE)
+        rows_i = np.arange(len(s))
+        thermal_peer = np.where(settled, peer_r - base[rows_i, b_col], 0.0)
         last_pp = self.last_power_peer[s]
         jitter = np.where(loaded & ~first & ~np.isnan(last_pp), np.abs(power_peer - last_pp) / 100.0, 0.0)
         self.last_power_peer[s] = np.where(loaded, power_peer, np.nan)
@@ -433,7 +443,8 @@ class WindowStore:
         alpha = np.where(first[:, None], 1.0, 1.0 - np.exp(-dt_pos[:, None] / taus[None, :]))
         ew = self.ewma[s]
         step = alpha[:, :, None] * (signals[:, None, :] - ew)
-        step[:, :, _LOADED_ONLY] *= (loaded | first)[:, None, None]  # hold still while idle
+        step[:, :, _SIG["thermal_peer"]] *= (settled | first)[:, None]  # hold still while temperatures settle
+        step[:, :, _SIG["power_jitter"]] *= (loaded | first)[:, None]  # only meaningful under load
         ew += step
         self.ewma[s] = ew
 
@@ -446,16 +457,15 @@ class WindowStore:
         r_now = np.nan_to_num(thermal_r, nan=0.3)
         new_base[:, _B_THERMAL_R] = np.where(learn, base[:, _B_THERMAL_R] + a_base * (r_now - base[:, _B_THERMAL_R]),
                                              base[:, _B_THERMAL_R])  # fmt: skip
-        learn_peer = loaded & ~thr_thermal
-        loaded_s = self.loaded_s[s] + np.where(loaded, np.minimum(dt_pos, 60.0), 0.0)
-        # A running mean over the first minutes of load, then the slow baseline (so a precursor is not learnt).
-        tau_peer = np.where(loaded_s < PEER_WARMUP_S, np.maximum(loaded_s, 30.0), BASELINE_TAU_S)
+        learn_peer = settled & ~thr_thermal
+        state_s = self.state_s[s, loaded.astype(np.int64)] + np.where(learn_peer, np.minimum(dt_pos, 60.0), 0.0)
+        # A running mean over the first minutes in a state, then the slow baseline (so a precursor is not learnt).
+        tau_peer = np.where(state_s < PEER_WARMUP_S, np.maximum(state_s, 30.0), BASELINE_TAU_S)
         a_peer = 1.0 - np.exp(-np.minimum(dt_pos, 60.0) / tau_peer)
-        new_base[:, _B_PEER_R] = np.where(
-            learn_peer, base[:, _B_PEER_R] + a_peer * (peer_r - base[:, _B_PEER_R]), base[:, _B_PEER_R]
-        )
+        old_peer = base[rows_i, b_col]
+        new_base[rows_i, b_col] = np.where(learn_peer, old_peer + a_peer * (peer_r - old_peer), old_peer)
         self.baseline[s] = new_base
-        self.loaded_s[s] = loaded_s
+        self.state_s[s, loaded.astype(np.int64)] = state_s
 
         # XID bookkeeping.
         has_xid = xid_count > 0

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Reproduce the shipped model from scratch: simulate the training, validation and held-out fleets,
+# train (LSTM + GBDT baseline, operating threshold picked on the validation fleet), evaluate on the
+# held-out fleets, and install the model and its eval report into gpuwatch/models/.
+#
+#   scripts/train-default-model.sh [WORK_DIR]      (default WORK_DIR: /tmp/gpuwatch-default-model)
+#
+# Needs ~20 GB free under WORK_DIR (JSONL telemetry is ~770 bytes per GPU-sample). Set GPUWATCH=...
+# to use another gpuwatch executable (default: the one on PATH, else .venv/bin/gpuwatch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/tmp/gpuwatch-default-model}
+GW=${GPUWATCH:-$(command -v gpuwatch || echo .venv/bin/gpuwatch)}
+PY=$(dirname "$GW")/python
+mkdir -p "$WORK"
+start=$(date +%s)
+
+for fleet in train-a train-b val heldout heldout-faint; do
+  if [ ! -s "$WORK/$fleet/labels.jsonl" ]; then
+    "$PY" -m gpuwatch.training.fleets "$fleet" "$WORK/$fleet"
+  fi
+done
+
+"$GW" train --data "$WORK/train-a" --data "$WORK/train-b" --val-data "$WORK/val" \
+  --out "$WORK/model.pt" --epochs 8 --seed 0
+
+"$GW" eval --data "$WORK/heldout" --data "$WORK/heldout-faint" --model "$WORK/model.pt" \
+  --json "$WORK/eval.json"
+
+cp "$WORK/model.pt" gpuwatch/models/default.pt
+cp "$WORK/eval.json" gpuwatch/models/default.json
+echo "installed gpuwatch/models/default.pt ($(stat -c %s gpuwatch/models/default.pt) bytes) and default.json" \
+  "in $(( $(date +%s) - start )) s"
