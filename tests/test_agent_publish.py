@@ -195,7 +195,7 @@ def test_sigterm_flushes_and_exits_zero(settings: Settings, tmp_path: Path) -> N
     port = free_port()
     env = {**os.environ, "GPUWATCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
            "GPUWATCH_TOPIC_SAMPLES": settings.topic_samples, "GPUWATCH_AGENT_HOST": "sigterm-node"}  # fmt: skip
-    argv = [sys.executable, "-c", "import sys; from gpuwatch.cli import main; sys.exit(main())", "agent",
+    argv = [sys.executable, "-P", "-c", "import sys; from gpuwatch.cli import main; sys.exit(main())", "agent",
             "--fake-nvml", "2", "--interval", "0.2", "--spool-dir", str(tmp_path / "spool"),
             "--metrics-port", str(port)]  # fmt: skip
     proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

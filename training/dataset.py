@@ -48,15 +48,17 @@ class Failures:
         return cls(by_uuid)
 
     def label(self, uuid: str, ts: float, horizon_s: float) -> tuple[int, int, float, bool, bool]:
-        """(fails within horizon, mode index, seconds to that failure, precursor flag, GPU is in a failed state)."""
+        """(fails within horizon, mode index, seconds to that failure, its precursor has started by `ts`,
+        GPU is in a failed state)."""
         entry = self.by_uuid.get(uuid)
         if entry is None:
             return 0, 0, np.inf, False, False
-        fail, mode, repair_end, precursor, _ = entry
+        fail, mode, repair_end, precursor, pstart = entry
         failed_now = bool(np.any((fail <= ts) & (ts < repair_end)))
         i = int(np.searchsorted(fail, ts, side="right"))
         if i < len(fail) and fail[i] - ts <= horizon_s:
-            return 1, int(mode[i]), float(fail[i] - ts), bool(precursor[i]), failed_now
+            visible = bool(precursor[i]) and ts >= pstart[i]
+            return 1, int(mode[i]), float(fail[i] - ts), visible, failed_now
         return 0, 0, float(fail[i] - ts) if i < len(fail) else np.inf, False, failed_now
 
 
@@ -90,7 +92,7 @@ class SequenceSet:
     ts: np.ndarray
     uuid: list[str]
     lead_s: np.ndarray
-    precursor: np.ndarray
+    precursor: np.ndarray  # positive whose precursor has started (a model could see it)
 
 
 def build_sequences(

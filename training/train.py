@@ -31,6 +31,9 @@ class TrainConfig:
     noise_std: float = 0.05  # Gaussian noise on normalised inputs
     time_warp: float = 0.3  # probability of a random time-warp per sequence
     val_fraction: float = 0.2
+    # "visible": positives whose precursor has not started yet (and sudden failures) are left out of the
+    # training loss, since nothing distinguishes them from negatives; calibration still uses every row.
+    train_on: str = "visible"
     seed: int = 0
     device: str = "cpu"
     threads: int = 2
@@ -152,7 +155,8 @@ def train(
 ) -> ModelArtifact:
     """Train on `data` (split by GPU into train/validation), calibrate, and return an artifact.
 
-    The epoch with the best validation average precision is kept. Calibration is Platt scaling folded
+    The epoch with the best validation average precision (positives with a visible precursor against
+    negatives) is kept. Calibration is Platt scaling folded
     into the artifact (temperature = 1 / slope, the shift added to the risk head's bias), so `Scorer`
     needs nothing new. The threshold is the best sequence-level F1 on validation; `gpuwatch train
     --val-data` replaces it with the best event-level F1 on a validation fleet.
@@ -162,6 +166,10 @@ def train(
     gen = torch.Generator().manual_seed(config.seed)
     device = torch.device(config.device)
     tr, va = split if split is not None else split_by_gpu(data, config.val_fraction, config.seed)
+    invisible = (data.y == 1) & ~data.precursor
+    if config.train_on == "visible":
+        tr = tr[~invisible[tr]]
+    va_sel = va[~invisible[va]]  # model selection: can the model see what is visible?
     n_feat = data.x.shape[-1]
     # Normalisation from a subsample of training rows (float64 sums; the full set can be large).
     sub = tr[np.random.default_rng(config.seed).permutation(len(tr))[:50_000]]
@@ -208,8 +216,8 @@ def train(
             if step % 50 == 0 or step == steps_per_epoch - 1:
                 _progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch,
                           f"loss {total / (step + 1):.4f} {time.time() - t0:.0f}s")  # fmt: skip
-        val_logits = _logits(model, xn, va, device)
-        ap = average_precision(data.y[va], val_logits) if len(va) else 0.0
+        val_logits = _logits(model, xn, va_sel, device)
+        ap = average_precision(data.y[va_sel], val_logits) if len(va_sel) else 0.0
         history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch, "val_ap": ap})
         sys.stderr.write(f"  validation AP {ap:.3f}\n")
         if ap > best[0]:

@@ -64,7 +64,7 @@ def run_agent_bench(
         port = free_port()
         env = {**os.environ, "GPUWATCH_KAFKA_BOOTSTRAP": broker.url, "GPUWATCH_TOPIC_SAMPLES": settings.topic_samples,
                "GPUWATCH_AGENT_HOST": "bench-node"}  # fmt: skip
-        argv = [sys.executable, "-c", "import sys; from gpuwatch.cli import main; sys.exit(main())", "agent",
+        argv = [sys.executable, "-P", "-c", "import sys; from gpuwatch.cli import main; sys.exit(main())", "agent",
                 "--fake-nvml", str(gpus), "--interval", "1", "--spool-dir", str(work / "spool"),
                 "--metrics-port", str(port)]  # fmt: skip
         with open(work / "agent.log", "wb") as log:
