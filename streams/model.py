@@ -41,9 +41,20 @@ class FailureLSTM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.lstm(x)
+        return self.head(out[:, -1], x[:, -1])
+
+    def head(self, last_out: torch.Tensor, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Risk logit and mode logits from the LSTM's last output and the current (normalised) row."""
         # The current row goes straight to the MLP as well: sharp present-state signals need no recurrence.
-        h = self.body(torch.cat([out[:, -1], x[:, -1]], dim=1))
+        h = self.body(torch.cat([last_out, current], dim=1))
         return self.risk_head(h).squeeze(1), self.mode_head(h)
+
+    def step(
+        self, current: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same outputs as `forward` on [past..., current], given the LSTM state after the past rows."""
+        out, _ = self.lstm(current[:, None, :], (state[0][None], state[1][None]))
+        return self.head(out[:, -1], current)
 
 
 @dataclass
@@ -176,12 +187,36 @@ class Scorer:
         risk_logit, mode_logit = self.model(x)
         return risk_logit.float().cpu().numpy(), mode_logit.float().cpu().numpy()
 
+    @torch.inference_mode()
+    def encode_past(self, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """LSTM state (h, c), each (B, hidden) float32, after the past rows (B, T-1, F) of each sequence."""
+        x = (self._to_device(np.ascontiguousarray(past, dtype=np.float32)) - self._mean) / self._std
+        _, (h, c) = self.model.lstm(x)
+        return h[0].float().cpu().numpy(), c[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def logits_from_state(self, h: np.ndarray, c: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like `logits` on [past..., current], from the state `encode_past` returned for the past: one LSTM step."""
+        x = (self._to_device(np.ascontiguousarray(current, dtype=np.float32)) - self._mean) / self._std
+        state = (torch.from_numpy(h).to(self.device), torch.from_numpy(c).to(self.device))
+        risk_logit, mode_logit = self.model.step(x, state)
+        return risk_logit.float().cpu().numpy(), mode_logit.float().cpu().numpy()
+
+    def score_from_state(self, h: np.ndarray, c: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`score` for sequences whose past was already encoded (incremental scoring; exact, not approximate)."""
+        if len(current) == 0:
+            return np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
+        return self._calibrated(*self.logits_from_state(h, c, current))
+
     def score(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Calibrated risk in [0, 1] (B,) and mode index into FAILURE_MODES (B,), "none" below mode_min_risk."""
         if len(seqs) == 0:
             return np.zeros(0, dtype=np.float64), np.zeros(0, dtype=np.int64)
-        risk_logit, mode_logit = self.logits(seqs)
-        risk = 1.0 / (1.0 + np.exp(-risk_logit.astype(np.float64) / self.artifact.temperature))
+        return self._calibrated(*self.logits(seqs))
+
+    def _calibrated(self, risk_logit: np.ndarray, mode_logit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # tanh form of the sigmoid: no overflow warning for large logits
+        risk = 0.5 * (1.0 + np.tanh(risk_logit.astype(np.float64) / (2.0 * self.artifact.temperature)))
         mode = mode_logit.argmax(axis=1) + 1  # +1: FAILURE_MODES[0] is "none"
         mode = np.where(risk >= self.artifact.mode_min_risk, mode, 0)
         return risk, mode

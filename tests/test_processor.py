@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
@@ -64,3 +65,20 @@ def test_garbage_is_dead_lettered_with_its_source() -> None:
     letters = [decode_deadletter(d) for d in result.deadletters]
     assert [(d["source"]["partition"], d["source"]["offset"]) for d in letters] == [(3, 42), (3, 43)]
     assert all(d["error"] for d in letters) and result.samples == 0
+
+
+def test_incremental_scoring_equals_a_full_forward_pass() -> None:
+    sim = FleetSimulator(FleetConfig(hosts=2, seed=6, start_ts=1.7e9, rate_scale=2000.0))
+    proc = _processor(rescore_s=1.0)
+    scorer = proc.scorer
+    hits = 0
+    for _ in range(30):  # 10 s a batch: the ring advances every third batch; caches are reused in between
+        cached = proc._cache_push_ts.copy()
+        result = proc.process(_feed(sim, 10))
+        hits += int(np.sum(cached[: len(proc._cache_push_ts)] == proc._cache_push_ts[: len(cached)]))
+        assert result.scored == 16
+        slots = np.sort(np.array(list(proc.store.slot_of.values())))
+        incremental = [decode_risk(v)["risk"] for _, v in result.risk]
+        full, _ = scorer.score(proc.store.sequences(slots))
+        assert np.allclose(sorted(incremental), sorted(full), atol=1e-5)
+    assert hits > 100  # the cache was really used, not recomputed every time
