@@ -1,17 +1,23 @@
 """The controller: executes remediation events once each, and records how it went.
 
-For each event on `settings.topic_remediation` it claims ``gpuwatch:claim:{id}`` in Redis (SET NX) *before*
-acting, so a redelivered or duplicated event (same id) is executed at most once; then it runs the
-executor, stores ``gpuwatch:outcome:{id}`` and publishes the outcome to `settings.topic_outcomes`
-(future training labels). A crash between claim and outcome leaves a claim with no outcome hash: the
-event is not retried automatically (a reboot twice is worse than once too few); operators can see it.
+For each event on `settings.topic_remediation` it takes a leased claim on ``gpuwatch:claim:{id}`` in Redis
+(controller/claims.py) *before* acting, so a redelivered or duplicated event (same id) is not executed
+again; then it runs the executor, publishes the outcome to `settings.topic_outcomes` (future training
+labels) and stores ``gpuwatch:outcome:{id}``. The offset is committed only after that.
+
+If a controller dies between claim and outcome, the event is redelivered (its offset was not committed)
+and the next controller takes the interrupted claim over once its lease has run out (at once when the dead
+process was on the same host). It then runs the event again only where that cannot double its effect:
+checkpoint and migrate (asking a job to checkpoint or a drained node to drain again changes nothing), actions
+the executor lists in `idempotent_actions`, or when the executor's `already_done(event)` says the first
+attempt did not take effect. Otherwise (a reboot, by default) it records a failed outcome saying the attempt
+was interrupted and was not retried, so an operator decides. So no event is lost, and none runs twice
+unless running it twice is harmless.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +32,7 @@ from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 
 from ..schemas.codecs import decode_remediation, make_deadletter
-from ..sinks import redis_keys as k
+from .claims import Claim, ClaimStore
 from .executors import Executor, Outcome, make_executor
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,9 @@ OUTCOME_SCHEMA = "gpuwatch.outcome/1"
 STAGE = "controller"
 
 OnOutcome = Callable[[dict[str, Any]], None]
+# Running these again after an interrupted attempt changes nothing (a second checkpoint request, a drain of a
+# drained node); a reboot may have happened already, so it is re-run only if the executor says it is safe.
+IDEMPOTENT_ACTIONS = frozenset({"checkpoint", "migrate"})
 
 
 def group_id(settings: Settings) -> str:
@@ -69,6 +78,10 @@ def _execute(executor: Executor, event: dict[str, Any]) -> tuple[Outcome, float,
         log.exception("executor %s failed on %s", executor.name, event["id"])
         outcome = Outcome(ok=False, detail=f"executor raised {type(exc).__name__}: {exc}")
     return outcome, started, time.monotonic() - t0
+
+
+def _noted(outcome: Outcome, note: str) -> Outcome:
+    return Outcome(ok=outcome.ok, detail=f"{note}: {outcome.detail}", dry_run=outcome.dry_run)
 
 
 def outcome_record(
@@ -108,8 +121,9 @@ class _Controller:
         self.on_outcome = on_outcome
         self.redis = redis_client
         self.producer = make_producer(settings)
-        self.ttl_ms = max(1, int(settings.controller_claim_ttl_s * 1000))
-        self.me = f"{socket.gethostname()}:{os.getpid()}"
+        self.claims = ClaimStore(
+            redis_client, lease_s=settings.controller_lease_s, ttl_s=settings.controller_claim_ttl_s
+        )
 
     def handle(self, msg: Message) -> bool:
         """Processes one message; False if `stop` was set before it was done (do not commit it)."""
@@ -128,51 +142,89 @@ class _Controller:
             log.warning("dead-lettered an undecodable remediation event at offset %s: %s", msg.offset(), exc)
             metrics.DEADLETTERS.labels(STAGE).inc()
             return self.flush()
-        claim = f"{self.me} {time.time():.3f}"
-        done, claimed = _retrying(
-            self.stop,
-            "claim a remediation",
-            lambda: self.redis.set(k.claim_key(event["id"]), claim, nx=True, px=self.ttl_ms),
-        )
-        if not done:
-            return False
-        if not claimed:
-            log.info(
-                "remediation %s (%s %s GPU %s) already claimed; skipped",
-                event["id"],
-                event["action"],
-                event["host"],
-                event["gpu_index"],
-            )
-            metrics.REMEDIATION_ACTIONS.labels(event["action"], "duplicate").inc()
-            return True
-        outcome, started_at, duration_s = _execute(self.executor, event)
+        claim = self.claim(event)
+        if claim is None:
+            return not self.stop.is_set()
+        with self.claims.held(claim):
+            if claim.interrupted_owner:
+                outcome, started_at, duration_s = self.recover(event, claim)
+            else:
+                outcome, started_at, duration_s = _execute(self.executor, event)
         result = "dry_run" if outcome.dry_run and outcome.ok else "ok" if outcome.ok else "failed"
         metrics.REMEDIATION_ACTIONS.labels(event["action"], result).inc()
         record = outcome_record(event, self.executor.name, outcome, started_at, duration_s)
+        record["attempt"] = claim.attempt
         self.producer.produce(self.settings.topic_outcomes, orjson.dumps(record), key=event["host"])
-        self.store(record)
+        # The outcome reaches Kafka before the claim is marked done: a crash in between re-runs the event
+        # (safely, see above) rather than leaving a done claim with no published outcome.
+        if not self.flush() or not self.store(claim, record):
+            return False
         if self.on_outcome is not None:
             try:
                 self.on_outcome(record)
             except Exception:
                 log.exception("on_outcome callback failed")
-        return self.flush()
+        return True
 
-    def store(self, record: dict[str, Any]) -> None:
-        key = k.outcome_key(record["id"])
-        fields: dict[Any, Any] = {
-            name: ("true" if v else "false") if isinstance(v, bool) else str(v) for name, v in record.items()
-        }
+    def claim(self, event: dict[str, Any]) -> Claim | None:
+        """Our claim on the event, or None when it is already done (or `stop` was set); waits while another
+        live controller holds it (at most its lease)."""
+        rid = event["id"]
+        while True:
+            ok, state = _retrying(self.stop, "claim a remediation", lambda: self.claims.try_claim(rid))
+            if not ok:
+                return None
+            if state.kind == "ours":
+                return state.claim
+            if state.kind == "done":
+                log.info("remediation %s (%s %s GPU %s) already done; skipped",
+                         rid, event["action"], event["host"], event["gpu_index"])  # fmt: skip
+                metrics.REMEDIATION_ACTIONS.labels(event["action"], "duplicate").inc()
+                return None
+            log.info("remediation %s is held by %s; waiting for its outcome or the end of its lease",
+                     rid, state.holder)  # fmt: skip
+            if self.stop.wait(min(1.0, self.claims.lease_s / 10)):
+                return None
 
-        def write() -> None:
-            pipe = self.redis.pipeline(transaction=True)
-            pipe.hset(key, mapping=fields)
-            pipe.pexpire(key, self.ttl_ms)
-            pipe.execute()
+    def recover(self, event: dict[str, Any], claim: Claim) -> tuple[Outcome, float, float]:
+        """Takes over an attempt that `claim.interrupted_owner` did not finish: re-runs it only where safe."""
+        action, who = event["action"], claim.interrupted_owner
+        log.warning("remediation %s (%s %s GPU %s): the attempt by %s was interrupted",
+                    event["id"], action, event["host"], event["gpu_index"], who)  # fmt: skip
+        if action in IDEMPOTENT_ACTIONS | frozenset(getattr(self.executor, "idempotent_actions", ())):
+            outcome, started_at, duration_s = _execute(self.executor, event)
+            return _noted(outcome, f"re-run after an interrupted attempt by {who}"), started_at, duration_s
+        check = getattr(self.executor, "already_done", None)
+        why = f"running it again could {action} twice"
+        started_at = time.time()
+        if check is not None:
+            try:
+                prior: Outcome | None = check(event)
+            except Exception as exc:  # cannot tell whether it took effect: do not risk a second run
+                log.exception("executor %s could not check %s", self.executor.name, event["id"])
+                why = f"checking whether it took effect failed ({type(exc).__name__}: {exc})"
+            else:
+                if prior is not None:
+                    return _noted(prior, f"done by the interrupted attempt of {who}"), started_at, 0.0
+                outcome, started_at, duration_s = _execute(self.executor, event)
+                note = f"re-run: the interrupted attempt of {who} had not acted"
+                return _noted(outcome, note), started_at, duration_s
+        detail = (f"interrupted: {who} stopped while executing this {action}; not retried, because {why}. "
+                  f"Check {event['host']} and act by hand if it is still needed")  # fmt: skip
+        log.error("remediation %s: %s", event["id"], detail)
+        return Outcome(ok=False, detail=detail), started_at, 0.0
 
-        if not _retrying(self.stop, "record a remediation outcome", write)[0]:
+    def store(self, claim: Claim, record: dict[str, Any]) -> bool:
+        """Records the outcome in Redis and marks the claim done; False if `stop` was set first."""
+        fields = {n: ("true" if v else "false") if isinstance(v, bool) else str(v) for n, v in record.items()}
+        ok, finished = _retrying(self.stop, "record an outcome", lambda: self.claims.finish(claim, fields))
+        if not ok:
             log.error("outcome of %s not stored in Redis (stopping): %s", record["id"], record)
+            return False
+        if not finished:
+            log.warning("remediation %s: our lease ran out while executing and another controller took over; "
+                        "our outcome was published but not stored in Redis", record["id"])  # fmt: skip
+        return True
 
     def flush(self) -> bool:
         while self.producer.flush(1.0) > 0:

@@ -50,6 +50,9 @@ class Settings:
     stream_fetch_max_wait_ms: int = field(
         default=100, metadata={"doc": "Longest a stream worker's fetch waits for data (latency floor on quiet topics)."}
     )
+    stream_max_sample_age_s: float = field(
+        default=604800.0, metadata={"doc": "Snapshots whose ts is older than this versus the worker's clock are dead-lettered as stale; 0 turns the check off."}
+    )
     risk_refresh_s: float = field(
         default=10.0, metadata={"doc": "Longest a tracked GPU goes without a risk record (silent GPUs are re-published)."}
     )
@@ -99,6 +102,7 @@ class Settings:
     agent_checkpoint_hook: str = field(default="", metadata={"doc": "Agent: command run instead of signalling (no shell); placeholders {host} {gpu_index} {uuid} {pids} {id}."})
     agent_nonce_file: str = field(default="", metadata={"doc": "Agent: file remembering accepted command nonces across restarts (empty: memory only)."})
     controller_claim_ttl_s: float = field(default=604800.0, metadata={"doc": "How long a remediation id stays claimed (the de-duplication window)."})
+    controller_lease_s: float = field(default=60.0, metadata={"doc": "A controller renews its claim on the event it is executing every third of this; a claim not renewed for this long (its controller died) is taken over and the event re-run if that is safe."})
 
     stream_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch stream`'s Prometheus exporter (/metrics on all interfaces); 0 turns it off."})
     sink_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch sink`'s Prometheus exporter, which also serves per-GPU risk; 0 turns it off."})

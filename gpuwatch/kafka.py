@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import ssl
+import threading
 import time
+from functools import partial
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpuwatch.config import Settings
@@ -85,7 +88,13 @@ def make_consumer(settings: Settings, group_id: str, **overrides: Any) -> Consum
     return Consumer(conf)
 
 
-def produce(producer: Producer, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+def produce(
+    producer: Producer | ReliableProducer,
+    topic: str,
+    key: bytes | None,
+    value: bytes,
+    partition: int | None = None,
+) -> None:
     """Produce one message, waiting for deliveries while the local queue is full (never drops)."""
     while True:
         try:
@@ -152,3 +161,177 @@ def read_partitions_to_end(
         return out
     finally:
         consumer.close()
+
+
+# Retrying these cannot succeed: the message itself is unacceptable to the broker.
+_PERMANENT = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD,
+                        KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE,
+                        KafkaError.TOPIC_AUTHORIZATION_FAILED})  # fmt: skip
+
+
+class ReliableProducer:
+    """An idempotent producer for output that must be durable before the input's offsets are committed.
+
+    A bare `Producer` gives up on a message after `message.timeout.ms`, and `flush()` returning non-zero is
+    easy to ignore. Here a message whose delivery fails is kept and, once nothing else is in flight, resent
+    in order by a fresh producer. That also recovers from a broker that lost our producer id (a rebuilt
+    cluster, or the memory-only embedded broker restarted), which librdkafka would otherwise retry as
+    "unknown producer id" until the message times out, and from a fatal idempotence error (a broker that
+    handed our producer id to another client). `flush(timeout)` returns how many messages are still
+    unacknowledged: 0 means everything produced so far is in Kafka. Messages the broker refuses for good
+    (too large, not authorised) are logged and counted in `dropped`, never retried. Thread-safe; the same
+    calls as `Producer` (`produce`, `poll`, `flush`, `len()`), so `produce()` above works with it.
+    """
+
+    def __init__(self, settings: Settings, *, message_timeout_s: float = 15.0, **overrides: Any) -> None:
+        self._settings = settings
+        self._conf = {"message.timeout.ms": int(message_timeout_s * 1000), "error_cb": self._on_error}
+        self._conf.update(overrides)
+        self._lock = threading.Lock()
+        # id -> (producer generation, topic, key, value, partition), until Kafka acknowledges it
+        self._pending: dict[int, tuple[int, str, bytes | None, bytes | None, int | None]] = {}
+        self._failed: list[int] = []
+        self._next = 0
+        self._gen = 0
+        self._fatal_gen = -1  # generation of a producer that hit a fatal error (it delivers nothing more)
+        self.resent = 0  # messages sent again by a fresh producer
+        self.replaced = 0  # producers replaced after failures
+        self.dropped = 0  # refused by the broker for good
+        self.last_error = ""
+        self._producer: Producer = make_producer(settings, **self._conf)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def produce(self, topic: str, key: bytes | None = None, value: bytes | None = None,
+                partition: int | None = None) -> None:  # fmt: skip
+        """Queue one message; raises BufferError like `Producer.produce` when the local queue is full."""
+        with self._lock:
+            rid, self._next = self._next, self._next + 1
+            gen, producer = self._gen, self._producer
+            self._pending[rid] = (gen, topic, key, value, partition)
+        try:
+            self._send(producer, rid, gen, topic, key, value, partition)
+        except KafkaException as exc:  # a producer in a fatal state refuses new messages: resent by flush()
+            self._on_error(exc.args[0])
+            with self._lock:
+                self._failed.append(rid)
+        except BaseException:
+            with self._lock:
+                self._pending.pop(rid, None)
+            raise
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return self._producer.poll(timeout)
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Waits up to `timeout` s for all queued messages, resending failed ones; returns how many remain."""
+        deadline = time.monotonic() + timeout
+        while True:
+            producer = self._producer
+            try:
+                producer.flush(max(0.0, min(0.5, deadline - time.monotonic())))
+            except KafkaException as exc:
+                self._on_error(exc.args[0])
+            with self._lock:
+                if not self._pending:
+                    return 0
+                fatal = self._fatal_gen == self._gen
+                resend = fatal or (bool(self._failed) and len(producer) == 0 and producer is self._producer)
+            if resend:
+                self._resend(everything=fatal)
+            if time.monotonic() >= deadline:
+                with self._lock:
+                    return len(self._pending)
+
+    def _send(
+        self,
+        producer: Producer,
+        rid: int,
+        gen: int,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+    ) -> None:
+        extra = {} if partition is None else {"partition": partition}
+        producer.produce(topic, value=value, key=key, on_delivery=partial(self._delivered, rid, gen), **extra)
+
+    def _delivered(self, rid: int, gen: int, err: KafkaError | None, msg: Message) -> None:
+        with self._lock:
+            entry = self._pending.get(rid)
+            if entry is None or entry[0] != gen:
+                return  # already resent by a newer producer
+            if err is None:
+                del self._pending[rid]
+            elif err.code() in _PERMANENT:
+                del self._pending[rid]
+                self.dropped += 1
+                log.error("Kafka refused a %d-byte message for %s for good (%s); dropped",
+                          len(entry[3] or b""), entry[1], err.str())  # fmt: skip
+            else:
+                if not self._failed:
+                    log.warning("Kafka did not acknowledge messages (%s); resending them", err.str())
+                self._failed.append(rid)
+                self.last_error = err.str()
+
+    def _on_error(self, err: KafkaError) -> None:
+        self.last_error = err.str()
+        if err.fatal():
+            with self._lock:
+                if self._fatal_gen != self._gen:
+                    log.warning("Kafka producer failed for good (%s); resending with a fresh one", err.str())
+                self._fatal_gen = self._gen
+
+    def _resend(self, *, everything: bool = False) -> None:
+        """Replaces the producer and resends, in their original order, the failed messages (`everything`
+        unacknowledged after a fatal error: the old producer reports nothing more)."""
+        fresh = make_producer(self._settings, **self._conf)
+        with self._lock:
+            if not self._failed and not everything:
+                return
+            old, self._producer = self._producer, fresh
+            self._gen += 1
+            gen, ids = self._gen, sorted(self._pending) if everything else sorted(set(self._failed))
+            self._failed.clear()
+            todo = []
+            for rid in ids:
+                if rid in self._pending:
+                    _, topic, key, value, partition = self._pending[rid]
+                    self._pending[rid] = (gen, topic, key, value, partition)
+                    todo.append((rid, topic, key, value, partition))
+            self.replaced += 1
+            self.resent += len(todo)
+        old.purge(in_queue=True, in_flight=True)
+        for rid, topic, key, value, partition in todo:
+            while True:
+                try:
+                    self._send(fresh, rid, gen, topic, key, value, partition)
+                    break
+                except BufferError:
+                    fresh.poll(0.05)
+
+
+def faust_credentials(settings: Settings) -> Any:
+    """The Kafka security settings as faust `broker_credentials` (None for PLAINTEXT), so the stream worker's
+    aiokafka consumer uses the same SASL and TLS settings as the confluent-kafka clients."""
+    import faust
+
+    protocol = settings.kafka_security_protocol.upper()
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile or None)
+        if settings.kafka_ssl_certfile:
+            context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile or None,
+                                    password=settings.kafka_ssl_key_password or None)  # fmt: skip
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password,
+            mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+            ssl_context=context,
+        )
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return None

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import faust
 import orjson
@@ -20,9 +21,10 @@ import torch
 from gpuwatch import metrics
 from gpuwatch.config import Settings
 from gpuwatch.kafka import (
+    ReliableProducer,
     ensure_compacted_topic,
     ensure_topics,
-    make_producer,
+    faust_credentials,
     partition_count,
     produce,
     read_partitions_to_end,
@@ -74,6 +76,7 @@ def create_app(
     app = faust.App(
         settings.stream_app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=faust_credentials(settings),  # SASL / TLS, the same settings as every other client
         store="memory://",
         value_serializer="raw",
         key_serializer="raw",
@@ -93,8 +96,12 @@ def create_app(
     )
     samples = app.topic(settings.topic_samples, value_serializer="raw", key_serializer="raw")
     scorer = scorer or Scorer(load_artifact(settings.model_path or None), device=settings.device)
-    processor = RiskProcessor(scorer, rescore_interval_s=settings.rescore_interval_s)
-    producer = make_producer(settings, **{"linger.ms": 2})
+    processor = RiskProcessor(
+        scorer, rescore_interval_s=settings.rescore_interval_s, max_age_s=settings.stream_max_sample_age_s
+    )
+    # Keeps and resends what Kafka did not acknowledge (e.g. a restarted broker that forgot our producer id).
+    producer = ReliableProducer(settings, **{"linger.ms": 2})
+    closing = threading.Event()
     app.gpuwatch_processor = processor  # type: ignore[attr-defined]
     metrics.register_gpu_telemetry(processor.telemetry)
     totals = StreamTotals()
@@ -153,8 +160,8 @@ def create_app(
                 produce(producer, settings.topic_deadletter, None, value)
             producer.poll(0)
             # Durable before faust acknowledges the batch: nothing is lost if we crash right after.
-            await asyncio.get_running_loop().run_in_executor(None, producer.flush, 30.0)
-            totals.add(result)
+            await asyncio.get_running_loop().run_in_executor(None, flush_until_durable, producer, closing)
+            totals.add(result, batch)
             export_batch_metrics(result, len(batch), time.perf_counter() - t0)
             if on_batch is not None:
                 on_batch(result)
@@ -189,10 +196,24 @@ def create_app(
 
     @app.on_before_shutdown.connect  # type: ignore[misc]
     async def _flush(app_: faust.App, **kwargs: object) -> None:
+        closing.set()
         producer.flush(10.0)
         totals.report(processor)
 
     return app
+
+
+def flush_until_durable(producer: ReliableProducer, closing: threading.Event) -> bool:
+    """Waits until Kafka has everything `producer` was given (True), however long an outage lasts, or until
+    `closing` is set (False: shutting down; the batch's offsets may then be committed without its output)."""
+    waited = 0.0
+    while producer.flush(5.0):
+        waited += 5.0
+        if closing.is_set():
+            return False
+        log.warning("batch output not yet acknowledged by Kafka after %.0f s (%s); holding the batch",
+                    waited, producer.last_error or "no error yet")  # fmt: skip
+    return True
 
 
 def _decode_only(events: list) -> BatchResult:
@@ -210,10 +231,13 @@ class StreamTotals:
         self.restored_gpus = self.checkpointed = 0
         self.first_batch_at = self.last_batch_at = 0.0
         self.partitions = 0  # samples partitions owned now
+        self.offsets: dict[int, int] = {}  # per samples partition: offset after the last message counted here
         self.refreshed = 0  # risk records re-published for silent GPUs
         self.started = time.time()
 
-    def add(self, result: BatchResult) -> None:
+    def add(self, result: BatchResult, batch: Sequence[Inbound] = ()) -> None:
+        for msg in batch:  # in offset order per partition, so the last one wins
+            self.offsets[msg.partition] = msg.offset + 1
         now = time.time()
         self.first_batch_at = self.first_batch_at or now
         self.last_batch_at = now
@@ -231,6 +255,7 @@ class StreamTotals:
             "deadletters": self.deadletters,
             "batches": self.batches,
             "partitions": self.partitions,
+            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
             "refreshed": self.refreshed,
             "restored_gpus": self.restored_gpus,
             "checkpointed": self.checkpointed,

@@ -15,11 +15,14 @@ import numpy as np
 import orjson
 
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, make_deadletter
-from gpuwatch.schemas.fields import FAILURE_MODES, RISK_SCHEMA
+from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES, RISK_SCHEMA
 from gpuwatch.streams.model import Scorer
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 
 _MODES = FAILURE_MODES
+# No NVML reading comes near this (a µs counter takes 31 years to get there): a larger value is corrupt and
+# would overflow the float32 window state into inf/NaN for good, so its snapshot is dead-lettered.
+MAX_ABS_VALUE = 1e15
 _TEMP_COL, _POWER_COL = FEATURE_NAMES.index("temp"), FEATURE_NAMES.index("power_frac")
 
 
@@ -46,6 +49,17 @@ class BatchResult:
     inference_s: float = 0.0  # wall time of the model's forward passes in this batch
 
 
+def _check_plausible(snap: Snapshot) -> None:
+    """Raises DecodeError (kind range) naming the first value beyond MAX_ABS_VALUE."""
+    big = np.abs(snap.numeric) > MAX_ABS_VALUE  # NaN (null) compares False
+    if big.any():
+        i, j = (int(v) for v in np.argwhere(big)[0])
+        path = f"gpus[{i}].{ALL_NUMERIC[j]}"
+        value = float(snap.numeric[i, j])
+        reason = f"{path}: {value!r} is beyond any real reading (|x| > {MAX_ABS_VALUE:g}); not applied"
+        raise DecodeError(reason, path=path, kind="range")
+
+
 class RiskProcessor:
     """Windows + model for the GPUs of the partitions this worker owns."""
 
@@ -56,6 +70,7 @@ class RiskProcessor:
         rescore_interval_s: float = 5.0,
         stage: str = "stream",
         max_future_s: float = 300.0,
+        max_age_s: float | None = 7 * 86400.0,
         capacity: int = 1024,
     ) -> None:
         self.scorer = scorer
@@ -63,20 +78,35 @@ class RiskProcessor:
         self.rescore_interval_s = rescore_interval_s
         self.stage = stage
         self.max_future_s = max_future_s
+        self.max_age_s = max_age_s or None
         self.horizon_s = scorer.artifact.horizon_s
         self.model_version = scorer.version
-        self._scored_wall = np.zeros(0)  # wall time of each slot's last risk record
+        # Per slot: wall time of the last risk record, and the LSTM state after the past ring rows
+        # (valid while the ring's last push and the GPU's first sample are what they were).
+        hidden = scorer.artifact.hidden
+        self._scored_wall = np.zeros(0)
+        self._h = np.zeros((0, hidden), dtype=np.float32)
+        self._c = np.zeros((0, hidden), dtype=np.float32)
+        self._cache_push_ts = np.zeros(0)
+        self._cache_first_ts = np.zeros(0)
 
     def process(self, messages: Sequence[Inbound], *, now: float | None = None) -> BatchResult:
-        """Decode and fold `messages`; score every touched GPU that is due. Never raises on bad input."""
+        """Decode and fold `messages`; score every touched GPU that is due. Never raises on bad input.
+
+        With `now` (the worker's clock), a snapshot whose `ts` is more than `max_future_s` ahead of it or more
+        than `max_age_s` behind it is dead-lettered: either would hold back or distort the GPU's window.
+        """
         result = BatchResult()
         snaps: list[Snapshot] = []
         sources: list[Inbound] = []
+        max_age = self.max_age_s if now is not None else None
         for msg in messages:
             try:
                 if msg.value is None:
                     raise DecodeError("message has no value (tombstone)")
-                snaps.append(decode_snapshot(msg.value, now=now, max_future_s=self.max_future_s))
+                snap = decode_snapshot(msg.value, now=now, max_future_s=self.max_future_s, max_age_s=max_age)
+                _check_plausible(snap)
+                snaps.append(snap)
                 sources.append(msg)
             except DecodeError as exc:
                 result.deadletters.append(self._deadletter(msg, str(exc)))
@@ -116,18 +146,27 @@ class RiskProcessor:
             self.score_slots(due, result)
 
     def score_slots(self, slots: np.ndarray, result: BatchResult) -> None:
-        """Score `slots` in one forward pass and append their risk records to `result`."""
+        """Score `slots` in one batched pass and append their risk records to `result`.
+
+        Incremental and exact: the LSTM state after a GPU's past ring rows is cached until the ring
+        advances (every `stride_s`), so a rescoring runs one LSTM step over the current row.
+        """
         store = self.store
-        seqs = store.sequences(slots)
+        self._grow(len(store.uuids))
         t0 = time.perf_counter()
-        risk, mode = self.scorer.score(seqs)
+        key = (store.last_push_ts[slots], store.first_ts[slots])
+        stale = (self._cache_push_ts[slots] != key[0]) | (self._cache_first_ts[slots] != key[1])
+        stale |= store.ring_count[slots] == 0  # no past yet: the padding copies the (changing) current row
+        miss = slots[stale]
+        if len(miss):
+            h, c = self.scorer.encode_past(store.sequences(miss)[:, :-1])
+            self._h[miss], self._c[miss] = h, c
+            self._cache_push_ts[miss] = store.last_push_ts[miss]
+            self._cache_first_ts[miss] = store.first_ts[miss]
+        risk, mode = self.scorer.score_from_state(self._h[slots], self._c[slots], store.current[slots])
         result.inference_s += time.perf_counter() - t0
         store.last_scored_ts[slots] = store.last_ts[slots]
         scored_at = time.time()
-        if len(self._scored_wall) < len(store.uuids):
-            grown = np.zeros(max(len(store.uuids), 2 * len(self._scored_wall)))
-            grown[: len(self._scored_wall)] = self._scored_wall
-            self._scored_wall = grown
         self._scored_wall[slots] = scored_at
         out = result.risk
         hosts, uuids = store.hosts, store.uuids
@@ -221,10 +260,35 @@ class RiskProcessor:
         for key, value in records:
             if key is not None and value is not None:
                 latest[key.decode()] = value
+        self._cache_push_ts[:] = np.nan  # restored rings: encode their past afresh
         return self.store.import_state(list(latest.items()))
 
+    def _grow(self, n: int) -> None:
+        """Size the per-slot scoring state (wall time of the last record, cached LSTM state) to `n` slots."""
+        have = len(self._scored_wall)
+        if have >= n:
+            return
+        size = max(n, 2 * have, 64)
+        hidden = self.scorer.artifact.hidden
+
+        def grow(a: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
+            out = np.full((size, *shape), fill, dtype=a.dtype)
+            out[:have] = a
+            return out
+
+        self._scored_wall = grow(self._scored_wall, (), 0.0)
+        self._h = grow(self._h, (hidden,), 0.0)
+        self._c = grow(self._c, (hidden,), 0.0)
+        self._cache_push_ts = grow(self._cache_push_ts, (), np.nan)
+        self._cache_first_ts = grow(self._cache_first_ts, (), np.nan)
+
+    def state_bytes_per_gpu(self) -> int:
+        """Window state plus the cached LSTM state, per tracked GPU."""
+        extra = self._h.itemsize * self.scorer.artifact.hidden * 2 + 8 * 3  # h, c, cache keys, last record time
+        return self.store.state_bytes_per_gpu() + extra
+
     def stats(self) -> dict[str, Any]:
-        return {"gpus_tracked": len(self.store), "state_bytes_per_gpu": self.store.state_bytes_per_gpu()}
+        return {"gpus_tracked": len(self.store), "state_bytes_per_gpu": self.state_bytes_per_gpu()}
 
     def telemetry(
         self, fresh_within_s: float = 120.0

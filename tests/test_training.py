@@ -94,18 +94,20 @@ def test_replay_scores_the_same_samples_as_a_live_worker() -> None:
 
 
 def test_peer_features_single_out_the_gpu_that_runs_hot() -> None:
-    """A GPU 15 °C hotter than its peers at the same power reads as hot relative to them."""
-    store = WindowStore()
+    """Raising one GPU's temperature by 15 °C moves its temp_peer by +1.5 and each peer's by -15/3/10."""
     sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=4, seed=2, start_ts=1_700_000_000.0, interval_s=5.0))
+    snaps = [decode_snapshot(sim.step_json()[0][1]) for _ in range(5)]
     temp_col = ALL_NUMERIC.index("temp_c")
-    for _ in range(5):
-        snap = decode_snapshot(sim.step_json()[0][1])
-        snap.numeric[2, temp_col] += 15.0
-        slots = store.slots_for(snap.uuids, [snap.host] * 4, snap.gpu_index)
-        store.update(slots, np.full(4, snap.ts), snap.numeric, snap.flags, snap.throttle, snap.xids)
-    temp_peer = store.current[slots, FEATURE_NAMES.index("temp_peer")]  # (temp - mean of the others) / 10 °C
-    assert temp_peer[2] > 1.2
-    assert np.all(np.abs(np.delete(temp_peer, 2)) < 0.8)
+    out = []
+    for offset in (0.0, 15.0):
+        store = WindowStore()
+        for snap in snaps:
+            numeric = snap.numeric.copy()
+            numeric[2, temp_col] += offset
+            slots = store.slots_for(snap.uuids, [snap.host] * 4, snap.gpu_index)
+            store.update(slots, np.full(4, snap.ts), numeric, snap.flags, snap.throttle, snap.xids)
+        out.append(store.current[slots, FEATURE_NAMES.index("temp_peer")].astype(np.float64))
+    assert out[1] - out[0] == pytest.approx([-0.5, -0.5, 1.5, -0.5], abs=1e-4)
 
 
 def test_threshold_rules_fire_on_what_they_say() -> None:

@@ -140,14 +140,20 @@ class GbdtBaseline:
         cls, data: SequenceSet, train_idx: np.ndarray, val_idx: np.ndarray, artifact: ModelArtifact,
         config: GbdtConfig | None = None,
     ) -> GbdtBaseline:  # fmt: skip
-        """Train on `train_idx` with early stopping on `val_idx` (same split and weights as the LSTM)."""
+        """Train on `train_idx` with early stopping on `val_idx` (same split, rows and weights as the LSTM).
+
+        Like the LSTM, it learns from positives with a visible precursor only and is calibrated on all rows.
+        """
         import lightgbm as lgb
 
         from gpuwatch.training.train import fit_platt
 
         c = config or GbdtConfig()
+        invisible = (data.y == 1) & ~data.precursor
+        train_idx = train_idx[~invisible[train_idx]]
+        stop_idx = val_idx[~invisible[val_idx]]
         xt = tabular(data.x[train_idx])
-        xv = tabular(data.x[val_idx])
+        xs = tabular(data.x[stop_idx])
         params = {
             "objective": "binary", "learning_rate": c.learning_rate, "num_leaves": c.num_leaves,
             "min_data_in_leaf": c.min_data_in_leaf, "feature_fraction": c.feature_fraction,
@@ -155,13 +161,13 @@ class GbdtBaseline:
             "seed": c.seed, "verbose": -1, "deterministic": True,
         }  # fmt: skip
         dtrain = lgb.Dataset(xt, data.y[train_idx], weight=data.weight[train_idx], free_raw_data=True)
-        dval = lgb.Dataset(xv, data.y[val_idx], weight=data.weight[val_idx], reference=dtrain)
+        dval = lgb.Dataset(xs, data.y[stop_idx], weight=data.weight[stop_idx], reference=dtrain)
         booster = lgb.train(
             params, dtrain, num_boost_round=c.rounds, valid_sets=[dval],
             callbacks=[lgb.early_stopping(40, verbose=False), lgb.log_evaluation(0)],
         )  # fmt: skip
         print(f"gbdt baseline: {booster.best_iteration} trees", file=sys.stderr)
-        raw = np.asarray(booster.predict(xv, raw_score=True), dtype=np.float64)
+        raw = np.asarray(booster.predict(tabular(data.x[val_idx]), raw_score=True), dtype=np.float64)
         return cls(booster, artifact, fit_platt(raw, data.y[val_idx], data.weight[val_idx]))
 
     def save(self, path: str | Path) -> None:

@@ -72,7 +72,7 @@ def choose_thresholds(
     from gpuwatch.training.eval_cli import collect
 
     others = {"gbdt": gbdt} if gbdt is not None else {}
-    table, _ = collect(val_dir, scorer, others, args.rescore_interval)  # type: ignore[arg-type]
+    table, _ = collect(val_dir, scorer, others, args.rescore_interval)
     lab = join_labels(table, Failures.load(val_dir / "labels.jsonl"), scorer.artifact.horizon_s)
     out: dict[str, dict] = {}
     for name in ["lstm", *others]:

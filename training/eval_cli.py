@@ -1,8 +1,8 @@
 """`gpuwatch eval`: score held-out recordings with the model and both baselines, report and write JSON.
 
 All three scorers see the same windows at the same scoring times: the model runs inside the stream's
-`RiskProcessor` (so its records are exactly what `gpuwatch score` writes) and the baselines are teed
-onto the very sequences it scores.
+`RiskProcessor` (so its records are exactly what `gpuwatch score` writes) and the baselines score the
+very windows it scores, right after it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import orjson
 
 from gpuwatch.schemas.fields import FAILURE_MODES
 from gpuwatch.streams.model import ModelArtifact, Scorer, load_artifact
-from gpuwatch.streams.processor import RiskProcessor
+from gpuwatch.streams.processor import BatchResult, RiskProcessor
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules
 from gpuwatch.training.dataset import Failures
 from gpuwatch.training.evaluate import Labelled, RiskTable, join_labels, scorer_report
@@ -35,33 +35,31 @@ class BatchScorer(Protocol):
     def score(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-class TeeScorer:
-    """Scores with `primary` (whose output goes into the risk records) and records what `others` say."""
+class TeeProcessor(RiskProcessor):
+    """The stream's processor, plus other scorers run on the very windows the model scores, in record order."""
 
-    def __init__(self, primary: BatchScorer, others: dict[str, BatchScorer]) -> None:
-        self.primary = primary
+    def __init__(self, scorer: Scorer, others: dict[str, BatchScorer], **kwargs: Any) -> None:
+        super().__init__(scorer, **kwargs)
         self.others = others
-        self.artifact = primary.artifact
-        self.version = primary.version
         self.risk: dict[str, list[np.ndarray]] = {k: [] for k in others}
         self.mode: dict[str, list[np.ndarray]] = {k: [] for k in others}
 
-    def score(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        risk, mode = self.primary.score(seqs)
-        for name, scorer in self.others.items():
-            r, m = scorer.score(seqs)
-            self.risk[name].append(r)
-            self.mode[name].append(m)
-        return risk, mode
+    def score_slots(self, slots: np.ndarray, result: BatchResult) -> None:
+        super().score_slots(slots, result)  # appends one record per slot, in slot order
+        if self.others:
+            seqs = self.store.sequences(slots)
+            for name, scorer in self.others.items():
+                r, m = scorer.score(seqs)
+                self.risk[name].append(r)
+                self.mode[name].append(m)
 
 
 def collect(
-    data_dir: Path, primary: BatchScorer, others: dict[str, BatchScorer], rescore_interval_s: float,
+    data_dir: Path, primary: Scorer, others: dict[str, BatchScorer], rescore_interval_s: float,
     primary_name: str = "lstm",
 ) -> tuple[RiskTable, dict[str, Any]]:  # fmt: skip
     """Replay `data_dir/samples.jsonl` like the stream; returns every scorer's risk per record, and run stats."""
-    tee = TeeScorer(primary, others)
-    processor = RiskProcessor(tee, rescore_interval_s=rescore_interval_s, stage="eval")  # type: ignore[arg-type]
+    processor = TeeProcessor(primary, others, rescore_interval_s=rescore_interval_s, stage="eval")
     uuid: list[str] = []
     ts: list[float] = []
     risk: list[float] = []
@@ -77,7 +75,7 @@ def collect(
             ts.append(rec["ts"])
             risk.append(rec["risk"])
             mode.append(_MODE_INDEX[rec["mode"]])
-        if time.time() - last >= 1.0:
+        if time.time() - last >= 5.0:
             last = time.time()
             sys.stderr.write(f"\rscoring {data_dir.name}: {samples:,} GPU-samples, {len(ts):,} risk records "
                              f"({samples / max(last - t0, 1e-9):,.0f}/s)")  # fmt: skip
@@ -86,8 +84,8 @@ def collect(
     risks = {primary_name: np.asarray(risk)}
     modes = {primary_name: np.asarray(mode)}
     for name in others:
-        risks[name] = np.concatenate(tee.risk[name]) if tee.risk[name] else np.zeros(0)
-        modes[name] = np.concatenate(tee.mode[name]) if tee.mode[name] else np.zeros(0, dtype=np.int64)
+        risks[name] = np.concatenate(processor.risk[name]) if processor.risk[name] else np.zeros(0)
+        modes[name] = np.concatenate(processor.mode[name]) if processor.mode[name] else np.zeros(0, dtype=np.int64)
     stats = {"gpu_samples": samples, "risk_records": len(ts), "seconds": round(time.time() - t0, 1)}
     return RiskTable.from_columns(uuid, np.asarray(ts), risks, modes), stats
 
@@ -117,6 +115,8 @@ def build_report(
         "horizon), caught failures with precursors",
         "false_alarms_per_1000_gpu_days": "episodes of alarms with no failure within the horizon after them, "
         "per 1,000 GPU-days outside failed states",
+        "ceiling_median_lead_min": "median of min(precursor length, horizon) over failures with precursors: the "
+        "lead a detector that alarms the moment a precursor starts would reach",
         "ece": "15 equal-width bins over all records outside failed states",
     }
     report["scorers"] = scorers
@@ -145,19 +145,20 @@ def format_report(report: dict[str, Any]) -> str:
         ("F1", "f1", False), ("recall (all failures)", "recall_all", False),
         ("false alarms / 1000 GPU-days", "false_alarms_per_1000_gpu_days", False),
         ("median lead (min)", "median_lead_min", False), ("p10 lead (min)", "p10_lead_min", False),
+        ("lead ceiling: median precursor (min)", "ceiling_median_lead_min", False),
         ("PR-AUC (records)", "record_pr_auc", False), ("PR-AUC (records, visible)", "record_pr_auc_visible", False),
         ("Brier", "brier", False), ("ECE", "ece", False), ("mode accuracy (caught)", "mode_accuracy", False),
     ]  # fmt: skip
-    out = [f"{'':32}" + "".join(f"{n:>14}" for n in names)]
+    out = [f"{'':38}" + "".join(f"{n:>12}" for n in names)]
     for label, key, pct in rows:
-        out.append(f"{label:32}" + "".join(f"{_fmt(s[n].get(key), pct):>14}" for n in names))
+        out.append(f"{label:38}" + "".join(f"{_fmt(s[n].get(key), pct):>12}" for n in names))
     modes = sorted({m for n in names for m in s[n]["recall_by_mode"]}, key=FAILURE_MODES.index)
     for mode in modes:
         cells = []
         for n in names:
             r = s[n]["recall_by_mode"].get(mode)
             cells.append(f"{r['caught']}/{r['failures']}" if r else "-")
-        out.append(f"{'recall ' + mode:32}" + "".join(f"{c:>14}" for c in cells))
+        out.append(f"{'recall ' + mode:38}" + "".join(f"{c:>12}" for c in cells))
     d = report["data"]
     out.append(f"data: {d.get('name', '')} {d['records']:,} records, {d['gpu_days']} GPU-days, "
                f"{d['failures']} failures; horizon {d['horizon_s']:.0f} s, episodes merge within {d['merge_gap_s']:.0f} s")  # fmt: skip

@@ -236,6 +236,8 @@ def event_metrics(
     recall = float(caught[target].sum() / max(target.sum(), 1))
     f1 = 2 * precision * recall / (precision + recall) if n_ep and precision + recall > 0 else 0.0
     leads_min = lead[caught & target] / 60.0
+    # The best any detector could do: alarm the moment the precursor starts (at most the horizon before).
+    ceiling_min = np.minimum(ft.fail_ts - ft.precursor_start, lab.horizon_s)[target] / 60.0
     by_mode = {}
     for m, name in enumerate(FAILURE_MODES):
         sel = eligible & (ft.mode == m)
@@ -258,6 +260,7 @@ def event_metrics(
         "recall_all": float(caught[eligible].sum() / max(eligible.sum(), 1)),
         "median_lead_min": float(np.median(leads_min)) if len(leads_min) else float("nan"),
         "p10_lead_min": float(np.percentile(leads_min, 10)) if len(leads_min) else float("nan"),
+        "ceiling_median_lead_min": float(np.median(ceiling_min)) if len(ceiling_min) else float("nan"),
         "recall_by_mode": by_mode,
     }
     if mode is not None and ep.true.any():

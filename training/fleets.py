@@ -33,6 +33,12 @@ _TRAIN = {"rate_scale": 5000.0, "repair_time_scale": 0.005, "host_frailty": Fals
 FLEETS: dict[str, Fleet] = {
     "train-a": Fleet(32, 8, 2.0, 10.0, 101, dict(_TRAIN), "training fleet at 10 s: simulator defaults, failures x5000"),
     "train-b": Fleet(16, 8, 1.0, 5.0, 102, dict(_TRAIN), "training fleet at 5 s: simulator defaults, failures x5000"),
+    "train-c": Fleet(
+        16, 8, 1.0, 5.0, 103,
+        {**_TRAIN, "hot_gpu_frac": 0.10, "sbe_trickle_frac": 0.06, "replay_trickle_frac": 0.05,
+         "narrow_link_frac": 0.01, "remap_pending_frac": 0.02, "power_brake_per_host_day": 1.0},
+        "training fleet at 5 s with twice the benign look-alikes (hot boards, error trickles, brake blips)",
+    ),  # fmt: skip
     "val": Fleet(16, 8, 1.0, 5.0, 202, {"rate_scale": 3000.0, "repair_time_scale": 0.01},
                  "validation fleet (operating thresholds): simulator defaults, failures x3000, another seed"),
     "heldout": Fleet(

@@ -217,16 +217,18 @@ def train(
                 _progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch,
                           f"loss {total / (step + 1):.4f} {time.time() - t0:.0f}s")  # fmt: skip
         val_logits = _logits(model, xn, va_sel, device)
-        ap = average_precision(data.y[va_sel], val_logits) if len(va_sel) else 0.0
+        ap = average_precision(data.y[va_sel], val_logits) if len(va_sel) else float("nan")
         history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch, "val_ap": ap})
         sys.stderr.write(f"  validation AP {ap:.3f}\n")
-        if ap > best[0]:
-            best = (ap, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, epoch + 1)
+        score = ap if np.isfinite(ap) else 0.0  # no validation positives: every epoch ties, the latest wins
+        if score > best[0] or not np.isfinite(ap):
+            best = (score, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, epoch + 1)
 
     model.load_state_dict(best[1])
     val_logits = _logits(model, xn, va, device)
     yv, wv = data.y[va], data.weight[va]
-    a, b = fit_platt(val_logits, yv, wv)
+    # Too few validation positives to calibrate on: leave the logits as trained (and say so in the metrics).
+    a, b = fit_platt(val_logits, yv, wv) if yv.sum() >= 5 else (1.0, 0.0)
     state = {k: v.clone() for k, v in best[1].items()}
     state["risk_head.bias"] = state["risk_head.bias"] + b / a  # sigmoid(a*z + b) = sigmoid((z + b/a) / (1/a))
     temperature = 1.0 / a

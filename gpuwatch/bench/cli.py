@@ -30,4 +30,9 @@ def bench_command(args: argparse.Namespace) -> int:
         figures = bench_decode()
         emit("gpuwatch bench decode", [(k, v, "") for k, v in figures.items()], figures, args.json_path)
         return 0
+    if args.what == "reliability":
+        from gpuwatch.bench.reliability import run_reliability_bench
+
+        figures = run_reliability_bench(args)
+        return 0 if figures["unaccounted"] == 0 and figures["faults_survived"] == figures["faults_injected"] else 1
     raise SystemExit(f"gpuwatch bench: unknown benchmark {args.what!r}")

@@ -1,0 +1,188 @@
+"""Leased claims on remediation ids in Redis: each event runs to completion once, and none is dropped silently.
+
+``gpuwatch:claim:{id}`` holds a JSON value ``{"owner", "attempt", "claimed_at", "lease_until", "done"}``. A
+controller takes a free id with SET NX, renews its lease every third of `lease_s` while the executor runs,
+and finishes by writing ``gpuwatch:outcome:{id}`` and ``done: true`` in one script, only if the claim is still
+its own. A claim whose lease ran out, or whose owner is a dead process of this host (or an earlier process
+that had our host name and pid, as after a container restart), was interrupted: the next controller to see the
+event takes it over with a compare-and-set and decides, in the controller, whether running it again is safe.
+Claims written by older gpuwatch versions (``"host:pid unix-time"``) are read as leases from that time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from ..sinks import redis_keys as k
+
+_CAS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+_FINISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"""
+
+
+@dataclass
+class Claim:
+    """A claim this controller holds; `interrupted_owner` is set when it took over an interrupted attempt."""
+
+    id: str
+    value: str  # the value stored in Redis now (compare-and-set operand)
+    attempt: int
+    interrupted_owner: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimState:
+    """What `try_claim` found: `ours` (go ahead), `done` (an outcome exists) or `busy` (a live holder)."""
+
+    kind: Literal["ours", "done", "busy"]
+    claim: Claim | None = None
+    holder: str = ""
+
+
+def _parse(raw: bytes | str) -> dict[str, Any]:
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    try:
+        value = json.loads(text)
+        if isinstance(value, dict):
+            return value
+    except ValueError:
+        pass
+    owner, _, when = text.partition(" ")  # the pre-lease format: "host:pid unix-time"
+    try:
+        claimed_at = float(when)
+    except ValueError:
+        claimed_at = 0.0
+    return {"owner": owner, "attempt": 1, "claimed_at": claimed_at, "lease_until": None, "done": False}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+class ClaimStore:
+    """Claims of one controller process. Redis errors propagate (the caller retries them)."""
+
+    def __init__(self, client: redis.Redis, *, lease_s: float, ttl_s: float, clock: Any = time.time) -> None:
+        self.client = client
+        self.lease_s = lease_s
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.clock = clock
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.owner = f"{self.host}:{self.pid}:{secrets.token_hex(4)}"
+        self._cas = client.register_script(_CAS)
+        self._finish = client.register_script(_FINISH)
+
+    def _value(self, attempt: int, claimed_at: float, *, done: bool = False) -> str:
+        info = {"owner": self.owner, "attempt": attempt, "claimed_at": round(claimed_at, 3),
+                "lease_until": round(self.clock() + self.lease_s, 3), "done": done}  # fmt: skip
+        return json.dumps(info, sort_keys=True)
+
+    def interrupted(self, info: dict[str, Any]) -> bool:
+        """Whether a claim's holder is gone: its lease ran out, or it was a process of this host that is dead."""
+        lease_until = info.get("lease_until")
+        if lease_until is None:
+            lease_until = float(info.get("claimed_at") or 0.0) + self.lease_s
+        if self.clock() > float(lease_until):
+            return True
+        host, _, rest = str(info.get("owner", "")).partition(":")
+        pid_text, _, token = rest.partition(":")
+        if host != self.host or not pid_text.isdigit():
+            return False
+        pid = int(pid_text)
+        if pid == self.pid:
+            return (
+                f"{host}:{pid}:{token}" != self.owner
+            )  # an earlier process with our pid (container restart)
+        return not _pid_alive(pid)
+
+    def try_claim(self, rid: str) -> ClaimState:
+        """Claims `rid` if it is free or its holder was interrupted; never blocks."""
+        key = k.claim_key(rid)
+        for _ in range(3):  # the key may expire between our calls
+            if self.client.exists(k.outcome_key(rid)):
+                return ClaimState("done")
+            now = self.clock()
+            value = self._value(1, now)
+            if self.client.set(key, value, nx=True, px=self.ttl_ms):
+                return ClaimState("ours", Claim(rid, value, 1))
+            current = self.client.get(key)
+            if current is None:
+                continue
+            info = _parse(current)
+            if info.get("done"):
+                return ClaimState("done")
+            if not self.interrupted(info):
+                return ClaimState("busy", holder=str(info.get("owner", "")))
+            value = self._value(int(info.get("attempt") or 1) + 1, now)
+            if self._cas(keys=[key], args=[current, value, self.ttl_ms]):
+                return ClaimState(
+                    "ours", Claim(rid, value, int(info.get("attempt") or 1) + 1, str(info.get("owner")))
+                )
+        return ClaimState("busy")
+
+    def renew(self, claim: Claim) -> bool:
+        """Extends the lease; False if the claim is no longer ours (taken over after our lease ran out)."""
+        info = json.loads(claim.value)
+        value = self._value(claim.attempt, info["claimed_at"])
+        if self._cas(keys=[k.claim_key(claim.id)], args=[claim.value, value, self.ttl_ms]):
+            claim.value = value
+            return True
+        return False
+
+    def finish(self, claim: Claim, fields: dict[str, str]) -> bool:
+        """Stores the outcome hash and marks the claim done, atomically and only if the claim is still ours."""
+        info = json.loads(claim.value)
+        done = self._value(claim.attempt, info["claimed_at"], done=True)
+        pairs = [x for item in fields.items() for x in item]
+        keys = [k.claim_key(claim.id), k.outcome_key(claim.id)]
+        return bool(self._finish(keys=keys, args=[claim.value, done, self.ttl_ms, *pairs]))
+
+    @contextmanager
+    def held(self, claim: Claim) -> Iterator[None]:
+        """Renews `claim` every third of the lease while the block runs (the executor may take minutes)."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_s / 3):
+                try:
+                    if not self.renew(claim):
+                        return
+                except redis.RedisError:
+                    pass  # the lease is long enough to ride out a short outage; the next renewal tries again
+
+        thread = threading.Thread(target=renew, name=f"gpuwatch-lease-{claim.id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()

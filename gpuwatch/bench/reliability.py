@@ -1,0 +1,650 @@
+"""`gpuwatch bench reliability`: the pipeline under load, faults and bad input, with every GPU-sample accounted.
+
+On the embedded stack (a Tansu broker and a password-protected redis-server as child processes) it runs:
+node agents for `--gpus` simulated GPUs at 1 Hz (the agent's own spool and publisher, in this process), one
+`gpuwatch stream` worker and one `gpuwatch sink` as real processes, and a trickle of bad snapshots. For
+`--seconds` (default 600) it samples the worker's resident memory and the consumer backlog every 5 s and
+injects three faults, each checked before the run goes on:
+
+1. broker restart (at 25 %): the agents pause, the worker drains the broker, the broker stops for 15 s while
+   the agents sample into their spools, then starts again on the same port. Tansu keeps everything in memory,
+   so the restarted broker is empty: the drain is what makes the accounting close (an Apache Kafka keeps its
+   log, and nothing would need draining). Survived when the same worker process consumed the recreated topic
+   and the spools emptied.
+2. worker kill (at 50 %): SIGKILL mid-stream; a replacement starts at once (this bench is its supervisor),
+   resumes from the committed offsets and restores the windows from the changelog. Survived when it restored
+   windows and caught up.
+3. Redis restart (at 75 %): redis-server stops for 10 s (the sink retries) and restarts empty on the same port.
+   Survived when every GPU's risk is back in Redis.
+
+Accounting. `samples_produced` are the GPU-samples the broker acknowledged (bad ones counted by the GPUs they
+carry). The worker counts every GPU-sample it folds (`scored`) or rejects as a duplicate; the dead-letter
+topic, read throughout, holds the rest (`dead_lettered` counts both, deduplicated by source offset). A worker
+killed mid-stream leaves batches that its successor processes again (from the committed offset to the last
+offset the killed worker reported): `replayed` counts them, measured from offsets, so
+`unaccounted = samples_produced - (scored + dead_lettered - replayed)` must be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import redis
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+
+from gpuwatch.bench.table import emit
+from gpuwatch.config import Settings
+from gpuwatch.embedded import EmbeddedServer, spawn_child, start_kafka, start_redis
+from gpuwatch.kafka import ensure_compacted_topic, ensure_topics, make_producer
+from gpuwatch.processes import settings_env, start_stream_worker
+from gpuwatch.producers.agent import Agent, SimulatedSource
+from gpuwatch.producers.publisher import Publisher
+from gpuwatch.producers.spool import Spool
+from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter
+from gpuwatch.sinks import redis_keys as k
+
+log = logging.getLogger(__name__)
+
+GPUS_PER_HOST = 8
+SAMPLE_EVERY_S = 5.0
+DUPLICATE = "duplicate or out of order"  # the stream's reason for a sample not newer than its GPU's last
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def slope_per_min(ts: list[float], values: list[float]) -> float:
+    """Least-squares slope of `values` over `ts` (seconds), per minute; 0 with fewer than 3 points."""
+    if len(ts) < 3:
+        return 0.0
+    return float(np.polyfit(np.asarray(ts) - ts[0], np.asarray(values, dtype=np.float64), 1)[0] * 60.0)
+
+
+class StatsFollower:
+    """Follows a stream worker's `STATS {json}` lines on its stdout; `latest` is the newest."""
+
+    def __init__(self, proc: EmbeddedServer) -> None:
+        self.proc = proc
+        self.latest: dict[str, Any] = {}
+        threading.Thread(target=self._run, daemon=True, name=f"stats-{proc.name}").start()
+
+    def _run(self) -> None:
+        assert self.proc.proc.stdout is not None
+        for raw in self.proc.proc.stdout:
+            at = raw.find(b"STATS ")  # faust may put terminal escapes in front of the first line
+            if at >= 0:
+                self.latest = orjson.loads(raw[at + 6 :])
+
+    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.latest and pred(self.latest):
+                return self.latest
+            if not self.proc.alive():
+                raise RuntimeError(
+                    f"{self.proc.name} exited while waiting for {what}:\n{self.proc.log_tail(30)}"
+                )
+            time.sleep(0.2)
+        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}; last stats: {self.latest}")
+
+
+def end_offsets(settings: Settings, topic: str, partitions: int, timeout: float = 30.0) -> dict[int, int]:
+    """Offset after the last message of each partition of `topic`.
+
+    Read to the end of each partition's last batch rather than asked for: Tansu 0.6 answers the "latest
+    offset" request with the last batch's first offset + 1, short of the end when that batch holds several.
+    """
+    conf = {**settings.kafka_client_config(), "group.id": f"gpuwatch-probe-{time.time_ns()}",
+            "enable.partition.eof": True, "enable.auto.commit": False}  # fmt: skip
+    consumer = Consumer(conf)
+    try:
+        marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+        ends = {p: 0 for p, mark in marks.items() if mark == 0}
+        consumer.assign([TopicPartition(topic, p, mark - 1) for p, mark in marks.items() if mark > 0])
+        deadline = time.monotonic() + timeout
+        while len(ends) < partitions:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not read to the end of {topic} partitions {sorted(set(marks) - set(ends))}")
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is not None and msg.error().code() == KafkaError._PARTITION_EOF:
+                ends[msg.partition()] = msg.offset()
+        return ends
+    finally:
+        consumer.close()
+
+
+def committed_offsets(settings: Settings, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """Offsets `group` committed on `topic` (0 where none); reads them without joining the group."""
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: max(tp.offset, 0) for tp in tps}
+    finally:
+        consumer.close()
+
+
+def claimed_gpus(original: bytes) -> int:
+    """GPU-samples a snapshot carries, even a corrupt one: how many GPU entries it names (at least 1)."""
+    return max(1, original.count(b'"gpu_index"'))
+
+
+@dataclass
+class Letter:
+    generation: int  # incarnation of the broker's topics (a memory-only broker restarts empty)
+    partition: int
+    offset: int
+    error: str
+    gpus: int
+
+
+class DeadLetterTap:
+    """Reads the dead-letter topic from the start, all along (a memory-only broker forgets it when it stops)."""
+
+    def __init__(self, settings: Settings, partitions: int) -> None:
+        self.settings = settings
+        self.partitions = partitions
+        self.letters: list[Letter] = []
+        self.generation = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._positions: dict[int, int] = {}
+        self._consumer = self._open()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="dead-letter-tap")
+        self._thread.start()
+
+    def _open(self) -> Consumer:
+        conf = {**self.settings.kafka_client_config(), "group.id": f"gpuwatch-tap-{time.time_ns()}",
+                "enable.auto.commit": False}  # fmt: skip
+        consumer = Consumer(conf)
+        topic = self.settings.topic_deadletter
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(self.partitions)])
+        self._positions = dict.fromkeys(range(self.partitions), 0)
+        return consumer
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                msgs = self._consumer.consume(500, 0.2)
+                for msg in msgs:
+                    if msg.error() is None:
+                        self._add(msg)
+
+    def _add(self, msg: Message) -> None:
+        rec = decode_deadletter(msg.value())
+        src = rec["source"]
+        gpus = claimed_gpus(deadletter_original(rec))
+        if DUPLICATE in rec["error"]:  # "GPU(s) 0, 1, ... already have a sample": only those were rejected
+            gpus = rec["error"].split("GPU(s) ", 1)[1].split(" already", 1)[0].count(",") + 1
+        self.letters.append(Letter(self.generation, src["partition"], src["offset"], rec["error"], gpus))
+        self._positions[msg.partition()] = msg.offset() + 1
+
+    def restart(self) -> None:
+        """After the broker restarted empty: read the recreated topic from its start."""
+        with self._lock:
+            self._consumer.close()
+            self.generation += 1
+            self._consumer = self._open()
+
+    def caught_up(self) -> bool:
+        ends = end_offsets(self.settings, self.settings.topic_deadletter, self.partitions)
+        with self._lock:
+            return all(self._positions.get(p, 0) >= end for p, end in ends.items())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self._consumer.close()
+
+
+class _Gate(SimulatedSource):
+    """The simulated fleet's agents, which the bench can pause; keeps recent snapshots to spoil."""
+
+    def __init__(self, hosts: int) -> None:
+        super().__init__(hosts, 1.0, gpus_per_host=GPUS_PER_HOST, seed=17)
+        self.open = threading.Event()
+        self.open.set()
+        self.recent: list[list[tuple[str, bytes]]] = []
+
+    def tick(self) -> list[tuple[str, bytes]]:
+        self.open.wait()
+        pairs = super().tick()
+        self.recent = [*self.recent[-9:], pairs[:4]]
+        return pairs
+
+
+@dataclass
+class Injected:
+    generation: int
+    partition: int
+    offset: int
+    kind: str
+    gpus: int
+    decodable: bool  # decodes, so the worker counts its GPUs (a resent old snapshot: rejected as duplicates)
+
+
+def _spoil(kind: str, raw: bytes, older: bytes) -> bytes:
+    text = raw.decode()
+    if kind == "wrong type":
+        return text.replace('"temp_c":', '"temp_c":"hot","was":', 1).encode()
+    if kind == "NaN":
+        return text.replace('"power_w":', '"power_w":NaN,"was":', 1).encode()
+    if kind == "negative counter":
+        return text.replace('"ecc_sbe_volatile":', '"ecc_sbe_volatile":-1,"was":', 1).encode()
+    if kind == "far future ts":
+        obj = orjson.loads(raw)
+        return orjson.dumps({**obj, "ts": obj["ts"] + 86400.0})
+    if kind == "invalid UTF-8":
+        return raw.replace(b'"host":"', b'"host":"\xff\xfe', 1)
+    return older  # "resent": an older snapshot of the same host again
+
+
+BAD_KINDS = ("wrong type", "NaN", "negative counter", "far future ts", "invalid UTF-8", "resent")
+
+
+class BadInput:
+    """Produces spoiled copies of real snapshots, noting where each landed (for the replay correction)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.injected: list[Injected] = []
+        self.generation = 0
+        self._producer = make_producer(settings)
+
+    def inject(self, source: _Gate) -> None:
+        if len(source.recent) < 6:
+            return
+        for i, kind in enumerate(BAD_KINDS):
+            host, raw = source.recent[-1][i % len(source.recent[-1])]
+            older = dict(source.recent[-6])[host]
+            bad = _spoil(kind, raw, older)
+
+            def done(err: KafkaError | None, msg: Message, kind: str = kind, bad: bytes = bad) -> None:
+                if err is None:
+                    gen = self.generation
+                    entry = Injected(
+                        gen, msg.partition(), msg.offset(), kind, claimed_gpus(bad), kind == "resent"
+                    )
+                    self.injected.append(entry)
+
+            self._producer.produce(
+                self.settings.topic_samples, value=bad, key=host.encode(), on_delivery=done
+            )
+        if self._producer.flush(30) != 0:
+            raise RuntimeError("the broker did not take the bad snapshots")
+
+    def restart(self) -> None:
+        """A fresh producer for the restarted broker (which forgot our producer id)."""
+        self._producer = make_producer(self.settings)
+        self.generation += 1
+
+
+@dataclass
+class Fault:
+    name: str
+    at_s: float
+    survived: bool = False
+    detail: str = ""
+    recovery_s: float = 0.0
+
+
+@dataclass
+class Ledger:
+    """Worker counts per incarnation and the replay measured at a kill."""
+
+    delivered: int = 0  # GPU-samples the worker folded or rejected, summed over its incarnations
+    scored: int = 0
+    rejected: int = 0
+    replayed: int = 0
+    worker_deadletters: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def close_incarnation(self, stats: dict[str, Any]) -> None:
+        self.scored += int(stats.get("samples", 0))
+        self.rejected += int(stats.get("rejected_samples", 0))
+        self.delivered += int(stats.get("samples", 0)) + int(stats.get("rejected_samples", 0))
+        self.worker_deadletters += int(stats.get("deadletters", 0))
+
+
+class ReliabilityRun:
+    """The scenario; `run()` returns the figures."""
+
+    def __init__(self, gpus: int, seconds: float, workdir: Path) -> None:
+        self.hosts = max(1, gpus // GPUS_PER_HOST)
+        self.gpus = self.hosts * GPUS_PER_HOST
+        self.seconds = seconds
+        self.workdir = workdir
+        self.partitions = 4  # Tansu creates topics with 4 partitions when a client names a missing one
+        self.redis_password = "bench-" + workdir.name[-8:]
+        self.samples: list[
+            tuple[float, float, float, int, int]
+        ] = []  # t, worker rss, broker rss, backlog, spool
+        self.faults: list[Fault] = []
+        self.ledger = Ledger()
+        self.restarts = 0
+        self.t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ set-up and tear-down
+    def start(self) -> None:
+        self.kafka = start_kafka()
+        self.redis = start_redis(password=self.redis_password)
+        self.settings = Settings(
+            kafka_bootstrap=self.kafka.url, redis_url=self.redis.url, partitions=self.partitions,
+            topic_samples="bench.samples", topic_risk="bench.risk", topic_deadletter="bench.deadletter",
+            topic_remediation="bench.remediation", topic_outcomes="bench.outcomes", topic_commands="bench.commands",
+            stream_app_id="bench-reliability", checkpoint_interval_s=60.0, rescore_interval_s=5.0,
+        )  # fmt: skip
+        self._topics()
+        self.worker = self._start_worker()
+        self.sink = spawn_child("bench-sink", [sys.executable, "-P", "-m", "gpuwatch.cli", "sink"],
+                                env=settings_env(self.settings))  # fmt: skip
+        self.tap = DeadLetterTap(self.settings, self.partitions)
+        self.bad = BadInput(self.settings)
+        self.source = _Gate(self.hosts)
+        spool = Spool(self.workdir / "spool", max_bytes=2 << 30)
+        self.publisher = Publisher(self.settings, spool, client_id="bench-agents", delivery_timeout_s=10.0)
+        self.agent = Agent(self.source, self.publisher, interval_s=1.0, flush_timeout_s=30.0)
+        self.agent_thread = threading.Thread(target=self.agent.run, name="bench-agents", daemon=True)
+
+    def _topics(self) -> None:
+        from gpuwatch.streams.app import windows_changelog_topic  # imports torch: only when needed
+
+        ensure_topics(self.settings)
+        ensure_compacted_topic(self.settings, windows_changelog_topic(self.settings), self.partitions)
+
+    def _start_worker(self) -> EmbeddedServer:
+        worker = start_stream_worker(self.settings, f"bench-worker-{self.restarts}")
+        self.stats = StatsFollower(worker)
+        self.stats.wait(
+            lambda s: s.get("partitions", 0) == self.partitions, 180, "the worker to own every partition"
+        )
+        return worker
+
+    def stop(self) -> None:
+        self.source.open.set()
+        self.agent.stop_event.set()
+        if self.agent_thread.is_alive():
+            self.agent_thread.join(60)
+        self.tap.stop()
+        for proc in (getattr(self, "worker", None), getattr(self, "sink", None), getattr(self, "redis", None),
+                     getattr(self, "kafka", None)):  # fmt: skip
+            if proc is not None:
+                proc.stop()
+
+    # ------------------------------------------------------------------ measuring
+    def produced(self) -> int:
+        good = self.publisher.sent * GPUS_PER_HOST
+        return good + sum(i.gpus for i in self.bad.injected)
+
+    def backlog(self) -> int:
+        group, topic = self.settings.stream_app_id, self.settings.topic_samples
+        ends = end_offsets(self.settings, topic, self.partitions)
+        done = committed_offsets(self.settings, group, topic, self.partitions)
+        return sum(max(0, ends[p] - done.get(p, 0)) for p in ends) * GPUS_PER_HOST
+
+    def sample(self, t0: float) -> None:
+        try:
+            backlog = self.backlog()
+        except Exception as exc:  # the broker is down during its fault
+            log.debug("backlog not measured: %s", exc)
+            backlog = -1
+        self.samples.append((time.monotonic() - t0, rss_mb(self.worker.proc.pid), rss_mb(self.kafka.proc.pid),
+                             backlog, self.publisher.pending))  # fmt: skip
+
+    def drained(self) -> bool:
+        """Everything the broker holds is consumed and committed, reported by the worker, and tapped."""
+        topic = self.settings.topic_samples
+        ends = end_offsets(self.settings, topic, self.partitions)
+        done = committed_offsets(self.settings, self.settings.stream_app_id, topic, self.partitions)
+        seen = {int(p): o for p, o in self.stats.latest.get("offsets", {}).items()}
+        return (
+            all(done.get(p, 0) >= e and seen.get(p, 0) >= e for p, e in ends.items()) and self.tap.caught_up()
+        )
+
+    def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> float:
+        t0 = time.monotonic()
+        while not cond():
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+            if not self.worker.alive():
+                raise RuntimeError(
+                    f"the stream worker died while waiting for {what}:\n{self.worker.log_tail(30)}"
+                )
+            time.sleep(0.5)
+        return time.monotonic() - t0
+
+    # ------------------------------------------------------------------ faults
+    def broker_restart(self, outage_s: float = 15.0) -> Fault:
+        fault = Fault("broker restart", time.monotonic() - self.t0)
+        self.source.open.clear()  # agents pause: the memory-only broker must hold nothing unconsumed when it stops
+        self.wait(
+            lambda: self.publisher.pending == 0 and self.publisher.in_flight == 0, 120, "the spools to empty"
+        )
+        self.wait(self.drained, 300, "the worker to drain the broker")
+        pid = self.worker.proc.pid
+        self.kafka.stop()
+        self.source.open.set()  # the agents sample into their spools while the broker is away
+        time.sleep(outage_s)
+        spooled = self.publisher.pending
+        self.kafka = start_kafka(port=self.kafka.port)
+        self._topics()
+        self.tap.restart()
+        self.bad.restart()
+        up = time.monotonic()
+        self.wait(
+            lambda: self.publisher.pending < self.hosts * 2, 600, "the spools to drain into the new broker"
+        )
+        self.wait(lambda: self.backlog() < self.hosts * GPUS_PER_HOST * 5, 600, "the worker to catch up")
+        fault.recovery_s = time.monotonic() - up
+        fault.survived = self.worker.proc.pid == pid and self.worker.alive()
+        fault.detail = (
+            f"{spooled} snapshots spooled during {outage_s:.0f} s; same worker process consumed the new topic"
+        )
+        return fault
+
+    def worker_kill(self) -> Fault:
+        fault = Fault("stream worker SIGKILL", time.monotonic() - self.t0)
+        killed = self.worker
+        killed.proc.send_signal(signal.SIGKILL)
+        killed.proc.wait()
+        last = dict(self.stats.latest)
+        topic = self.settings.topic_samples
+        committed = committed_offsets(self.settings, self.settings.stream_app_id, topic, self.partitions)
+        self.ledger.close_incarnation(last)
+        reported = {int(p): o for p, o in last.get("offsets", {}).items()}
+        undecodable = [
+            i for i in self.bad.injected if i.generation == self.bad.generation and not i.decodable
+        ]
+        replayed = 0
+        for p in range(self.partitions):
+            lo, hi = sorted((committed.get(p, 0), reported.get(p, 0)))
+            sign = 1 if reported.get(p, 0) >= committed.get(p, 0) else -1
+            skip = sum(1 for i in undecodable if i.partition == p and lo <= i.offset < hi)
+            replayed += sign * (hi - lo - skip) * GPUS_PER_HOST
+        self.ledger.replayed += replayed
+        self.ledger.notes.append(
+            f"kill: committed {committed}, last reported {reported}, replayed {replayed}"
+        )
+        killed.stop()
+        self.restarts += 1
+        started = time.monotonic()
+        self.worker = self._start_worker()
+        restored = self.stats.wait(lambda s: s.get("restored_gpus", 0) > 0, 120, "windows restored")[
+            "restored_gpus"
+        ]
+        self.wait(lambda: self.backlog() < self.hosts * GPUS_PER_HOST * 5, 600, "the new worker to catch up")
+        fault.recovery_s = time.monotonic() - started
+        fault.survived = restored >= self.gpus * 0.99
+        fault.detail = (
+            f"replacement restored {restored} of {self.gpus} windows; {replayed} GPU-samples replayed"
+        )
+        return fault
+
+    def redis_restart(self, outage_s: float = 10.0) -> Fault:
+        fault = Fault("redis restart", time.monotonic() - self.t0)
+        port = self.redis.port
+        self.redis.stop()
+        time.sleep(outage_s)
+        self.redis = start_redis(port=port, password=self.redis_password)
+        back = time.time()
+        client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
+        try:
+
+            def fresh() -> bool:
+                return int(client.zcount(k.LASTSEEN, back - 15.0, "+inf")) >= self.gpus
+
+            fault.recovery_s = self.wait(fresh, 180, "every GPU's risk back in Redis")
+        finally:
+            client.close()
+        fault.survived = self.sink.alive()
+        fault.detail = (
+            f"sink process kept running; all {self.gpus} GPUs in Redis again {fault.recovery_s:.1f} s later"
+        )
+        return fault
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, Any]:
+        self.start()
+        schedule: list[tuple[float, Callable[[], Fault]]] = [
+            (0.25, self.broker_restart), (0.50, self.worker_kill), (0.75, self.redis_restart),
+        ]  # fmt: skip
+        _say(
+            f"{self.gpus:,} GPUs ({self.hosts:,} hosts) at 1 Hz for {self.seconds:.0f} s; faults at 25/50/75 %"
+        )
+        self.agent_thread.start()
+        t0 = self.t0 = time.monotonic()
+        next_sample = next_bad = t0
+        while (elapsed := time.monotonic() - t0) < self.seconds:
+            if schedule and elapsed >= schedule[0][0] * self.seconds:
+                _, inject = schedule.pop(0)
+                fault = inject()
+                self.faults.append(fault)
+                _say(f"{fault.name}: {'survived' if fault.survived else 'NOT survived'} ({fault.detail}); "
+                     f"recovered in {fault.recovery_s:.1f} s")  # fmt: skip
+            now = time.monotonic()
+            if now >= next_bad:
+                self.bad.inject(self.source)
+                next_bad = now + 20.0
+            if now >= next_sample:
+                self.sample(t0)
+                next_sample = now + SAMPLE_EVERY_S
+                _say(f"t={elapsed:5.0f} s  produced {self.produced():,}  backlog {self.samples[-1][3]:,}  "
+                     f"worker rss {self.samples[-1][1]:.0f} MiB  broker rss {self.samples[-1][2]:.0f} MiB")  # fmt: skip
+            if not self.worker.alive():
+                raise RuntimeError(f"the stream worker died:\n{self.worker.log_tail(30)}")
+            time.sleep(0.2)
+        self.source.open.clear()  # the agents stop sampling; what they took is delivered and accounted
+        self.wait(
+            lambda: self.publisher.pending == 0 and self.publisher.in_flight == 0, 300, "the spools to empty"
+        )
+        self.wait(self.drained, 600, "the worker to process everything")
+        time.sleep(2.5)  # one more STATS line after the last batch
+        self.ledger.close_incarnation(self.stats.latest)
+        return self.figures()
+
+    def figures(self) -> dict[str, Any]:
+        ledger = self.ledger
+        letters: dict[tuple[int, int, int], Letter] = {}
+        for letter in self.tap.letters:
+            if DUPLICATE not in letter.error:  # rejected duplicates are counted by the worker
+                letters.setdefault((letter.generation, letter.partition, letter.offset), letter)
+        undecodable = sum(letter.gpus for letter in letters.values())
+        injected = sum(i.gpus for i in self.bad.injected if not i.decodable)
+        produced = self.produced()
+        dead_lettered = ledger.rejected + undecodable
+        measured = [s for s in self.samples if s[3] >= 0]
+        windows = [(f.at_s, f.at_s + f.recovery_s + 30.0) for f in self.faults]
+        calm = [s for s in measured if not any(a <= s[0] <= b for a, b in windows)]
+        kills = [f.at_s for f in self.faults if f.name == "stream worker SIGKILL"]
+        last_worker = [s for s in measured if s[0] >= (kills[-1] + 60.0 if kills else 60.0)]
+        return {
+            "samples_produced": produced,
+            "scored": ledger.scored,
+            "dead_lettered": dead_lettered,
+            "replayed": ledger.replayed,
+            "unaccounted": produced - (ledger.scored + dead_lettered - ledger.replayed),
+            "bad_snapshots_injected": len(self.bad.injected),
+            "undecodable_dead_lettered_match_injected": undecodable == injected,
+            "faults_injected": len(self.faults),
+            "faults_survived": sum(f.survived for f in self.faults),
+            "peak_rss_mb": round(max((s[1] for s in measured), default=0.0), 1),
+            "rss_trend_mb_per_min": round(
+                slope_per_min([s[0] for s in last_worker], [s[1] for s in last_worker]), 2
+            ),
+            "lag_trend_samples_per_min": round(slope_per_min([s[0] for s in calm], [s[3] for s in calm]), 1),
+            "lag_max_samples": max((s[3] for s in measured), default=0),
+            "lag_final_samples": measured[-1][3] if measured else 0,
+            "broker_peak_rss_mb": round(max((s[2] for s in self.samples), default=0.0), 1),
+            "gpus": self.gpus,
+            "seconds": self.seconds,
+            "agent_late_ticks": self.agent.late_ticks,
+            "spool_dropped": self.publisher.spool.dropped,
+            "faults": [
+                {**vars(f), "at_s": round(f.at_s, 1), "recovery_s": round(f.recovery_s, 1)}
+                for f in self.faults
+            ],  # fmt: skip
+            "series": [
+                {
+                    "t_s": round(s[0], 1),
+                    "worker_rss_mb": round(s[1], 1),
+                    "broker_rss_mb": round(s[2], 1),
+                    "backlog_samples": s[3],
+                    "spool_snapshots": s[4],
+                }
+                for s in self.samples
+            ],  # fmt: skip
+            "notes": ledger.notes,
+        }
+
+
+def run_reliability_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs the scenario (`args.gpus`, `args.seconds`), prints the table, writes `args.json_path`."""
+    gpus = args.gpus or 10_000
+    seconds = args.seconds or 600.0
+    workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-bench-reliability-"))
+    run = ReliabilityRun(gpus, seconds, workdir)
+    try:
+        figures = run.run()
+    finally:
+        run.stop()
+        subprocess.run(["rm", "-rf", str(workdir)], check=False)
+    notes = {
+        "samples_produced": "GPU-samples the broker acknowledged (bad snapshots included)",
+        "scored": "folded into a GPU's window (replays counted again)",
+        "dead_lettered": "rejected duplicates + GPU-samples of undecodable snapshots",
+        "replayed": "processed twice after the worker kill (from offsets)",
+        "unaccounted": "produced - (scored + dead_lettered - replayed); must be 0",
+        "faults_survived": f"of {figures['faults_injected']}",
+        "peak_rss_mb": "stream worker, MiB",
+        "rss_trend_mb_per_min": "worker RSS slope after its last start (+60 s)",
+        "lag_trend_samples_per_min": "backlog slope outside fault windows",
+        "broker_peak_rss_mb": "Tansu keeps every message in memory",
+    }
+    rows = [(key, value, notes.get(key, "")) for key, value in figures.items() if not isinstance(value, list)]
+    emit(f"gpuwatch bench reliability ({figures['gpus']:,} GPUs at 1 Hz, {seconds:.0f} s)", rows, figures,
+         args.json_path)  # fmt: skip
+    return figures
