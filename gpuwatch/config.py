@@ -136,15 +136,30 @@ class Settings:
         return conf
 
     def redacted(self) -> dict[str, Any]:
-        """Settings as a dict with secrets masked, safe to log."""
+        """Settings as a dict with secrets masked, safe to log (also a password inside a URL, e.g. redis_url)."""
         out = dataclasses.asdict(self)
         for f in fields(self):
             if f.metadata.get("secret") and out[f.name]:
                 out[f.name] = "***"
+            elif isinstance(out[f.name], str):
+                out[f.name] = redact_url(out[f.name])
         return out
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+def redact_url(url: str) -> str:
+    """`url` with the secret of its user part masked (``redis://app:***@host:6379/0``; a user part with no
+    colon, often a token, becomes ``***``), safe to print."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    masked = f"{user}:***" if colon else "***"
+    return f"{scheme}://{masked}@{host}{slash}{path}"
 
 
 def _coerce(name: str, kind: type, value: Any) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gpuwatch.config import Settings
+from gpuwatch.config import Settings, redact_url
 from gpuwatch.embedded import EmbeddedServer, embedded_stack
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import start_stream_worker
@@ -107,7 +107,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
             policy_migrate_after_s=15.0,
             policy_reboot_after_s=20.0,
         )
-        say(f"[demo] broker {settings.kafka_bootstrap}, redis {settings.redis_url}")
+        say(f"[demo] broker {settings.kafka_bootstrap}, redis {redact_url(settings.redis_url)}")
         ensure_topics(settings)
         worker = start_stream_worker(settings)
         threading.Thread(target=_watch_worker, args=(worker, state), daemon=True).start()

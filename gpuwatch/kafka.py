@@ -223,7 +223,11 @@ class ReliableProducer:
             raise
 
     def poll(self, timeout: float = 0.0) -> int:
-        return self._producer.poll(timeout)
+        try:
+            return self._producer.poll(timeout)
+        except (KafkaException, SystemError) as exc:
+            self._broken(exc)
+            return 0
 
     def flush(self, timeout: float = 30.0) -> int:
         """Waits up to `timeout` s for all queued messages, resending failed ones; returns how many remain."""
@@ -232,8 +236,8 @@ class ReliableProducer:
             producer = self._producer
             try:
                 producer.flush(max(0.0, min(0.5, deadline - time.monotonic())))
-            except KafkaException as exc:
-                self._on_error(exc.args[0])
+            except (KafkaException, SystemError) as exc:
+                self._broken(exc)
             with self._lock:
                 if not self._pending:
                     return 0
@@ -275,6 +279,19 @@ class ReliableProducer:
                     log.warning("Kafka did not acknowledge messages (%s); resending them", err.str())
                 self._failed.append(rid)
                 self.last_error = err.str()
+
+    def _broken(self, exc: BaseException) -> None:
+        # confluent-kafka raises a fatal error out of poll()/flush(), in the middle of serving delivery reports
+        # (a SystemError when it surfaces inside our callback): the producer is done, and its reports with it.
+        cause = exc if isinstance(exc, KafkaException) else exc.__cause__
+        if isinstance(cause, KafkaException) and isinstance(cause.args[0], KafkaError) and not cause.args[0].fatal():
+            self._on_error(cause.args[0])
+            return
+        with self._lock:
+            if self._fatal_gen != self._gen:
+                log.warning("Kafka producer failed for good (%s); resending with a fresh one", cause or exc)
+            self._fatal_gen = self._gen
+        self.last_error = str(cause or exc)
 
     def _on_error(self, err: KafkaError) -> None:
         self.last_error = err.str()

@@ -5,7 +5,7 @@
 #
 #   scripts/train-default-model.sh [WORK_DIR]      (default WORK_DIR: /tmp/gpuwatch-default-model)
 #
-# Needs ~20 GB free under WORK_DIR (JSONL telemetry is ~770 bytes per GPU-sample). Set GPUWATCH=...
+# Needs ~22 GB free under WORK_DIR (JSONL telemetry is ~770 bytes per GPU-sample). Set GPUWATCH=...
 # to use another gpuwatch executable (default: the one on PATH, else .venv/bin/gpuwatch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,13 +15,13 @@ PY=$(dirname "$GW")/python
 mkdir -p "$WORK"
 start=$(date +%s)
 
-for fleet in train-a train-b val heldout heldout-faint; do
+for fleet in train-a train-b train-c val heldout heldout-faint; do
   if [ ! -s "$WORK/$fleet/labels.jsonl" ]; then
     "$PY" -m gpuwatch.training.fleets "$fleet" "$WORK/$fleet"
   fi
 done
 
-"$GW" train --data "$WORK/train-a" --data "$WORK/train-b" --val-data "$WORK/val" \
+"$GW" train --data "$WORK/train-a" --data "$WORK/train-b" --data "$WORK/train-c" --val-data "$WORK/val" \
   --out "$WORK/model.pt" --epochs 8 --seed 0
 
 "$GW" eval --data "$WORK/heldout" --data "$WORK/heldout-faint" --model "$WORK/model.pt" \

@@ -406,7 +406,9 @@ class WindowStore:
 
         # Peers: the mean of the other GPUs of the same snapshot (NaN when there are none).
         fan = x[:, _NUM["fan_pct"]]
-        peer = _peer_means(group, np.stack([temp, thermal_r, power, fan, thr_power.astype(np.float64)], axis=1))
+        peer = _peer_means(
+            group, np.stack([temp, thermal_r, power, fan, thr_power.astype(np.float64)], axis=1)
+        )
         temp_peer = np.nan_to_num(temp - peer[:, 0], nan=0.0)
         power_peer = np.nan_to_num(power - peer[:, 2], nan=0.0)
         peer_r = np.nan_to_num(thermal_r - peer[:, 1], nan=0.0) * 100.0
@@ -458,14 +460,15 @@ class WindowStore:
         new_base[:, _B_THERMAL_R] = np.where(learn, base[:, _B_THERMAL_R] + a_base * (r_now - base[:, _B_THERMAL_R]),
                                              base[:, _B_THERMAL_R])  # fmt: skip
         learn_peer = settled & ~thr_thermal
-        state_s = self.state_s[s, loaded.astype(np.int64)] + np.where(learn_peer, np.minimum(dt_pos, 60.0), 0.0)
+        state_col = loaded.astype(np.int64)
+        state_s = self.state_s[s, state_col] + np.where(learn_peer, np.minimum(dt_pos, 60.0), 0.0)
         # A running mean over the first minutes in a state, then the slow baseline (so a precursor is not learnt).
         tau_peer = np.where(state_s < PEER_WARMUP_S, np.maximum(state_s, 30.0), BASELINE_TAU_S)
         a_peer = 1.0 - np.exp(-np.minimum(dt_pos, 60.0) / tau_peer)
         old_peer = base[rows_i, b_col]
         new_base[rows_i, b_col] = np.where(learn_peer, old_peer + a_peer * (peer_r - old_peer), old_peer)
         self.baseline[s] = new_base
-        self.state_s[s, loaded.astype(np.int64)] = state_s
+        self.state_s[s, state_col] = state_s
 
         # XID bookkeeping.
         has_xid = xid_count > 0

@@ -129,3 +129,16 @@ def test_event_pr_auc_is_one_for_a_perfect_scorer_and_lower_with_false_alarms(tm
     perfect = np.where(lab.visible, 0.99, 0.01)  # alarms exactly while a precursor is visible
     assert event_pr_auc(lab, perfect, 600.0) == pytest.approx(1.0)
     assert event_pr_auc(lab, lab.risk["m"], 600.0) < 0.5
+
+
+def test_alarming_all_the_time_does_not_pay(tmp_path: Path) -> None:
+    """Every record alarmed: each failure is caught, but every stretch outside the hour before one is false."""
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    m = event_metrics(lab, np.ones(len(lab.ts)), 0.5, merge_gap_s=600.0)
+    assert m["recall"] == 1.0 and m["recall_all"] == 1.0
+    # True: the hour before A's, C's sudden and C's thermal failure. False: A before that hour and after
+    # its repair, B all day, C before its first failure's hour, between its repair and the next hour, and after.
+    assert (m["true_episodes"], m["false_alarms"]) == (3, 6)
+    assert m["precision"] == pytest.approx(3 / 9)
+    assert m["median_lead_min"] == pytest.approx(60.0, abs=1.0)  # capped at the horizon

@@ -75,7 +75,9 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
 
 def test_replay_scores_the_same_samples_as_a_live_worker() -> None:
     """Offline replay vs one snapshot per batch (a live worker at 1 Hz): same GPUs, same ts, same risk."""
-    sim = FleetSimulator(FleetConfig(hosts=3, gpus_per_host=4, seed=5, start_ts=1_700_000_000.0, interval_s=1.0))
+    sim = FleetSimulator(
+        FleetConfig(hosts=3, gpus_per_host=4, seed=5, start_ts=1_700_000_000.0, interval_s=1.0)
+    )
     lines = [value for _ in range(40) for _, value in sim.step_json()]
     artifact = load_artifact()
     live = RiskProcessor(Scorer(artifact, "cpu"), rescore_interval_s=5.0)
@@ -95,7 +97,9 @@ def test_replay_scores_the_same_samples_as_a_live_worker() -> None:
 
 def test_peer_features_single_out_the_gpu_that_runs_hot() -> None:
     """Raising one GPU's temperature by 15 °C moves its temp_peer by +1.5 and each peer's by -15/3/10."""
-    sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=4, seed=2, start_ts=1_700_000_000.0, interval_s=5.0))
+    sim = FleetSimulator(
+        FleetConfig(hosts=1, gpus_per_host=4, seed=2, start_ts=1_700_000_000.0, interval_s=5.0)
+    )
     snaps = [decode_snapshot(sim.step_json()[0][1]) for _ in range(5)]
     temp_col = ALL_NUMERIC.index("temp_c")
     out = []

@@ -6,23 +6,40 @@ import argparse
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", action="append", required=True, help="a `gpuwatch simulate` output dir (repeatable)")
-    p.add_argument("--val-data", default="",
-                   help="a separately simulated validation fleet: the operating threshold is the best event-level F1 "
-                        "there; without it, the best sequence-level F1 on a held-back GPU split")
-    p.add_argument("--out", required=True, help="artifact path (.pt); the GBDT baseline goes next to it (.gbdt.txt)")
+    p.add_argument(
+        "--data", action="append", required=True, help="a `gpuwatch simulate` output dir (repeatable)"
+    )
+    p.add_argument(
+        "--val-data",
+        default="",
+        help="a separately simulated validation fleet: the operating threshold is the best event-level F1 "
+        "there; without it, the best sequence-level F1 on a held-back GPU split",
+    )
+    p.add_argument(
+        "--out", required=True, help="artifact path (.pt); the GBDT baseline goes next to it (.gbdt.txt)"
+    )
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--hidden", type=int, default=32, help="LSTM hidden size")
     p.add_argument("--mlp", type=int, default=32, help="width of the MLP after the LSTM")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--sample-every", type=float, default=30.0, help="seconds between training sequences per GPU")
-    p.add_argument("--negative-keep", type=float, default=0.1,
-                   help="share of quiet negative sequences kept (alerting-looking negatives are all kept)")
+    p.add_argument(
+        "--sample-every", type=float, default=30.0, help="seconds between training sequences per GPU"
+    )
+    p.add_argument(
+        "--negative-keep",
+        type=float,
+        default=0.1,
+        help="share of quiet negative sequences kept (alerting-looking negatives are all kept)",
+    )
     p.add_argument("--horizon", type=float, default=3600.0, help="prediction horizon in seconds")
     p.add_argument("--no-gbdt", action="store_true", help="do not train the GBDT baseline")
-    p.add_argument("--rescore-interval", type=float, default=5.0, help="scoring cadence on the validation fleet")
-    p.add_argument("--merge-gap", type=float, default=600.0, help="alarms closer than this form one episode (s)")
+    p.add_argument(
+        "--rescore-interval", type=float, default=5.0, help="scoring cadence on the validation fleet"
+    )
+    p.add_argument(
+        "--merge-gap", type=float, default=600.0, help="alarms closer than this form one episode (s)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--seed", type=int, default=0)
 
@@ -31,17 +48,29 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="JSONL of gpuwatch.samples/1 snapshots, time-ordered")
     p.add_argument("--output", required=True, help="where the gpuwatch.risk/1 records go (JSONL)")
     p.add_argument("--model", default="", help="model artifact (default: the one shipped in the package)")
-    p.add_argument("--rescore-interval", type=float, default=5.0, help="seconds of sample time between scorings")
+    p.add_argument(
+        "--rescore-interval", type=float, default=5.0, help="seconds of sample time between scorings"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--json", default="", help="also write the throughput summary here")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", action="append", required=True,
-                   help="held-out `gpuwatch simulate` output dir with samples.jsonl + labels.jsonl (repeatable)")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        help="held-out `gpuwatch simulate` output dir with samples.jsonl + labels.jsonl (repeatable)",
+    )
     p.add_argument("--model", default="", help="model artifact (default: the one shipped in the package)")
-    p.add_argument("--gbdt", default="", help="GBDT baseline written by `gpuwatch train` (default: next to --model)")
+    p.add_argument(
+        "--gbdt", default="", help="GBDT baseline written by `gpuwatch train` (default: next to --model)"
+    )
     p.add_argument("--json", default="", help="write the report here")
-    p.add_argument("--rescore-interval", type=float, default=5.0, help="seconds of sample time between scorings")
-    p.add_argument("--merge-gap", type=float, default=600.0, help="alarms closer than this form one episode (s)")
+    p.add_argument(
+        "--rescore-interval", type=float, default=5.0, help="seconds of sample time between scorings"
+    )
+    p.add_argument(
+        "--merge-gap", type=float, default=600.0, help="alarms closer than this form one episode (s)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -115,7 +115,9 @@ class GbdtConfig:
 
 
 class GbdtBaseline:
-    """LightGBM on `tabular` window features, temperature-calibrated; a scorer like the LSTM's."""
+    """LightGBM on `tabular` window features, Platt-calibrated; a scorer like the LSTM's (risk only, no mode)."""
+
+    predicts_mode = False
 
     def __init__(self, booster: object, artifact: ModelArtifact, platt: tuple[float, float] = (1.0, 0.0),
                  threshold: float = 0.5) -> None:  # fmt: skip
@@ -185,10 +187,14 @@ class GbdtBaseline:
         path = Path(path)
         meta_path = Path(f"{path}.json")
         if not path.exists() or not meta_path.exists():
-            raise FileNotFoundError(f"GBDT baseline {path} (and {meta_path}) not found; `gpuwatch train` writes them")
+            raise FileNotFoundError(
+                f"GBDT baseline {path} (and {meta_path}) not found; `gpuwatch train` writes them"
+            )
         meta = json.loads(meta_path.read_text())
         if meta.get("window_features") != len(FEATURE_NAMES):
-            raise ValueError(f"GBDT baseline {path} was trained on another feature set; retrain with `gpuwatch train`")
+            raise ValueError(
+                f"GBDT baseline {path} was trained on another feature set; retrain with `gpuwatch train`"
+            )
         booster = lgb.Booster(model_file=str(path))
         a, b = meta["platt"]
         return cls(booster, artifact, (float(a), float(b)), float(meta["threshold"]))

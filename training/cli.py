@@ -21,7 +21,9 @@ def _inputs(data_dir: Path) -> tuple[Path, Path]:
     samples, labels = data_dir / "samples.jsonl", data_dir / "labels.jsonl"
     for p in (samples, labels):
         if not p.exists():
-            raise SystemExit(f"gpuwatch train: {p} is missing; make one with `gpuwatch simulate --out {data_dir}`")
+            raise SystemExit(
+                f"gpuwatch train: {p} is missing; make one with `gpuwatch simulate --out {data_dir}`"
+            )
     return samples, labels
 
 
@@ -38,7 +40,9 @@ def concat(sets: list[SequenceSet]) -> SequenceSet:
     )
 
 
-def load_sequences(dirs: list[str], args: argparse.Namespace, window: WindowConfig) -> tuple[SequenceSet, list[Path]]:
+def load_sequences(
+    dirs: list[str], args: argparse.Namespace, window: WindowConfig
+) -> tuple[SequenceSet, list[Path]]:
     """Build training sequences from every data dir, with a progress line per dir."""
     sets = []
     files: list[Path] = []
@@ -106,7 +110,9 @@ def train_command(args: argparse.Namespace) -> int:
         chosen = choose_thresholds(Path(args.val_data), Scorer(artifact, device="cpu"), gbdt, args)
         artifact.threshold = chosen["lstm"]["threshold"]
         artifact.metrics["validation_events"] = chosen["lstm"]["validation"]
-        artifact.metrics["threshold_from"] = f"best event-level F1 on validation fleet {Path(args.val_data).name}"
+        artifact.metrics["threshold_from"] = (
+            f"best event-level F1 on validation fleet {Path(args.val_data).name}"
+        )
         if gbdt is not None:
             gbdt.threshold = chosen["gbdt"]["threshold"]
         for name, c in chosen.items():

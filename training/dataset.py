@@ -37,8 +37,13 @@ class Failures:
                 pstart = rec.get("precursor_start_ts")
                 has_precursor = pstart is not None and rec["mode"] != "sudden"
                 rows.setdefault(rec["uuid"], []).append(
-                    (float(rec["fail_ts"]), _MODE_INDEX[rec["mode"]], float(repair_end), has_precursor,
-                     float(pstart) if has_precursor else np.nan)
+                    (
+                        float(rec["fail_ts"]),
+                        _MODE_INDEX[rec["mode"]],
+                        float(repair_end),
+                        has_precursor,
+                        float(pstart) if has_precursor else np.nan,
+                    )
                 )
         by_uuid = {}
         for uuid, items in rows.items():

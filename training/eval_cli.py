@@ -85,7 +85,10 @@ def collect(
     modes = {primary_name: np.asarray(mode)}
     for name in others:
         risks[name] = np.concatenate(processor.risk[name]) if processor.risk[name] else np.zeros(0)
-        modes[name] = np.concatenate(processor.mode[name]) if processor.mode[name] else np.zeros(0, dtype=np.int64)
+        if getattr(others[name], "predicts_mode", True):
+            modes[name] = (
+                np.concatenate(processor.mode[name]) if processor.mode[name] else np.zeros(0, dtype=np.int64)
+            )
     stats = {"gpu_samples": samples, "risk_records": len(ts), "seconds": round(time.time() - t0, 1)}
     return RiskTable.from_columns(uuid, np.asarray(ts), risks, modes), stats
 
@@ -183,7 +186,11 @@ def evaluate_dir(
     meta_file = data_dir / "meta.json"
     if meta_file.exists():
         sim = orjson.loads(meta_file.read_bytes())
-        meta["simulator"] = {"seed": sim.get("seed"), "config": sim.get("config"), "failures": sim.get("failures")}
+        meta["simulator"] = {
+            "seed": sim.get("seed"),
+            "config": sim.get("config"),
+            "failures": sim.get("failures"),
+        }
     return build_report(lab, thresholds, merge_gap_s, meta)
 
 
@@ -204,7 +211,9 @@ def eval_command(args: argparse.Namespace) -> int:
     out = reports[0] if len(reports) == 1 else {**reports[0], "datasets": reports}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        Path(args.json).write_bytes(
+            orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
+        )
         print(f"wrote {args.json}")
     return 0
 

@@ -117,7 +117,11 @@ def join_labels(table: RiskTable, failures: Failures, horizon_s: float) -> Label
     )
     keep = ~failed_now
     next_fail = np.where(same, nxt_c, -1)[keep]
-    to_fail = np.where(same, ft.fail_ts[nxt_c] - table.ts, np.inf)[keep] if len(ft.gpu) else np.full(n, np.inf)[keep]
+    to_fail = (
+        np.where(same, ft.fail_ts[nxt_c] - table.ts, np.inf)[keep]
+        if len(ft.gpu)
+        else np.full(n, np.inf)[keep]
+    )
     ts = table.ts[keep]
     y = to_fail <= horizon_s
     pstart = ft.precursor_start[np.maximum(next_fail, 0)] if len(ft.gpu) else np.full(len(ts), np.nan)
@@ -308,7 +312,9 @@ def best_threshold(
 ) -> tuple[float, dict]:
     """Threshold with the best event-level F1 (among those with precision >= min_precision, if any)."""
     thr, prec, rec = event_pr_curve(lab, risk, merge_gap_s, n_thresholds)
-    f1 = np.where(np.isnan(prec) | (prec + rec == 0), 0.0, 2 * np.nan_to_num(prec) * rec / np.maximum(prec + rec, 1e-12))
+    f1 = np.where(
+        np.isnan(prec) | (prec + rec == 0), 0.0, 2 * np.nan_to_num(prec) * rec / np.maximum(prec + rec, 1e-12)
+    )
     ok = np.nan_to_num(prec) >= min_precision
     k = int(np.argmax(np.where(ok, f1, -1.0))) if ok.any() else int(np.argmax(f1))
     return float(thr[k]), event_metrics(lab, risk, float(thr[k]), merge_gap_s)

@@ -31,38 +31,74 @@ class Fleet:
 _TRAIN = {"rate_scale": 5000.0, "repair_time_scale": 0.005, "host_frailty": False}
 
 FLEETS: dict[str, Fleet] = {
-    "train-a": Fleet(32, 8, 2.0, 10.0, 101, dict(_TRAIN), "training fleet at 10 s: simulator defaults, failures x5000"),
-    "train-b": Fleet(16, 8, 1.0, 5.0, 102, dict(_TRAIN), "training fleet at 5 s: simulator defaults, failures x5000"),
+    "train-a": Fleet(
+        32, 8, 2.0, 10.0, 101, dict(_TRAIN), "training fleet at 10 s: simulator defaults, failures x5000"
+    ),
+    "train-b": Fleet(
+        16, 8, 1.0, 5.0, 102, dict(_TRAIN), "training fleet at 5 s: simulator defaults, failures x5000"
+    ),
     "train-c": Fleet(
-        16, 8, 1.0, 5.0, 103,
-        {**_TRAIN, "hot_gpu_frac": 0.10, "sbe_trickle_frac": 0.06, "replay_trickle_frac": 0.05,
-         "narrow_link_frac": 0.01, "remap_pending_frac": 0.02, "power_brake_per_host_day": 1.0},
+        16,
+        8,
+        1.0,
+        5.0,
+        103,
+        {
+            **_TRAIN,
+            "hot_gpu_frac": 0.10,
+            "sbe_trickle_frac": 0.06,
+            "replay_trickle_frac": 0.05,
+            "narrow_link_frac": 0.01,
+            "remap_pending_frac": 0.02,
+            "power_brake_per_host_day": 1.0,
+        },
         "training fleet at 5 s with twice the benign look-alikes (hot boards, error trickles, brake blips)",
     ),  # fmt: skip
-    "val": Fleet(16, 8, 1.0, 5.0, 202, {"rate_scale": 3000.0, "repair_time_scale": 0.01},
-                 "validation fleet (operating thresholds): simulator defaults, failures x3000, another seed"),
+    "val": Fleet(
+        16,
+        8,
+        1.0,
+        5.0,
+        202,
+        {"rate_scale": 3000.0, "repair_time_scale": 0.01},
+        "validation fleet (operating thresholds): simulator defaults, failures x3000, another seed",
+    ),
     "heldout": Fleet(
-        40, 8, 0.75, 5.0, 303,
+        40,
+        8,
+        0.75,
+        5.0,
+        303,
         {
-            "rate_scale": 2500.0, "repair_time_scale": 0.02,
+            "rate_scale": 2500.0,
+            "repair_time_scale": 0.02,
             # Stretched: every mode 5 min to 2.5 h (training: power <= 30 min, thermal <= 1 h, others <= 2 h).
             "precursor_range_s": (300.0, 9000.0),
             # Scaled: strengths U(0.25, 1) x 1.3, i.e. up to 1.3, past the training maximum of 1.0.
             "precursor_strength": 1.3,
             "mode_mix": {"memory": 0.2, "thermal": 0.2, "power": 0.2, "interconnect": 0.2, "sudden": 0.2},
-            "hot_gpu_frac": 0.10, "sbe_trickle_frac": 0.05, "replay_trickle_frac": 0.04,
+            "hot_gpu_frac": 0.10,
+            "sbe_trickle_frac": 0.05,
+            "replay_trickle_frac": 0.04,
             "power_brake_per_host_day": 0.6,
         },
         "held-out fleet: other seed, stretched and stronger precursors, even mode mix, noisier fleet",
     ),  # fmt: skip
     "heldout-faint": Fleet(
-        40, 8, 0.5, 5.0, 404,
+        40,
+        8,
+        0.5,
+        5.0,
+        404,
         {
-            "rate_scale": 2500.0, "repair_time_scale": 0.02,
+            "rate_scale": 2500.0,
+            "repair_time_scale": 0.02,
             # Scaled down: strengths U(0.25, 1) x 0.6, so the faintest are 0.15, below the training minimum 0.25.
             "precursor_strength": 0.6,
             "precursor_range_s": (120.0, 5400.0),
-            "hot_gpu_frac": 0.08, "sbe_trickle_frac": 0.05, "replay_trickle_frac": 0.04,
+            "hot_gpu_frac": 0.08,
+            "sbe_trickle_frac": 0.05,
+            "replay_trickle_frac": 0.04,
         },
         "held-out fleet: other seed, fainter precursors (down to 0.15 strength), 2 min to 1.5 h",
     ),  # fmt: skip

@@ -93,7 +93,9 @@ def fit_platt(logits: np.ndarray, y: np.ndarray, weight: np.ndarray) -> tuple[fl
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = (nn.functional.binary_cross_entropy_with_logits(a * x + b, t, reduction="none") * w).sum() / w.sum()
+        loss = (
+            nn.functional.binary_cross_entropy_with_logits(a * x + b, t, reduction="none") * w
+        ).sum() / w.sum()
         loss.backward()
         return loss
 
@@ -249,8 +251,12 @@ def train(
         threshold=threshold,
         horizon_s=horizon_s,
         metrics={
-            "validation_sequence_ap": best[0], "validation_sequence_f1": val_f1, "best_epoch": best[2],
-            "train_sequences": int(len(tr)), "val_sequences": int(len(va)), "history": history,
+            "validation_sequence_ap": best[0],
+            "validation_sequence_f1": val_f1,
+            "best_epoch": best[2],
+            "train_sequences": int(len(tr)),
+            "val_sequences": int(len(va)),
+            "history": history,
             "train_config": asdict(config),
         },  # fmt: skip
         data_fingerprint=data_fingerprint,

@@ -123,15 +123,24 @@ def end_offsets(settings: Settings, topic: str, partitions: int, timeout: float 
             "enable.partition.eof": True, "enable.auto.commit": False}  # fmt: skip
     consumer = Consumer(conf)
     try:
-        marks = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+        marks = {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(partitions)
+        }
         ends = {p: 0 for p, mark in marks.items() if mark == 0}
         consumer.assign([TopicPartition(topic, p, mark - 1) for p, mark in marks.items() if mark > 0])
         deadline = time.monotonic() + timeout
         while len(ends) < partitions:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"could not read to the end of {topic} partitions {sorted(set(marks) - set(ends))}")
+                raise RuntimeError(
+                    f"could not read to the end of {topic} partitions {sorted(set(marks) - set(ends))}"
+                )
             msg = consumer.poll(0.2)
-            if msg is not None and msg.error() is not None and msg.error().code() == KafkaError._PARTITION_EOF:
+            if (
+                msg is not None
+                and msg.error() is not None
+                and msg.error().code() == KafkaError._PARTITION_EOF
+            ):
                 ends[msg.partition()] = msg.offset()
         return ends
     finally:
@@ -222,7 +231,8 @@ class DeadLetterTap:
 
 
 class _Gate(SimulatedSource):
-    """The simulated fleet's agents, which the bench can pause; keeps recent snapshots to spoil."""
+    """The simulated fleet's agents, which the bench can pause (they keep delivering what they spooled, and
+    their clock stops); keeps recent snapshots to spoil."""
 
     def __init__(self, hosts: int) -> None:
         super().__init__(hosts, 1.0, gpus_per_host=GPUS_PER_HOST, seed=17)
@@ -231,7 +241,8 @@ class _Gate(SimulatedSource):
         self.recent: list[list[tuple[str, bytes]]] = []
 
     def tick(self) -> list[tuple[str, bytes]]:
-        self.open.wait()
+        if not self.open.is_set():
+            return []
         pairs = super().tick()
         self.recent = [*self.recent[-9:], pairs[:4]]
         return pairs
@@ -510,12 +521,12 @@ class ReliabilityRun:
         self.redis.stop()
         time.sleep(outage_s)
         self.redis = start_redis(port=port, password=self.redis_password)
-        back = time.time()
+        back = self.source.sim.now  # sample time (the agents' clock stopped while they were paused)
         client = redis.Redis.from_url(self.redis.url, socket_timeout=10)
         try:
 
             def fresh() -> bool:
-                return int(client.zcount(k.LASTSEEN, back - 15.0, "+inf")) >= self.gpus
+                return int(client.zcount(k.LASTSEEN, back, "+inf")) >= self.gpus
 
             fault.recovery_s = self.wait(fresh, 180, "every GPU's risk back in Redis")
         finally:
