@@ -194,6 +194,8 @@ class ReliableProducer:
         self._next = 0
         self._gen = 0
         self._fatal_gen = -1  # generation of a producer that hit a fatal error (it delivers nothing more)
+        self._timeout_s = message_timeout_s
+        self._failing_since = 0.0
         self.resent = 0  # messages sent again by a fresh producer
         self.replaced = 0  # producers replaced after failures
         self.dropped = 0  # refused by the broker for good
@@ -241,10 +243,14 @@ class ReliableProducer:
             with self._lock:
                 if not self._pending:
                     return 0
-                fatal = self._fatal_gen == self._gen
+                # A producer still holding messages long after one failed is stuck (librdkafka can retry a
+                # broken idempotence state forever): treat it as failed for good.
+                stuck = bool(self._failed) and time.monotonic() - self._failing_since > 2 * self._timeout_s
+                fatal = self._fatal_gen == self._gen or stuck
                 resend = fatal or (bool(self._failed) and len(producer) == 0 and producer is self._producer)
+                seen = self._gen
             if resend:
-                self._resend(everything=fatal)
+                self._resend(seen, everything=fatal)
             if time.monotonic() >= deadline:
                 with self._lock:
                     return len(self._pending)
@@ -277,8 +283,11 @@ class ReliableProducer:
             else:
                 if not self._failed:
                     log.warning("Kafka did not acknowledge messages (%s); resending them", err.str())
+                    self._failing_since = time.monotonic()
                 self._failed.append(rid)
                 self.last_error = err.str()
+                if err.fatal() or err.code() == KafkaError._FATAL:
+                    self._fatal_gen = self._gen
 
     def _broken(self, exc: BaseException) -> None:
         # confluent-kafka raises a fatal error out of poll()/flush(), in the middle of serving delivery reports
@@ -301,15 +310,16 @@ class ReliableProducer:
                     log.warning("Kafka producer failed for good (%s); resending with a fresh one", err.str())
                 self._fatal_gen = self._gen
 
-    def _resend(self, *, everything: bool = False) -> None:
+    def _resend(self, seen: int, *, everything: bool = False) -> None:
         """Replaces the producer and resends, in their original order, the failed messages (`everything`
         unacknowledged after a fatal error: the old producer reports nothing more)."""
         fresh = make_producer(self._settings, **self._conf)
         with self._lock:
-            if not self._failed and not everything:
-                return
+            if self._gen != seen or (not self._failed and not everything):
+                return  # another thread replaced it already
             old, self._producer = self._producer, fresh
             self._gen += 1
+            self._failing_since = time.monotonic()
             gen, ids = self._gen, sorted(self._pending) if everything else sorted(set(self._failed))
             self._failed.clear()
             todo = []
