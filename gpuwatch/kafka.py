@@ -6,10 +6,11 @@ import logging
 import ssl
 import threading
 import time
+from collections import deque
 from functools import partial
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from gpuwatch.config import Settings
@@ -191,6 +192,10 @@ class ReliableProducer:
         # id -> (producer generation, topic, key, value, partition), until Kafka acknowledges it
         self._pending: dict[int, tuple[int, str, bytes | None, bytes | None, int | None]] = {}
         self._failed: list[int] = []
+        # Callbacks only append here (see _delivered); flush() and poll() apply them under the lock.
+        self._reports: deque[tuple[int, int, KafkaError | None]] = deque()
+        self._errors: deque[KafkaError] = deque()
+        self._suspect = False  # a callback ran with an error left pending by the client: it is failing for good
         self._next = 0
         self._gen = 0
         self._fatal_gen = -1  # generation of a producer that hit a fatal error (it delivers nothing more)
@@ -216,9 +221,10 @@ class ReliableProducer:
         try:
             self._send(producer, rid, gen, topic, key, value, partition)
         except KafkaException as exc:  # a producer in a fatal state refuses new messages: resent by flush()
-            self._on_error(exc.args[0])
+            self._errors.append(exc.args[0])
             with self._lock:
                 self._failed.append(rid)
+                self._failing_since = self._failing_since or time.monotonic()
         except BaseException:
             with self._lock:
                 self._pending.pop(rid, None)
@@ -226,10 +232,12 @@ class ReliableProducer:
 
     def poll(self, timeout: float = 0.0) -> int:
         try:
-            return self._producer.poll(timeout)
+            served = self._producer.poll(timeout)
         except (KafkaException, SystemError) as exc:
             self._broken(exc)
-            return 0
+            served = 0
+        self._apply()
+        return served
 
     def flush(self, timeout: float = 30.0) -> int:
         """Waits up to `timeout` s for all queued messages, resending failed ones; returns how many remain."""
@@ -240,13 +248,14 @@ class ReliableProducer:
                 producer.flush(max(0.0, min(0.5, deadline - time.monotonic())))
             except (KafkaException, SystemError) as exc:
                 self._broken(exc)
+            self._apply()
             with self._lock:
                 if not self._pending:
                     return 0
                 # A producer still holding messages long after one failed is stuck (librdkafka can retry a
                 # broken idempotence state forever): treat it as failed for good.
-                stuck = bool(self._failed) and time.monotonic() - self._failing_since > 2 * self._timeout_s
-                fatal = self._fatal_gen == self._gen or stuck
+                failing = self._failing_since and time.monotonic() - self._failing_since > 2 * self._timeout_s
+                fatal = self._fatal_gen == self._gen or bool(failing)
                 resend = fatal or (bool(self._failed) and len(producer) == 0 and producer is self._producer)
                 seen = self._gen
             if resend:
@@ -269,46 +278,64 @@ class ReliableProducer:
         producer.produce(topic, value=value, key=key, on_delivery=partial(self._delivered, rid, gen), **extra)
 
     def _delivered(self, rid: int, gen: int, err: KafkaError | None, msg: Message) -> None:
-        with self._lock:
-            entry = self._pending.get(rid)
-            if entry is None or entry[0] != gen:
-                return  # already resent by a newer producer
-            if err is None:
-                del self._pending[rid]
-            elif err.code() in _PERMANENT:
-                del self._pending[rid]
-                self.dropped += 1
-                log.error("Kafka refused a %d-byte message for %s for good (%s); dropped",
-                          len(entry[3] or b""), entry[1], err.str())  # fmt: skip
-            else:
-                if not self._failed:
-                    log.warning("Kafka did not acknowledge messages (%s); resending them", err.str())
-                    self._failing_since = time.monotonic()
-                self._failed.append(rid)
-                self.last_error = err.str()
-                if err.fatal() or err.code() == KafkaError._FATAL:
-                    self._fatal_gen = self._gen
-
-    def _broken(self, exc: BaseException) -> None:
-        # confluent-kafka raises a fatal error out of poll()/flush(), in the middle of serving delivery reports
-        # (a SystemError when it surfaces inside our callback): the producer is done, and its reports with it.
-        cause = exc if isinstance(exc, KafkaException) else exc.__cause__
-        if isinstance(cause, KafkaException) and isinstance(cause.args[0], KafkaError) and not cause.args[0].fatal():
-            self._on_error(cause.args[0])
-            return
-        with self._lock:
-            if self._fatal_gen != self._gen:
-                log.warning("Kafka producer failed for good (%s); resending with a fresh one", cause or exc)
-            self._fatal_gen = self._gen
-        self.last_error = str(cause or exc)
+        # confluent-kafka may call this with a fatal error already raised and pending, so that the first C call
+        # here fails with SystemError *after* doing its work; a lock taken that way would never be released.
+        try:
+            self._reports.append((rid, gen, err))
+        except SystemError:
+            self._suspect = True
 
     def _on_error(self, err: KafkaError) -> None:
-        self.last_error = err.str()
-        if err.fatal():
-            with self._lock:
-                if self._fatal_gen != self._gen:
-                    log.warning("Kafka producer failed for good (%s); resending with a fresh one", err.str())
-                self._fatal_gen = self._gen
+        try:
+            self._errors.append(err)
+        except SystemError:
+            self._suspect = True
+
+    def _broken(self, exc: BaseException) -> None:
+        # A fatal error raised out of poll()/flush() (as SystemError when it surfaced inside our callback).
+        cause = exc if isinstance(exc, KafkaException) else exc.__cause__
+        if isinstance(cause, KafkaException) and isinstance(cause.args[0], KafkaError) and not cause.args[0].fatal():
+            self._errors.append(cause.args[0])
+            return
+        self.last_error = str(cause or exc)
+        self._suspect = True
+
+    def _apply(self) -> None:
+        """Applies the delivery reports and errors the callbacks queued."""
+        with self._lock:
+            while self._errors:
+                err = self._errors.popleft()
+                self.last_error = err.str()
+                if err.fatal():
+                    self._mark_fatal(err.str())
+            if self._suspect:
+                self._suspect = False
+                self._mark_fatal(self.last_error or "the Kafka client reported a fatal error")
+            while self._reports:
+                rid, gen, err = self._reports.popleft()
+                entry = self._pending.get(rid)
+                if entry is None or entry[0] != gen:
+                    continue  # already resent by a newer producer
+                if err is None:
+                    del self._pending[rid]
+                elif err.code() in _PERMANENT:
+                    del self._pending[rid]
+                    self.dropped += 1
+                    log.error("Kafka refused a %d-byte message for %s for good (%s); dropped",
+                              len(entry[3] or b""), entry[1], err.str())  # fmt: skip
+                else:
+                    if not self._failed:
+                        log.warning("Kafka did not acknowledge messages (%s); resending them", err.str())
+                        self._failing_since = time.monotonic()
+                    self._failed.append(rid)
+                    self.last_error = err.str()
+                    if err.fatal() or err.code() == KafkaError._FATAL:
+                        self._mark_fatal(err.str())
+
+    def _mark_fatal(self, why: str) -> None:  # with the lock held
+        if self._fatal_gen != self._gen:
+            log.warning("Kafka producer failed for good (%s); resending with a fresh one", why)
+        self._fatal_gen = self._gen
 
     def _resend(self, seen: int, *, everything: bool = False) -> None:
         """Replaces the producer and resends, in their original order, the failed messages (`everything`
@@ -319,7 +346,7 @@ class ReliableProducer:
                 return  # another thread replaced it already
             old, self._producer = self._producer, fresh
             self._gen += 1
-            self._failing_since = time.monotonic()
+            self._failing_since = 0.0
             gen, ids = self._gen, sorted(self._pending) if everything else sorted(set(self._failed))
             self._failed.clear()
             todo = []
@@ -330,7 +357,10 @@ class ReliableProducer:
                     todo.append((rid, topic, key, value, partition))
             self.replaced += 1
             self.resent += len(todo)
-        old.purge(in_queue=True, in_flight=True)
+        try:
+            old.purge(in_queue=True, in_flight=True)
+        except (KafkaException, SystemError) as exc:  # a failed producer may refuse even this
+            log.debug("purging the replaced producer: %s", exc)
         for rid, topic, key, value, partition in todo:
             while True:
                 try:
@@ -338,6 +368,24 @@ class ReliableProducer:
                     break
                 except BufferError:
                     fresh.poll(0.05)
+
+
+class TopicIdentity:
+    """The id Kafka gave `topic` when it was created. It changes when the topic is deleted and created again,
+    as after a restart of a broker without persistent storage: offsets from before then mean nothing."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.topic = topic
+        self._admin = AdminClient(settings.kafka_client_config())
+
+    def current(self, timeout: float = 10.0) -> str | None:
+        """The topic's id now; None when the topic is missing or the broker does not answer."""
+        try:
+            found = self._admin.describe_topics(TopicCollection([self.topic]), request_timeout=timeout)
+            return str(found[self.topic].result(timeout).topic_id)
+        except Exception as exc:  # KafkaException, or the future's TimeoutError while the broker is down
+            log.debug("cannot describe %s: %s", self.topic, exc)
+            return None
 
 
 def faust_credentials(settings: Settings) -> Any:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +24,7 @@ from gpuwatch import metrics
 from gpuwatch.config import Settings
 from gpuwatch.kafka import (
     ReliableProducer,
+    TopicIdentity,
     ensure_compacted_topic,
     ensure_topics,
     faust_credentials,
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 BatchHook = Callable[[BatchResult], None]
 LAG_INTERVAL_S = 10.0
+# EX_TEMPFAIL: the broker lost the samples topic (recreated); restart this worker (docs/reliability.md).
+RESTART_EXIT_CODE = 75
 
 
 def _cap_fetch_wait(max_wait_ms: int) -> None:
@@ -66,11 +71,17 @@ def create_app(
     on_batch: BatchHook | None = None,
     scorer: Scorer | None = None,
     decode_only: bool = False,
+    samples_topic_id: str | None = None,
 ) -> faust.App:
     """Build the faust app for `settings`; `on_batch` sees every processed batch (demo, benchmarks).
 
     `decode_only` turns the agent into the benchmark's ceiling: the same app and consumer, but each
     batch is only orjson-decoded and counted (no windows, no model, nothing produced).
+
+    `samples_topic_id` is the samples topic's id when the worker started (default: the first one seen). If the
+    topic is recreated (a broker without storage restarted), the worker hands its windows to the new
+    changelog and exits with RESTART_EXIT_CODE before it processes anything from the new topic: its offsets,
+    and faust's bookkeeping of them, belong to the old one.
     """
     _cap_fetch_wait(settings.stream_fetch_max_wait_ms)
     app = faust.App(
@@ -117,6 +128,43 @@ def create_app(
         producer.flush(30.0)
         return len(records)
 
+    identity = TopicIdentity(settings, settings.topic_samples)
+    expected_id = [samples_topic_id]
+
+    def samples_topic_recreated() -> str | None:
+        """The samples topic's new id if it was recreated since this worker started, else None."""
+        now_id = identity.current()
+        if now_id is None or expected_id[0] is None:
+            expected_id[0] = expected_id[0] or now_id
+            return None
+        return now_id if now_id != expected_id[0] else None
+
+    def hand_over_and_exit(new_id: str) -> None:
+        log.error("the samples topic %s was recreated (id %s, now %s): the broker lost its state. Handing the "
+                  "windows of %d GPUs to the new changelog and exiting with code %d to restart clean from the "
+                  "new topic's start", settings.topic_samples, expected_id[0], new_id, len(processor.store),
+                  RESTART_EXIT_CODE)  # fmt: skip
+        store = processor.store
+        store.dirty[list(store.slot_of.values())] = True
+        ensure_compacted_topic(settings, windows_topic, partition_count(settings, settings.topic_samples))
+        totals.checkpointed += write_checkpoint()
+        flush_until_durable(producer, closing)  # the handover must be in Kafka before we go
+        totals.report(processor)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(RESTART_EXIT_CODE)  # no faust shutdown: nothing more may be committed with the old offsets
+
+    async def guard_incarnation() -> None:
+        new_id = await asyncio.get_running_loop().run_in_executor(None, samples_topic_recreated)
+        if new_id is not None:
+            ready.clear()
+
+            async def no_commit(*args: object, **kwargs: object) -> bool:
+                return False
+
+            app.consumer.commit = no_commit  # type: ignore[method-assign]
+            await asyncio.get_running_loop().run_in_executor(None, hand_over_and_exit, new_id)
+
     @app.on_partitions_revoked.connect  # type: ignore[misc]
     async def _revoked(app_: faust.App, revoked: set, **kwargs: object) -> None:
         ready.clear()
@@ -149,6 +197,8 @@ def create_app(
             if decode_only:
                 totals.add(_decode_only(events))
                 continue
+            # Before anything of this batch is processed: it must come from the topic our offsets refer to.
+            await guard_incarnation()
             t0 = time.perf_counter()
             batch = [
                 Inbound(e.message.value, e.message.topic, e.message.partition, e.message.offset) for e in events
@@ -165,6 +215,11 @@ def create_app(
             export_batch_metrics(result, len(batch), time.perf_counter() - t0)
             if on_batch is not None:
                 on_batch(result)
+
+    @app.timer(interval=5.0)
+    async def _incarnation() -> None:
+        if ready.is_set():  # also when no batch arrives (faust may be dropping the new topic's first messages)
+            await guard_incarnation()
 
     @app.timer(interval=2.0)
     async def _report() -> None:
@@ -307,7 +362,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning", decode_only: bo
     ensure_compacted_topic(
         settings, windows_changelog_topic(settings), partition_count(settings, settings.topic_samples)
     )
-    app = create_app(settings)
+    app = create_app(settings, samples_topic_id=TopicIdentity(settings, settings.topic_samples).current())
     metrics.start_metrics_server(settings.stream_metrics_port)
     # Our STATS lines go to real stdout; faust would otherwise route prints into its logger.
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)

@@ -4,7 +4,8 @@ between claiming a remediation and recording its outcome. Each test counts what 
 Tansu (the embedded broker) keeps everything in memory: after a restart every topic, offset and the windows
 changelog are gone. So before the broker stops, the agents pause until the worker has consumed everything
 (an Apache Kafka would keep it); what the test proves is that the agents spool through the outage, that the
-same worker process survives it and consumes the recreated topic from its start, and that nothing is lost.
+worker waits the outage out, notices the recreated topic before it processes any of it, hands its windows
+to the new broker and restarts, and that its successor consumes the new topic from its start: nothing lost.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.producers.spool import Spool
 from gpuwatch.schemas.codecs import decode_risk, encode_remediation, encode_risk, remediation_id
 from gpuwatch.sinks import redis_keys as k
-from gpuwatch.streams.app import windows_changelog_topic
+from gpuwatch.streams.app import RESTART_EXIT_CODE, windows_changelog_topic
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +86,7 @@ def brokers() -> Iterator[list[EmbeddedServer]]:
         server.stop()
 
 
-def test_broker_restart_agents_spool_and_the_same_worker_resumes_with_nothing_lost(
+def test_broker_restart_agents_spool_and_the_worker_resumes_on_the_new_topic_with_nothing_lost(
     brokers: list[EmbeddedServer], tmp_path: Path
 ) -> None:
     # 4 partitions: what Tansu gives a topic a client names before it is recreated.
@@ -101,6 +102,7 @@ def test_broker_restart_agents_spool_and_the_same_worker_resumes_with_nothing_lo
     agent = Agent(source, publisher, interval_s=0.25)
     runner = threading.Thread(target=agent.run)
     runner.start()
+    successor = None
     try:
         wait_for(lambda: publisher.sent >= 80, 60, "the first snapshots")
         source.open.clear()
@@ -109,7 +111,6 @@ def test_broker_restart_agents_spool_and_the_same_worker_resumes_with_nothing_lo
         before = dict(stats.latest)
         assert before["samples"] == agent.snapshots * 8
         span_before = max(decode_risk(v)["history_s"] for _, v in _read(settings, settings.topic_risk))
-        pid = worker.proc.pid
 
         brokers[0].stop()
         source.open.set()
@@ -118,27 +119,38 @@ def test_broker_restart_agents_spool_and_the_same_worker_resumes_with_nothing_lo
             deepest = max(deepest, publisher.pending)
             time.sleep(0.1)
         assert agent.ticks - ticks >= 20 and deepest >= 4 * 20  # the agents kept sampling, into the spool
-        assert worker.alive()
+        assert worker.alive()  # and the worker waits for the broker
 
         brokers.append(start_kafka(port=brokers[0].port))  # same address, empty broker
         _topics(settings)
+        # The worker sees the samples topic recreated, hands its windows to the new changelog before it
+        # processes anything from the new topic, and exits to be restarted (here the test is the supervisor).
+        wait_for(lambda: worker.proc.poll() is not None, 90, "the worker to notice the recreated topic")
+        assert worker.proc.returncode == RESTART_EXIT_CODE, worker.log_tail(20)
+        handed_over = dict(stats.latest)  # its last report, printed on the way out
+        successor = start_stream_worker(settings, "faults-broker-worker-2")
+        stats = StatsFollower(successor)
         wait_for(lambda: publisher.pending <= 8, 120, "the spool to drain into the new broker")
         source.open.clear()
         wait_for(lambda: publisher.pending == 0 and publisher.in_flight == 0, 60, "the last acks")
-        wait_for(lambda: _drained(settings, stats), 120, "the worker to consume the recreated topic")
+        wait_for(lambda: _drained(settings, stats), 120, "the successor to consume the recreated topic")
         after, taken = dict(stats.latest), agent.snapshots
-        survived = worker.alive() and worker.proc.pid == pid
     finally:
         source.open.set()
         agent.stop_event.set()
         runner.join(60)
-        worker.stop()
+        for w in (worker, successor):
+            if w is not None:
+                w.stop()
     assert publisher.spool.dropped == 0
-    # One worker process all along, so its counts are exact: every snapshot taken was folded once.
-    assert survived
-    assert after["samples"] == taken * 8 > before["samples"]
-    assert (after["rejected_samples"], after["deadletters"], after["restored_gpus"]) == (0, 0, 0)
-    # Its windows lived through the outage: scores after it are backed by the history from before it.
+    # Counts are exact: the first worker processed nothing of the new topic, its successor all of it from the
+    # start. Every snapshot the agents took was folded once.
+    assert handed_over["samples"] == before["samples"] and handed_over["checkpointed"] > before["checkpointed"]
+    assert before["samples"] + after["samples"] == taken * 8 > before["samples"]
+    assert (after["rejected_samples"], after["deadletters"]) == (0, 0)
+    # The windows lived through the outage: restored from the handover, so scores after it are backed by the
+    # history from before it.
+    assert after["restored_gpus"] == 32
     fresh = [decode_risk(v) for _, v in _read(settings, settings.topic_risk)]
     assert fresh and min(r["history_s"] for r in fresh) >= span_before
 
