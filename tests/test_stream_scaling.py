@@ -105,3 +105,20 @@ def test_two_workers_split_the_partitions(settings: Settings) -> None:
     assert sum(tracked) == 128 and min(tracked) > 0, tracked
     for w in workers:
         w.stop()
+
+
+def test_decode_only_worker_counts_samples_and_scores_nothing(settings: Settings) -> None:
+    # `gpuwatch stream --decode-only` is the benchmark's ceiling (ratio_vs_raw): it must consume and decode
+    # with the same app, and do nothing else. A worker that scored here would make the ratio meaningless.
+    ensure_topics(settings)
+    sim = FleetSimulator(FleetConfig(hosts=2, gpus_per_host=8, seed=12, start_ts=time.time() - 40))
+    worker = start_stream_worker(settings, "worker-decode-only", ["--decode-only"])
+    stats = StatsWatcher(worker)
+    try:
+        _publish(settings, sim, 30)
+        done = stats.wait(lambda s: s["samples"] >= 30 * 16)
+    finally:
+        worker.stop()
+    assert done["samples"] == 30 * 16
+    assert (done["scored"], done["deadletters"], done["rejected_samples"]) == (0, 0, 0)
+    assert _risk_records(settings, lambda rs: False, timeout=3.0) == []
