@@ -71,6 +71,9 @@ class ModelArtifact:
     mlp: int = 32
     temperature: float = 1.0  # calibration: sigmoid(logit / temperature)
     threshold: float = 0.5  # operating threshold chosen on validation data
+    # An alarm needs this many consecutive scorings at or above the threshold (a Prometheus `for:`), chosen
+    # with the threshold on validation data; 1 alarms on a single record.
+    alarm_records: int = 1
     horizon_s: float = 3600.0
     mode_min_risk: float = 0.5
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -96,6 +99,7 @@ class ModelArtifact:
             "mlp": self.mlp,
             "temperature": float(self.temperature),
             "threshold": float(self.threshold),
+            "alarm_records": int(self.alarm_records),
             "horizon_s": float(self.horizon_s),
             "mode_min_risk": float(self.mode_min_risk),
             "metrics": self.metrics,
@@ -142,6 +146,7 @@ def load_artifact(path: str | Path | None = None) -> ModelArtifact:
         mlp=int(raw["mlp"]),
         temperature=float(raw["temperature"]),
         threshold=float(raw["threshold"]),
+        alarm_records=int(raw.get("alarm_records", 1)),
         horizon_s=float(raw["horizon_s"]),
         mode_min_risk=float(raw.get("mode_min_risk", 0.5)),
         metrics=raw.get("metrics", {}),

@@ -13,11 +13,13 @@ from gpuwatch.training.evaluate import (
     RiskTable,
     alarm_episodes,
     average_precision,
+    best_operating_point,
     brier_score,
     event_metrics,
     event_pr_auc,
     expected_calibration_error,
     join_labels,
+    sustained_risk,
 )
 
 H = 3600.0
@@ -142,3 +144,36 @@ def test_alarming_all_the_time_does_not_pay(tmp_path: Path) -> None:
     assert (m["true_episodes"], m["false_alarms"]) == (3, 6)
     assert m["precision"] == pytest.approx(3 / 9)
     assert m["median_lead_min"] == pytest.approx(60.0, abs=1.0)  # capped at the horizon
+
+
+def test_sustained_risk_needs_records_in_a_row_of_one_gpu(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    a, c = table.uuids.index("A"), table.uuids.index("C")
+    assert np.array_equal(sustained_risk(lab, lab.risk["m"], 1), lab.risk["m"])
+    two = sustained_risk(lab, lab.risk["m"], 2)
+    # C's single-record alarm is gone; a GPU's first record has no predecessor of its own (not A's last).
+    assert two[(lab.gpu == c) & (lab.ts == 60_000)].item() == pytest.approx(0.01)
+    assert (two[np.r_[True, lab.gpu[1:] != lab.gpu[:-1]]] == 0).all()
+    # A alarms one scoring later: the lead shrinks by one interval, and the dip still merges into one episode.
+    m = event_metrics(lab, two, 0.5, merge_gap_s=600.0)
+    assert m["alarm_episodes"] == 3 and m["true_episodes"] == 1
+    assert m["median_lead_min"] == pytest.approx((2960 - 60) / 60)
+    first_alarm = lab.ts[(lab.gpu == a) & (two >= 0.5)].min()
+    assert first_alarm == 47_100
+    # A record more than max_gap_s after the one before starts a new run.
+    gap = sustained_risk(lab, lab.risk["m"], 2, max_gap_s=30.0)
+    assert (gap == 0).all()
+
+
+def test_operating_point_picks_the_persistence_with_the_best_f1(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    # Up to 4 records, the best F1 is 1/2 (alarming everywhere catches both failures with precursors at
+    # precision 1/3); 6 records drop B's 5-record false alarm too, leaving A only (precision 1, recall 1/2).
+    thr, records, m = best_operating_point(lab, lab.risk["m"], 600.0)
+    assert records == 6 and m["alarm_records"] == 6
+    assert m["f1"] == pytest.approx(2 / 3) and m["precision"] == 1.0
+    assert 0.01 < thr <= 0.9  # above the quiet level, at most A's alarm level
+    _, records, m = best_operating_point(lab, lab.risk["m"], 600.0, choices=(4, 2, 1, 3))
+    assert records == 1 and m["f1"] == pytest.approx(0.5)  # a tie: the shortest persistence wins

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+import torch
 
 from gpuwatch.cli import build_parser
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator, simulate_to_dir
@@ -17,7 +18,7 @@ from gpuwatch.schemas.fields import ALL_NUMERIC
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
-from gpuwatch.training.baselines import RULES, ThresholdRules, rule_hits
+from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules, rule_hits
 from gpuwatch.training.cli import train_command
 from gpuwatch.training.eval_cli import eval_command
 from gpuwatch.training.score import replay, score_command
@@ -71,6 +72,23 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert set(report["scorers"]) == {"lstm", "threshold", "gbdt"}
     assert report["data"]["risk_records"] == len(records)
     assert report["scorers"]["lstm"]["failures_with_precursor"] >= 2  # the two forced failures at least
+    assert report["alarm_records"] == artifact.alarm_records >= 1
+    assert report["scorers"]["gbdt"]["alarm_records"] == GbdtBaseline.load(model.with_suffix(".gbdt.txt"),
+                                                                           artifact).alarm_records  # fmt: skip
+
+    # New operating points for trained weights, without retraining: same weights, chosen on another fleet.
+    repicked = tmp_path / "repicked.pt"
+    assert train_command(_args(
+        "train", "--operating-point-of", str(model), "--val-data", str(tmp_path / "test"), "--out", str(repicked),
+    )) == 0  # fmt: skip
+    again = load_artifact(repicked)
+    assert again.version == artifact.version and again.temperature == artifact.temperature
+    assert all(torch.equal(again.state_dict[k], v) for k, v in artifact.state_dict.items())
+    assert again.metrics["validation_events"]["alarm_records"] == again.alarm_records
+    assert again.metrics["operating_point_of"] == str(model)
+    assert repicked.with_suffix(".gbdt.txt").exists()
+    with pytest.raises(SystemExit, match="needs --val-data"):
+        train_command(_args("train", "--operating-point-of", str(model), "--out", str(repicked)))
 
 
 def test_replay_scores_the_same_samples_as_a_live_worker() -> None:

@@ -7,7 +7,13 @@ import argparse
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data", action="append", required=True, help="a `gpuwatch simulate` output dir (repeatable)"
+        "--data", action="append", default=[], help="a `gpuwatch simulate` output dir (repeatable; required "
+        "unless --operating-point-of)",
+    )
+    p.add_argument(
+        "--operating-point-of", default="", metavar="MODEL.pt",
+        help="do not train: take this artifact (and the GBDT baseline next to it, if any), choose only its "
+        "operating point (threshold, alarm persistence) on --val-data, and write it to --out",
     )
     p.add_argument(
         "--val-data",

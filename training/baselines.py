@@ -120,8 +120,9 @@ class GbdtBaseline:
     predicts_mode = False
 
     def __init__(self, booster: object, artifact: ModelArtifact, platt: tuple[float, float] = (1.0, 0.0),
-                 threshold: float = 0.5) -> None:  # fmt: skip
+                 threshold: float = 0.5, alarm_records: int = 1) -> None:  # fmt: skip
         self.booster = booster
+        self.alarm_records = alarm_records  # as ModelArtifact.alarm_records, chosen the same way
         self.artifact = artifact
         self.platt = platt  # calibrated risk = sigmoid(a * raw + b)
         self.threshold = threshold
@@ -176,7 +177,8 @@ class GbdtBaseline:
         """Writes the booster (LightGBM text) to `path` and its calibration to `path` + '.json'."""
         path = Path(path)
         self.booster.save_model(str(path), num_iteration=self.booster.best_iteration or None)
-        meta = {"platt": list(self.platt), "threshold": self.threshold, "features": "tabular/1",
+        meta = {"platt": list(self.platt), "threshold": self.threshold, "alarm_records": self.alarm_records,
+                "features": "tabular/1",
                 "window_features": len(FEATURE_NAMES)}  # fmt: skip
         Path(f"{path}.json").write_text(json.dumps(meta, indent=2))
 
@@ -197,4 +199,5 @@ class GbdtBaseline:
             )
         booster = lgb.Booster(model_file=str(path))
         a, b = meta["platt"]
-        return cls(booster, artifact, (float(a), float(b)), float(meta["threshold"]))
+        return cls(booster, artifact, (float(a), float(b)), float(meta["threshold"]),
+                   int(meta.get("alarm_records", 1)))  # fmt: skip

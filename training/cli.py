@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpuwatch.streams.model import Scorer, fingerprint_files
+from gpuwatch.streams.model import ModelArtifact, Scorer, fingerprint_files, load_artifact
 from gpuwatch.streams.window import WindowConfig
 from gpuwatch.training.baselines import GbdtBaseline
 from gpuwatch.training.dataset import Failures, SequenceSet, build_sequences
-from gpuwatch.training.evaluate import best_threshold, join_labels
+from gpuwatch.training.evaluate import best_operating_point, join_labels
 from gpuwatch.training.train import TrainConfig, split_by_gpu, train
 
 
@@ -72,7 +72,8 @@ def load_sequences(
 def choose_thresholds(
     val_dir: Path, scorer: Scorer, gbdt: GbdtBaseline | None, args: argparse.Namespace
 ) -> dict[str, dict]:
-    """Best event-level F1 thresholds on a validation fleet, for the model and the GBDT baseline."""
+    """Operating points with the best event-level F1 on a validation fleet (threshold, and how many scorings
+    in a row an alarm needs), for the model and the GBDT baseline."""
     from gpuwatch.training.eval_cli import collect
 
     others = {"gbdt": gbdt} if gbdt is not None else {}
@@ -80,14 +81,18 @@ def choose_thresholds(
     lab = join_labels(table, Failures.load(val_dir / "labels.jsonl"), scorer.artifact.horizon_s)
     out: dict[str, dict] = {}
     for name in ["lstm", *others]:
-        thr, metrics = best_threshold(lab, lab.risk[name], args.merge_gap)
-        out[name] = {"threshold": thr, "validation": metrics}
+        thr, records, metrics = best_operating_point(lab, lab.risk[name], args.merge_gap)
+        out[name] = {"threshold": thr, "alarm_records": records, "validation": metrics}
     return out
 
 
 def train_command(args: argparse.Namespace) -> int:
-    window = WindowConfig()
     t0 = time.time()
+    if args.operating_point_of:
+        return operating_point_command(args, t0)
+    if not args.data:
+        raise SystemExit("gpuwatch train: give --data (a `gpuwatch simulate` output dir) at least once")
+    window = WindowConfig()
     data, files = load_sequences(args.data, args, window)
     print(f"built {len(data.y):,} sequences ({int(data.y.sum()):,} positive) in {time.time() - t0:.0f} s",
           file=sys.stderr)  # fmt: skip
@@ -106,25 +111,45 @@ def train_command(args: argparse.Namespace) -> int:
         gbdt = GbdtBaseline.fit(data, split[0], split[1], artifact)
         print(f"gbdt baseline trained in {time.time() - t2:.0f} s", file=sys.stderr)
     del data
+    return _choose_and_save(artifact, gbdt, args, t0)
+
+
+def operating_point_command(args: argparse.Namespace, t0: float) -> int:
+    """`gpuwatch train --operating-point-of MODEL.pt --val-data DIR --out OUT.pt`: new operating points for
+    trained weights, e.g. on a validation fleet with real labels, without retraining."""
+    if not args.val_data:
+        raise SystemExit("gpuwatch train --operating-point-of needs --val-data (where to choose it)")
+    artifact = load_artifact(args.operating_point_of)
+    sibling = Path(args.operating_point_of).with_suffix(".gbdt.txt")
+    gbdt = GbdtBaseline.load(sibling, artifact) if sibling.exists() and not args.no_gbdt else None
+    artifact.metrics["operating_point_of"] = str(args.operating_point_of)
+    return _choose_and_save(artifact, gbdt, args, t0)
+
+
+def _choose_and_save(artifact: ModelArtifact, gbdt: GbdtBaseline | None, args: argparse.Namespace, t0: float) -> int:
+    """Pick the operating points (on --val-data when given) and write the artifact and the GBDT baseline."""
     if args.val_data:
         chosen = choose_thresholds(Path(args.val_data), Scorer(artifact, device="cpu"), gbdt, args)
         artifact.threshold = chosen["lstm"]["threshold"]
+        artifact.alarm_records = chosen["lstm"]["alarm_records"]
         artifact.metrics["validation_events"] = chosen["lstm"]["validation"]
         artifact.metrics["threshold_from"] = (
             f"best event-level F1 on validation fleet {Path(args.val_data).name}"
         )
         if gbdt is not None:
             gbdt.threshold = chosen["gbdt"]["threshold"]
+            gbdt.alarm_records = chosen["gbdt"]["alarm_records"]
         for name, c in chosen.items():
             v = c["validation"]
-            print(f"{name}: threshold {c['threshold']:.3f}; validation precision {v['precision']:.3f} recall "
+            print(f"{name}: threshold {c['threshold']:.3f} for {c['alarm_records']} scorings; validation precision {v['precision']:.3f} recall "
                   f"{v['recall']:.3f} F1 {v['f1']:.3f}", file=sys.stderr)  # fmt: skip
     else:
         artifact.metrics["threshold_from"] = "best sequence-level F1 on the held-back GPU split"
     artifact.save(args.out)
     if gbdt is not None:
         gbdt.save(Path(args.out).with_suffix(".gbdt.txt"))
-    print(f"wrote {args.out} (model {artifact.version}, threshold {artifact.threshold:.3f}, "
+    print(f"wrote {args.out} (model {artifact.version}, threshold {artifact.threshold:.3f} for "
+          f"{artifact.alarm_records} scorings, "
           f"temperature {artifact.temperature:.3f}) in {time.time() - t0:.0f} s")  # fmt: skip
     return 0
 

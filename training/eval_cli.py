@@ -94,16 +94,19 @@ def collect(
 
 
 def build_report(
-    lab: Labelled, thresholds: dict[str, float], merge_gap_s: float, meta: dict[str, Any]
+    lab: Labelled, thresholds: dict[str, float], merge_gap_s: float, meta: dict[str, Any],
+    alarm_records: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The eval JSON: the model's figures at the top level, every scorer's under `scorers`."""
-    scorers = {name: scorer_report(lab, name, thr, merge_gap_s) for name, thr in thresholds.items()}
+    records = alarm_records or {}
+    scorers = {name: scorer_report(lab, name, thr, merge_gap_s, records.get(name, 1))
+               for name, thr in thresholds.items()}  # fmt: skip
     m = scorers["lstm"]
     report: dict[str, Any] = {
         "pr_auc": m["pr_auc"], "precision": m["precision"], "recall": m["recall"], "f1": m["f1"],
         "median_lead_min": m["median_lead_min"], "p10_lead_min": m["p10_lead_min"], "ece": m["ece"],
         "brier": m["brier"], "false_alarms_per_1000_gpu_days": m["false_alarms_per_1000_gpu_days"],
-        "recall_by_mode": m["recall_by_mode"], "threshold": m["threshold"],
+        "recall_by_mode": m["recall_by_mode"], "threshold": m["threshold"], "alarm_records": m["alarm_records"],
         "baseline_threshold_f1": scorers["threshold"]["f1"] if "threshold" in scorers else None,
         "baseline_gbdt_f1": scorers["gbdt"]["f1"] if "gbdt" in scorers else None,
     }  # fmt: skip
@@ -112,7 +115,9 @@ def build_report(
         "vs recall (failures with precursors caught), over thresholds",
         "record_pr_auc": "record level: average precision of each risk record for 'fails within the horizon', "
         "sudden failures and not-yet-visible precursors included",
-        "episode": f"alarms (risk >= threshold) of one GPU less than {merge_gap_s:.0f} s apart, all followed by "
+        "alarm": "a risk record at or above the operating threshold, as are the alarm_records - 1 records of "
+        "its GPU before it (consecutive scorings, like a Prometheus `for:`; both chosen on validation data)",
+        "episode": f"alarms of one GPU less than {merge_gap_s:.0f} s apart, all followed by "
         "the same failure within the horizon (true) or all not (false)",
         "lead_min": "failure ts minus the first alarm of the earliest true episode before it (at most the "
         "horizon), caught failures with precursors",
@@ -143,7 +148,8 @@ def format_report(report: dict[str, Any]) -> str:
     s = report["scorers"]
     names = list(s)
     rows = [
-        ("operating threshold", "threshold", False), ("PR-AUC (event)", "pr_auc", False),
+        ("operating threshold", "threshold", False), ("alarm: scorings in a row", "alarm_records", False),
+        ("PR-AUC (event)", "pr_auc", False),
         ("precision (episodes)", "precision", False), ("recall (precursor failures)", "recall", False),
         ("F1", "f1", False), ("recall (all failures)", "recall_all", False),
         ("false alarms / 1000 GPU-days", "false_alarms_per_1000_gpu_days", False),
@@ -179,8 +185,10 @@ def evaluate_dir(
     table, stats = collect(data_dir, Scorer(artifact, device=device), others, rescore_interval_s)
     lab = join_labels(table, Failures.load(data_dir / "labels.jsonl"), artifact.horizon_s)
     thresholds = {"lstm": artifact.threshold, "threshold": 0.5}
+    records = {"lstm": artifact.alarm_records}  # the rules carry their own `for:` durations
     if gbdt is not None:
         thresholds["gbdt"] = gbdt.threshold
+        records["gbdt"] = gbdt.alarm_records
     meta = {"name": data_dir.name, "path": str(data_dir), "model": artifact.version,
             "rescore_interval_s": rescore_interval_s, **stats}  # fmt: skip
     meta_file = data_dir / "meta.json"
@@ -191,7 +199,7 @@ def evaluate_dir(
             "config": sim.get("config"),
             "failures": sim.get("failures"),
         }
-    return build_report(lab, thresholds, merge_gap_s, meta)
+    return build_report(lab, thresholds, merge_gap_s, meta, records)
 
 
 def eval_command(args: argparse.Namespace) -> int:

@@ -211,6 +211,24 @@ def alarm_episodes(lab: Labelled, risk: np.ndarray, threshold: float, merge_gap_
     return Episodes(lab.ts[first], end_ts, lab.gpu[first], lab.next_fail[last], true, last)
 
 
+def sustained_risk(lab: Labelled, risk: np.ndarray, records: int, max_gap_s: float = 60.0) -> np.ndarray:
+    """Risk as an alert with a `for:` clause sees it: the least of each record and the `records - 1` before
+    it of the same GPU, each at most `max_gap_s` after the one before (else 0: the run was broken, so a
+    GPU's first records, or its first after a gap, cannot alarm until it has `records` in a row)."""
+    r = np.asarray(risk, dtype=np.float64)
+    n = len(r)
+    if records <= 1 or n == 0:
+        return r
+    linked = np.r_[False, (lab.gpu[1:] == lab.gpu[:-1]) & (np.diff(lab.ts) <= max_gap_s)]  # row i follows i-1
+    out = r.copy()
+    whole = np.ones(n, dtype=bool)
+    for j in range(1, records):
+        whole[j:] &= linked[1 : n - j + 1]  # row i-j+1 follows row i-j
+        whole[:j] = False
+        out[j:] = np.minimum(out[j:], r[:-j])
+    return np.where(whole, out, 0.0)
+
+
 def eligible_failures(lab: Labelled) -> np.ndarray:
     """Bool per failure: its GPU was scored at least once within the horizon before it."""
     seen = np.zeros(len(lab.failures.gpu), dtype=bool)
@@ -320,11 +338,32 @@ def best_threshold(
     return float(thr[k]), event_metrics(lab, risk, float(thr[k]), merge_gap_s)
 
 
-def scorer_report(lab: Labelled, name: str, threshold: float, merge_gap_s: float) -> dict:
-    """Every figure of one scorer: event metrics at `threshold`, event PR-AUC, record-level metrics."""
+ALARM_RECORDS_CHOICES = (1, 2, 3, 4, 6)  # consecutive scorings (5 s apart by default): 0 to 25 s of `for:`
+
+
+def best_operating_point(
+    lab: Labelled, risk: np.ndarray, merge_gap_s: float, choices: tuple[int, ...] = ALARM_RECORDS_CHOICES
+) -> tuple[float, int, dict]:
+    """(threshold, alarm_records, metrics) with the best event-level F1 over thresholds and `choices` of how
+    many scorings in a row an alarm needs; on a tie the shorter persistence wins (it alarms sooner)."""
+    best: tuple[float, int, dict] | None = None
+    for records in sorted(choices):
+        thr, m = best_threshold(lab, sustained_risk(lab, risk, records), merge_gap_s)
+        m["alarm_records"] = records
+        if best is None or m["f1"] > best[2]["f1"] + 1e-9:
+            best = (thr, records, m)
+    assert best is not None
+    return best
+
+
+def scorer_report(lab: Labelled, name: str, threshold: float, merge_gap_s: float, alarm_records: int = 1) -> dict:
+    """Every figure of one scorer: event metrics at `threshold` (alarms need `alarm_records` scorings in a row
+    at or above it), event PR-AUC (the same alarms, over thresholds), record-level metrics (raw risk)."""
     risk = lab.risk[name]
-    out = event_metrics(lab, risk, threshold, merge_gap_s, lab.mode.get(name))
-    out["pr_auc"] = event_pr_auc(lab, risk, merge_gap_s)
+    alarming = sustained_risk(lab, risk, alarm_records)
+    out = event_metrics(lab, alarming, threshold, merge_gap_s, lab.mode.get(name))
+    out["alarm_records"] = int(alarm_records)
+    out["pr_auc"] = event_pr_auc(lab, alarming, merge_gap_s)
     out["record_pr_auc"] = average_precision(lab.y, risk)
     # Positives whose precursor had not started yet carry no signal; this AP leaves them out.
     drop = lab.y & ~lab.visible
