@@ -37,7 +37,7 @@ CLASS_TO_MODE: dict[str, str] = {"Fan": "thermal", "Power Supply": "power"}
 TRACE_GPUS_PER_NODE = 8
 TRACE_NODES = 400
 
-# --- Derived from the trace by derive_defaults() (rerun it to check; tests do when the trace is present) ---
+# --- Derived from the trace by derive_defaults() (rerun it to check; tests/test_simulator.py does, on tests/data/) ---
 # 217 GPU-attributable fault starts / (400 nodes x 8 GPUs x 348.98 days) = 1.943e-4 per GPU-day.
 RATE_PER_GPU_DAY = 1.943e-4
 # Fault-start counts per mode: memory 61, thermal 35, power 26, interconnect 34, sudden 61 (of 217).

@@ -9,6 +9,12 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) \
     || echo "[setup] could not install prometheus; its tests will fail with instructions" >&2
 fi
+# The Kafka TLS tests make their certificates with openssl.
+if ! command -v openssl >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing openssl (test certificates)" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null) \
+    || echo "[setup] could not install openssl; the TLS tests will fail with instructions" >&2
+fi
 # .venv/bin/pytest, not `python -m pytest`: the latter would import the source folder gpuwatch/ instead
 # of the installed package (whose stage sub-packages are mapped from producers/, streams/, ...).
 exec .venv/bin/pytest -q "$@"

@@ -147,7 +147,7 @@ def _openssl(*args: str) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is needed to make the test certificates")
+        pytest.fail("openssl is needed to make the test certificates: install it (Debian: apt-get install openssl)")
     d = tmp_path_factory.mktemp("pki")
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "server.key"), "-out",
              str(d / "server.pem"), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext",
