@@ -221,7 +221,7 @@ class ReliableProducer:
         try:
             self._send(producer, rid, gen, topic, key, value, partition)
         except KafkaException as exc:  # a producer in a fatal state refuses new messages: resent by flush()
-            self._errors.append(exc.args[0])
+            self._on_error(exc.args[0])
             with self._lock:
                 self._failed.append(rid)
                 self._failing_since = self._failing_since or time.monotonic()
@@ -295,7 +295,7 @@ class ReliableProducer:
         # A fatal error raised out of poll()/flush() (as SystemError when it surfaced inside our callback).
         cause = exc if isinstance(exc, KafkaException) else exc.__cause__
         if isinstance(cause, KafkaException) and isinstance(cause.args[0], KafkaError) and not cause.args[0].fatal():
-            self._errors.append(cause.args[0])
+            self._on_error(cause.args[0])
             return
         self.last_error = str(cause or exc)
         self._suspect = True

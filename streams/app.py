@@ -100,17 +100,16 @@ def create_app(
     on_batch: BatchHook | None = None,
     scorer: Scorer | None = None,
     decode_only: bool = False,
-    samples_topic_id: str | None = None,
 ) -> faust.App:
     """Build the faust app for `settings`; `on_batch` sees every processed batch (demo, benchmarks).
 
     `decode_only` turns the agent into the benchmark's ceiling: the same app and consumer, but each
     batch is only orjson-decoded and counted (no windows, no model, nothing produced).
 
-    `samples_topic_id` is the samples topic's id when the worker started (default: the first one seen). If the
-    topic is recreated (a broker without storage restarted), the worker hands its windows to the new
-    changelog and exits with RESTART_EXIT_CODE before it processes anything from the new topic: its offsets,
-    and faust's bookkeeping of them, belong to the old one.
+    The samples topic's id is read when the app is built. If the topic is recreated (a broker without
+    storage restarted), the worker hands its windows to the new changelog and exits with RESTART_EXIT_CODE
+    before it processes anything from the new topic: its offsets, and faust's bookkeeping of them, belong to
+    the old one.
     """
     _cap_fetch_wait(settings.stream_fetch_max_wait_ms)
     app = _App(
@@ -150,33 +149,32 @@ def create_app(
     # Cleared while a rebalance restores windows, so no batch is folded into a half-restored store.
     ready = asyncio.Event()
 
-    def write_checkpoint() -> int:
-        records = processor.checkpoint()
+    def write_checkpoint(everything: bool = False) -> int:
+        records = processor.checkpoint(everything)
         for part, key, value in records:
             produce(producer, windows_topic, key, value, partition=part)
         producer.flush(30.0)
         return len(records)
 
     identity = TopicIdentity(settings, settings.topic_samples)
-    expected_id = [samples_topic_id]
+    expected_id = identity.current()  # before faust reads anything (None: adopt the first one seen)
 
     def samples_topic_recreated() -> str | None:
         """The samples topic's new id if it was recreated since this worker started, else None."""
+        nonlocal expected_id
         now_id = identity.current()
-        if now_id is None or expected_id[0] is None:
-            expected_id[0] = expected_id[0] or now_id
+        if now_id is None or expected_id is None:
+            expected_id = expected_id or now_id
             return None
-        return now_id if now_id != expected_id[0] else None
+        return now_id if now_id != expected_id else None
 
     def hand_over_and_exit(new_id: str) -> None:
         log.error("the samples topic %s was recreated (id %s, now %s): the broker lost its state. Handing the "
                   "windows of %d GPUs to the new changelog and exiting with code %d to restart clean from the "
-                  "new topic's start", settings.topic_samples, expected_id[0], new_id, len(processor.store),
+                  "new topic's start", settings.topic_samples, expected_id, new_id, len(processor.store),
                   RESTART_EXIT_CODE)  # fmt: skip
-        store = processor.store
-        store.dirty[list(store.slot_of.values())] = True
         ensure_compacted_topic(settings, windows_topic, partition_count(settings, settings.topic_samples))
-        totals.checkpointed += write_checkpoint()
+        totals.checkpointed += write_checkpoint(everything=True)
         flush_until_durable(producer, closing)  # the handover must be in Kafka before we go
         totals.report(processor)
         sys.stdout.flush()
@@ -392,10 +390,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning", decode_only: bo
     ensure_compacted_topic(
         settings, windows_changelog_topic(settings), partition_count(settings, settings.topic_samples)
     )
-    app = create_app(
-        settings, decode_only=decode_only,
-        samples_topic_id=TopicIdentity(settings, settings.topic_samples).current(),
-    )
+    app = create_app(settings, decode_only=decode_only)
     metrics.start_metrics_server(settings.stream_metrics_port)
     # Our STATS lines go to real stdout; faust would otherwise route prints into its logger.
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)

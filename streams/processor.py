@@ -243,10 +243,11 @@ class RiskProcessor:
                 self.score_slots(np.sort(due), result)
         return result
 
-    def checkpoint(self) -> list[tuple[int, bytes, bytes]]:
-        """(partition, key, value) changelog records for every GPU changed since the last checkpoint."""
+    def checkpoint(self, everything: bool = False) -> list[tuple[int, bytes, bytes]]:
+        """(partition, key, value) changelog records for every GPU changed since the last checkpoint, or for
+        every GPU tracked (`everything`: a handover to an empty changelog)."""
         store = self.store
-        slots = store.dirty_slots()
+        slots = np.arange(len(store.uuids)) if everything else store.dirty_slots()
         slots = slots[store.partition[slots] >= 0]
         if not len(slots):
             return []

@@ -511,9 +511,7 @@ class ReliabilityRun:
         for p in range(self.partitions):
             lo, hi = sorted((committed.get(p, 0), reported.get(p, 0)))
             skip = sum(1 for i in undecodable if i.partition == p and lo <= i.offset < hi)
-            gpus = (
-                hi - lo - skip
-            ) * GPUS_PER_HOST  # decodable snapshots in between (undecodable: dead letters)
+            gpus = (hi - lo - skip) * GPUS_PER_HOST  # decodable snapshots in between (undecodable: dead letters)
             if reported.get(p, 0) >= committed.get(p, 0):
                 replayed += gpus  # reported but not committed: the successor processes them again
             else:
