@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import faust
 import orjson
@@ -33,6 +32,7 @@ from gpuwatch.kafka import (
     produce,
     read_partitions_to_end,
 )
+from gpuwatch.streams.faust_runtime import WorkerApp, cap_fetch_wait
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 
@@ -42,28 +42,6 @@ BatchHook = Callable[[BatchResult], None]
 LAG_INTERVAL_S = 10.0
 # EX_TEMPFAIL: the broker lost the samples topic (recreated); restart this worker (docs/reliability.md).
 RESTART_EXIT_CODE = 75
-
-
-def _cap_fetch_wait(max_wait_ms: int) -> None:
-    """faust hard-codes fetch_max_wait_ms=1500 for aiokafka; on a quiet partition that delay lands in
-    every sample's latency when the broker does not answer early, so cap it (wrapping, not editing, faust)."""
-    import aiokafka
-    from faust.transport.drivers import aiokafka as driver
-
-    base = aiokafka.AIOKafkaConsumer
-    if getattr(driver.aiokafka.AIOKafkaConsumer, "_gpuwatch_capped", False):
-        return
-
-    class CappedConsumer(base):  # type: ignore[misc, valid-type]
-        _gpuwatch_capped = True
-
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            kwargs["fetch_max_wait_ms"] = min(int(kwargs.get("fetch_max_wait_ms", 500)), max_wait_ms)  # type: ignore[call-overload]
-            super().__init__(*args, **kwargs)
-
-    driver.aiokafka = type(driver.aiokafka)("aiokafka_capped")
-    driver.aiokafka.__dict__.update(aiokafka.__dict__)
-    driver.aiokafka.AIOKafkaConsumer = CappedConsumer
 
 
 def _return_big_buffers_to_the_os() -> None:
@@ -83,17 +61,6 @@ def _return_big_buffers_to_the_os() -> None:
         log.debug("no glibc mallopt: %s", exc)
 
 
-class _App(faust.App):
-    """faust's App without its Monitor sensor. The Monitor times every event in Python (four callbacks per
-    message, kept in deques for faust's web UI, which the worker turns off); gpuwatch exports its own
-    per-batch metrics instead (`gpuwatch/metrics.py`), so the worker skips that per-message cost."""
-
-    def on_init_dependencies(self) -> Any:
-        deps = super().on_init_dependencies()
-        self.sensors.remove(self.monitor)
-        return deps
-
-
 def create_app(
     settings: Settings,
     *,
@@ -111,8 +78,8 @@ def create_app(
     before it processes anything from the new topic: its offsets, and faust's bookkeeping of them, belong to
     the old one.
     """
-    _cap_fetch_wait(settings.stream_fetch_max_wait_ms)
-    app = _App(
+    cap_fetch_wait(settings.stream_fetch_max_wait_ms)
+    app = WorkerApp(
         settings.stream_app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         broker_credentials=faust_credentials(settings),  # SASL / TLS, the same settings as every other client

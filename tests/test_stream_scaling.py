@@ -122,3 +122,34 @@ def test_decode_only_worker_counts_samples_and_scores_nothing(settings: Settings
     assert done["samples"] == 30 * 16
     assert (done["scored"], done["deadletters"], done["rejected_samples"]) == (0, 0, 0)
     assert _risk_records(settings, lambda rs: False, timeout=3.0) == []
+
+
+def test_worker_uses_the_fast_drain_consumer(settings: Settings) -> None:
+    # The direct hand-off of each message is where the worker's throughput comes from (docs/stream.md);
+    # this fails if faust's transport, and with it the slow per-message path, comes back unnoticed.
+    from gpuwatch.streams.app import create_app
+    from gpuwatch.streams.faust_runtime import FastDrainConsumer
+
+    ensure_topics(settings)
+    app = create_app(settings)
+    assert isinstance(app.consumer, FastDrainConsumer)
+
+
+def test_worker_with_full_queues_loses_nothing(settings: Settings) -> None:
+    # Batches of 2 messages and a queue of 8: the consumer now and then finds the agent's queue full and takes
+    # faust's guarded hand-off instead of the direct one (6 times in a run that counted them). Every sample
+    # must still be counted exactly once.
+    settings = settings.replace(stream_batch_size=2, stream_batch_within_s=0.01)
+    ensure_topics(settings)
+    sim = FleetSimulator(FleetConfig(hosts=4, gpus_per_host=8, seed=13, start_ts=time.time() - 40))
+    worker = start_stream_worker(settings, "worker-small-batches")
+    stats = StatsWatcher(worker)
+    try:
+        _publish(settings, sim, 30)
+        done = stats.wait(lambda s: s["samples"] >= 30 * 32)
+        time.sleep(3)  # anything counted twice would show up by now
+        done = stats.latest
+    finally:
+        worker.stop()
+    assert (done["samples"], done["deadletters"], done["rejected_samples"]) == (30 * 32, 0, 0)
+    assert done["batches"] >= 30 * 4 // 2
