@@ -76,8 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from gpuwatch.memory import spare_startup_heap_from_gc
     from gpuwatch.training.score import score_command
 
+    spare_startup_heap_from_gc()  # as the stream worker does: the same decode-heavy loop
     return score_command(args)
 
 

@@ -228,6 +228,8 @@ _COUNTERS = frozenset(ALL_COUNTERS)
 _OPTIONAL_NUMERIC = ALL_NUMERIC[len(REQUIRED_NUMERIC):]
 _REQ_NUMERIC = itemgetter(*REQUIRED_NUMERIC)
 _REQ_FLAGS = itemgetter(*FLAGS)
+_ALL_NUMERIC = itemgetter(*ALL_NUMERIC)
+_ALL_FLAGS = itemgetter(*ALL_FLAGS)
 _N_NUMERIC, _N_FLAGS = len(ALL_NUMERIC), len(ALL_FLAGS)
 _DICT = frozenset((dict,))
 
@@ -252,16 +254,29 @@ def _fast(obj: Any, max_depth: int, from_json: bool) -> Snapshot | None:
         return None
     if not _DICT.issuperset(map(type, gpus)):
         return None
-    if _extras_too_deep(obj, gpus, max_depth):
-        return None
     vals: list = []
     flags: list = []
-    try:  # itemgetter raises KeyError for a missing required field: presence check and extraction in one C call
-        for g in gpus:
-            vals += _REQ_NUMERIC(g)
-            vals += map(g.get, _OPTIONAL_NUMERIC)
-            flags += _REQ_FLAGS(g)
-            flags += map(g.get, OPTIONAL_FLAGS)
+    try:  # itemgetter raises KeyError for a missing field: presence check and extraction in one C call
+        # The usual shape, every known field in every GPU: one itemgetter call per GPU for the numbers.
+        vals = list(chain.from_iterable(map(_ALL_NUMERIC, gpus)))
+        flags = list(chain.from_iterable(map(_ALL_FLAGS, gpus)))
+        # ... and as many keys as known fields means no unknown field whose nesting depth needs a check.
+        complete = len(obj) == len(_TOP_REQUIRED) and set(map(len, gpus)) == {len(_GPU_KNOWN)}
+    except KeyError:
+        complete = False
+    if not complete:
+        if _extras_too_deep(obj, gpus, max_depth):
+            return None
+        vals, flags = [], []
+        try:  # optional fields may be absent: read as null
+            for g in gpus:
+                vals += _REQ_NUMERIC(g)
+                vals += map(g.get, _OPTIONAL_NUMERIC)
+                flags += _REQ_FLAGS(g)
+                flags += map(g.get, OPTIONAL_FLAGS)
+        except KeyError:
+            return None
+    try:
         idx, uuids, thr, xids = zip(*map(_META, gpus), strict=True)
     except KeyError:
         return None

@@ -32,6 +32,7 @@ from gpuwatch.kafka import (
     produce,
     read_partitions_to_end,
 )
+from gpuwatch.memory import return_big_buffers_to_the_os, spare_startup_heap_from_gc
 from gpuwatch.streams.faust_runtime import WorkerApp, cap_fetch_wait
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
@@ -42,23 +43,6 @@ BatchHook = Callable[[BatchResult], None]
 LAG_INTERVAL_S = 10.0
 # EX_TEMPFAIL: the broker lost the samples topic (recreated); restart this worker (docs/reliability.md).
 RESTART_EXIT_CODE = 75
-
-
-def _return_big_buffers_to_the_os() -> None:
-    """Fix glibc's mmap threshold at 256 KiB. By default it rises to the size of the largest block freed, so
-    after the first big fetch response (MBs of snapshots) every later one is carved from the heap, which
-    fragments and keeps growing under bursts (a 10,000-GPU run grew ~55 MB a minute). Fixed, buffers that
-    big are mmapped and handed back when freed. A no-op where libc is not glibc."""
-    import ctypes
-    import ctypes.util
-
-    m_mmap_threshold = -3
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if not libc.mallopt(m_mmap_threshold, 256 * 1024):
-            log.debug("mallopt(M_MMAP_THRESHOLD) refused")
-    except (OSError, AttributeError) as exc:
-        log.debug("no glibc mallopt: %s", exc)
 
 
 def create_app(
@@ -352,12 +336,13 @@ def windows_changelog_topic(settings: Settings) -> str:
 def run_worker(settings: Settings, *, loglevel: str = "warning", decode_only: bool = False) -> None:
     """Run one stream worker until SIGTERM/SIGINT (the `gpuwatch stream` command)."""
     torch.set_num_threads(settings.torch_threads)
-    _return_big_buffers_to_the_os()
+    return_big_buffers_to_the_os()
     ensure_topics(settings, [settings.topic_samples, settings.topic_risk, settings.topic_deadletter])
     ensure_compacted_topic(
         settings, windows_changelog_topic(settings), partition_count(settings, settings.topic_samples)
     )
     app = create_app(settings, decode_only=decode_only)
+    spare_startup_heap_from_gc()
     metrics.start_metrics_server(settings.stream_metrics_port)
     # Our STATS lines go to real stdout; faust would otherwise route prints into its logger.
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)

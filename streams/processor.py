@@ -105,7 +105,6 @@ class RiskProcessor:
                 if msg.value is None:
                     raise DecodeError("message has no value (tombstone)")
                 snap = decode_snapshot(msg.value, now=now, max_future_s=self.max_future_s, max_age_s=max_age)
-                _check_plausible(snap)
                 snaps.append(snap)
                 sources.append(msg)
             except DecodeError as exc:
@@ -115,13 +114,21 @@ class RiskProcessor:
         return result
 
     def fold(self, snaps: list[Snapshot], sources: Sequence[Inbound] | None, result: BatchResult) -> None:
-        """Fold decoded snapshots into the windows and score due GPUs (offline scoring enters here)."""
+        """Fold decoded snapshots into the windows and score due GPUs (offline scoring enters here).
+
+        A snapshot holding a value beyond MAX_ABS_VALUE is dead-lettered whole instead.
+        """
+        numeric = np.concatenate([s.numeric for s in snaps])
+        if (np.abs(numeric) > MAX_ABS_VALUE).any():  # NaN (null) compares False
+            snaps, sources = self._reject_implausible(snaps, sources, result)
+            if snaps:
+                self.fold(snaps, sources, result)
+            return
         counts = [len(s.uuids) for s in snaps]
         uuids = [u for s in snaps for u in s.uuids]
         hosts = [s.host for s, n in zip(snaps, counts) for _ in range(n)]
         gpu_index = np.concatenate([s.gpu_index for s in snaps])
         ts = np.repeat(np.fromiter((s.ts for s in snaps), dtype=np.float64, count=len(snaps)), counts)
-        numeric = np.concatenate([s.numeric for s in snaps])
         flags = np.concatenate([s.flags for s in snaps])
         throttle = np.concatenate([s.throttle for s in snaps])
         xids = [x for s in snaps for x in s.xids]
@@ -203,6 +210,30 @@ class RiskProcessor:
             msg.value, error, topic=msg.topic, partition=msg.partition, offset=msg.offset, stage=self.stage
         )
 
+    def _reject_implausible(
+        self, snaps: list[Snapshot], sources: Sequence[Inbound] | None, result: BatchResult
+    ) -> tuple[list[Snapshot], list[Inbound] | None]:
+        """Dead-letters the snapshots `_check_plausible` refuses; returns the others and their sources."""
+        kept: list[Snapshot] = []
+        kept_sources: list[Inbound] = []
+        for i, snap in enumerate(snaps):
+            src = sources[i] if sources is not None else Inbound(None)
+            try:
+                _check_plausible(snap)
+            except DecodeError as exc:
+                result.deadletters.append(self._deadletter(self._original(src, snap), str(exc)))
+                continue
+            kept.append(snap)
+            kept_sources.append(src)
+        return kept, (kept_sources if sources is not None else None)
+
+    @staticmethod
+    def _original(src: Inbound, snap: Snapshot) -> Inbound:
+        """`src`, or where the snapshot came without its message, a stand-in naming host and seq."""
+        if src.value is not None:
+            return src
+        return Inbound(orjson.dumps({"host": snap.host, "seq": snap.seq}), src.topic, src.partition, src.offset)
+
     def _reject_stale(
         self,
         snaps: list[Snapshot],
@@ -224,8 +255,7 @@ class RiskProcessor:
                     f"host {snap.host} seq {snap.seq} ts {snap.ts}: GPU(s) {gpus} already have a sample at or "
                     "after this ts (duplicate or out of order); not applied"
                 )
-                value = src.value if src.value is not None else orjson.dumps({"host": snap.host, "seq": snap.seq})
-                result.deadletters.append(self._deadletter(Inbound(value, src.topic, src.partition, src.offset), error))
+                result.deadletters.append(self._deadletter(self._original(src, snap), error))
 
     def refresh_silent(self, now: float, max_age_s: float = 10.0) -> BatchResult:
         """Re-score tracked GPUs whose last risk record is older than `max_age_s` of wall time.

@@ -113,6 +113,28 @@ def test_replay_scores_the_same_samples_as_a_live_worker() -> None:
     assert all(r["risk"] == pytest.approx(risk_live[key(r)], abs=1e-5) for r in got)
 
 
+def test_replay_dead_letters_an_implausible_reading_as_a_live_worker_does() -> None:
+    # One implementation online and offline: a value no GPU can report never reaches a window in either.
+    sim = FleetSimulator(
+        FleetConfig(hosts=2, gpus_per_host=4, seed=6, start_ts=1_700_000_000.0, interval_s=1.0)
+    )
+    lines = [value for _ in range(12) for _, value in sim.step_json()]
+    bad = orjson.loads(lines[7])
+    bad["gpus"][1]["temp_c"] = 1e300
+    lines[7] = orjson.dumps(bad)
+    artifact = load_artifact()
+    live = RiskProcessor(Scorer(artifact, "cpu"), rescore_interval_s=5.0)
+    live_results = [live.process([Inbound(line, "live", 0, i)]) for i, line in enumerate(lines)]
+    with tempfile.NamedTemporaryFile(suffix=".jsonl") as fh:
+        fh.write(b"\n".join(lines) + b"\n")
+        fh.flush()
+        offline_results = list(replay(Path(fh.name), RiskProcessor(Scorer(artifact, "cpu"), rescore_interval_s=5.0)))
+    for results in (live_results, offline_results):
+        errors = [orjson.loads(d)["error"] for r in results for d in r.deadletters]
+        assert errors == ["gpus[1].temp_c: 1e+300 is beyond any real reading (|x| > 1e+15); not applied"]
+        assert sum(r.samples for r in results) == (len(lines) - 1) * 4
+
+
 def test_peer_features_single_out_the_gpu_that_runs_hot() -> None:
     """Raising one GPU's temperature by 15 °C moves its temp_peer by +1.5 and each peer's by -15/3/10."""
     sim = FleetSimulator(

@@ -30,6 +30,7 @@ from gpuwatch.bench.table import emit
 from gpuwatch.config import Settings, load_settings
 from gpuwatch.embedded import EmbeddedServer, embedded_stack
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer, produce
+from gpuwatch.memory import spare_startup_heap_from_gc
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.feed import SimulatedFeed
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
@@ -116,6 +117,7 @@ def worker_drain(settings: Settings, expected_samples: int, decode_only: bool = 
 def replay(msgs: list[tuple[str, bytes]], batch: int, rescore_s: float) -> dict[str, Any]:
     """The worker's batch step in-process on the same messages (decode to risk bytes)."""
     processor = RiskProcessor(Scorer(load_artifact(), device="cpu"), rescore_interval_s=rescore_s)
+    spare_startup_heap_from_gc()  # as the worker process does
     inbound = [Inbound(v, "bench", 0, i) for i, (_, v) in enumerate(msgs)]
     t0 = time.perf_counter()
     samples = scored = 0
