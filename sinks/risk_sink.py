@@ -154,7 +154,7 @@ def run_risk_sink(
     on_written: OnWritten | None = None,
     max_batch: int = 5000,
     redis_client: redis.Redis | None = None,
-    poll_timeout_s: float = 0.2,
+    poll_timeout_s: float = 0.05,  # how long a record may wait for its batch to fill: part of the latency to Redis
 ) -> None:
     """Consumes `settings.topic_risk` into Redis until `stop` is set (forever without one).
 

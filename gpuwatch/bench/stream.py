@@ -236,7 +236,7 @@ def live_latency(settings: Settings, gpus: int, seconds: float) -> dict[str, Any
 def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)  # the worker scores on one thread; compare like with like
     gpus = args.gpus or 4000
-    steps = 40
+    steps = 120  # 2 min of fleet time: long enough for a steady rate, not a start-up transient
     live_gpus = 10_000
     live_s = args.seconds or 60.0
     msgs = _messages(gpus, steps)
