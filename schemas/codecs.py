@@ -254,8 +254,6 @@ def _fast(obj: Any, max_depth: int, from_json: bool) -> Snapshot | None:
         return None
     if not _DICT.issuperset(map(type, gpus)):
         return None
-    vals: list = []
-    flags: list = []
     try:  # itemgetter raises KeyError for a missing field: presence check and extraction in one C call
         # The usual shape, every known field in every GPU: one itemgetter call per GPU for the numbers.
         vals = list(chain.from_iterable(map(_ALL_NUMERIC, gpus)))

@@ -49,6 +49,25 @@ def _publish(settings: Settings, sim: FleetSimulator, steps: int) -> None:
     assert producer.flush(15) == 0
 
 
+def _count_through_worker(
+    settings: Settings, sim: FleetSimulator, steps: int, name: str, extra_args: list[str] | None = None,
+    settle_s: float = 0.0,
+) -> dict:
+    """Publishes `steps` of `sim` to a fresh worker; its STATS once it has counted them all (`settle_s` later)."""
+    ensure_topics(settings)
+    worker = start_stream_worker(settings, name, extra_args)
+    stats = StatsWatcher(worker)
+    try:
+        _publish(settings, sim, steps)
+        done = stats.wait(lambda s: s["samples"] >= steps * sim.H * sim.G)
+        if settle_s:
+            time.sleep(settle_s)
+            done = stats.latest
+    finally:
+        worker.stop()
+    return done
+
+
 def _risk_records(settings: Settings, until, timeout: float = 90.0) -> list[dict]:  # type: ignore[no-untyped-def]
     consumer = make_consumer(settings, f"check-{time.time_ns()}")
     consumer.subscribe([settings.topic_risk])
@@ -110,22 +129,15 @@ def test_two_workers_split_the_partitions(settings: Settings) -> None:
 def test_decode_only_worker_counts_samples_and_scores_nothing(settings: Settings) -> None:
     # `gpuwatch stream --decode-only` is the benchmark's ceiling (ratio_vs_raw): it must consume and decode
     # with the same app, and do nothing else. A worker that scored here would make the ratio meaningless.
-    ensure_topics(settings)
     sim = FleetSimulator(FleetConfig(hosts=2, gpus_per_host=8, seed=12, start_ts=time.time() - 40))
-    worker = start_stream_worker(settings, "worker-decode-only", ["--decode-only"])
-    stats = StatsWatcher(worker)
-    try:
-        _publish(settings, sim, 30)
-        done = stats.wait(lambda s: s["samples"] >= 30 * 16)
-    finally:
-        worker.stop()
+    done = _count_through_worker(settings, sim, 30, "worker-decode-only", ["--decode-only"])
     assert done["samples"] == 30 * 16
     assert (done["scored"], done["deadletters"], done["rejected_samples"]) == (0, 0, 0)
     assert _risk_records(settings, lambda rs: False, timeout=3.0) == []
 
 
 def test_worker_uses_the_fast_drain_consumer(settings: Settings) -> None:
-    # The direct hand-off of each message is where the worker's throughput comes from (docs/stream.md);
+    # The direct hand-off of each message is where the worker's throughput comes from (docs/architecture.md, Faust);
     # this fails if faust's transport, and with it the slow per-message path, comes back unnoticed.
     from gpuwatch.streams.app import create_app
     from gpuwatch.streams.faust_runtime import FastDrainConsumer
@@ -140,16 +152,8 @@ def test_worker_with_full_queues_loses_nothing(settings: Settings) -> None:
     # faust's guarded hand-off instead of the direct one (6 times in a run that counted them). Every sample
     # must still be counted exactly once.
     settings = settings.replace(stream_batch_size=2, stream_batch_within_s=0.01)
-    ensure_topics(settings)
     sim = FleetSimulator(FleetConfig(hosts=4, gpus_per_host=8, seed=13, start_ts=time.time() - 40))
-    worker = start_stream_worker(settings, "worker-small-batches")
-    stats = StatsWatcher(worker)
-    try:
-        _publish(settings, sim, 30)
-        done = stats.wait(lambda s: s["samples"] >= 30 * 32)
-        time.sleep(3)  # anything counted twice would show up by now
-        done = stats.latest
-    finally:
-        worker.stop()
+    # 3 s after the last sample is counted: anything counted twice would show up by then.
+    done = _count_through_worker(settings, sim, 30, "worker-small-batches", settle_s=3.0)
     assert (done["samples"], done["deadletters"], done["rejected_samples"]) == (30 * 32, 0, 0)
     assert done["batches"] >= 30 * 4 // 2
