@@ -1,7 +1,7 @@
 """Process-wide memory settings for long, allocation-heavy runs (the stream worker, offline scoring).
 
-Decoding allocates a dict per GPU-sample and frees it a moment later; these two settings keep that churn
-from growing the heap (glibc) or from costing time in the cyclic garbage collector (CPython).
+Decoding allocates objects for every GPU-sample and frees them a moment later; these two settings keep that
+churn from growing the heap (glibc) or from costing time in the cyclic garbage collector (CPython).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def return_big_buffers_to_the_os() -> None:
 def spare_startup_heap_from_gc() -> None:
     """Call once set-up is done. Moves every object allocated so far (torch, faust, the model: several
     hundred thousand that live as long as the process) out of the cyclic garbage collector's reach. Its
-    full collections, set off again and again by the dicts that decoding allocates, would otherwise walk
+    full collections, set off again and again by what decoding allocates, would otherwise walk
     them all each time: about 15% of the stream worker's time here. Later garbage is collected as usual."""
     gc.collect()
     gc.freeze()

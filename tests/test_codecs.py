@@ -271,7 +271,35 @@ def test_not_bytes_is_a_type_error() -> None:
 VALID = orjson.dumps(snap(3))
 
 
+def _general_path(raw: bytes) -> codecs.Snapshot | None:
+    """The orjson decoder that reads any valid snapshot (None: it refuses `raw`)."""
+    try:
+        return codecs._snapshot(codecs._parse(raw, codecs.MAX_MESSAGE_BYTES), None, 300.0, None, codecs.MAX_DEPTH,
+                                True)
+    except DecodeError:
+        return None
+
+
+def assert_paths_agree(raw: bytes) -> None:
+    """msgspec's typed decoder of the usual message accepts only what the general path accepts, as the same
+    Snapshot; it may hand anything else to the general path (returns None)."""
+    typed = codecs._typed(raw)
+    if typed is None:
+        return
+    general = _general_path(raw)
+    assert general is not None, f"typed path accepted what the general path refuses: {raw[:200]!r}"
+    assert (typed.host, typed.ts, typed.seq, typed.uuids, typed.xids) == (
+        general.host, general.ts, general.seq, general.uuids, general.xids)
+    assert type(typed.ts) is type(general.ts) is float and type(typed.seq) is int
+    for name in ("gpu_index", "numeric", "flags", "throttle"):
+        a, b = getattr(typed, name), getattr(general, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert np.array_equal(a, b, equal_nan=True), name
+        assert np.array_equal(np.signbit(a), np.signbit(b)) if a.dtype.kind == "f" else True, name
+
+
 def _decode_any(raw: bytes) -> None:
+    assert_paths_agree(raw)
     try:
         decode_snapshot(raw)
     except DecodeError as exc:
@@ -305,6 +333,43 @@ def test_fuzz_mutated_message(edits: list) -> None:
         else:
             del raw[pos:]
     _decode_any(bytes(raw))
+
+
+_ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False), st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -0.0, 3.0, 1e308, 2**63 - 1, 2**63, 2**64, 2**31 - 1, 2**31, "1", [], {}]),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(sorted(codecs._GPU_KNOWN) + ["schema", "host", "ts",
+                                                                                         "seq", "extra"]),
+                          _ANY_VALUE), max_size=4), st.booleans())
+def test_typed_and_general_paths_agree(edits: list, drop: bool) -> None:
+    """Field values of every JSON type and range, written by Python's json (ints beyond 64 bits too)."""
+    doc = snap(3)
+    for gpu, name, value in edits:
+        target = doc if name in ("schema", "host", "ts", "seq") else doc["gpus"][gpu]
+        if drop:
+            target.pop(name, None)
+        else:
+            target[name] = value
+    assert_paths_agree(json.dumps(doc).encode())
+
+
+def test_typed_path_takes_the_usual_message() -> None:
+    """The fast path is in use (no unknown fields, every value of its declared type) and yields what the
+    general path does; `xid` lists, nulls and absent optional fields included."""
+    doc = snap(8)
+    doc["gpus"][0]["xid"] = [79, 48]
+    doc["gpus"][1]["temp_c"] = None
+    doc["gpus"][2]["throttle_reasons"] = None
+    del doc["gpus"][3]["mem_clock_mhz"], doc["gpus"][3]["retired_pages_pending"]
+    raw = orjson.dumps(doc)
+    assert codecs._typed(raw) is not None
+    assert_paths_agree(raw)
+    doc["gpus"][0]["vendor_extra"] = {"a": 1}  # unknown fields: the general path decides
+    assert codecs._typed(orjson.dumps(doc)) is None
 
 
 # ---------------------------------------------------------------- encoders and the other contracts
