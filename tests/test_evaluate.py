@@ -15,6 +15,7 @@ from gpuwatch.training.evaluate import (
     average_precision,
     best_operating_point,
     brier_score,
+    concat_labelled,
     event_metrics,
     event_pr_auc,
     expected_calibration_error,
@@ -177,3 +178,44 @@ def test_operating_point_picks_the_persistence_with_the_best_f1(tmp_path: Path) 
     assert 0.01 < thr <= 0.9  # above the quiet level, at most A's alarm level
     _, records, m = best_operating_point(lab, lab.risk["m"], 600.0, choices=(4, 2, 1, 3))
     assert records == 1 and m["f1"] == pytest.approx(0.5)  # a tie: the shortest persistence wins
+
+
+def test_an_alarm_in_a_running_precursor_but_too_early_is_false_and_counted_apart(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    a = table.uuids.index("A")
+    risk = lab.risk["m"].copy()
+    # A alarms from 45,600 s: its precursor runs from 45,000, but the failure at 50,000 is more than an hour
+    # away until 46,400. One false episode (early), then one true one; B's two and C's one stay look-alikes.
+    risk[(lab.gpu == a) & (lab.ts >= 45_600) & (lab.ts < 50_000)] = 0.9
+    m = event_metrics(lab, risk, 0.5, merge_gap_s=600.0)
+    assert (m["alarm_episodes"], m["true_episodes"]) == (5, 1)
+    assert m["false_alarms_in_precursor"] == 1
+    assert m["precision"] == pytest.approx(1 / 5)
+    assert m["precision_counting_early_alarms"] == pytest.approx(2 / 5)
+    assert m["median_lead_min"] == pytest.approx((50_000 - 46_440) / 60)  # the first record within the hour
+    # The unchanged fleet: C's alarm at 60,000 s comes before its thermal precursor starts (79,000 s).
+    assert event_metrics(lab, lab.risk["m"], 0.5, merge_gap_s=600.0)["false_alarms_in_precursor"] == 0
+
+
+def test_pooled_fleets_count_as_one_recording(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    one = join_labels(table, failures, H)
+    # The second fleet: the same GPUs with B's false alarms removed, so the pool is not just a double.
+    quiet = {"m": np.where(np.asarray(table.uuids)[table.gpu] == "B", 0.01, table.risk["m"])}
+    other = join_labels(RiskTable(table.uuids, table.gpu, table.ts, quiet, table.mode), failures, H)
+    pooled = concat_labelled([one, other])
+    m1 = event_metrics(one, one.risk["m"], 0.5, 600.0)
+    m2 = event_metrics(other, other.risk["m"], 0.5, 600.0)
+    mp = event_metrics(pooled, pooled.risk["m"], 0.5, 600.0)
+    counts = ("alarm_episodes", "true_episodes", "failures_with_precursor", "caught_with_precursor", "failures_all")
+    for key in counts:
+        assert mp[key] == m1[key] + m2[key], key
+    assert (mp["alarm_episodes"], mp["true_episodes"]) == (6, 2)
+    assert pooled.gpu_days == pytest.approx(2 * one.gpu_days)
+    assert mp["median_lead_min"] == pytest.approx(2960 / 60)
+    # GPUs of the two fleets stay apart: no episode spans them, and sustained risk does not link them.
+    assert len(np.unique(pooled.gpu)) == 6
+    assert np.array_equal(sustained_risk(pooled, pooled.risk["m"], 2)[: len(one.ts)],
+                          sustained_risk(one, one.risk["m"], 2))  # fmt: skip
+    assert concat_labelled([one]) is one

@@ -123,6 +123,9 @@ def build_report(
         "horizon), caught failures with precursors",
         "false_alarms_per_1000_gpu_days": "episodes of alarms with no failure within the horizon after them, "
         "per 1,000 GPU-days outside failed states",
+        "false_alarms_in_precursor": "false episodes that start while the precursor of the GPU's next failure "
+        "is already running, more than the horizon before it: too early for the risk's claim, but not set off "
+        "by a look-alike; precision_counting_early_alarms counts them as right (a secondary figure)",
         "ceiling_median_lead_min": "median of min(precursor length, horizon) over failures with precursors: the "
         "lead a detector that alarms the moment a precursor starts would reach",
         "ece": "15 equal-width bins over all records outside failed states",
@@ -140,6 +143,8 @@ def build_report(
 def _fmt(x: Any, pct: bool = False) -> str:
     if x is None or (isinstance(x, float) and np.isnan(x)):
         return "-"
+    if isinstance(x, int | np.integer):
+        return f"{x:,}"
     return f"{x:.3f}" if not pct else f"{100 * x:.1f}%"
 
 
@@ -153,6 +158,8 @@ def format_report(report: dict[str, Any]) -> str:
         ("precision (episodes)", "precision", False), ("recall (precursor failures)", "recall", False),
         ("F1", "f1", False), ("recall (all failures)", "recall_all", False),
         ("false alarms / 1000 GPU-days", "false_alarms_per_1000_gpu_days", False),
+        ("false alarms in a running precursor", "false_alarms_in_precursor", False),
+        ("precision, early alarms counted right", "precision_counting_early_alarms", False),
         ("median lead (min)", "median_lead_min", False), ("p10 lead (min)", "p10_lead_min", False),
         ("lead ceiling: median precursor (min)", "ceiling_median_lead_min", False),
         ("PR-AUC (records)", "record_pr_auc", False), ("PR-AUC (records, visible)", "record_pr_auc_visible", False),

@@ -137,6 +137,42 @@ def join_labels(table: RiskTable, failures: Failures, horizon_s: float) -> Label
     )  # fmt: skip
 
 
+def concat_labelled(labs: list[Labelled]) -> Labelled:
+    """Several fleets as one: GPU codes and failure indices of each fleet are offset past the previous ones,
+    so episodes, catches and GPU-days add up as if the fleets had been one recording."""
+    if len(labs) == 1:
+        return labs[0]
+    if len({lab.horizon_s for lab in labs}) != 1:
+        raise ValueError("fleets scored with different horizons cannot be pooled")
+    gpu_off = np.cumsum([0] + [int(lab.gpu.max(initial=-1)) + 1 for lab in labs])
+    # Failures of GPUs that were never scored have code -1 and stay so (they are never eligible).
+    fail_off = np.cumsum([0] + [len(lab.failures.gpu) for lab in labs])
+    ft = [lab.failures for lab in labs]
+    names = labs[0].risk.keys()
+    return Labelled(
+        gpu=np.concatenate([lab.gpu + gpu_off[i] for i, lab in enumerate(labs)]),
+        ts=np.concatenate([lab.ts for lab in labs]),
+        risk={k: np.concatenate([lab.risk[k] for lab in labs]) for k in names},
+        mode={k: np.concatenate([lab.mode[k] for lab in labs]) for k in labs[0].mode},
+        next_fail=np.concatenate(
+            [np.where(lab.next_fail >= 0, lab.next_fail + fail_off[i], -1) for i, lab in enumerate(labs)]
+        ),
+        to_fail_s=np.concatenate([lab.to_fail_s for lab in labs]),
+        y=np.concatenate([lab.y for lab in labs]),
+        visible=np.concatenate([lab.visible for lab in labs]),
+        failures=FailureTable(
+            gpu=np.concatenate([np.where(f.gpu >= 0, f.gpu + gpu_off[i], -1) for i, f in enumerate(ft)]),
+            fail_ts=np.concatenate([f.fail_ts for f in ft]),
+            mode=np.concatenate([f.mode for f in ft]),
+            repair_end=np.concatenate([f.repair_end for f in ft]),
+            precursor=np.concatenate([f.precursor for f in ft]),
+            precursor_start=np.concatenate([f.precursor_start for f in ft]),
+        ),
+        horizon_s=labs[0].horizon_s,
+        gpu_days=float(sum(lab.gpu_days for lab in labs)),
+    )
+
+
 # ------------------------------------------------------------------ record-level metrics
 
 
@@ -254,6 +290,12 @@ def event_metrics(
         lead[caught] = ft.fail_ts[caught] - earliest[caught]
     n_ep = len(ep.true)
     n_true = int(ep.true.sum())
+    # False episodes that start while the precursor of the GPU's next failure is already running: alarms
+    # raised too early for the horizon (the risk claims 'within the horizon'), not raised by a look-alike.
+    early = 0
+    if len(ft.gpu):
+        nf = ep.next_fail[~ep.true]
+        early = int(np.sum((nf >= 0) & (ft.precursor_start[np.maximum(nf, 0)] <= ep.start_ts[~ep.true])))
     precision = n_true / n_ep if n_ep else float("nan")
     recall = float(caught[target].sum() / max(target.sum(), 1))
     f1 = 2 * precision * recall / (precision + recall) if n_ep and precision + recall > 0 else 0.0
@@ -275,6 +317,8 @@ def event_metrics(
         "true_episodes": n_true,
         "false_alarms": n_ep - n_true,
         "false_alarms_per_1000_gpu_days": (n_ep - n_true) / max(lab.gpu_days, 1e-9) * 1000.0,
+        "false_alarms_in_precursor": early,
+        "precision_counting_early_alarms": (n_true + early) / n_ep if n_ep else float("nan"),
         "failures_with_precursor": int(target.sum()),
         "caught_with_precursor": int(caught[target].sum()),
         "failures_all": int(eligible.sum()),
