@@ -237,6 +237,15 @@ def fingerprint_files(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the weights (names and values), so two models trained on the same data differ in name."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        h.update(name.encode())
+        h.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:6]
+
+
 def artifact_bytes(artifact: ModelArtifact) -> int:
     buf = io.BytesIO()
     torch.save(artifact.state_dict, buf)

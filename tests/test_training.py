@@ -15,7 +15,7 @@ from gpuwatch.cli import build_parser
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator, simulate_to_dir
 from gpuwatch.schemas.codecs import decode_risk, decode_snapshot
 from gpuwatch.schemas.fields import ALL_NUMERIC
-from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.streams.model import Scorer, load_artifact, weights_digest
 from gpuwatch.streams.processor import Inbound, RiskProcessor
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules, rule_hits
@@ -39,16 +39,22 @@ def _args(*argv: str) -> argparse.Namespace:
 def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     _fleet(tmp_path / "train", 1)
     _fleet(tmp_path / "val", 2)
+    _fleet(tmp_path / "val2", 4)
     _fleet(tmp_path / "test", 3)
     model = tmp_path / "model.pt"
     assert train_command(_args(
-        "train", "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val"), "--out", str(model),
-        "--epochs", "1", "--sample-every", "60",
+        "train", "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val"), "--val-data",
+        str(tmp_path / "val2"), "--out", str(model), "--epochs", "1", "--sample-every", "60", "--seed", "3",
+        "--data-seed", "0",
     )) == 0  # fmt: skip
     artifact = load_artifact(model)
     assert artifact.features == FEATURE_NAMES
     assert 0.0 < artifact.threshold < 1.0 and artifact.temperature > 0
-    assert artifact.data_fingerprint and artifact.metrics["threshold_from"].startswith("best event-level F1")
+    assert artifact.data_fingerprint
+    assert artifact.metrics["threshold_from"] == "best event-level F1 on validation fleets val + val2"
+    # Both validation fleets pooled: each has the two forced failures with precursors.
+    assert artifact.metrics["validation_events"]["failures_with_precursor"] >= 4
+    assert artifact.metrics["data_seed"] == 0 and artifact.metrics["train_config"]["seed"] == 3
     assert model.with_suffix(".gbdt.txt").exists()
 
     risk_path = tmp_path / "risk.jsonl"
@@ -89,6 +95,30 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert repicked.with_suffix(".gbdt.txt").exists()
     with pytest.raises(SystemExit, match="needs --val-data"):
         train_command(_args("train", "--operating-point-of", str(model), "--out", str(repicked)))
+
+
+def test_data_seed_keeps_the_sequences_and_split_while_seed_changes_the_weights(tmp_path: Path) -> None:
+    _fleet(tmp_path / "train", 1)
+    common = ["train", "--data", str(tmp_path / "train"), "--epochs", "1", "--sample-every", "60"]
+    seeds = {"a": ["--seed", "0"], "b": ["--seed", "5", "--data-seed", "0"], "c": ["--seed", "5"]}
+    runs = {}
+    for name, seed_args in seeds.items():
+        out = str(tmp_path / f"{name}.pt")
+        assert train_command(_args(*common, *seed_args, "--no-gbdt", "--out", out)) == 0
+        runs[name] = load_artifact(tmp_path / f"{name}.pt")
+    a, b, c = runs["a"], runs["b"], runs["c"]
+    assert (a.metrics["data_seed"], b.metrics["data_seed"], c.metrics["data_seed"]) == (0, 0, 5)
+    # Same data seed: the same sequences, split the same way; another weight seed: other weights.
+    assert a.metrics["train_sequences"] == b.metrics["train_sequences"]
+    assert a.metrics["val_sequences"] == b.metrics["val_sequences"]
+    assert not torch.equal(a.state_dict["lstm.weight_ih_l0"], b.state_dict["lstm.weight_ih_l0"])
+    # Same data, other weights: another model name (the data fingerprint, then the weights' digest).
+    assert a.version != b.version and a.version.rsplit("-", 1)[0] == b.version.rsplit("-", 1)[0]
+    assert b.version.endswith("-" + weights_digest(b.state_dict))
+    # Without --data-seed the weight seed also draws the sequences and the split (as before --data-seed).
+    assert (c.metrics["train_sequences"], c.metrics["val_sequences"]) != (
+        a.metrics["train_sequences"], a.metrics["val_sequences"],
+    )
 
 
 def test_replay_scores_the_same_samples_as_a_live_worker() -> None:

@@ -17,9 +17,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--val-data",
-        default="",
-        help="a separately simulated validation fleet: the operating threshold is the best event-level F1 "
-        "there; without it, the best sequence-level F1 on a held-back GPU split",
+        action="append",
+        default=[],
+        help="a separately simulated validation fleet (repeatable: the fleets are pooled): the operating "
+        "threshold and persistence are the best event-level F1 there; without it, the best sequence-level F1 "
+        "on a held-back GPU split",
     )
     p.add_argument(
         "--out", required=True, help="artifact path (.pt); the GBDT baseline goes next to it (.gbdt.txt)"
@@ -47,7 +49,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--merge-gap", type=float, default=600.0, help="alarms closer than this form one episode (s)"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the weights' initialisation and the batch order"
+    )
+    p.add_argument(
+        "--data-seed", type=int, default=None,
+        help="seed of the negative sampling and of the held-back GPU split (default: --seed), so models with "
+        "different --seed can be trained on the very same sequences",
+    )  # fmt: skip
 
 
 def add_score_args(p: argparse.ArgumentParser) -> None:

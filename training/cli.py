@@ -13,7 +13,7 @@ from gpuwatch.streams.model import ModelArtifact, Scorer, fingerprint_files, loa
 from gpuwatch.streams.window import WindowConfig
 from gpuwatch.training.baselines import GbdtBaseline
 from gpuwatch.training.dataset import Failures, SequenceSet, build_sequences
-from gpuwatch.training.evaluate import best_operating_point, join_labels
+from gpuwatch.training.evaluate import best_operating_point, concat_labelled, join_labels
 from gpuwatch.training.train import TrainConfig, split_by_gpu, train
 
 
@@ -62,23 +62,30 @@ def load_sequences(
         sets.append(
             build_sequences(
                 samples, labels, window=window, sample_every_s=args.sample_every, horizon_s=args.horizon,
-                negative_keep=args.negative_keep, seed=args.seed, progress=progress,
+                negative_keep=args.negative_keep, seed=_data_seed(args), progress=progress,
             )
         )  # fmt: skip
         sys.stderr.write("\n")
     return concat(sets), files
 
 
+def _data_seed(args: argparse.Namespace) -> int:
+    return args.seed if args.data_seed is None else args.data_seed
+
+
 def choose_thresholds(
-    val_dir: Path, scorer: Scorer, gbdt: GbdtBaseline | None, args: argparse.Namespace
+    val_dirs: list[Path], scorer: Scorer, gbdt: GbdtBaseline | None, args: argparse.Namespace
 ) -> dict[str, dict]:
-    """Operating points with the best event-level F1 on a validation fleet (threshold, and how many scorings
-    in a row an alarm needs), for the model and the GBDT baseline."""
+    """Operating points with the best event-level F1 on the validation fleets pooled (threshold, and how many
+    scorings in a row an alarm needs), for the model and the GBDT baseline."""
     from gpuwatch.training.eval_cli import collect
 
     others = {"gbdt": gbdt} if gbdt is not None else {}
-    table, _ = collect(val_dir, scorer, others, args.rescore_interval)
-    lab = join_labels(table, Failures.load(val_dir / "labels.jsonl"), scorer.artifact.horizon_s)
+    labs = []
+    for val_dir in val_dirs:
+        table, _ = collect(val_dir, scorer, others, args.rescore_interval)
+        labs.append(join_labels(table, Failures.load(val_dir / "labels.jsonl"), scorer.artifact.horizon_s))
+    lab = concat_labelled(labs)
     out: dict[str, dict] = {}
     for name in ["lstm", *others]:
         thr, records, metrics = best_operating_point(lab, lab.risk[name], args.merge_gap)
@@ -100,11 +107,12 @@ def train_command(args: argparse.Namespace) -> int:
         epochs=args.epochs, hidden=args.hidden, mlp=args.mlp, batch_size=args.batch_size, lr=args.lr,
         device=str(_device(args.device)), seed=args.seed,
     )  # fmt: skip
-    split = split_by_gpu(data, config.val_fraction, config.seed)
+    split = split_by_gpu(data, config.val_fraction, _data_seed(args))
     t1 = time.time()
     artifact = train(data, config, window=window, horizon_s=args.horizon, data_fingerprint=fingerprint_files(files),
                      split=split)  # fmt: skip
     artifact.metrics["train_seconds"] = round(time.time() - t1, 1)
+    artifact.metrics["data_seed"] = _data_seed(args)
     gbdt = None
     if not args.no_gbdt:
         t2 = time.time()
@@ -129,12 +137,14 @@ def operating_point_command(args: argparse.Namespace, t0: float) -> int:
 def _choose_and_save(artifact: ModelArtifact, gbdt: GbdtBaseline | None, args: argparse.Namespace, t0: float) -> int:
     """Pick the operating points (on --val-data when given) and write the artifact and the GBDT baseline."""
     if args.val_data:
-        chosen = choose_thresholds(Path(args.val_data), Scorer(artifact, device="cpu"), gbdt, args)
+        val_dirs = [Path(d) for d in args.val_data]
+        chosen = choose_thresholds(val_dirs, Scorer(artifact, device="cpu"), gbdt, args)
         artifact.threshold = chosen["lstm"]["threshold"]
         artifact.alarm_records = chosen["lstm"]["alarm_records"]
         artifact.metrics["validation_events"] = chosen["lstm"]["validation"]
         artifact.metrics["threshold_from"] = (
-            f"best event-level F1 on validation fleet {Path(args.val_data).name}"
+            f"best event-level F1 on validation fleet{'s' if len(val_dirs) > 1 else ''} "
+            + " + ".join(d.name for d in val_dirs)
         )
         if gbdt is not None:
             gbdt.threshold = chosen["gbdt"]["threshold"]

@@ -63,6 +63,15 @@ FLEETS: dict[str, Fleet] = {
         {"rate_scale": 3000.0, "repair_time_scale": 0.01},
         "validation fleet (operating thresholds): simulator defaults, failures x3000, another seed",
     ),
+    "val-b": Fleet(
+        32,
+        8,
+        1.0,
+        5.0,
+        212,
+        {"rate_scale": 3000.0, "repair_time_scale": 0.01},
+        "second validation fleet, pooled with val (three times its failures: a steadier operating point)",
+    ),
     "heldout": Fleet(
         40,
         8,

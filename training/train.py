@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gpuwatch import __version__
-from gpuwatch.streams.model import FAILURE_CLASSES, FailureLSTM, ModelArtifact
+from gpuwatch.streams.model import FAILURE_CLASSES, FailureLSTM, ModelArtifact, weights_digest
 from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig
 from gpuwatch.training.dataset import SequenceSet
 from gpuwatch.training.evaluate import average_precision
@@ -239,7 +239,8 @@ def train(
     log(f"best epoch {best[2]} (validation AP {best[0]:.3f}); Platt a={a:.3f} b={b:.3f}; "
         f"sequence-level threshold {threshold:.2f} (F1 {val_f1:.3f})")  # fmt: skip
     return ModelArtifact(
-        version=f"lstm-{__version__}-{data_fingerprint[:8] or 'adhoc'}",
+        # The data it was trained on, then the weights: seeds or settings on the same data differ in name.
+        version=f"lstm-{__version__}-{data_fingerprint[:8] or 'adhoc'}-{weights_digest(state)}",
         state_dict=state,
         features=FEATURE_NAMES,
         window=window,
