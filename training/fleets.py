@@ -29,6 +29,8 @@ class Fleet:
 # Training fleets: many failures (x5000, spread evenly over hosts, quick repairs) so the model sees
 # hundreds of precursors; two sampling intervals so features do not overfit one cadence.
 _TRAIN = {"rate_scale": 5000.0, "repair_time_scale": 0.005, "host_frailty": False}
+# Validation fleets (operating points, model choice): simulator defaults, failures x3000, other seeds.
+_VAL = {"rate_scale": 3000.0, "repair_time_scale": 0.01}
 
 FLEETS: dict[str, Fleet] = {
     "train-a": Fleet(
@@ -60,7 +62,7 @@ FLEETS: dict[str, Fleet] = {
         1.0,
         5.0,
         202,
-        {"rate_scale": 3000.0, "repair_time_scale": 0.01},
+        dict(_VAL),
         "validation fleet (operating thresholds): simulator defaults, failures x3000, another seed",
     ),
     "val-b": Fleet(
@@ -69,8 +71,9 @@ FLEETS: dict[str, Fleet] = {
         1.0,
         5.0,
         212,
-        {"rate_scale": 3000.0, "repair_time_scale": 0.01},
-        "second validation fleet, pooled with val (three times its failures: a steadier operating point)",
+        dict(_VAL),
+        "second validation fleet, twice val's size; pooled with val, about three times val's failures (a "
+        "steadier operating point)",
     ),
     "heldout": Fleet(
         40,
