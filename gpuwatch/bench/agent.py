@@ -1,10 +1,12 @@
 """`gpuwatch bench agent`: CPU and memory of the real node agent at 1 Hz with 8 stand-in NVML GPUs.
 
-The agent runs as its own process (`gpuwatch agent --fake-nvml 8`), exactly as an operator runs it,
+The agent runs as its own process (`gpuwatch agent --fake-nvml 8`, or with `--real-nvml` plain
+`gpuwatch agent` on this machine's GPUs through the driver), exactly as an operator runs it,
 publishing to an embedded Tansu broker; its CPU time and resident memory are read from /proc (Linux).
 After a warm-up, CPU is measured over `seconds` of steady state as a percentage of one core. Then it
 gets SIGTERM, and every published snapshot is read back and decoded to show the run was real.
-The stand-in NVML answers from memory, so a real driver's call latency is not included.
+The stand-in NVML answers from memory, so a real driver's call latency is not included; `gpuwatch bench gpu`
+runs this with the real driver on a GPU machine.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from gpuwatch.bench.table import emit
 from gpuwatch.config import Settings
@@ -52,9 +57,21 @@ def _snapshots(port: int) -> int:
 
 
 def run_agent_bench(
-    json_path: str | None, *, seconds: float = 60.0, gpus: int = 8, warmup_s: float = 5.0
+    json_path: str | None,
+    *,
+    seconds: float = 60.0,
+    gpus: int = 8,
+    warmup_s: float = 5.0,
+    real_nvml: bool = False,
+    during: Callable[[], None] | None = None,
+    keep_snapshots: bool = False,
 ) -> dict:
-    """Runs the benchmark, prints a table, writes the figures to `json_path` (if given) and returns them."""
+    """Runs the benchmark, prints a table, writes the figures to `json_path` (if given) and returns them.
+
+    `real_nvml` samples this machine's GPUs through the driver (`gpus` is then what NVML reports);
+    `during` runs after the measurement, while the agent still publishes; `keep_snapshots` returns the
+    published snapshots (bytes) under "snapshots".
+    """
     broker = start_kafka()
     work = Path(tempfile.mkdtemp(prefix="gpuwatch-bench-agent-"))
     settings = Settings(kafka_bootstrap=broker.url, topic_samples="gpuwatch.samples.bench", partitions=1)
@@ -65,8 +82,9 @@ def run_agent_bench(
         env = {**os.environ, "GPUWATCH_KAFKA_BOOTSTRAP": broker.url, "GPUWATCH_TOPIC_SAMPLES": settings.topic_samples,
                "GPUWATCH_AGENT_HOST": "bench-node"}  # fmt: skip
         argv = [sys.executable, "-P", "-c", "import sys; from gpuwatch.cli import main; sys.exit(main())", "agent",
-                "--fake-nvml", str(gpus), "--interval", "1", "--spool-dir", str(work / "spool"),
-                "--metrics-port", str(port)]  # fmt: skip
+                "--interval", "1", "--spool-dir", str(work / "spool"), "--metrics-port", str(port)]  # fmt: skip
+        if not real_nvml:
+            argv += ["--fake-nvml", str(gpus)]
         with open(work / "agent.log", "wb") as log:
             proc = subprocess.Popen(argv, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
@@ -86,17 +104,23 @@ def run_agent_bench(
         cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
         rss_max = max(rss_max, _status_mib(proc.pid, "VmRSS"))
         rss_peak = _status_mib(proc.pid, "VmHWM")
+        if during is not None:
+            during()
 
         proc.send_signal(signal.SIGTERM)
         exit_code = proc.wait(timeout=60)
         n = partition_count(settings, settings.topic_samples)
         records = read_partitions_to_end(settings, settings.topic_samples, list(range(n)), timeout=60)
-        seqs, invalid = [], 0
+        seqs, invalid, xids = [], 0, []
         for _, value in records:
             try:
                 seqs.append(decode_snapshot(value).seq)
             except DecodeError:
                 invalid += 1
+                continue
+            gpu_list = orjson.loads(value)["gpus"]
+            gpus = len(gpu_list)
+            xids += [x for g in gpu_list for x in g.get("xid") or ()]
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -118,7 +142,8 @@ def run_agent_bench(
         "cpu_budget_pct": CPU_BUDGET_PCT,
         "rss_budget_mb": RSS_BUDGET_MB,
         "within_budget": cpu_pct <= CPU_BUDGET_PCT and rss_max <= RSS_BUDGET_MB,
-        "nvml": "stand-in (producers/fake_nvml.py): real driver call latency not included",
+        "xids_published": xids,
+        "nvml": "real driver" if real_nvml else "stand-in (producers/fake_nvml.py): real driver call latency not included",
     }
     rows = [
         (
@@ -138,5 +163,8 @@ def run_agent_bench(
         ("exit_code", exit_code, "after SIGTERM (0: flushed and stopped)"),
         ("within_budget", figures["within_budget"], ""),
     ]
-    emit(f"gpuwatch bench agent ({gpus} stand-in GPUs at 1 Hz, one agent process)", rows, figures, json_path)
+    kind = "real" if real_nvml else "stand-in"
+    emit(f"gpuwatch bench agent ({gpus} {kind} GPUs at 1 Hz, one agent process)", rows, figures, json_path)
+    if keep_snapshots:
+        figures["snapshots"] = [value for _, value in records]
     return figures

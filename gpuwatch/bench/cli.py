@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -14,8 +15,19 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.what == "agent":
         from gpuwatch.bench.agent import run_agent_bench
 
-        figures = run_agent_bench(args.json_path, seconds=args.seconds or 60.0, gpus=args.gpus or 8)
+        figures = run_agent_bench(args.json_path, seconds=args.seconds or 60.0, gpus=args.gpus or 8,
+                                  real_nvml=args.real_nvml)  # fmt: skip
         return 0 if figures["snapshots_invalid"] == 0 and figures["exit_code"] == 0 else 1
+    if args.what == "gpu":
+        from gpuwatch.bench.gpu import GpuCheckUnavailable, run_gpu_check
+
+        try:
+            figures = run_gpu_check(args.json_path, seconds=args.seconds or 40.0)
+        except GpuCheckUnavailable as exc:
+            print(f"gpuwatch bench gpu: {exc}", file=sys.stderr)
+            return 3
+        ok = figures["nvml"]["contract_ok"] and figures["cuda"]["threshold_side_disagreements"] == 0
+        return 0 if ok and figures["agent"]["snapshots_invalid"] == 0 else 1
     if args.what == "simulate":
         from gpuwatch.bench.table import emit
         from gpuwatch.producers.simulator import bench_simulator
