@@ -65,23 +65,25 @@ class Settings:
     model_path: str = field(default="", metadata={"doc": "Model artifact; empty uses the one shipped in the package."})
     device: str = field(default="auto", metadata={"doc": "Inference device: auto (CUDA when present), cpu or cuda."})
 
-    risk_threshold: float = field(default=0.85, metadata={"doc": "Risk above which the policy starts its for-duration."})
-    risk_for_s: float = field(default=300.0, metadata={"doc": "How long risk must stay above threshold before acting."})
+    fleet_failure_rate_per_gpu_day: float = field(default=1.943e-4, metadata={"doc": "Failures per GPU-day of the fleet gpuwatch runs on (default: the StepFun trace's 1.943e-4); `risk` in risk records is a probability at this base rate."})
+    alarm_threshold: float = field(default=0.0, metadata={"doc": "Override of the model's alarm operating point: the calibrated score at which a GPU is in alarm (0: the model artifact's, chosen on validation data; docs/model.md says what an override costs)."})
+    alarm_records: int = field(default=0, metadata={"doc": "Override of how many scorings in a row must reach the alarm threshold (0: the model artifact's)."})
+    migrate_threshold: float = field(default=0.0, metadata={"doc": "Override of the model's drain operating point (migrate, then reboot): its score threshold (0: the model artifact's)."})
+    migrate_records: int = field(default=0, metadata={"doc": "Override of how many scorings in a row must reach the drain threshold (0: the model artifact's)."})
     stale_after_s: float = field(default=60.0, metadata={"doc": "A GPU with no risk update for this long is stale."})
-    risk_clear_below: float = field(default=0.7, metadata={"doc": "A risk episode ends only when risk drops below this (hysteresis)."})
-    policy_migrate_after_s: float = field(default=300.0, metadata={"doc": "Migrate (drain) when risk is still above threshold this long after checkpoint."})
+    policy_episode_gap_s: float = field(default=600.0, metadata={"doc": "A GPU's alarm episode ends after this long without an alarm (the evaluation's episode gap)."})
     policy_checkpoint_grace_s: float = field(default=60.0, metadata={"doc": "Least time between checkpoint and migrate, so jobs can save their state."})
-    policy_migrate_risk: float = field(default=0.95, metadata={"doc": "Risk at which migrate follows checkpoint after a 60 s grace instead of waiting."})
-    policy_reboot_after_s: float = field(default=600.0, metadata={"doc": "Reboot when risk is still above threshold this long after migrate."})
+    policy_reboot_after_s: float = field(default=600.0, metadata={"doc": "Reboot when the drain operating point still holds this long after migrate (reboot-fixable modes only)."})
     policy_cooldown_s: float = field(default=3600.0, metadata={"doc": "After acting on a GPU, its next risk episode may not act for this long."})
     policy_max_concurrent_drains: int = field(default=2, metadata={"doc": "Most hosts draining or rebooting at once, fleet-wide (blast radius)."})
     policy_drain_hold_s: float = field(default=3600.0, metadata={"doc": "A drain counts against the limit until its GPU recovers or this long."})
-    policy_cost_per_gpu_hour: float = field(default=2.5, metadata={"doc": "Price of one GPU-hour (any currency; the policy_cost_* values use the same one)."})
-    policy_job_gpus: int = field(default=8, metadata={"doc": "GPUs of the job a failing GPU would take down (a failure loses work on all of them)."})
-    policy_job_checkpoint_interval_s: float = field(default=3600.0, metadata={"doc": "How often jobs checkpoint on their own; a failure before gpuwatch's checkpoint loses half of it on average."})
-    policy_failure_overhead_s: float = field(default=1800.0, metadata={"doc": "Time an unplanned failure costs a job besides lost work (detection, requeue, reload); a migration avoids it."})
-    policy_cost_checkpoint: float = field(default=1.0, metadata={"doc": "Cost of one checkpoint request (jobs pause to save); checkpoint only when the expected loss exceeds it."})
-    policy_cost_migrate: float = field(default=5.0, metadata={"doc": "Cost of draining a host and restarting its jobs elsewhere; migrate only when the expected loss exceeds it."})
+    policy_job_gpus: int = field(default=1024, metadata={"doc": "Cost model: GPUs of the job a failing GPU takes down (a failure loses work on all of them)."})
+    policy_job_checkpoint_interval_s: float = field(default=3600.0, metadata={"doc": "Cost model: how often jobs checkpoint on their own; a failure loses half of it on average."})
+    policy_failure_overhead_s: float = field(default=1800.0, metadata={"doc": "Cost model: time an unplanned failure costs the whole job besides lost work (detection, timeouts, requeue, reload)."})
+    policy_checkpoint_cost_s: float = field(default=120.0, metadata={"doc": "Cost model: time the whole job pauses to write a checkpoint gpuwatch asked for."})
+    policy_migrate_cost_s: float = field(default=600.0, metadata={"doc": "Cost model: time a planned restart of the job elsewhere costs it (from its fresh checkpoint)."})
+    policy_drain_cost_gpu_h: float = field(default=32.0, metadata={"doc": "Cost model: GPU-hours a drained node is out of service for inspection (8 GPUs for 4 h), healthy or not."})
+    policy_reboot_cost_gpu_h: float = field(default=4.0, metadata={"doc": "Cost model: GPU-hours a node reboot takes out of service (8 GPUs for 30 min)."})
     audit_maxlen: int = field(default=100_000, metadata={"doc": "Approximate length cap of the Redis audit stream gpuwatch:audit."})
     redis_history_len: int = field(default=60, metadata={"doc": "Risk records kept per GPU in gpuwatch:hist:{host}:{gpu}."})
     redis_expire_after_s: float = field(default=86400.0, metadata={"doc": "A GPU's Redis keys vanish this long after its last risk record."})
@@ -203,6 +205,25 @@ def load_settings(
         if value is not None:
             values[key] = _coerce(key, types[key], value)
     settings = Settings(**values)
+    check_settings(settings)
+    return settings
+
+
+def check_settings(settings: Settings) -> None:
+    """Raises ConfigError naming the first setting whose value cannot work."""
     if not 0 < settings.rescore_interval_s <= 10:
         raise ConfigError("setting 'rescore_interval_s' must be in (0, 10]: every GPU is rescored at least every 10 s")
-    return settings
+    if not 0 <= settings.fleet_failure_rate_per_gpu_day < 1:
+        raise ConfigError("setting 'fleet_failure_rate_per_gpu_day' must be in [0, 1) failures per GPU-day "
+                          "(the StepFun trace's is 1.943e-4)")
+    for name in ("alarm_threshold", "migrate_threshold"):
+        if not 0 <= getattr(settings, name) <= 1:
+            raise ConfigError(f"setting {name!r} must be in [0, 1] (a calibrated score; 0 keeps the model's)")
+    for name in ("alarm_records", "migrate_records"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"setting {name!r} must be >= 0 scorings in a row (0 keeps the model's)")
+    costs = ("policy_job_gpus", "policy_job_checkpoint_interval_s", "policy_failure_overhead_s",
+             "policy_checkpoint_cost_s", "policy_migrate_cost_s", "policy_drain_cost_gpu_h", "policy_reboot_cost_gpu_h")
+    for name in costs:
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"setting {name!r} must be >= 0 (a cost model figure)")

@@ -537,6 +537,10 @@ _RISK: _Checks = (
     ("mode", partial(_check_enum, choices=FAILURE_MODES)), ("model", partial(_check_str, lo=1)),
     ("scored_at", _time),
 )
+_RISK_OPTIONAL: _Checks = (
+    ("alarm", _check_bool), ("drain", _check_bool), ("failed", _check_bool), ("failed_since", _time),
+    ("op", _check_str), ("score", _unit), ("history_s", partial(_check_number, lo=0)),
+)
 _REMEDIATION: _Checks = (
     ("id", partial(_check_str, lo=1, hi=128)), ("host", _host), ("gpu_index", _gpu_index),
     ("uuid", _check_str), ("action", partial(_check_enum, choices=ACTIONS)), ("reason", _check_str),
@@ -587,7 +591,7 @@ def _decode_record(raw: Any, tag: str, checks: _Checks, optional: _Checks = (),
 
 def decode_risk(raw: bytes | bytearray | memoryview | str) -> dict:
     """Parses and validates one `gpuwatch.risk/1` message; returns the dict (unknown fields kept)."""
-    return _decode_record(raw, RISK_SCHEMA, _RISK)
+    return _decode_record(raw, RISK_SCHEMA, _RISK, _RISK_OPTIONAL)
 
 
 def encode_risk(rec: dict) -> bytes:

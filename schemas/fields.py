@@ -80,4 +80,7 @@ XID_FATAL = frozenset({48, 62, 64, 74, 79, 95})
 XID_INTERCONNECT = frozenset({74, 79})
 
 FAILURE_MODES: tuple[str, ...] = ("none", "memory", "thermal", "power", "interconnect", "sudden")
-ACTIONS: tuple[str, ...] = ("checkpoint", "migrate", "reboot")
+# repair: the GPU has failed; drain its node and ask for a repair (not a prediction, no escalation).
+ACTIONS: tuple[str, ...] = ("checkpoint", "migrate", "reboot", "repair")
+# Drains or reboots a node (what the blast-radius limit and the evaluation's false drains count).
+DISRUPTIVE_ACTIONS: tuple[str, ...] = ("migrate", "reboot")

@@ -35,7 +35,7 @@ from gpuwatch.kafka import (
 from gpuwatch.memory import return_big_buffers_to_the_os, spare_startup_heap_from_gc
 from gpuwatch.streams.faust_runtime import WorkerApp, cap_fetch_wait
 from gpuwatch.streams.model import Scorer, load_artifact
-from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
+from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor, chosen_for_other_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,10 @@ def create_app(
     )
     samples = app.topic(settings.topic_samples, value_serializer="raw", key_serializer="raw")
     scorer = scorer or Scorer(load_artifact(settings.model_path or None), device=settings.device)
-    processor = RiskProcessor(
-        scorer, rescore_interval_s=settings.rescore_interval_s, max_age_s=settings.stream_max_sample_age_s
-    )
+    processor = RiskProcessor.from_settings(scorer, settings, max_age_s=settings.stream_max_sample_age_s)
+    mismatch = chosen_for_other_settings(scorer.artifact, settings)
+    if mismatch:
+        log.warning("%s", mismatch)
     # Keeps and resends what Kafka did not acknowledge (e.g. a restarted broker that forgot our producer id).
     producer = ReliableProducer(settings, **{"linger.ms": 2})
     closing = threading.Event()

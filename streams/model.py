@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,13 +21,19 @@ import torch
 from torch import nn
 
 from gpuwatch.schemas.fields import FAILURE_MODES
+from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig
+
+__all__ = ["ModelArtifact", "ModelError", "OperatingPoint", "Scorer", "at_prevalence", "load_artifact", "prevalence"]
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "gpuwatch.model/1"
 # Modes the mode head chooses between; "none" is reported when risk is below `mode_min_risk`.
 FAILURE_CLASSES: tuple[str, ...] = tuple(m for m in FAILURE_MODES if m != "none")
+# Calibration prevalence assumed for artifacts written before it was recorded: the training fleets' failure
+# rate (x5000 the trace's 1.943e-4 per GPU-day, no host frailty) over a 60-minute horizon.
+_LEGACY_CALIBRATION_PREVALENCE = 1.0 - math.exp(-5000 * 1.943e-4 / 24)
 
 
 class FailureLSTM(nn.Module):
@@ -70,15 +77,29 @@ class ModelArtifact:
     hidden: int = 64
     mlp: int = 32
     temperature: float = 1.0  # calibration: sigmoid(logit / temperature)
-    threshold: float = 0.5  # operating threshold chosen on validation data
+    threshold: float = 0.5  # alarm operating threshold on the calibrated score, chosen on validation data
     # An alarm needs this many consecutive scorings at or above the threshold (a Prometheus `for:`), chosen
     # with the threshold on validation data; 1 alarms on a single record.
     alarm_records: int = 1
+    # Share of the calibration records that preceded a failure within the horizon: the base rate the
+    # calibrated score is a probability at (training fleets fail thousands of times more often than real ones).
+    calibration_prevalence: float = _LEGACY_CALIBRATION_PREVALENCE
+    # The drain operating point (migrate, then reboot), stricter than the alarm's; None: no drains.
+    migrate_threshold: float | None = None
+    migrate_records: int = 1
     horizon_s: float = 3600.0
     mode_min_risk: float = 0.5
     metrics: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
     created_at: float = 0.0
+
+    @property
+    def alarm_op(self) -> OperatingPoint:
+        return OperatingPoint(self.threshold, self.alarm_records)
+
+    @property
+    def migrate_op(self) -> OperatingPoint | None:
+        return None if self.migrate_threshold is None else OperatingPoint(self.migrate_threshold, self.migrate_records)
 
     def build(self) -> FailureLSTM:
         model = FailureLSTM(len(self.features), self.hidden, self.mlp)
@@ -100,6 +121,9 @@ class ModelArtifact:
             "temperature": float(self.temperature),
             "threshold": float(self.threshold),
             "alarm_records": int(self.alarm_records),
+            "calibration_prevalence": float(self.calibration_prevalence),
+            "migrate_threshold": None if self.migrate_threshold is None else float(self.migrate_threshold),
+            "migrate_records": int(self.migrate_records),
             "horizon_s": float(self.horizon_s),
             "mode_min_risk": float(self.mode_min_risk),
             "metrics": self.metrics,
@@ -147,6 +171,9 @@ def load_artifact(path: str | Path | None = None) -> ModelArtifact:
         temperature=float(raw["temperature"]),
         threshold=float(raw["threshold"]),
         alarm_records=int(raw.get("alarm_records", 1)),
+        calibration_prevalence=float(raw.get("calibration_prevalence", _LEGACY_CALIBRATION_PREVALENCE)),
+        migrate_threshold=None if raw.get("migrate_threshold") is None else float(raw["migrate_threshold"]),
+        migrate_records=int(raw.get("migrate_records", 1)),
         horizon_s=float(raw["horizon_s"]),
         mode_min_risk=float(raw.get("mode_min_risk", 0.5)),
         metrics=raw.get("metrics", {}),

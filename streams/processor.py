@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from gpuwatch.config import Settings
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, make_deadletter
 from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES, RISK_SCHEMA
-from gpuwatch.streams.model import Scorer
+from gpuwatch.streams.model import ModelArtifact, Scorer
+from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 
 _MODES = FAILURE_MODES
@@ -24,6 +26,39 @@ _MODES = FAILURE_MODES
 # would overflow the float32 window state into inf/NaN for good, so its snapshot is dead-lettered.
 MAX_ABS_VALUE = 1e15
 _TEMP_COL, _POWER_COL = FEATURE_NAMES.index("temp"), FEATURE_NAMES.index("power_frac")
+_MEMORY = FAILURE_MODES.index("memory")
+
+
+def operating_points(artifact: ModelArtifact, settings: Settings) -> tuple[OperatingPoint, OperatingPoint | None]:
+    """The alarm and drain operating points: the artifact's, or the `alarm_*` / `migrate_*` settings' overrides."""
+    def pick(op: OperatingPoint | None, threshold: float, records: int) -> OperatingPoint | None:
+        if not threshold and not records:
+            return op
+        if op is None and not threshold:
+            return None  # the model has no drain operating point and the override names no threshold
+        base = op or OperatingPoint(threshold)
+        return OperatingPoint(threshold or base.threshold, records or base.records, source="override")
+
+    alarm = pick(artifact.alarm_op, settings.alarm_threshold, settings.alarm_records)
+    assert alarm is not None
+    return alarm, pick(artifact.migrate_op, settings.migrate_threshold, settings.migrate_records)
+
+
+def chosen_for_other_settings(artifact: ModelArtifact, settings: Settings) -> str | None:
+    """A sentence naming the settings whose values differ from those the model's operating points were chosen
+    for (its failure rate and cost model), or None when they match or the artifact does not say."""
+    from gpuwatch.costs import CostModel
+
+    chosen = artifact.metrics.get("operating_points_chosen_for")
+    if not chosen:
+        return None
+    now = {"failures_per_gpu_day": settings.fleet_failure_rate_per_gpu_day, **CostModel.from_settings(settings).__dict__}
+    then = {"failures_per_gpu_day": chosen.get("failures_per_gpu_day"), **(chosen.get("costs") or {})}
+    differ = [f"{k} {then[k]} -> {now[k]}" for k in now if k in then and then[k] != now[k]]
+    if not differ:
+        return None
+    return ("the model's operating points were chosen for other figures than these settings' ("
+            + ", ".join(differ) + "); re-pick them with `gpuwatch train --operating-point-of`")
 
 
 @dataclass(slots=True)
@@ -72,7 +107,12 @@ class RiskProcessor:
         max_future_s: float = 300.0,
         max_age_s: float | None = 7 * 86400.0,
         capacity: int = 1024,
+        alarm_op: OperatingPoint | None = None,
+        drain_op: OperatingPoint | None = None,
+        failures_per_gpu_day: float | None = None,
     ) -> None:
+        """`alarm_op` / `drain_op` default to the artifact's; `failures_per_gpu_day` is the fleet's failure
+        rate, at which `risk` is stated (None: the model's calibration base rate, so risk equals score)."""
         self.scorer = scorer
         self.store = WindowStore(scorer.artifact.window, capacity=capacity)
         self.rescore_interval_s = rescore_interval_s
@@ -81,6 +121,13 @@ class RiskProcessor:
         self.max_age_s = max_age_s or None
         self.horizon_s = scorer.artifact.horizon_s
         self.model_version = scorer.version
+        artifact = scorer.artifact
+        self.alarm_op = alarm_op or artifact.alarm_op
+        self.drain_op = drain_op if drain_op is not None else artifact.migrate_op
+        self.calibrated_at = artifact.calibration_prevalence
+        self.deployed_at = (
+            self.calibrated_at if failures_per_gpu_day is None else prevalence(failures_per_gpu_day, self.horizon_s)
+        )
         # Per slot: wall time of the last risk record, and the LSTM state after the past ring rows
         # (valid while the ring's last push and the GPU's first sample are what they were).
         hidden = scorer.artifact.hidden
@@ -89,6 +136,14 @@ class RiskProcessor:
         self._c = np.zeros((0, hidden), dtype=np.float32)
         self._cache_push_ts = np.zeros(0)
         self._cache_first_ts = np.zeros(0)
+
+    @classmethod
+    def from_settings(cls, scorer: Scorer, settings: Settings, **kwargs: Any) -> RiskProcessor:
+        """The processor a stream worker runs: operating points and the fleet's failure rate from `settings`."""
+        alarm, drain = operating_points(scorer.artifact, settings)
+        kwargs.setdefault("rescore_interval_s", settings.rescore_interval_s)
+        return cls(scorer, alarm_op=alarm, drain_op=drain,
+                   failures_per_gpu_day=settings.fleet_failure_rate_per_gpu_day, **kwargs)  # fmt: skip
 
     def process(self, messages: Sequence[Inbound], *, now: float | None = None) -> BatchResult:
         """Decode and fold `messages`; score every touched GPU that is due. Never raises on bad input.
@@ -156,54 +211,82 @@ class RiskProcessor:
         """Score `slots` in one batched pass and append their risk records to `result`.
 
         Incremental and exact: the LSTM state after a GPU's past ring rows is cached until the ring
-        advances (every `stride_s`), so a rescoring runs one LSTM step over the current row.
+        advances (every `stride_s`), so a rescoring runs one LSTM step over the current row. A GPU that has
+        failed is not scored: its record says `failed` (risk 1, no alarm).
         """
         store = self.store
         self._grow(len(store.uuids))
         t0 = time.perf_counter()
-        key = (store.last_push_ts[slots], store.first_ts[slots])
-        stale = (self._cache_push_ts[slots] != key[0]) | (self._cache_first_ts[slots] != key[1])
-        stale |= store.ring_count[slots] == 0  # no past yet: the padding copies the (changing) current row
-        miss = slots[stale]
-        if len(miss):
-            h, c = self.scorer.encode_past(store.sequences(miss)[:, :-1])
-            self._h[miss], self._c[miss] = h, c
-            self._cache_push_ts[miss] = store.last_push_ts[miss]
-            self._cache_first_ts[miss] = store.first_ts[miss]
-        risk, mode = self.scorer.score_from_state(self._h[slots], self._c[slots], store.current[slots])
+        failed = store.failed[slots]
+        live = slots[~failed]
+        score = np.zeros(0)
+        mode = np.zeros(0, dtype=np.int64)
+        if len(live):
+            key = (store.last_push_ts[live], store.first_ts[live])
+            stale = (self._cache_push_ts[live] != key[0]) | (self._cache_first_ts[live] != key[1])
+            stale |= store.ring_count[live] == 0  # no past yet: the padding copies the (changing) current row
+            miss = live[stale]
+            if len(miss):
+                h, c = self.scorer.encode_past(store.sequences(miss)[:, :-1])
+                self._h[miss], self._c[miss] = h, c
+                self._cache_push_ts[miss] = store.last_push_ts[miss]
+                self._cache_first_ts[miss] = store.first_ts[miss]
+            score, mode = self.scorer.score_from_state(self._h[live], self._c[live], store.current[live])
         result.inference_s += time.perf_counter() - t0
+        new_sample = store.last_ts[live] > store.last_scored_ts[live]
+        gap_ok = store.last_ts[live] - store.last_scored_ts[live] <= self.alarm_op.max_gap_s
+        alarm = self._run(store.alarm_run, live, score, self.alarm_op, new_sample, gap_ok)
+        # The drain operating point is the stricter one: a GPU is never drained without being in alarm.
+        drain = (
+            self._run(store.drain_run, live, score, self.drain_op, new_sample, gap_ok) & alarm
+            if self.drain_op is not None
+            else np.zeros(len(live), dtype=bool)
+        )
+        dead = slots[failed]
+        store.alarm_run[dead] = 0
+        store.drain_run[dead] = 0
         store.last_scored_ts[slots] = store.last_ts[slots]
         scored_at = time.time()
         self._scored_wall[slots] = scored_at
+        risk = at_prevalence(score, self.calibrated_at, self.deployed_at)
         out = result.risk
         hosts, uuids = store.hosts, store.uuids
-        history = (store.last_ts[slots] - store.first_ts[slots]).tolist()
-        for s, r, m, t, g, h in zip(
-            slots.tolist(), risk.tolist(), mode.tolist(), store.last_ts[slots].tolist(),
-            store.gpu_index[slots].tolist(), history,
-        ):
-            host = hosts[s]
-            out.append(
-                (
-                    host.encode(),
-                    orjson.dumps(
-                        {
-                            "schema": RISK_SCHEMA,
-                            "host": host,
-                            "gpu_index": g,
-                            "uuid": uuids[s],
-                            "ts": t,
-                            "risk": r,
-                            "horizon_s": self.horizon_s,
-                            "mode": _MODES[m],
-                            "model": self.model_version,
-                            "scored_at": scored_at,
-                            "history_s": h,  # extra field: how much telemetry backs this score
-                        }
-                    ),
-                )
-            )
+        op, horizon, model = self.alarm_op.name, self.horizon_s, self.model_version
+        # One record per slot, in `slots` order (the evaluation's baselines score the same slots in that order).
+        live_at = (np.cumsum(~failed) - 1).tolist()
+        risk_l, score_l, mode_l, alarm_l, drain_l = risk.tolist(), score.tolist(), mode.tolist(), alarm.tolist(), drain.tolist()
+        idx_l, ts_l = store.gpu_index[slots].tolist(), store.last_ts[slots].tolist()
+        hist_l = (store.last_ts[slots] - store.first_ts[slots]).tolist()
+        for i, (sl, is_failed) in enumerate(zip(slots.tolist(), failed.tolist())):
+            host = hosts[sl]
+            if is_failed:
+                mode_name = _MODES[_MEMORY] if store.failed_memory[sl] else "none"
+                rec = {"schema": RISK_SCHEMA, "host": host, "gpu_index": idx_l[i], "uuid": uuids[sl], "ts": ts_l[i],
+                       "risk": 1.0, "horizon_s": horizon, "mode": mode_name, "model": model, "scored_at": scored_at,
+                       "op": op, "alarm": False, "drain": False, "failed": True,
+                       "failed_since": float(store.failed_since[sl]), "history_s": hist_l[i]}  # fmt: skip
+            else:
+                j = live_at[i]
+                rec = {"schema": RISK_SCHEMA, "host": host, "gpu_index": idx_l[i], "uuid": uuids[sl], "ts": ts_l[i],
+                       "risk": risk_l[j], "horizon_s": horizon, "mode": _MODES[mode_l[j]], "model": model,
+                       "scored_at": scored_at, "op": op, "score": score_l[j], "alarm": alarm_l[j],
+                       "drain": drain_l[j], "failed": False, "history_s": hist_l[i]}  # fmt: skip
+            out.append((host.encode(), orjson.dumps(rec)))
         result.scored += len(slots)
+
+    @staticmethod
+    def _run(
+        runs: np.ndarray, slots: np.ndarray, score: np.ndarray, op: OperatingPoint, new_sample: np.ndarray,
+        gap_ok: np.ndarray,
+    ) -> np.ndarray:  # fmt: skip
+        """Advances each GPU's run of scorings in a row at `op` (a rescoring of the same sample does not count,
+        a gap longer than op.max_gap_s restarts it); whether the operating point holds now."""
+        hit = score >= op.threshold
+        run = runs[slots].astype(np.int32)
+        advanced = np.where(hit, np.where(gap_ok, run + 1, 1), 0)
+        run = np.where(new_sample, advanced, run)
+        runs[slots] = np.minimum(run, 10_000)
+        return run >= op.records
 
     def _deadletter(self, msg: Inbound, error: str) -> bytes:
         return make_deadletter(

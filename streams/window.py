@@ -111,6 +111,7 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 N_SIGNALS = len(EWMA_SIGNALS)
+_LOST_COL = FEATURE_NAMES.index("lost")
 _NO_XID_MIN = 24 * 60.0  # "never seen an XID" reads as a day ago
 
 
@@ -203,6 +204,13 @@ class WindowStore:
             "last_power_peer": ((), np.float32),
             "current": ((N_FEATURES,), np.float32),
             "ring": ((t, N_FEATURES), np.float16),
+            # Failure state (see `_update_unique`) and the runs of scorings in a row at each operating point,
+            # held here so that a restored or rebalanced GPU keeps them.
+            "failed": ((), np.bool_),
+            "failed_since": ((), np.float64),
+            "failed_memory": ((), np.bool_),
+            "alarm_run": ((), np.int16),
+            "drain_run": ((), np.int16),
         }
 
     def _reset(self, slots: np.ndarray) -> None:
@@ -373,6 +381,7 @@ class WindowStore:
         # Counter deltas: a drop means a reset (driver reload, reboot), counted from zero.
         c = x[:, _COUNTER_COLS]
         last = self.last_counters[s]
+        reset = ~first & (c < last).any(axis=1)  # NaN compares False
         delta = np.where(c >= last, c - last, c)
         delta = np.where(np.isnan(delta) | first[:, None], 0.0, delta)
         self.last_counters[s] = np.where(np.isnan(c), last, c)
@@ -384,6 +393,7 @@ class WindowStore:
 
         viol = x[:, _VIOLATION_COLS]
         last_v = self.last_violation[s]
+        reset |= ~first & (viol < last_v).any(axis=1)
         dv = np.where(viol >= last_v, viol - last_v, viol)
         dv = np.where(np.isnan(dv) | first[:, None], 0.0, dv)
         self.last_violation[s] = np.where(np.isnan(viol), last_v, viol)
@@ -486,6 +496,7 @@ class WindowStore:
         width_ratio = x[:, _NUM["pcie_link_width"]] / x[:, _NUM["pcie_link_width_max"]]
         gen_ratio = x[:, _NUM["pcie_link_gen"]] / x[:, _NUM["pcie_link_gen_max"]]
         lost = flags[:, _FLAG["lost"]]
+        self._update_failed(s, ts, first, lost, xid_fatal, xid_mem, flags[:, _FLAG["remap_failure"]], util, reset)
 
         cur = np.empty((len(s), N_FEATURES), dtype=np.float32)
         cols = [
@@ -538,6 +549,29 @@ class WindowStore:
         self.last_ts[s] = ts
         self.n_seen[s] += 1
         self.dirty[s] = True
+
+    def _update_failed(
+        self, s: np.ndarray, ts: np.ndarray, first: np.ndarray, lost: np.ndarray, xid_fatal: np.ndarray,
+        xid_mem: np.ndarray, remap_failure: np.ndarray, util: np.ndarray, reset: np.ndarray,
+    ) -> None:  # fmt: skip
+        """Whether each GPU has failed (docs/model.md, "Failed is not at risk").
+
+        A failure starts at a sample that shows the GPU lost (off the bus), a fatal XID (48, 62, 64, 74, 79,
+        95) or a row-remap failure. It ends, once none of those holds, at the first sample showing the GPU was
+        reset or repaired: it answers again after being lost, a counter went down (volatile counters clear on
+        a reset), or it runs work again (utilisation above 0) a minute or more after the failure, which a GPU
+        in a fatal state cannot do.
+        """
+        was = self.failed[s] & ~first
+        was_lost = self.current[s, _LOST_COL] > 0.5
+        fatal_now = lost | xid_fatal | remap_failure
+        works = (np.nan_to_num(util, nan=0.0) > 0) & (ts - self.failed_since[s] >= 60.0)
+        recovered = was & ~lost & ~(xid_fatal | remap_failure) & (was_lost | reset | works)
+        ongoing = was & ~recovered
+        starts = fatal_now & ~ongoing
+        self.failed[s] = ongoing | fatal_now
+        self.failed_since[s] = np.where(starts, ts, np.where(ongoing, self.failed_since[s], 0.0))
+        self.failed_memory[s] = np.where(starts, xid_mem | remap_failure, self.failed_memory[s] & ongoing)
 
     # -- model input ---------------------------------------------------------------------------
     def sequences(self, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

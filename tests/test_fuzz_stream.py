@@ -337,7 +337,7 @@ def test_a_worker_dead_letters_each_bad_kind_keeps_going_and_scores_as_if_it_nev
     assert len(errors) == len(bad), errors
     for kind, error in zip(kinds, errors, strict=True):  # one partition: dead letters in offset order
         assert BAD[kind][1] in error, (kind, error)
-    reference = _processor()
+    reference = RiskProcessor.from_settings(SCORER, settings)  # the worker's: risk at the fleet's failure rate
     expected = {
         (r["uuid"], r["ts"]): r["risk"]
         for i, m in enumerate(good)
