@@ -43,7 +43,7 @@ STAGE = "controller"
 OnOutcome = Callable[[dict[str, Any]], None]
 # Running these again after an interrupted attempt changes nothing (a second checkpoint request, a drain of a
 # drained node); a reboot may have happened already, so it is re-run only if the executor says it is safe.
-IDEMPOTENT_ACTIONS = frozenset({"checkpoint", "migrate"})
+IDEMPOTENT_ACTIONS = frozenset({"checkpoint", "migrate", "repair"})  # repair drains, as migrate
 
 
 def group_id(settings: Settings) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from gpuwatch.config import ConfigError, Settings
+from gpuwatch.schemas.fields import ACTIONS
 
 EXECUTORS = ("dry-run", "command", "webhook", "slurm", "kubernetes")
 
@@ -19,8 +20,6 @@ _HOST_RE = re.compile(
 )
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _UUID_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127})?")
-_ACTIONS = ("checkpoint", "migrate", "reboot")
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -33,7 +32,7 @@ class Outcome:
 
 @runtime_checkable
 class Executor(Protocol):
-    """Carries out a decoded `gpuwatch.remediation/1` event (action checkpoint, migrate or reboot).
+    """Carries out a decoded `gpuwatch.remediation/1` event (action checkpoint, migrate, reboot or repair).
 
     `execute` should return a failed Outcome rather than raise; an exception is recorded as a failure too.
     It runs on the controller's thread: long operations block the next event.
@@ -52,7 +51,7 @@ def target_values(event: dict[str, Any]) -> dict[str, str]:
     """The event's host, gpu_index, action, id, uuid and risk as checked strings.
 
     Raises UnsafeTarget unless host is an RFC 1123 host name, gpu_index a non-negative int, action one of
-    checkpoint/migrate/reboot, id and uuid plain tokens ([A-Za-z0-9._-], not starting with '-'), risk in 0..1.
+    checkpoint/migrate/reboot/repair, id and uuid plain tokens ([A-Za-z0-9._-], not starting with '-'), risk in 0..1.
     """
     host, gpu, action = event.get("host"), event.get("gpu_index"), event.get("action")
     if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
@@ -61,8 +60,8 @@ def target_values(event: dict[str, Any]) -> dict[str, str]:
         )
     if type(gpu) is not int or gpu < 0:
         raise UnsafeTarget(f"gpu_index {gpu!r} is not a non-negative integer")
-    if action not in _ACTIONS:
-        raise UnsafeTarget(f"action {action!r} is not one of {', '.join(_ACTIONS)}")
+    if action not in ACTIONS:
+        raise UnsafeTarget(f"action {action!r} is not one of {', '.join(ACTIONS)}")
     rid, uuid, risk = event.get("id"), event.get("uuid", ""), event.get("risk", 0.0)
     if not isinstance(rid, str) or not _ID_RE.fullmatch(rid):
         raise UnsafeTarget(f"id {rid!r} is not a plain token")
@@ -88,7 +87,7 @@ def short_reason(event: dict[str, Any], limit: int = 160) -> str:
 
 
 class CheckpointRouter:
-    """Sends checkpoint events to `checkpoint` and migrate/reboot events to `main`."""
+    """Sends checkpoint events to `checkpoint` and migrate/reboot/repair events to `main`."""
 
     def __init__(self, main: Executor, checkpoint: Executor) -> None:
         self.main = main

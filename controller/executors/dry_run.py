@@ -13,6 +13,7 @@ _WOULD = {
     "checkpoint": "would ask the jobs on {host} to checkpoint (GPU {gpu_index}: {reason})",
     "migrate": "would drain {host} GPU {gpu_index} and migrate its jobs (reason {reason})",
     "reboot": "would reboot {host} (drained; GPU {gpu_index}: {reason})",
+    "repair": "would drain {host} and ask for a repair of GPU {gpu_index} ({reason})",
 }
 
 

@@ -3,7 +3,8 @@
 API calls, in order (the service account needs patch on nodes, list on pods, create on pods/eviction):
 
 * ``PATCH /api/v1/nodes/{host}`` (merge patch): ``spec.unschedulable = true`` and the annotation
-  ``gpuwatch.dev/remediation`` (action, id, reason); for reboot also ``gpuwatch.dev/reboot-requested = <id>``;
+  ``gpuwatch.dev/remediation`` (action, id, reason); for reboot also ``gpuwatch.dev/reboot-requested = <id>``
+  (repair, for a GPU that has failed, is a migrate whose annotation says so);
 * ``GET /api/v1/pods?fieldSelector=spec.nodeName={host}`` (paged);
 * ``POST /api/v1/namespaces/{ns}/pods/{name}/eviction`` for each running pod with a container that
   requests or limits the GPU resource (DaemonSet and mirror pods are left, as ``kubectl drain`` does).
@@ -176,7 +177,7 @@ class KubernetesExecutor:
             log.warning("remediation %s refused: %s", event.get("id"), exc)
             return Outcome(ok=False, detail=f"refused: {exc}")
         action = event["action"]
-        if action not in ("migrate", "reboot"):
+        if action not in ("migrate", "reboot", "repair"):
             return Outcome(
                 ok=False,
                 detail=f"the kubernetes executor does not {action}; checkpoints go to the node agent",

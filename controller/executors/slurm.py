@@ -2,7 +2,7 @@
 
 Commands (argument lists, no shell; `scontrol` is the configured path):
 
-* migrate: ``scontrol update nodename=<host> state=drain reason=<gpuwatch: ...>``
+* migrate and repair (the GPU has failed): ``scontrol update nodename=<host> state=drain reason=<gpuwatch: ...>``
 * reboot:  ``scontrol --oneliner show node <host>``; if its State has no DRAIN, the drain above first;
   then ``scontrol reboot ASAP reason=<...> <host>``. The node stays drained after the reboot until an
   operator resumes it (``scontrol update nodename=<host> state=resume``).
@@ -57,7 +57,7 @@ class SlurmExecutor:
             return Outcome(ok=False, detail=f"refused: {exc}")
         action, reason = event["action"], short_reason(event)
         try:
-            if action == "migrate":
+            if action in ("migrate", "repair"):  # repair: the GPU failed; drained, the node waits for a technician
                 done = self._run(self.drain_argv(host, reason))
                 return Outcome(ok=done.ok, detail=f"drain {host}: {done.describe()}")
             if action == "reboot":
