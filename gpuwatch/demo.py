@@ -38,8 +38,13 @@ class DemoOptions:
     seed: int = 7
     summary_json: Path | None = None
     report: Path | None = None  # HTML report with plots of the failed GPUs' risk (needs matplotlib)
-    policy_for_s: float = 10.0  # the demo compresses the 5-minute for-duration so actions fit in a minute
     drain_timeout_s: float = 30.0
+
+
+# The policy's clocks the demo compresses so that a precursor's whole ladder fits in a minute of live time
+# (production default -> demo). What decides an alarm (the model's operating point) is not compressed.
+DEMO_CLOCKS = {"policy_checkpoint_grace_s": (60.0, 5.0), "policy_reboot_after_s": (600.0, 20.0),
+               "policy_episode_gap_s": (600.0, 60.0)}  # fmt: skip
 
 
 @dataclass
@@ -56,7 +61,8 @@ class DemoState:
     outcomes: int = 0
     stream_stats: dict[str, Any] = field(default_factory=dict)
     labels: list[dict] = field(default_factory=list)
-    max_risk_by_gpu: dict[str, float] = field(default_factory=dict)
+    records_by_gpu: dict[str, list[tuple[float, float, float, bool, bool]]] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
     newest_written_ts: float = 0.0
     recorder: RunRecorder = field(default_factory=RunRecorder)
 
@@ -82,6 +88,14 @@ def _wait_processed(state: DemoState, produced: int, timeout_s: float, say: Any)
     return False
 
 
+def _failure_line(f: dict[str, Any]) -> str:
+    """Before the failure: the alarm's and the first checkpoint's lead, and the highest score and risk."""
+    alarm = "no alarm" if f["alarm_lead_min"] is None else f"alarm {f['alarm_lead_min']:.1f} min before"
+    ckpt = "no checkpoint" if f["checkpoint_lead_min"] is None else f"checkpoint {f['checkpoint_lead_min']:.1f} min before"
+    risk = "n/a" if f["max_risk_before"] is None else f"{f['max_risk_before']:.2g}"
+    return f"{alarm}, {ckpt}; before failing: max score {f['max_score_before']:.2f}, max risk {risk}"
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -100,13 +114,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
     stop = threading.Event()
     t_start = time.time()
     with embedded_stack(settings) as settings:
-        # Compress the policy's clocks (5-minute for-duration, 5-minute escalation) to fit a one-minute demo.
-        settings = settings.replace(
-            risk_for_s=opts.policy_for_s,
-            policy_checkpoint_grace_s=5.0,
-            policy_migrate_after_s=15.0,
-            policy_reboot_after_s=20.0,
-        )
+        settings = settings.replace(**{name: demo for name, (_, demo) in DEMO_CLOCKS.items()})
         say(f"[demo] broker {settings.kafka_bootstrap}, redis {redact_url(settings.redis_url)}")
         ensure_topics(settings)
         worker = start_stream_worker(settings)
@@ -120,7 +128,9 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
                 for r in records:
                     gpu = f"{r['host']}:{r['gpu_index']}"
                     state.gpus_scored.add(gpu)
-                    state.max_risk_by_gpu[gpu] = max(state.max_risk_by_gpu.get(gpu, 0.0), r["risk"])
+                    state.records_by_gpu.setdefault(gpu, []).append(
+                        (r["ts"], r["risk"], r.get("score", r["risk"]), bool(r.get("alarm")), bool(r.get("failed")))
+                    )
                     state.newest_written_ts = max(state.newest_written_ts, r["ts"])
                     if r["ts"] >= state.live_since:
                         state.latencies_ms.append((written_at - r["ts"]) * 1000.0)
@@ -129,8 +139,9 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
             with state.lock:
                 state.remediation[event["action"]] = state.remediation.get(event["action"], 0) + 1
                 state.recorder.add_event(event)
+                state.events.append(event)
             say(f"[demo] remediation: {event['action']} {event['host']} GPU {event['gpu_index']} "
-                f"(risk {event['risk']:.2f}, {event['reason']})")
+                f"({event['reason']})")
 
         def on_outcome(outcome: dict) -> None:
             with state.lock:
@@ -207,7 +218,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         summary = _summary(state, produced, time.time() - t_start, hosts * 8)
     _print_summary(summary)
     if opts.report:
-        _write_report(state, summary, opts, settings.risk_threshold, say)
+        _write_report(state, summary, opts, say)
     if opts.summary_json:
         opts.summary_json.parent.mkdir(parents=True, exist_ok=True)
         opts.summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
@@ -215,7 +226,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
     return 0 if summary["gpus_scored"] > 0 else 1
 
 
-def _write_report(state: DemoState, summary: dict[str, Any], opts: DemoOptions, threshold: float, say: Any) -> None:
+def _write_report(state: DemoState, summary: dict[str, Any], opts: DemoOptions, say: Any) -> None:
     from gpuwatch.report import render_report
 
     rows = [
@@ -225,7 +236,7 @@ def _write_report(state: DemoState, summary: dict[str, Any], opts: DemoOptions, 
         ("latency p99 (sample -> Redis)", "n/a" if summary["latency_p99_ms"] is None
          else f"{summary['latency_p99_ms']:,.0f} ms"),
     ]
-    data = state.recorder.report_data(state.labels, threshold=threshold, summary=rows, title="gpuwatch demo report")
+    data = state.recorder.report_data(state.labels, summary=rows, title="gpuwatch demo report")
     say(f"[demo] report written to {render_report(data, opts.report)}")
 
 
@@ -240,17 +251,42 @@ def _summary(state: DemoState, produced: int, wall_s: float, gpus: int) -> dict[
         "risk_records": state.risk_written,
         "remediation_events": dict(sorted(state.remediation.items())),
         "remediation_outcomes": state.outcomes,
-        "failures": [
-            {**{k: lab[k] for k in ("host", "gpu_index", "mode", "fail_ts")},
-             "max_risk": round(state.max_risk_by_gpu.get(f"{lab['host']}:{lab['gpu_index']}", 0.0), 3)}
-            for lab in state.labels
-        ],
+        "failures": [_before_failure(state, lab) for lab in state.labels],
+        "actions_after_failure": _actions_after_failure(state),
+        "compressed_clocks": {name: {"production_s": prod, "demo_s": demo} for name, (prod, demo) in DEMO_CLOCKS.items()},
         "latency_p50_ms": _percentile(state.latencies_ms, 50),
         "latency_p99_ms": _percentile(state.latencies_ms, 99),
         "latency_samples": len(state.latencies_ms),
         "state_bytes_per_gpu": ss.get("state_bytes_per_gpu"),
         "wall_s": round(wall_s, 1),
     }
+
+
+def _before_failure(state: DemoState, lab: dict) -> dict[str, Any]:
+    """What the pipeline showed and did for one failed GPU before it failed: records after the failure (the
+    GPU is failed then, not at risk) and the repair are not counted as predictions."""
+    gpu, fail_ts = f"{lab['host']}:{lab['gpu_index']}", float(lab["fail_ts"])
+    before = [r for r in state.records_by_gpu.get(gpu, []) if r[0] <= fail_ts and not r[4]]
+    alarms = [r[0] for r in before if r[3]]
+    checkpoints = [e["ts"] for e in state.events if f"{e['host']}:{e['gpu_index']}" == gpu
+                   and e["action"] == "checkpoint" and e["ts"] <= fail_ts]  # fmt: skip
+    lead = lambda ts: round((fail_ts - min(ts)) / 60.0, 2) if ts else None  # noqa: E731
+    return {
+        **{k: lab[k] for k in ("host", "gpu_index", "mode", "fail_ts")},
+        "max_risk_before": max((r[1] for r in before), default=None),
+        "max_score_before": round(max((r[2] for r in before), default=0.0), 3),
+        "alarm_lead_min": lead(alarms),
+        "checkpoint_lead_min": lead(checkpoints),
+    }
+
+
+def _actions_after_failure(state: DemoState) -> int:
+    """Ladder actions (not repairs) on a GPU after it failed: the policy should never take one."""
+    failed_at = {f"{lab['host']}:{lab['gpu_index']}": float(lab["fail_ts"]) for lab in state.labels}
+    return sum(
+        1 for e in state.events
+        if e["action"] != "repair" and e["ts"] > failed_at.get(f"{e['host']}:{e['gpu_index']}", float("inf"))
+    )  # fmt: skip
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -266,8 +302,11 @@ def _print_summary(s: dict[str, Any]) -> None:
         ("risk records in Redis", f"{s['risk_records']:,}"),
         *((f"remediation: {a}", str(n)) for a, n in s["remediation_events"].items()),
         ("remediation events", str(sum(s["remediation_events"].values()))),
-        ("failures (ground truth)", ", ".join(f"{f['host']}:{f['gpu_index']} {f['mode']} (max risk {f['max_risk']:.2f})"
-                                              for f in s["failures"]) or "none"),
+        *([(f"failure {f['host']}:{f['gpu_index']} ({f['mode']})", _failure_line(f)) for f in s["failures"]]
+          or [("failures (ground truth)", "none")]),
+        ("ladder actions after a failure", str(s["actions_after_failure"])),
+        ("clocks compressed for the demo", ", ".join(f"{k} {v['production_s']:g} -> {v['demo_s']:g} s"
+                                                     for k, v in s["compressed_clocks"].items())),
         ("latency p50 (sample -> Redis)", fmt_ms(s["latency_p50_ms"])),
         ("latency p99 (sample -> Redis)", fmt_ms(s["latency_p99_ms"])),
         ("wall time", f"{s['wall_s']:.0f} s"),

@@ -152,10 +152,15 @@ class _GpuRisk:
     risk: float
     ts: float
     received: float  # monotonic time of the record's arrival here
+    alarm: bool = False
+    failed: bool = False
+    op: str = ""
 
 
 class FleetRiskCollector(Collector):
-    """Per-GPU `gpuwatch_failure_risk{host,gpu,uuid,mode}` and `gpuwatch_gpu_last_risk_timestamp_seconds`.
+    """Per-GPU `gpuwatch_failure_risk{host,gpu,uuid,mode}`, `gpuwatch_gpu_alarm{host,gpu,uuid,mode,op}` (1 while
+    the model's operating point holds: what the alerts and the policy act on), `gpuwatch_gpu_failed{host,gpu,uuid}`
+    and `gpuwatch_gpu_last_risk_timestamp_seconds`. A failed GPU has no risk series: it is not a prediction.
 
     The sink calls `update(records)` once per batch; a scrape reads the newest record per GPU. Risk is
     exported only while fresh (received within `fresh_for_s`), so a GPU that went silent or moved to another
@@ -182,7 +187,8 @@ class FleetRiskCollector(Collector):
                 key = (r["host"], r["gpu_index"])
                 old = latest.get(key)
                 if old is None or r["ts"] >= old.ts:
-                    latest[key] = _GpuRisk(r["uuid"], r["mode"], float(r["risk"]), float(r["ts"]), now)
+                    latest[key] = _GpuRisk(r["uuid"], r["mode"], float(r["risk"]), float(r["ts"]), now,
+                                           bool(r.get("alarm")), bool(r.get("failed")), str(r.get("op", "")))
 
     def clear(self) -> None:
         with self._lock:
@@ -195,6 +201,15 @@ class FleetRiskCollector(Collector):
             "Calibrated probability that the GPU fails within the model's horizon, with the likeliest mode.",
             labels=["host", "gpu", "uuid", "mode"],
         )
+        alarm = GaugeMetricFamily(
+            "gpuwatch_gpu_alarm",
+            "1 while the GPU is in alarm at the model's operating point (op), else 0.",
+            labels=["host", "gpu", "uuid", "mode", "op"],
+        )
+        failed = GaugeMetricFamily(
+            "gpuwatch_gpu_failed", "1 once the GPU has failed (lost, a fatal XID, a row-remap failure), else 0.",
+            labels=["host", "gpu", "uuid"],
+        )
         seen = GaugeMetricFamily(
             "gpuwatch_gpu_last_risk_timestamp_seconds",
             "Sample time of the GPU's newest risk record (a GPU silent for long has an old value).",
@@ -206,9 +221,14 @@ class FleetRiskCollector(Collector):
             items = list(self._latest.items())
         for (host, gpu), v in items:
             if now - v.received <= self.fresh_for_s:
-                risk.add_metric([host, str(gpu), v.uuid, v.mode], v.risk)
+                if not v.failed:
+                    risk.add_metric([host, str(gpu), v.uuid, v.mode], v.risk)
+                alarm.add_metric([host, str(gpu), v.uuid, v.mode, v.op], float(v.alarm))
+                failed.add_metric([host, str(gpu), v.uuid], float(v.failed))
             seen.add_metric([host, str(gpu), v.uuid], v.ts)
         yield risk
+        yield alarm
+        yield failed
         yield seen
 
     def describe(self) -> Iterable[Metric]:

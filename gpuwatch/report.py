@@ -1,9 +1,12 @@
-"""A one-file HTML report of a run: risk over time for the GPUs that failed, and the fleet's risk.
+"""A one-file HTML report of a run: the model's score over time for the GPUs that failed, and the fleet's.
 
 `render_report(data, path)` draws PNG plots with matplotlib (the `report` extra) and embeds them in a
-self-contained HTML page. For each failed GPU: its risk against time before the failure, the threshold,
-the failure moment and each remediation; then the distribution of the fleet's latest risk and a table of
-every remediation event.
+self-contained HTML page. For each failed GPU: its score against time before the failure, the alarm
+operating point's threshold, when it was in alarm (what the product acted on), the failure moment and
+each remediation; then the distribution of the fleet's latest scores and a table of every remediation
+event. Scores, not risks, are drawn: `risk` is stated at the fleet's own failure rate (about 1e-5 for a
+healthy GPU), while the operating point compares the model's calibrated score. Only records from before
+each failure are shown: after it the GPU is failed, not at risk.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from gpuwatch.streams.operating_point import OperatingPoint
+
 INSTALL_HINT = "the report needs matplotlib: pip install 'gpuwatch[report]' (or pip install matplotlib)"
-ACTION_COLORS = {"checkpoint": "#1f77b4", "migrate": "#ff7f0e", "reboot": "#9467bd"}
+ACTION_COLORS = {"checkpoint": "#1f77b4", "migrate": "#ff7f0e", "reboot": "#9467bd", "repair": "#8c564b"}
+EPISODE_GAP_S = 600.0  # alarms closer than this form one episode, as the policy and the evaluation count them
 
 
 class ReportUnavailable(RuntimeError):
@@ -36,7 +42,7 @@ class FailedGpu:
     gpu_index: int
     mode: str
     fail_ts: float
-    risk: Sequence[tuple[float, float]]  # (sample ts, risk), oldest first
+    risk: Sequence[tuple[float, float, bool]]  # (sample ts, score, in alarm), oldest first, before the failure
     remediation: Sequence[tuple[float, str]] = ()  # (ts, action)
     precursor_ts: float | None = None  # when the (simulated) degradation began, if known
 
@@ -50,24 +56,26 @@ class ReportData:
     """Everything the report shows; `summary` rows appear as a table at the top."""
 
     failed: list[FailedGpu]
-    fleet_risk: Sequence[float]  # the latest risk of every GPU
+    fleet_risk: Sequence[float]  # the latest score of every GPU that has not failed
     # Remediation events: dicts with ts, host, gpu_index, action and risk.
     events: list[dict[str, Any]] = field(default_factory=list)
-    threshold: float = 0.85
+    threshold: float = 0.5  # the alarm operating point's score threshold
+    op: str = ""  # the alarm operating point's name (model:0.658x2)
+    fleet_alarms: int = 0  # GPUs in alarm at their latest record
     summary: list[tuple[str, str]] = field(default_factory=list)
     title: str = "gpuwatch run report"
 
 
-def lead_time_s(gpu: FailedGpu, threshold: float) -> float | None:
-    """Seconds between the first risk above `threshold` (in the last unbroken run before the failure) and
-    the failure; None if risk was not above the threshold when the GPU failed."""
-    ts = np.array([t for t, _ in gpu.risk if t <= gpu.fail_ts], dtype=np.float64)
-    risk = np.array([r for t, r in gpu.risk if t <= gpu.fail_ts], dtype=np.float64)
-    if not len(ts) or risk[-1] <= threshold:
+def lead_time_s(gpu: FailedGpu) -> float | None:
+    """Seconds from the first alarm of the alarm episode running when the GPU failed (alarms less than
+    EPISODE_GAP_S apart) to the failure; None if the GPU was not in such an episode when it failed."""
+    alarms = [t for t, _, a in gpu.risk if a and t <= gpu.fail_ts]
+    if not alarms or gpu.fail_ts - alarms[-1] >= EPISODE_GAP_S:
         return None
-    below = np.flatnonzero(risk <= threshold)
-    first = below[-1] + 1 if len(below) else 0
-    return float(gpu.fail_ts - ts[first])
+    first = len(alarms) - 1
+    while first > 0 and alarms[first] - alarms[first - 1] < EPISODE_GAP_S:
+        first -= 1
+    return float(gpu.fail_ts - alarms[first])
 
 
 def _pyplot() -> Any:
@@ -133,11 +141,15 @@ def _draw(ax: Any, gpu: FailedGpu, threshold: float, unit_s: float, lo: float, h
     """One view of a failed GPU: x is time relative to the failure in units of `unit_s` seconds."""
     t = np.array([p[0] for p in gpu.risk], dtype=np.float64)
     r = np.array([p[1] for p in gpu.risk], dtype=np.float64)
+    alarm = np.array([p[2] for p in gpu.risk], dtype=bool)
     if gpu.precursor_ts is not None:
         ax.axvspan((gpu.precursor_ts - gpu.fail_ts) / unit_s, 0, color="#fde0c5", alpha=0.5, lw=0,
                    label="degradation (ground truth)")  # fmt: skip
-    ax.plot((t - gpu.fail_ts) / unit_s, r, color="#222222", lw=1.4, marker=".", ms=3, label="risk")
-    ax.axhline(threshold, color="#d62728", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.plot((t - gpu.fail_ts) / unit_s, r, color="#222222", lw=1.4, marker=".", ms=3, label="model score")
+    if alarm.any():
+        ax.plot((t[alarm] - gpu.fail_ts) / unit_s, r[alarm], ls="none", marker="o", ms=4, color="#d62728",
+                label="in alarm")  # fmt: skip
+    ax.axhline(threshold, color="#d62728", ls="--", lw=1, label=f"alarm threshold {threshold:g}")
     ax.axvline(0, color="#d62728", lw=2.2, label="failure")
     for x, actions in _label_groups(gpu, unit_s, (hi - lo) / 40.0):
         if not lo <= x <= hi:
@@ -151,7 +163,7 @@ def _draw(ax: Any, gpu: FailedGpu, threshold: float, unit_s: float, lo: float, h
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlim(lo, hi)
     ax.set_xlabel(f"{'minutes' if unit_s == 60 else 'seconds'} relative to the failure")
-    ax.set_ylabel("failure risk")
+    ax.set_ylabel("model score")
     ax.grid(alpha=0.3)
 
 
@@ -160,14 +172,12 @@ def _plot_failed(plt: Any, gpus: list[FailedGpu], threshold: float) -> str:
     fig, axes = plt.subplots(len(gpus), 2, figsize=(12.4, 3.3 * len(gpus)), squeeze=False,
                              gridspec_kw={"width_ratios": [3, 2]})  # fmt: skip
     for (wide, close), gpu in zip(axes, gpus):
-        lead = lead_time_s(gpu, threshold)
+        lead = lead_time_s(gpu)
         minutes = np.array([(p[0] - gpu.fail_ts) / 60.0 for p in gpu.risk])
         _draw(wide, gpu, threshold, 60.0, *_window(gpu, minutes, lead))
         lo, hi = _closeup(gpu, lead)
         _draw(close, gpu, threshold, 1.0, lo, hi)
-        verdict = (
-            f"above threshold {_relative(lead)[1:]} before failing" if lead is not None else "not flagged"
-        )
+        verdict = f"in alarm {_relative(lead)[1:]} before failing" if lead is not None else "no alarm"
         wide.set_title(f"{gpu.name} ({gpu.mode}): {verdict}", fontsize=10, loc="left")
         close.set_title(f"{gpu.name}: the last {-lo:.0f} s", fontsize=10, loc="left")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -183,7 +193,7 @@ def _plot_failed(plt: Any, gpus: list[FailedGpu], threshold: float) -> str:
         plt.close(fig)
 
 
-def _plot_fleet(plt: Any, risk: np.ndarray, failed_risk: dict[str, float], threshold: float) -> str:
+def _plot_fleet(plt: Any, risk: np.ndarray, failed_risk: dict[str, float], threshold: float, alarms: int) -> str:
     fig, ax = plt.subplots(figsize=(12.4, 3.6))
     bins = np.linspace(0.0, 1.0, 41)
     counts, _, patches = ax.hist(risk, bins=bins, color="#4c72b0", edgecolor="white")
@@ -191,15 +201,14 @@ def _plot_fleet(plt: Any, risk: np.ndarray, failed_risk: dict[str, float], thres
         if left >= threshold:
             patch.set_facecolor("#d62728")
     ax.axvline(threshold, color="#d62728", ls="--", lw=1)
-    above = int((risk > threshold).sum())
     ax.set_yscale("log")
     ax.set_ylim(0.7, max(counts.max(), 1) * 2.5)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("latest failure risk")
+    ax.set_xlabel("latest model score")
     ax.set_ylabel("GPUs (log scale)")
     ax.set_title(
-        f"{len(risk):,} GPUs: {above} above the threshold {threshold:g}, "
-        f"median risk {np.median(risk) if len(risk) else 0:.3f}",
+        f"{len(risk):,} GPUs: {alarms} in alarm (alarm threshold {threshold:g}), "
+        f"median score {np.median(risk) if len(risk) else 0:.3f}",
         fontsize=10,
     )
     by_bin: dict[int, list[str]] = {}
@@ -267,28 +276,31 @@ def render_report(data: ReportData, path: str | Path) -> Path:
     with_risk = [g for g in data.failed if len(g.risk)]
     if with_risk:
         parts.append(
-            "<p class='note'>One row per failed GPU: its risk over the recorded run-up (left) and in the "
-            "moments before the failure (right). Red line: the failure; dashed: the threshold; dotted: each "
-            "remediation the controller executed. The shaded span is when the simulated degradation began.</p>"
+            "<p class='note'>One row per failed GPU: the model's score over the recorded run-up (left) and in "
+            "the moments before the failure (right). Red dots: in alarm at the operating point "
+            f"{html.escape(data.op or '?')} (the score threshold and the scorings in a row); dashed: its "
+            "threshold; red line: the failure; dotted: each remediation the controller executed. The shaded "
+            "span is when the simulated degradation began.</p>"
             f"<img alt='risk of the failed GPUs over time' src='data:image/png;base64,"
             f"{_plot_failed(plt, with_risk, data.threshold)}'>"
         )
         rows = []
         for g in with_risk:
-            lead = lead_time_s(g, data.threshold)
+            lead = lead_time_s(g)
             actions = ", ".join(f"{a} at {_relative(t - g.fail_ts)}" for t, a in g.remediation) or "none"
             rows.append(
                 (
                     g.name,
                     g.mode,
                     _time(g.fail_ts),
-                    f"{max(r for _, r in g.risk):.2f}",
-                    "not flagged" if lead is None else _relative(lead)[1:],
+                    f"{max(r for _, r, _ in g.risk):.2f}",
+                    "no alarm" if lead is None else _relative(lead)[1:],
                     actions,
                 )
             )
         parts.append(
-            _table(("GPU", "mode", "failed at", "max risk", "warning before failure", "remediation"), rows)
+            _table(("GPU", "mode", "failed at", "max score before failing", "alarm before failure", "remediation"),
+                   rows)  # fmt: skip
         )
     else:
         parts.append("<p>No GPU failed during the run (or none had been scored yet).</p>")
@@ -297,10 +309,10 @@ def render_report(data: ReportData, path: str | Path) -> Path:
     if len(risk):
         final = {g.name: float(g.risk[-1][1]) for g in with_risk}
         parts.append(
-            "<p class='note'>Distribution of every GPU's latest risk; bars at or above the threshold "
-            "are red; arrows mark the failed GPUs.</p>"
-            f"<img alt='fleet risk distribution' src='data:image/png;base64,"
-            f"{_plot_fleet(plt, risk, final, data.threshold)}'>"
+            "<p class='note'>Distribution of the latest score of every GPU that has not failed; bars at or above "
+            "the alarm threshold are red; arrows mark the failed GPUs' last score before they failed.</p>"
+            f"<img alt='fleet score distribution' src='data:image/png;base64,"
+            f"{_plot_fleet(plt, risk, final, data.threshold, data.fleet_alarms)}'>"
         )
     else:
         parts.append("<p>No risk was recorded.</p>")
@@ -313,7 +325,7 @@ def render_report(data: ReportData, path: str | Path) -> Path:
                 _time(e["ts"]),
                 f"{e['host']}:{e['gpu_index']}",
                 e["action"],
-                f"{e['risk']:.2f}",
+                f"{e['risk']:.2g}",
                 "yes" if f"{e['host']}:{e['gpu_index']}" in failed_names else "no",
             )
             for e in sorted(data.events, key=lambda e: e["ts"])
@@ -337,26 +349,33 @@ def require_matplotlib() -> None:
 
 
 class RunRecorder:
-    """Collects what a report needs while a run goes: a bounded risk series per GPU (the GPUs that will
-    fail are not known in advance), the latest risk of every GPU, and remediation events. Not thread-safe:
-    call it from one thread or under the caller's lock."""
+    """Collects what a report needs while a run goes: a bounded (ts, score, alarm) series per GPU (the GPUs that
+    will fail are not known in advance), the latest score and alarm of every GPU that has not failed, and
+    remediation events. Not thread-safe: call it from one thread or under the caller's lock."""
 
     def __init__(self, max_points_per_gpu: int = 240) -> None:
         self.max_points = max_points_per_gpu
-        self.series: dict[str, deque[tuple[float, float]]] = {}
-        self.latest: dict[str, float] = {}
+        self.series: dict[str, deque[tuple[float, float, bool]]] = {}
+        self.latest: dict[str, tuple[float, bool]] = {}
         self.events: list[dict[str, Any]] = []
+        self.op = ""
 
     def add_risk(self, records: Sequence[dict[str, Any]]) -> None:
-        """Record a batch of decoded risk records (``host``, ``gpu_index``, ``ts``, ``risk``)."""
+        """Record a batch of decoded risk records (``host``, ``gpu_index``, ``ts``, ``score`` or ``risk``,
+        ``alarm``, ``failed``, ``op``). A failed GPU's records are not predictions and are left out."""
         series, latest, cap = self.series, self.latest, self.max_points
         for r in records:
             key = f"{r['host']}:{r['gpu_index']}"
+            if r.get("failed"):
+                latest.pop(key, None)
+                continue
             points = series.get(key)
             if points is None:
                 points = series[key] = deque(maxlen=cap)
-            points.append((float(r["ts"]), float(r["risk"])))
-            latest[key] = float(r["risk"])
+            score = float(r.get("score", r["risk"]))
+            points.append((float(r["ts"]), score, bool(r.get("alarm"))))
+            latest[key] = (score, bool(r.get("alarm")))
+            self.op = str(r.get("op", self.op))
 
     def add_event(self, event: dict[str, Any]) -> None:
         """Record a remediation event (``ts``, ``host``, ``gpu_index``, ``action``, ``risk``)."""
@@ -366,33 +385,39 @@ class RunRecorder:
         self,
         failures: Sequence[dict[str, Any]],
         *,
-        threshold: float,
         summary: list[tuple[str, str]],
         title: str,
     ) -> ReportData:
         """ReportData for the GPUs in `failures` (simulator labels: host, gpu_index, mode, fail_ts and
-        optionally precursor_start_ts)."""
+        optionally precursor_start_ts); the alarm threshold comes from the records' operating point."""
         failed = []
         for lab in failures:
             key = f"{lab['host']}:{lab['gpu_index']}"
+            fail_ts = float(lab["fail_ts"])
             failed.append(
                 FailedGpu(
                     host=lab["host"],
                     gpu_index=int(lab["gpu_index"]),
                     mode=lab["mode"],
-                    fail_ts=float(lab["fail_ts"]),
-                    risk=sorted(self.series.get(key, ())),
+                    fail_ts=fail_ts,
+                    risk=sorted(p for p in self.series.get(key, ()) if p[0] <= fail_ts),
                     remediation=sorted(
                         (e["ts"], e["action"]) for e in self.events if f"{e['host']}:{e['gpu_index']}" == key
                     ),
                     precursor_ts=lab.get("precursor_start_ts"),
                 )
             )
+        try:
+            threshold = OperatingPoint.parse(self.op).threshold
+        except ValueError:
+            threshold = 0.5
         return ReportData(
             failed=failed,
-            fleet_risk=list(self.latest.values()),
+            fleet_risk=[score for score, _ in self.latest.values()],
             events=list(self.events),
             threshold=threshold,
+            op=self.op,
+            fleet_alarms=sum(alarm for _, alarm in self.latest.values()),
             summary=summary,
             title=title,
         )

@@ -7,16 +7,20 @@ needs a single Redis (or one Redis Cluster shard), not a cluster spread over slo
 
 Per GPU (expire `expire_after_s` after the last write, so GPUs gone for good disappear):
   ``gpuwatch:gpu:{host}:{gpu}``      hash: host, gpu_index, uuid, risk, mode, model, ts (newest sample the
-                                     score used), scored_at, written_at (wall clock of the sink)
+                                     score used), scored_at, written_at (wall clock of the sink), alarm,
+                                     drain, failed ("1" or "0"), op (the alarm operating point)
   ``gpuwatch:hist:{host}:{gpu}``     list: the last N risk records as JSON, newest first
 Per host:
-  ``gpuwatch:host:{host}``           hash: host, max_risk, max_gpu, max_mode, gpus (count), oldest_ts,
-                                     newest_ts (min/max `ts` over the host's GPUs), written_at
+  ``gpuwatch:host:{host}``           hash: host, max_risk, max_gpu, max_mode, gpus (count), alarms (GPUs in
+                                     alarm), failed (GPUs failed), oldest_ts, newest_ts (min/max `ts` over the
+                                     host's GPUs), written_at
   ``gpuwatch:hostgpus:{host}``       sorted set: member gpu index, score risk (source of the rollup)
 Fleet-wide:
   ``gpuwatch:fleet:risk``            sorted set: member ``host:gpu``, score risk
   ``gpuwatch:hosts:risk``            sorted set: member host, score the host's max risk
   ``gpuwatch:lastseen``              sorted set: member ``host:gpu``, score `ts` of its newest record
+  ``gpuwatch:fleet:alarm``           sorted set: the GPUs in alarm now, member ``host:gpu``, score `ts`
+  ``gpuwatch:fleet:failed``          sorted set: the GPUs that have failed, member ``host:gpu``, score `ts`
 Remediation:
   ``gpuwatch:killswitch``            string; while it exists the policy takes no action
   ``gpuwatch:audit``                 stream (capped): one entry per policy decision, field ``json``
@@ -35,6 +39,8 @@ HOST_GPUS_PREFIX = PREFIX + "hostgpus:"
 FLEET_RISK = PREFIX + "fleet:risk"
 HOSTS_RISK = PREFIX + "hosts:risk"
 LASTSEEN = PREFIX + "lastseen"
+FLEET_ALARM = PREFIX + "fleet:alarm"
+FLEET_FAILED = PREFIX + "fleet:failed"
 KILLSWITCH = PREFIX + "killswitch"
 AUDIT = PREFIX + "audit"
 CLAIM_PREFIX = PREFIX + "claim:"

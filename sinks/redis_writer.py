@@ -16,7 +16,7 @@ import redis
 
 from . import redis_keys as k
 
-_FIELDS_PER_RECORD = 9
+_FIELDS_PER_RECORD = 13
 
 # Shared by both scripts: recompute host's rollup from its per-host sorted set (<= a few dozen GPUs).
 _ROLLUP_LUA = f"""
@@ -41,20 +41,28 @@ local function rollup(host, written_at, expire_ms)
       if newest == nil or v > newest then newest, newest_s = v, s end
     end
   end
+  local alarms, failed = 0, 0
+  for _, gi in ipairs(gpus) do
+    local f = redis.call('HMGET', '{k.GPU_PREFIX}' .. host .. ':' .. gi, 'alarm', 'failed')
+    if f[1] == '1' then alarms = alarms + 1 end
+    if f[2] == '1' then failed = failed + 1 end
+  end
   local max_gpu = top[1]
   -- the GPU hash holds the risk as the sink wrote it ("0.9"); the score reads back as "0.90000000000000002"
   local g = redis.call('HMGET', '{k.GPU_PREFIX}' .. host .. ':' .. max_gpu, 'risk', 'mode')
   local max_risk, mode = g[1] or top[2], g[2] or 'none'
   redis.call('HSET', hkey, 'host', host, 'max_risk', max_risk, 'max_gpu', max_gpu, 'max_mode', mode,
-             'gpus', tostring(#gpus), 'oldest_ts', oldest_s, 'newest_ts', newest_s, 'written_at', written_at)
+             'gpus', tostring(#gpus), 'alarms', tostring(alarms), 'failed', tostring(failed),
+             'oldest_ts', oldest_s, 'newest_ts', newest_s, 'written_at', written_at)
   redis.call('PEXPIRE', hkey, expire_ms)
   redis.call('PEXPIRE', zkey, expire_ms)
   redis.call('ZADD', '{k.HOSTS_RISK}', max_risk, host)
 end
 """
 
-# ARGV: written_at, history_len, expire_ms, then 9 fields per record:
-# host, gpu, uuid, ts, risk, mode, model, scored_at, json. Returns how many records were applied.
+# ARGV: written_at, history_len, expire_ms, then 13 fields per record:
+# host, gpu, uuid, ts, risk, mode, model, scored_at, json, alarm, drain, failed (each "1" or "0"), op.
+# Returns how many records were applied.
 _WRITE_LUA = (
     _ROLLUP_LUA
     + f"""
@@ -68,7 +76,10 @@ for b = 4, #ARGV, {_FIELDS_PER_RECORD} do
   if (not cur) or tonumber(ts) > tonumber(cur) then
     local risk = ARGV[b + 4]
     redis.call('HSET', gkey, 'host', host, 'gpu_index', gpu, 'uuid', ARGV[b + 2], 'ts', ts, 'risk', risk,
-               'mode', ARGV[b + 5], 'model', ARGV[b + 6], 'scored_at', ARGV[b + 7], 'written_at', written_at)
+               'mode', ARGV[b + 5], 'model', ARGV[b + 6], 'scored_at', ARGV[b + 7], 'written_at', written_at,
+               'alarm', ARGV[b + 9], 'drain', ARGV[b + 10], 'failed', ARGV[b + 11], 'op', ARGV[b + 12])
+    if ARGV[b + 9] == '1' then redis.call('ZADD', '{k.FLEET_ALARM}', ts, m) else redis.call('ZREM', '{k.FLEET_ALARM}', m) end
+    if ARGV[b + 11] == '1' then redis.call('ZADD', '{k.FLEET_FAILED}', ts, m) else redis.call('ZREM', '{k.FLEET_FAILED}', m) end
     redis.call('PEXPIRE', gkey, expire_ms)
     local hkey = '{k.HIST_PREFIX}' .. m
     redis.call('LPUSH', hkey, ARGV[b + 8])
@@ -99,6 +110,8 @@ for _, m in ipairs(gone) do
   local host, gpu = string.match(m, '^(.*):([^:]*)$')
   redis.call('ZREM', '{k.LASTSEEN}', m)
   redis.call('ZREM', '{k.FLEET_RISK}', m)
+  redis.call('ZREM', '{k.FLEET_ALARM}', m)
+  redis.call('ZREM', '{k.FLEET_FAILED}', m)
   redis.call('DEL', '{k.GPU_PREFIX}' .. m, '{k.HIST_PREFIX}' .. m)
   redis.call('ZREM', '{k.HOST_GPUS_PREFIX}' .. host, gpu)
   if not touched[host] then
@@ -193,6 +206,10 @@ class RiskWriter:
                     str(rec.get("model", "")),
                     _num(rec.get("scored_at", rec["ts"])),
                     orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY).decode(),
+                    "1" if rec.get("alarm") else "0",
+                    "1" if rec.get("drain") else "0",
+                    "1" if rec.get("failed") else "0",
+                    str(rec.get("op", "")),
                 ]
             calls.append(args)
         return sum(int(n) for n in self._evalsha_all("write", calls))

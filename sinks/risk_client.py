@@ -21,6 +21,7 @@ import redis
 from . import redis_keys as k
 
 _GPU_FLOATS = ("risk", "ts", "scored_at", "written_at")
+_GPU_FLAGS = ("alarm", "drain", "failed")
 _HOST_FLOATS = ("max_risk", "oldest_ts", "newest_ts", "written_at")
 
 
@@ -73,6 +74,8 @@ class RiskClient:
             if name in out:
                 out[name] = float(out[name])
         out["gpu_index"] = int(out["gpu_index"])
+        for name in _GPU_FLAGS:
+            out[name] = out.get(name) == "1"
         out["age_s"] = now - out["ts"]
         out["stale"] = self._is_stale(out["ts"], now)
         return out
@@ -84,7 +87,8 @@ class RiskClient:
         for name in _HOST_FLOATS:
             out[name] = float(out[name]) if out.get(name) else None
         out["max_gpu"] = int(out["max_gpu"])
-        out["gpus"] = int(out["gpus"])
+        for name in ("gpus", "alarms", "failed"):
+            out[name] = int(out.get(name) or 0)
         # A host is only as fresh as its least recently reported GPU: a silent GPU makes it stale.
         out["stale"] = self._is_stale(out["oldest_ts"], now)
         return out
@@ -92,7 +96,9 @@ class RiskClient:
     def risk(self, host: str, gpu: int) -> dict[str, Any] | None:
         """The newest risk of one GPU, or None if Redis knows nothing about it.
 
-        Keys: host, gpu_index, uuid, risk, mode, model, ts, scored_at, written_at, age_s, stale.
+        Keys: host, gpu_index, uuid, risk, mode, model, ts, scored_at, written_at, alarm, drain, failed, op,
+        age_s, stale. `alarm` is the model's own call (its evaluated operating point); `failed` means the GPU
+        has failed and `risk` is then 1.
         """
         return self._gpu(self._redis.hgetall(k.gpu_key(host, gpu)), self._clock())
 
@@ -103,8 +109,8 @@ class RiskClient:
     def host_risk(self, host: str) -> dict[str, Any] | None:
         """The host's rollup, or None: its riskiest GPU and how fresh its GPUs' data is.
 
-        Keys: host, max_risk, max_gpu, max_mode, gpus, oldest_ts, newest_ts, written_at, stale
-        (stale when any of its GPUs has not reported for `stale_after_s`).
+        Keys: host, max_risk, max_gpu, max_mode, gpus, alarms, failed (GPUs in alarm, failed), oldest_ts,
+        newest_ts, written_at, stale (stale when any of its GPUs has not reported for `stale_after_s`).
         """
         return self._host(self._redis.hgetall(k.host_key(host)), self._clock())
 
@@ -130,17 +136,27 @@ class RiskClient:
         cutoff = self._clock() - self.stale_after_s
         return [_text(m) for m in self._redis.zrangebyscore(k.LASTSEEN, "-inf", f"({cutoff!r}")]
 
-    def healthy_hosts(self, threshold: float) -> list[str]:
-        """Hosts whose riskiest GPU is below `threshold` and whose data is not stale, least risky first."""
-        hosts = [_text(h) for h in self._redis.zrangebyscore(k.HOSTS_RISK, "-inf", f"({float(threshold)!r}")]
+    def alarms(self) -> list[str]:
+        """Members (``host:gpu``) of the GPUs in alarm now, by the model's evaluated operating point."""
+        return [_text(m) for m in self._redis.zrange(k.FLEET_ALARM, 0, -1)]
+
+    def failed(self) -> list[str]:
+        """Members (``host:gpu``) of the GPUs that have failed (lost, a fatal XID, a row-remap failure)."""
+        return [_text(m) for m in self._redis.zrange(k.FLEET_FAILED, 0, -1)]
+
+    def healthy_hosts(self, threshold: float | None = None) -> list[str]:
+        """Hosts with no GPU in alarm or failed and whose data is not stale, least risky first; with
+        `threshold`, also only those whose riskiest GPU's risk is below it (an operator's own stricter line)."""
+        top = "+inf" if threshold is None else f"({float(threshold)!r}"
+        hosts = [_text(h) for h in self._redis.zrangebyscore(k.HOSTS_RISK, "-inf", top)]
         if not hosts:
             return []
         pipe = self._redis.pipeline(transaction=False)
         for host in hosts:
-            pipe.hget(k.host_key(host), "oldest_ts")
+            pipe.hmget(k.host_key(host), "oldest_ts", "alarms", "failed")
         now = self._clock()
         return [
             host
-            for host, oldest in zip(hosts, pipe.execute(), strict=True)
-            if oldest and not self._is_stale(float(oldest), now)
+            for host, (oldest, alarms, failed) in zip(hosts, pipe.execute(), strict=True)
+            if oldest and not self._is_stale(float(oldest), now) and not int(alarms or 0) and not int(failed or 0)
         ]

@@ -21,7 +21,7 @@ from .risk_client import RiskClient
 
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 _HIDE, _SHOW = "\x1b[?25l", "\x1b[?25h"
-_RED, _YELLOW, _DIM, _BOLD, _RESET = "\x1b[31;1m", "\x1b[33m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+_RED, _DIM, _BOLD, _RESET = "\x1b[31;1m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 _MAX_GPU_CHARS = 40
 
 
@@ -32,6 +32,8 @@ class Frame:
     rows: list[dict[str, Any]]
     total: int  # GPUs with a risk in Redis
     stale: int  # of those, how many have not reported for stale_after_s
+    alarms: int  # GPUs in alarm at the model's operating point
+    failed: int  # GPUs that have failed
     killswitch: str | None  # the kill switch note while it is on
     at: float  # wall clock of the read
 
@@ -44,13 +46,15 @@ def read_frame(client: RiskClient, redis_client: redis.Redis, n: int) -> Frame:
     pipe.zcard(k.FLEET_RISK)
     pipe.zcount(k.LASTSEEN, "-inf", f"({now - client.stale_after_s!r}")
     pipe.get(k.KILLSWITCH)
-    total, stale, kill = pipe.execute()
+    pipe.zcard(k.FLEET_ALARM)
+    pipe.zcard(k.FLEET_FAILED)
+    total, stale, kill, alarms, failed = pipe.execute()
     note = (
         None
         if kill is None
         else _printable(kill.decode(errors="replace") if isinstance(kill, bytes) else str(kill))
     )
-    return Frame(rows, int(total), int(stale), note, now)
+    return Frame(rows, int(total), int(stale), int(alarms), int(failed), note, now)
 
 
 def age(seconds: float) -> str:
@@ -65,16 +69,23 @@ def age(seconds: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def render(frame: Frame, *, threshold: float, warn: float, n: int, color: bool = False) -> str:
-    """The table for `frame`: rank, GPU (host:index), risk, mode, age, stale, model; a header line first.
+def state(row: dict[str, Any]) -> str:
+    """FAILED, DRAIN (the drain operating point holds), ALARM (the model's alarm operating point holds) or -."""
+    return "FAILED" if row.get("failed") else "DRAIN" if row.get("drain") else "ALARM" if row.get("alarm") else "-"
 
-    With `color`, risks >= `threshold` are red, >= `warn` yellow, stale rows dim.
+
+def render(frame: Frame, *, n: int, color: bool = False) -> str:
+    """The table for `frame`: rank, GPU (host:index), risk, state, mode, age, stale, model; a header line first.
+
+    Risk is the probability of failing within the hour at the fleet's failure rate, so most read 1e-05 or
+    less. State is the stream's call at the model's operating points (what the policy and the alerts act on).
+    With `color`, ALARM, DRAIN and FAILED rows are red, stale rows dim.
     """
     when = time.strftime("%H:%M:%S", time.localtime(frame.at))
     kill = f"kill switch ON ({frame.killswitch})" if frame.killswitch is not None else "kill switch off"
     head = (
-        f"gpuwatch top  {when}  {min(n, len(frame.rows))} riskiest of {frame.total} GPUs  "
-        f"{frame.stale} stale  {kill}  (acts at risk >= {threshold:g})"
+        f"gpuwatch top  {when}  {min(n, len(frame.rows))} riskiest of {frame.total} GPUs  {frame.alarms} in alarm  "
+        f"{frame.failed} failed  {frame.stale} stale  {kill}"
     )
     lines = [f"{_BOLD}{head}{_RESET}" if color else head, ""]
     if not frame.rows:
@@ -82,17 +93,18 @@ def render(frame: Frame, *, threshold: float, warn: float, n: int, color: bool =
         return "\n".join(lines) + "\n"
     names = [_gpu_name(r) for r in frame.rows]
     width = max(3, *(len(x) for x in names))
-    lines.append(f"{'#':>3}  {'GPU':<{width}}  {'RISK':>5}  {'MODE':<12}  {'AGE':>7}  {'STALE':<5}  MODEL")
+    lines.append(f"{'#':>3}  {'GPU':<{width}}  {'RISK':>7}  {'STATE':<6}  {'MODE':<12}  {'AGE':>7}  {'STALE':<5}  MODEL")
     for rank, (row, name) in enumerate(zip(frame.rows, names, strict=True), 1):
-        risk = f"{row['risk']:5.3f}"
-        if color and not row["stale"]:
-            tint = _RED if row["risk"] >= threshold else _YELLOW if row["risk"] >= warn else ""
-            risk = f"{tint}{risk}{_RESET}" if tint else risk
+        flag = state(row)
         line = (
-            f"{rank:>3}  {name:<{width}}  {risk}  {_printable(row.get('mode', '')):<12}  {age(row['age_s']):>7}  "
-            f"{'STALE' if row['stale'] else '':<5}  {_printable(row.get('model', ''))}"
-        )
-        lines.append(f"{_DIM}{line}{_RESET}" if color and row["stale"] else line.rstrip())
+            f"{rank:>3}  {name:<{width}}  {row['risk']:7.2g}  {flag:<6}  {_printable(row.get('mode', '')):<12}  "
+            f"{age(row['age_s']):>7}  {'STALE' if row['stale'] else '':<5}  {_printable(row.get('model', ''))}"
+        ).rstrip()
+        if color and row["stale"]:
+            line = f"{_DIM}{line}{_RESET}"
+        elif color and flag != "-":
+            line = f"{_RED}{line}{_RESET}"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -127,7 +139,7 @@ def run_top(
         settings.redis_url, socket_timeout=5, socket_connect_timeout=3
     )
     client = RiskClient(client_redis, stale_after_s=settings.stale_after_s)
-    style = {"threshold": settings.risk_threshold, "warn": settings.risk_clear_below, "n": n}
+    style = {"n": n}
     stop = stop or threading.Event()
     try:
         if once:

@@ -46,8 +46,9 @@ def test_alert_expressions_pass_their_unit_tests() -> None:
 @pytest.mark.parametrize(
     ("original", "broken"),
     [
-        ("gpuwatch_failure_risk) > 0.85", "gpuwatch_failure_risk) > 0.8"),  # fires on a GPU at exactly 0.85
-        ("max by (host, gpu, uuid) (gpuwatch_failure_risk)", "gpuwatch_failure_risk"),  # mode change resets
+        ("(gpuwatch_gpu_alarm) == 1", "(gpuwatch_gpu_alarm) >= 0"),  # alerts on every GPU, in alarm or not
+        ("max by (host, gpu, uuid) (gpuwatch_gpu_alarm)", "gpuwatch_gpu_alarm"),  # one alert per mode and instance
+        ("(gpuwatch_gpu_failed) == 1", "(gpuwatch_gpu_failed) == 0"),  # a failed GPU goes unannounced
         # Without the pipeline guard, a stalled pipeline floods one "silent" alert per GPU.
         ("and on () (sum(rate(gpuwatch_risk_records_written_total[5m])) > 0)", ""),
         # Without `or vector(0)`, a sink that never started goes unseen.

@@ -164,7 +164,7 @@ def test_prometheus_scrapes_per_gpu_risk_from_the_sink(
     assert float(seen[0]["value"][1]) == pytest.approx(records[1]["ts"])
     groups = http_json(f"{prometheus}/api/v1/rules")["data"]["groups"]
     alerts = {rule["name"] for g in groups for rule in g["rules"]}
-    assert {"GpuFailureRiskHigh", "GpuSilent", "GpuwatchPipelineStalled"} <= alerts
+    assert {"GpuFailureAlarm", "GpuFailed", "GpuSilent", "GpuwatchPipelineStalled"} <= alerts
 
     # Every query of the Grafana dashboard is valid PromQL for this server, and the risk panels find data.
     dashboard = orjson.loads((ROOT / "deploy" / "grafana" / "dashboards" / "gpuwatch.json").read_bytes())

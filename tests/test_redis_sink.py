@@ -146,6 +146,23 @@ def test_risk_client_answers_and_marks_stale_data(writer: RiskWriter, redis_clie
     assert later.healthy_hosts(1.0) == []
 
 
+def test_alarms_and_failures_are_kept_per_gpu_per_host_and_fleet_wide(writer: RiskWriter, client: RiskClient) -> None:
+    alarm = {**rec("a", 1, NOW, 3e-4, "memory"), "alarm": True, "drain": False, "failed": False, "op": "model:0.66x2"}
+    failed = {**rec("b", 2, NOW, 1.0, "memory"), "alarm": False, "failed": True, "failed_since": NOW - 30}
+    quiet = [{**rec(h, 0, NOW, 1e-6), "alarm": False, "failed": False} for h in ("a", "b", "c")]
+    writer.write_batch([alarm, failed, *quiet])
+    gpu = client.risk("a", 1)
+    assert gpu is not None and (gpu["alarm"], gpu["drain"], gpu["failed"], gpu["op"]) == (True, False, False, "model:0.66x2")
+    assert client.risk("b", 2)["failed"] is True  # type: ignore[index]
+    assert (client.alarms(), client.failed()) == (["a:1"], ["b:2"])
+    assert [(h["alarms"], h["failed"]) for h in map(client.host_risk, "abc")] == [(1, 0), (0, 1), (0, 0)]  # type: ignore[index]
+    assert client.healthy_hosts() == ["c"]  # a has a GPU in alarm, b a failed one, whatever their risk
+    # the alarm clears and the failed GPU is repaired: both hosts are healthy again
+    writer.write_batch([{**alarm, "ts": NOW + 5, "alarm": False}, {**failed, "ts": NOW + 5, "failed": False, "risk": 1e-6}])
+    assert (client.alarms(), client.failed()) == ([], [])
+    assert sorted(client.healthy_hosts()) == ["a", "b", "c"]
+
+
 def test_risk_client_from_a_url_and_a_bytes_client(writer: RiskWriter, redis_server: EmbeddedServer) -> None:
     writer.write_batch([rec("n1", 2, NOW, 0.4)])
     with RiskClient(redis_server.url, clock=lambda: NOW) as by_url:

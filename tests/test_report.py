@@ -17,19 +17,21 @@ T0 = 1_750_000_000.0
 
 
 def failing_gpu(name: int, mode: str, warn_s: float | None, fail_ts: float) -> FailedGpu:
-    """Risk flat at 0.03, then (if `warn_s`) a jump to 0.95 `warn_s` seconds before the failure."""
-    ts = np.arange(fail_ts - 1800, fail_ts + 30, 5.0)
-    risk = np.full(len(ts), 0.03)
+    """Score flat at 0.03, then (if `warn_s`) a jump to 0.95 and an alarm `warn_s` seconds before the failure."""
+    ts = np.arange(fail_ts - 1800, fail_ts + 1, 5.0)
+    score = np.full(len(ts), 0.03)
+    alarm = np.zeros(len(ts), dtype=bool)
     remediation: list[tuple[float, str]] = []
     if warn_s is not None:
-        risk[ts >= fail_ts - warn_s] = 0.95
+        score[ts >= fail_ts - warn_s] = 0.95
+        alarm[ts >= fail_ts - warn_s] = True
         remediation = [(fail_ts - warn_s + 10, "checkpoint"), (fail_ts - warn_s + 70, "migrate")]
     return FailedGpu(
         f"node-{name}",
         name,
         mode,
         fail_ts,
-        list(zip(ts.tolist(), risk.tolist())),
+        list(zip(ts.tolist(), score.tolist(), alarm.tolist())),
         remediation,
         precursor_ts=fail_ts - 400,
     )
@@ -54,6 +56,9 @@ def report_data() -> ReportData:
         events=events,
         summary=[("GPUs simulated", "1,003")],
         title="test run",
+        threshold=0.66,
+        op="model:0.66x2",
+        fleet_alarms=2,
     )
 
 
@@ -79,19 +84,24 @@ def test_report_has_the_failed_gpu_plot_and_the_fleet_distribution(tmp_path: Pat
     # Per failed GPU: how early it was flagged, and what was done.
     assert "<td>node-1:1</td><td>memory</td>" in page and "<td>4.0 min</td>" in page
     assert "<td>1.5 min</td>" in page
-    assert "<td>node-3:3</td><td>power</td>" in page and "not flagged" in page
+    assert "<td>node-3:3</td><td>power</td>" in page and "<td>no alarm</td>" in page
+    assert "operating point model:0.66x2" in page
     assert "checkpoint at -3.8 min, migrate at -2.8 min" in page
     # Every remediation event is listed, including one on a GPU that did not fail.
     assert page.count("<td>checkpoint</td>") == 3
     assert "<td>node-9:4</td><td>checkpoint</td><td>0.88</td><td>no</td>" in page
 
 
-def test_lead_time_counts_the_last_unbroken_run_above_threshold() -> None:
-    ts = [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
-    gpu = FailedGpu("h", 0, "memory", 50.0, list(zip(ts, [0.9, 0.9, 0.2, 0.9, 0.95, 0.97])))
-    assert lead_time_s(gpu, 0.85) == 20.0
-    assert lead_time_s(FailedGpu("h", 0, "memory", 50.0, list(zip(ts, [0.9] * 5 + [0.5]))), 0.85) is None
-    assert lead_time_s(FailedGpu("h", 0, "memory", 50.0, []), 0.85) is None
+def test_lead_time_runs_from_the_first_alarm_of_the_episode_running_at_the_failure() -> None:
+    def gpu(alarms: list[float], fail_ts: float = 2000.0) -> FailedGpu:
+        ts = np.arange(0.0, fail_ts + 1, 10.0)
+        return FailedGpu("h", 0, "memory", fail_ts, [(t, 0.9 if t in alarms else 0.1, t in alarms) for t in ts])
+
+    assert lead_time_s(gpu([100.0, 500.0, 1000.0, 1900.0])) == 100.0  # 1000 -> 1900 is 15 min: a new episode at 1900
+    assert lead_time_s(gpu([1000.0, 1500.0, 1900.0])) == 1000.0  # alarms less than 10 min apart: one episode
+    assert lead_time_s(gpu([1900.0, 2000.0])) == 100.0
+    assert lead_time_s(gpu([1300.0])) is None  # the episode ended (10 min without an alarm) before the failure
+    assert lead_time_s(gpu([])) is None
 
 
 def test_report_without_failures_still_renders(tmp_path: Path) -> None:
@@ -109,8 +119,11 @@ def test_missing_matplotlib_says_how_to_install_it(tmp_path: Path, monkeypatch: 
 def test_run_recorder_keeps_a_bounded_series_per_gpu_and_builds_report_data() -> None:
     recorder = RunRecorder(max_points_per_gpu=5)
     for i in range(8):
-        recorder.add_risk([{"host": "n1", "gpu_index": 0, "ts": T0 + 5 * i, "risk": i / 10},
-                           {"host": "n2", "gpu_index": 3, "ts": T0 + 5 * i, "risk": 0.01}])  # fmt: skip
+        recorder.add_risk([{"host": "n1", "gpu_index": 0, "ts": T0 + 5 * i, "risk": 1e-5, "score": i / 10,
+                            "alarm": i >= 6, "op": "model:0.55x1"},
+                           {"host": "n2", "gpu_index": 3, "ts": T0 + 5 * i, "risk": 1e-7, "score": 0.01}])  # fmt: skip
+    # after the failure: a failed record (no score) is not a prediction and is left out
+    recorder.add_risk([{"host": "n1", "gpu_index": 0, "ts": T0 + 45, "risk": 1.0, "failed": True}])
     recorder.add_event(
         {"ts": T0 + 30, "host": "n1", "gpu_index": 0, "action": "checkpoint", "risk": 0.6, "id": "x"}
     )
@@ -124,13 +137,15 @@ def test_run_recorder_keeps_a_bounded_series_per_gpu_and_builds_report_data() ->
         "fail_ts": T0 + 40,
         "precursor_start_ts": T0 - 100,
     }
-    data = recorder.report_data([label], threshold=0.85, summary=[("k", "v")], title="t")
+    data = recorder.report_data([label], summary=[("k", "v")], title="t")
 
     (gpu,) = data.failed
-    assert [ts for ts, _ in gpu.risk] == [T0 + 5 * i for i in range(3, 8)], (
+    assert [ts for ts, _, _ in gpu.risk] == [T0 + 5 * i for i in range(3, 8)], (
         "only the newest 5 points are kept"
     )
+    assert [a for _, _, a in gpu.risk] == [False, False, False, True, True] and lead_time_s(gpu) == 10.0
+    assert (data.threshold, data.op) == (0.55, "model:0.55x1")
     assert gpu.remediation == [(T0 + 30, "checkpoint")], "only this GPU's remediations"
     assert gpu.precursor_ts == T0 - 100 and gpu.mode == "memory"
-    assert sorted(data.fleet_risk) == [0.01, 0.7]  # the latest risk of each GPU
+    assert data.fleet_risk == [0.01]  # the latest score of each GPU that has not failed
     assert len(data.events) == 2 and "id" not in data.events[0]

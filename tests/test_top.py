@@ -19,7 +19,7 @@ from gpuwatch.sinks.redis_writer import RiskWriter
 from gpuwatch.sinks.top import age, run_top
 
 
-def rec(host: str, gpu: int, ts: float, risk: float, mode: str = "none") -> dict[str, Any]:
+def rec(host: str, gpu: int, ts: float, risk: float, mode: str = "none", **state: bool) -> dict[str, Any]:
     return {
         "host": host,
         "gpu_index": gpu,
@@ -29,16 +29,17 @@ def rec(host: str, gpu: int, ts: float, risk: float, mode: str = "none") -> dict
         "mode": mode,
         "model": "lstm-v1",
         "scored_at": ts,
+        **state,
     }
 
 
 def fill(client: redis.Redis, now: float) -> None:
     RiskWriter(client).write_batch(
         [
-            rec("node-0001", 0, now - 3, 0.12),
-            rec("node-0001", 5, now - 2, 0.97, "memory"),
-            rec("node-0002", 1, now - 400, 0.91, "thermal"),  # stale: silent for 400 s
-            rec("node-0003", 7, now - 1, 0.75, "interconnect"),
+            rec("node-0001", 0, now - 3, 1.2e-6),
+            rec("node-0001", 5, now - 2, 1.0, "memory", failed=True),
+            rec("node-0002", 1, now - 400, 0.0031, "thermal", alarm=True, drain=True),  # stale: silent for 400 s
+            rec("node-0003", 7, now - 1, 0.00042, "interconnect", alarm=True),
         ]
     )
 
@@ -60,14 +61,22 @@ def test_once_prints_the_riskiest_gpus_in_order(
     assert "\x1b" not in text  # plain text for scripts and logs
     header = text.splitlines()[0]
     assert "3 riskiest of 4 GPUs" in header and "1 stale" in header and "kill switch off" in header
+    assert "2 in alarm" in header and "1 failed" in header
     rows = table(text)
-    assert [r[:4] for r in rows] == [
-        ["1", "node-0001:5", "0.970", "memory"],
-        ["2", "node-0002:1", "0.910", "thermal"],
-        ["3", "node-0003:7", "0.750", "interconnect"],
+    assert [r[:5] for r in rows] == [
+        ["1", "node-0001:5", "1", "FAILED", "memory"],
+        ["2", "node-0002:1", "0.0031", "DRAIN", "thermal"],
+        ["3", "node-0003:7", "0.00042", "ALARM", "interconnect"],
     ]
-    assert rows[1][4:] == ["6m40s", "STALE", "lstm-v1"] or rows[1][4:] == ["6m41s", "STALE", "lstm-v1"]
-    assert rows[0][5:] == ["lstm-v1"]  # fresh: no STALE mark
+    assert rows[1][5:] in (["6m40s", "STALE", "lstm-v1"], ["6m41s", "STALE", "lstm-v1"])
+    assert rows[0][6:] == ["lstm-v1"]  # fresh: no STALE mark
+    assert [r[3] for r in table(run_top_text(redis_server, n=4))][-1] == "-"  # in no alarm
+
+
+def run_top_text(redis_server: EmbeddedServer, n: int) -> str:
+    out = io.StringIO()
+    run_top(Settings(redis_url=redis_server.url), n=n, once=True, out=out)
+    return out.getvalue()
 
 
 def test_kill_switch_and_an_empty_fleet_are_shown(
@@ -100,7 +109,7 @@ def test_live_view_redraws_with_new_data_until_stopped(
         while out.getvalue().count("\x1b[H\x1b[2J") < 2:
             assert time.monotonic() < deadline, "no second frame"
             time.sleep(0.02)
-        RiskWriter(redis_client).write_batch([rec("node-0009", 2, time.time(), 0.99, "sudden")])
+        RiskWriter(redis_client).write_batch([rec("node-0009", 2, time.time(), 1.0, "sudden", failed=True)])
         while "node-0009:2" not in out.getvalue().rpartition("\x1b[2J")[2]:
             assert time.monotonic() < deadline, "new data never shown"
             time.sleep(0.02)
