@@ -72,7 +72,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from gpuwatch.training.cli import train_command
 
-    return train_command(args)
+    return train_command(args, _settings(args))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -80,13 +80,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     from gpuwatch.training.score import score_command
 
     spare_startup_heap_from_gc()  # as the stream worker does: the same decode-heavy loop
-    return score_command(args)
+    return score_command(args, _settings(args))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gpuwatch.training.eval_cli import eval_command
 
-    return eval_command(args)
+    return eval_command(args, _settings(args))
 
 
 def cmd_sink(args: argparse.Namespace) -> int:

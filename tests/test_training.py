@@ -51,7 +51,14 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert artifact.features == FEATURE_NAMES
     assert 0.0 < artifact.threshold < 1.0 and artifact.temperature > 0
     assert artifact.data_fingerprint
-    assert artifact.metrics["threshold_from"] == "best event-level F1 on validation fleets val + val2"
+    assert artifact.metrics["threshold_from"].startswith("most net GPU-hours per 1,000 GPU-days at the real failure rate")
+    assert artifact.metrics["threshold_from"].endswith("on validation fleets val + val2")
+    chosen_for = artifact.metrics["operating_points_chosen_for"]
+    assert chosen_for["failures_per_gpu_day"] == 1.943e-4 and chosen_for["costs"]["job_gpus"] == 1024
+    # the calibration base rate is recorded, so risk can be restated at a real fleet's
+    assert 0.0 < artifact.calibration_prevalence < 1.0
+    if artifact.migrate_threshold is not None:  # a drain operating point is never looser than the alarm's
+        assert artifact.migrate_threshold >= artifact.threshold and artifact.migrate_records >= artifact.alarm_records
     # Both validation fleets pooled: each has the two forced failures with precursors.
     assert artifact.metrics["validation_events"]["failures_with_precursor"] >= 4
     assert artifact.metrics["data_seed"] == 0 and artifact.metrics["train_config"]["seed"] == 3
@@ -76,9 +83,17 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
                 "baseline_gbdt_f1"):  # fmt: skip
         assert key in report
     assert set(report["scorers"]) == {"lstm", "threshold", "gbdt"}
-    assert report["data"]["risk_records"] == len(records)
+    # the eval's predictions are the scored records, less those of failed GPUs (not predictions)
+    assert report["data"]["risk_records"] + report["data"]["failed_records"] == len(records)
+    assert report["data"]["failed_records"] == sum(r["failed"] for r in records) > 0
     assert report["scorers"]["lstm"]["failures_with_precursor"] >= 2  # the two forced failures at least
     assert report["alarm_records"] == artifact.alarm_records >= 1
+    # The policy was replayed on the model's records and on the threshold rules' alarms
+    assert set(report["system"]) == {"lstm", "threshold"}
+    for action in ("checkpoint", "migrate", "reboot"):
+        assert report["system"]["lstm"]["actions"][action]["after_failure"] == 0
+    assert report["system"]["lstm"]["actions"]["repair"]["repairs_not_after_a_failure"] == 0
+    assert report["system"]["lstm"]["value"]["oracle_gpu_h_per_1000_gpu_days_real"] > 0
     assert report["scorers"]["gbdt"]["alarm_records"] == GbdtBaseline.load(model.with_suffix(".gbdt.txt"),
                                                                            artifact).alarm_records  # fmt: skip
 

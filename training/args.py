@@ -62,6 +62,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def add_score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="JSONL of gpuwatch.samples/1 snapshots, time-ordered")
     p.add_argument("--output", required=True, help="where the gpuwatch.risk/1 records go (JSONL)")
+    p.add_argument(
+        "--actions", default="", metavar="PATH",
+        help="also replay the remediation policy (the settings' rules) on the records, on the recording's clock, "
+        "and write the gpuwatch.remediation/1 events it would have emitted here (JSONL)",
+    )  # fmt: skip
     p.add_argument("--model", default="", help="model artifact (default: the one shipped in the package)")
     p.add_argument(
         "--rescore-interval", type=float, default=5.0, help="seconds of sample time between scorings"

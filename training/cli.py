@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpuwatch.config import Settings
+from gpuwatch.costs import CostModel
 from gpuwatch.streams.model import ModelArtifact, Scorer, fingerprint_files, load_artifact
 from gpuwatch.streams.window import WindowConfig
 from gpuwatch.training.baselines import GbdtBaseline
@@ -74,29 +76,45 @@ def _data_seed(args: argparse.Namespace) -> int:
 
 
 def choose_thresholds(
-    val_dirs: list[Path], scorer: Scorer, gbdt: GbdtBaseline | None, args: argparse.Namespace
-) -> dict[str, dict]:
-    """Operating points with the best event-level F1 on the validation fleets pooled (threshold, and how many
-    scorings in a row an alarm needs), for the model and the GBDT baseline."""
+    val_dirs: list[Path], scorer: Scorer, gbdt: GbdtBaseline | None, args: argparse.Namespace,
+    settings: Settings | None = None,
+) -> dict[str, dict]:  # fmt: skip
+    """Operating points on the validation fleets pooled. The model's alarm and drain operating points: the most
+    net GPU-hours at the real failure rate under the settings' cost model (`training/operating_points.py`).
+    The GBDT baseline's: the best event-level F1 (threshold, and how many scorings in a row an alarm needs)."""
     from gpuwatch.training.eval_cli import collect
+    from gpuwatch.training.operating_points import choose, describe
 
+    settings = settings or Settings()
     others = {"gbdt": gbdt} if gbdt is not None else {}
-    labs = []
+    labs, uuids = [], []
     for val_dir in val_dirs:
-        table, _ = collect(val_dir, scorer, others, args.rescore_interval)
+        table = collect(val_dir, scorer, others, args.rescore_interval).table
         labs.append(join_labels(table, Failures.load(val_dir / "labels.jsonl"), scorer.artifact.horizon_s))
+        uuids += table.uuids
     lab = concat_labelled(labs)
-    out: dict[str, dict] = {}
-    for name in ["lstm", *others]:
+    costs = CostModel.from_settings(settings)
+    rate = settings.fleet_failure_rate_per_gpu_day
+    alarm, drain = choose(lab, uuids, lab.risk["lstm"], costs, rate, args.merge_gap)
+    out: dict[str, dict] = {
+        "lstm": {"threshold": alarm.threshold, "alarm_records": alarm.records,
+                 "validation": describe(lab, lab.risk["lstm"], alarm, args.merge_gap)},
+        "lstm-drain": None if drain is None else {
+            "threshold": drain.threshold, "alarm_records": drain.records,
+            "validation": describe(lab, lab.risk["lstm"], drain, args.merge_gap)},
+        "chosen_for": {"failures_per_gpu_day": rate, "costs": costs.__dict__, "validation_gpu_days": lab.gpu_days},
+    }  # fmt: skip
+    for name in others:
         thr, records, metrics = best_operating_point(lab, lab.risk[name], args.merge_gap)
         out[name] = {"threshold": thr, "alarm_records": records, "validation": metrics}
     return out
 
 
-def train_command(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
     t0 = time.time()
+    settings = settings or Settings()
     if args.operating_point_of:
-        return operating_point_command(args, t0)
+        return operating_point_command(args, t0, settings)
     if not args.data:
         raise SystemExit("gpuwatch train: give --data (a `gpuwatch simulate` output dir) at least once")
     window = WindowConfig()
@@ -119,10 +137,10 @@ def train_command(args: argparse.Namespace) -> int:
         gbdt = GbdtBaseline.fit(data, split[0], split[1], artifact)
         print(f"gbdt baseline trained in {time.time() - t2:.0f} s", file=sys.stderr)
     del data
-    return _choose_and_save(artifact, gbdt, args, t0)
+    return _choose_and_save(artifact, gbdt, args, t0, settings)
 
 
-def operating_point_command(args: argparse.Namespace, t0: float) -> int:
+def operating_point_command(args: argparse.Namespace, t0: float, settings: Settings) -> int:
     """`gpuwatch train --operating-point-of MODEL.pt --val-data DIR --out OUT.pt`: new operating points for
     trained weights, e.g. on a validation fleet with real labels, without retraining."""
     if not args.val_data:
@@ -131,28 +149,40 @@ def operating_point_command(args: argparse.Namespace, t0: float) -> int:
     sibling = Path(args.operating_point_of).with_suffix(".gbdt.txt")
     gbdt = GbdtBaseline.load(sibling, artifact) if sibling.exists() and not args.no_gbdt else None
     artifact.metrics["operating_point_of"] = str(args.operating_point_of)
-    return _choose_and_save(artifact, gbdt, args, t0)
+    return _choose_and_save(artifact, gbdt, args, t0, settings)
 
 
-def _choose_and_save(artifact: ModelArtifact, gbdt: GbdtBaseline | None, args: argparse.Namespace, t0: float) -> int:
+def _choose_and_save(
+    artifact: ModelArtifact, gbdt: GbdtBaseline | None, args: argparse.Namespace, t0: float, settings: Settings
+) -> int:
     """Pick the operating points (on --val-data when given) and write the artifact and the GBDT baseline."""
     if args.val_data:
         val_dirs = [Path(d) for d in args.val_data]
-        chosen = choose_thresholds(val_dirs, Scorer(artifact, device="cpu"), gbdt, args)
+        chosen = choose_thresholds(val_dirs, Scorer(artifact, device="cpu"), gbdt, args, settings)
         artifact.threshold = chosen["lstm"]["threshold"]
         artifact.alarm_records = chosen["lstm"]["alarm_records"]
+        drain = chosen["lstm-drain"]
+        artifact.migrate_threshold = None if drain is None else drain["threshold"]
+        artifact.migrate_records = 1 if drain is None else drain["alarm_records"]
         artifact.metrics["validation_events"] = chosen["lstm"]["validation"]
+        artifact.metrics["validation_drain"] = None if drain is None else drain["validation"]
+        artifact.metrics["operating_points_chosen_for"] = chosen["chosen_for"]
         artifact.metrics["threshold_from"] = (
-            f"best event-level F1 on validation fleet{'s' if len(val_dirs) > 1 else ''} "
-            + " + ".join(d.name for d in val_dirs)
+            "most net GPU-hours per 1,000 GPU-days at the real failure rate under the cost model, on validation "
+            f"fleet{'s' if len(val_dirs) > 1 else ''} " + " + ".join(d.name for d in val_dirs)
         )
         if gbdt is not None:
             gbdt.threshold = chosen["gbdt"]["threshold"]
             gbdt.alarm_records = chosen["gbdt"]["alarm_records"]
         for name, c in chosen.items():
+            if not isinstance(c, dict) or "validation" not in c:
+                continue
             v = c["validation"]
-            print(f"{name}: threshold {c['threshold']:.3f} for {c['alarm_records']} scorings; validation precision {v['precision']:.3f} recall "
-                  f"{v['recall']:.3f} F1 {v['f1']:.3f}", file=sys.stderr)  # fmt: skip
+            worth = v.get("value", {}).get("net_gpu_h_per_1000_gpu_days_real")
+            print(f"{name}: threshold {c['threshold']:.3f} for {c['alarm_records']} scorings; validation precision "
+                  f"{v['precision']:.3f} recall {v['recall']:.3f} F1 {v['f1']:.3f}"
+                  + (f"; net {worth:.1f} GPU-h per 1,000 GPU-days at the real failure rate" if worth is not None else ""),
+                  file=sys.stderr)  # fmt: skip
     else:
         artifact.metrics["threshold_from"] = "best sequence-level F1 on the held-back GPU split"
     artifact.save(args.out)

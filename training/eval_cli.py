@@ -1,8 +1,12 @@
-"""`gpuwatch eval`: score held-out recordings with the model and both baselines, report and write JSON.
+"""`gpuwatch eval`: score held-out recordings with the model and both baselines, replay the remediation
+policy on them, report and write JSON.
 
 All three scorers see the same windows at the same scoring times: the model runs inside the stream's
 `RiskProcessor` (so its records are exactly what `gpuwatch score` writes) and the baselines score the
-very windows it scores, right after it.
+very windows it scores, right after it. The model's records, with the alarm and drain calls the stream
+made at the model's operating points, go through the real `RemediationPolicy` with production defaults
+on the recording's clock, as do the threshold rules' alarms (a rule-based product checkpoints and drains
+on any rule); `training/actions.py` scores the events the policies emitted.
 """
 
 from __future__ import annotations
@@ -10,15 +14,21 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
+from gpuwatch.config import Settings
+from gpuwatch.costs import CostModel
 from gpuwatch.schemas.fields import FAILURE_MODES
-from gpuwatch.streams.model import ModelArtifact, Scorer, load_artifact
-from gpuwatch.streams.processor import BatchResult, RiskProcessor
+from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
+from gpuwatch.streams.model import ModelArtifact, ModelError, Scorer, load_artifact
+from gpuwatch.streams.operating_point import OperatingPoint
+from gpuwatch.streams.processor import BatchResult, RiskProcessor, operating_points
+from gpuwatch.training.actions import action_report
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules
 from gpuwatch.training.dataset import Failures
 from gpuwatch.training.evaluate import Labelled, RiskTable, join_labels, scorer_report
@@ -54,43 +64,77 @@ class TeeProcessor(RiskProcessor):
                 self.mode[name].append(m)
 
 
+@dataclass
+class Collected:
+    """What one replay produced: every scorer's risk per record (failed GPUs' records left out: they are not
+    predictions), run stats, and the remediation events each replayed policy emitted."""
+
+    table: RiskTable
+    stats: dict[str, Any]
+    events: dict[str, list[dict[str, Any]]]
+
+
 def collect(
     data_dir: Path, primary: Scorer, others: dict[str, BatchScorer], rescore_interval_s: float,
-    primary_name: str = "lstm",
-) -> tuple[RiskTable, dict[str, Any]]:  # fmt: skip
-    """Replay `data_dir/samples.jsonl` like the stream; returns every scorer's risk per record, and run stats."""
-    processor = TeeProcessor(primary, others, rescore_interval_s=rescore_interval_s, stage="eval")
+    primary_name: str = "lstm", failures_per_gpu_day: float | None = None, rules: PolicyRules | None = None,
+    alarm_op: OperatingPoint | None = None, drain_op: OperatingPoint | None = None,
+) -> Collected:  # fmt: skip
+    """Replay `data_dir/samples.jsonl` like the stream, and its risk records through the policy like the sinks.
+
+    `failures_per_gpu_day`: the fleet's own failure rate, at which the records' `risk` is stated (None: the
+    model's calibration base rate). `rules`: the policy's rules (default: production defaults)."""
+    processor = TeeProcessor(primary, others, rescore_interval_s=rescore_interval_s, stage="eval",
+                             failures_per_gpu_day=failures_per_gpu_day, alarm_op=alarm_op, drain_op=drain_op)  # fmt: skip
+    policies = {primary_name: RemediationPolicy(rules)}
+    if "threshold" in others:
+        policies["threshold"] = RemediationPolicy(rules)
+    events: dict[str, list[dict[str, Any]]] = {name: [] for name in policies}
     uuid: list[str] = []
     ts: list[float] = []
     risk: list[float] = []
     mode: list[int] = []
+    keep: list[np.ndarray] = []
     samples = 0
     t0 = time.time()
     last = 0.0
+    done = {name: 0 for name in others}
     for result in replay(data_dir / "samples.jsonl", processor):
         samples += result.samples
-        for _, value in result.risk:
-            rec = orjson.loads(value)
+        recs = [orjson.loads(value) for _, value in result.risk]
+        live = np.array([not r.get("failed") for r in recs], dtype=bool)
+        keep.append(live)
+        for rec in (r for r, ok in zip(recs, live) if ok):
             uuid.append(rec["uuid"])
             ts.append(rec["ts"])
             risk.append(rec["risk"])
             mode.append(_MODE_INDEX[rec["mode"]])
+        if recs:
+            now = max(r["ts"] for r in recs)
+            events[primary_name] += policies[primary_name].observe(recs, now)
+            if "threshold" in policies:
+                rule = np.concatenate(processor.risk["threshold"][done["threshold"]:])
+                done["threshold"] = len(processor.risk["threshold"])
+                alarms = [{**r, "alarm": bool(a) and not r.get("failed"), "drain": bool(a) and not r.get("failed"),
+                           "op": "rules"} for r, a in zip(recs, rule >= 0.5)]  # fmt: skip
+                events["threshold"] += policies["threshold"].observe(alarms, now)
         if time.time() - last >= 5.0:
             last = time.time()
             sys.stderr.write(f"\rscoring {data_dir.name}: {samples:,} GPU-samples, {len(ts):,} risk records "
                              f"({samples / max(last - t0, 1e-9):,.0f}/s)")  # fmt: skip
             sys.stderr.flush()
     sys.stderr.write("\n")
+    live_rows = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
     risks = {primary_name: np.asarray(risk)}
     modes = {primary_name: np.asarray(mode)}
     for name in others:
-        risks[name] = np.concatenate(processor.risk[name]) if processor.risk[name] else np.zeros(0)
+        risks[name] = (np.concatenate(processor.risk[name]) if processor.risk[name] else np.zeros(0))[live_rows]
         if getattr(others[name], "predicts_mode", True):
             modes[name] = (
                 np.concatenate(processor.mode[name]) if processor.mode[name] else np.zeros(0, dtype=np.int64)
-            )
-    stats = {"gpu_samples": samples, "risk_records": len(ts), "seconds": round(time.time() - t0, 1)}
-    return RiskTable.from_columns(uuid, np.asarray(ts), risks, modes), stats
+            )[live_rows]
+    stats = {"gpu_samples": samples, "risk_records": len(ts), "failed_records": int((~live_rows).sum()),
+             "seconds": round(time.time() - t0, 1)}  # fmt: skip
+    return Collected(RiskTable.from_columns(uuid, np.asarray(ts), risks, modes), stats, events)
 
 
 def build_report(
@@ -181,23 +225,52 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def fleet_failure_rate(data_dir: Path) -> float | None:
+    """Failures per GPU-day the simulator was set to for this recording (meta.json), or None if unknown."""
+    meta_file = data_dir / "meta.json"
+    if not meta_file.exists():
+        return None
+    config = orjson.loads(meta_file.read_bytes()).get("config") or {}
+    base, scale = config.get("rate_per_gpu_day"), config.get("rate_scale")
+    return float(base) * float(scale) if base is not None and scale is not None else None
+
+
+def lookalike_gpus(data_dir: Path) -> set[str] | None:
+    """uuids of the GPUs the simulator gave a benign look-alike (meta.json `lookalike_gpus`), if it recorded them."""
+    meta_file = data_dir / "meta.json"
+    if not meta_file.exists():
+        return None
+    found = orjson.loads(meta_file.read_bytes()).get("lookalike_gpus")
+    return None if found is None else set(found)
+
+
 def evaluate_dir(
     data_dir: Path, artifact: ModelArtifact, gbdt: GbdtBaseline | None, rescore_interval_s: float,
-    merge_gap_s: float, device: str = "cpu",
+    merge_gap_s: float, device: str = "cpu", settings: Settings | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Score `data_dir` with the model and the baselines and build the report."""
+    """Score `data_dir` with the model and the baselines, replay the policy, and build the report.
+
+    `settings` supplies what production would run with: operating point overrides, the policy's rules, the
+    cost model and the real fleet's failure rate (defaults when None)."""
+    settings = settings or Settings()
     others: dict[str, BatchScorer] = {"threshold": ThresholdRules(artifact)}
     if gbdt is not None:
         others["gbdt"] = gbdt
-    table, stats = collect(data_dir, Scorer(artifact, device=device), others, rescore_interval_s)
-    lab = join_labels(table, Failures.load(data_dir / "labels.jsonl"), artifact.horizon_s)
-    thresholds = {"lstm": artifact.threshold, "threshold": 0.5}
-    records = {"lstm": artifact.alarm_records}  # the rules carry their own `for:` durations
+    alarm_op, drain_op = operating_points(artifact, settings)
+    own_rate = fleet_failure_rate(data_dir)
+    got = collect(data_dir, Scorer(artifact, device=device), others, rescore_interval_s,
+                  failures_per_gpu_day=own_rate, rules=PolicyRules.from_settings(settings),
+                  alarm_op=alarm_op, drain_op=drain_op)  # fmt: skip
+    lab = join_labels(got.table, Failures.load(data_dir / "labels.jsonl"), artifact.horizon_s)
+    thresholds = {"lstm": alarm_op.threshold, "threshold": 0.5}
+    records = {"lstm": alarm_op.records}  # the rules carry their own `for:` durations
     if gbdt is not None:
         thresholds["gbdt"] = gbdt.threshold
         records["gbdt"] = gbdt.alarm_records
-    meta = {"name": data_dir.name, "path": str(data_dir), "model": artifact.version,
-            "rescore_interval_s": rescore_interval_s, **stats}  # fmt: skip
+    meta = {"name": data_dir.name, "path": str(data_dir), "model": artifact.version, "operating_point": alarm_op.name,
+            "drain_operating_point": drain_op.name if drain_op else None,
+            "risk_stated_at_failures_per_gpu_day": own_rate, "rescore_interval_s": rescore_interval_s,
+            **got.stats}  # fmt: skip
     meta_file = data_dir / "meta.json"
     if meta_file.exists():
         sim = orjson.loads(meta_file.read_bytes())
@@ -206,11 +279,43 @@ def evaluate_dir(
             "config": sim.get("config"),
             "failures": sim.get("failures"),
         }
-    return build_report(lab, thresholds, merge_gap_s, meta, records)
+    report = build_report(lab, thresholds, merge_gap_s, meta, records)
+    costs = CostModel.from_settings(settings)
+    look = lookalike_gpus(data_dir)
+    report["system"] = {
+        name: action_report(events, lab, got.table.uuids, costs,
+                            real_failures_per_gpu_day=settings.fleet_failure_rate_per_gpu_day, lookalike=look)
+        for name, events in got.events.items()
+    }  # fmt: skip
+    report["system_definitions"] = {
+        "policy": "the real RemediationPolicy with the settings' rules (production defaults unless a config "
+        "file changes them), fed the records on the recording's clock; 'threshold' is a rule-based product "
+        "that checkpoints and drains on any static rule",
+        "true": "the GPU failed within the horizon after the action",
+        "after_failure": "the GPU was down (failed, not yet repaired): a ladder action there acts on the dead",
+        "early": "the precursor of the GPU's next failure was running, more than the horizon before it",
+        "look-alike / plain": "a healthy GPU: with a benign look-alike the simulator recorded, or without",
+        "net_gpu_h": "GPU-hours the first checkpoint and migration before each failure saved, less every "
+        "action's cost (gpuwatch/costs.py, the settings' cost model); 'real' restates the per-failure part at "
+        "the real fleet's failure rate and keeps the per-healthy-GPU-day part",
+        "oracle": "every failure with a precursor checkpointed 30 min and migrated 29 min before it, no false action",
+    }
+    return report
 
 
-def eval_command(args: argparse.Namespace) -> int:
-    artifact = load_artifact(args.model or None)
+def eval_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    settings = settings or Settings()
+    try:
+        artifact = load_artifact(args.model or None)
+    except ModelError as exc:
+        print(f"gpuwatch eval: {exc}", file=sys.stderr)
+        return 2
+    for d in args.data:
+        missing = [f for f in ("samples.jsonl", "labels.jsonl") if not (Path(d) / f).is_file()]
+        if missing:
+            print(f"gpuwatch eval: {d} has no {' or '.join(missing)}: pass a `gpuwatch simulate` output "
+                  "directory (or one laid out the same way)", file=sys.stderr)  # fmt: skip
+            return 2
     gbdt = None
     gbdt_path = Path(args.gbdt) if args.gbdt else _sibling_gbdt(args.model)
     if gbdt_path is not None and gbdt_path.exists():
@@ -220,8 +325,9 @@ def eval_command(args: argparse.Namespace) -> int:
               "reporting the threshold baseline only", file=sys.stderr)  # fmt: skip
     reports = []
     for d in args.data:
-        report = evaluate_dir(Path(d), artifact, gbdt, args.rescore_interval, args.merge_gap, args.device)
+        report = evaluate_dir(Path(d), artifact, gbdt, args.rescore_interval, args.merge_gap, args.device, settings)
         print(format_report(report))
+        print(format_system(report))
         reports.append(report)
     out = reports[0] if len(reports) == 1 else {**reports[0], "datasets": reports}
     if args.json:
@@ -231,6 +337,29 @@ def eval_command(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.json}")
     return 0
+
+
+def format_system(report: dict[str, Any]) -> str:
+    """A plain-text table of what each replayed policy did: per action, and the net GPU-hours."""
+    out = []
+    for name, sysrep in report.get("system", {}).items():
+        out.append(f"policy replay ({name}): {sysrep['failures_with_precursor']} failures with a precursor, "
+                   f"{sysrep['gpu_days']:.1f} GPU-days")  # fmt: skip
+        out.append(f"  {'action':<11}{'events':>8}{'recall':>8}{'med lead':>10}{'false/1000d':>13}"
+                   f"{'(95% up)':>10}{'early':>7}{'after fail':>11}")  # fmt: skip
+        for action, a in sysrep["actions"].items():
+            if action == "repair":
+                out.append(f"  {action:<11}{a['events']:>8}   repairs of failures {a['repairs_of_failures']}, "
+                           f"not after a failure {a['repairs_not_after_a_failure']}")  # fmt: skip
+                continue
+            out.append(f"  {action:<11}{a['events']:>8}{a['recall']:>8.3f}{_fmt(a['median_lead_min']):>10}"
+                       f"{a['false_healthy_per_1000_gpu_days']:>13.2f}{a['false_healthy_per_1000_gpu_days_upper95']:>10.2f}"
+                       f"{a['false_by_cause']['early']:>7}{a['after_failure']:>11}")  # fmt: skip
+        v = sysrep["value"]
+        out.append(f"  net GPU-h per 1000 GPU-days: {v['net_gpu_h_per_1000_gpu_days_fleet']:,.0f} on this fleet "
+                   f"(oracle {v['oracle_gpu_h_per_1000_gpu_days_fleet']:,.0f}); at the real failure rate "
+                   f"{v['net_gpu_h_per_1000_gpu_days_real']:,.1f} (oracle {v['oracle_gpu_h_per_1000_gpu_days_real']:,.1f})")  # fmt: skip
+    return "\n".join(out)
 
 
 def _sibling_gbdt(model: str | None) -> Path | None:

@@ -12,13 +12,22 @@ import argparse
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import orjson
 
-from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, make_deadletter
-from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.config import Settings
+from gpuwatch.schemas.codecs import (
+    DecodeError,
+    Snapshot,
+    decode_snapshot,
+    encode_remediation,
+    make_deadletter,
+)
+from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
+from gpuwatch.streams.model import ModelError, Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 
 REPLAY_SPAN_S = 1.0  # sample time per replayed batch: one step of a 1 Hz fleet, like a live sub-second batch
@@ -69,22 +78,40 @@ def replay(input_path: Path, processor: RiskProcessor) -> Iterator[BatchResult]:
         yield result
 
 
-def score_command(args: argparse.Namespace) -> int:
-    processor = RiskProcessor(
-        Scorer(load_artifact(args.model or None), device=args.device),
-        rescore_interval_s=args.rescore_interval, stage="score",
-    )  # fmt: skip
+def score_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    """Scores a recording as the stream would (risk at the settings' fleet failure rate, the model's operating
+    points unless the settings override them); with --actions, also replays the remediation policy."""
+    settings = settings or Settings()
+    if not Path(args.input).is_file():
+        print(f"gpuwatch score: --input {args.input} is not a file; pass a JSONL of gpuwatch.samples/1 snapshots "
+              "(e.g. `gpuwatch simulate --out DIR` writes DIR/samples.jsonl)", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        scorer = Scorer(load_artifact(args.model or None), device=args.device)
+    except ModelError as exc:
+        print(f"gpuwatch score: {exc}", file=sys.stderr)
+        return 2
+    processor = RiskProcessor.from_settings(scorer, settings, rescore_interval_s=args.rescore_interval, stage="score")
+    policy = RemediationPolicy(PolicyRules.from_settings(settings)) if args.actions else None
     t0 = time.time()
-    samples = scored = rejected = 0
+    samples = scored = rejected = actions = 0
     last_report = 0.0
     deadletter_path = Path(args.output).with_suffix(".deadletter.jsonl")
-    with open(args.output, "wb") as out, open(deadletter_path, "wb") as dl:
+    with ExitStack() as files:
+        out = files.enter_context(open(args.output, "wb"))
+        dl = files.enter_context(open(deadletter_path, "wb"))
+        act = files.enter_context(open(args.actions, "wb")) if args.actions else None
         for result in replay(Path(args.input), processor):
             samples += result.samples
             scored += len(result.risk)
             rejected += len(result.deadletters)
             out.writelines(v + b"\n" for _, v in result.risk)
             dl.writelines(v + b"\n" for v in result.deadletters)
+            if policy is not None and act is not None and result.risk:
+                recs = [orjson.loads(v) for _, v in result.risk]
+                events = policy.observe(recs, max(r["ts"] for r in recs))  # the recording's clock
+                act.writelines(encode_remediation(e) + b"\n" for e in events)
+                actions += len(events)
             elapsed = time.time() - t0
             if elapsed - last_report >= 1.0:
                 last_report = elapsed
@@ -95,10 +122,12 @@ def score_command(args: argparse.Namespace) -> int:
     sys.stderr.write("\n")
     rate = samples / max(elapsed, 1e-9)
     print(f"{samples:,} GPU-samples in {elapsed:.1f} s = {rate:,.0f} GPU-samples/s; "
-          f"{scored:,} risk records to {args.output}; {rejected} dead letters to {deadletter_path}")  # fmt: skip
+          f"{scored:,} risk records to {args.output}; {rejected} dead letters to {deadletter_path}"
+          + (f"; {actions} remediation events to {args.actions}" if args.actions else ""))  # fmt: skip
     if args.json:
         summary = {"gpu_samples": samples, "seconds": round(elapsed, 3), "gpu_samples_per_s": round(rate),
                    "risk_records": scored, "deadletters": rejected, "model": processor.model_version,
-                   "rescore_interval_s": processor.rescore_interval_s}  # fmt: skip
+                   "rescore_interval_s": processor.rescore_interval_s, "operating_point": processor.alarm_op.name,
+                   "remediation_events": actions if args.actions else None}  # fmt: skip
         Path(args.json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     return 0

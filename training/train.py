@@ -250,6 +250,10 @@ def train(
         mlp=config.mlp,
         temperature=temperature,
         threshold=threshold,
+        # The base rate the calibrated score is a probability at: the weighted share of positives among the
+        # training fleets' sequences (negatives were subsampled, their weights undo it; the calibration split is
+        # a random share of their GPUs, so it has the same base rate).
+        calibration_prevalence=float((data.weight * data.y).sum() / max(data.weight.sum(), 1e-12)),
         horizon_s=horizon_s,
         metrics={
             "validation_sequence_ap": best[0],
