@@ -808,9 +808,7 @@ class FleetSimulator:
         gpus = gpus[~self._down[gpus]]  # a GPU down for repair keeps its own state
         self._reset_volatile(gpus)
         i = int(self._swap_gpu[h])
-        if (
-            i >= 0 and not self._down[i]
-        ):  # a new board brings its own hazard: what was coming left with the old
+        if i >= 0 and not self._down[i]:  # a new board, with its own hazard (the old one's left with it)
             self._new_board(i)
             self._cool[i] = 1.0
             self._schedule(np.array([i]), self._t)
@@ -847,6 +845,7 @@ class FleetSimulator:
             self._xid_due.extend((due, j, APP_KILL_XID) for j in range(h * G, (h + 1) * G))
 
     def _deliver_xids(self, t: float) -> None:
+        """Application XIDs whose time has come go into this step's samples."""
         keep = []
         for due, i, code in self._xid_due:
             if due <= t:
