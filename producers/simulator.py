@@ -1,7 +1,9 @@
-"""Vectorised fleet simulator: `gpuwatch.samples/1` snapshots of H100-like GPUs, with failures and labels.
+"""Vectorised fleet simulator: `gpuwatch.samples/1` snapshots of a GPU fleet, with failures and labels.
 
 All state lives in numpy arrays of shape (n_gpus,) or (n_hosts,); one `step()` advances every GPU by
 `interval_s`. Ground truth never enters the samples: it leaves through `drain_labels()` only.
+Hardware profiles (`producers/hardware.py`) set each host's GPU model; benign look-alikes, each behind
+its own knob, are catalogued in `producers/lookalikes.py`.
 See docs/simulator.md for the physics, the fault modes and how the defaults come from a real trace.
 """
 
@@ -21,16 +23,26 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from gpuwatch.producers import faults
+from gpuwatch.producers import faults, lookalikes
+from gpuwatch.producers.hardware import LEGACY, HardwareProfile, profile
 from gpuwatch.schemas import fields as F
 
 MODES = faults.MODES
 M_MEMORY, M_THERMAL, M_POWER, M_INTERCONNECT, M_SUDDEN = range(5)
 DAY_S = 86400.0
-MAX_CLOCK_MHZ, IDLE_CLOCK_MHZ, MEM_CLOCK_MHZ = 1980, 345, 2619
 SW_THERMAL_C, HW_THERMAL_C = 87.0, 92.0
-IDLE_MEM_MIB = 4
 WARMUP_S = 60.0  # a job loads data and allocates memory before it saturates the GPU
+FAST_TAU_S = 0.7  # the die's own thermal time constant (H200 recording: ~70 % of a power step within 1 s)
+# Look-alike event shapes (rates are FleetConfig knobs; docs/simulator.md explains each).
+APP_FAULT_XIDS = (31, 13, 43)  # MMU fault, graphics engine exception, GPU stopped processing: the app's fault
+APP_FAULT_P = (0.5, 0.3, 0.2)
+APP_KILL_XID = 45  # preemptive cleanup: a process killed with work in flight
+REBOOT_S, DRIVER_RELOAD_S, SWAP_S = (180.0, 600.0), (20.0, 90.0), (1800.0, 5400.0)
+LIMIT_FRAC, LIMIT_HOURS = (0.55, 0.85), (2.0, 24.0)  # operator power caps: share of the max limit, duration
+AMBIENT_RISE_C, AMBIENT_HOLD_S, AMBIENT_RAMP_S = (4.0, 12.0), (1200.0, 7200.0), (300.0, 900.0)
+SBE_BURST_MEAN, SBE_BURST_REMAP_P = 30.0, 0.25
+_RX_STREAM = 0x5EED  # root of the look-alike generators: knobs at 0 leave the legacy stream untouched
+_RX_KINDS = ("hardware", "jobs", "boot", "limit", "ambient", "app", "sbe", "board")  # one generator each
 
 
 @dataclass
@@ -70,9 +82,25 @@ class FleetConfig:
     narrow_link_frac: float = 0.003  # GPUs that trained their PCIe link at x8 and run fine that way
     remap_pending_frac: float = 0.01  # GPUs with a harmless remap pending since the last reset
     power_brake_per_host_day: float = 0.3  # brief host-wide HW power-brake blips (PSU/BMC capping)
-    # Board.
+    # Board of the legacy profile "h100-fan" (the other profiles carry their own limit and memory).
     power_limit_w: float = 700.0
     mem_total_mib: int = 81559
+    # Hardware: a profile name or {name: share} drawn per host (hosts are homogeneous); producers/hardware.py.
+    hardware: str | dict[str, float] = LEGACY
+    # More benign look-alikes, all off by default (their real prevalence: producers/lookalikes.py).
+    power_cap_job_frac: float | None = None  # share of jobs at the power cap throughout; None: the profile's
+    app_xid_per_host_day: float = 0.0  # jobs ending in an application XID (13/31/43/45), one GPU or all
+    reboot_per_host_day: float = 0.0  # host reboots and driver reloads: silence, then volatile counters reset
+    power_limit_change_per_host_day: float = 0.0  # an operator lowers a host's power limit for hours
+    board_swap_per_host_day: float = 0.0  # maintenance window, then one GPU is a new board (new uuid)
+    board_replace_frac: float = 0.0  # share of repairs after which the GPU is a new board
+    sbe_burst_per_gpu_day: float = 0.0  # one-off SBE bursts (sometimes a row remap) that never recur
+    ambient_excursion_per_host_day: float = 0.0  # a host's inlet air warms 4-12 °C for up to two hours
+
+    @classmethod
+    def realistic(cls, **overrides: object) -> FleetConfig:
+        """A fleet with the realistic hardware mix and every look-alike at its stated prevalence."""
+        return cls(**{**lookalikes.realistic_overrides(), **overrides})  # type: ignore[arg-type]
 
 
 # Render layout: static per GPU, "slow" (changes rarely, re-rendered when dirty), dynamic (every step).
@@ -87,19 +115,27 @@ _DYN = (
 _ROW = {name: i for i, name in enumerate(_SLOW_INT + _SLOW_FLAG)}
 _VOLATILE = [_ROW[k] for k in ("ecc_sbe_volatile", "ecc_dbe_volatile", "pcie_replay", "nvlink_crc_errors",
                                "nvlink_replay_errors", "nvlink_recovery_errors")]  # fmt: skip
-_SLOW_FMT = "".join(f'"{k}":%d,' for k in _SLOW_INT) + "".join(f'"{k}":%s,' for k in _SLOW_FLAG)
 _DYN_FMT = "%s" + "".join(f'"{k}":{f},' for k, f in _DYN) + '"lost":false,"throttle_reasons":%d,"xid":%s}'
 _NUMERIC_ALL = _STATIC_NUM + _SLOW_INT + tuple(k for k, _ in _DYN)
 _LOST_FMT = "".join(f'"{k}":null,' for k in _NUMERIC_ALL) + "".join(f'"{k}":false,' for k in _SLOW_FLAG)
 _LOST_FMT = _LOST_FMT.replace("%", "%%") + '"lost":true,"throttle_reasons":0,"xid":%s}'
 _BOOL = ("false", "true")
+
+
+def _slow_fmt(nulls: frozenset[str]) -> str:
+    """Format of a GPU's slow fields; fields its board leaves null read null (`%.0s` still takes the arg)."""
+    ints = "".join(f'"{k}":%.0snull,' if k in nulls else f'"{k}":%d,' for k in _SLOW_INT)
+    return ints + "".join(f'"{k}":%.0snull,' if k in nulls else f'"{k}":%s,' for k in _SLOW_FLAG)
+
+
 # A field added to schemas/fields.py must be rendered here too; fail at import rather than ship bad samples.
 if set(_NUMERIC_ALL) != set(F.ALL_NUMERIC) or set(_SLOW_FLAG) | {"lost"} != set(F.ALL_FLAGS):
     raise ImportError("simulator render layout is out of date with schemas/fields.py")
 
 
-def _gpu_uuid(seed: int, host: str, index: int) -> str:
-    h = hashlib.sha1(f"{seed}/{host}/{index}".encode()).hexdigest()
+def _gpu_uuid(seed: int, host: str, index: int, board: int = 0) -> str:
+    key = f"{seed}/{host}/{index}" + (f"/{board}" if board else "")  # board > 0: a replacement board
+    h = hashlib.sha1(key.encode()).hexdigest()
     return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
@@ -119,6 +155,10 @@ class FleetSimulator:
         n = self.n = H * G
         self.H, self.G = H, G
         rng = self._rng = np.random.default_rng(c.seed)
+        # Hardware draws and each kind of look-alike event have their own generator, so turning a knob on
+        # leaves the rest of the fleet's random streams (and a legacy fleet's output) as they were.
+        seeds = np.random.SeedSequence([c.seed, _RX_STREAM]).spawn(len(_RX_KINDS))
+        self._rx = {k: np.random.default_rng(s) for k, s in zip(_RX_KINDS, seeds, strict=True)}
         self._t = float(time.time() if c.start_ts is None else c.start_ts)
         self.t0 = self._t
         self.dt = float(c.interval_s)
@@ -131,16 +171,19 @@ class FleetSimulator:
         if mix.sum() <= 0:
             raise ValueError("mode_mix needs a positive weight for at least one mode")
         self._mix = mix / mix.sum()
+        self._init_hardware()
+        self._init_lookalikes()
+        col = self._col
 
         # Static heterogeneity: hosts differ in ambient, GPUs in heatsink, idle power and time constant.
         self._amb0 = rng.uniform(18.0, 32.0, H)
         self._amb_phase = rng.uniform(0, 2 * math.pi, H)
-        self._r_th = rng.normal(0.062, 0.004, n)
+        self._r_th = rng.normal(col(lambda p: p.r_th[0]), col(lambda p: p.r_th[1]))
         hot = rng.random(n) < c.hot_gpu_frac
         self._r_th[hot] *= rng.uniform(1.6, 2.3, int(hot.sum()))
-        self._idle_w = rng.uniform(62.0, 80.0, n)
-        self._dyn_w = rng.uniform(560.0, 630.0, n)
-        self._a_t = 1.0 - np.exp(-self.dt / rng.uniform(25.0, 60.0, n))  # first-order thermal lag
+        self._idle_w = rng.uniform(col(lambda p: p.idle_w[0]), col(lambda p: p.idle_w[1]))
+        self._dyn_w = rng.uniform(col(lambda p: p.dyn_w[0]), col(lambda p: p.dyn_w[1]))
+        self._a_t = 1.0 - np.exp(-self.dt / rng.uniform(col(lambda p: p.tau_s[0]), col(lambda p: p.tau_s[1])))
         self._a_f = 1.0 - math.exp(-self.dt / 8.0)  # fan controller lag
         self._mem_off = rng.integers(-300, 300, n)
         self._sbe_rate = np.full(n, 2e-6)  # per second; most GPUs see a handful of SBEs per year
@@ -150,7 +193,7 @@ class FleetSimulator:
         self._replay_rate = np.full(n, 1e-6)
         self._crc_rate = np.full(n, 3e-7)
         marg = rng.random(n) < c.replay_trickle_frac
-        on_nvl = rng.random(n) < 0.5
+        on_nvl = (rng.random(n) < 0.5) & self._has_nvl  # a board without NVLink trickles on its PCIe link
         self._replay_rate[marg & ~on_nvl] = rng.uniform(1e-4, 2e-3, int((marg & ~on_nvl).sum()))
         self._crc_rate[marg & on_nvl] = rng.uniform(1e-4, 2e-3, int((marg & on_nvl).sum()))
         frail = (
@@ -171,6 +214,15 @@ class FleetSimulator:
         S[_ROW["pcie_link_width"]] = self._width
         S[_ROW["remap_pending"]] = rng.random(n) < c.remap_pending_frac
         S[_ROW["remapped_rows_correctable"]] += S[_ROW["remap_pending"]]
+        # Boards that retire pages instead of remapping rows: the same history, counted as retired pages.
+        ret = np.flatnonzero(self._row_pend != _ROW["remap_pending"])
+        if ret.size:
+            S[_ROW["retired_pages"], ret] = (
+                S[_ROW["remapped_rows_correctable"], ret] + S[_ROW["remapped_rows_uncorrectable"], ret]
+            )
+            S[_ROW["retired_pages_pending"], ret] = S[_ROW["remap_pending"], ret]
+            S[np.ix_([_ROW[k] for k in ("remapped_rows_correctable", "remapped_rows_uncorrectable",
+                                        "remap_pending")], ret)] = 0  # fmt: skip
         self._S_prev = np.full_like(S, -1)
         self._pv_us = np.zeros(n, dtype=np.int64)
         self._tv_us = np.zeros(n, dtype=np.int64)
@@ -181,11 +233,19 @@ class FleetSimulator:
             self._busy, rng.uniform(0, 1, H) * c.job_len_s[1], rng.uniform(0, 1, H) * c.idle_len_s[1]
         )
         self._job_start = np.full(H, self._t - 3600.0)
-        self._intensity = rng.uniform(0.75, 1.12, H)
+        self._intensity = np.zeros(H)
+        self._mem_level = np.zeros(H)  # memory-bus utilisation of the job at full clock, %
+        self._new_jobs(np.arange(H))
         self._mem_frac = rng.uniform(0.6, 0.97, H)
         self._stall_until = np.zeros(H)
         amb = self._ambient()[self._hidx]
-        self._temp = amb + self._r_th * np.where(self._busy[self._hidx], 600.0, 70.0)
+        if self._t_off is None:
+            self._temp = amb + self._r_th * np.where(self._busy[self._hidx], 600.0, 70.0)
+        else:
+            busy_w = np.where(self._busy[self._hidx], 0.85 * self._lim, self._idle_w)
+            self._temp = amb + self._t_off + self._r_th * busy_w
+        self._temp_fast = None if self._fast_frac is None else self._temp.copy()
+        self._temp_rep = self._temp  # what NVML reports: slow + fast parts (in legacy the same array)
         self._fan = np.clip(30 + 2.2 * (self._temp - 45), 30, 100)
         self._brake_until = np.zeros(n)
 
@@ -205,12 +265,7 @@ class FleetSimulator:
             self.schedule_failure(h, g, mode, after_s, prec_s)
 
         # Render caches.
-        self._prefix = [
-            f'{{"gpu_index":{i % G},"uuid":"{u}","power_limit_w":{c.power_limit_w:.1f},'
-            f'"mem_total_mib":{c.mem_total_mib},"mem_clock_mhz":{MEM_CLOCK_MHZ},'
-            f'"pcie_link_width_max":16,"pcie_link_gen_max":5,'
-            for i, u in enumerate(self.uuids)
-        ]
+        self._prefix = [self._make_prefix(i) for i in range(n)]
         self._lost_fmt = [p.split('"power_limit_w"')[0].replace("%", "%%") + _LOST_FMT for p in self._prefix]
         self._gpu_head = [""] * n  # static prefix + slow fields, re-rendered when the slow fields change
         self._head = [f'{{"schema":"{F.SAMPLES_SCHEMA}","host":"{h}","ts":' for h in self.hosts]
@@ -218,6 +273,109 @@ class FleetSimulator:
         self._null_col, self._empty_col = ["null"] * n, ["[]"] * n
         self._cols: dict[str, np.ndarray] = {}
         self._host_ts = np.full(H, self._t)
+
+    def _init_hardware(self) -> None:
+        """Profile per host (`hardware`: a name, or {name: share} drawn per host), board values per GPU."""
+        c, H, G = self.cfg, self.H, self.G
+        if isinstance(c.hardware, str):
+            names, host_hw = [c.hardware], np.zeros(H, dtype=np.int64)
+        else:
+            names = [k for k, v in c.hardware.items() if v > 0]
+            if not names:
+                raise ValueError("hardware needs a positive share for at least one profile")
+            share = np.array([float(c.hardware[k]) for k in names])
+            host_hw = self._rx["hardware"].choice(len(names), size=H, p=share / share.sum())
+        profs = self._profiles = [profile(k) for k in names]
+        self.host_hardware = [names[k] for k in host_hw.tolist()]
+        hw = self._hw_of_gpu = np.repeat(host_hw, G)
+        col = self._col
+        legacy = col(lambda p: p.name == LEGACY)
+        self._lim0 = np.where(legacy, float(c.power_limit_w), col(lambda p: p.power_limit_w))
+        self._lim = self._lim0.copy()  # the power limit now (an operator may lower it for a while)
+        self._mem_total = np.where(legacy, int(c.mem_total_mib), col(lambda p: p.mem_total_mib))
+        self._max_clk = col(lambda p: float(p.max_clock_mhz))
+        self._idle_clk = col(lambda p: float(p.idle_clock_mhz))
+        self._mem_clk = col(lambda p: p.mem_clock_mhz)
+        self._gen_max = col(lambda p: p.pcie_gen_max)
+        self._gen_idle = col(lambda p: p.pcie_gen_idle)
+        self._idle_mem = col(lambda p: p.idle_mem_mib)
+        self._cap_margin = col(lambda p: p.cap_margin_w)
+        self._pn0, self._pn1 = col(lambda p: p.p_noise_w[0]), col(lambda p: p.p_noise_w[1])
+        self._has_nvl = col(lambda p: p.nvlink)
+        self._no_nvl = None if self._has_nvl.all() else ~self._has_nvl
+        self._has_fan = col(lambda p: p.fan) & (not c.fanless)  # `fanless` hides every fan
+        self._fan_all, self._fan_none = bool(self._has_fan.all()), not self._has_fan.any()
+        off = col(lambda p: p.temp_offset_c)
+        self._t_off = off if off.any() else None
+        fast = col(lambda p: p.fast_frac)
+        self._fast_frac = fast if fast.any() else None
+        self._a_fast = 1.0 - math.exp(-self.dt / FAST_TAU_S)
+        tint = col(lambda p: p.temp_int)
+        self._temp_int = tint if tint.any() else None
+        self._contained = col(lambda p: p.containment)
+        # Where memory repairs are counted: remapped rows (Ampere and later) or retired pages (Volta).
+        retire = col(lambda p: p.retired_pages and not p.row_remap)
+        self._row_corr = np.where(retire, _ROW["retired_pages"], _ROW["remapped_rows_correctable"])
+        self._row_unc = np.where(retire, _ROW["retired_pages"], _ROW["remapped_rows_uncorrectable"])
+        self._row_pend = np.where(retire, _ROW["retired_pages_pending"], _ROW["remap_pending"])
+        fmts = [_slow_fmt(p.null_fields) for p in profs]
+        self._slow_fmt = [fmts[k] for k in hw.tolist()]
+        # Per host: share of jobs at the power cap (heavy) and intensity ranges; None: the legacy single draw.
+        fr = [c.power_cap_job_frac if c.power_cap_job_frac is not None else p.heavy_job_frac for p in profs]
+        self._heavy_frac = None if all(f is None for f in fr) else np.array([f or 0.0 for f in fr])[host_hw]
+        self._int_lo = np.array([p.intensity[0] for p in profs])[host_hw]
+        self._int_hi = np.array([p.intensity[1] for p in profs])[host_hw]
+        self._hvy_lo = np.array([p.heavy_intensity[0] for p in profs])[host_hw]
+        self._hvy_hi = np.array([p.heavy_intensity[1] for p in profs])[host_hw]
+        self._mem_legacy = np.array([p.name == LEGACY for p in profs])[host_hw]
+
+    def _col(self, get: Callable[[HardwareProfile], object]) -> np.ndarray:
+        """Per-GPU column of a profile value."""
+        return np.array([get(p) for p in self._profiles])[self._hw_of_gpu]
+
+    def _init_lookalikes(self) -> None:
+        """State of the look-alike events; it stays unused while their knobs are 0."""
+        c, H, n = self.cfg, self.H, self.n
+        self._silent_until = (
+            np.zeros(H) if c.reboot_per_host_day > 0 or c.board_swap_per_host_day > 0 else None
+        )  # a host sends nothing while it reboots
+        self._rejoin = np.zeros(H, dtype=bool)  # silent hosts whose counters reset when they report again
+        self._rejoin_seq0 = np.zeros(H, dtype=bool)  # ...and whose agent restarts its seq at 0
+        self._swap_gpu = np.full(H, -1)  # GPU that comes back as a new board, -1: none
+        self._seq_base: np.ndarray | None = None  # per-host seq offset once an agent has restarted
+        self._lim_until = np.full(H, np.inf)  # when an operator's lowered power limit ends
+        self._amb_x = np.zeros((4, H))  # ambient excursions: start, end, peak, 0 = none
+        self._amb_x[:2] = -np.inf
+        self._xid_due: list[tuple[float, int, int]] = []  # application XIDs on their way to a sample
+        self._board = np.zeros(n, dtype=np.int64)  # replacement count per slot (0: the original board)
+        self._events_on = (
+            self._silent_until is not None or c.power_limit_change_per_host_day > 0
+            or c.ambient_excursion_per_host_day > 0 or c.app_xid_per_host_day > 0
+        )  # fmt: skip
+
+    def _new_jobs(self, hosts: np.ndarray) -> None:
+        """Intensity and memory-bus level of jobs starting on `hosts` (heavy: demand above the cap)."""
+        if self._heavy_frac is None:  # the legacy draw, one range
+            self._intensity[hosts] = self._rng.uniform(self._int_lo[hosts], self._int_hi[hosts])
+            self._mem_level[hosts] = 40.0 * self._intensity[hosts]
+            return
+        rx = self._rx["jobs"]
+        heavy = rx.random(hosts.size) < self._heavy_frac[hosts]
+        lo = np.where(heavy, self._hvy_lo[hosts], self._int_lo[hosts])
+        hi = np.where(heavy, self._hvy_hi[hosts], self._int_hi[hosts])
+        self._intensity[hosts] = self._rng.uniform(lo, hi)
+        # Compute-bound (heavy) jobs keep the memory bus at a fifth to a third (the recording: 24 %); others
+        # anywhere up to a saturated bus (the recording's copy phase: 100 % at 492 W).
+        level = np.where(heavy, rx.uniform(18.0, 35.0, hosts.size), rx.uniform(20.0, 110.0, hosts.size))
+        self._mem_level[hosts] = np.where(self._mem_legacy[hosts], 40.0 * self._intensity[hosts], level)
+
+    def _make_prefix(self, i: int) -> str:
+        """Static part of GPU i's JSON: index, uuid, board limits (redone when the limit or board changes)."""
+        return (
+            f'{{"gpu_index":{i % self.G},"uuid":"{self.uuids[i]}","power_limit_w":{float(self._lim[i]):.1f},'
+            f'"mem_total_mib":{int(self._mem_total[i])},"mem_clock_mhz":{int(self._mem_clk[i])},'
+            f'"pcie_link_width_max":16,"pcie_link_gen_max":{int(self._gen_max[i])},'
+        )
 
     # ----- public API -----
 
@@ -264,6 +422,8 @@ class FleetSimulator:
         m = MODES.index(mode)
         self._f_mode[i] = m
         self._f_sub[i] = self._rng.integers(0, 3)
+        if m == M_INTERCONNECT and self._f_sub[i] == 1 and not self._has_nvl[i]:
+            self._f_sub[i] = 0  # no NVLink on this board: its link trouble is PCIe
         self._f_fail[i] = self._t + max(float(fail_in_s), 0.0)
         prec = 0.0 if m == M_SUDDEN else max(float(precursor_s), 0.0)
         self._f_pstart[i] = np.inf if m == M_SUDDEN else max(self._t, self._f_fail[i] - prec)
@@ -285,7 +445,10 @@ class FleetSimulator:
                 prec[sel] = _loguniform(rng, lo, hi, int(sel.sum()))
         fail = t0 + ttf
         self._f_mode[idx] = mode
-        self._f_sub[idx] = rng.integers(0, 3, k)
+        sub = rng.integers(0, 3, k)
+        if self._no_nvl is not None:  # boards without NVLink: interconnect trouble is on the PCIe link
+            sub = np.where((mode == M_INTERCONNECT) & (sub == 1) & self._no_nvl[idx], 0, sub)
+        self._f_sub[idx] = sub
         self._f_fail[idx] = fail
         self._f_pstart[idx] = np.where(mode == M_SUDDEN, np.inf, np.maximum(t0, fail - prec))
         self._f_strength[idx] = rng.uniform(0.25, 1.0, k) * self.cfg.precursor_strength
@@ -311,12 +474,12 @@ class FleetSimulator:
             if m == M_MEMORY:  # DBE, the row that cannot be remapped, then contained/uncontained ECC error
                 S[_ROW["ecc_dbe_volatile"], i] += 1 + s
                 S[_ROW["ecc_dbe_aggregate"], i] += 1 + s
-                S[_ROW["remapped_rows_uncorrectable"], i] += 1
-                S[_ROW["remap_pending"], i] = 1
-                xid = [48, 63, 94 if s == 0 else 95]
-                if s == 2:  # no spare rows left
+                S[self._row_unc[i], i] += 1
+                S[self._row_pend[i], i] = 1
+                xid = [48, 63, 94 if s == 0 else 95] if self._contained[i] else [48, 63]
+                if s == 2:  # no spare rows left (or the page cannot be retired)
                     S[_ROW["remap_failure"], i] = 1
-                    xid = [48, 64, 95]
+                    xid = [48, 64, 95] if self._contained[i] else [48, 64]
             elif m == M_THERMAL:
                 xid, lost[k] = [79], True  # thermal shutdown: off the bus
             elif m == M_POWER:
@@ -342,20 +505,54 @@ class FleetSimulator:
         hosts_back = np.unique(self._hidx[idx])
         hosts_back = hosts_back[~self._down.reshape(self.H, self.G)[hosts_back].any(axis=1)]
         reset = np.union1d(idx, (hosts_back[:, None] * self.G + np.arange(self.G)).ravel())
-        S[np.ix_(_VOLATILE, reset)] = 0
-        S[_ROW["remap_pending"], reset] = 0
+        self._reset_volatile(reset)
         S[_ROW["remap_failure"], idx] = 0
         S[_ROW["pcie_link_width"], idx] = self._width[idx]
-        self._pv_us[reset] = 0
-        self._tv_us[reset] = 0
         self._cool[idx] = 1.0
         self._temp[idx] = self._ambient()[self._hidx[idx]] + 5.0
+        if self._temp_fast is not None:
+            self._temp_fast[idx] = self._temp[idx]
+            self._temp_rep = self._temp + self._fast_frac * (self._temp_fast - self._temp)
         self._schedule(idx, self._t)
+        if self.cfg.board_replace_frac > 0:
+            for i in idx[self._rx["board"].random(idx.size) < self.cfg.board_replace_frac].tolist():
+                self._new_board(i)
+
+    def _reset_volatile(self, gpus: np.ndarray) -> None:
+        """A GPU reset: volatile counters and violation times to 0, pending remaps/retirements applied."""
+        S = self._S
+        S[np.ix_(_VOLATILE, gpus)] = 0
+        S[_ROW["remap_pending"], gpus] = 0
+        S[_ROW["retired_pages_pending"], gpus] = 0
+        self._pv_us[gpus] = 0
+        self._tv_us[gpus] = 0
+
+    def _new_board(self, i: int) -> None:
+        """Slot i gets a new board: a new uuid, counters from 0, a normal heat sink and no error trickles."""
+        self._board[i] += 1
+        self.uuids[i] = _gpu_uuid(self.cfg.seed, self.hosts[i // self.G], i % self.G, int(self._board[i]))
+        self._S[:, i] = 0
+        self._width[i] = 16
+        self._S[_ROW["pcie_link_width"], i] = 16
+        self._pv_us[i] = self._tv_us[i] = 0
+        p = self._profiles[self._hw_of_gpu[i]]
+        self._r_th[i] = self._rx["board"].normal(p.r_th[0], p.r_th[1])
+        self._sbe_rate[i], self._remap_rate[i] = 2e-6, 0.0
+        self._replay_rate[i], self._crc_rate[i] = 1e-6, 3e-7
+        self._prefix[i] = self._make_prefix(i)
+        self._lost_fmt[i] = self._prefix[i].split('"power_limit_w"')[0].replace("%", "%%") + _LOST_FMT
+        self._S_prev[:, i] = -1  # re-render its head
 
     # ----- physics -----
 
     def _ambient(self) -> np.ndarray:
-        return self._amb0 + 2.0 * np.sin(2 * math.pi * self._t / DAY_S + self._amb_phase)  # day/night swing
+        amb = self._amb0 + 2.0 * np.sin(2 * math.pi * self._t / DAY_S + self._amb_phase)  # day/night swing
+        if self.cfg.ambient_excursion_per_host_day > 0:  # a warm spell: ramp up, hold, ramp down
+            start, end, peak = self._amb_x[0], self._amb_x[1], self._amb_x[2]
+            up = np.clip((self._t - start) / AMBIENT_RAMP_S[0], 0.0, 1.0)
+            down = np.clip((end - self._t) / AMBIENT_RAMP_S[1], 0.0, 1.0)
+            amb = amb + peak * np.minimum(up, down)
+        return amb
 
     def _bursts(self, lam: np.ndarray, mean_size: float) -> np.ndarray:
         """Counter increments from Poisson bursts with geometric sizes; drawn only where lam > 0."""
@@ -379,6 +576,8 @@ class FleetSimulator:
             if back.size:
                 self._repair(back)
         failing = np.flatnonzero(t >= self._f_fail)  # down GPUs have f_fail = inf
+        if failing.size and self._silent_until is not None:  # a silent host fails once it reports again
+            failing = failing[self._silent_until[hidx[failing]] <= t]
         if failing.size:
             self._fail(failing)
         down = self._down
@@ -391,13 +590,15 @@ class FleetSimulator:
             end = flip[self._busy[flip]]
             self._busy[start], self._busy[end] = True, False
             self._job_start[start] = t
-            self._intensity[start] = rng.uniform(0.75, 1.12, start.size)
+            self._new_jobs(start)
             self._mem_frac[start] = rng.uniform(0.6, 0.97, start.size)
             self._phase_end[start] = t + _loguniform(rng, *c.job_len_s, start.size)
             self._phase_end[end] = t + _loguniform(rng, *c.idle_len_s, end.size)
         if host_down.any():
             self._busy[host_down] = False
             self._phase_end[host_down] = t + self.dt
+        if self._events_on:
+            self._host_events(t, host_down)
         stall = rng.random(H) < self.dt / 1800.0  # checkpoint/eval stalls inside jobs
         if stall.any():
             self._stall_until[stall] = t + rng.uniform(20.0, 90.0, int(stall.sum()))
@@ -413,7 +614,7 @@ class FleetSimulator:
 
         # Precursor ramps (0 -> 1 across the window) on the few GPUs that are in one.
         cool = self._cool
-        p_noise = 1.5 + 5.0 * (util / 100.0)  # sensor and workload noise, watts (1 sigma)
+        p_noise = self._pn0 + self._pn1 * (util / 100.0)  # sensor and workload noise, watts (1 sigma)
         pre = np.flatnonzero(t >= self._f_pstart)
         ramp = np.clip(
             (t - self._f_pstart[pre]) / np.maximum(self._f_fail[pre] - self._f_pstart[pre], 1.0), 0, 1
@@ -433,9 +634,9 @@ class FleetSimulator:
             sbe_lam[pre[mem]] = st[mem] * 0.01 * (1.0 + 40.0 * ramp[mem] ** 2)
             span = np.maximum(self._f_fail[pre] - self._f_pstart[pre], 60.0)
             remap = mem & (rng.random(pre.size) < st * 6.0 * ramp * self.dt / span)  # ~3*st remaps per window
-            for i in pre[remap].tolist():
-                S[_ROW["remapped_rows_correctable"], i] += 1
-                S[_ROW["remap_pending"], i] = 1
+            for i in pre[remap].tolist():  # a row remapped (a page retired on boards without row remapping)
+                S[self._row_corr[i], i] += 1
+                S[self._row_pend[i], i] = 1
                 self._xid[i] = [63]
             ic = pm == M_INTERCONNECT
             pcie = ic & (self._f_sub[pre] != 1)
@@ -452,15 +653,15 @@ class FleetSimulator:
 
         # Clocks and power: thermal and brake slowdowns cut clocks; the power cap trims what is left.
         braking = self._brake_until > t
-        sw_th = self._temp >= SW_THERMAL_C
-        hw_th = self._temp >= HW_THERMAL_C
+        sw_th = self._temp_rep >= SW_THERMAL_C
+        hw_th = self._temp_rep >= HW_THERMAL_C
         cf = (1.0 - 0.15 * sw_th - 0.30 * hw_th) * np.where(braking, 0.35, 1.0)
         load = util / 100.0 * self._intensity[hidx]
         dyn = self._dyn_w * load * cf**1.3
         p_dem = self._idle_w + dyn + p_noise * z[1]
-        lim = c.power_limit_w
+        lim = self._lim
         capped = p_dem > lim
-        power = np.where(capped, lim - np.abs(z[2]) * 3.0, np.maximum(p_dem, 20.0))
+        power = np.where(capped, lim - self._cap_margin - np.abs(z[2]) * 3.0, np.maximum(p_dem, 20.0))
         cf = cf * np.where(
             capped, np.clip((lim - self._idle_w) / np.maximum(p_dem - self._idle_w, 1.0), 0, 1), 1.0
         )
@@ -468,25 +669,33 @@ class FleetSimulator:
             # transient excursions past the limit, each followed by a brake
             exc = (pm == M_POWER) & (rng.random(pre.size) < st * 0.02 * ramp)
             if exc.any():
-                power[pre[exc]] = lim * rng.uniform(1.02, 1.15, int(exc.sum()))
+                power[pre[exc]] = lim[pre[exc]] * rng.uniform(1.02, 1.15, int(exc.sum()))
                 self._brake_until[pre[exc]] = t + rng.uniform(2.0, 8.0, int(exc.sum()))
 
-        # First-order thermal model, fan controller chasing temperature.
-        fan_ff = 1.0 if c.fanless else 1.45 - 0.006 * self._fan
+        # First-order thermal model (plus the die's fast part on modern boards), fan controller chasing it.
+        if self._fan_all:
+            fan_ff = 1.45 - 0.006 * self._fan
+        elif self._fan_none:
+            fan_ff = 1.0
+        else:
+            fan_ff = np.where(self._has_fan, 1.45 - 0.006 * self._fan, 1.0)
         target = self._ambient()[hidx] + self._r_th * fan_ff / cool * power
+        if self._t_off is not None:  # passive boards: server fans run slow at low load, so idle sits warm
+            target += self._t_off / cool
         self._temp += self._a_t * (target - self._temp) + 0.15 * z[3]
-        f_target = np.clip(30.0 + 2.2 * (self._temp - 45.0), 30.0, 100.0)
+        if self._temp_fast is not None:
+            self._temp_fast += self._a_fast * (target - self._temp_fast)
+            self._temp_rep = self._temp + self._fast_frac * (self._temp_fast - self._temp)
+        f_target = np.clip(30.0 + 2.2 * (self._temp_rep - 45.0), 30.0, 100.0)
         self._fan += self._a_f * (f_target - self._fan)
 
         active = busy & ~down
-        sm = np.where(active, np.rint(MAX_CLOCK_MHZ * cf / 15.0) * 15.0, IDLE_CLOCK_MHZ)
+        sm = np.where(active, np.rint(self._max_clk * cf / 15.0) * 15.0, self._idle_clk)
         mem_ramp = np.minimum((t - self._job_start[hidx]) / WARMUP_S, 1.0)
         mem_used = np.where(
-            active, self._mem_frac[hidx] * c.mem_total_mib * mem_ramp + self._mem_off, IDLE_MEM_MIB
+            active, self._mem_frac[hidx] * self._mem_total * mem_ramp + self._mem_off, self._idle_mem
         )
-        util_mem = np.where(
-            active, np.clip(40.0 * self._intensity[hidx] * cf + 4.0 * z[4], 0, 100) * util / 100, 0
-        )
+        util_mem = np.where(active, np.clip(self._mem_level[hidx] * cf + 4.0 * z[4], 0, 100) * util / 100, 0)
         throttle = (
             F.THROTTLE_GPU_IDLE * ~active
             | F.THROTTLE_SW_POWER_CAP * capped
@@ -511,17 +720,157 @@ class FleetSimulator:
             S[_ROW["nvlink_replay_errors"]] += rng.binomial(crc, 0.3)
         benign = np.flatnonzero(rng.random(n) < self._remap_rate * self.dt)
         for i in benign.tolist():  # harmless remap on a trickle GPU: pending until the next reset
-            S[_ROW["remapped_rows_correctable"], i] += 1
-            S[_ROW["remap_pending"], i] = 1
+            S[self._row_corr[i], i] += 1
+            S[self._row_pend[i], i] = 1
             self._xid.setdefault(i, []).append(63)
+        if c.sbe_burst_per_gpu_day > 0:
+            self._sbe_bursts()
+        if self._xid_due:
+            self._deliver_xids(t)
 
+        temp = self._temp_rep
+        if self._temp_int is not None:  # NVML reports whole degrees
+            temp = np.where(self._temp_int, np.rint(temp), temp)
         i64 = np.int64
         self._cols = {
-            "temp_c": self._temp, "power_w": power, "mem_used_mib": mem_used.astype(i64),
+            "temp_c": temp, "power_w": power, "mem_used_mib": mem_used.astype(i64),
             "util_gpu_pct": util.astype(i64), "sm_clock_mhz": sm.astype(i64), "fan_pct": self._fan,
             "util_mem_pct": np.rint(util_mem).astype(i64),
-            "pcie_link_gen": np.where(active, 5, 1), "throttle_reasons": throttle,
+            "pcie_link_gen": np.where(active, self._gen_max, self._gen_idle), "throttle_reasons": throttle,
         }  # fmt: skip
+
+    # ----- benign look-alike events (rare: Python loops run over the few hosts or GPUs they hit) -----
+
+    def _host_events(self, t: float, host_down: np.ndarray) -> None:
+        """Reboots, board swaps, operator power caps, warm spells and application crashes, by their knobs."""
+        c, H, G = self.cfg, self.H, self.G
+        p = self.dt / DAY_S
+        quiet = ~host_down  # hosts in service that report
+        if self._silent_until is not None:
+            back = np.flatnonzero(self._rejoin & (self._silent_until <= t))
+            for h in back.tolist():
+                self._rejoin_host(h)
+            silent = self._silent_until > t
+            self._busy[silent] = False  # no job runs on a host that is rebooting
+            self._phase_end[silent] = np.maximum(self._phase_end[silent], self._silent_until[silent])
+            quiet &= ~silent
+            rx = self._rx["boot"]
+            boot = quiet & (rx.random(H) < c.reboot_per_host_day * p)
+            swap = quiet & ~boot & (rx.random(H) < c.board_swap_per_host_day * p)
+            for h in np.flatnonzero(boot | swap).tolist():
+                if swap[h]:  # a maintenance window, then one slot holds a new board
+                    self._silence(h, t + rx.uniform(*SWAP_S), True, h * G + int(rx.integers(G)))
+                elif rx.random() < 1 / 3:  # driver reload: the agent keeps running, its seq keeps counting
+                    self._silence(h, t + rx.uniform(*DRIVER_RELOAD_S), False, -1)
+                else:
+                    self._silence(h, t + rx.uniform(*REBOOT_S), True, -1)
+            quiet &= ~(boot | swap)
+        if c.power_limit_change_per_host_day > 0:
+            for h in np.flatnonzero(self._lim_until <= t).tolist():
+                self._set_limit(h, None)
+                self._lim_until[h] = np.inf
+            rx = self._rx["limit"]
+            cap = np.flatnonzero(
+                np.isinf(self._lim_until) & (rx.random(H) < c.power_limit_change_per_host_day * p)
+            )
+            for h in cap.tolist():
+                self._set_limit(h, float(rx.uniform(*LIMIT_FRAC)))
+                self._lim_until[h] = t + rx.uniform(*LIMIT_HOURS) * 3600.0
+        if c.ambient_excursion_per_host_day > 0:
+            rx = self._rx["ambient"]
+            warm = np.flatnonzero(
+                (self._amb_x[1] <= t) & (rx.random(H) < c.ambient_excursion_per_host_day * p)
+            )
+            if warm.size:
+                hold = rx.uniform(*AMBIENT_HOLD_S, warm.size)
+                self._amb_x[0, warm] = t
+                self._amb_x[1, warm] = t + AMBIENT_RAMP_S[0] + hold + AMBIENT_RAMP_S[1]
+                self._amb_x[2, warm] = rx.uniform(*AMBIENT_RISE_C, warm.size)
+        if c.app_xid_per_host_day > 0:
+            crash = np.flatnonzero(
+                quiet & self._busy & (self._rx["app"].random(H) < c.app_xid_per_host_day * p)
+            )
+            for h in crash.tolist():
+                self._app_crash(h, t)
+
+    def _silence(self, h: int, until: float, seq_restart: bool, swap_gpu: int) -> None:
+        """Host h stops reporting until `until` (its job is killed); it rejoins with reset counters."""
+        self._silent_until[h] = until
+        self._rejoin[h] = True
+        self._rejoin_seq0[h] = seq_restart
+        self._swap_gpu[h] = swap_gpu
+        self._busy[h] = False
+        self._phase_end[h] = until + _loguniform(self._rx["boot"], *self.cfg.idle_len_s, 1)[0]
+
+    def _rejoin_host(self, h: int) -> None:
+        """Host h reports again after a reboot or reload: GPUs reset, a swapped slot holds a new board."""
+        gpus = np.arange(h * self.G, (h + 1) * self.G)
+        gpus = gpus[~self._down[gpus]]  # a GPU down for repair keeps its own state
+        self._reset_volatile(gpus)
+        i = int(self._swap_gpu[h])
+        if i >= 0 and not self._down[i]:  # a new board, with its own hazard (the old one's left with it)
+            self._new_board(i)
+            self._cool[i] = 1.0
+            self._schedule(np.array([i]), self._t)
+        if self._rejoin_seq0[h]:  # the agent restarted with the host: its seq starts again at 0
+            if self._seq_base is None:
+                self._seq_base = np.zeros(self.H, dtype=np.int64)
+            self._seq_base[h] = self._seq
+        self._rejoin[h] = False
+        self._swap_gpu[h] = -1
+
+    def _set_limit(self, h: int, frac: float | None) -> None:
+        """Host h's power limit to `frac` of its maximum, in 25 W steps as operators set it; None: restore."""
+        gpus = np.arange(h * self.G, (h + 1) * self.G)
+        lim0 = self._lim0[gpus]
+        self._lim[gpus] = lim0 if frac is None else np.maximum(np.round(lim0 * frac / 25.0) * 25.0, 100.0)
+        for i in gpus.tolist():
+            self._prefix[i] = self._make_prefix(i)
+            self._S_prev[:, i] = -1
+
+    def _app_crash(self, h: int, t: float) -> None:
+        """The job on host h dies of its own fault (XID 13/31/43 on one GPU) or is killed (XID 45 on all)."""
+        rx, G = self._rx["app"], self.G
+        self._busy[h] = False
+        self._phase_end[h] = t + _loguniform(rx, *self.cfg.idle_len_s, 1)[0]
+        due = t + rx.uniform(0.5, 2.5)  # the driver logs the XID a second or two later (recording: ~2 s)
+        if rx.random() < 0.6:
+            g = h * G + int(rx.integers(G))
+            self._xid_due.append((due, g, int(rx.choice(APP_FAULT_XIDS, p=APP_FAULT_P))))
+            if rx.random() < 0.5:  # the launcher then tears down the job's other ranks with work in flight
+                self._xid_due.extend(
+                    (due + 1.0, j, APP_KILL_XID) for j in range(h * G, (h + 1) * G) if j != g
+                )
+        else:
+            self._xid_due.extend((due, j, APP_KILL_XID) for j in range(h * G, (h + 1) * G))
+
+    def _deliver_xids(self, t: float) -> None:
+        """Application XIDs whose time has come go into this step's samples."""
+        keep = []
+        for due, i, code in self._xid_due:
+            if due <= t:
+                if not self._down[i]:
+                    self._xid.setdefault(i, []).append(code)
+            else:
+                keep.append((due, i, code))
+        self._xid_due = keep
+
+    def _sbe_bursts(self) -> None:
+        """One-off SBE bursts (a particle strike, a transient) on random GPUs; a quarter remap their row."""
+        rx, S = self._rx["sbe"], self._S
+        k = rx.binomial(self.n, min(self.cfg.sbe_burst_per_gpu_day * self.dt / DAY_S, 1.0))
+        if not k:
+            return
+        for i in rx.choice(self.n, size=min(k, self.n), replace=False).tolist():
+            if self._down[i]:
+                continue
+            size = int(rx.geometric(1.0 / SBE_BURST_MEAN))
+            S[_ROW["ecc_sbe_volatile"], i] += size
+            S[_ROW["ecc_sbe_aggregate"], i] += size
+            if rx.random() < SBE_BURST_REMAP_P:
+                S[self._row_corr[i], i] += 1
+                S[self._row_pend[i], i] = 1
+                self._xid.setdefault(i, []).append(63)
 
     # ----- rendering -----
 
@@ -533,15 +882,17 @@ class FleetSimulator:
             np.copyto(self._S_prev, S)
             nint = len(_SLOW_INT)
             for i, row in zip(dirty.tolist(), S[:, dirty].T.tolist(), strict=True):
-                self._gpu_head[i] = self._prefix[i] + _SLOW_FMT % (
+                self._gpu_head[i] = self._prefix[i] + self._slow_fmt[i] % (
                     *row[:nint],
                     *(_BOOL[v] for v in row[nint:]),
                 )
-        fan = (
-            self._null_col
-            if self.cfg.fanless
-            else list(map(str, np.rint(cols["fan_pct"]).astype(np.int64).tolist()))
-        )
+        if self._fan_none:
+            fan = self._null_col
+        else:
+            fan = list(map(str, np.rint(cols["fan_pct"]).astype(np.int64).tolist()))
+            if not self._fan_all:
+                for i in np.flatnonzero(~self._has_fan).tolist():
+                    fan[i] = "null"
         xid = self._empty_col.copy()
         for i, codes in self._xid.items():
             xid[i] = "[" + ",".join(map(str, codes)) + "]"
@@ -558,13 +909,22 @@ class FleetSimulator:
         for i in np.flatnonzero(self._lost).tolist():
             gpus[i] = self._lost_fmt[i] % xid[i]
         ts = self._host_ts.tolist()
-        order = (
+        order: list[int] | range = (
             np.argsort(self._host_ts, kind="stable").tolist() if self.cfg.ts_jitter_s > 0 else range(self.H)
         )
+        if self._silent_until is not None:  # a rebooting host sends nothing
+            alive = (self._silent_until <= self._t).tolist()
+            order = [h for h in order if alive[h]]
         self._order = order
-        seq = self._seq
+        if self._seq_base is None:
+            seq = self._seq
+            return [
+                f'{self._head[h]}{ts[h]:.3f},"seq":{seq},"gpus":[{",".join(gpus[h * G : (h + 1) * G])}]}}'
+                for h in order
+            ]
+        seqs = (self._seq - self._seq_base).tolist()  # agents restarted with their host count from 0
         return [
-            f'{self._head[h]}{ts[h]:.3f},"seq":{seq},"gpus":[{",".join(gpus[h * G : (h + 1) * G])}]}}'
+            f'{self._head[h]}{ts[h]:.3f},"seq":{seqs[h]},"gpus":[{",".join(gpus[h * G : (h + 1) * G])}]}}'
             for h in order
         ]
 
