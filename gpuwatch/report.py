@@ -343,6 +343,84 @@ def render_report(data: ReportData, path: str | Path) -> Path:
     return path
 
 
+def _plot_reliability(plt: Any, scorers: dict[str, dict[str, Any]]) -> str:
+    """Reliability diagram: observed failure rate against mean predicted risk per bin, one line per scorer,
+    marker area by the bin's records; the diagonal is perfect calibration."""
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(12.4, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    ax.plot([0, 1], [0, 1], color="#999999", ls="--", lw=1, label="perfect calibration")
+    for name, rep in scorers.items():
+        bins = [b for b in rep.get("calibration", []) if b["count"] > 0]
+        if not bins:
+            continue
+        x = np.array([b["mean_risk"] for b in bins])
+        y = np.array([b["failure_rate"] for b in bins])
+        n = np.array([b["count"] for b in bins], dtype=np.float64)
+        line = ax.plot(x, y, marker="o", lw=1.2, ms=3, label=f"{name} (ECE {rep.get('ece', float('nan')):.3f})")
+        ax.scatter(x, y, s=12 + 60 * n / n.max(), color=line[0].get_color(), alpha=0.35)
+        hist.bar(np.arange(len(n)) + 0.28 * list(scorers).index(name), n, width=0.28, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted risk (bin)")
+    ax.set_ylabel("observed share failing within the horizon")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    hist.set_yscale("log")
+    hist.set_xlabel("bin (15 equal-width bins of risk, empty ones left out)")
+    hist.set_ylabel("records (log scale)")
+    hist.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def render_eval_report(report: dict[str, Any], path: str | Path, title: str = "gpuwatch eval report") -> Path:
+    """The HTML page of a `gpuwatch eval` report (one fleet, or several under `datasets`): per fleet, the
+    reliability diagram of every scorer and what each replayed policy did. Raises ReportUnavailable without
+    matplotlib."""
+    plt = _pyplot()
+    path = Path(path)
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p class='note'>Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC}.</p>"]
+    for rep in report.get("datasets", [report]):
+        data = rep.get("data", {})
+        parts.append(f"<h2>{html.escape(str(data.get('name', 'fleet')))}</h2>")
+        parts.append(f"<p class='note'>{data.get('gpu_days', '?')} GPU-days, {data.get('failures', '?')} failures, "
+                     f"model {html.escape(str(data.get('model', '?')))} at operating point "
+                     f"{html.escape(str(data.get('operating_point', '?')))}; risk stated at this fleet's failure "
+                     f"rate ({data.get('risk_stated_at_failures_per_gpu_day')} per GPU-day).</p>")  # fmt: skip
+        parts.append("<h3>Calibration</h3><img alt='reliability diagram' src='data:image/png;base64,"
+                     f"{_plot_reliability(plt, rep.get('scorers', {}))}'>")  # fmt: skip
+        rows = []
+        for name, s in rep.get("scorers", {}).items():
+            rows.append((name, f"{s.get('precision', float('nan')):.3f}", f"{s.get('recall', float('nan')):.3f}",
+                         f"{s.get('median_lead_min', float('nan')):.1f}", f"{s.get('ece', float('nan')):.3f}",
+                         f"{s.get('calibration_max_gap_above_half', float('nan')):.3f}"))  # fmt: skip
+        parts.append("<h3>Alarms</h3>" + _table(("scorer", "precision", "recall", "median lead (min)", "ECE",
+                                                 "worst bin above 0.5"), rows))  # fmt: skip
+        for name, sysrep in rep.get("system", {}).items():
+            rows = []
+            for action, a in sysrep["actions"].items():
+                if action == "repair":
+                    rows.append((action, a["events"], "-", "-", "-", "-", f"{a['repairs_of_failures']} of failures"))
+                    continue
+                rows.append((action, a["events"], f"{a['recall']:.3f}", f"{a['median_lead_min']:.1f}",
+                             f"{a['false_healthy_per_1000_gpu_days']:.2f}", a["false_by_cause"]["early"],
+                             a["after_failure"]))  # fmt: skip
+            v = sysrep["value"]
+            parts.append(f"<h3>Policy replay: {html.escape(name)}</h3>" + _table(
+                ("action", "events", "recall", "median lead (min)", "false / 1,000 healthy GPU-days", "early",
+                 "after failure"), rows) + "<p class='note'>Net GPU-hours per 1,000 GPU-days: "
+                f"{v['net_gpu_h_per_1000_gpu_days_fleet']:,.0f} on this fleet (oracle "
+                f"{v['oracle_gpu_h_per_1000_gpu_days_fleet']:,.0f}); at the real failure rate "
+                f"{v['net_gpu_h_per_1000_gpu_days_real']:,.1f} (oracle {v['oracle_gpu_h_per_1000_gpu_days_real']:,.1f}).</p>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
 def require_matplotlib() -> None:
     """Raise ReportUnavailable (saying how to install it) now, rather than after a long run."""
     _pyplot()

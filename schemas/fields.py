@@ -78,6 +78,11 @@ THROTTLE_HW_POWER_BRAKE = 0x80
 XID_MEMORY = frozenset({48, 63, 64, 92, 94, 95})
 XID_FATAL = frozenset({48, 62, 64, 74, 79, 95})
 XID_INTERCONNECT = frozenset({74, 79})
+# XIDs an application causes on a healthy GPU (NVIDIA's XID catalogue: 13 graphics engine exception, 31 MMU fault
+# from an illegal address, 43 GPU stopped processing a faulted context, 45 preemptive cleanup after a killed job,
+# 68 video decoder exception, 109 context switch timeout). The features leave them out: they say the job broke,
+# not the board (a real H200 showed XID 31 for a deliberately faulting kernel, docs/gpu-check.md).
+XID_APPLICATION = frozenset({13, 31, 43, 45, 68, 109})
 
 FAILURE_MODES: tuple[str, ...] = ("none", "memory", "thermal", "power", "interconnect", "sudden")
 # repair: the GPU has failed; drain its node and ask for a repair (not a prediction, no escalation).

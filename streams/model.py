@@ -84,6 +84,9 @@ class ModelArtifact:
     # Share of the calibration records that preceded a failure within the horizon: the base rate the
     # calibrated score is a probability at (training fleets fail thousands of times more often than real ones).
     calibration_prevalence: float = _LEGACY_CALIBRATION_PREVALENCE
+    # Monotone map (xs, ys) applied to sigmoid(logit / temperature), fitted on validation records (isotonic,
+    # interpolated); None: Platt scaling alone. It keeps the upper range calibrated, where a sigmoid cannot.
+    calibration_map: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     # The drain operating point (migrate, then reboot), stricter than the alarm's; None: no drains.
     migrate_threshold: float | None = None
     migrate_records: int = 1
@@ -122,6 +125,7 @@ class ModelArtifact:
             "threshold": float(self.threshold),
             "alarm_records": int(self.alarm_records),
             "calibration_prevalence": float(self.calibration_prevalence),
+            "calibration_map": None if self.calibration_map is None else [list(v) for v in self.calibration_map],
             "migrate_threshold": None if self.migrate_threshold is None else float(self.migrate_threshold),
             "migrate_records": int(self.migrate_records),
             "horizon_s": float(self.horizon_s),
@@ -172,6 +176,8 @@ def load_artifact(path: str | Path | None = None) -> ModelArtifact:
         threshold=float(raw["threshold"]),
         alarm_records=int(raw.get("alarm_records", 1)),
         calibration_prevalence=float(raw.get("calibration_prevalence", _LEGACY_CALIBRATION_PREVALENCE)),
+        calibration_map=None if raw.get("calibration_map") is None
+        else (tuple(raw["calibration_map"][0]), tuple(raw["calibration_map"][1])),
         migrate_threshold=None if raw.get("migrate_threshold") is None else float(raw["migrate_threshold"]),
         migrate_records=int(raw.get("migrate_records", 1)),
         horizon_s=float(raw["horizon_s"]),
@@ -249,6 +255,8 @@ class Scorer:
     def _calibrated(self, risk_logit: np.ndarray, mode_logit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # tanh form of the sigmoid: no overflow warning for large logits
         risk = 0.5 * (1.0 + np.tanh(risk_logit.astype(np.float64) / (2.0 * self.artifact.temperature)))
+        if self.artifact.calibration_map is not None:
+            risk = np.interp(risk, *self.artifact.calibration_map)
         mode = mode_logit.argmax(axis=1) + 1  # +1: FAILURE_MODES[0] is "none"
         mode = np.where(risk >= self.artifact.mode_min_risk, mode, 0)
         return risk, mode

@@ -96,7 +96,6 @@ INSTANT_FEATURES: tuple[str, ...] = (
     "log_dbe_aggregate",
     "log_retired_pages",
     "log_remapped_uncorrectable",
-    "thermal_r",
     "violation_power",
     "violation_thermal",
     "temp_peer",
@@ -129,16 +128,18 @@ def _peer_means(group: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def xid_summary(xids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per sample: XID count, whether any was a memory XID, whether any was fatal."""
+    """Per sample: count of XIDs that are not the application's (F.XID_APPLICATION), whether any was a memory
+    XID, whether any was fatal."""
     n = len(xids)
     count = np.zeros(n, dtype=np.float32)
     memory = np.zeros(n, dtype=bool)
     fatal = np.zeros(n, dtype=bool)
     for i, codes in enumerate(xids):
         if codes:  # rare: the common empty list costs one truth test
-            count[i] = len(codes)
-            memory[i] = any(c in F.XID_MEMORY for c in codes)
-            fatal[i] = any(c in F.XID_FATAL for c in codes)
+            board = [c for c in codes if c not in F.XID_APPLICATION]
+            count[i] = len(board)
+            memory[i] = any(c in F.XID_MEMORY for c in board)
+            fatal[i] = any(c in F.XID_FATAL for c in board)
     return count, memory, fatal
 
 
@@ -202,6 +203,7 @@ class WindowStore:
             "state_since": ((), np.float64),  # ts of the last change between idle and loaded
             "was_loaded": ((), np.bool_),
             "last_power_peer": ((), np.float32),
+            "clock_max": ((), np.float32),  # highest SM clock seen (MHz): the board's boost clock
             "current": ((N_FEATURES,), np.float32),
             "ring": ((t, N_FEATURES), np.float16),
             # Failure state (see `_update_unique`) and the runs of scorings in a row at each operating point,
@@ -406,10 +408,15 @@ class WindowStore:
         # Thermal resistance (°C per W above ambient): fan or heatsink trouble raises it at any load.
         thermal_r = (temp - 25.0) / (np.nan_to_num(power, nan=0.0) + 60.0)
         sm_clock = x[:, _NUM["sm_clock_mhz"]]
+        # Clocks relative to the highest this GPU has shown: boards boost to 1410 (A100) or 1980 MHz (H100), so
+        # a fixed scale would read every A100 as throttled.
+        clock_max = np.fmax(np.where(first, 0.0, self.clock_max[s]), np.nan_to_num(sm_clock, nan=0.0))
+        self.clock_max[s] = clock_max
+        clock_ratio = sm_clock / np.where(clock_max > 0, clock_max, np.nan)
         util = x[:, _NUM["util_gpu_pct"]] / 100.0
         # Load is the job's demand (utilisation), not power: a throttling GPU draws less power but is busy.
         loaded = np.nan_to_num(util, nan=0.0) >= LOADED_UTIL
-        clock_deficit = np.where(util > 0.5, np.clip(1.0 - sm_clock / 1980.0, 0.0, 1.0), 0.0)
+        clock_deficit = np.where(util > 0.5, np.clip(1.0 - clock_ratio, 0.0, 1.0), 0.0)
 
         thr_thermal = (throttle & (F.THROTTLE_SW_THERMAL | F.THROTTLE_HW_THERMAL)) != 0
         thr_power = (throttle & (F.THROTTLE_HW_POWER_BRAKE | F.THROTTLE_HW_SLOWDOWN)) != 0
@@ -503,7 +510,7 @@ class WindowStore:
             temp / 100.0,
             power_frac,
             util,
-            sm_clock / 2000.0,
+            clock_ratio,
             fan / 100.0,
             np.isnan(fan),
             x[:, _NUM["mem_used_mib"]] / x[:, _NUM["mem_total_mib"]],
@@ -522,7 +529,6 @@ class WindowStore:
             np.log1p(np.nan_to_num(x[:, _NUM["ecc_dbe_aggregate"]], nan=0.0)),
             np.log1p(np.nan_to_num(x[:, _NUM["retired_pages"]], nan=0.0)),
             np.log1p(np.nan_to_num(x[:, _NUM["remapped_rows_uncorrectable"]], nan=0.0)),
-            np.nan_to_num(thermal_r, nan=0.0) * 3.0,
             violation_frac[:, 0],
             violation_frac[:, 1],
             np.clip(temp_peer / 10.0, -5.0, 5.0),

@@ -219,3 +219,28 @@ def test_pooled_fleets_count_as_one_recording(tmp_path: Path) -> None:
     assert np.array_equal(sustained_risk(pooled, pooled.risk["m"], 2)[: len(one.ts)],
                           sustained_risk(one, one.risk["m"], 2))  # fmt: skip
     assert concat_labelled([one]) is one
+
+
+def test_calibration_map_is_increasing_and_follows_the_observed_rates() -> None:
+    from gpuwatch.training.calibration import fit_map
+
+    rng = np.random.default_rng(0)
+    score = rng.uniform(0, 1, 200_000)
+    truth = np.clip(score * 1.4, 0, 1) ** 1.5  # the score is off, most in the upper range
+    y = rng.uniform(0, 1, len(score)) < truth
+    xs, ys = fit_map(score, y)
+    assert list(xs) == sorted(set(xs)) and list(ys) == sorted(set(ys))  # strictly increasing: ranks are kept
+    for s in (0.2, 0.5, 0.7, 0.9):
+        assert np.interp(s, xs, ys) == pytest.approx(min(s * 1.4, 1.0) ** 1.5, abs=0.03)
+    with pytest.raises(ValueError, match="too few records"):
+        fit_map(score[:100], y[:100])
+
+
+def test_the_worst_calibration_gap_above_a_half_ignores_thin_bins() -> None:
+    from gpuwatch.training.evaluate import max_gap_above
+
+    bins = [{"mean_risk": 0.1, "failure_rate": 0.5, "count": 1000},  # below 0.5: not counted
+            {"mean_risk": 0.55, "failure_rate": 0.7, "count": 100},
+            {"mean_risk": 0.9, "failure_rate": 0.4, "count": 10}]  # too few records to say anything
+    assert max_gap_above(bins, 0.5) == pytest.approx(0.15)
+    assert np.isnan(max_gap_above(bins[:1], 0.5))

@@ -149,3 +149,25 @@ def test_run_recorder_keeps_a_bounded_series_per_gpu_and_builds_report_data() ->
     assert gpu.precursor_ts == T0 - 100 and gpu.mode == "memory"
     assert data.fleet_risk == [0.01]  # the latest score of each GPU that has not failed
     assert len(data.events) == 2 and "id" not in data.events[0]
+
+
+def test_eval_report_shows_each_fleets_reliability_diagram_and_policy_replay(tmp_path: Path) -> None:
+    from gpuwatch.report import render_eval_report
+
+    bins = [{"lo": 0.0, "hi": 0.1, "count": 9000, "mean_risk": 0.01, "failure_rate": 0.012},
+            {"lo": 0.6, "hi": 0.7, "count": 80, "mean_risk": 0.65, "failure_rate": 0.6}]  # fmt: skip
+    scorer = {"precision": 0.9, "recall": 0.8, "median_lead_min": 12.0, "ece": 0.02, "calibration": bins,
+              "calibration_max_gap_above_half": 0.05}  # fmt: skip
+    action = {"events": 10, "recall": 0.8, "median_lead_min": 11.0, "false_healthy_per_1000_gpu_days": 0.5,
+              "false_by_cause": {"early": 1}, "after_failure": 0}  # fmt: skip
+    system = {"actions": {"checkpoint": action, "migrate": action, "reboot": action,
+                          "repair": {"events": 4, "repairs_of_failures": 4}},
+              "value": {k: 1.0 for k in ("net_gpu_h_per_1000_gpu_days_fleet", "oracle_gpu_h_per_1000_gpu_days_fleet",
+                                         "net_gpu_h_per_1000_gpu_days_real", "oracle_gpu_h_per_1000_gpu_days_real")}}  # fmt: skip
+    fleet = {"data": {"name": "heldout-x", "gpu_days": 100}, "scorers": {"lstm": scorer, "threshold": scorer},
+             "system": {"lstm": system}}  # fmt: skip
+    page = render_eval_report({**fleet, "datasets": [fleet, {**fleet, "data": {"name": "heldout-y"}}]},
+                              tmp_path / "eval.html").read_text()  # fmt: skip
+    assert "<h2>heldout-x</h2>" in page and "<h2>heldout-y</h2>" in page
+    assert len(embedded_pngs(page)) == 2  # one reliability diagram per fleet
+    assert "Policy replay: lstm" in page and "<td>repair</td>" in page

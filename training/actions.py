@@ -71,39 +71,35 @@ def classify(
     events: Sequence[Mapping[str, Any]], lab: Labelled, uuids: Sequence[str], lookalike: set[str] | None = None
 ) -> ClassifiedEvents:
     """Classifies each event (see the module docstring). `uuids` names the GPU codes of `lab` (RiskTable.uuids);
-    `lookalike` holds the uuids of GPUs the simulator gave a benign look-alike."""
+    `lookalike` holds the uuids of GPUs the simulator gave a benign look-alike. Vectorised: the operating point
+    search classifies thousands of candidate event sets."""
     code = {u: i for i, u in enumerate(uuids)}
     ft = lab.failures
-    by_gpu: dict[int, np.ndarray] = {}
-    order = np.argsort(ft.gpu, kind="stable")
-    for g, idx in zip(*np.unique(ft.gpu[order], return_index=True)):
-        by_gpu[int(g)] = order[idx : idx + int(np.sum(ft.gpu == g))]
-    none = np.zeros(0, dtype=np.int64)
-    rows = []
-    for e in events:
-        g = code.get(str(e.get("uuid", "")), -1)
-        ts = float(e["ts"])
-        mine = by_gpu.get(g, none) if g >= 0 else none
-        after = mine[ft.fail_ts[mine] > ts]
-        nxt = int(after[np.argmin(ft.fail_ts[after])]) if len(after) else -1
-        down = mine[(ft.fail_ts[mine] <= ts) & (ts < ft.repair_end[mine])]
-        if len(down):
-            kind = "after_failure"
-        elif nxt >= 0 and ft.fail_ts[nxt] - ts <= lab.horizon_s:
-            kind = "true"
-        elif nxt >= 0 and ft.precursor[nxt] and ft.precursor_start[nxt] <= ts:
-            kind = "early"
-        elif lookalike and str(e.get("uuid", "")) in lookalike:
-            kind = "look-alike"
-        else:
-            kind = "plain"
-        rows.append((str(e["action"]), ts, g, nxt, kind))
-    if not rows:
-        z = np.zeros(0)
-        return ClassifiedEvents(z.astype(str), z, z.astype(np.int64), z.astype(np.int64), z.astype(str))
-    a, t, g, n, k = zip(*rows)
-    return ClassifiedEvents(np.array(a), np.array(t, dtype=np.float64), np.array(g, dtype=np.int64),
-                            np.array(n, dtype=np.int64), np.array(k))  # fmt: skip
+    n = len(events)
+    action = np.array([str(e["action"]) for e in events], dtype=object)
+    ts = np.fromiter((float(e["ts"]) for e in events), dtype=np.float64, count=n)
+    uuid = [str(e.get("uuid", "")) for e in events]
+    gpu = np.fromiter((code.get(u, -1) for u in uuid), dtype=np.int64, count=n)
+    nxt = np.full(n, -1, dtype=np.int64)
+    down = np.zeros(n, dtype=bool)
+    if len(ft.gpu) and n:
+        t0 = min(float(ft.fail_ts.min()), float(ts.min()))
+        key_f = ft.gpu * 1e9 + (ft.fail_ts - t0)  # FailureTable rows are sorted by (gpu, fail_ts)
+        key_e = gpu * 1e9 + (ts - t0)
+        after = np.searchsorted(key_f, key_e, side="right")  # first failure strictly after the event
+        a = np.minimum(after, len(ft.gpu) - 1)
+        mine = (after < len(ft.gpu)) & (ft.gpu[a] == gpu) & (gpu >= 0)
+        nxt = np.where(mine, a, -1)
+        b = np.maximum(after - 1, 0)
+        down = (after > 0) & (ft.gpu[b] == gpu) & (gpu >= 0) & (ft.fail_ts[b] <= ts) & (ts < ft.repair_end[b])
+    safe = np.maximum(nxt, 0)
+    to_fail = np.where(nxt >= 0, ft.fail_ts[safe] - ts, np.inf) if len(ft.gpu) else np.full(n, np.inf)
+    running = (nxt >= 0) & (ft.precursor[safe] if len(ft.gpu) else False) & (
+        (ft.precursor_start[safe] <= ts) if len(ft.gpu) else False)  # fmt: skip
+    look = np.array([u in lookalike for u in uuid], dtype=bool) if lookalike else np.zeros(n, dtype=bool)
+    kind = np.where(down, "after_failure", np.where(to_fail <= lab.horizon_s, "true",
+                    np.where(running, "early", np.where(look, "look-alike", "plain"))))  # fmt: skip
+    return ClassifiedEvents(action.astype(str), ts, gpu, np.where(down, -1, nxt), kind.astype(str))
 
 
 def _first_true(ev: ClassifiedEvents, action: str, n_fail: int) -> np.ndarray:

@@ -88,6 +88,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", default="", help="write the report here")
     p.add_argument(
+        "--report", default="", metavar="PATH.html",
+        help="also write an HTML page: reliability diagrams and what each replayed policy did (needs matplotlib)",
+    )
+    p.add_argument(
         "--rescore-interval", type=float, default=5.0, help="seconds of sample time between scorings"
     )
     p.add_argument(

@@ -82,16 +82,29 @@ def choose_thresholds(
     """Operating points on the validation fleets pooled. The model's alarm and drain operating points: the most
     net GPU-hours at the real failure rate under the settings' cost model (`training/operating_points.py`).
     The GBDT baseline's: the best event-level F1 (threshold, and how many scorings in a row an alarm needs)."""
-    from gpuwatch.training.eval_cli import collect
+    from gpuwatch.training.calibration import fit_map
+    from gpuwatch.training.eval_cli import collect, fleet_failure_rate
     from gpuwatch.training.operating_points import choose, describe
 
     settings = settings or Settings()
     others = {"gbdt": gbdt} if gbdt is not None else {}
-    labs, uuids = [], []
+    labs, uuids, rich = [], [], []
     for val_dir in val_dirs:
         table = collect(val_dir, scorer, others, args.rescore_interval).table
         labs.append(join_labels(table, Failures.load(val_dir / "labels.jsonl"), scorer.artifact.horizon_s))
         uuids += table.uuids
+        rich.append((fleet_failure_rate(val_dir) or 0.0) >= 0.01)
+    # Recalibrate on the failure-rich validation fleets' records (the healthy one fails too rarely to say
+    # anything about calibration): a monotone map on top of the model's score, and the base rate it holds at.
+    calibration = None
+    if any(rich):
+        pooled = concat_labelled([lab for lab, r in zip(labs, rich) if r])
+        xs, ys = fit_map(pooled.risk["lstm"], pooled.y)
+        calibration = {"map": compose_maps(scorer.artifact.calibration_map, (xs, ys)),
+                       "prevalence": float(pooled.y.mean()),
+                       "fleets": [d.name for d, r in zip(val_dirs, rich) if r]}  # fmt: skip
+        for lab in labs:
+            lab.risk["lstm"] = np.interp(lab.risk["lstm"], xs, ys)
     lab = concat_labelled(labs)
     costs = CostModel.from_settings(settings)
     rate = settings.fleet_failure_rate_per_gpu_day
@@ -103,11 +116,22 @@ def choose_thresholds(
             "threshold": drain.threshold, "alarm_records": drain.records,
             "validation": describe(lab, lab.risk["lstm"], drain, args.merge_gap)},
         "chosen_for": {"failures_per_gpu_day": rate, "costs": costs.__dict__, "validation_gpu_days": lab.gpu_days},
+        "calibration": calibration,
     }  # fmt: skip
     for name in others:
         thr, records, metrics = best_operating_point(lab, lab.risk[name], args.merge_gap)
         out[name] = {"threshold": thr, "alarm_records": records, "validation": metrics}
     return out
+
+
+def compose_maps(
+    first: tuple[tuple[float, ...], tuple[float, ...]] | None, then: tuple[tuple[float, ...], tuple[float, ...]]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The map `then` applied after `first` (None: identity), as knots on `first`'s scale."""
+    if first is None:
+        return then
+    xs = np.unique(np.r_[first[0], np.interp(then[0], first[1], first[0])])
+    return tuple(xs.tolist()), tuple(np.interp(np.interp(xs, *first), *then).tolist())
 
 
 def train_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
@@ -159,6 +183,13 @@ def _choose_and_save(
     if args.val_data:
         val_dirs = [Path(d) for d in args.val_data]
         chosen = choose_thresholds(val_dirs, Scorer(artifact, device="cpu"), gbdt, args, settings)
+        if chosen["calibration"] is not None:
+            artifact.calibration_map = chosen["calibration"]["map"]
+            artifact.calibration_prevalence = chosen["calibration"]["prevalence"]
+            artifact.metrics["calibration_from"] = (
+                "Platt scaling in training, then a monotone map fitted on the records of validation fleets "
+                + " + ".join(chosen["calibration"]["fleets"])
+            )
         artifact.threshold = chosen["lstm"]["threshold"]
         artifact.alarm_records = chosen["lstm"]["alarm_records"]
         drain = chosen["lstm-drain"]

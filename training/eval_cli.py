@@ -207,7 +207,9 @@ def format_report(report: dict[str, Any]) -> str:
         ("median lead (min)", "median_lead_min", False), ("p10 lead (min)", "p10_lead_min", False),
         ("lead ceiling: median precursor (min)", "ceiling_median_lead_min", False),
         ("PR-AUC (records)", "record_pr_auc", False), ("PR-AUC (records, visible)", "record_pr_auc_visible", False),
-        ("Brier", "brier", False), ("ECE", "ece", False), ("mode accuracy (caught)", "mode_accuracy", False),
+        ("Brier", "brier", False), ("ECE", "ece", False),
+        ("calibration: worst bin above 0.5", "calibration_max_gap_above_half", False),
+        ("mode accuracy (caught)", "mode_accuracy", False),
     ]  # fmt: skip
     out = [f"{'':38}" + "".join(f"{n:>12}" for n in names)]
     for label, key, pct in rows:
@@ -305,6 +307,14 @@ def evaluate_dir(
 
 def eval_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
     settings = settings or Settings()
+    if getattr(args, "report", ""):
+        from gpuwatch.report import ReportUnavailable, require_matplotlib
+
+        try:
+            require_matplotlib()  # now, not after an hour of scoring
+        except ReportUnavailable as exc:
+            print(f"gpuwatch eval: --report {args.report}: {exc}", file=sys.stderr)
+            return 2
     try:
         artifact = load_artifact(args.model or None)
     except ModelError as exc:
@@ -336,6 +346,10 @@ def eval_command(args: argparse.Namespace, settings: Settings | None = None) -> 
             orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
         )
         print(f"wrote {args.json}")
+    if getattr(args, "report", ""):
+        from gpuwatch.report import render_eval_report
+
+        print(f"wrote {render_eval_report(out, args.report)}")
     return 0
 
 

@@ -415,4 +415,12 @@ def scorer_report(lab: Labelled, name: str, threshold: float, merge_gap_s: float
     out["brier"] = brier_score(lab.y, risk)
     out["ece"] = expected_calibration_error(lab.y, risk)
     out["calibration"] = calibration_bins(lab.y, risk)
+    out["calibration_max_gap_above_half"] = max_gap_above(out["calibration"], 0.5)
     return out
+
+
+def max_gap_above(bins: list[dict], lo: float, min_count: int = 30) -> float:
+    """Largest |observed rate - mean risk| over reliability bins whose mean risk is at least `lo` and that hold
+    at least `min_count` records (fewer say nothing); nan when there is no such bin."""
+    gaps = [abs(b["failure_rate"] - b["mean_risk"]) for b in bins if b["mean_risk"] >= lo and b["count"] >= min_count]
+    return max(gaps) if gaps else float("nan")

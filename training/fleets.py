@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpuwatch.producers.lookalikes import realistic_overrides
 from gpuwatch.producers.simulator import simulate_to_dir
 
 
@@ -31,13 +32,25 @@ class Fleet:
 _TRAIN = {"rate_scale": 5000.0, "repair_time_scale": 0.005, "host_frailty": False}
 # Validation fleets (operating points, model choice): simulator defaults, failures x3000, other seeds.
 _VAL = {"rate_scale": 3000.0, "repair_time_scale": 0.01}
+# Hardware the model trains and is validated on: the legacy fan board and three fanless Hopper boards. A100 and
+# V100 boards are left out on purpose: heldout-hw holds them out, to see what other hardware does to the model.
+TRAIN_HARDWARE = {"h100-fan": 0.25, "h100-sxm": 0.3, "h200-sxm": 0.3, "h100-pcie": 0.15}
+# Every benign look-alike at its stated real prevalence (producers/lookalikes.py), on the training hardware.
+_REAL_LOOKALIKES = {**realistic_overrides(), "hardware": dict(TRAIN_HARDWARE)}
+# ... and several times as common, so that training sees enough of each to learn it is benign.
+_MANY_LOOKALIKES = {
+    **_REAL_LOOKALIKES, "app_xid_per_host_day": 3.0, "reboot_per_host_day": 0.5, "power_limit_change_per_host_day": 0.3,
+    "board_swap_per_host_day": 0.05, "sbe_burst_per_gpu_day": 0.1, "ambient_excursion_per_host_day": 0.3,
+    "hot_gpu_frac": 0.08, "sbe_trickle_frac": 0.05, "replay_trickle_frac": 0.04, "power_brake_per_host_day": 0.6,
+}  # fmt: skip
 
 FLEETS: dict[str, Fleet] = {
     "train-a": Fleet(
         32, 8, 2.0, 10.0, 101, dict(_TRAIN), "training fleet at 10 s: simulator defaults, failures x5000"
     ),
     "train-b": Fleet(
-        16, 8, 1.0, 5.0, 102, dict(_TRAIN), "training fleet at 5 s: simulator defaults, failures x5000"
+        16, 8, 1.0, 5.0, 102, {**_TRAIN, **_MANY_LOOKALIKES},
+        "training fleet at 5 s on the training hardware mix, with every look-alike several times its real rate",
     ),
     "train-c": Fleet(
         16,
@@ -53,9 +66,18 @@ FLEETS: dict[str, Fleet] = {
             "narrow_link_frac": 0.01,
             "remap_pending_frac": 0.02,
             "power_brake_per_host_day": 1.0,
+            "hardware": dict(TRAIN_HARDWARE),
         },
         "training fleet at 5 s with twice the benign look-alikes (hot boards, error trickles, brake blips)",
     ),  # fmt: skip
+    "train-d": Fleet(
+        32, 8, 2.0, 30.0, 105, {**_TRAIN, **_MANY_LOOKALIKES},
+        "training fleet at 30 s (an agent set to a slow interval) on the training hardware, many look-alikes",
+    ),
+    "train-e": Fleet(
+        8, 8, 0.25, 1.0, 106, {**_TRAIN, **_MANY_LOOKALIKES},
+        "training fleet at 1 s (the agent's default) on the training hardware, many look-alikes",
+    ),
     "val": Fleet(
         16,
         8,
@@ -71,9 +93,18 @@ FLEETS: dict[str, Fleet] = {
         1.0,
         5.0,
         212,
-        dict(_VAL),
-        "second validation fleet, twice val's size; pooled with val, about three times val's failures (a "
-        "steadier operating point)",
+        {**_VAL, **_REAL_LOOKALIKES},
+        "second validation fleet, twice val's size, on the training hardware with every look-alike at its real "
+        "rate; pooled with val",
+    ),
+    "val-c": Fleet(
+        16, 8, 1.0, 30.0, 222, {**_VAL, **_REAL_LOOKALIKES},
+        "third validation fleet, at 30 s, training hardware, look-alikes at their real rates",
+    ),
+    "val-healthy": Fleet(
+        64, 8, 5.0, 60.0, 232, {**_REAL_LOOKALIKES, "rate_scale": 1.0},
+        "validation fleet at the real failure rate: 2,560 GPU-days of mostly healthy GPUs with every look-alike "
+        "at its real rate, so the operating points see what a false action costs where it matters",
     ),
     "heldout": Fleet(
         40,
@@ -113,6 +144,13 @@ FLEETS: dict[str, Fleet] = {
             "replay_trickle_frac": 0.04,
         },
         "held-out fleet: other seed, fainter precursors (down to 0.15 strength), 2 min to 1.5 h",
+    ),  # fmt: skip
+    "heldout-hw": Fleet(
+        40, 8, 1.0, 30.0, 505,
+        {**realistic_overrides(), "hardware": {"a100-sxm": 0.6, "v100-sxm2": 0.4}, "rate_scale": 2500.0,
+         "repair_time_scale": 0.02},
+        "held-out fleet on hardware the model never trained on (A100 and V100 boards: other power limits, "
+        "clocks, memory, page retirement), sampled at 30 s, every look-alike at its real rate",
     ),  # fmt: skip
 }
 

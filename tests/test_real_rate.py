@@ -1,0 +1,49 @@
+"""False actions at the real failure rate from a plain healthy run and look-alike-rich runs, and what they make
+of the failure-rich evaluation (training/real_rate.py), worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpuwatch.costs import CostModel
+from gpuwatch.training.actions import poisson_upper
+from gpuwatch.training.real_rate import HealthyRun, at_real_rate, false_rates
+
+COSTS = CostModel()
+
+
+def test_false_rates_add_each_lookalikes_excess_scaled_by_its_prevalence() -> None:
+    plain = HealthyRun(10_000.0, {"checkpoint": 2})
+    rich = {"hot": HealthyRun(1_000.0, {"checkpoint": 12, "migrate": 3}), "xid": HealthyRun(1_000.0, {})}
+    out = false_rates(plain, rich, {"hot": 0.05, "xid": 0.02})
+    ck, mg = out["checkpoint"], out["migrate"]
+    # plain 0.2 per 1,000 GPU-days; hot adds 0.05 x (12 - 0.2) per 1,000; xid none (below plain)
+    assert ck["per_1000_gpu_days"] == pytest.approx(0.2 + 0.05 * 11.8)
+    assert ck["by_lookalike_per_1000_gpu_days"] == pytest.approx({"hot": 0.05 * 11.8, "xid": 0.0})
+    assert mg["per_1000_gpu_days"] == pytest.approx(0.05 * 3)
+    # the bound: the plain run's exact bound plus each kind's weighted bound, nothing subtracted
+    assert mg["per_1000_gpu_days_upper95"] == pytest.approx(
+        1000 * (poisson_upper(0) / 10_000 + 0.05 * poisson_upper(3) / 1_000 + 0.02 * poisson_upper(0) / 1_000)
+    )
+
+
+def test_at_real_rate_scales_per_failure_figures_and_keeps_per_day_costs() -> None:
+    report = {
+        "failures": 100, "gpu_days": 100.0,
+        "value": {"saved_gpu_h": 50_000.0, "true_and_early_action_cost_gpu_h": 5_000.0,
+                  "oracle_gpu_h_per_1000_gpu_days_fleet": 900_000.0},
+        "actions": {a: {"true": t, "false_by_cause": {"early": e}}
+                    for a, t, e in (("checkpoint", 80, 10), ("migrate", 60, 2), ("reboot", 0, 0))},
+    }  # fmt: skip
+    false = {a: {"per_1000_gpu_days": r, "per_1000_gpu_days_upper95": u}
+             for a, r, u in (("checkpoint", 1.0, 2.0), ("migrate", 0.1, 0.3), ("reboot", 0.0, 0.0))}  # fmt: skip
+    lam = 2e-4
+    out = at_real_rate(report, false, COSTS, lam)
+    per_failure = (50_000 - 5_000) / 100
+    cost = 1e-3 * COSTS.action_cost("checkpoint", real=False) + 1e-4 * COSTS.action_cost("migrate", real=False)
+    assert out["net_gpu_h_per_1000_gpu_days"] == pytest.approx(1000 * (per_failure * lam - cost))
+    assert out["oracle_gpu_h_per_1000_gpu_days"] == pytest.approx(1000 * 900 * lam)  # 90,000 GPU-h over 100 failures
+    # checkpoint: 0.8 true per failure at 2e-4 failures per GPU-day against 0.1 early per failure and 1e-3 false
+    true, wrong = 0.8 * lam, 0.1 * lam + 1e-3
+    assert out["precision"]["checkpoint"]["precision"] == pytest.approx(true / (true + wrong))
+    assert out["precision"]["checkpoint"]["precision_lower95"] == pytest.approx(true / (true + 0.1 * lam + 2e-3))
