@@ -175,6 +175,18 @@ class RiskProcessor:
         store.last_scored_ts[slots] = store.last_ts[slots]
         scored_at = time.time()
         self._scored_wall[slots] = scored_at
+        self.emit(slots, risk, mode, scored_at, result)
+        result.scored += len(slots)
+
+    def emit(
+        self, slots: np.ndarray, risk: np.ndarray, mode: np.ndarray, scored_at: float, result: BatchResult
+    ) -> None:
+        """Append one `gpuwatch.risk/1` record per scored slot to `result.risk`, in slot order.
+
+        Called by `score_slots` after each batched pass; an offline caller that wants columns instead of
+        JSON (training.fleet_replay) overrides this and nothing else, so the risk itself is computed once.
+        """
+        store = self.store
         out = result.risk
         hosts, uuids = store.hosts, store.uuids
         history = (store.last_ts[slots] - store.first_ts[slots]).tolist()
@@ -203,7 +215,6 @@ class RiskProcessor:
                     ),
                 )
             )
-        result.scored += len(slots)
 
     def _deadletter(self, msg: Inbound, error: str) -> bytes:
         return make_deadletter(
