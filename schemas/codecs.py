@@ -485,6 +485,30 @@ def decode_snapshot(raw: bytes | bytearray | memoryview | str | None, *, now: fl
     return _check_time(snap, now, max_future_s, max_age_s)
 
 
+class _Head(msgspec.Struct, gc=False):
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_HOST_LEN)]
+    ts: Annotated[float, msgspec.Meta(ge=0, le=_FMAX)]
+
+
+_HEAD = msgspec.json.Decoder(_Head)  # unknown fields (the GPUs) are skipped, not built
+
+
+def snapshot_head(raw: bytes | bytearray | memoryview | str) -> tuple[str, float] | None:
+    """`host` and `ts` of a snapshot message by a light parse that skips the GPUs, or None where the fast parse
+    cannot read them (`decode_snapshot` then decides, as it may still accept the message on its slow path).
+
+    For routing and batching before the full decode (`gpuwatch score --workers`): a message whose head reads
+    may still break the contract elsewhere, and `decode_snapshot` is the judge of that.
+    """
+    if _size(raw) > MAX_MESSAGE_BYTES:
+        return None
+    try:
+        head = _HEAD.decode(raw)
+    except Exception:  # noqa: BLE001 - msgspec's errors, UnicodeDecodeError, ...: the full decode decides
+        return None
+    return head.host, head.ts
+
+
 def decode_snapshot_dict(obj: Any, *, now: float | None = None, max_future_s: float = 300.0,
                          max_age_s: float | None = None, max_depth: int = MAX_DEPTH) -> Snapshot:
     """Like `decode_snapshot` for an already-parsed object (a JSONL line read with json/orjson).

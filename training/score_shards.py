@@ -1,0 +1,436 @@
+"""`gpuwatch score --workers N`: one recording scored by N processes, each owning a share of the hosts.
+
+A GPU's window depends only on its own snapshots, and its peer features on the other GPUs of the same
+snapshot, that is of the same host: hosts can be scored apart. What ties them together in one process is
+the batching. The replay cuts batches at 1 s of sample time over the whole file (`ChunkCuts`), a GPU is
+scored at most once per batch, and a batch's records come out in the order the GPUs were first seen. So
+the parent reads the file once, takes each line's host and ts with a light parse (`snapshot_head`), cuts
+the batches exactly where one process would, and sends each worker the lines of its hosts with their batch
+numbers. Each worker decodes, folds and scores its lines with the stream's `RiskProcessor`, batch by batch,
+and keys every record by its batch and by where its GPU was first seen (line, position). The parent merges
+the records back into one process's order. The output is byte-identical to `--workers 1` except the wall
+times `scored_at` (risk) and `failed_at` (dead letters).
+
+Two things a light parse cannot see are checked during the run; if either occurs, the recording is scored
+again with what was learnt, so the output still matches one process:
+
+- a line whose host and ts read but that the codec rejects (one process does not count it when cutting
+  batches), or whose full decode reads another host or ts;
+- a GPU uuid under two hosts that went to different workers (one process keeps one window per uuid): such
+  hosts are then kept on one worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from gpuwatch.memory import spare_startup_heap_from_gc
+from gpuwatch.schemas.codecs import MAX_GPUS, DecodeError, decode_snapshot, make_deadletter, snapshot_head
+from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.streams.processor import MAX_ABS_VALUE, BatchResult, Inbound, RiskProcessor
+from gpuwatch.training.score import REPLAY_SPAN_S, ChunkCuts, file_messages
+
+BLOCK_LINES = 2048  # lines per block sent to the workers (whole batches only): a few MB of JSON
+IN_FLIGHT = 3  # blocks queued per worker ahead of the one it is scoring
+MAX_PASSES = 3  # a second pass knows every surprise of the first; a third is never expected
+_PHASE_UNDECODABLE, _PHASE_IMPLAUSIBLE, _PHASE_STALE = 0, 1, 2  # the order of one batch's dead letters
+
+
+class ShardError(RuntimeError):
+    """A scoring worker failed or died; the message says which and why."""
+
+
+@dataclass
+class ScoreTotals:
+    """What a sharded scoring run produced, for progress lines and the summary."""
+
+    samples: int = 0  # GPU-samples folded into windows
+    records: int = 0
+    deadletters: int = 0
+    lines: int = 0  # lines of the recording read in this pass
+    passes: int = 1
+
+
+# ----------------------------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class _Block:
+    """One worker's lines of a block: line numbers, batch numbers, the host and ts the parent read, the lines."""
+
+    block: int
+    offsets: np.ndarray
+    chunks: np.ndarray
+    ts: np.ndarray
+    hosts: list[str]
+    raws: list[bytes]
+
+
+@dataclass
+class _BlockOut:
+    """A worker's records and dead letters for one block, keyed for the parent's merge."""
+
+    block: int
+    risk_chunk: list[np.ndarray] = field(default_factory=list)
+    risk_key: list[np.ndarray] = field(default_factory=list)  # first line * MAX_GPUS + position of the GPU
+    risk: list[bytes] = field(default_factory=list)
+    dead_key: list[tuple[int, int, int]] = field(default_factory=list)  # (batch, phase, line)
+    dead: list[bytes] = field(default_factory=list)
+    samples: int = 0
+    # Lines the parent must read differently: None where the codec rejects the line, else its (host, ts).
+    surprises: dict[int, tuple[str, float] | None] = field(default_factory=dict)
+
+
+class _ShardProcessor(RiskProcessor):
+    """RiskProcessor for one worker's hosts, remembering which slots each record came from and where every
+    GPU was first seen, so the parent can put records back in one process's order."""
+
+    def __init__(self, scorer: Scorer, topic: str, **kwargs: Any) -> None:
+        super().__init__(scorer, **kwargs)
+        self.topic = topic
+        self.first_seen = np.zeros(0, dtype=np.int64)  # per slot: line * MAX_GPUS + position
+        self.emitted: list[np.ndarray] = []
+        self.uuid_hosts: dict[str, set[str]] = {}
+        self._host_uuids: dict[str, list[str]] = {}
+
+    def emit(
+        self, slots: np.ndarray, risk: np.ndarray, mode: np.ndarray, scored_at: float, result: BatchResult
+    ) -> None:
+        super().emit(slots, risk, mode, scored_at, result)
+        self.emitted.append(slots)
+
+    def score_block(self, block: _Block) -> _BlockOut:
+        out = _BlockOut(block.block)
+        chunks = block.chunks
+        bounds = np.r_[0, np.flatnonzero(np.diff(chunks)) + 1, len(chunks)].tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            self._score_chunk(int(chunks[a]), block, range(a, b), out)
+        return out
+
+    def _score_chunk(self, chunk: int, block: _Block, rows: range, out: _BlockOut) -> None:
+        snaps = []
+        sources = []
+        implausible: set[int] = set()
+        for i in rows:
+            offset, raw = int(block.offsets[i]), block.raws[i]
+            try:
+                snap = decode_snapshot(raw)
+            except DecodeError as exc:
+                out.surprises[offset] = None
+                out.dead_key.append((chunk, _PHASE_UNDECODABLE, offset))
+                out.dead.append(make_deadletter(raw, str(exc), topic=self.topic, partition=0, offset=offset,
+                                                stage=self.stage))  # fmt: skip
+                continue
+            if snap.host != block.hosts[i] or snap.ts != block.ts[i]:
+                out.surprises[offset] = (snap.host, snap.ts)
+            if (np.abs(snap.numeric) > MAX_ABS_VALUE).any():  # the processor dead-letters it whole
+                implausible.add(offset)
+            elif self._host_uuids.get(snap.host) != snap.uuids:
+                self._host_uuids[snap.host] = snap.uuids
+                for u in snap.uuids:
+                    self.uuid_hosts.setdefault(u, set()).add(snap.host)
+            snaps.append(snap)
+            sources.append(Inbound(raw, self.topic, 0, offset))
+        if not snaps:
+            return
+        result = BatchResult()
+        known = len(self.store.uuids)
+        self.emitted = []
+        self.fold(snaps, sources, result)
+        self._note_first_seen(known, snaps, sources, implausible)
+        if result.risk:
+            keys = self.first_seen[np.concatenate(self.emitted)]
+            out.risk_chunk.append(np.full(len(keys), chunk, dtype=np.int64))
+            out.risk_key.append(keys)
+            out.risk += [value for _, value in result.risk]
+        for dead in result.deadletters:  # rare: implausible snapshots first, then stale ones, as one process
+            offset = int(orjson.loads(dead)["source"]["offset"])
+            phase = _PHASE_IMPLAUSIBLE if offset in implausible else _PHASE_STALE
+            out.dead_key.append((chunk, phase, offset))
+            out.dead.append(dead)
+        out.samples += result.samples
+
+    def _note_first_seen(
+        self, known: int, snaps: list, sources: list[Inbound], implausible: set[int]
+    ) -> None:
+        """Key the slots this batch created by the first (line, position) of their GPU: one process numbers
+        its slots in that order, and emits each batch's records in slot order."""
+        store = self.store
+        if len(store.uuids) == known:
+            return
+        want = {store.uuids[s]: s for s in range(known, len(store.uuids))}
+        keys = np.zeros(len(want), dtype=np.int64)
+        for snap, src in zip(snaps, sources):
+            if src.offset in implausible:  # never reached the windows
+                continue
+            for pos, uuid in enumerate(snap.uuids):
+                s = want.pop(uuid, None)
+                if s is not None:
+                    keys[s - known] = src.offset * MAX_GPUS + pos
+            if not want:
+                break
+        self.first_seen = np.r_[self.first_seen, keys]
+
+
+def _worker(
+    index: int, model: str, device: str, rescore_interval_s: float, topic: str, tasks: Any, results: Any
+) -> None:
+    """A scoring process: blocks in from `tasks` until None, a `_BlockOut` per block out to `results`."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # one process per core
+        scorer = Scorer(load_artifact(model or None), device=device)
+        processor = _ShardProcessor(scorer, topic, rescore_interval_s=rescore_interval_s, stage="score")
+        spare_startup_heap_from_gc()
+        while (block := tasks.get()) is not None:
+            results.put(("block", index, processor.score_block(block)))
+        results.put(("done", index, processor.uuid_hosts))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the run
+        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+
+
+# ----------------------------------------------------------------------------------------------- parent side
+
+
+class _HostGroups:
+    """Hosts that must be scored by one worker (they share a GPU uuid), as a union-find over host names."""
+
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+
+    def find(self, host: str) -> str:
+        root = self._parent.get(host, host)
+        if root != host:
+            root = self._parent[host] = self.find(root)
+        return root
+
+    def union(self, hosts: set[str]) -> None:
+        first, *rest = sorted(hosts)
+        for h in rest:
+            a, b = self.find(first), self.find(h)
+            if a != b:
+                self._parent[b] = a
+
+
+@dataclass
+class _Pass:
+    """One pass over the recording with `workers` processes."""
+
+    input_path: Path
+    output: Path
+    deadletter_path: Path
+    workers: int
+    model: str
+    device: str
+    rescore_interval_s: float
+    known: dict[int, tuple[str, float] | None]
+    groups: _HostGroups
+    progress: Callable[[ScoreTotals], None] | None
+    totals: ScoreTotals = field(default_factory=ScoreTotals)
+    surprises: dict[int, tuple[str, float] | None] = field(default_factory=dict)
+    worker_of: dict[str, int] = field(default_factory=dict)  # host group -> worker
+    host_worker: dict[str, int] = field(default_factory=dict)  # host -> worker, in this pass
+
+    def run(self) -> dict[str, set[str]]:
+        """Score the recording; returns every uuid's hosts, over all workers."""
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
+        results = ctx.Queue()
+        tasks = [ctx.Queue(maxsize=IN_FLIGHT) for _ in range(self.workers)]
+        topic = str(self.input_path)
+        procs = [
+            ctx.Process(target=_worker, name=f"gpuwatch-score-{i}", daemon=True,
+                        args=(i, self.model, self.device, self.rescore_interval_s, topic, tasks[i], results))
+            for i in range(self.workers)
+        ]  # fmt: skip
+        for p in procs:
+            p.start()
+        pending: dict[int, list[_BlockOut]] = {}
+        parent_dead: dict[int, tuple[list[tuple[int, int, int]], list[bytes]]] = {}
+        uuid_hosts: dict[str, set[str]] = {}
+        state = {"next": 0, "done": 0}
+        try:
+            with open(self.output, "wb") as out, open(self.deadletter_path, "wb") as dl:
+
+                def handle(msg: tuple[str, int, Any]) -> None:
+                    kind, index, payload = msg
+                    if kind == "error":
+                        raise ShardError(f"scoring worker {index} failed: {payload}")
+                    if kind == "done":
+                        state["done"] += 1
+                        for uuid, hosts in payload.items():
+                            uuid_hosts.setdefault(uuid, set()).update(hosts)
+                        return
+                    pending.setdefault(payload.block, []).append(payload)
+                    while len(pending.get(state["next"], ())) == self.workers:
+                        b = state["next"]
+                        self._write(pending.pop(b), parent_dead.pop(b), out, dl)
+                        state["next"] = b + 1
+
+                def put(i: int, item: _Block | None) -> None:
+                    while True:
+                        try:
+                            tasks[i].put(item, timeout=0.5)
+                            return
+                        except queue.Full:
+                            self._drain(results, procs, handle, wait=False)
+
+                for block, parts, dead in self._blocks():
+                    parent_dead[block] = dead
+                    for i, part in enumerate(parts):
+                        put(i, part)
+                    self._drain(results, procs, handle, wait=False)
+                for i in range(self.workers):
+                    put(i, None)
+                while state["done"] < self.workers:
+                    self._drain(results, procs, handle, wait=True)
+        finally:
+            for p in procs:
+                p.join(timeout=5 if state["done"] == self.workers else 0)
+                if p.is_alive():
+                    p.terminate()
+                    p.join()
+        return uuid_hosts
+
+    def _drain(self, results: Any, procs: list, handle: Callable[[Any], None], wait: bool) -> None:
+        """Handle the workers' messages that are there (or wait for one); fail if a worker died silently."""
+        try:
+            handle(results.get(timeout=1.0) if wait else results.get_nowait())
+            while True:
+                handle(results.get_nowait())
+        except queue.Empty:
+            pass
+        for i, p in enumerate(procs):
+            if not p.is_alive() and p.exitcode not in (0, None):
+                raise ShardError(f"scoring worker {i} exited with code {p.exitcode}")
+
+    def _blocks(self) -> Any:
+        """Yields (block number, one `_Block` per worker, the parent's dead letters): whole batches only."""
+        span = min(REPLAY_SPAN_S, self.rescore_interval_s)
+        cuts = ChunkCuts(span)
+        chunk = block = held = 0
+        parts = self._empty_parts()
+        dead_keys: list[tuple[int, int, int]] = []
+        dead: list[bytes] = []
+        for offset, raw in file_messages(self.input_path):
+            self.totals.lines += 1
+            head = self.known[offset] if offset in self.known else snapshot_head(raw)
+            if head is None:
+                head = self._slow_head(offset, raw, chunk, dead_keys, dead)
+                if head is None:
+                    continue
+            host, ts = head
+            if cuts.cut_before(ts):
+                chunk += 1
+                if held >= BLOCK_LINES:
+                    yield block, self._seal(block, parts), (dead_keys, dead)
+                    block, held = block + 1, 0
+                    parts = self._empty_parts()
+                    dead_keys, dead = [], []
+            part = parts[self._worker_for(host)]
+            part[0].append(offset)
+            part[1].append(chunk)
+            part[2].append(ts)
+            part[3].append(host)
+            part[4].append(raw)
+            held += 1
+        yield block, self._seal(block, parts), (dead_keys, dead)
+
+    def _slow_head(
+        self, offset: int, raw: bytes, chunk: int, dead_keys: list[tuple[int, int, int]], dead: list[bytes]
+    ) -> tuple[str, float] | None:
+        """Host and ts by the full decode, for a line the light parse could not read (or a known surprise);
+        None, and its dead letter, where the codec rejects it."""
+        try:
+            snap = decode_snapshot(raw)
+        except DecodeError as exc:
+            dead_keys.append((chunk, _PHASE_UNDECODABLE, offset))
+            dead.append(make_deadletter(raw, str(exc), topic=str(self.input_path), partition=0, offset=offset,
+                                        stage="score"))  # fmt: skip
+            return None
+        return snap.host, snap.ts
+
+    def _worker_for(self, host: str) -> int:
+        w = self.host_worker.get(host)
+        if w is None:
+            group = self.groups.find(host)
+            w = self.worker_of.get(group)
+            if w is None:  # round robin in order of first appearance: balanced host counts
+                w = self.worker_of[group] = len(self.worker_of) % self.workers
+            self.host_worker[host] = w
+        return w
+
+    def _empty_parts(self) -> list[tuple[list, list, list, list, list]]:
+        return [([], [], [], [], []) for _ in range(self.workers)]
+
+    @staticmethod
+    def _seal(block: int, parts: list[tuple[list, list, list, list, list]]) -> list[_Block]:
+        return [
+            _Block(block, np.array(o, dtype=np.int64), np.array(c, dtype=np.int64), np.array(t, dtype=np.float64),
+                   h, r)
+            for o, c, t, h, r in parts
+        ]  # fmt: skip
+
+    def _write(
+        self,
+        outs: list[_BlockOut],
+        parent_dead: tuple[list[tuple[int, int, int]], list[bytes]],
+        out: Any,
+        dl: Any,
+    ) -> None:
+        """Merge one block's records (by batch, then first-seen key) and dead letters (batch, phase, line)."""
+        risk = [v for o in outs for v in o.risk]
+        if risk:
+            chunk = np.concatenate([c for o in outs for c in o.risk_chunk])
+            key = np.concatenate([k for o in outs for k in o.risk_key])
+            out.writelines(risk[i] + b"\n" for i in np.lexsort((key, chunk)).tolist())
+        dead_keys = parent_dead[0] + [k for o in outs for k in o.dead_key]
+        dead = parent_dead[1] + [d for o in outs for d in o.dead]
+        if dead:
+            order = sorted(range(len(dead)), key=dead_keys.__getitem__)
+            dl.writelines(dead[i] + b"\n" for i in order)
+        t = self.totals
+        t.samples += sum(o.samples for o in outs)
+        t.records += len(risk)
+        t.deadletters += len(dead)
+        for o in outs:
+            self.surprises.update(o.surprises)
+        if self.progress is not None:
+            self.progress(t)
+
+
+def score_sharded(
+    input_path: Path, output: Path, deadletter_path: Path, *, workers: int, model: str = "", device: str = "cpu",
+    rescore_interval_s: float = 5.0, progress: Callable[[ScoreTotals], None] | None = None,
+    say: Callable[[str], None] | None = None,
+) -> ScoreTotals:  # fmt: skip
+    """Score a JSONL recording with `workers` processes into `output` (risk) and `deadletter_path`, exactly as
+    one process (`training.score.replay`) would, `scored_at` and `failed_at` aside. `progress` gets the running
+    totals after every block; `say` a line when the recording must be scored again (see the module doc).
+    Raises ShardError when a worker fails."""
+    known: dict[int, tuple[str, float] | None] = {}
+    groups = _HostGroups()
+    for attempt in range(1, MAX_PASSES + 1):
+        run = _Pass(input_path, output, deadletter_path, workers, model, device, rescore_interval_s, known,
+                    groups, progress)  # fmt: skip
+        uuid_hosts = run.run()
+        run.totals.passes = attempt
+        split = [hosts for hosts in uuid_hosts.values() if len(hosts) > 1]
+        moved = [hosts for hosts in split if len({run.host_worker.get(h, -1) for h in hosts}) > 1]
+        for hosts in split:
+            groups.union(hosts)
+        if not run.surprises and not moved:
+            return run.totals
+        known.update(run.surprises)
+        if say is not None:
+            say(f"scoring again so the output matches one process: {len(run.surprises)} line(s) the light parse "
+                f"misread (e.g. rejected by the codec), {len(moved)} GPU uuid(s) under hosts on different workers")  # fmt: skip
+    raise ShardError(f"the sharded scoring did not settle after {MAX_PASSES} passes (a bug); use --workers 1")
