@@ -493,15 +493,32 @@ class _Head(msgspec.Struct, gc=False):
 _HEAD = msgspec.json.Decoder(_Head)  # unknown fields (the GPUs) are skipped, not built
 
 
-def snapshot_head(raw: bytes | bytearray | memoryview | str) -> tuple[str, float] | None:
-    """`host` and `ts` of a snapshot message by a light parse that skips the GPUs, or None where the fast parse
-    cannot read them (`decode_snapshot` then decides, as it may still accept the message on its slow path).
+_HEAD_PREFIX = f'{{"schema":"{SAMPLES_SCHEMA}","host":"'.encode()
+_HEAD_TS = b'","ts":'
 
-    For routing and batching before the full decode (`gpuwatch score --workers`): a message whose head reads
-    may still break the contract elsewhere, and `decode_snapshot` is the judge of that.
+
+def snapshot_head(raw: bytes | bytearray | memoryview | str) -> tuple[str, float] | None:
+    """`host` and `ts` of a snapshot message by a light parse that skips the GPUs, or None where it cannot read
+    them (`decode_snapshot` then decides: it may still accept the message on its slow path).
+
+    For routing and batching before the full decode (`gpuwatch score --workers`). A head is a claim, not a
+    check: the message may still break the contract elsewhere (or repeat a key), so whoever decodes it in full
+    must compare. The usual message, as agents and the simulator write it, starts with schema, host and ts; their
+    bytes are read directly. Anything else goes through msgspec, skipping the rest of the message.
     """
     if _size(raw) > MAX_MESSAGE_BYTES:
         return None
+    if isinstance(raw, bytes) and raw.startswith(_HEAD_PREFIX):
+        start = len(_HEAD_PREFIX)
+        end = raw.find(_HEAD_TS, start)  # a JSON string holds no bare quote: this ends the host
+        comma = raw.find(b",", end + len(_HEAD_TS)) if end > start else -1
+        if 0 < comma and b"\\" not in raw[start:end] and end - start <= MAX_HOST_LEN:
+            try:
+                ts = float(raw[end + len(_HEAD_TS) : comma])
+                if 0 <= ts <= _FMAX:
+                    return raw[start:end].decode(), ts
+            except (ValueError, UnicodeDecodeError):
+                pass
     try:
         head = _HEAD.decode(raw)
     except Exception:  # noqa: BLE001 - msgspec's errors, UnicodeDecodeError, ...: the full decode decides
