@@ -44,8 +44,8 @@ def _assert_same_records(got: bytes, expected: bytes) -> None:
 
 
 def _recording(path: Path, rejected: bool = True, moved: bool = True) -> None:
-    """Five hosts at 1 Hz with jittered ts (so batches are cut by other hosts' lines too), garbage, a blank
-    line, an implausible value and a duplicate; with `rejected`, a snapshot the codec rejects whose host and
+    """Five hosts at 1 Hz with jittered ts (so batches are cut by other hosts' lines too), garbage, blank
+    lines, a CRLF line end, no newline at the end, an implausible value and a duplicate; with `rejected`, a snapshot the codec rejects whose host and
     ts read; with `moved`, a host reporting GPUs of the host the first worker owns (one uuid, two hosts)."""
     sim = FleetSimulator(FleetConfig(hosts=5, gpus_per_host=4, seed=11, start_ts=1_700_000_000.0,
                                      ts_jitter_s=0.4))  # fmt: skip
@@ -64,8 +64,9 @@ def _recording(path: Path, rejected: bool = True, moved: bool = True) -> None:
         other = orjson.loads(lines[i])
         other["host"] = "node-0099"
         lines[i + 1 : i + 1] = [orjson.dumps(other)]  # the same GPUs and ts under another host: stale
-    lines[10:10] = [b"not json", b""]
-    path.write_bytes(b"\n".join(lines) + b"\n")
+    lines[10:10] = [b"not json", b"", b" \t "]
+    lines[40] += b"\r"  # a CRLF line ending: JSON reads the \r as white space
+    path.write_bytes(b"\n".join(lines))  # the last line without a newline
 
 
 @pytest.mark.slow

@@ -22,9 +22,12 @@ again with what was learnt, so the output still matches one process:
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import multiprocessing as mp
+import os
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,7 @@ from gpuwatch.memory import spare_startup_heap_from_gc
 from gpuwatch.schemas.codecs import MAX_GPUS, DecodeError, decode_snapshot, make_deadletter, snapshot_head
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import MAX_ABS_VALUE, BatchResult, Inbound, RiskProcessor
-from gpuwatch.training.score import REPLAY_SPAN_S, ChunkCuts, file_messages
+from gpuwatch.training.score import REPLAY_SPAN_S, ChunkCuts
 
 BLOCK_LINES = 2048  # lines per block sent to the workers (whole batches only): a few MB of JSON
 IN_FLIGHT = 3  # blocks queued per worker ahead of the one it is scoring
@@ -64,14 +67,16 @@ class ScoreTotals:
 
 @dataclass
 class _Block:
-    """One worker's lines of a block: line numbers, batch numbers, the host and ts the parent read, the lines."""
+    """One worker's lines of a block: line numbers, where they lie in the file (byte offset, length), batch
+    numbers, and the host and ts the parent read. The worker reads the lines itself: no JSON through pipes."""
 
     block: int
     offsets: np.ndarray
+    at: np.ndarray
+    length: np.ndarray
     chunks: np.ndarray
     ts: np.ndarray
     hosts: list[str]
-    raws: list[bytes]
 
 
 @dataclass
@@ -93,8 +98,9 @@ class _ShardProcessor(RiskProcessor):
     """RiskProcessor for one worker's hosts, remembering which slots each record came from and where every
     GPU was first seen, so the parent can put records back in one process's order."""
 
-    def __init__(self, scorer: Scorer, topic: str, **kwargs: Any) -> None:
+    def __init__(self, scorer: Scorer, recording: Any, topic: str, **kwargs: Any) -> None:
         super().__init__(scorer, **kwargs)
+        self.recording = recording  # the file's bytes (an mmap)
         self.topic = topic
         self.first_seen = np.zeros(0, dtype=np.int64)  # per slot: line * MAX_GPUS + position
         self.emitted: list[np.ndarray] = []
@@ -112,15 +118,17 @@ class _ShardProcessor(RiskProcessor):
         chunks = block.chunks
         bounds = np.r_[0, np.flatnonzero(np.diff(chunks)) + 1, len(chunks)].tolist()
         for a, b in zip(bounds[:-1], bounds[1:]):
-            self._score_chunk(int(chunks[a]), block, range(a, b), out)
+            self._score_chunk(int(chunks[a]), block, slice(a, b), out)
         return out
 
-    def _score_chunk(self, chunk: int, block: _Block, rows: range, out: _BlockOut) -> None:
+    def _score_chunk(self, chunk: int, block: _Block, rows: slice, out: _BlockOut) -> None:
         snaps = []
         sources = []
-        implausible: set[int] = set()
-        for i in rows:
-            offset, raw = int(block.offsets[i]), block.raws[i]
+        recording = self.recording
+        for offset, at, length, host, ts in zip(block.offsets[rows].tolist(), block.at[rows].tolist(),
+                                                block.length[rows].tolist(), block.hosts[rows],
+                                                block.ts[rows].tolist()):  # fmt: skip
+            raw = recording[at : at + length]
             try:
                 snap = decode_snapshot(raw)
             except DecodeError as exc:
@@ -129,11 +137,9 @@ class _ShardProcessor(RiskProcessor):
                 out.dead.append(make_deadletter(raw, str(exc), topic=self.topic, partition=0, offset=offset,
                                                 stage=self.stage))  # fmt: skip
                 continue
-            if snap.host != block.hosts[i] or snap.ts != block.ts[i]:
+            if snap.host != host or snap.ts != ts:
                 out.surprises[offset] = (snap.host, snap.ts)
-            if (np.abs(snap.numeric) > MAX_ABS_VALUE).any():  # the processor dead-letters it whole
-                implausible.add(offset)
-            elif self._host_uuids.get(snap.host) != snap.uuids:
+            if self._host_uuids.get(snap.host) != snap.uuids:
                 self._host_uuids[snap.host] = snap.uuids
                 for u in snap.uuids:
                     self.uuid_hosts.setdefault(u, set()).add(snap.host)
@@ -145,6 +151,12 @@ class _ShardProcessor(RiskProcessor):
         known = len(self.store.uuids)
         self.emitted = []
         self.fold(snaps, sources, result)
+        # The processor dead-letters a snapshot holding an implausible value whole: it never reached a window.
+        implausible = (
+            {src.offset for snap, src in zip(snaps, sources) if (np.abs(snap.numeric) > MAX_ABS_VALUE).any()}
+            if result.deadletters
+            else set()
+        )
         self._note_first_seen(known, snaps, sources, implausible)
         if result.risk:
             keys = self.first_seen[np.concatenate(self.emitted)]
@@ -181,7 +193,7 @@ class _ShardProcessor(RiskProcessor):
 
 
 def _worker(
-    index: int, model: str, device: str, rescore_interval_s: float, topic: str, tasks: Any, results: Any
+    index: int, input_path: Path, model: str, device: str, rescore_interval_s: float, tasks: Any, results: Any
 ) -> None:
     """A scoring process: blocks in from `tasks` until None, a `_BlockOut` per block out to `results`."""
     try:
@@ -189,16 +201,50 @@ def _worker(
 
         torch.set_num_threads(1)  # one process per core
         scorer = Scorer(load_artifact(model or None), device=device)
-        processor = _ShardProcessor(scorer, topic, rescore_interval_s=rescore_interval_s, stage="score")
-        spare_startup_heap_from_gc()
-        while (block := tasks.get()) is not None:
-            results.put(("block", index, processor.score_block(block)))
-        results.put(("done", index, processor.uuid_hosts))
+        with open(input_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as recording:
+            processor = _ShardProcessor(scorer, recording, str(input_path), rescore_interval_s=rescore_interval_s,
+                                        stage="score")  # fmt: skip
+            spare_startup_heap_from_gc()
+            while (block := tasks.get()) is not None:
+                results.put(("block", index, processor.score_block(block)))
+            results.put(("done", index, processor.uuid_hosts))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the run
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
 
 
 # ----------------------------------------------------------------------------------------------- parent side
+
+_HEAD_BYTES = 512  # schema, host (at most 255 bytes) and ts open a usual snapshot
+_BLANK = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() strips
+
+
+def _mapped(fh: Any) -> Any:
+    """The file's bytes without reading them into Python objects (an empty file has nothing to map)."""
+    size = os.fstat(fh.fileno()).st_size
+    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"")
+
+
+def _lines(recording: Any) -> Iterator[tuple[int, int, int]]:
+    """(line number, byte offset, length without the newline) of every non-blank line, numbered and judged
+    blank as `training.score.file_messages` does, found without copying the lines."""
+    size = len(recording)
+    at = lineno = 0
+    while at < size:
+        end = recording.find(b"\n", at)
+        nxt = end + 1 if end >= 0 else size
+        end = end if end >= 0 else size
+        if recording[at] not in _BLANK or recording[at:nxt].strip():
+            yield lineno, at, end - at
+        at = nxt
+        lineno += 1
+
+
+def _head(recording: Any, at: int, length: int) -> tuple[str, float] | None:
+    """`snapshot_head` from the line's first bytes where they hold schema, host and ts, else from the line."""
+    head = snapshot_head(recording[at : at + min(length, _HEAD_BYTES)])
+    if head is None and length > _HEAD_BYTES:
+        head = snapshot_head(recording[at : at + length])
+    return head
 
 
 class _HostGroups:
@@ -245,10 +291,9 @@ class _Pass:
         ctx = mp.get_context("spawn")  # a fresh interpreter: no torch threads or locks inherited
         results = ctx.Queue()
         tasks = [ctx.Queue(maxsize=IN_FLIGHT) for _ in range(self.workers)]
-        topic = str(self.input_path)
         procs = [
             ctx.Process(target=_worker, name=f"gpuwatch-score-{i}", daemon=True,
-                        args=(i, self.model, self.device, self.rescore_interval_s, topic, tasks[i], results))
+                        args=(i, self.input_path, self.model, self.device, self.rescore_interval_s, tasks[i], results))
             for i in range(self.workers)
         ]  # fmt: skip
         for p in procs:
@@ -320,28 +365,30 @@ class _Pass:
         parts = self._empty_parts()
         dead_keys: list[tuple[int, int, int]] = []
         dead: list[bytes] = []
-        for offset, raw in file_messages(self.input_path):
-            self.totals.lines += 1
-            head = self.known[offset] if offset in self.known else snapshot_head(raw)
-            if head is None:
-                head = self._slow_head(offset, raw, chunk, dead_keys, dead)
+        with open(self.input_path, "rb") as fh, _mapped(fh) as recording:
+            for offset, at, length in _lines(recording):
+                self.totals.lines += 1
+                head = self.known[offset] if offset in self.known else _head(recording, at, length)
                 if head is None:
-                    continue
-            host, ts = head
-            if cuts.cut_before(ts):
-                chunk += 1
-                if held >= BLOCK_LINES:
-                    yield block, self._seal(block, parts), (dead_keys, dead)
-                    block, held = block + 1, 0
-                    parts = self._empty_parts()
-                    dead_keys, dead = [], []
-            part = parts[self._worker_for(host)]
-            part[0].append(offset)
-            part[1].append(chunk)
-            part[2].append(ts)
-            part[3].append(host)
-            part[4].append(raw)
-            held += 1
+                    head = self._slow_head(offset, recording[at : at + length], chunk, dead_keys, dead)
+                    if head is None:
+                        continue
+                host, ts = head
+                if cuts.cut_before(ts):
+                    chunk += 1
+                    if held >= BLOCK_LINES:
+                        yield block, self._seal(block, parts), (dead_keys, dead)
+                        block, held = block + 1, 0
+                        parts = self._empty_parts()
+                        dead_keys, dead = [], []
+                part = parts[self._worker_for(host)]
+                part[0].append(offset)
+                part[1].append(at)
+                part[2].append(length)
+                part[3].append(chunk)
+                part[4].append(ts)
+                part[5].append(host)
+                held += 1
         yield block, self._seal(block, parts), (dead_keys, dead)
 
     def _slow_head(
@@ -368,16 +415,18 @@ class _Pass:
             self.host_worker[host] = w
         return w
 
-    def _empty_parts(self) -> list[tuple[list, list, list, list, list]]:
-        return [([], [], [], [], []) for _ in range(self.workers)]
+    def _empty_parts(self) -> list[tuple[list, list, list, list, list, list]]:
+        return [([], [], [], [], [], []) for _ in range(self.workers)]
 
     @staticmethod
-    def _seal(block: int, parts: list[tuple[list, list, list, list, list]]) -> list[_Block]:
+    def _seal(block: int, parts: list[tuple[list, list, list, list, list, list]]) -> list[_Block]:
+        i64 = np.int64
         return [
-            _Block(block, np.array(o, dtype=np.int64), np.array(c, dtype=np.int64), np.array(t, dtype=np.float64),
-                   h, r)
-            for o, c, t, h, r in parts
-        ]  # fmt: skip
+            _Block(
+                block, np.array(o, i64), np.array(a, i64), np.array(n, i64), np.array(c, i64), np.array(t), h
+            )
+            for o, a, n, c, t, h in parts
+        ]
 
     def _write(
         self,
