@@ -113,6 +113,11 @@ def test_workers_score_once_when_hosts_are_independent(tmp_path: Path) -> None:
     clean = score_sharded(tmp_path / "clean" / "samples.jsonl", tmp_path / "clean.risk", tmp_path / "clean.dl",
                           workers=3)  # fmt: skip
     assert clean.passes == 1 and clean.deadletters == 0 and clean.samples == 60 * 12
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    empty = score_sharded(tmp_path / "empty.jsonl", tmp_path / "empty.risk", tmp_path / "empty.dl", workers=2)
+    assert (empty.samples, empty.records, empty.lines) == (0, 0, 0) and (
+        tmp_path / "empty.risk"
+    ).read_bytes() == b""
 
 
 def test_score_refuses_bad_arguments_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

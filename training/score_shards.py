@@ -62,6 +62,12 @@ class ScoreTotals:
     passes: int = 1
 
 
+def _mapped(fh: Any) -> Any:
+    """The file's bytes without reading them into Python objects (an empty file has nothing to map)."""
+    size = os.fstat(fh.fileno()).st_size
+    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"")
+
+
 # ----------------------------------------------------------------------------------------------- worker side
 
 
@@ -116,6 +122,8 @@ class _ShardProcessor(RiskProcessor):
     def score_block(self, block: _Block) -> _BlockOut:
         out = _BlockOut(block.block)
         chunks = block.chunks
+        if not len(chunks):  # none of this block's lines are this worker's
+            return out
         bounds = np.r_[0, np.flatnonzero(np.diff(chunks)) + 1, len(chunks)].tolist()
         for a, b in zip(bounds[:-1], bounds[1:]):
             self._score_chunk(int(chunks[a]), block, slice(a, b), out)
@@ -201,7 +209,7 @@ def _worker(
 
         torch.set_num_threads(1)  # one process per core
         scorer = Scorer(load_artifact(model or None), device=device)
-        with open(input_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as recording:
+        with open(input_path, "rb") as fh, _mapped(fh) as recording:
             processor = _ShardProcessor(scorer, recording, str(input_path), rescore_interval_s=rescore_interval_s,
                                         stage="score")  # fmt: skip
             spare_startup_heap_from_gc()
@@ -216,12 +224,6 @@ def _worker(
 
 _HEAD_BYTES = 512  # schema, host (at most 255 bytes) and ts open a usual snapshot
 _BLANK = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() strips
-
-
-def _mapped(fh: Any) -> Any:
-    """The file's bytes without reading them into Python objects (an empty file has nothing to map)."""
-    size = os.fstat(fh.fileno()).st_size
-    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else contextlib.nullcontext(b"")
 
 
 def _lines(recording: Any) -> Iterator[tuple[int, int, int]]:
