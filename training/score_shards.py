@@ -461,7 +461,7 @@ class _Pass:
 def score_sharded(
     input_path: Path, output: Path, deadletter_path: Path, *, workers: int, model: str = "", device: str = "cpu",
     rescore_interval_s: float = 5.0, progress: Callable[[ScoreTotals], None] | None = None,
-    say: Callable[[str], None] | None = None,
+    say: Callable[[str], object] | None = None,
 ) -> ScoreTotals:  # fmt: skip
     """Score a JSONL recording with `workers` processes into `output` (risk) and `deadletter_path`, exactly as
     one process (`training.score.replay`) would, `scored_at` and `failed_at` aside. `progress` gets the running
