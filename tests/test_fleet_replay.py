@@ -34,7 +34,9 @@ def test_in_memory_fleet_scores_what_simulate_and_score_write(tmp_path: Path) ->
     records = [orjson.loads(v) for r in replay(tmp_path / "samples.jsonl", processor) for _, v in r.risk]
     labels = [orjson.loads(line) for line in (tmp_path / "labels.jsonl").read_bytes().splitlines()]
 
-    fleet = simulate_and_score(3, 4, days, seed=4, interval_s=1.0, config_overrides=overrides, shards=1)
+    seen: list = []
+    fleet = simulate_and_score(3, 4, days, seed=4, interval_s=1.0, config_overrides=overrides, shards=1,
+                               progress=seen.append)  # fmt: skip
     expected = [
         (r["host"], r["gpu_index"], r["uuid"], r["ts"], r["risk"], r["mode"], r["history_s"]) for r in records
     ]
@@ -43,6 +45,8 @@ def test_in_memory_fleet_scores_what_simulate_and_score_write(tmp_path: Path) ->
     assert {lab["mode"] for lab in labels} >= {"thermal", "memory"}  # a failure and a running precursor
     assert fleet.gpu_samples == 150 * 12 and fleet.model == records[0]["model"]
     assert fleet.horizon_s == records[0]["horizon_s"]
+    assert seen[-1].fraction == 1.0 and seen[-1].gpu_samples == fleet.gpu_samples
+    assert seen[-1].risk_records == len(fleet.risk) == len(records)
 
 
 @pytest.mark.slow
