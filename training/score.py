@@ -4,6 +4,8 @@ The live worker folds small batches (a fraction of a second of telemetry) and sc
 sample at least `rescore_interval_s` after its last scoring. A file read in large batches would score each
 GPU only once per batch, so the replay cuts batches at `REPLAY_SPAN_S` of sample time: every GPU is scored
 at the same samples, with the same features and model, as a live worker at 1 Hz would have scored it.
+`--workers N` splits the recording by host over N processes (training.score_shards) and writes the same
+records; `replay_messages` replays snapshots from anywhere else (training.fleet_replay: a simulator in memory).
 """
 
 from __future__ import annotations
