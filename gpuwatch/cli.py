@@ -239,10 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "reliability", "gpu"])
+    p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "score", "reliability", "gpu"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
-    p.add_argument("--seconds", type=float, default=0.0, help="how long to run (0: default)")
+    p.add_argument("--seconds", type=float, default=0.0,
+                   help="how long to run (0: default); score: seconds of simulated fleet time")
     p.add_argument("--real-nvml", action="store_true",
                    help="agent: sample this machine's GPUs through the driver instead of stand-in GPUs")
     p.set_defaults(func=cmd_bench)

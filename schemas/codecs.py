@@ -485,6 +485,47 @@ def decode_snapshot(raw: bytes | bytearray | memoryview | str | None, *, now: fl
     return _check_time(snap, now, max_future_s, max_age_s)
 
 
+class _Head(msgspec.Struct, gc=False):
+    host: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_HOST_LEN)]
+    ts: Annotated[float, msgspec.Meta(ge=0, le=_FMAX)]
+
+
+_HEAD = msgspec.json.Decoder(_Head)  # unknown fields (the GPUs) are skipped, not built
+
+
+_HEAD_PREFIX = f'{{"schema":"{SAMPLES_SCHEMA}","host":"'.encode()
+_HEAD_TS = b'","ts":'
+
+
+def snapshot_head(raw: bytes | bytearray | memoryview | str) -> tuple[str, float] | None:
+    """`host` and `ts` of a snapshot message by a light parse that skips the GPUs, or None where it cannot read
+    them (`decode_snapshot` then decides: it may still accept the message on its slow path).
+
+    For routing and batching before the full decode (`gpuwatch score --workers`). A head is a claim, not a
+    check: the message may still break the contract elsewhere (or repeat a key), so whoever decodes it in full
+    must compare. The usual message, as agents and the simulator write it, starts with schema, host and ts; their
+    bytes are read directly. Anything else goes through msgspec, skipping the rest of the message.
+    """
+    if _size(raw) > MAX_MESSAGE_BYTES:
+        return None
+    if isinstance(raw, bytes) and raw.startswith(_HEAD_PREFIX):
+        start = len(_HEAD_PREFIX)
+        end = raw.find(_HEAD_TS, start)  # a JSON string holds no bare quote: this ends the host
+        comma = raw.find(b",", end + len(_HEAD_TS)) if end > start else -1
+        if 0 < comma and b"\\" not in raw[start:end] and end - start <= MAX_HOST_LEN:
+            try:
+                ts = float(raw[end + len(_HEAD_TS) : comma])
+                if 0 <= ts <= _FMAX:
+                    return raw[start:end].decode(), ts
+            except (ValueError, UnicodeDecodeError):
+                pass
+    try:
+        head = _HEAD.decode(raw)
+    except Exception:  # noqa: BLE001 - msgspec's errors, UnicodeDecodeError, ...: the full decode decides
+        return None
+    return head.host, head.ts
+
+
 def decode_snapshot_dict(obj: Any, *, now: float | None = None, max_future_s: float = 300.0,
                          max_age_s: float | None = None, max_depth: int = MAX_DEPTH) -> Snapshot:
     """Like `decode_snapshot` for an already-parsed object (a JSONL line read with json/orjson).

@@ -71,6 +71,20 @@ class Inbound:
     offset: int = -1
 
 
+@dataclass(slots=True)
+class Scored:
+    """What one batched pass decided: the slots in order, which had failed, and for the others (in the same
+    order) risk at the fleet's base rate, the calibrated score, the mode index and the operating points' calls."""
+
+    slots: np.ndarray
+    failed: np.ndarray
+    risk: np.ndarray
+    score: np.ndarray
+    mode: np.ndarray
+    alarm: np.ndarray
+    drain: np.ndarray
+
+
 @dataclass
 class BatchResult:
     """What one batch produced: risk records (key, value) and dead letters, plus counts."""
@@ -249,12 +263,24 @@ class RiskProcessor:
         scored_at = time.time()
         self._scored_wall[slots] = scored_at
         risk = at_prevalence(score, self.calibrated_at, self.deployed_at)
+        self.emit(Scored(slots, failed, risk, score, mode, alarm, drain), scored_at, result)
+        result.scored += len(slots)
+
+    def emit(self, scored: Scored, scored_at: float, result: BatchResult) -> None:
+        """Append one `gpuwatch.risk/1` record per scored slot to `result.risk`, in slot order (the evaluation's
+        baselines score the same slots in that order).
+
+        Called by `score_slots` after each batched pass; an offline caller that wants columns instead of JSON
+        (training.fleet_replay) overrides this and nothing else, so the decisions are computed once.
+        """
+        store = self.store
         out = result.risk
         hosts, uuids = store.hosts, store.uuids
         op, horizon, model = self.alarm_op.name, self.horizon_s, self.model_version
-        # One record per slot, in `slots` order (the evaluation's baselines score the same slots in that order).
+        slots, failed = scored.slots, scored.failed
         live_at = (np.cumsum(~failed) - 1).tolist()
-        risk_l, score_l, mode_l, alarm_l, drain_l = risk.tolist(), score.tolist(), mode.tolist(), alarm.tolist(), drain.tolist()
+        risk_l, score_l, mode_l = scored.risk.tolist(), scored.score.tolist(), scored.mode.tolist()
+        alarm_l, drain_l = scored.alarm.tolist(), scored.drain.tolist()
         idx_l, ts_l = store.gpu_index[slots].tolist(), store.last_ts[slots].tolist()
         hist_l = (store.last_ts[slots] - store.first_ts[slots]).tolist()
         for i, (sl, is_failed) in enumerate(zip(slots.tolist(), failed.tolist())):
@@ -272,7 +298,6 @@ class RiskProcessor:
                        "scored_at": scored_at, "op": op, "score": score_l[j], "alarm": alarm_l[j],
                        "drain": drain_l[j], "failed": False, "history_s": hist_l[i]}  # fmt: skip
             out.append((host.encode(), orjson.dumps(rec)))
-        result.scored += len(slots)
 
     @staticmethod
     def _run(

@@ -301,9 +301,11 @@ def assert_paths_agree(raw: bytes) -> None:
 def _decode_any(raw: bytes) -> None:
     assert_paths_agree(raw)
     try:
-        decode_snapshot(raw)
+        decoded = decode_snapshot(raw)
     except DecodeError as exc:
         assert exc.kind != "internal", exc.reason
+    else:  # the light parse reads what the full decode reads, whenever the full decode accepts
+        assert codecs.snapshot_head(raw) == (decoded.host, decoded.ts)
     for decode in (codecs.decode_risk, codecs.decode_remediation, codecs.decode_deadletter):
         try:
             decode(raw)
@@ -355,6 +357,18 @@ def test_typed_and_general_paths_agree(edits: list, drop: bool) -> None:
         else:
             target[name] = value
     assert_paths_agree(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("raw, head", [
+    (b'{"schema":"gpuwatch.samples/1","host":"node-7","ts":1700000001.25,"seq":1,"gpus":[]}', ("node-7", 1700000001.25)),
+    (b'{"gpus":[],"ts":17,"host":"n\\u00e9","schema":"x"}', ("n\u00e9", 17.0)),  # any key order, escapes
+    (b'{"schema":"gpuwatch.samples/1","host":"a\\"b","ts":1e3,"seq":1}', ('a"b', 1000.0)),
+    (b'{"schema":"gpuwatch.samples/1","host":"","ts":1,"seq":1}', None),  # what decode_snapshot refuses too
+    (b'{"schema":"gpuwatch.samples/1","host":"h","ts":-1,"seq":1}', None),
+    (b'{"host":"h"}', None), (b"[1]", None), (b"not json", None), (b'{"host":"h","ts":"1"}', None),
+])  # fmt: skip
+def test_snapshot_head_reads_host_and_ts_only(raw: bytes, head: tuple[str, float] | None) -> None:
+    assert codecs.snapshot_head(raw) == head
 
 
 def test_typed_path_takes_the_usual_message() -> None:

@@ -82,3 +82,16 @@ def test_incremental_scoring_equals_a_full_forward_pass() -> None:
         full, _ = scorer.score(proc.store.sequences(slots))
         assert np.allclose(sorted(incremental), sorted(full), atol=1e-5)
     assert hits > 100  # the cache was really used, not recomputed every time
+
+
+def test_the_stream_bench_compares_the_worker_path_with_per_request_scoring_on_its_own_sequences() -> None:
+    from gpuwatch.bench.stream import RISK_TOLERANCE, batched_speedup
+
+    sim = FleetSimulator(FleetConfig(hosts=2, seed=3, start_ts=1.7e9))
+    msgs = [m for _ in range(70) for m in sim.step_json()]
+    figures = batched_speedup(msgs, batch=2, rescore_s=5.0)  # one fleet step per batch
+    assert figures["records"] == 16 * 14  # 70 s at 1 Hz, every GPU scored at 0, 5, ..., 65 s
+    assert figures["max_abs_risk_diff"] <= RISK_TOLERANCE and figures["mode_mismatches"] == 0
+    # The first 30 s (no ring row yet) and the scoring after each ring advance encode the past afresh.
+    assert 0.2 < figures["past_encoded_share"] < 0.8
+    assert figures["speedup"] > 0 and figures["batching_only_speedup"] > 0

@@ -73,6 +73,11 @@ def add_score_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--json", default="", help="also write the throughput summary here")
+    p.add_argument(
+        "--workers", type=int, default=0, metavar="N",
+        help="scoring processes, each owning a share of the hosts; the output is the same as with one, "
+        "wall times aside (default 0: one per CPU; 1: score in this process)",
+    )  # fmt: skip
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

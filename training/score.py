@@ -4,15 +4,17 @@ The live worker folds small batches (a fraction of a second of telemetry) and sc
 sample at least `rescore_interval_s` after its last scoring. A file read in large batches would score each
 GPU only once per batch, so the replay cuts batches at `REPLAY_SPAN_S` of sample time: every GPU is scored
 at the same samples, with the same features and model, as a live worker at 1 Hz would have scored it.
+`--workers N` splits the recording by host over N processes (training.score_shards) and writes the same
+records; `replay_messages` replays snapshots from anywhere else (training.fleet_replay: a simulator in memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from gpuwatch.config import Settings
 from gpuwatch.schemas.codecs import (
     DecodeError,
     Snapshot,
+    decode_risk,
     decode_snapshot,
     encode_remediation,
     make_deadletter,
@@ -33,92 +36,148 @@ from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 REPLAY_SPAN_S = 1.0  # sample time per replayed batch: one step of a 1 Hz fleet, like a live sub-second batch
 
 
-def iter_chunks(
-    input_path: Path, span_s: float, max_snapshots: int = 4096, stage: str = "score"
-) -> Iterator[tuple[list[Snapshot], list[Inbound], list[bytes], int]]:
-    """Decoded snapshots in file order, cut whenever `span_s` of sample time has passed since a chunk's first.
+class ChunkCuts:
+    """Where the replay cuts batches: before a snapshot `span_s` or more after its batch's first, or once a batch
+    holds `max_snapshots`. Fed the ts of every decoded snapshot in order, so that the sharded scorer
+    (training.score_shards) cuts a recording exactly where one process does."""
 
-    Yields (snapshots, their sources, dead letters of undecodable lines, lines read).
+    def __init__(self, span_s: float, max_snapshots: int = 4096) -> None:
+        self.span_s = span_s
+        self.max_snapshots = max_snapshots
+        self.start_ts = -np.inf
+        self.held = 0  # snapshots in the open batch
+
+    def cut_before(self, ts: float) -> bool:
+        """Whether the snapshot at `ts` starts a new batch (never the first one); counts it into its batch."""
+        cut = self.held > 0 and (ts - self.start_ts >= self.span_s or self.held >= self.max_snapshots)
+        if cut or not self.held:
+            self.start_ts, self.held = ts, 0
+        self.held += 1
+        return cut
+
+
+def file_messages(input_path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its newline) of every non-blank line of a JSONL recording."""
+    with open(input_path, "rb") as fh:
+        for lineno, line in enumerate(fh):
+            if line.strip():
+                yield lineno, line.rstrip(b"\n")
+
+
+def chunk_messages(
+    messages: Iterable[tuple[int, bytes]], topic: str, span_s: float, max_snapshots: int = 4096,
+    stage: str = "score",
+) -> Iterator[tuple[list[Snapshot], list[Inbound], list[bytes], int]]:  # fmt: skip
+    """Decoded snapshots in order, cut by `ChunkCuts`; (offset, raw message) in, `topic` names the source.
+
+    Yields (snapshots, their sources, dead letters of undecodable messages, messages read).
     """
+    cuts = ChunkCuts(span_s, max_snapshots)
     snaps: list[Snapshot] = []
     sources: list[Inbound] = []
     dead: list[bytes] = []
     lines = 0
-    start_ts = -np.inf
-    with open(input_path, "rb") as fh:
-        for lineno, line in enumerate(fh):
-            if not line.strip():
-                continue
-            raw = line.rstrip(b"\n")
-            try:
-                snap = decode_snapshot(raw)
-            except DecodeError as exc:
-                dead.append(make_deadletter(raw, str(exc), topic=str(input_path), partition=0, offset=lineno,
-                                            stage=stage))  # fmt: skip
-                continue
-            if snaps and (snap.ts - start_ts >= span_s or len(snaps) >= max_snapshots):
-                yield snaps, sources, dead, lines
-                snaps, sources, dead, lines = [], [], [], 0
-            if not snaps:
-                start_ts = snap.ts
-            snaps.append(snap)
-            sources.append(Inbound(raw, str(input_path), 0, lineno))
-            lines += 1
+    for offset, raw in messages:
+        try:
+            snap = decode_snapshot(raw)
+        except DecodeError as exc:
+            dead.append(make_deadletter(raw, str(exc), topic=topic, partition=0, offset=offset, stage=stage))
+            continue
+        if cuts.cut_before(snap.ts):
+            yield snaps, sources, dead, lines
+            snaps, sources, dead, lines = [], [], [], 0
+        snaps.append(snap)
+        sources.append(Inbound(raw, topic, 0, offset))
+        lines += 1
     if snaps or dead:
         yield snaps, sources, dead, lines
 
 
+def iter_chunks(
+    input_path: Path, span_s: float, max_snapshots: int = 4096, stage: str = "score"
+) -> Iterator[tuple[list[Snapshot], list[Inbound], list[bytes], int]]:
+    """`chunk_messages` over the lines of a recording (dead letters name the file and the line number)."""
+    return chunk_messages(file_messages(input_path), str(input_path), span_s, max_snapshots, stage)
+
+
 def replay(input_path: Path, processor: RiskProcessor) -> Iterator[BatchResult]:
     """Feed a recording through `processor` on the live cadence; yields each chunk's result."""
+    return replay_messages(file_messages(input_path), str(input_path), processor)
+
+
+def replay_messages(messages: Iterable[tuple[int, bytes]], topic: str, processor: RiskProcessor) -> Iterator[BatchResult]:
+    """`replay` for (offset, raw snapshot) pairs from anywhere, e.g. a simulator stepping in memory."""
     span = min(REPLAY_SPAN_S, processor.rescore_interval_s)
-    for snaps, sources, dead, _ in iter_chunks(input_path, span, stage=processor.stage):
+    for snaps, sources, dead, _ in chunk_messages(messages, topic, span, stage=processor.stage):
         result = BatchResult(deadletters=dead)
         if snaps:
             processor.fold(snaps, sources, result)
         yield result
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (the default number of scoring workers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _bad_score_args(args: argparse.Namespace) -> str:
+    """What is wrong with the command line, in one line, or ""."""
+    if not Path(args.input).is_file():
+        return f"--input {args.input} is not a file; record one with `gpuwatch simulate --out DIR` (DIR/samples.jsonl)"
+    for name in ("output", "actions"):
+        path = getattr(args, name, "")
+        if path and not Path(path).resolve().parent.is_dir():
+            return f"--{name} {path}: folder {Path(path).resolve().parent} does not exist"
+    if args.workers < 0:
+        return f"--workers must be 0 (one per CPU) or more, got {args.workers}"
+    if not args.rescore_interval > 0:
+        return f"--rescore-interval must be > 0 s, got {args.rescore_interval}"
+    return ""
+
+
 def score_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
     """Scores a recording as the stream would (risk at the settings' fleet failure rate, the model's operating
     points unless the settings override them); with --actions, also replays the remediation policy."""
     settings = settings or Settings()
-    if not Path(args.input).is_file():
-        print(f"gpuwatch score: --input {args.input} is not a file; pass a JSONL of gpuwatch.samples/1 snapshots "
-              "(e.g. `gpuwatch simulate --out DIR` writes DIR/samples.jsonl)", file=sys.stderr)  # fmt: skip
+    problem = _bad_score_args(args)
+    if problem:
+        print(f"gpuwatch score: {problem}", file=sys.stderr)
         return 2
+    workers = args.workers or available_cpus()
     try:
         scorer = Scorer(load_artifact(args.model or None), device=args.device)
     except ModelError as exc:
         print(f"gpuwatch score: {exc}", file=sys.stderr)
         return 2
+    # What the stream would run: operating points (with the settings' overrides), risk at the fleet's rate.
     processor = RiskProcessor.from_settings(scorer, settings, rescore_interval_s=args.rescore_interval, stage="score")
-    policy = RemediationPolicy(PolicyRules.from_settings(settings)) if args.actions else None
-    t0 = time.time()
-    samples = scored = rejected = actions = 0
-    last_report = 0.0
+    decisions = {"alarm_op": processor.alarm_op, "drain_op": processor.drain_op,
+                 "failures_per_gpu_day": settings.fleet_failure_rate_per_gpu_day}  # fmt: skip
+    progress = _ProgressLine()
     deadletter_path = Path(args.output).with_suffix(".deadletter.jsonl")
-    with ExitStack() as files:
-        out = files.enter_context(open(args.output, "wb"))
-        dl = files.enter_context(open(deadletter_path, "wb"))
-        act = files.enter_context(open(args.actions, "wb")) if args.actions else None
-        for result in replay(Path(args.input), processor):
-            samples += result.samples
-            scored += len(result.risk)
-            rejected += len(result.deadletters)
-            out.writelines(v + b"\n" for _, v in result.risk)
-            dl.writelines(v + b"\n" for v in result.deadletters)
-            if policy is not None and act is not None and result.risk:
-                recs = [orjson.loads(v) for _, v in result.risk]
-                events = policy.observe(recs, max(r["ts"] for r in recs))  # the recording's clock
-                act.writelines(encode_remediation(e) + b"\n" for e in events)
-                actions += len(events)
-            elapsed = time.time() - t0
-            if elapsed - last_report >= 1.0:
-                last_report = elapsed
-                sys.stderr.write(f"\rscored {samples:,} GPU-samples ({samples / max(elapsed, 1e-9):,.0f}/s), "
-                                 f"{scored:,} risk records")  # fmt: skip
-                sys.stderr.flush()
-    elapsed = time.time() - t0
+    if workers > 1:
+        from gpuwatch.training.score_shards import ShardError, score_sharded
+
+        try:
+            totals = score_sharded(
+                Path(args.input), Path(args.output), deadletter_path, workers=workers, model=args.model,
+                device=args.device, rescore_interval_s=args.rescore_interval,
+                progress=lambda t: progress(t.samples, t.records),
+                say=lambda line: sys.stderr.write(f"\ngpuwatch score: {line}\n"), decisions=decisions,
+            )  # fmt: skip
+        except ShardError as exc:
+            print(f"\ngpuwatch score: {exc}", file=sys.stderr)
+            return 1
+        samples, scored, rejected = totals.samples, totals.records, totals.deadletters
+    else:
+        samples, scored, rejected = _score_here(Path(args.input), processor, Path(args.output), deadletter_path,
+                                                progress)
+    actions = replay_actions(Path(args.output), Path(args.actions), PolicyRules.from_settings(settings)) \
+        if args.actions else 0  # fmt: skip
+    elapsed = time.time() - progress.t0
     sys.stderr.write("\n")
     rate = samples / max(elapsed, 1e-9)
     print(f"{samples:,} GPU-samples in {elapsed:.1f} s = {rate:,.0f} GPU-samples/s; "
@@ -126,8 +185,56 @@ def score_command(args: argparse.Namespace, settings: Settings | None = None) ->
           + (f"; {actions} remediation events to {args.actions}" if args.actions else ""))  # fmt: skip
     if args.json:
         summary = {"gpu_samples": samples, "seconds": round(elapsed, 3), "gpu_samples_per_s": round(rate),
-                   "risk_records": scored, "deadletters": rejected, "model": processor.model_version,
-                   "rescore_interval_s": processor.rescore_interval_s, "operating_point": processor.alarm_op.name,
+                   "risk_records": scored, "deadletters": rejected, "model": scorer.version,
+                   "rescore_interval_s": args.rescore_interval, "workers": workers,
+                   "operating_point": processor.alarm_op.name,
                    "remediation_events": actions if args.actions else None}  # fmt: skip
         Path(args.json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     return 0
+
+
+def replay_actions(risk_path: Path, actions_path: Path, rules: PolicyRules) -> int:
+    """Feeds the risk records of `risk_path` (in file order: time order per batch) through the remediation policy
+    on the recording's clock (each record is fresh when it arrives) and writes the events to `actions_path`;
+    returns how many."""
+    policy = RemediationPolicy(rules)
+    n = 0
+    with open(risk_path, "rb") as fh, open(actions_path, "wb") as out:
+        for line in fh:
+            rec = decode_risk(line)
+            for event in policy.observe([rec], float(rec["ts"])):
+                out.write(encode_remediation(event) + b"\n")
+                n += 1
+    return n
+
+
+class _ProgressLine:
+    """The progress line on stderr, at most once a second."""
+
+    def __init__(self) -> None:
+        self.t0 = time.time()
+        self.last = 0.0
+
+    def __call__(self, samples: int, scored: int) -> None:
+        elapsed = time.time() - self.t0
+        if elapsed - self.last >= 1.0:
+            self.last = elapsed
+            sys.stderr.write(f"\rscored {samples:,} GPU-samples ({samples / max(elapsed, 1e-9):,.0f}/s), "
+                             f"{scored:,} risk records")  # fmt: skip
+            sys.stderr.flush()
+
+
+def _score_here(
+    input_path: Path, processor: RiskProcessor, output: Path, deadletter_path: Path, progress: _ProgressLine
+) -> tuple[int, int, int]:
+    """One process: (GPU-samples, risk records, dead letters)."""
+    samples = scored = rejected = 0
+    with open(output, "wb") as out, open(deadletter_path, "wb") as dl:
+        for result in replay(input_path, processor):
+            samples += result.samples
+            scored += len(result.risk)
+            rejected += len(result.deadletters)
+            out.writelines(v + b"\n" for _, v in result.risk)
+            dl.writelines(v + b"\n" for v in result.deadletters)
+            progress(samples, scored)
+    return samples, scored, rejected

@@ -28,6 +28,11 @@ def bench_command(args: argparse.Namespace) -> int:
             return 3
         ok = figures["nvml"]["contract_ok"] and figures["cuda"]["threshold_side_disagreements"] == 0
         return 0 if ok and figures["agent"]["snapshots_invalid"] == 0 else 1
+    if args.what == "score":
+        from gpuwatch.bench.score import run_score_bench
+
+        run_score_bench(args)
+        return 0
     if args.what == "simulate":
         from gpuwatch.bench.table import emit
         from gpuwatch.producers.simulator import bench_simulator

@@ -7,8 +7,11 @@
    ratio_vs_raw = 1 / 2. For context, confluent_raw_loop_samples_per_s is a bare confluent-kafka
    consume + decode loop (a faster client than faust's aiokafka).
 3. worker_replay_samples_per_s: the worker's batch step on the same messages in-process (no broker).
-4. batched_vs_per_sample_speedup: the worker's scoring path (one batched pass, incremental LSTM state)
-   versus one full forward pass per GPU-sample; batching_only_speedup isolates batching alone.
+4. batched_vs_per_sample_speedup: measured on the replay's own batches (3.): the worker's scoring path as
+   it runs (`RiskProcessor.score_slots`: one batched pass, incremental LSTM state, risk records) versus,
+   for every record it scored, one full-window forward pass of batch size 1 on the same sequence (a
+   per-request /predict service); the two must give the same risks. batching_only_speedup is full-window
+   batches versus one at a time (batching without the incremental state).
 5. latency_p99_ms: sample ts to risk visible in Redis for a fleet at 1 Hz on the embedded stack, measured
    for `--seconds` once the worker has caught up with the live fleet (the run fails if it cannot).
 6. state_bytes_per_gpu: window state per tracked GPU.
@@ -34,8 +37,10 @@ from gpuwatch.memory import spare_startup_heap_from_gc
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.feed import SimulatedFeed
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.schemas.fields import FAILURE_MODES
 from gpuwatch.streams.model import Scorer, load_artifact
-from gpuwatch.streams.processor import Inbound, RiskProcessor
+from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
+from gpuwatch.streams.window import FEATURE_NAMES
 
 
 def _say(msg: str) -> None:
@@ -130,41 +135,96 @@ def replay(msgs: list[tuple[str, bytes]], batch: int, rescore_s: float) -> dict[
             "state_bytes_per_gpu": processor.state_bytes_per_gpu()}
 
 
-def batched_speedup(n: int = 2000, rescore_s: float = 5.0) -> dict[str, float]:
-    """Sequences/s of one forward pass per GPU-sample (a REST /predict style) versus the worker's path.
+class _CountingScorer(Scorer):
+    """A Scorer that counts the sequences whose past it encodes (the incremental path's cache misses)."""
 
-    The worker scores a batch in one pass and incrementally: the LSTM state after a GPU's past ring rows
-    is cached until the ring advances (every stride_s), so most rescorings are one LSTM step. At
-    `rescore_s` between scorings, 1 in stride_s/rescore_s scorings re-encodes the past.
+    encoded = 0
+
+    def encode_past(self, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.encoded += len(past)
+        return super().encode_past(past)
+
+
+class _PerRequestComparison(RiskProcessor):
+    """The worker's processor, timing its scoring path and, on the very sequences it scored, a per-request one.
+
+    Every `score_slots` call is the worker's own (batched, incremental LSTM state) and is timed as it runs.
+    Afterwards, untimed, its windows give the sequences it scored; each is then scored again with one
+    full-window forward pass of batch size 1 (timed: what a /predict service does per GPU-sample) and once
+    more as one full-window batch (timed: batching without the incremental state).
     """
-    artifact = load_artifact()
-    scorer = Scorer(artifact, device="cpu")
-    seqs = np.random.default_rng(0).normal(size=(n, artifact.window.seq_len, len(artifact.features))).astype(
-        np.float32
-    )
-    scorer.score(seqs[:64])  # warm-up
-    t0 = time.perf_counter()
-    scorer.score(seqs)
-    full_batched = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    h, c = scorer.encode_past(seqs[:, :-1])
-    encode = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    scorer.score_from_state(h, c, seqs[:, -1])
-    step = time.perf_counter() - t0
-    miss_rate = min(1.0, rescore_s / artifact.window.stride_s)
-    worker_path = step + miss_rate * encode
-    m = min(n, 500)
-    t0 = time.perf_counter()
-    for i in range(m):
-        scorer.score(seqs[i : i + 1])
-    single = (time.perf_counter() - t0) / m * n
+
+    def __init__(self, scorer: Scorer, **kwargs: Any) -> None:
+        super().__init__(scorer, **kwargs)
+        self.records = 0
+        self.worker_s = 0.0  # score_slots as the worker runs it: model, cache bookkeeping, risk records
+        self.worker_inference_s = 0.0  # of which the model: cache check, past encodings, one LSTM step
+        self.per_request_s = 0.0
+        self.full_batched_s = 0.0
+        self.max_abs_diff = 0.0  # worker's risk vs per-request risk
+        self.mode_mismatches = 0
+
+    def score_slots(self, slots: np.ndarray, result: BatchResult) -> None:
+        first, inference = len(result.risk), result.inference_s
+        t0 = time.perf_counter()
+        super().score_slots(slots, result)
+        self.worker_s += time.perf_counter() - t0
+        self.worker_inference_s += result.inference_s - inference
+        worker = [orjson.loads(v) for _, v in result.risk[first:]]
+        seqs = self.store.sequences(slots)  # unchanged by scoring: the windows the worker just scored
+        risk = np.empty(len(slots))
+        mode = np.empty(len(slots), dtype=np.int64)
+        t0 = time.perf_counter()
+        for i in range(len(slots)):
+            r, m = self.scorer.score(seqs[i : i + 1])
+            risk[i], mode[i] = r[0], m[0]
+        self.per_request_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.scorer.score(seqs)
+        self.full_batched_s += time.perf_counter() - t0
+        self.records += len(slots)
+        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(risk - [w["risk"] for w in worker]).max()))
+        self.mode_mismatches += sum(FAILURE_MODES[m] != w["mode"] for m, w in zip(mode.tolist(), worker))
+
+
+# float32 LSTM state stepped once per rescoring vs recomputed over the window: equal up to rounding.
+RISK_TOLERANCE = 1e-4
+
+
+def batched_speedup(msgs: list[tuple[str, bytes]], batch: int, rescore_s: float) -> dict[str, float]:
+    """Measured on the worker's own path: the replay's messages, in worker-sized batches, through RiskProcessor.
+
+    Records/s of the worker's scoring path (`score_slots`: one batched pass, LSTM state cached between ring
+    advances) versus one full-window forward pass of batch size 1 per record it scored (a per-request
+    /predict service), on the same sequences; `batching_only_speedup` is full-window batches versus one at
+    a time (batching without the incremental state). The two paths must agree on every risk.
+    `past_encoded_share` is the share of records whose past the worker had to encode afresh (the rest took
+    one LSTM step): every scoring in a GPU's first `stride_s`, then about rescore_s / stride_s.
+    """
+    scorer = _CountingScorer(load_artifact(), device="cpu")
+    processor = _PerRequestComparison(scorer, rescore_interval_s=rescore_s)
+    scorer.score(np.zeros((64, processor.store.config.seq_len, len(FEATURE_NAMES)), np.float32))  # warm-up
+    inbound = [Inbound(v, "bench", 0, i) for i, (_, v) in enumerate(msgs)]
+    for i in range(0, len(inbound), batch):
+        processor.process(inbound[i : i + batch])
+    n = processor.records
+    if not n:
+        raise RuntimeError("the replay scored no GPU: nothing to compare")
+    if processor.max_abs_diff > RISK_TOLERANCE:
+        raise RuntimeError(f"per-request scoring disagrees with the worker's: max |risk diff| "
+                           f"{processor.max_abs_diff:.2e} > {RISK_TOLERANCE:g}")  # fmt: skip
     return {
-        "per_sample_seqs_per_s": n / single,
-        "full_batched_seqs_per_s": n / full_batched,
-        "worker_path_seqs_per_s": n / worker_path,
-        "batching_only_speedup": single / full_batched,
-        "speedup": single / worker_path,
+        "records": n,
+        "past_encoded_share": scorer.encoded / n,
+        "worker_path_records_per_s": n / processor.worker_s,
+        "worker_inference_records_per_s": n / processor.worker_inference_s,
+        "per_request_records_per_s": n / processor.per_request_s,
+        "full_batched_records_per_s": n / processor.full_batched_s,
+        "speedup": processor.per_request_s / processor.worker_s,
+        "inference_speedup": processor.per_request_s / processor.worker_inference_s,
+        "batching_only_speedup": processor.per_request_s / processor.full_batched_s,
+        "max_abs_risk_diff": processor.max_abs_diff,
+        "mode_mismatches": processor.mode_mismatches,
     }
 
 
@@ -262,7 +322,7 @@ def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
         _say("in-process replay")
         rep = replay(msgs, settings.stream_batch_size, settings.rescore_interval_s)
         _say("batched versus per-sample inference")
-        speed = batched_speedup(rescore_s=settings.rescore_interval_s)
+        speed = batched_speedup(msgs, settings.stream_batch_size, settings.rescore_interval_s)
         s_live = settings.replace(
             stream_app_id=f"bench-live-{time.time_ns()}", topic_samples=f"bench.live.{time.time_ns()}",
             topic_risk=f"bench.live.risk.{time.time_ns()}", partitions=8,
@@ -276,10 +336,16 @@ def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
         "confluent_raw_loop_samples_per_s": confluent_msgs_per_s * 8,
         "worker_replay_samples_per_s": rep["samples_per_s"],
         "batched_vs_per_sample_speedup": speed["speedup"],
+        "batched_vs_per_sample_inference_speedup": speed["inference_speedup"],
         "batching_only_speedup": speed["batching_only_speedup"],
-        "worker_path_seqs_per_s": speed["worker_path_seqs_per_s"],
-        "full_batched_seqs_per_s": speed["full_batched_seqs_per_s"],
-        "per_sample_seqs_per_s": speed["per_sample_seqs_per_s"],
+        "worker_path_records_per_s": speed["worker_path_records_per_s"],
+        "worker_inference_records_per_s": speed["worker_inference_records_per_s"],
+        "full_batched_records_per_s": speed["full_batched_records_per_s"],
+        "per_sample_records_per_s": speed["per_request_records_per_s"],
+        "speedup_records_compared": speed["records"],
+        "speedup_past_encoded_share": speed["past_encoded_share"],
+        "speedup_max_abs_risk_diff": speed["max_abs_risk_diff"],
+        "speedup_mode_mismatches": speed["mode_mismatches"],
         "latency_p50_ms": lat["p50_ms"],
         "latency_p99_ms": lat["p99_ms"],
         "latency_max_ms": lat["max_ms"],
