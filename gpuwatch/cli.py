@@ -89,6 +89,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return eval_command(args, _settings(args))
 
 
+def cmd_realrate(args: argparse.Namespace) -> int:
+    from gpuwatch.training.real_rate import realrate_command
+
+    return realrate_command(args, _settings(args))
+
+
 def cmd_sink(args: argparse.Namespace) -> int:
     from gpuwatch.sinks.service import run_sinks
 
@@ -237,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fake-nvml", type=int, default=0, metavar="N",
                    help="sample N stand-in GPUs instead of NVML (benchmarks and tests; not real telemetry)")
     p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("realrate", help="false actions at the real failure rate (healthy fleets in memory, "
+                       "look-alikes reweighted), combined with `gpuwatch eval` reports")
+    p.add_argument("--eval", action="append", default=[], metavar="EVAL.json",
+                   help="a `gpuwatch eval --json` report of failure-rich held-out fleets (repeatable)")
+    p.add_argument("--plain-gpu-days", type=float, default=40_000.0, help="GPU-days of the plain healthy fleet")
+    p.add_argument("--rich-gpu-days", type=float, default=1_500.0, help="GPU-days of each look-alike-rich fleet")
+    p.add_argument("--interval", type=float, default=30.0, help="sampling interval of the healthy fleets (s)")
+    p.add_argument("--processes", type=int, default=2, help="processes to simulate and score in")
+    p.add_argument("--seed", type=int, default=9100, help="first simulator seed (keep apart from training's)")
+    p.add_argument("--model", default="", help="model artifact (default: the shipped one)")
+    p.add_argument("--runs-from", default="", metavar="REALRATE.json",
+                   help="do not simulate: take the healthy runs' counts from an earlier --json (to combine anew)")
+    p.add_argument("--json", default="", help="write the figures here")
+    p.set_defaults(func=cmd_realrate)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "score", "reliability", "gpu"])

@@ -117,6 +117,16 @@ class RemediationPolicy:
         self._drains: dict[str, dict[str, float]] = {}  # host -> {member: wall time the drain began}
         self._stale_audited: set[str] = set()
 
+    def tracks(self, host: str, gpu_index: int) -> bool:
+        """Whether the policy holds state for this GPU (an episode, a cooldown or a repair): its next record
+        matters even if it is not in alarm. A replay may skip the quiet records of every other GPU."""
+        return k.member(host, gpu_index) in self._gpus
+
+    @property
+    def tracking(self) -> int:
+        """How many GPUs the policy holds state for."""
+        return len(self._gpus)
+
     def active_drains(self, now: float) -> list[str]:
         """Hosts that count against `max_concurrent_drains` at wall time `now`."""
         for host in list(self._drains):

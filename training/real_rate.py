@@ -120,32 +120,68 @@ class HealthySpec:
 
 
 def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
-    """Simulate and score one healthy fleet in this process; replay the policy on the model's records and on the
-    threshold rules' alarms. Returns the events, the failures that happened, and the GPU-days observed."""
+    """Simulate and score one healthy fleet in this process; replay the policy on the model's decisions and on
+    the threshold rules' alarms. Returns the events, the failures that happened, and the GPU-days observed."""
     import sys
     import time
 
     import numpy as np
-    import orjson
     import torch
 
     from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+    from gpuwatch.schemas.fields import FAILURE_MODES
     from gpuwatch.sinks.policy import RemediationPolicy
     from gpuwatch.streams.model import Scorer, load_artifact
+    from gpuwatch.streams.processor import BatchResult, RiskProcessor, Scored
     from gpuwatch.training.baselines import ThresholdRules
-    from gpuwatch.training.eval_cli import TeeProcessor
     from gpuwatch.training.score import replay_messages
 
     torch.set_num_threads(1)
     artifact = load_artifact(spec.model or None)
-    sim = FleetSimulator(FleetConfig(hosts=spec.hosts, gpus_per_host=spec.gpus_per_host, seed=spec.seed,
-                                     interval_s=spec.interval_s, start_ts=1_700_000_000.0, **spec.overrides))  # fmt: skip
-    processor = TeeProcessor(Scorer(artifact, "cpu"), {"threshold": ThresholdRules(artifact)},
-                             rescore_interval_s=spec.rescore_interval_s, stage="real-rate")  # fmt: skip
+    rules = ThresholdRules(artifact)
     policies = {"lstm": RemediationPolicy(), "threshold": RemediationPolicy()}
     events: dict[str, list[dict[str, Any]]] = {"lstm": [], "threshold": []}
+
+    class Decisions(RiskProcessor):
+        """Feeds the policies directly: a record only for GPUs in alarm, failed, or with policy state (quiet
+        records of the others change nothing), so a long healthy fleet renders almost no JSON."""
+
+        def emit(self, scored: Scored, scored_at: float, result: BatchResult) -> None:
+            store = self.store
+            slots, failed = scored.slots, scored.failed
+            n = len(slots)
+            live_at = np.cumsum(~failed) - 1
+            alarm = np.zeros(n, dtype=bool)
+            drain = np.zeros(n, dtype=bool)
+            alarm[~failed], drain[~failed] = scored.alarm, scored.drain
+            rule = rules.score(store.sequences(slots))[0] >= 0.5
+            rule &= ~failed
+            ts = store.last_ts[slots]
+            now = float(ts.max()) if n else 0.0
+            for name, a, d in (("lstm", alarm, drain), ("threshold", rule, rule)):
+                policy = policies[name]
+                need = a | failed
+                hosts, idx = store.hosts, store.gpu_index
+                rows = [i for i in range(n) if need[i] or policy.tracks(hosts[slots[i]], int(idx[slots[i]]))] \
+                    if policy.tracking else np.flatnonzero(need).tolist()  # fmt: skip
+                recs = []
+                for i in rows:
+                    sl, j = int(slots[i]), int(live_at[i])
+                    is_failed = bool(failed[i])
+                    recs.append({"host": hosts[sl], "gpu_index": int(idx[sl]), "uuid": store.uuids[sl],
+                                 "ts": float(ts[i]), "risk": 1.0 if is_failed else float(scored.risk[j]),
+                                 "alarm": bool(a[i]), "drain": bool(d[i]), "failed": is_failed,
+                                 "failed_since": float(store.failed_since[sl]),
+                                 "mode": "none" if is_failed else FAILURE_MODES[int(scored.mode[j])],
+                                 "op": self.alarm_op.name})  # fmt: skip
+                if recs:
+                    events[name] += policy.observe(recs, now)
+
+    sim = FleetSimulator(FleetConfig(hosts=spec.hosts, gpus_per_host=spec.gpus_per_host, seed=spec.seed,
+                                     interval_s=spec.interval_s, start_ts=1_700_000_000.0, **spec.overrides))  # fmt: skip
+    processor = Decisions(Scorer(artifact, "cpu"), rescore_interval_s=spec.rescore_interval_s, stage="real-rate")
     steps = int(round(spec.days * 86400.0 / spec.interval_s))
-    t0, last = time.time(), 0.0
+    t0, last = time.time(), time.time()
 
     def messages() -> Any:
         offset = 0
@@ -157,24 +193,14 @@ def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
     samples = 0
     for result in replay_messages(messages(), spec.name, processor):
         samples += result.samples
-        if not result.risk:
-            continue
-        recs = [orjson.loads(v) for _, v in result.risk]
-        now = max(r["ts"] for r in recs)
-        events["lstm"] += policies["lstm"].observe(recs, now)
-        rule = np.concatenate(processor.risk["threshold"])  # the rules' scores of these very records
-        processor.risk["threshold"].clear()
-        processor.mode["threshold"].clear()
-        alarms = [{**r, "alarm": bool(a) and not r.get("failed"), "drain": bool(a) and not r.get("failed")}
-                  for r, a in zip(recs, rule >= 0.5)]  # fmt: skip
-        events["threshold"] += policies["threshold"].observe(alarms, now)
-        if time.time() - last >= 10.0:
+        if time.time() - last >= 30.0:
             last = time.time()
             sys.stderr.write(f"[{spec.name}] {samples:,} GPU-samples ({samples / max(last - t0, 1e-9):,.0f}/s)\n")
             sys.stderr.flush()
     labels = sim.drain_labels()
+    end = 1_700_000_000.0 + spec.days * 86400.0
+    down = sum(min(lab["repair_end_ts"] or end, end) - lab["fail_ts"] for lab in labels)
     gpus = spec.hosts * spec.gpus_per_host
-    down = sum(min(lab["repair_end_ts"] or 1e18, 1_700_000_000.0 + spec.days * 86400.0) - lab["fail_ts"] for lab in labels)
     return {"name": spec.name, "events": events, "labels": labels, "gpu_samples": samples,
             "gpu_days": gpus * spec.days - down / 86400.0, "seconds": round(time.time() - t0, 1)}  # fmt: skip
 
@@ -205,3 +231,121 @@ def run_healthy(specs: list[HealthySpec], processes: int) -> list[dict[str, Any]
         return [_healthy_shard(s) for s in specs]
     with mp.get_context("spawn").Pool(processes) as pool:
         return pool.map(_healthy_shard, specs, chunksize=1)
+
+
+# ------------------------------------------------------------------ `gpuwatch realrate`
+
+
+def pool_system_reports(reports: list[Mapping[str, Any]], scorer: str) -> dict[str, Any]:
+    """One scorer's `system` reports of several `gpuwatch eval` fleets added up (failures, GPU-days, GPU-hours,
+    true and early actions), as `at_real_rate` reads them."""
+    parts = [r["system"][scorer] for r in reports if scorer in r.get("system", {})]
+    if not parts:
+        raise ValueError(f"no eval report holds a policy replay of {scorer!r}")
+    value = {k: sum(p["value"][k] for p in parts) for k in ("saved_gpu_h", "true_and_early_action_cost_gpu_h")}
+    days = sum(p["gpu_days"] for p in parts)
+    value["oracle_gpu_h_per_1000_gpu_days_fleet"] = (
+        sum(p["value"]["oracle_gpu_h_per_1000_gpu_days_fleet"] * p["gpu_days"] for p in parts) / max(days, 1e-9)
+    )
+    actions = {a: {"true": sum(p["actions"][a]["true"] for p in parts),
+                   "false_by_cause": {"early": sum(p["actions"][a]["false_by_cause"]["early"] for p in parts)}}
+               for a in ACTIONS}  # fmt: skip
+    return {"failures": sum(p["failures"] for p in parts), "gpu_days": days, "value": value, "actions": actions}
+
+
+def healthy_specs(plain_gpu_days: float, rich_gpu_days: float, interval_s: float, seed: int, processes: int,
+                  model: str = "") -> list[HealthySpec]:  # fmt: skip
+    """The plain healthy fleet (split in `processes` shards) and one fleet rich in each look-alike, on the realistic
+    hardware mix at the real failure rate; seeds from `seed` (keep them apart from every fleet used to choose)."""
+    from gpuwatch.producers.hardware import REALISTIC_MIX
+    from gpuwatch.producers.lookalikes import LOOKALIKES, QUIET, rich_overrides
+
+    base = {"hardware": dict(REALISTIC_MIX), "rate_scale": 1.0}
+    quiet = {**base, **QUIET}
+    hosts = 128
+    shards = max(1, processes)
+    days = plain_gpu_days / (shards * hosts * 8)
+    specs = [HealthySpec(f"plain-{k}", quiet, hosts, days, interval_s, seed + k, model) for k in range(shards)]
+    rich_hosts = 32
+    for i, name in enumerate(LOOKALIKES):
+        specs.append(HealthySpec(f"rich-{name}", {**base, **rich_overrides(name)}, rich_hosts,
+                                 rich_gpu_days / (rich_hosts * 8), interval_s, seed + 100 + i, model))  # fmt: skip
+    return specs
+
+
+def realrate_command(args: Any, settings: Any) -> int:
+    """`gpuwatch realrate`: healthy fleets in memory, false actions at the real rate, combined with `--eval`."""
+    import json
+    import sys
+    from pathlib import Path
+
+    import orjson
+
+    from gpuwatch.producers.lookalikes import LOOKALIKES
+
+    evals = []
+    for path in args.eval:
+        if not Path(path).is_file():
+            print(f"gpuwatch realrate: --eval {path} is not a file; write one with `gpuwatch eval --json PATH`",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        report = orjson.loads(Path(path).read_bytes())
+        evals += report.get("datasets", [report])
+    if args.runs_from:
+        if not Path(args.runs_from).is_file():
+            print(f"gpuwatch realrate: --runs-from {args.runs_from} is not a file; pass the --json of an earlier "
+                  "run", file=sys.stderr)  # fmt: skip
+            return 2
+        runs = orjson.loads(Path(args.runs_from).read_bytes())["runs"]
+        print(f"read {len(runs)} healthy runs from {args.runs_from}", file=sys.stderr)
+    else:
+        specs = healthy_specs(args.plain_gpu_days, args.rich_gpu_days, args.interval, args.seed, args.processes,
+                              args.model)  # fmt: skip
+        print(f"simulating {len(specs)} healthy fleets ({args.plain_gpu_days:,.0f} plain GPU-days, "
+              f"{args.rich_gpu_days:,.0f} per look-alike, {args.interval:g} s) on {args.processes} processes",
+              file=sys.stderr)  # fmt: skip
+        runs = [{k: r[k] for k in ("name", "gpu_days", "gpu_samples", "seconds")}
+                | {"false": {s: healthy_false(r, s).false for s in ("lstm", "threshold")}, "failures": len(r["labels"])}
+                for r in run_healthy(specs, args.processes)]  # fmt: skip
+    costs = CostModel.from_settings(settings)
+    weights = {name: x.weight for name, x in LOOKALIKES.items()}
+    out: dict[str, Any] = {"runs": runs}
+    for scorer in ("lstm", "threshold"):
+        plain_runs = [HealthyRun(r["gpu_days"], r["false"][scorer]) for r in runs if r["name"].startswith("plain-")]
+        plain = HealthyRun(sum(h.gpu_days for h in plain_runs), {a: sum(h.false.get(a, 0) for h in plain_runs)
+                                                                  for a in ACTIONS})  # fmt: skip
+        rich = {r["name"][5:]: HealthyRun(r["gpu_days"], r["false"][scorer]) for r in runs
+                if r["name"].startswith("rich-")}  # fmt: skip
+        false = false_rates(plain, rich, weights)
+        entry: dict[str, Any] = {"false_actions": false, "plain": {"gpu_days": plain.gpu_days, "false": plain.false}}
+        if evals:
+            entry["at_real_rate"] = at_real_rate(pool_system_reports(evals, scorer), false, costs,
+                                                 settings.fleet_failure_rate_per_gpu_day)  # fmt: skip
+        out[scorer] = entry
+    out["settings"] = {"failures_per_gpu_day": settings.fleet_failure_rate_per_gpu_day, "costs": costs.__dict__,
+                       "interval_s": args.interval, "seed": args.seed}  # fmt: skip
+    print(format_realrate(out))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2, default=float))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def format_realrate(out: Mapping[str, Any]) -> str:
+    lines = []
+    for scorer in ("lstm", "threshold"):
+        e = out[scorer]
+        lines.append(f"{scorer}: {e['plain']['gpu_days']:,.0f} plain healthy GPU-days, false {e['plain']['false']}")
+        for a in ACTIONS:
+            f = e["false_actions"][a]
+            lines.append(f"  false {a:<10} {f['per_1000_gpu_days']:8.3f} per 1,000 GPU-days (95% up "
+                         f"{f['per_1000_gpu_days_upper95']:.3f})")  # fmt: skip
+        if "at_real_rate" in e:
+            r = e["at_real_rate"]
+            prec = ", ".join(f"{a} {r['precision'][a]['precision']:.3f}" for a in ACTIONS)
+            lines.append(f"  precision at the real rate: {prec}")
+            lines.append(f"  net {r['net_gpu_h_per_1000_gpu_days']:.1f} GPU-h per 1,000 GPU-days (95% low "
+                         f"{r['net_gpu_h_per_1000_gpu_days_lower95']:.1f}), oracle {r['oracle_gpu_h_per_1000_gpu_days']:.1f}, "
+                         f"share {r['share_of_oracle']:.2f}")  # fmt: skip
+    return "\n".join(lines)
