@@ -47,3 +47,48 @@ def test_at_real_rate_scales_per_failure_figures_and_keeps_per_day_costs() -> No
     true, wrong = 0.8 * lam, 0.1 * lam + 1e-3
     assert out["precision"]["checkpoint"]["precision"] == pytest.approx(true / (true + wrong))
     assert out["precision"]["checkpoint"]["precision_lower95"] == pytest.approx(true / (true + 0.1 * lam + 2e-3))
+
+
+def test_healthy_false_counts_actions_no_failure_followed() -> None:
+    from gpuwatch.training.real_rate import healthy_false
+
+    run = {
+        "gpu_days": 50.0,
+        "labels": [{"uuid": "G1", "fail_ts": 10_000.0, "repair_end_ts": 12_000.0}],
+        "events": {"lstm": [
+            {"action": "checkpoint", "ts": 9_000.0, "uuid": "G1"},  # G1 fails 1,000 s later: real
+            {"action": "repair", "ts": 10_005.0, "uuid": "G1"},  # not a prediction
+            {"action": "checkpoint", "ts": 11_000.0, "uuid": "G1"},  # G1 is down: not counted as a false alarm here
+            {"action": "checkpoint", "ts": 1_000.0, "uuid": "G2"},  # false
+            {"action": "migrate", "ts": 1_060.0, "uuid": "G2"},  # false
+        ]},
+    }  # fmt: skip
+    got = healthy_false(run, "lstm")
+    assert (got.gpu_days, got.false) == (50.0, {"checkpoint": 1, "migrate": 1})
+
+
+def test_realrate_combines_saved_runs_with_eval_reports(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from gpuwatch.cli import main
+    from gpuwatch.producers.lookalikes import LOOKALIKES
+
+    runs = [{"name": "plain-0", "gpu_days": 10_000.0, "false": {"lstm": {}, "threshold": {"checkpoint": 500}}}]
+    runs += [{"name": f"rich-{k}", "gpu_days": 600.0, "false": {"lstm": {}, "threshold": {"migrate": 60}}}
+             for k in LOOKALIKES]  # fmt: skip
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": runs}))
+    system = {"failures": 10, "gpu_days": 10.0,
+              "value": {"saved_gpu_h": 5_000.0, "true_and_early_action_cost_gpu_h": 500.0,
+                        "oracle_gpu_h_per_1000_gpu_days_fleet": 1_000_000.0},
+              "actions": {a: {"true": 8, "false_by_cause": {"early": 0}} for a in ("checkpoint", "migrate", "reboot")}}  # fmt: skip
+    (tmp_path / "eval.json").write_text(json.dumps({"system": {"lstm": system, "threshold": system}}))
+    assert main(["realrate", "--runs-from", str(tmp_path / "runs.json"), "--eval", str(tmp_path / "eval.json"),
+                 "--json", str(tmp_path / "out.json")]) == 0  # fmt: skip
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["lstm"]["false_actions"]["checkpoint"]["per_1000_gpu_days"] == 0.0
+    assert out["threshold"]["false_actions"]["checkpoint"]["plain_per_1000_gpu_days"] == pytest.approx(50.0)
+    lstm = out["lstm"]["at_real_rate"]
+    assert lstm["net_gpu_h_per_1000_gpu_days"] == pytest.approx(1000 * 450 * 1.943e-4)  # no false actions
+    assert out["threshold"]["at_real_rate"]["net_gpu_h_per_1000_gpu_days"] < 0  # 50 false checkpoints per 1,000 days
+    assert main(["realrate", "--runs-from", str(tmp_path / "missing.json")]) == 2
+    assert "is not a file" in capsys.readouterr().err
