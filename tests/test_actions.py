@@ -124,3 +124,17 @@ def test_choice_acts_only_where_it_pays_at_the_real_rate(tmp_path: Path) -> None
     assert 0.7 < alarm.threshold <= 0.9 and alarm.value["net_gpu_h_per_1000_gpu_days_real"] < 0
     assert drain is not None and drain.threshold >= alarm.threshold and drain.records >= alarm.records
     assert drain.value["net_gpu_h_per_1000_gpu_days_real"] > 0
+
+
+def test_the_alarm_takes_the_highest_recall_within_the_service_levels(tmp_path: Path) -> None:
+    from gpuwatch.training.operating_points import ServiceLevels
+
+    table, lab = _lab(tmp_path, b_peak=0.5)
+    # C's precursor (from 70,000) alarms at 0.7 from 75,000: more than the horizon before its failure at 80,000,
+    # so an alarm at 0.7 is early (false). A at 0.9 is the only catch: recall 0.5 at best, precision 1 above 0.7.
+    alarm, _ = choose(lab, table.uuids, lab.risk["m"], COSTS, 1.943e-4)
+    assert 0.7 < alarm.threshold <= 0.9
+    # Demand a precision nothing meets: the choice falls back to the most GPU-hours
+    strict = ServiceLevels(min_alarm_precision=1.01)
+    fallback, _ = choose(lab, table.uuids, lab.risk["m"], COSTS, 1.943e-4, levels=strict)
+    assert fallback.value["net_gpu_h_per_1000_gpu_days_real"] >= alarm.value["net_gpu_h_per_1000_gpu_days_real"]

@@ -190,6 +190,7 @@ def net_value(ev: ClassifiedEvents, lab: Labelled, costs: CostModel, real_failur
     net_real = (saved - per_failure_cost) / days * 1000.0 * scale - per_day_cost / days * 1000.0
     oracle_real = oracle / days * 1000.0 * scale
     return {
+        "events": {k: int((ev.kind == k).sum()) for k in ("true", "early", "look-alike", "plain", "after_failure")},
         "saved_gpu_h": float(saved),
         "true_and_early_action_cost_gpu_h": float(per_failure_cost),
         "false_action_cost_gpu_h": float(per_day_cost),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -83,14 +84,16 @@ def choose_thresholds(
     net GPU-hours at the real failure rate under the settings' cost model (`training/operating_points.py`).
     The GBDT baseline's: the best event-level F1 (threshold, and how many scorings in a row an alarm needs)."""
     from gpuwatch.training.calibration import fit_map
-    from gpuwatch.training.eval_cli import collect, fleet_failure_rate
+    from gpuwatch.training.eval_cli import collect_cached, fleet_failure_rate
     from gpuwatch.training.operating_points import choose, describe
 
     settings = settings or Settings()
     others = {"gbdt": gbdt} if gbdt is not None else {}
+    # Scores before any calibration map: the map is fitted here (anew, replacing one the artifact may hold).
+    raw_scorer = Scorer(dataclasses.replace(scorer.artifact, calibration_map=None), device="cpu")
     labs, uuids, rich = [], [], []
     for val_dir in val_dirs:
-        table = collect(val_dir, scorer, others, args.rescore_interval).table
+        table = collect_cached(val_dir, raw_scorer, others, args.rescore_interval)
         labs.append(join_labels(table, Failures.load(val_dir / "labels.jsonl"), scorer.artifact.horizon_s))
         uuids += table.uuids
         rich.append((fleet_failure_rate(val_dir) or 0.0) >= 0.01)
@@ -100,7 +103,7 @@ def choose_thresholds(
     if any(rich):
         pooled = concat_labelled([lab for lab, r in zip(labs, rich) if r])
         xs, ys = fit_map(pooled.risk["lstm"], pooled.y)
-        calibration = {"map": compose_maps(scorer.artifact.calibration_map, (xs, ys)),
+        calibration = {"map": (xs, ys),
                        "prevalence": float(pooled.y.mean()),
                        "fleets": [d.name for d, r in zip(val_dirs, rich) if r]}  # fmt: skip
         for lab in labs:
@@ -108,7 +111,8 @@ def choose_thresholds(
     lab = concat_labelled(labs)
     costs = CostModel.from_settings(settings)
     rate = settings.fleet_failure_rate_per_gpu_day
-    alarm, drain = choose(lab, uuids, lab.risk["lstm"], costs, rate, args.merge_gap)
+    curve: list[dict] = []
+    alarm, drain = choose(lab, uuids, lab.risk["lstm"], costs, rate, args.merge_gap, curve=curve)
     out: dict[str, dict] = {
         "lstm": {"threshold": alarm.threshold, "alarm_records": alarm.records,
                  "validation": describe(lab, lab.risk["lstm"], alarm, args.merge_gap)},
@@ -117,21 +121,12 @@ def choose_thresholds(
             "validation": describe(lab, lab.risk["lstm"], drain, args.merge_gap)},
         "chosen_for": {"failures_per_gpu_day": rate, "costs": costs.__dict__, "validation_gpu_days": lab.gpu_days},
         "calibration": calibration,
+        "curve": curve,
     }  # fmt: skip
     for name in others:
         thr, records, metrics = best_operating_point(lab, lab.risk[name], args.merge_gap)
         out[name] = {"threshold": thr, "alarm_records": records, "validation": metrics}
     return out
-
-
-def compose_maps(
-    first: tuple[tuple[float, ...], tuple[float, ...]] | None, then: tuple[tuple[float, ...], tuple[float, ...]]
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The map `then` applied after `first` (None: identity), as knots on `first`'s scale."""
-    if first is None:
-        return then
-    xs = np.unique(np.r_[first[0], np.interp(then[0], first[1], first[0])])
-    return tuple(xs.tolist()), tuple(np.interp(np.interp(xs, *first), *then).tolist())
 
 
 def train_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
@@ -198,6 +193,7 @@ def _choose_and_save(
         artifact.metrics["validation_events"] = chosen["lstm"]["validation"]
         artifact.metrics["validation_drain"] = None if drain is None else drain["validation"]
         artifact.metrics["operating_points_chosen_for"] = chosen["chosen_for"]
+        artifact.metrics["operating_point_curve"] = chosen["curve"]
         artifact.metrics["threshold_from"] = (
             "most net GPU-hours per 1,000 GPU-days at the real failure rate under the cost model, on validation "
             f"fleet{'s' if len(val_dirs) > 1 else ''} " + " + ".join(d.name for d in val_dirs)

@@ -137,6 +137,38 @@ def collect(
     return Collected(RiskTable.from_columns(uuid, np.asarray(ts), risks, modes), stats, events)
 
 
+def collect_cached(
+    data_dir: Path, primary: Scorer, others: dict[str, BatchScorer], rescore_interval_s: float
+) -> RiskTable:
+    """`collect(...).table`, kept in DATA_DIR/.gpuwatch/ under a key of the model's weights and calibration, the
+    baselines and the cadence: choosing operating points again for the same weights (other costs, another rule)
+    does not score the validation fleets again."""
+    import hashlib
+
+    a = primary.artifact
+    key = hashlib.sha256(orjson.dumps([a.version, a.temperature, a.calibration_map, rescore_interval_s,
+                                       sorted(others), (data_dir / "samples.jsonl").stat().st_size],
+                                      option=orjson.OPT_SERIALIZE_NUMPY)).hexdigest()[:16]  # fmt: skip
+    cache = data_dir / ".gpuwatch" / f"scores-{key}.npz"
+    if cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        uuids = z["uuids"].tolist()
+        gpu = z["gpu"]
+        risk = {k[5:]: z[k] for k in z.files if k.startswith("risk_")}
+        mode = {k[5:]: z[k] for k in z.files if k.startswith("mode_")}
+        return RiskTable(uuids=uuids, gpu=gpu, ts=z["ts"], risk=risk, mode=mode)
+    table = collect(data_dir, primary, others, rescore_interval_s).table
+    try:
+        cache.parent.mkdir(exist_ok=True)
+        arrays = {"uuids": np.array(table.uuids), "gpu": table.gpu, "ts": table.ts}
+        arrays |= {f"risk_{k}": v for k, v in table.risk.items()} | {f"mode_{k}": v for k, v in table.mode.items()}
+        np.savez(cache.with_suffix(".tmp.npz"), **arrays)
+        cache.with_suffix(".tmp.npz").replace(cache)
+    except OSError as exc:  # a read-only data dir: no cache, nothing lost
+        sys.stderr.write(f"not caching the scores of {data_dir} ({exc})\n")
+    return table
+
+
 def build_report(
     lab: Labelled, thresholds: dict[str, float], merge_gap_s: float, meta: dict[str, Any],
     alarm_records: dict[str, int] | None = None,

@@ -1,9 +1,12 @@
 """Choosing the operating points on validation data: the alarm's (checkpoint) and the drain's (migrate).
 
-Each is a score threshold and a number of scorings in a row. They are chosen for the most GPU-hours saved
-per 1,000 GPU-days on a fleet failing at the real rate, under the cost model (`gpuwatch.costs`), not for
-the best F1 on a fleet failing thousands of times more often: there a false alarm costs almost nothing
-next to the failures it sits among, on a real fleet it is most of what the product does.
+Each is a score threshold and a number of scorings in a row. The alarm's must meet service levels on the
+validation fleets (`ServiceLevels`: alarm precision, false checkpoints per 1,000 healthy GPU-days) and has the
+highest recall that does. The drain's must keep false drains per 1,000 healthy GPU-days under its level and
+saves the most GPU-hours per 1,000 GPU-days on a fleet failing at the real rate, under the cost model
+(`gpuwatch.costs`). Neither is the best F1 on a fleet failing thousands of times more often: there a false
+alarm costs almost nothing next to the failures it sits among, on a real fleet it is most of what the product
+does. The healthy GPU-days come mostly from val-healthy, a fleet at the real failure rate.
 
 The value of a candidate is computed from the validation records without replaying the policy for each
 (vectorised): a checkpoint at the first alarm of each alarm episode (alarms less than `merge_gap_s` apart),
@@ -30,6 +33,11 @@ class Choice:
     threshold: float
     records: int
     value: dict[str, Any]
+
+
+# Every candidate the alarm search valued (threshold, records, net GPU-hours with checkpoints alone and with a
+# migration at the same point, false healthy actions): kept in the artifact, so the choice can be inspected.
+Curve = list[dict[str, Any]]
 
 
 def _grid(risk: np.ndarray, n: int = 60, floor: float = 0.05) -> np.ndarray:
@@ -85,45 +93,74 @@ def value(
     return net_value(classify(events, lab, uuids), lab, costs, real_failures_per_gpu_day)
 
 
+@dataclass(frozen=True)
+class ServiceLevels:
+    """What the operating points must meet on the validation fleets (the issue's figures, as design goals):
+    alarm precision over episodes, and false checkpoints and drains per 1,000 healthy GPU-days."""
+
+    min_alarm_precision: float = 0.9
+    max_false_checkpoints: float = 1.0
+    max_false_drains: float = 0.05
+
+
+def _healthy_false(ev: Any, action: str, days: float) -> float:
+    """False actions of `action` on healthy GPUs (plain or look-alike), per 1,000 GPU-days."""
+    mine = ev.action == action
+    return float(((ev.kind == "plain") | (ev.kind == "look-alike"))[mine].sum()) / max(days, 1e-9) * 1000.0
+
+
 def choose(
     lab: Labelled, uuids: Sequence[str], risk: np.ndarray, costs: CostModel, real_failures_per_gpu_day: float,
-    merge_gap_s: float = 600.0, choices: tuple[int, ...] = ALARM_RECORDS_CHOICES,
+    merge_gap_s: float = 600.0, choices: tuple[int, ...] = ALARM_RECORDS_CHOICES, curve: Curve | None = None,
+    levels: ServiceLevels = ServiceLevels(),
 ) -> tuple[Choice, Choice | None]:  # fmt: skip
-    """(alarm, drain) operating points with the most net GPU-hours at the real failure rate on `lab`.
+    """(alarm, drain) operating points on `lab`, the validation fleets pooled.
 
-    The alarm's is chosen first, each candidate valued with the better of no migration and a migration at the
-    same operating point; then the drain's, at least as strict in threshold and persistence, given the alarm's
-    (None when no drain operating point adds value to checkpoints alone). Ties go to the higher threshold and the
-    shorter persistence. The returned alarm Choice's value is that of checkpoints alone."""
+    The alarm's (the first action, a checkpoint, and the alerts): the highest recall of failures with a precursor
+    among the candidates whose alarm precision is at least `levels.min_alarm_precision` and whose false
+    checkpoints on healthy GPUs are at most `levels.max_false_checkpoints` per 1,000 GPU-days; ties go to the
+    most net GPU-hours at the real failure rate. Without such a candidate, the one with the most net GPU-hours.
+    The drain's (migrate, then reboot), at least as strict: the most net GPU-hours at the real failure rate among
+    those with at most `levels.max_false_drains` false drains per 1,000 GPU-days, if any beats checkpoints alone
+    (else None: the model never drains). Every alarm candidate lands in `curve`."""
     sustained = {k: sustained_risk(lab, risk, k) for k in sorted(choices)}
     key = "net_gpu_h_per_1000_gpu_days_real"
-    best: Choice | None = None
-    # An alarm is worth what it is worth with the best of its follow-ups: nothing, or a migration at the same
-    # operating point (a checkpoint alone rarely pays: it saves work only when the failure comes soon after).
+    days = lab.gpu_days
+    curve = [] if curve is None else curve
+    candidates = []
     for k, s in sustained.items():
         for thr in _grid(risk)[::-1]:
             rows = s >= thr
-            v = max((value(lab, uuids, rows, d, costs, real_failures_per_gpu_day, merge_gap_s) for d in (None, rows)),
-                    key=lambda x: x[key])  # fmt: skip
-            if best is None or v[key] > best.value[key] + 1e-9:
-                best = Choice(float(thr), k, v)
-    assert best is not None
-    best = Choice(best.threshold, best.records,
-                  value(lab, uuids, sustained[best.records] >= best.threshold, None, costs, real_failures_per_gpu_day,
-                        merge_gap_s))  # fmt: skip
-    alarm_rows = sustained[best.records] >= best.threshold
-    drain_best: Choice | None = None
-    base = best.value[key]  # checkpoints alone
+            ev = classify(simulated_events(lab, uuids, rows, None, merge_gap_s), lab, uuids)
+            v = net_value(ev, lab, costs, real_failures_per_gpu_day)
+            m = event_metrics(lab, s, float(thr), merge_gap_s)
+            entry = {"threshold": float(thr), "records": k, "precision": m["precision"], "recall": m["recall"],
+                     "median_lead_min": m["median_lead_min"], "false_checkpoints_per_1000_gpu_days":
+                     _healthy_false(ev, "checkpoint", days), "net_checkpoint": v[key]}  # fmt: skip
+            curve.append(entry)
+            candidates.append((entry, Choice(float(thr), k, v)))
+    ok = [(e, c) for e, c in candidates if np.nan_to_num(e["precision"]) >= levels.min_alarm_precision
+          and e["false_checkpoints_per_1000_gpu_days"] <= levels.max_false_checkpoints]  # fmt: skip
+    if ok:
+        alarm = max(ok, key=lambda ec: (round(ec[0]["recall"], 6), ec[1].value[key]))[1]
+    else:
+        alarm = max(candidates, key=lambda ec: ec[1].value[key])[1]
+    alarm_rows = sustained[alarm.records] >= alarm.threshold
+    drain: Choice | None = None
     for k, s in sustained.items():
-        if k < best.records:
+        if k < alarm.records:
             continue  # the drain operating point is the stricter one: never drain what is not in alarm
         for thr in _grid(risk)[::-1]:
-            if thr < best.threshold:
+            if thr < alarm.threshold:
                 continue
-            v = value(lab, uuids, alarm_rows, (s >= thr) & alarm_rows, costs, real_failures_per_gpu_day, merge_gap_s)
-            if v[key] > (drain_best.value[key] if drain_best else base) + 1e-9:
-                drain_best = Choice(float(thr), k, v)
-    return best, drain_best
+            events = simulated_events(lab, uuids, alarm_rows, (s >= thr) & alarm_rows, merge_gap_s)
+            ev = classify(events, lab, uuids)
+            if _healthy_false(ev, "migrate", days) > levels.max_false_drains:
+                continue
+            v = net_value(ev, lab, costs, real_failures_per_gpu_day)
+            if v[key] > (drain.value[key] if drain else alarm.value[key]) + 1e-9:
+                drain = Choice(float(thr), k, v)
+    return alarm, drain
 
 
 def describe(lab: Labelled, risk: np.ndarray, choice: Choice, merge_gap_s: float) -> dict[str, Any]:

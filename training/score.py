@@ -173,6 +173,9 @@ def score_command(args: argparse.Namespace, settings: Settings | None = None) ->
             return 1
         samples, scored, rejected = totals.samples, totals.records, totals.deadletters
     else:
+        import torch
+
+        torch.set_num_threads(1)  # as each worker and the stream worker: a second thread mostly waits
         samples, scored, rejected = _score_here(Path(args.input), processor, Path(args.output), deadletter_path,
                                                 progress)
     actions = replay_actions(Path(args.output), Path(args.actions), PolicyRules.from_settings(settings)) \
