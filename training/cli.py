@@ -195,8 +195,9 @@ def _choose_and_save(
         artifact.metrics["operating_points_chosen_for"] = chosen["chosen_for"]
         artifact.metrics["operating_point_curve"] = chosen["curve"]
         artifact.metrics["threshold_from"] = (
-            "most net GPU-hours per 1,000 GPU-days at the real failure rate under the cost model, on validation "
-            f"fleet{'s' if len(val_dirs) > 1 else ''} " + " + ".join(d.name for d in val_dirs)
+            "alarm: the highest recall with alarm precision and false checkpoints per 1,000 healthy GPU-days within "
+            "the service levels; drain: the most net GPU-hours at the real failure rate with false drains within "
+            f"them; on validation fleet{'s' if len(val_dirs) > 1 else ''} " + " + ".join(d.name for d in val_dirs)
         )
         if gbdt is not None:
             gbdt.threshold = chosen["gbdt"]["threshold"]
