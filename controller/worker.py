@@ -13,6 +13,11 @@ the executor lists in `idempotent_actions`, or when the executor's `already_done
 attempt did not take effect. Otherwise (a reboot, by default) it records a failed outcome saying the attempt
 was interrupted and was not retried, so an operator decides. So no event is lost, and none runs twice
 unless running it twice is harmless.
+
+The kill switch (``gpuwatch:killswitch``) is read once more right before the executor would run: an event
+that reaches the controller while it is on, even one the policy published before it was turned on, is not
+executed but recorded as skipped (`ok: false`, detail ``skipped: killswitch ...``) and committed. The switch
+cancels, it does not postpone: clearing it never releases a backlog of decisions made on old data.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 
 from ..schemas.codecs import decode_remediation, make_deadletter
+from ..sinks import redis_keys as k
 from .claims import Claim, ClaimStore
 from .executors import Executor, Outcome, make_executor
 
@@ -78,6 +84,19 @@ def _execute(executor: Executor, event: dict[str, Any]) -> tuple[Outcome, float,
         log.exception("executor %s failed on %s", executor.name, event["id"])
         outcome = Outcome(ok=False, detail=f"executor raised {type(exc).__name__}: {exc}")
     return outcome, started, time.monotonic() - t0
+
+
+def skipped_by_killswitch(note: str) -> Outcome:
+    """The outcome of an event held back because the kill switch was on when it was about to run."""
+    detail = f"skipped: killswitch {k.KILLSWITCH} is on ({note}); not executed"
+    return Outcome(ok=False, detail=detail, skipped=True)
+
+
+def result_label(outcome: Outcome) -> str:
+    """The `outcome` label of `gpuwatch_remediation_actions_total` for a recorded outcome."""
+    if outcome.skipped:
+        return "skipped"
+    return "dry_run" if outcome.dry_run and outcome.ok else "ok" if outcome.ok else "failed"
 
 
 def _noted(outcome: Outcome, note: str) -> Outcome:
@@ -146,12 +165,17 @@ class _Controller:
         if claim is None:
             return not self.stop.is_set()
         with self.claims.held(claim):
-            if claim.interrupted_owner:
+            # Read at the last moment: the event may have waited on the topic since before the switch went on.
+            ok, note = _retrying(self.stop, "read the kill switch", lambda: self.redis.get(k.KILLSWITCH))
+            if not ok:
+                return False
+            if note is not None:
+                outcome, started_at, duration_s = self.held_back(event, note), time.time(), 0.0
+            elif claim.interrupted_owner:
                 outcome, started_at, duration_s = self.recover(event, claim)
             else:
                 outcome, started_at, duration_s = _execute(self.executor, event)
-        result = "dry_run" if outcome.dry_run and outcome.ok else "ok" if outcome.ok else "failed"
-        metrics.REMEDIATION_ACTIONS.labels(event["action"], result).inc()
+        metrics.REMEDIATION_ACTIONS.labels(event["action"], result_label(outcome)).inc()
         record = outcome_record(event, self.executor.name, outcome, started_at, duration_s)
         record["attempt"] = claim.attempt
         self.producer.produce(self.settings.topic_outcomes, orjson.dumps(record), key=event["host"])
@@ -185,6 +209,14 @@ class _Controller:
                      rid, state.holder)  # fmt: skip
             if self.stop.wait(min(1.0, self.claims.lease_s / 10)):
                 return None
+
+    def held_back(self, event: dict[str, Any], note: bytes | str) -> Outcome:
+        """The skipped outcome of an event that was due while the kill switch is on (logged at WARNING)."""
+        text = note.decode(errors="replace") if isinstance(note, bytes) else str(note)
+        outcome = skipped_by_killswitch(text)
+        log.warning("remediation %s (%s %s GPU %s): %s", event["id"], event["action"], event["host"],
+                    event["gpu_index"], outcome.detail)  # fmt: skip
+        return outcome
 
     def recover(self, event: dict[str, Any], claim: Claim) -> tuple[Outcome, float, float]:
         """Takes over an attempt that `claim.interrupted_owner` did not finish: re-runs it only where safe."""

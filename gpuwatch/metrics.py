@@ -73,7 +73,8 @@ REMEDIATION_EVENTS = Counter(
 )
 REMEDIATION_ACTIONS = Counter(
     "gpuwatch_remediation_actions_total",
-    "Remediation events the controller handled, by outcome: ok, failed, dry_run or duplicate (already claimed).",
+    "Remediation events the controller handled, by outcome: ok, failed, dry_run, duplicate (already claimed) "
+    "or skipped (the kill switch was on).",
     ["action", "outcome"],
 )
 

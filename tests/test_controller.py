@@ -21,6 +21,7 @@ from gpuwatch.controller.worker import run_controller
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.schemas.codecs import decode_deadletter, encode_remediation, remediation_id
 from gpuwatch.sinks import redis_keys as k
+from gpuwatch.sinks.policy import set_killswitch
 
 
 def event(
@@ -108,6 +109,34 @@ def test_an_event_delivered_twice_executes_once(
     published = [orjson.loads(m.value()) for m in read_topic(settings, settings.topic_outcomes, 2)]
     assert sorted(p["id"] for p in published) == sorted([ev["id"], other["id"]])
     assert all(p["schema"] == "gpuwatch.outcome/1" and p["ok"] for p in published)
+
+
+def test_an_event_due_while_the_kill_switch_is_on_is_recorded_as_skipped_and_never_runs(
+    controller: tuple[Settings, Recording, list[dict]], redis_client: redis.Redis
+) -> None:
+    settings, executor, outcomes = controller
+    producer = make_producer(settings)
+    held, later = event("checkpoint"), event("migrate", gpu=2)
+    # The policy published `held` before the switch went on: it waits on the topic (or in a backlog).
+    set_killswitch(redis_client, True, "alice: maintenance")
+    producer.produce(settings.topic_remediation, encode_remediation(held), key=held["host"])
+    producer.flush(10)
+
+    wait_for(lambda: len(outcomes) == 1)
+    assert executor.calls == []
+    skipped = outcomes[0]
+    assert skipped["id"] == held["id"] and skipped["ok"] is False and skipped["dry_run"] is False
+    assert skipped["detail"].startswith("skipped: killswitch") and "alice: maintenance" in skipped["detail"]
+    stored = {key.decode(): v.decode() for key, v in redis_client.hgetall(k.outcome_key(held["id"])).items()}
+    assert stored["ok"] == "false" and stored["detail"] == skipped["detail"]
+
+    # Clearing the switch does not release what it held back: a redelivery of it is a duplicate.
+    set_killswitch(redis_client, False)
+    for e in (held, later):
+        producer.produce(settings.topic_remediation, encode_remediation(e), key=e["host"])
+    producer.flush(10)
+    wait_for(lambda: len(outcomes) == 2)
+    assert [c["id"] for c in executor.calls] == [later["id"]] and outcomes[1]["ok"] is True
 
 
 def test_undecodable_messages_are_dead_lettered_and_a_failing_executor_is_recorded(

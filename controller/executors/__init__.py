@@ -23,11 +23,13 @@ _UUID_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127})?")
 
 @dataclass(frozen=True)
 class Outcome:
-    """What executing one remediation event did: `ok`, a line for humans, and whether it was only a dry run."""
+    """What executing one remediation event did: `ok`, a line for humans, whether it was only a dry run, and
+    whether the controller `skipped` it (the kill switch was on; no executor ran)."""
 
     ok: bool
     detail: str
     dry_run: bool = False
+    skipped: bool = False
 
 
 @runtime_checkable
