@@ -282,6 +282,7 @@ def run_controller(
     Group: `group_id(settings)`; an offset is committed after its event is handled.
     """
     stop = stop or threading.Event()
+    metrics.zero_counters("controller")
     ensure_topics(settings, [settings.topic_remediation, settings.topic_outcomes, settings.topic_deadletter])
     own_redis = redis_client is None
     client = redis_client or redis.Redis.from_url(

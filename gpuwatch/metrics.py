@@ -21,6 +21,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_creat
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gpuwatch.schemas.fields import ACTIONS
+
 log = logging.getLogger(__name__)
 disable_created_metrics()  # *_created series only add noise to every dashboard query
 
@@ -77,6 +79,26 @@ REMEDIATION_ACTIONS = Counter(
     "or skipped (the kill switch was on).",
     ["action", "outcome"],
 )
+REMEDIATION_OUTCOMES = ("ok", "failed", "dry_run", "duplicate", "skipped")
+# The dead-letter stages of each component (the `stage` label of gpuwatch_deadletters_total).
+DEADLETTER_STAGES = {"stream": ("stream",), "sink": ("risk-sink", "risk-sink/redis"), "controller": ("controller",)}
+
+
+def zero_counters(component: str) -> None:
+    """Create every labelled counter series `component` (stream, sink or controller) can increment, at 0.
+
+    A labelled series otherwise appears only on its first increment, already at 1, and `increase()` in an
+    alert rule sees no change: the first failed remediation or dead letter would never alert.
+    """
+    for stage in DEADLETTER_STAGES[component]:
+        DEADLETTERS.labels(stage)
+    if component == "sink":
+        for action in ACTIONS:
+            REMEDIATION_EVENTS.labels(action)
+    elif component == "controller":
+        for action in ACTIONS:
+            for outcome in REMEDIATION_OUTCOMES:
+                REMEDIATION_ACTIONS.labels(action, outcome)
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any:

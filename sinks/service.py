@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gpuwatch.config import ConfigError, Settings
-from gpuwatch.metrics import start_metrics_server
+from gpuwatch.metrics import start_metrics_server, zero_counters
 
 from .remediation_sink import run_remediation_sink
 from .risk_sink import run_risk_sink
@@ -32,6 +32,7 @@ def run_sinks(settings: Settings, *, stop: threading.Event | None = None) -> int
         raise ConfigError("gpuwatch sink needs GPUWATCH_KAFKA_BOOTSTRAP and GPUWATCH_REDIS_URL")
     stop = stop or threading.Event()
     failed = threading.Event()
+    zero_counters("sink")
     server = start_metrics_server(settings.sink_metrics_port)
 
     def guarded(name: str, target: Callable[..., None]) -> Callable[[], None]:

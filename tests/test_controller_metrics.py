@@ -46,6 +46,14 @@ def test_controller_counts_executed_and_duplicate_remediations(settings: Setting
             "risk": 0.97,
             "ts": 1_750_000_360.0,
         }
+        # Every action/outcome series is there at 0 before the first event, so the first failure is an
+        # increase an alert sees (GpuwatchRemediationFailed).
+        failed = 'gpuwatch_remediation_actions_total{action="migrate",outcome="failed"} 0.0'
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and failed not in scrape(port):
+            assert proc.poll() is None, f"gpuwatch controller exited early with {proc.returncode}"
+            time.sleep(0.25)
+        assert failed in scrape(port)
         producer = make_producer(settings)
         for _ in range(2):  # the same id twice: executed once, then skipped as a duplicate
             producer.produce(settings.topic_remediation, encode_remediation(event), key=b"ctl-node")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -15,6 +17,7 @@ from gpuwatch import metrics
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.schemas.fields import ACTIONS
 from gpuwatch.streams.app import export_batch_metrics
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor
@@ -65,6 +68,35 @@ def test_fleet_risk_hides_stale_risk_but_keeps_last_seen_until_forgotten() -> No
     assert len(samples(registry, "gpuwatch_gpu_last_risk_timestamp_seconds")) == 1
     time.sleep(0.4)
     assert samples(registry, "gpuwatch_gpu_last_risk_timestamp_seconds") == {}
+
+
+def exported_at_start(component: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """{metric: {labels: value}} of the counters a fresh process of `component` exports before any work."""
+    code = (f"from gpuwatch import metrics; metrics.zero_counters({component!r}); "
+            "import prometheus_client; print(prometheus_client.generate_latest().decode())")  # fmt: skip
+    # -P: the installed package, not the source folder of the same name in the working directory.
+    text = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_every_labelled_counter_an_alert_reads_exists_at_zero_from_the_start() -> None:
+    # Created on first use it would start at 1, and increase() in GpuwatchRemediationFailed would never see the
+    # first failure; deploy/prometheus/tests/alerts_test.yml feeds exactly these series.
+    controller = exported_at_start("controller")
+    actions = controller["gpuwatch_remediation_actions_total"]
+    for action in ACTIONS:
+        for outcome in metrics.REMEDIATION_OUTCOMES:
+            assert actions[(("action", action), ("outcome", outcome))] == 0.0
+    assert controller["gpuwatch_deadletters_total"] == {(("stage", "controller"),): 0.0}
+    sink = exported_at_start("sink")
+    assert sink["gpuwatch_remediation_events_total"] == {(("action", a),): 0.0 for a in ACTIONS}
+    assert sink["gpuwatch_deadletters_total"] == {(("stage", "risk-sink"),): 0.0, (("stage", "risk-sink/redis"),): 0.0}
+    assert sink["gpuwatch_risk_records_written_total"] == {(): 0.0}
+    assert exported_at_start("stream")["gpuwatch_deadletters_total"] == {(("stage", "stream"),): 0.0}
 
 
 def test_consumer_lag_is_high_watermark_minus_committed(settings: Settings) -> None:
