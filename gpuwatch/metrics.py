@@ -203,14 +203,15 @@ class FleetRiskCollector(Collector):
 
     def update(self, records: Iterable[dict[str, Any]]) -> None:
         """Remember the newest risk record per (host, gpu_index) from one batch of decoded records."""
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         with self._lock:
             latest = self._latest
             for r in records:
                 key = (r["host"], r["gpu_index"])
+                ts = min(float(r["ts"]), wall)  # a ts from a fast node clock would hide a silent GPU, as in Redis
                 old = latest.get(key)
-                if old is None or r["ts"] >= old.ts:
-                    latest[key] = _GpuRisk(r["uuid"], r["mode"], float(r["risk"]), float(r["ts"]), now,
+                if old is None or ts >= old.ts:
+                    latest[key] = _GpuRisk(r["uuid"], r["mode"], float(r["risk"]), ts, now,
                                            bool(r.get("alarm")), bool(r.get("failed")), str(r.get("op", "")))
 
     def clear(self) -> None:

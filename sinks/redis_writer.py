@@ -1,7 +1,9 @@
 """Writes risk records into Redis (layout in `gpuwatch.sinks.redis_keys`), a whole batch per round-trip.
 
 Each GPU's hash only ever moves forward in time: a Lua script compares the record's `ts` with the stored
-one atomically, so duplicates and out-of-order records (redelivery, replays, two sinks) are dropped.
+one atomically, so duplicates and out-of-order records (redelivery, replays, two sinks) are dropped. A `ts`
+ahead of the writer's clock (a node clock running fast) is stored as the writer's clock: a future `ts` would
+read as fresh (negative age) and hold back every record of that GPU until the clock caught up with it.
 """
 
 from __future__ import annotations
@@ -181,13 +183,15 @@ class RiskWriter:
 
         Records must follow the risk contract (decode them with `gpuwatch.schemas.codecs.decode_risk`);
         a record lacking host, gpu_index, ts or risk raises KeyError before anything is written.
-        `written_at` (default: now) is stored as the wall-clock time the sink wrote the record.
+        `written_at` (default: now) is stored as the wall-clock time the sink wrote the record; a record's
+        `ts` later than `written_at` is stored as `written_at` (the history keeps the record as it came).
         Raises redis-py errors (ConnectionError etc.) when Redis cannot be reached; retrying is safe.
         """
         if not records:
             return 0
+        written_at = time.time() if written_at is None else written_at
         head = [
-            _num(time.time() if written_at is None else written_at),
+            _num(written_at),
             str(self.history_len),
             self._expire_ms,
         ]
@@ -195,7 +199,7 @@ class RiskWriter:
         for start in range(0, len(records), self._chunk):
             args = list(head)
             for rec in records[start : start + self._chunk]:
-                ts = _num(rec["ts"])
+                ts = _num(min(float(rec["ts"]), written_at))  # never a future ts (see the module doc)
                 args += [
                     str(rec["host"]),
                     str(int(rec["gpu_index"])),

@@ -198,6 +198,7 @@ class RiskProcessor:
         hosts = [s.host for s, n in zip(snaps, counts) for _ in range(n)]
         gpu_index = np.concatenate([s.gpu_index for s in snaps])
         ts = np.repeat(np.fromiter((s.ts for s in snaps), dtype=np.float64, count=len(snaps)), counts)
+        seq = np.repeat(np.fromiter((s.seq for s in snaps), dtype=np.int64, count=len(snaps)), counts)
         flags = np.concatenate([s.flags for s in snaps])
         throttle = np.concatenate([s.throttle for s in snaps])
         xids = [x for s in snaps for x in s.xids]
@@ -209,7 +210,7 @@ class RiskProcessor:
             else -1
         )
         slots = store.slots_for(uuids, hosts, gpu_index, partition)
-        accepted = store.update(slots, ts, numeric, flags, throttle, xids)
+        accepted = store.update(slots, ts, numeric, flags, throttle, xids, seq)
         n_ok = int(accepted.sum())
         result.samples += n_ok
         if n_ok < len(slots):

@@ -112,6 +112,14 @@ N_FEATURES = len(FEATURE_NAMES)
 N_SIGNALS = len(EWMA_SIGNALS)
 _LOST_COL = FEATURE_NAMES.index("lost")
 _NO_XID_MIN = 24 * 60.0  # "never seen an XID" reads as a day ago
+# A sample whose ts is not after its GPU's last one is still newer when its snapshot's seq follows the last
+# folded seq by at most this much (the agent's next snapshots): the node's clock stepped back, or the last
+# snapshot was stamped ahead. Such a GPU's window is moved back in time instead of refusing its samples
+# until the clock catches up. A resend or an older snapshot never has a seq after the last one.
+MAX_SEQ_STEP = 64
+# Every per-GPU time of the window (sample time), moved together so that time differences stay what they were.
+# failed_since is left alone: it names the failure (the repair event's id is built from it).
+_TIME_FIELDS = ("first_ts", "last_ts", "last_push_ts", "last_xid_ts", "last_scored_ts", "state_since")
 
 
 def _peer_means(group: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -162,6 +170,9 @@ class WindowStore:
         self._free: list[int] = []  # slots of GPUs handed to another worker, reused first
         self._host_codes: dict[str, int] = {}
         self.host_code = np.zeros(0, dtype=np.int32)  # per slot; local to this store, so not checkpointed
+        # Per slot: seq of the snapshot of the last folded sample, -1 unknown (not checkpointed: a restored GPU
+        # is ordered by ts alone until its next sample).
+        self.last_seq = np.zeros(0, dtype=np.int64)
         self._cap = 0
         self._alloc(max(16, capacity))
 
@@ -174,6 +185,7 @@ class WindowStore:
             if old_cap:
                 new[:old_cap] = getattr(self, name)
             setattr(self, name, new)
+        self.last_seq = np.r_[self.last_seq[:old_cap], np.zeros(cap - old_cap, dtype=np.int64)]
         self._reset(np.arange(old_cap, cap))
         self.host_code = np.r_[self.host_code[:old_cap], np.zeros(cap - old_cap, dtype=np.int32)]
         self._cap = cap
@@ -220,6 +232,7 @@ class WindowStore:
             getattr(self, name)[slots] = 0
         self.last_xid_ts[slots] = -np.inf
         self.last_scored_ts[slots] = -np.inf
+        self.last_seq[slots] = -1
 
     def __len__(self) -> int:
         """Number of GPUs tracked now."""
@@ -290,6 +303,7 @@ class WindowStore:
                 s = self._new_slot(uuid, blob[2 : 2 + n].decode())
             for name in self._shapes():
                 getattr(self, name)[s] = rec[name]
+            self.last_seq[s] = -1
             self.dirty[s] = False
             applied += 1
         return applied
@@ -320,11 +334,16 @@ class WindowStore:
         flags: np.ndarray,
         throttle: np.ndarray,
         xids: list[list[int]],
+        seq: np.ndarray | None = None,
     ) -> np.ndarray:
         """Fold a batch of GPU-samples (arrival order) into the windows.
 
         Returns a boolean mask of accepted rows; a sample no newer than the GPU's last one
-        (duplicate or out of order) is rejected and leaves the window untouched.
+        (duplicate or out of order) is rejected and leaves the window untouched. With `seq` (the seq of
+        each row's snapshot), a sample whose ts is not after the GPU's last one but whose seq follows the
+        last folded seq (by at most MAX_SEQ_STEP) is accepted: the node's clock stepped back, or the last
+        snapshot was stamped ahead of it. The GPU's window is first moved back in time (`rebase`), so a
+        future-stamped snapshot or a clock step never locks the GPU out.
         """
         xid_count, xid_mem, xid_fatal = xid_summary(xids)
         accepted = np.zeros(len(slots), dtype=bool)
@@ -345,7 +364,16 @@ class WindowStore:
         for rows in rounds:
             s = slots[rows]
             fresh = (self.n_seen[s] == 0) | (ts[rows] > self.last_ts[s])
+            if seq is not None:
+                last = self.last_seq[s]
+                step = seq[rows] - last
+                stepped = ~fresh & (last >= 0) & (step > 0) & (step <= MAX_SEQ_STEP)
+                if stepped.any():
+                    self.rebase(s[stepped], ts[rows[stepped]])
+                    fresh |= stepped
             rows, s = rows[fresh], s[fresh]
+            if seq is not None:
+                self.last_seq[s] = seq[rows]
             if len(rows):
                 self._update_unique(
                     s, ts[rows], numeric[rows], flags[rows], throttle[rows],
@@ -353,6 +381,15 @@ class WindowStore:
                 )
                 accepted[rows] = True
         return accepted
+
+    def rebase(self, slots: np.ndarray, ts: np.ndarray) -> None:
+        """Move the windows of `slots` (unique) back in time so that their last sample lies one usual sample
+        interval before `ts`: every time difference the features use stays what it was."""
+        interval = np.where(self.dt_ewma[slots] > 0, self.dt_ewma[slots], 1.0).astype(np.float64)
+        shift = ts - interval - self.last_ts[slots]
+        for name in _TIME_FIELDS:
+            getattr(self, name)[slots] += shift  # -inf ("never") stays -inf
+        self.dirty[slots] = True
 
     def _update_unique(
         self,

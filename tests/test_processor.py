@@ -95,3 +95,54 @@ def test_the_stream_bench_compares_the_worker_path_with_per_request_scoring_on_i
     # The first 30 s (no ring row yet) and the scoring after each ring advance encode the past afresh.
     assert 0.2 < figures["past_encoded_share"] < 0.8
     assert figures["speedup"] > 0 and figures["batching_only_speedup"] > 0
+
+
+def _shifted(msgs: list[Inbound], by_s: float) -> list[Inbound]:
+    """The same snapshots (same seq) stamped `by_s` later: a node clock that is off by that much."""
+    out = []
+    for m in msgs:
+        obj = orjson.loads(m.value)
+        obj["ts"] += by_s
+        out.append(Inbound(orjson.dumps(obj), m.topic, m.partition, m.offset))
+    return out
+
+
+def _ts(result_risk: list[tuple[bytes, bytes]]) -> set[float]:
+    return {decode_risk(v)["ts"] for _, v in result_risk}
+
+
+def test_a_snapshot_stamped_ahead_does_not_lock_out_the_next_ones() -> None:
+    now = 1.7e9 + 60
+    sim = FleetSimulator(FleetConfig(hosts=1, seed=6, start_ts=1.7e9))
+    proc = _processor(rescore_s=1.0)
+    proc.process(_feed(sim, 30), now=now)
+    # One valid snapshot stamped 120 s ahead (inside max_future_s), then the host's real ones.
+    ahead = proc.process(_shifted(_feed(sim, 1), 120.0), now=now)
+    assert ahead.samples == 8 and not ahead.deadletters
+    real = _feed(sim, 10)
+    after = proc.process(real, now=now)
+    assert after.samples == 80 and after.rejected_samples == 0 and not after.deadletters
+    newest = orjson.loads(real[-1].value)["ts"]
+    assert _ts(after.risk) and max(_ts(after.risk)) == newest  # records carry the real time again
+    # History is kept (the window moved back with the clock), and a resend is still a duplicate.
+    assert (proc.store.last_ts[:8] - proc.store.first_ts[:8] > 35).all()
+    again = proc.process(real[-1:], now=now)
+    assert again.samples == 0 and again.rejected_samples == 8
+
+
+def test_a_node_clock_stepped_back_keeps_its_window_and_scores_as_before() -> None:
+    sim = FleetSimulator(FleetConfig(hosts=1, seed=7, start_ts=1.7e9))
+    msgs = _feed(sim, 60)
+    steady, stepped = _processor(rescore_s=1.0), _processor(rescore_s=1.0)
+    steady.process(msgs)
+    stepped.process(msgs[:40])
+    # NTP steps the node's clock back by 100 s: the next snapshots (seq going on) are stamped in the "past".
+    result = stepped.process(_shifted(msgs[40:], -100.0))
+    assert result.samples == 20 * 8 and not result.deadletters
+    assert max(_ts(result.risk)) == orjson.loads(msgs[-1].value)["ts"] - 100.0
+    # Time differences in the window are what they were, so the features (and risk) match the steady clock's.
+    np.testing.assert_allclose(stepped.store.current[:8], steady.store.current[:8], atol=1e-4)
+    np.testing.assert_allclose(stepped.store.ewma[:8], steady.store.ewma[:8], atol=1e-4)
+    np.testing.assert_allclose(
+        stepped.store.last_ts[:8] - stepped.store.first_ts[:8], steady.store.last_ts[:8] - steady.store.first_ts[:8]
+    )

@@ -67,6 +67,21 @@ def test_out_of_order_and_duplicate_records_leave_the_newest(writer: RiskWriter,
     assert client.host_risk("n1")["max_risk"] == 0.9  # type: ignore[index]
 
 
+def test_a_record_stamped_ahead_of_the_sink_is_stored_at_the_sink_clock_and_holds_nothing_back(
+    writer: RiskWriter, redis_client: redis.Redis
+) -> None:
+    # A node clock 120 s fast: its ts would read as fresh (negative age) and block the real records after it.
+    assert writer.write_batch([rec("n1", 0, NOW + 120, 0.4)], written_at=NOW) == 1
+    gpu = RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 1).risk("n1", 0)
+    assert gpu is not None and gpu["ts"] == NOW and gpu["age_s"] == pytest.approx(1.0)
+    assert redis_client.zscore(k.LASTSEEN, "n1:0") == NOW
+    # The next record on the right clock is applied; without any, the GPU goes stale as a silent one should.
+    assert writer.write_batch([rec("n1", 0, NOW + 1, 0.5)], written_at=NOW + 1.5) == 1
+    assert RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 2).risk("n1", 0)["risk"] == 0.5  # type: ignore[index]
+    later = RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 100).risk("n1", 0)
+    assert later is not None and later["stale"] is True
+
+
 def test_host_rollup_goes_down_when_the_riskiest_gpu_recovers(writer: RiskWriter, client: RiskClient) -> None:
     writer.write_batch([rec("n1", g, NOW - 20, 0.1 * g) for g in range(8)])
     writer.write_batch([rec("n1", 5, NOW - 10, 0.97, "thermal")])
