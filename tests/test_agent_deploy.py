@@ -49,6 +49,14 @@ def test_daemonset_settings_command_probes_and_spool(manifests: dict[str, Any]) 
     assert mounts["spool"] == config["GPUWATCH_AGENT_SPOOL_DIR"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["spool"]["hostPath"]["path"] == config["GPUWATCH_AGENT_SPOOL_DIR"]  # survives pod restarts
+
+    # Replay protection survives a pod restart: the nonce file is on a node directory of its own, which the
+    # init container hands to the agent's user (the root file system is read-only).
+    nonce_dir = str(Path(config["GPUWATCH_AGENT_NONCE_FILE"]).parent)
+    [state] = [name for name, path in mounts.items() if path == nonce_dir]
+    assert state != "spool" and volumes[state]["hostPath"]["path"] == nonce_dir
+    [init] = pod["initContainers"]
+    assert {"name": state, "mountPath": nonce_dir} in init["volumeMounts"] and nonce_dir in init["command"][-1]
     assert pod["terminationGracePeriodSeconds"] > Settings().agent_flush_timeout_s
 
 
@@ -67,3 +75,7 @@ def test_systemd_unit() -> None:
     assert env and all(_setting(var) in SETTINGS for var in env)
     assert service["StateDirectory"] == "gpuwatch"  # /var/lib/gpuwatch, kept across restarts and reboots
     assert env["GPUWATCH_AGENT_SPOOL_DIR"].startswith("/var/lib/gpuwatch/")
+    # Replay protection survives a restart: the nonce file is in the StateDirectory too (writable under
+    # ProtectSystem=strict), not in the spool.
+    nonce_file = Path(env["GPUWATCH_AGENT_NONCE_FILE"])
+    assert nonce_file.is_relative_to("/var/lib/gpuwatch") and not nonce_file.is_relative_to(env["GPUWATCH_AGENT_SPOOL_DIR"])
