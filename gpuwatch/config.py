@@ -59,6 +59,9 @@ class Settings:
     torch_threads: int = field(
         default=1, metadata={"doc": "CPU threads for inference in a stream worker (scale out with processes instead)."}
     )
+    stream_stats_interval_s: float = field(
+        default=30.0, metadata={"doc": "Seconds between two `STATS {json}` progress lines on a stream worker's stdout (the demo and benchmarks start their workers with 2)."}
+    )
     checkpoint_interval_s: float = field(
         default=30.0, metadata={"doc": "Seconds between window checkpoints to the stream's changelog topic."}
     )

@@ -21,9 +21,15 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 def start_stream_worker(
-    settings: Settings, name: str = "stream-worker", extra_args: list[str] | None = None
+    settings: Settings,
+    name: str = "stream-worker",
+    extra_args: list[str] | None = None,
+    stats_interval_s: float = 2.0,
 ) -> EmbeddedServer:
-    """A `gpuwatch stream` process; its stdout (STATS lines) is a pipe on `.proc.stdout`."""
+    """A `gpuwatch stream` process; its stdout (a `STATS {json}` line every `stats_interval_s`, the pace its
+    caller follows progress at, whatever `settings.stream_stats_interval_s` says) is a pipe on `.proc.stdout`."""
     # -P: never import the source checkout from the current directory, only the installed package.
     argv = [sys.executable, "-P", "-m", "gpuwatch.cli", "stream", *(extra_args or [])]
-    return spawn_child(name, argv, env=settings_env(settings))
+    env = settings_env(settings)
+    env["GPUWATCH_STREAM_STATS_INTERVAL_S"] = str(stats_interval_s)
+    return spawn_child(name, argv, env=env)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import faust
 import orjson
@@ -200,7 +201,7 @@ def create_app(
         if ready.is_set():  # also when no batch arrives (faust may be dropping the new topic's first messages)
             await guard_incarnation()
 
-    @app.timer(interval=2.0)
+    @app.timer(interval=settings.stream_stats_interval_s)
     async def _report() -> None:
         totals.report(processor)
 
@@ -334,6 +335,15 @@ def windows_changelog_topic(settings: Settings) -> str:
     return f"{settings.stream_app_id}-windows"
 
 
+def faust_logging_config() -> dict[str, Any] | None:
+    """faust's logging set-up, or None for faust's own: colours only when stderr (where its logs go) is a
+    terminal; faust's own set-up decides by stdout, so `gpuwatch stream 2>file` in a terminal logged escapes."""
+    if sys.stderr.isatty():
+        return None
+    plain = {"class": "logging.StreamHandler", "formatter": "default"}  # stderr, faust's format without colours
+    return {"merge": True, "handlers": {"default": plain}}
+
+
 def run_worker(settings: Settings, *, loglevel: str = "warning", decode_only: bool = False) -> None:
     """Run one stream worker until SIGTERM/SIGINT (the `gpuwatch stream` command)."""
     torch.set_num_threads(settings.torch_threads)
@@ -347,5 +357,9 @@ def run_worker(settings: Settings, *, loglevel: str = "warning", decode_only: bo
     metrics.zero_counters("stream")
     metrics.start_metrics_server(settings.stream_metrics_port)
     # Our STATS lines go to real stdout; faust would otherwise route prints into its logger.
-    worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    worker = faust.Worker(
+        app, loglevel=loglevel, quiet=True, redirect_stdouts=False, logging_config=faust_logging_config()
+    )
+    if not sys.stdout.isatty():
+        worker.spinner = None  # its cursor codes (ESC[?25l ...) would land in the log in front of STATS lines
     worker.execute_from_commandline()

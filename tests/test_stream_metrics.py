@@ -71,3 +71,23 @@ def test_stream_worker_exports_throughput_gpu_telemetry_and_lag(settings: Settin
         assert all(v >= 0 for _, v in lag)
     finally:
         worker.stop()
+
+
+def test_stream_worker_output_is_plain_text_when_it_is_not_a_terminal(settings: Settings) -> None:
+    # As under systemd, Kubernetes or the demo: stdout is a pipe, stderr a file. faust's start-up spinner
+    # wrote cursor codes in front of the first STATS line; nothing may carry terminal codes.
+    ensure_topics(settings)
+    worker = start_stream_worker(settings, "plain-worker", stats_interval_s=0.5)
+    assert worker.proc.stdout is not None
+    lines: list[bytes] = []
+    try:
+        while len(lines) < 2:
+            line = worker.proc.stdout.readline()
+            assert line, "the stream worker closed its stdout"
+            lines.append(line)
+    finally:
+        worker.stop()
+    lines += worker.proc.stdout.readlines()  # what it wrote while stopping, too
+    assert lines and all(line.startswith(b"STATS {") for line in lines), lines[:3]
+    assert b"\x1b" not in b"".join(lines)
+    assert b"\x1b" not in worker.log_path.read_bytes()

@@ -98,7 +98,7 @@ class StatsFollower:
     def _run(self) -> None:
         assert self.proc.proc.stdout is not None
         for raw in self.proc.proc.stdout:
-            at = raw.find(b"STATS ")  # faust may put terminal escapes in front of the first line
+            at = raw.find(b"STATS ")  # tolerant of text in front of it (faust's spinner codes, now turned off)
             if at >= 0:
                 self.latest = orjson.loads(raw[at + 6 :])
 
