@@ -108,7 +108,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if not settings.kafka_bootstrap or not settings.redis_url:
         raise ConfigError("gpuwatch controller needs GPUWATCH_KAFKA_BOOTSTRAP and GPUWATCH_REDIS_URL")
-    start_metrics_server(settings.controller_metrics_port)
+    start_metrics_server(settings.controller_metrics_port, settings.metrics_host, "controller")
     run_controller(settings)
     return 0
 

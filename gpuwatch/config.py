@@ -109,7 +109,8 @@ class Settings:
     controller_claim_ttl_s: float = field(default=604800.0, metadata={"doc": "How long a remediation id stays claimed (the de-duplication window)."})
     controller_lease_s: float = field(default=60.0, metadata={"doc": "A controller renews its claim on the event it is executing every third of this; a claim not renewed for this long (its controller died) is taken over and the event re-run if that is safe."})
 
-    stream_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch stream`'s Prometheus exporter (/metrics on all interfaces); 0 turns it off."})
+    metrics_host: str = field(default="127.0.0.1", metadata={"doc": "Address the Prometheus exporters of `gpuwatch stream`, `sink` and `controller` listen on; 0.0.0.0 (every interface) when Prometheus scrapes from another host or container. The agent has agent_metrics_addr."})
+    stream_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch stream`'s Prometheus exporter (/metrics on metrics_host, the worker's own metrics); 0 turns it off."})
     sink_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch sink`'s Prometheus exporter, which also serves per-GPU risk; 0 turns it off."})
     controller_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch controller`'s Prometheus exporter; 0 turns it off."})
     agent_metrics_port: int = field(default=0, metadata={"doc": "Port of the node agent's Prometheus exporter (spool depth, snapshots sent); 0 turns it off."})

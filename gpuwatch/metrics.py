@@ -2,7 +2,8 @@
 
 Components import the metric objects from here and update them once per batch, never per GPU-sample.
 Per-GPU series (risk, last-seen time, temperature, power) are not set one by one: a collector reads the
-component's latest state when Prometheus scrapes. `start_metrics_server(port)` serves `/metrics`.
+component's latest state when Prometheus scrapes. `start_metrics_server(port, host, component)` serves
+`/metrics` with that component's metrics only (`COMPONENT_METRICS`), not every metric defined here at 0.
 The alert rules (deploy/prometheus/alerts.yml) and the Grafana dashboard use these names. The node agent
 exports its own `gpuwatch_agent_*` metrics (spool depth, snapshots sent) from `gpuwatch.producers.agent`.
 """
@@ -17,7 +18,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -101,20 +113,21 @@ def zero_counters(component: str) -> None:
                 REMEDIATION_ACTIONS.labels(action, outcome)
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any:
-    """Serve every metric on http://addr:port/metrics from a daemon thread; port 0 does nothing (returns None).
+def start_metrics_server(port: int, host: str, component: str) -> Any:
+    """Serve `component`'s metrics (stream, sink or controller) on http://host:port/metrics from a daemon thread;
+    port 0 does nothing (returns None).
 
     Returns the server (call `.shutdown()` to stop it early). Raises OSError naming the port if it is taken.
     """
     if not port:
         return None
     try:
-        server, _thread = start_http_server(port, addr=addr)
+        server, _thread = start_http_server(port, addr=host, registry=component_registry(component))
     except OSError as exc:
         raise OSError(
-            f"cannot serve metrics on {addr}:{port} ({exc}); pick a free port or 0 to turn it off"
+            f"cannot serve metrics on {host}:{port} ({exc}); pick a free port or 0 to turn it off"
         ) from exc
-    log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, port)
     return server
 
 
@@ -299,18 +312,45 @@ class GpuTelemetryCollector(Collector):
         return []
 
 
+class _CurrentTelemetry(Collector):
+    """The per-GPU telemetry of the source `register_gpu_telemetry` set last (none before it is called)."""
+
+    def __init__(self) -> None:
+        self.current: GpuTelemetryCollector | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        current = self.current
+        return current.collect() if current is not None else ()
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
 FLEET_RISK = FleetRiskCollector()
 REGISTRY.register(FLEET_RISK)
-
-_telemetry_lock = threading.Lock()
-_telemetry: GpuTelemetryCollector | None = None
+GPU_TELEMETRY = _CurrentTelemetry()
+REGISTRY.register(GPU_TELEMETRY)
 
 
 def register_gpu_telemetry(fetch: TelemetryFetch) -> None:
     """Export per-GPU temperature and power from `fetch` (one source per process; a second call replaces it)."""
-    global _telemetry
-    with _telemetry_lock:
-        if _telemetry is not None:
-            REGISTRY.unregister(_telemetry)
-        _telemetry = GpuTelemetryCollector(fetch)
-        REGISTRY.register(_telemetry)
+    GPU_TELEMETRY.current = GpuTelemetryCollector(fetch)
+
+
+# What each component's /metrics serves: the metrics it updates, and the process's CPU, memory and GC. Every
+# metric is also in prometheus_client's global REGISTRY (tests read it), which is never served.
+_CONSUMER_METRICS: tuple[Collector, ...] = (BATCH_SIZE, BATCH_DURATION, CONSUMER_LAG, DEADLETTERS)
+COMPONENT_METRICS: dict[str, tuple[Collector, ...]] = {
+    "stream": (*_CONSUMER_METRICS, STREAM_SAMPLES, STREAM_SAMPLES_REJECTED, STREAM_SCORED, STREAM_NEWEST_SAMPLE_TS,
+               INFERENCE_LATENCY, GPU_TELEMETRY),
+    "sink": (*_CONSUMER_METRICS, RISK_RECORDS_WRITTEN, REMEDIATION_EVENTS, FLEET_RISK),
+    "controller": (CONSUMER_LAG, DEADLETTERS, REMEDIATION_ACTIONS),
+}  # fmt: skip
+
+
+def component_registry(component: str) -> CollectorRegistry:
+    """A registry with `component`'s metrics (COMPONENT_METRICS) and the process collectors, for its /metrics."""
+    registry = CollectorRegistry()
+    for collector in (*COMPONENT_METRICS[component], PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def run_sinks(settings: Settings, *, stop: threading.Event | None = None) -> int:
     """Run both sinks until `stop` is set or SIGTERM/SIGINT arrives; returns the exit code (0 clean, 1 crashed).
 
-    Serves Prometheus metrics on `settings.sink_metrics_port` when it is not 0. Needs `kafka_bootstrap` and
+    Serves the sinks' Prometheus metrics on `settings.metrics_host`:`settings.sink_metrics_port` when the port is
+    not 0. Needs `kafka_bootstrap` and
     `redis_url`. Signal handlers are installed only when called from the main thread.
     """
     if not settings.kafka_bootstrap or not settings.redis_url:
@@ -33,7 +34,7 @@ def run_sinks(settings: Settings, *, stop: threading.Event | None = None) -> int
     stop = stop or threading.Event()
     failed = threading.Event()
     zero_counters("sink")
-    server = start_metrics_server(settings.sink_metrics_port)
+    server = start_metrics_server(settings.sink_metrics_port, settings.metrics_host, "sink")
 
     def guarded(name: str, target: Callable[..., None]) -> Callable[[], None]:
         def run() -> None:

@@ -355,7 +355,7 @@ def run_worker(settings: Settings, *, loglevel: str = "warning", decode_only: bo
     app = create_app(settings, decode_only=decode_only)
     spare_startup_heap_from_gc()
     metrics.zero_counters("stream")
-    metrics.start_metrics_server(settings.stream_metrics_port)
+    metrics.start_metrics_server(settings.stream_metrics_port, settings.metrics_host, "stream")
     # Our STATS lines go to real stdout; faust would otherwise route prints into its logger.
     worker = faust.Worker(
         app, loglevel=loglevel, quiet=True, redirect_stdouts=False, logging_config=faust_logging_config()

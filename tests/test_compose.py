@@ -130,6 +130,10 @@ def test_prometheus_scrapes_each_service_on_its_metrics_port(services: dict[str,
             f"Prometheus scrapes {name} on {targets[name]}, the service serves {port}"
         )
         assert str(port) in services[name]["expose"]
+        # Prometheus is another container: the exporter must not listen on loopback only.
+        host = env_of(services[name]).get("GPUWATCH_METRICS_HOST", Settings().metrics_host)
+        addr = env_of(services[name]).get("GPUWATCH_AGENT_METRICS_ADDR", Settings().agent_metrics_addr)
+        assert (addr if name == "agent" else host) == "0.0.0.0", name
 
 
 def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(services: dict[str, Any]) -> None:

@@ -69,6 +69,8 @@ def test_controller_counts_executed_and_duplicate_remediations(settings: Setting
             text = scrape(port)
         assert executed in text, text[-2000:]
         assert duplicate in text
+        # The controller's own metrics only: none of the stream's or the sink's at 0.
+        assert "gpuwatch_stream_samples_total" not in text and "gpuwatch_risk_records_written_total" not in text
     finally:
         proc.terminate()
         proc.wait(10)

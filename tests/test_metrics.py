@@ -10,11 +10,13 @@ from typing import Any
 import orjson
 import pytest
 from confluent_kafka import TopicPartition
+from helpers import scrape
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpuwatch import metrics
 from gpuwatch.config import Settings
+from gpuwatch.embedded import free_port
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.fields import ACTIONS
@@ -97,6 +99,35 @@ def test_every_labelled_counter_an_alert_reads_exists_at_zero_from_the_start() -
     assert sink["gpuwatch_deadletters_total"] == {(("stage", "risk-sink"),): 0.0, (("stage", "risk-sink/redis"),): 0.0}
     assert sink["gpuwatch_risk_records_written_total"] == {(): 0.0}
     assert exported_at_start("stream")["gpuwatch_deadletters_total"] == {(("stage", "stream"),): 0.0}
+
+
+OWN_METRICS = {
+    "stream": {"gpuwatch_stream_samples_total", "gpuwatch_stream_samples_rejected_total", "gpuwatch_stream_scored_total",
+               "gpuwatch_stream_newest_sample_timestamp_seconds", "gpuwatch_inference_latency_seconds",
+               "gpuwatch_batch_size_messages", "gpuwatch_batch_duration_seconds", "gpuwatch_consumer_lag_messages",
+               "gpuwatch_deadletters_total"},
+    "sink": {"gpuwatch_risk_records_written_total", "gpuwatch_remediation_events_total", "gpuwatch_failure_risk",
+             "gpuwatch_gpu_alarm", "gpuwatch_gpu_failed", "gpuwatch_gpu_last_risk_timestamp_seconds",
+             "gpuwatch_batch_size_messages", "gpuwatch_batch_duration_seconds", "gpuwatch_consumer_lag_messages",
+             "gpuwatch_deadletters_total"},
+    "controller": {"gpuwatch_remediation_actions_total", "gpuwatch_consumer_lag_messages", "gpuwatch_deadletters_total"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("component", sorted(OWN_METRICS))
+def test_each_component_serves_only_its_own_metrics_on_the_configured_host(component: str) -> None:
+    port = free_port()
+    server = metrics.start_metrics_server(port, "127.0.0.1", component)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+        text = scrape(port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    served = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE gpuwatch_")}
+    others = set().union(*(names for c, names in OWN_METRICS.items() if c != component)) - OWN_METRICS[component]
+    assert OWN_METRICS[component] <= served and not served & others, served
+    assert "process_cpu_seconds_total" in text  # and the process's own CPU and memory
 
 
 def test_consumer_lag_is_high_watermark_minus_committed(settings: Settings) -> None:
