@@ -161,7 +161,9 @@ class RemediationPolicy:
     ) -> None:
         r = self.rules
         m = k.member(rec["host"], rec["gpu_index"])
-        ts = float(rec["ts"])
+        # A ts ahead of our clock (a node clock running fast) counts as now, as in Redis: kept, it would make the
+        # GPU's next records look out of order until the clock caught up with it.
+        ts = min(float(rec["ts"]), now)
         alarm, failed = bool(rec.get("alarm")), bool(rec.get("failed"))
         gpu = self._gpus.get(m)
         if gpu is not None and ts <= gpu.last_ts:

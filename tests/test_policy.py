@@ -169,6 +169,13 @@ def test_stale_duplicate_and_out_of_order_records_are_never_acted_on() -> None:
     assert actions(h.run(300, 300, DRAIN)) == [("migrate", 300)]
 
 
+def test_a_record_stamped_ahead_of_the_clock_holds_back_none_of_the_next_ones() -> None:
+    h = Harness()
+    # A node clock 120 s fast: its record counts as now, so the real records after it are not out of order.
+    assert actions(h.policy.observe([rec(T0 + 120, DRAIN)], now=T0)) == [("checkpoint", 120)]
+    assert actions(h.run(10, 300, DRAIN)) == [("migrate", 60)]  # the grace runs from the checkpoint's now
+
+
 def test_a_replaced_gpu_starts_a_new_episode() -> None:
     h = Harness(cooldown_s=0)
     h.run(0, 0, ALARM)
