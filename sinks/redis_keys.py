@@ -22,7 +22,8 @@ Fleet-wide:
   ``gpuwatch:fleet:alarm``           sorted set: the GPUs in alarm now, member ``host:gpu``, score `ts`
   ``gpuwatch:fleet:failed``          sorted set: the GPUs that have failed, member ``host:gpu``, score `ts`
 Remediation:
-  ``gpuwatch:killswitch``            string; while it exists the policy takes no action
+  ``gpuwatch:killswitch``            string; while it exists the policy takes no action and the controller
+                                     executes none (it records each event due as skipped)
   ``gpuwatch:audit``                 stream (capped): one entry per policy decision, field ``json``
   ``gpuwatch:claim:{id}``            string (SET NX EX): a controller claimed remediation `id`
   ``gpuwatch:outcome:{id}``          hash: how executing remediation `id` went
