@@ -1,0 +1,67 @@
+"""Bad input to the `gpuwatch` command gives one line on stderr naming the input and the fix, a non-zero exit
+status and no traceback; the command runs as an operator runs it, in its own process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpuwatch.embedded import EmbeddedServer
+
+
+def gpuwatch(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUWATCH_")}
+    return subprocess.run(
+        [sys.executable, "-P", "-m", "gpuwatch.cli", *argv],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def one_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The only line of stderr (asserting there is one and no traceback)."""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("target", ["node-1:abc", "node-1:", ":3", "node-1:-1"])
+def test_risk_of_a_malformed_target(redis_server: EmbeddedServer, target: str) -> None:
+    done = gpuwatch("risk", target, GPUWATCH_REDIS_URL=redis_server.url)
+    assert done.returncode == 2
+    assert one_line(done) == (
+        f"gpuwatch risk: {target!r} is not HOST or HOST:GPU; give e.g. node-0003 or node-0003:5 (GPU: an index 0, 1, ...)"
+    )
+
+
+def test_risk_with_redis_unreachable() -> None:
+    done = gpuwatch("risk", "node-1:3", GPUWATCH_REDIS_URL="redis://127.0.0.1:1/0")
+    assert done.returncode == 1
+    assert one_line(done).startswith("gpuwatch risk: cannot read redis://127.0.0.1:1/0 (")
+
+
+def test_config_naming_a_directory(tmp_path: Path) -> None:
+    done = gpuwatch("--config", str(tmp_path), "risk", "node-1")
+    assert done.returncode == 2
+    assert one_line(done) == (
+        f"gpuwatch: configuration error: config file {tmp_path} is a directory; give the path of a TOML file in it"
+    )
+
+
+def test_config_values_of_the_wrong_type_or_range(tmp_path: Path) -> None:
+    for line, message in [
+        ("partitions = 2.7", "partitions = 2.7: must be an integer >= 1"),
+        ("alarm_threshold = true", "alarm_threshold = true: must be a number in [0, 1]"),
+        ("alarm_threshold = 5", "alarm_threshold = 5: must be a number in [0, 1]"),
+    ]:
+        path = tmp_path / "gpuwatch.toml"
+        path.write_text(line + "\n")
+        done = gpuwatch("--config", str(path), "sink")
+        assert done.returncode == 2
+        assert one_line(done).startswith(f"gpuwatch: configuration error: config file {path}: {message}")
