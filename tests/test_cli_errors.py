@@ -3,14 +3,17 @@ status and no traceback; the command runs as an operator runs it, in its own pro
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import redis
 
 from gpuwatch.embedded import EmbeddedServer
+from gpuwatch.sinks import redis_keys as k
 
 
 def gpuwatch(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -65,3 +68,11 @@ def test_config_values_of_the_wrong_type_or_range(tmp_path: Path) -> None:
         done = gpuwatch("--config", str(path), "sink")
         assert done.returncode == 2
         assert one_line(done).startswith(f"gpuwatch: configuration error: config file {path}: {message}")
+
+
+def test_risk_of_a_gpu_whose_hash_has_no_ts(redis_server: EmbeddedServer, redis_client: redis.Redis) -> None:
+    redis_client.hset(k.gpu_key("node-1", 3), mapping={"host": "node-1", "gpu_index": "3", "risk": "0.5"})
+    done = gpuwatch("risk", "node-1:3", GPUWATCH_REDIS_URL=redis_server.url)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert (answer["ts"], answer["age_s"], answer["stale"], answer["risk"]) == (None, None, True, 0.5)
