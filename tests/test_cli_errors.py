@@ -76,3 +76,32 @@ def test_risk_of_a_gpu_whose_hash_has_no_ts(redis_server: EmbeddedServer, redis_
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert (answer["ts"], answer["age_s"], answer["stale"], answer["risk"]) == (None, None, True, 0.5)
+
+
+def test_score_of_a_missing_input_leaves_no_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    done = gpuwatch("score", "--input", str(tmp_path / "MISSING"), "--output", str(out / "r.jsonl"),
+                    "--actions", str(out / "a.jsonl"), "--json", str(out / "s.json"))  # fmt: skip
+    assert done.returncode == 2
+    assert one_line(done) == (
+        f"gpuwatch score: --input {tmp_path / 'MISSING'} is not a file; record one with `gpuwatch simulate "
+        "--out DIR` (DIR/samples.jsonl)"
+    )
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("model", ["MISSING", "a-directory", "corrupt.pt"])
+def test_eval_of_a_model_that_cannot_be_read(tmp_path: Path, model: str) -> None:
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "corrupt.pt").write_bytes(b"not a model")
+    done = gpuwatch("eval", "--model", str(tmp_path / model), "--data", str(tmp_path), "--json",
+                    str(tmp_path / "out" / "eval.json"))  # fmt: skip
+    assert done.returncode == 2
+    assert one_line(done).startswith(
+        {"MISSING": f"gpuwatch eval: model artifact {tmp_path / model} does not exist; train one",
+         "a-directory": f"gpuwatch eval: model artifact {tmp_path / model} is a directory; give the .pt file",
+         "corrupt.pt": f"gpuwatch eval: cannot read model artifact {tmp_path / model}: not a model file torch "
+                       "loads"}[model]  # fmt: skip
+    )
+    assert not (tmp_path / "out").exists()
