@@ -167,12 +167,13 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class Allowed:
-    """The values a setting admits besides its type: numbers from `lo` to `hi` (an `open` end excluded),
-    or text among `choices`; `why` ends the error message."""
+    """The values a setting admits besides its type: finite numbers from `lo` to `hi` (an end excluded when it
+    is open), or text among `choices`; `why` ends the error message."""
 
     lo: float | None = None
     hi: float | None = None
-    open: str = ""  # "lo", "hi" or "lo,hi": which ends are excluded
+    lo_open: bool = False
+    hi_open: bool = False
     choices: tuple[str, ...] = ()
     why: str = ""
 
@@ -183,8 +184,8 @@ class Allowed:
             return True
         if not math.isfinite(value):
             return False
-        lo_ok = self.lo is None or (value > self.lo if "lo" in self.open else value >= self.lo)
-        hi_ok = self.hi is None or (value < self.hi if "hi" in self.open else value <= self.hi)
+        lo_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        hi_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
         return lo_ok and hi_ok
 
     def describe(self, kind: type) -> str:
@@ -193,12 +194,12 @@ class Allowed:
             return "one of " + ", ".join(self.choices)
         noun = {bool: "true or false", int: "an integer", float: "a number", str: "text"}[kind]
         if self.lo is not None and self.hi is not None:
-            left, right = "(" if "lo" in self.open else "[", ")" if "hi" in self.open else "]"
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
             return f"{noun} in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
         if self.lo is not None:
-            return f"{noun} {'>' if 'lo' in self.open else '>='} {_num(self.lo)}"
+            return f"{noun} {'>' if self.lo_open else '>='} {_num(self.lo)}"
         if self.hi is not None:
-            return f"{noun} {'<' if 'hi' in self.open else '<='} {_num(self.hi)}"
+            return f"{noun} {'<' if self.hi_open else '<='} {_num(self.hi)}"
         return noun
 
 
@@ -211,7 +212,7 @@ FSYNC_POLICIES = ("always", "interval", "never")
 COMMAND_MAX_TTL_S = 3600.0  # a longer validity would force agents to remember nonces for longer
 
 _ANY = Allowed()
-_POSITIVE = Allowed(lo=0, open="lo")
+_POSITIVE = Allowed(lo=0, lo_open=True)
 _AT_LEAST_0 = Allowed(lo=0)
 _PORT = Allowed(lo=0, hi=65535, why="0 turns it off")
 _COST = Allowed(lo=0, why="a cost model figure")
@@ -224,13 +225,13 @@ ALLOWED: dict[str, Allowed] = {
     "partitions": Allowed(lo=1),
     "stream_batch_size": Allowed(lo=1),
     "stream_batch_within_s": _POSITIVE,
-    "rescore_interval_s": Allowed(lo=0, hi=10, open="lo", why="every GPU is rescored at least every 10 s"),
+    "rescore_interval_s": Allowed(lo=0, hi=10, lo_open=True, why="every GPU is rescored at least every 10 s"),
     "stream_fetch_max_wait_ms": _AT_LEAST_0,
     "stream_max_sample_age_s": Allowed(lo=0, why="0 turns the check off"),
     "risk_refresh_s": _POSITIVE,
     "torch_threads": Allowed(lo=1),
     "checkpoint_interval_s": _POSITIVE,
-    "fleet_failure_rate_per_gpu_day": Allowed(lo=0, hi=1, open="hi",
+    "fleet_failure_rate_per_gpu_day": Allowed(lo=0, hi=1, hi_open=True,
                                               why="failures per GPU-day; the StepFun trace's is 1.943e-4"),
     "alarm_threshold": Allowed(lo=0, hi=1, why="a calibrated score; 0 keeps the model's"),
     "alarm_records": Allowed(lo=0, why="scorings in a row; 0 keeps the model's"),
@@ -254,7 +255,7 @@ ALLOWED: dict[str, Allowed] = {
     "redis_history_len": Allowed(lo=1),
     "redis_expire_after_s": _POSITIVE,
     "controller_executor": Allowed(choices=EXECUTORS),
-    "command_ttl_s": Allowed(lo=0, hi=COMMAND_MAX_TTL_S, open="lo",
+    "command_ttl_s": Allowed(lo=0, hi=COMMAND_MAX_TTL_S, lo_open=True,
                              why="agents remember nonces for at most this long"),
     "controller_timeout_s": _POSITIVE,
     "controller_claim_ttl_s": _POSITIVE,
