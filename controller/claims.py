@@ -88,9 +88,11 @@ def _field(key: str, info: dict[str, Any], name: str, kind: type, default: Any) 
     value = info.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) == (kind is bool) and isinstance(value, int | float if kind is float else kind):
-        if kind is not float or math.isfinite(value):
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return value
+    elif isinstance(value, kind) and isinstance(value, bool) == (kind is bool):
+        return value
     raise CorruptClaim(f"claim {key} in Redis is unreadable: {name} is {json.dumps(value)}, not {_NOUNS[kind]}")
 
 

@@ -16,6 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from helpers import wait_for
 
 from gpuwatch.config import ConfigError, Settings
+from gpuwatch.controller.claims import ClaimInfo, CorruptClaim, _parse
 from gpuwatch.controller.executors import Executor, Outcome, make_executor
 from gpuwatch.controller.executors.dry_run import DryRunExecutor
 from gpuwatch.controller.worker import run_controller
@@ -154,6 +155,27 @@ def test_an_event_whose_claim_in_redis_is_corrupt_is_dead_lettered_and_the_contr
     ])
     assert all(letter["stage"] == "controller" for letter in letters)
     assert json.loads(redis_client.get(k.claim_key(soon["id"])))["lease_until"] == "soon"  # left for an operator
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ('{"owner": "h:1:t", "lease_until": NaN}', "lease_until is NaN, not a number"),
+        ('{"owner": "h:1:t", "done": "yes"}', 'done is "yes", not true or false'),
+        ('{"owner": "h:1:t", "attempt": true}', "attempt is true, not a whole number"),
+        ('{"owner": "h:1:t", "claimed_at": "10"}', 'claimed_at is "10", not a number'),
+    ],
+)
+def test_a_claim_field_of_the_wrong_type_is_corrupt(value: str, error: str) -> None:
+    with pytest.raises(CorruptClaim, match=f"^claim K in Redis is unreadable: {error}$"):
+        _parse("K", value)
+
+
+def test_claims_of_older_versions_and_null_fields_still_read() -> None:
+    assert _parse("K", b"h:1 12.5") == ClaimInfo("h:1", 1, 12.5, None, False)
+    assert _parse("K", '{"owner": "h:1:t", "claimed_at": null, "lease_until": 20}') == ClaimInfo(
+        "h:1:t", 1, 0.0, 20.0, False
+    )
 
 
 def test_dry_run_is_the_default_executor(caplog: pytest.LogCaptureFixture) -> None:
