@@ -6,12 +6,15 @@ and finishes by writing ``gpuwatch:outcome:{id}`` and ``done: true`` in one scri
 its own. A claim whose lease ran out, or whose owner is a dead process of this host (or an earlier process
 that had our host name and pid, as after a container restart), was interrupted: the next controller to see the
 event takes it over with a compare-and-set and decides, in the controller, whether running it again is safe.
-Claims written by older gpuwatch versions (``"host:pid unix-time"``) are read as leases from that time.
+Claims written by older gpuwatch versions (``"host:pid unix-time"``) are read as leases from that time. A JSON
+claim whose fields have the wrong type (``"lease_until": "soon"``) raises `CorruptClaim`: nobody can tell
+whether its holder is alive, so the caller sets the event aside instead of acting on a guess.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import socket
@@ -61,20 +64,60 @@ class ClaimState:
     holder: str = ""
 
 
-def _parse(raw: bytes | str) -> dict[str, Any]:
+class CorruptClaim(ValueError):
+    """A claim in Redis that cannot be read; the message names the key and the field."""
+
+
+@dataclass(frozen=True)
+class ClaimInfo:
+    """A claim's value as stored: who holds it, which attempt, since when, until when (None: a pre-lease claim,
+    held `lease_s` from `claimed_at`), and whether its outcome is recorded."""
+
+    owner: str
+    attempt: int
+    claimed_at: float
+    lease_until: float | None
+    done: bool
+
+
+_NOUNS = {int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def _field(key: str, info: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    """`info[name]` if it is a `kind` (an int is a number too, a bool neither); `default` if absent or null."""
+    value = info.get(name)
+    if value is None:
+        return default
+    if kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return value
+    elif isinstance(value, kind) and isinstance(value, bool) == (kind is bool):
+        return value
+    raise CorruptClaim(f"claim {key} in Redis is unreadable: {name} is {json.dumps(value)}, not {_NOUNS[kind]}")
+
+
+def _parse(key: str, raw: bytes | str) -> ClaimInfo:
+    """The claim stored under `key`; CorruptClaim when it is JSON with a field of the wrong type."""
     text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
     try:
         value = json.loads(text)
-        if isinstance(value, dict):
-            return value
     except ValueError:
-        pass
+        value = None
+    if isinstance(value, dict):
+        lease_until = _field(key, value, "lease_until", float, None)
+        return ClaimInfo(
+            owner=str(value.get("owner", "")),
+            attempt=max(1, _field(key, value, "attempt", int, 1)),
+            claimed_at=float(_field(key, value, "claimed_at", float, 0.0)),
+            lease_until=None if lease_until is None else float(lease_until),
+            done=_field(key, value, "done", bool, False),
+        )
     owner, _, when = text.partition(" ")  # the pre-lease format: "host:pid unix-time"
     try:
         claimed_at = float(when)
     except ValueError:
         claimed_at = 0.0
-    return {"owner": owner, "attempt": 1, "claimed_at": claimed_at, "lease_until": None, "done": False}
+    return ClaimInfo(owner=owner, attempt=1, claimed_at=claimed_at, lease_until=None, done=False)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -106,14 +149,12 @@ class ClaimStore:
                 "lease_until": round(self.clock() + self.lease_s, 3), "done": done}  # fmt: skip
         return json.dumps(info, sort_keys=True)
 
-    def interrupted(self, info: dict[str, Any]) -> bool:
+    def interrupted(self, info: ClaimInfo) -> bool:
         """Whether a claim's holder is gone: its lease ran out, or it was a process of this host that is dead."""
-        lease_until = info.get("lease_until")
-        if lease_until is None:
-            lease_until = float(info.get("claimed_at") or 0.0) + self.lease_s
-        if self.clock() > float(lease_until):
+        lease_until = info.claimed_at + self.lease_s if info.lease_until is None else info.lease_until
+        if self.clock() > lease_until:
             return True
-        host, _, rest = str(info.get("owner", "")).partition(":")
+        host, _, rest = info.owner.partition(":")
         pid_text, _, token = rest.partition(":")
         if host != self.host or not pid_text.isdigit():
             return False
@@ -125,7 +166,8 @@ class ClaimStore:
         return not _pid_alive(pid)
 
     def try_claim(self, rid: str) -> ClaimState:
-        """Claims `rid` if it is free or its holder was interrupted; never blocks."""
+        """Claims `rid` if it is free or its holder was interrupted; never blocks. Raises CorruptClaim when the
+        claim in Redis cannot be read (it is left as it is)."""
         key = k.claim_key(rid)
         for _ in range(3):  # the key may expire between our calls
             if self.client.exists(k.outcome_key(rid)):
@@ -137,16 +179,14 @@ class ClaimStore:
             current = self.client.get(key)
             if current is None:
                 continue
-            info = _parse(current)
-            if info.get("done"):
+            info = _parse(key, current)
+            if info.done:
                 return ClaimState("done")
             if not self.interrupted(info):
-                return ClaimState("busy", holder=str(info.get("owner", "")))
-            value = self._value(int(info.get("attempt") or 1) + 1, now)
+                return ClaimState("busy", holder=info.owner)
+            value = self._value(info.attempt + 1, now)
             if self._cas(keys=[key], args=[current, value, self.ttl_ms]):
-                return ClaimState(
-                    "ours", Claim(rid, value, int(info.get("attempt") or 1) + 1, str(info.get("owner")))
-                )
+                return ClaimState("ours", Claim(rid, value, info.attempt + 1, info.owner))
         return ClaimState("busy")
 
     def renew(self, claim: Claim) -> bool:

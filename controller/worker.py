@@ -38,7 +38,7 @@ from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 
 from ..schemas.codecs import decode_remediation, make_deadletter
 from ..sinks import redis_keys as k
-from .claims import Claim, ClaimStore
+from .claims import Claim, ClaimStore, CorruptClaim
 from .executors import Executor, Outcome, make_executor
 
 log = logging.getLogger(__name__)
@@ -149,19 +149,16 @@ class _Controller:
         try:
             event = decode_remediation(msg.value())
         except ValueError as exc:
-            raw = make_deadletter(
-                msg.value(),
-                str(exc),
-                topic=msg.topic() or "",
-                partition=msg.partition() or 0,
-                offset=msg.offset() or 0,
-                stage=STAGE,
-            )
-            self.producer.produce(self.settings.topic_deadletter, raw, key=msg.key())
             log.warning("dead-lettered an undecodable remediation event at offset %s: %s", msg.offset(), exc)
-            metrics.DEADLETTERS.labels(STAGE).inc()
-            return self.flush()
-        claim = self.claim(event)
+            return self.deadletter(msg, str(exc))
+        try:
+            claim = self.claim(event)
+        except CorruptClaim as exc:
+            # Whether its holder still runs it cannot be told: set the event aside, go on with the next.
+            reason = f"{exc}; not executed: delete the key (or fix it) and replay the event from the dead letter"
+            log.error("remediation %s (%s %s GPU %s) dead-lettered: %s",
+                      event["id"], event["action"], event["host"], event["gpu_index"], reason)  # fmt: skip
+            return self.deadletter(msg, reason)
         if claim is None:
             return not self.stop.is_set()
         with self.claims.held(claim):
@@ -190,9 +187,17 @@ class _Controller:
                 log.exception("on_outcome callback failed")
         return True
 
+    def deadletter(self, msg: Message, reason: str) -> bool:
+        """Sends `msg` to the dead-letter topic with `reason`; False if `stop` was set before Kafka had it."""
+        raw = make_deadletter(msg.value(), reason, topic=msg.topic() or "", partition=msg.partition() or 0,
+                              offset=msg.offset() or 0, stage=STAGE)  # fmt: skip
+        self.producer.produce(self.settings.topic_deadletter, raw, key=msg.key())
+        metrics.DEADLETTERS.labels(STAGE).inc()
+        return self.flush()
+
     def claim(self, event: dict[str, Any]) -> Claim | None:
         """Our claim on the event, or None when it is already done (or `stop` was set); waits while another
-        live controller holds it (at most its lease)."""
+        live controller holds it (at most its lease). Raises CorruptClaim when its claim cannot be read."""
         rid = event["id"]
         while True:
             ok, state = _retrying(self.stop, "claim a remediation", lambda: self.claims.try_claim(rid))

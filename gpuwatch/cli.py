@@ -118,12 +118,27 @@ def cmd_risk(args: argparse.Namespace) -> int:
 
     from gpuwatch.sinks.risk_client import RiskClient
 
+    host, colon, gpu = args.target.rpartition(":")  # as Redis members: a host name may hold a colon
+    if not colon:
+        host, gpu = args.target, ""
+    if not host or (colon and not gpu.isdigit()):
+        print(f"gpuwatch risk: {args.target!r} is not HOST or HOST:GPU; give e.g. node-0003 or node-0003:5 "
+              "(GPU: an index 0, 1, ...)", file=sys.stderr)  # fmt: skip
+        return 2
     settings = _settings(args)
     if not settings.redis_url:
         raise ConfigError("gpuwatch risk needs GPUWATCH_REDIS_URL")
-    client = RiskClient(settings.redis_url, stale_after_s=settings.stale_after_s)
-    host, _, gpu = args.target.partition(":")
-    answer = client.risk(host, int(gpu)) if gpu else client.host_risk(host)
+    import redis
+
+    from gpuwatch.config import redact_url
+
+    with RiskClient(settings.redis_url, stale_after_s=settings.stale_after_s) as client:
+        try:
+            answer = client.risk(host, int(gpu)) if colon else client.host_risk(host)
+        except redis.RedisError as exc:
+            print(f"gpuwatch risk: cannot read {redact_url(settings.redis_url)} ({exc}); check redis_url and "
+                  "that Redis is up", file=sys.stderr)  # fmt: skip
+            return 1
     if answer is None:
         print(f"no risk recorded for {args.target}", file=sys.stderr)
         return 1

@@ -8,6 +8,7 @@ instance; nothing deeper reads ``os.environ``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -168,66 +169,217 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{masked}@{host}{slash}{path}"
 
 
-def _coerce(name: str, kind: type, value: Any) -> Any:
-    try:
-        if kind is bool and isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off", ""):
-                return False
+@dataclass(frozen=True)
+class Allowed:
+    """The values a setting admits besides its type: finite numbers from `lo` to `hi` (an end excluded when it
+    is open), or text among `choices`; `why` ends the error message."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    choices: tuple[str, ...] = ()
+    why: str = ""
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, str | bool):
+            return True
+        if not math.isfinite(value):
+            return False
+        lo_ok = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        hi_ok = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return lo_ok and hi_ok
+
+    def describe(self, kind: type) -> str:
+        """What to give, e.g. ``an integer >= 1`` or ``a number in (0, 10]``."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        noun = {bool: "true or false", int: "an integer", float: "a number", str: "text"}[kind]
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            return f"{noun} in {left}{_num(self.lo)}, {_num(self.hi)}{right}"
+        if self.lo is not None:
+            return f"{noun} {'>' if self.lo_open else '>='} {_num(self.lo)}"
+        if self.hi is not None:
+            return f"{noun} {'<' if self.hi_open else '<='} {_num(self.hi)}"
+        return noun
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+EXECUTORS = ("dry-run", "command", "webhook", "slurm", "kubernetes")
+FSYNC_POLICIES = ("always", "interval", "never")
+COMMAND_MAX_TTL_S = 3600.0  # a longer validity would force agents to remember nonces for longer
+
+_ANY = Allowed()
+_POSITIVE = Allowed(lo=0, lo_open=True)
+_AT_LEAST_0 = Allowed(lo=0)
+_PORT = Allowed(lo=0, hi=65535, why="0 turns it off")
+_COST = Allowed(lo=0, why="a cost model figure")
+
+# What each setting admits beyond its type (the type is the field's); settings not named take any value of
+# their type. The one place these limits live: load_settings and check_settings apply them, and the
+# configuration reference (docs/configuration.md) prints them.
+ALLOWED: dict[str, Allowed] = {
+    "kafka_security_protocol": Allowed(choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")),
+    "partitions": Allowed(lo=1),
+    "stream_batch_size": Allowed(lo=1),
+    "stream_batch_within_s": _POSITIVE,
+    "rescore_interval_s": Allowed(lo=0, hi=10, lo_open=True, why="every GPU is rescored at least every 10 s"),
+    "stream_fetch_max_wait_ms": _AT_LEAST_0,
+    "stream_max_sample_age_s": Allowed(lo=0, why="0 turns the check off"),
+    "risk_refresh_s": _POSITIVE,
+    "torch_threads": Allowed(lo=1),
+    "stream_stats_interval_s": _POSITIVE,
+    "checkpoint_interval_s": _POSITIVE,
+    "fleet_failure_rate_per_gpu_day": Allowed(lo=0, hi=1, hi_open=True,
+                                              why="failures per GPU-day; the StepFun trace's is 1.943e-4"),
+    "alarm_threshold": Allowed(lo=0, hi=1, why="a calibrated score; 0 keeps the model's"),
+    "alarm_records": Allowed(lo=0, why="scorings in a row; 0 keeps the model's"),
+    "migrate_threshold": Allowed(lo=0, hi=1, why="a calibrated score; 0 keeps the model's"),
+    "migrate_records": Allowed(lo=0, why="scorings in a row; 0 keeps the model's"),
+    "stale_after_s": _POSITIVE,
+    "policy_episode_gap_s": _AT_LEAST_0,
+    "policy_checkpoint_grace_s": _AT_LEAST_0,
+    "policy_reboot_after_s": _AT_LEAST_0,
+    "policy_cooldown_s": _AT_LEAST_0,
+    "policy_max_concurrent_drains": Allowed(lo=0, why="0 never drains"),
+    "policy_drain_hold_s": _AT_LEAST_0,
+    "policy_job_gpus": _COST,
+    "policy_job_checkpoint_interval_s": _COST,
+    "policy_failure_overhead_s": _COST,
+    "policy_checkpoint_cost_s": _COST,
+    "policy_migrate_cost_s": _COST,
+    "policy_drain_cost_gpu_h": _COST,
+    "policy_reboot_cost_gpu_h": _COST,
+    "audit_maxlen": Allowed(lo=1),
+    "redis_history_len": Allowed(lo=1),
+    "redis_expire_after_s": _POSITIVE,
+    "controller_executor": Allowed(choices=EXECUTORS),
+    "command_ttl_s": Allowed(lo=0, hi=COMMAND_MAX_TTL_S, lo_open=True,
+                             why="agents remember nonces for at most this long"),
+    "controller_timeout_s": _POSITIVE,
+    "controller_claim_ttl_s": _POSITIVE,
+    "controller_lease_s": _POSITIVE,
+    "stream_metrics_port": _PORT,
+    "sink_metrics_port": _PORT,
+    "controller_metrics_port": _PORT,
+    "agent_metrics_port": _PORT,
+    "agent_interval_s": _POSITIVE,
+    "agent_spool_max_bytes": Allowed(lo=1 << 20, why="1 MiB"),
+    "agent_spool_fsync": Allowed(choices=FSYNC_POLICIES),
+    "agent_delivery_timeout_s": _POSITIVE,
+    "agent_flush_timeout_s": _AT_LEAST_0,
+}
+_TYPES = {f.name: type(f.default) for f in fields(Settings)}
+_SECRETS = frozenset(f.name for f in fields(Settings) if f.metadata.get("secret"))
+# A number with no limit must still be named, so that a new numeric setting gets its range thought about.
+assert {n for n, t in _TYPES.items() if t in (int, float)} <= set(ALLOWED), "give every numeric setting its range"
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _shown(value: Any) -> str:
+    """`value` as TOML writes it (true, 2.7, "soon")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _typed(kind: type, value: Any, parse: bool) -> Any:
+    """`value` as a `kind`, or ValueError. With `parse`, text (an environment variable) is parsed; other values
+    must have the type already, except that an integer is a number too: no bool passes as a number, no float
+    as an integer, no text as either."""
+    if parse and isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in _TRUE + _FALSE:
+                return text.lower() in _TRUE
             raise ValueError(value)
-        return kind(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name!r}: cannot use {value!r} as {kind.__name__}") from exc
+        return kind(text)  # int("2.7") fails, as it should
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, bool):
+        pass
+    elif kind is float and isinstance(value, int | float):
+        return float(value)
+    elif isinstance(value, kind):
+        return value
+    raise ValueError(value)
+
+
+def checked(name: str, value: Any, source: str = "") -> Any:
+    """`value` of setting `name` with the setting's type, if its type and `ALLOWED` admit it; else ConfigError
+    in one line naming `source` ("config file PATH", "environment", or "" for a value given in code or on
+    the command line), the setting, the value (a secret's masked) and what the setting admits."""
+    kind = _TYPES[name]
+    allowed = ALLOWED.get(name, _ANY)
+    try:
+        typed = _typed(kind, value, parse=source == "environment")
+    except (TypeError, ValueError):
+        typed = None
+    if typed is not None and allowed.admits(typed):
+        return typed
+    secret = name in _SECRETS
+    if source == "environment":
+        where = f"environment variable GPUWATCH_{name.upper()}={'***' if secret else value}"
+    else:
+        where = f"{source + ': ' if source else 'setting '}{name} = {'***' if secret else _shown(value)}"
+    why = f" ({allowed.why})" if allowed.why else ""
+    raise ConfigError(f"{where}: must be {allowed.describe(kind)}{why}")
 
 
 def load_settings(
     config_file: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any
 ) -> Settings:
-    """Build Settings from defaults, the TOML file, ``GPUWATCH_*`` variables and explicit overrides."""
+    """Build Settings from defaults, the TOML file, ``GPUWATCH_*`` variables and explicit overrides.
+
+    Raises ConfigError naming where a value came from (file, variable), the setting and what it allows."""
     env = os.environ if env is None else env
-    types = {f.name: type(f.default) for f in fields(Settings)}
+    names = list(_TYPES)
     values: dict[str, Any] = {}
     path = config_file or env.get("GPUWATCH_CONFIG")
     if path:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {path} does not exist") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-        data = data.get("gpuwatch", data)
-        for key, value in data.items():
-            if key not in types:
-                raise ConfigError(f"config file {path}: unknown setting {key!r}")
-            values[key] = _coerce(key, types[key], value)
-    for name, kind in types.items():
+        for key, value in _read_file(Path(path)).items():
+            if key not in names:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}; docs/configuration.md lists them")
+            values[key] = checked(key, value, f"config file {path}")
+    for name in names:
         var = f"GPUWATCH_{name.upper()}"
         if var in env:
-            values[name] = _coerce(name, kind, env[var])
+            values[name] = checked(name, env[var], "environment")
     for key, value in overrides.items():
         if value is not None:
-            values[key] = _coerce(key, types[key], value)
-    settings = Settings(**values)
-    check_settings(settings)
-    return settings
+            values[key] = checked(key, value)
+    return Settings(**values)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """The settings table of a TOML file (top level or ``[gpuwatch]``); ConfigError if it cannot be read."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist; give the path of a TOML file") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config file {path} is a directory; give the path of a TOML file in it") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc}); give a readable UTF-8 TOML file") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    table = data.get("gpuwatch", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [gpuwatch] must be a table of settings")
+    return table
 
 
 def check_settings(settings: Settings) -> None:
-    """Raises ConfigError naming the first setting whose value cannot work."""
-    if not 0 < settings.rescore_interval_s <= 10:
-        raise ConfigError("setting 'rescore_interval_s' must be in (0, 10]: every GPU is rescored at least every 10 s")
-    if not 0 <= settings.fleet_failure_rate_per_gpu_day < 1:
-        raise ConfigError("setting 'fleet_failure_rate_per_gpu_day' must be in [0, 1) failures per GPU-day "
-                          "(the StepFun trace's is 1.943e-4)")
-    for name in ("alarm_threshold", "migrate_threshold"):
-        if not 0 <= getattr(settings, name) <= 1:
-            raise ConfigError(f"setting {name!r} must be in [0, 1] (a calibrated score; 0 keeps the model's)")
-    for name in ("alarm_records", "migrate_records"):
-        if getattr(settings, name) < 0:
-            raise ConfigError(f"setting {name!r} must be >= 0 scorings in a row (0 keeps the model's)")
-    costs = ("policy_job_gpus", "policy_job_checkpoint_interval_s", "policy_failure_overhead_s",
-             "policy_checkpoint_cost_s", "policy_migrate_cost_s", "policy_drain_cost_gpu_h", "policy_reboot_cost_gpu_h")
-    for name in costs:
-        if getattr(settings, name) < 0:
-            raise ConfigError(f"setting {name!r} must be >= 0 (a cost model figure)")
+    """Raises ConfigError naming the first setting whose value `ALLOWED` (or its type) does not admit."""
+    for f in fields(Settings):
+        checked(f.name, getattr(settings, f.name))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from gpuwatch.config import Settings
+from gpuwatch.config import ALLOWED, Allowed, Settings
 
 HEADER = """\
 # Configuration reference
@@ -26,8 +26,11 @@ Every gpuwatch component reads one typed `Settings` object. Values come from, la
    the Kubernetes manifests use;
 4. explicit command-line options, where a command has them.
 
-A value that cannot be converted to the setting's type stops the command with a message naming the
-setting. Secrets are never logged (`Settings.redacted()` masks them).
+Every value is checked when it is read: a value of another type (`true` or `"8"` in the file for a number,
+`2.7` for an integer) or outside what the Allowed column says stops the command with one line naming the
+file or variable, the setting, the value and what the setting admits. In an environment variable, numbers
+and `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`) are written as text. Secrets are never logged
+(`Settings.redacted()` masks them).
 
 """
 
@@ -44,12 +47,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _allowed(name: str, kind: type) -> str:
+    """The Allowed cell: ``>= 1``, ``(0, 10]``, ``one of ...``; "any" for free text or a switch."""
+    allowed = ALLOWED.get(name, Allowed())
+    if kind in (str, bool) and not allowed.choices:
+        return "any"
+    return allowed.describe(kind).removeprefix("an integer ").removeprefix("a number in ").removeprefix("a number ")
+
+
 def config_reference() -> str:
     """The Markdown page: one row per setting (name, variable, type, default, meaning) and a TOML example."""
     defaults = Settings()
     rows = [
-        "| Setting | Environment variable | Type | Default | Meaning |",
-        "|---------|----------------------|------|---------|---------|",
+        "| Setting | Environment variable | Type | Default | Allowed | Meaning |",
+        "|---------|----------------------|------|---------|---------|---------|",
     ]
     example = ["[gpuwatch]"]
     for f in fields(Settings):
@@ -59,7 +70,8 @@ def config_reference() -> str:
             doc += " Secret: prefer the environment variable or a file readable only by the service."
         default = f"`{_toml(value)}`"
         rows.append(
-            f"| `{f.name}` | `GPUWATCH_{f.name.upper()}` | {type(value).__name__} | {default} | {_cell(doc)} |"
+            f"| `{f.name}` | `GPUWATCH_{f.name.upper()}` | {type(value).__name__} | {default} "
+            f"| {_cell(_allowed(f.name, type(value)))} | {_cell(doc)} |"
         )
         if not f.metadata.get("secret"):
             example.append(f"{f.name} = {_toml(value)}")

@@ -24,12 +24,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from gpuwatch.config import ConfigError
+from gpuwatch.config import COMMAND_MAX_TTL_S, ConfigError
 
 COMMAND_SCHEMA = "gpuwatch.command/1"
 ACK_SCHEMA = "gpuwatch.command_ack/1"
 MIN_KEY_CHARS = 16
-MAX_TTL_S = 3600.0  # a longer validity would force agents to remember nonces for longer
+MAX_TTL_S = COMMAND_MAX_TTL_S
 CLOCK_SKEW_S = 60.0  # tolerated difference between controller and node clocks
 _SIG_RE = re.compile(r"[0-9a-f]{64}")
 

@@ -22,10 +22,10 @@ from confluent_kafka import KafkaException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from gpuwatch.config import ConfigError, Settings
+from gpuwatch.config import ConfigError, Settings, checked
 from gpuwatch.producers.nvml import NvmlSampler, NvmlUnavailable
 from gpuwatch.producers.publisher import Publisher
-from gpuwatch.producers.spool import FSYNC_POLICIES, Spool
+from gpuwatch.producers.spool import Spool
 from gpuwatch.schemas.codecs import EncodeError, encode_snapshot
 from gpuwatch.schemas.fields import SAMPLES_SCHEMA
 
@@ -320,11 +320,8 @@ def build_agent(settings: Settings, *, simulate_hosts: int = 0, nvml: Any = None
         raise ConfigError(
             "gpuwatch agent needs GPUWATCH_KAFKA_BOOTSTRAP (or kafka_bootstrap in the config file)"
         )
-    if settings.agent_spool_fsync not in FSYNC_POLICIES:
-        raise ConfigError(f"setting 'agent_spool_fsync' must be one of {', '.join(FSYNC_POLICIES)}, "
-                          f"got {settings.agent_spool_fsync!r}")  # fmt: skip
-    if settings.agent_spool_max_bytes < 1 << 20:
-        raise ConfigError("setting 'agent_spool_max_bytes' must be at least 1 MiB")
+    for name in ("agent_spool_fsync", "agent_spool_max_bytes"):  # Settings built in code skip load_settings
+        checked(name, getattr(settings, name))
     source: Source
     if simulate_hosts > 0:
         source = SimulatedSource(simulate_hosts, settings.agent_interval_s)

@@ -118,6 +118,9 @@ class NvmlSampler:
             self.close()
             raise NvmlUnavailable(f"NVML sees {count} GPUs; the agent needs 1 to 64 (check `nvidia-smi`)")
         self.errors = 0
+        # NVML query (function, or field-value key) -> "read", "unsupported" or "failed: <error>", as last seen;
+        # the GPU check (`gpuwatch bench gpu`) lists it, so an operator sees what this driver and board answer.
+        self.query_status: dict[str, str] = {}
         self.devices = [_Device(i) for i in range(count)]
         for d in self.devices:
             self._acquire(d)
@@ -177,17 +180,22 @@ class NvmlSampler:
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args); None when unsupported or on an unexpected error (counted); raises _Lost for a lost GPU."""
+        name = getattr(fn, "__name__", str(fn))
         try:
-            return fn(*args)
+            value = fn(*args)
         except self._err as exc:
             code = getattr(exc, "value", None)
             if code in _SKIP:
+                self.query_status[name] = "unsupported"
                 return None
             if code in _LOST:
                 raise _Lost from None
             self.errors += 1
-            log.debug("%s: NVML error %s", getattr(fn, "__name__", fn), exc)
+            self.query_status[name] = f"failed: {exc}"
+            log.debug("%s: NVML error %s", name, exc)
             return None
+        self.query_status[name] = "read"
+        return value
 
     def _acquire(self, d: _Device) -> bool:
         """(Re)gets the handle and UUID of a device; False (and d.lost) when NVML cannot reach it."""
@@ -296,19 +304,26 @@ class NvmlSampler:
                     raise _Lost from None
                 if code in _SKIP:
                     self._batch = False  # an old driver: use one call per counter from now on
+                    self.query_status["nvmlDeviceGetFieldValues"] = "unsupported"
                     log.info("nvmlDeviceGetFieldValues is not supported here; reading counters one by one")
                 else:
                     self.errors += 1
+                    self.query_status["nvmlDeviceGetFieldValues"] = f"failed: {exc}"
             else:
+                self.query_status["nvmlDeviceGetFieldValues"] = "read"
                 fallback.clear()
                 for fv, key in zip(fvs, self._field_keys, strict=True):
                     ret = fv.nvmlReturn
                     if ret == 0:
                         out[key] = getattr(fv.value, _VALUE_MEMBER.get(fv.valueType, "ullVal"))
+                        self.query_status[f"field {key}"] = "read"
                     elif ret in _LOST:
                         raise _Lost
                     elif ret not in _SKIP:
+                        self.query_status[f"field {key}"] = f"failed: NVML return {ret}; read by its own call"
                         fallback.add(_GROUP[key])  # e.g. an id this driver does not know
+                    else:
+                        self.query_status[f"field {key}"] = "unsupported"
         for group in fallback:
             out.update(self._read_group(d, group))
         return out

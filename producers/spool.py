@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from gpuwatch.config import FSYNC_POLICIES
+
 log = logging.getLogger(__name__)
 
-FSYNC_POLICIES = ("always", "interval", "never")
 _HEAD = struct.Struct("<II")
 _KEYLEN = struct.Struct("<H")
 _SEG_RE = re.compile(r"^(\d{20})\.seg$")

@@ -6,11 +6,14 @@
     {'host': 'node-0003', 'gpu_index': 5, 'risk': 0.91, 'mode': 'memory', ..., 'stale': False}
 
 Every answer carries `stale`: the newest record is older than `stale_after_s` (by `ts`, the sample
-time, against this client's clock), so the number may no longer describe the GPU.
+time, against this client's clock), so the number may no longer describe the GPU. A hash whose `ts` is
+missing or unreadable (written by another tool, by hand, or cut short) answers `ts` and `age_s` None and
+`stale` True: the GPU's state is unknown, never fresh; any other unreadable number reads as None too.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +29,22 @@ _HOST_FLOATS = ("max_risk", "oldest_ts", "newest_ts", "written_at")
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _number(value: Any) -> float | None:
+    """A finite number stored as text, or None when it is missing or unreadable."""
+    try:
+        x = float(_text(value)) if value is not None else math.nan
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _count(value: Any) -> int:
+    """A whole count stored as text (0 when missing or unreadable)."""
+    x = _number(value)
+    return int(x) if x is not None else 0
 
 
 class RiskClient:
@@ -66,17 +84,16 @@ class RiskClient:
     def _is_stale(self, ts: float | None, now: float) -> bool:
         return ts is None or now - ts > self.stale_after_s
 
-    def _gpu(self, raw: dict[Any, Any], now: float) -> dict[str, Any] | None:
+    def _gpu(self, raw: dict[Any, Any], now: float, host: str, gpu: int) -> dict[str, Any] | None:
         if not raw:
             return None
-        out: dict[str, Any] = {_text(key): _text(val) for key, val in raw.items()}
+        out: dict[str, Any] = {"host": host, **{_text(key): _text(val) for key, val in raw.items()}}
         for name in _GPU_FLOATS:
-            if name in out:
-                out[name] = float(out[name])
-        out["gpu_index"] = int(out["gpu_index"])
+            out[name] = _number(out.get(name))
+        out["gpu_index"] = gpu  # the key names it; a hash's own field could be missing
         for name in _GPU_FLAGS:
             out[name] = out.get(name) == "1"
-        out["age_s"] = now - out["ts"]
+        out["age_s"] = None if out["ts"] is None else now - out["ts"]
         out["stale"] = self._is_stale(out["ts"], now)
         return out
 
@@ -85,10 +102,11 @@ class RiskClient:
             return None
         out: dict[str, Any] = {_text(key): _text(val) for key, val in raw.items()}
         for name in _HOST_FLOATS:
-            out[name] = float(out[name]) if out.get(name) else None
-        out["max_gpu"] = int(out["max_gpu"])
+            out[name] = _number(out.get(name))
+        max_gpu = _number(out.get("max_gpu"))
+        out["max_gpu"] = None if max_gpu is None else int(max_gpu)
         for name in ("gpus", "alarms", "failed"):
-            out[name] = int(out.get(name) or 0)
+            out[name] = _count(out.get(name))
         # A host is only as fresh as its least recently reported GPU: a silent GPU makes it stale.
         out["stale"] = self._is_stale(out["oldest_ts"], now)
         return out
@@ -100,7 +118,7 @@ class RiskClient:
         age_s, stale. `alarm` is the model's own call (its evaluated operating point); `failed` means the GPU
         has failed and `risk` is then 1.
         """
-        return self._gpu(self._redis.hgetall(k.gpu_key(host, gpu)), self._clock())
+        return self._gpu(self._redis.hgetall(k.gpu_key(host, gpu)), self._clock(), host, gpu)
 
     def history(self, host: str, gpu: int, n: int = 60) -> list[dict[str, Any]]:
         """Up to `n` of the GPU's latest risk records (as published on the risk topic), newest first."""
@@ -123,12 +141,14 @@ class RiskClient:
             if not members:
                 break
             start += len(members)
+            gpus = [k.split_member(_text(m)) for m in members]
             pipe = self._redis.pipeline(transaction=False)
-            for m in members:
-                pipe.hgetall(k.gpu_key(*k.split_member(_text(m))))
+            for host, gpu in gpus:
+                pipe.hgetall(k.gpu_key(host, gpu))
             now = self._clock()
             # A GPU whose hash expired but which `prune` has not yet removed is skipped.
-            out += [g for g in (self._gpu(raw, now) for raw in pipe.execute()) if g is not None]
+            answers = (self._gpu(raw, now, host, gpu) for raw, (host, gpu) in zip(pipe.execute(), gpus, strict=True))
+            out += [g for g in answers if g is not None]
         return out[:n]
 
     def stale_gpus(self) -> list[str]:
@@ -158,5 +178,5 @@ class RiskClient:
         return [
             host
             for host, (oldest, alarms, failed) in zip(hosts, pipe.execute(), strict=True)
-            if oldest and not self._is_stale(float(oldest), now) and not int(alarms or 0) and not int(failed or 0)
+            if not self._is_stale(_number(oldest), now) and not _count(alarms) and not _count(failed)
         ]

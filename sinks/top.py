@@ -57,8 +57,10 @@ def read_frame(client: RiskClient, redis_client: redis.Redis, n: int) -> Frame:
     return Frame(rows, int(total), int(stale), int(alarms), int(failed), note, now)
 
 
-def age(seconds: float) -> str:
-    """``42s``, ``3m05s``, ``2h07m``, ``3d04h`` (negative ages, from clock skew, read as 0s)."""
+def age(seconds: float | None) -> str:
+    """``42s``, ``3m05s``, ``2h07m``, ``3d04h`` (negative ages, from clock skew, read as 0s; ``?`` unknown)."""
+    if seconds is None:
+        return "?"
     s = max(0, int(seconds))
     if s < 60:
         return f"{s}s"
@@ -97,7 +99,7 @@ def render(frame: Frame, *, n: int, color: bool = False) -> str:
     for rank, (row, name) in enumerate(zip(frame.rows, names, strict=True), 1):
         flag = state(row)
         line = (
-            f"{rank:>3}  {name:<{width}}  {row['risk']:7.2g}  {flag:<6}  {_printable(row.get('mode', '')):<12}  "
+            f"{rank:>3}  {name:<{width}}  {_risk(row['risk'])}  {flag:<6}  {_printable(row.get('mode', '')):<12}  "
             f"{age(row['age_s']):>7}  {'STALE' if row['stale'] else '':<5}  {_printable(row.get('model', ''))}"
         ).rstrip()
         if color and row["stale"]:
@@ -106,6 +108,10 @@ def render(frame: Frame, *, n: int, color: bool = False) -> str:
             line = f"{_RED}{line}{_RESET}"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _risk(risk: float | None) -> str:
+    return f"{risk:7.2g}" if risk is not None else f"{'?':>7}"
 
 
 def _printable(text: str) -> str:

@@ -151,12 +151,23 @@ def load_artifact(path: str | Path | None = None) -> ModelArtifact:
     path = Path(path) if path else default_model_path()
     if not path.exists():
         raise ModelError(f"model artifact {path} does not exist; train one with `gpuwatch train` or omit --model")
+    if path.is_dir():
+        raise ModelError(f"model artifact {path} is a directory; give the .pt file `gpuwatch train --out` wrote")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise ModelError(f"cannot read model artifact {path}: {exc}") from exc
+    except Exception as exc:  # torch raises many types for a corrupt file, with a page of advice as the message
+        raise ModelError(f"cannot read model artifact {path}: not a model file torch loads ({type(exc).__name__}); "
+                         "give a file `gpuwatch train` wrote or omit --model") from exc  # fmt: skip
     if not isinstance(raw, dict) or raw.get("format") != ARTIFACT_FORMAT:
-        raise ModelError(f"{path} is not a {ARTIFACT_FORMAT} artifact")
+        raise ModelError(f"{path} is not a {ARTIFACT_FORMAT} artifact; give a file `gpuwatch train` wrote")
+    try:
+        return _artifact(path, raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{path} is an incomplete {ARTIFACT_FORMAT} artifact ({type(exc).__name__}: {exc}); "
+                         "retrain it with `gpuwatch train`") from exc  # fmt: skip
+
+
+def _artifact(path: Path, raw: dict[str, Any]) -> ModelArtifact:
     features = tuple(raw["features"])
     if features != FEATURE_NAMES:
         raise ModelError(

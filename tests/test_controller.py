@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from helpers import wait_for
 
 from gpuwatch.config import ConfigError, Settings
+from gpuwatch.controller.claims import ClaimInfo, CorruptClaim, _parse
 from gpuwatch.controller.executors import Executor, Outcome, make_executor
 from gpuwatch.controller.executors.dry_run import DryRunExecutor
 from gpuwatch.controller.worker import run_controller
@@ -156,6 +158,53 @@ def test_undecodable_messages_are_dead_lettered_and_a_failing_executor_is_record
     letters = [decode_deadletter(m.value()) for m in read_topic(settings, settings.topic_deadletter, 2)]
     assert sorted(letter["stage"] for letter in letters) == ["controller", "controller"]
     assert any("action" in letter["error"] for letter in letters)
+
+
+def test_an_event_whose_claim_in_redis_is_corrupt_is_dead_lettered_and_the_controller_goes_on(
+    controller: tuple[Settings, Recording, list[dict]], redis_client: redis.Redis
+) -> None:
+    settings, executor, outcomes = controller
+    soon, half, fine = event(gpu=1), event(gpu=2), event(gpu=3)
+    claim = {"owner": "other-host:1:abc", "attempt": 1, "claimed_at": time.time(), "done": False}
+    redis_client.set(k.claim_key(soon["id"]), json.dumps({**claim, "lease_until": "soon"}))
+    redis_client.set(k.claim_key(half["id"]), json.dumps({**claim, "attempt": 1.5, "lease_until": time.time()}))
+    producer = make_producer(settings)
+    for e in (soon, half, fine):
+        producer.produce(settings.topic_remediation, encode_remediation(e), key=e["host"])
+    producer.flush(10)
+
+    wait_for(lambda: len(outcomes) == 1)
+    assert [c["id"] for c in executor.calls] == [fine["id"]] and outcomes[0]["ok"] is True
+    letters = [decode_deadletter(m.value()) for m in read_topic(settings, settings.topic_deadletter, 2)]
+    assert sorted(letter["error"] for letter in letters) == sorted([
+        f"claim {k.claim_key(half['id'])} in Redis is unreadable: attempt is 1.5, not a whole number; not executed: "
+        "delete the key (or fix it) and replay the event from the dead letter",
+        f'claim {k.claim_key(soon["id"])} in Redis is unreadable: lease_until is "soon", not a number; not '
+        "executed: delete the key (or fix it) and replay the event from the dead letter",
+    ])
+    assert all(letter["stage"] == "controller" for letter in letters)
+    assert json.loads(redis_client.get(k.claim_key(soon["id"])))["lease_until"] == "soon"  # left for an operator
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ('{"owner": "h:1:t", "lease_until": NaN}', "lease_until is NaN, not a number"),
+        ('{"owner": "h:1:t", "done": "yes"}', 'done is "yes", not true or false'),
+        ('{"owner": "h:1:t", "attempt": true}', "attempt is true, not a whole number"),
+        ('{"owner": "h:1:t", "claimed_at": "10"}', 'claimed_at is "10", not a number'),
+    ],
+)
+def test_a_claim_field_of_the_wrong_type_is_corrupt(value: str, error: str) -> None:
+    with pytest.raises(CorruptClaim, match=f"^claim K in Redis is unreadable: {error}$"):
+        _parse("K", value)
+
+
+def test_claims_of_older_versions_and_null_fields_still_read() -> None:
+    assert _parse("K", b"h:1 12.5") == ClaimInfo("h:1", 1, 12.5, None, False)
+    assert _parse("K", '{"owner": "h:1:t", "claimed_at": null, "lease_until": 20}') == ClaimInfo(
+        "h:1:t", 1, 0.0, 20.0, False
+    )
 
 
 def test_dry_run_is_the_default_executor(caplog: pytest.LogCaptureFixture) -> None:

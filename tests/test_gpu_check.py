@@ -92,3 +92,22 @@ def test_the_shipped_model_does_not_alarm_on_the_healthy_h200(tmp_path: Path) ->
     records = [orjson.loads(line) for line in out.read_bytes().splitlines()]
     assert len(records) == 61 and not any(r["failed"] for r in records)  # XID 31 is the application's fault
     assert not any(r["alarm"] for r in records), max(r["score"] for r in records)
+
+
+def test_nvml_check_lists_each_query_as_read_unsupported_or_failed() -> None:
+    from gpuwatch.producers.fake_nvml import NVMLError_NoPermission
+
+    fake = FakeNvml(2)
+
+    def nvmlDeviceGetPowerUsage(handle: object) -> int:  # noqa: N802 - pynvml's name
+        raise NVMLError_NoPermission()
+
+    fake.nvmlDeviceGetPowerUsage = nvmlDeviceGetPowerUsage  # type: ignore[method-assign]
+    out = gpu.nvml_check(fake, reads=2)
+    q = out["queries"]
+    assert q["nvmlDeviceGetTemperature"] == "read"
+    assert q["nvmlDeviceGetFanSpeed"] == "unsupported"  # the stand-in's H100 SXM has no fan
+    assert q["nvmlDeviceGetPowerUsage"].startswith("failed: ") and "ermission" in q["nvmlDeviceGetPowerUsage"]
+    assert q["nvmlDeviceGetFieldValues"] == "read" and q["field pcie_replay"] == "read"
+    assert out["queries_by_status"]["failed"] == 1 and out["unexpected_nvml_errors"] > 0
+    assert sum(out["queries_by_status"].values()) == len(q)

@@ -21,6 +21,7 @@ from gpuwatch.sinks import redis_keys as k
 from gpuwatch.sinks.redis_writer import RiskWriter
 from gpuwatch.sinks.risk_client import RiskClient
 from gpuwatch.sinks.risk_sink import group_id, run_risk_sink
+from gpuwatch.sinks.top import Frame, render
 
 NOW = 1_750_000_000.0
 
@@ -159,6 +160,31 @@ def test_risk_client_answers_and_marks_stale_data(writer: RiskWriter, redis_clie
     later = RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 120)
     assert later.risk("b", 3)["stale"] is True  # type: ignore[index]
     assert later.healthy_hosts(1.0) == []
+
+
+def test_a_gpu_hash_without_a_readable_ts_reads_as_stale_not_as_an_error(
+    writer: RiskWriter, client: RiskClient, redis_client: redis.Redis
+) -> None:
+    writer.write_batch([rec("a", 0, NOW - 5, 0.9), rec("a", 1, NOW - 5, 0.5), rec("b", 0, NOW - 5, 0.1)])
+    redis_client.hdel(k.gpu_key("a", 0), "ts", "gpu_index")  # written by another tool, or cut short
+    redis_client.hset(k.gpu_key("a", 1), mapping={"ts": "soon", "risk": "high"})
+    redis_client.hset(k.host_key("b"), mapping={"oldest_ts": "soon", "max_gpu": "x", "alarms": "?"})
+
+    gpu = client.risk("a", 0)
+    assert gpu is not None
+    assert (gpu["ts"], gpu["age_s"], gpu["stale"], gpu["gpu_index"], gpu["risk"]) == (None, None, True, 0, 0.9)
+    odd = client.risk("a", 1)
+    assert odd is not None and (odd["ts"], odd["risk"], odd["stale"]) == (None, None, True)
+    assert [(g["host"], g["gpu_index"], g["stale"]) for g in client.top(3)] == [
+        ("a", 0, True), ("a", 1, True), ("b", 0, False)
+    ]
+    host = client.host_risk("b")
+    assert host is not None and (host["oldest_ts"], host["max_gpu"], host["alarms"], host["stale"]) == (
+        None, None, 0, True
+    )  # fmt: skip
+    assert client.healthy_hosts() == ["a"]  # b's rollup has no readable oldest_ts: unknown, so not healthy
+    table = render(Frame(client.top(3), 3, 2, 0, 0, None, NOW), n=3)
+    assert "a:1        ?  -" in table and "STALE" in table
 
 
 def test_alarms_and_failures_are_kept_per_gpu_per_host_and_fleet_wide(writer: RiskWriter, client: RiskClient) -> None:

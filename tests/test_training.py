@@ -51,7 +51,7 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert artifact.features == FEATURE_NAMES
     assert 0.0 < artifact.threshold < 1.0 and artifact.temperature > 0
     assert artifact.data_fingerprint
-    assert artifact.metrics["threshold_from"].startswith("most net GPU-hours per 1,000 GPU-days at the real failure rate")
+    assert artifact.metrics["threshold_from"].startswith("alarm: the highest recall with alarm precision")
     assert artifact.metrics["threshold_from"].endswith("on validation fleets val + val2")
     chosen_for = artifact.metrics["operating_points_chosen_for"]
     assert chosen_for["failures_per_gpu_day"] == 1.943e-4 and chosen_for["costs"]["job_gpus"] == 1024

@@ -12,10 +12,10 @@ import numpy as np
 
 from gpuwatch.config import Settings
 from gpuwatch.costs import CostModel
-from gpuwatch.streams.model import ModelArtifact, Scorer, fingerprint_files, load_artifact
+from gpuwatch.streams.model import ModelArtifact, ModelError, Scorer, fingerprint_files, load_artifact
 from gpuwatch.streams.window import WindowConfig
 from gpuwatch.training.baselines import GbdtBaseline
-from gpuwatch.training.dataset import Failures, SequenceSet, build_sequences
+from gpuwatch.training.dataset import DeadLetterCount, Failures, RecordingError, SequenceSet, build_sequences
 from gpuwatch.training.evaluate import best_operating_point, concat_labelled, join_labels
 from gpuwatch.training.train import TrainConfig, split_by_gpu, train
 
@@ -45,13 +45,16 @@ def concat(sets: list[SequenceSet]) -> SequenceSet:
 
 def load_sequences(
     dirs: list[str], args: argparse.Namespace, window: WindowConfig
-) -> tuple[SequenceSet, list[Path]]:
-    """Build training sequences from every data dir, with a progress line per dir."""
+) -> tuple[SequenceSet, list[Path], DeadLetterCount]:
+    """Build training sequences from every data dir, with a progress line per dir and a line for each dir's
+    dead-lettered lines; also returns the lines dead-lettered in all."""
     sets = []
     files: list[Path] = []
+    total = DeadLetterCount()
     for d in dirs:
         samples, labels = _inputs(Path(d))
         files += [samples, labels]
+        dead = DeadLetterCount()
         seen = [0]
         t0 = time.time()
 
@@ -65,11 +68,15 @@ def load_sequences(
         sets.append(
             build_sequences(
                 samples, labels, window=window, sample_every_s=args.sample_every, horizon_s=args.horizon,
-                negative_keep=args.negative_keep, seed=_data_seed(args), progress=progress,
+                negative_keep=args.negative_keep, seed=_data_seed(args), progress=progress, deadletters=dead,
             )
         )  # fmt: skip
         sys.stderr.write("\n")
-    return concat(sets), files
+        if dead.lines:
+            sys.stderr.write(f"{samples}: {dead.describe()}\n")
+        total.lines += dead.lines
+        total.first = total.first or dead.first
+    return concat(sets), files, total
 
 
 def _data_seed(args: argparse.Namespace) -> int:
@@ -130,6 +137,14 @@ def choose_thresholds(
 
 
 def train_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
+    """`gpuwatch train`; a bad recording or model artifact ends it with one line (exit 1)."""
+    try:
+        return _train(args, settings)
+    except (RecordingError, ModelError) as exc:
+        raise SystemExit(f"gpuwatch train: {exc}") from None
+
+
+def _train(args: argparse.Namespace, settings: Settings | None = None) -> int:
     t0 = time.time()
     settings = settings or Settings()
     if args.operating_point_of:
@@ -137,7 +152,7 @@ def train_command(args: argparse.Namespace, settings: Settings | None = None) ->
     if not args.data:
         raise SystemExit("gpuwatch train: give --data (a `gpuwatch simulate` output dir) at least once")
     window = WindowConfig()
-    data, files = load_sequences(args.data, args, window)
+    data, files, dead = load_sequences(args.data, args, window)
     print(f"built {len(data.y):,} sequences ({int(data.y.sum()):,} positive) in {time.time() - t0:.0f} s",
           file=sys.stderr)  # fmt: skip
     config = TrainConfig(
@@ -150,6 +165,7 @@ def train_command(args: argparse.Namespace, settings: Settings | None = None) ->
                      split=split)  # fmt: skip
     artifact.metrics["train_seconds"] = round(time.time() - t1, 1)
     artifact.metrics["data_seed"] = _data_seed(args)
+    artifact.metrics["deadletters"] = dead.as_dict()  # recording lines the training data left out
     gbdt = None
     if not args.no_gbdt:
         t2 = time.time()

@@ -5,18 +5,49 @@ Windows and features come from `gpuwatch.streams.window`, the code the stream wo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
 
-from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot
+from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_deadletter, decode_snapshot
 from gpuwatch.schemas.fields import FAILURE_MODES
 from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig, WindowStore
 
 _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
+
+
+class RecordingError(ValueError):
+    """A recording cannot be used (a bad labels line, no usable samples); the message names the file and the fix.
+    Labels are the ground truth every figure rests on, so a bad one stops the command instead of being skipped."""
+
+
+@dataclass
+class DeadLetterCount:
+    """Recording lines train, eval and score set aside (undecodable, or refused by the stream's checks): how many,
+    and the first one as ``file:line reason`` (lines numbered from 1, as editors do)."""
+
+    lines: int = 0
+    first: str = ""
+
+    def add(self, deadletters: Iterable[bytes]) -> None:
+        """Counts dead letters made by `training.score.chunk_messages` or the processor (source: file, 0-based line)."""
+        for raw in deadletters:
+            self.lines += 1
+            if not self.first:
+                rec = decode_deadletter(raw)
+                self.first = f"{rec['source']['topic']}:{rec['source']['offset'] + 1} {rec['error']}"
+
+    def describe(self) -> str:
+        """``N lines dead-lettered (first: file:line reason)``, for stderr."""
+        return f"{self.lines:,} lines dead-lettered" + (f" (first: {self.first})" if self.first else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        """For eval JSON and artifact metrics: ``{"lines": N, "first": "file:line reason"}``."""
+        return {"lines": self.lines, "first": self.first}
 
 
 @dataclass
@@ -27,24 +58,27 @@ class Failures:
 
     @classmethod
     def load(cls, path: Path) -> Failures:
+        """The labels of a recording (`gpuwatch simulate`'s labels.jsonl); RecordingError names a bad line."""
         rows: dict[str, list[tuple[float, int, float, bool, float]]] = {}
         with open(path, "rb") as fh:
-            for line in fh:
+            for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                rec = orjson.loads(line)
-                repair_end = rec.get("repair_end_ts") or rec["fail_ts"] + 3600.0
-                pstart = rec.get("precursor_start_ts")
-                has_precursor = pstart is not None and rec["mode"] != "sudden"
-                rows.setdefault(rec["uuid"], []).append(
-                    (
-                        float(rec["fail_ts"]),
-                        _MODE_INDEX[rec["mode"]],
-                        float(repair_end),
-                        has_precursor,
-                        float(pstart) if has_precursor else np.nan,
-                    )
-                )
+                try:
+                    rec = orjson.loads(line)
+                    repair_end = rec.get("repair_end_ts") or rec["fail_ts"] + 3600.0
+                    pstart = rec.get("precursor_start_ts")
+                    has_precursor = pstart is not None and rec["mode"] != "sudden"
+                    if rec["mode"] not in _MODE_INDEX:
+                        raise ValueError(f"mode {rec['mode']!r} is not one of {', '.join(FAILURE_MODES)}")
+                    row = (float(rec["fail_ts"]), _MODE_INDEX[rec["mode"]], float(repair_end), has_precursor,
+                           float(pstart) if has_precursor else np.nan)  # fmt: skip
+                    uuid = str(rec["uuid"])
+                except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                    what = f"no field {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [""])[0]
+                    raise RecordingError(f"{path}:{lineno}: not a failure label ({what}); each line needs uuid, "
+                                     "fail_ts and mode, as `gpuwatch simulate` writes them") from exc  # fmt: skip
+                rows.setdefault(uuid, []).append(row)
         by_uuid = {}
         for uuid, items in rows.items():
             items.sort()
@@ -110,6 +144,7 @@ def build_sequences(
     negative_keep: float = 0.1,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    deadletters: DeadLetterCount | None = None,
 ) -> SequenceSet:
     """Replay a recording through the windows and take one sequence per GPU every `sample_every_s`.
 
@@ -117,7 +152,7 @@ def build_sequences(
     alert rule fires, an XID in the last hour) are all kept too, so the model sees the benign look-alikes
     it must not alarm on; quiet negatives are kept with probability `negative_keep`. Every sequence is
     weighted by the inverse of its keep probability. Samples while a GPU is in a failed state are not
-    prediction targets.
+    prediction targets. Lines that do not decode are counted into `deadletters`.
     """
     from gpuwatch.training.baselines import rule_hits
     from gpuwatch.training.score import iter_chunks
@@ -132,7 +167,9 @@ def build_sequences(
     recent_xid = np.log1p(60.0) / 7.0  # the window's log_min_since_xid scale
     xid_col = FEATURE_NAMES.index("log_min_since_xid")
     # A GPU can only be sampled at a chunk boundary, so chunks span well under sample_every_s.
-    for snaps, _sources, _dead, _lines in iter_chunks(samples_path, min(sample_every_s / 3.0, 10.0)):
+    for snaps, _sources, dead, _lines in iter_chunks(samples_path, min(sample_every_s / 3.0, 10.0)):
+        if deadletters is not None:
+            deadletters.add(dead)
         if not snaps:
             continue
         counts = [len(s.uuids) for s in snaps]
@@ -171,7 +208,9 @@ def build_sequences(
         if progress is not None:
             progress(sum(counts))
     if not xs:
-        raise ValueError(f"{samples_path} produced no sequences: is it empty or all invalid?")
+        why = f"; {deadletters.describe()}" if deadletters is not None and deadletters.lines else ""
+        raise RecordingError(f"{samples_path} produced no sequences (empty, too short or all invalid{why}); "
+                             "record a longer one with `gpuwatch simulate`")  # fmt: skip
     m = np.array(meta, dtype=np.float64)
     return SequenceSet(
         x=np.concatenate(xs),

@@ -30,7 +30,7 @@ from gpuwatch.streams.operating_point import OperatingPoint
 from gpuwatch.streams.processor import BatchResult, RiskProcessor, operating_points
 from gpuwatch.training.actions import action_report
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules
-from gpuwatch.training.dataset import Failures
+from gpuwatch.training.dataset import DeadLetterCount, Failures, RecordingError
 from gpuwatch.training.evaluate import Labelled, RiskTable, join_labels, scorer_report
 from gpuwatch.training.score import replay
 
@@ -95,11 +95,13 @@ def collect(
     mode: list[int] = []
     keep: list[np.ndarray] = []
     samples = 0
+    dead = DeadLetterCount()
     t0 = time.time()
     last = 0.0
     done = {name: 0 for name in others}
     for result in replay(data_dir / "samples.jsonl", processor):
         samples += result.samples
+        dead.add(result.deadletters)
         recs = [orjson.loads(value) for _, value in result.risk]
         live = np.array([not r.get("failed") for r in recs], dtype=bool)
         keep.append(live)
@@ -123,6 +125,8 @@ def collect(
                              f"({samples / max(last - t0, 1e-9):,.0f}/s)")  # fmt: skip
             sys.stderr.flush()
     sys.stderr.write("\n")
+    if dead.lines:
+        sys.stderr.write(f"{data_dir / 'samples.jsonl'}: {dead.describe()}\n")
     live_rows = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
     risks = {primary_name: np.asarray(risk)}
     modes = {primary_name: np.asarray(mode)}
@@ -133,7 +137,7 @@ def collect(
                 np.concatenate(processor.mode[name]) if processor.mode[name] else np.zeros(0, dtype=np.int64)
             )[live_rows]
     stats = {"gpu_samples": samples, "risk_records": len(ts), "failed_records": int((~live_rows).sum()),
-             "seconds": round(time.time() - t0, 1)}  # fmt: skip
+             "deadletters": dead.as_dict(), "seconds": round(time.time() - t0, 1)}  # fmt: skip
     return Collected(RiskTable.from_columns(uuid, np.asarray(ts), risks, modes), stats, events)
 
 
@@ -256,6 +260,8 @@ def format_report(report: dict[str, Any]) -> str:
     d = report["data"]
     out.append(f"data: {d.get('name', '')} {d['records']:,} records, {d['gpu_days']} GPU-days, "
                f"{d['failures']} failures; horizon {d['horizon_s']:.0f} s, episodes merge within {d['merge_gap_s']:.0f} s")  # fmt: skip
+    if d.get("deadletters", {}).get("lines"):
+        out.append(f"samples: {DeadLetterCount(**d['deadletters']).describe()}")
     return "\n".join(out)
 
 
@@ -358,10 +364,23 @@ def eval_command(args: argparse.Namespace, settings: Settings | None = None) -> 
             print(f"gpuwatch eval: {d} has no {' or '.join(missing)}: pass a `gpuwatch simulate` output "
                   "directory (or one laid out the same way)", file=sys.stderr)  # fmt: skip
             return 2
+        try:
+            Failures.load(Path(d) / "labels.jsonl")  # now, not after an hour of scoring
+        except RecordingError as exc:
+            print(f"gpuwatch eval: {exc}", file=sys.stderr)
+            return 2
     gbdt = None
     gbdt_path = Path(args.gbdt) if args.gbdt else _sibling_gbdt(args.model)
     if gbdt_path is not None and gbdt_path.exists():
-        gbdt = GbdtBaseline.load(gbdt_path, artifact)
+        import lightgbm as lgb
+
+        try:
+            gbdt = GbdtBaseline.load(gbdt_path, artifact)
+        except (OSError, ValueError, KeyError, lgb.basic.LightGBMError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            print(f"gpuwatch eval: cannot read the GBDT baseline {gbdt_path} ({first[:200]}); pass --gbdt with a "
+                  "file `gpuwatch train` wrote (and its .json)", file=sys.stderr)  # fmt: skip
+            return 2
     else:
         print(f"gpuwatch eval: no GBDT baseline at {gbdt_path} (pass --gbdt; `gpuwatch train` writes one); "
               "reporting the threshold baseline only", file=sys.stderr)  # fmt: skip

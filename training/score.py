@@ -32,6 +32,7 @@ from gpuwatch.schemas.codecs import (
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
 from gpuwatch.streams.model import ModelError, Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
+from gpuwatch.training.dataset import DeadLetterCount
 
 REPLAY_SPAN_S = 1.0  # sample time per replayed batch: one step of a 1 Hz fleet, like a live sub-second batch
 
@@ -182,18 +183,32 @@ def score_command(args: argparse.Namespace, settings: Settings | None = None) ->
         if args.actions else 0  # fmt: skip
     elapsed = time.time() - progress.t0
     sys.stderr.write("\n")
+    dead = first_deadletter(deadletter_path, rejected)
+    if dead.lines:
+        sys.stderr.write(f"gpuwatch score: {dead.describe()} to {deadletter_path}\n")
     rate = samples / max(elapsed, 1e-9)
     print(f"{samples:,} GPU-samples in {elapsed:.1f} s = {rate:,.0f} GPU-samples/s; "
           f"{scored:,} risk records to {args.output}; {rejected} dead letters to {deadletter_path}"
           + (f"; {actions} remediation events to {args.actions}" if args.actions else ""))  # fmt: skip
     if args.json:
         summary = {"gpu_samples": samples, "seconds": round(elapsed, 3), "gpu_samples_per_s": round(rate),
-                   "risk_records": scored, "deadletters": rejected, "model": scorer.version,
+                   "risk_records": scored, "deadletters": rejected, "deadletter_first": dead.first,
+                   "model": scorer.version,
                    "rescore_interval_s": args.rescore_interval, "workers": workers,
                    "operating_point": processor.alarm_op.name,
                    "remediation_events": actions if args.actions else None}  # fmt: skip
         Path(args.json).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     return 0
+
+
+def first_deadletter(path: Path, lines: int) -> DeadLetterCount:
+    """`lines` dead letters written to `path`, with the first one's line and reason."""
+    dead = DeadLetterCount()
+    if lines:
+        with open(path, "rb") as fh:
+            dead.add([fh.readline().rstrip(b"\n")])
+    dead.lines = lines
+    return dead
 
 
 def replay_actions(risk_path: Path, actions_path: Path, rules: PolicyRules) -> int:

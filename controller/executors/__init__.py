@@ -9,10 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from gpuwatch.config import ConfigError, Settings
+from gpuwatch.config import EXECUTORS, ConfigError, Settings
 from gpuwatch.schemas.fields import ACTIONS
-
-EXECUTORS = ("dry-run", "command", "webhook", "slurm", "kubernetes")
 
 # RFC 1123 host names: letters, digits, '-' inside labels, '.' between labels; no leading '-' (not an option)
 _HOST_RE = re.compile(

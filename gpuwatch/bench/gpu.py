@@ -1,7 +1,8 @@
 """`gpuwatch bench gpu`: the checks only a machine with a real NVIDIA GPU and driver can run, in one go.
 
 1. nvml: the real NVML sampler (nvidia-ml-py) on every GPU here. Driver and GPU names; one snapshot put
-   through the samples codec (the contract holds on real readings); which fields this GPU leaves null;
+   through the samples codec (the contract holds on real readings); every NVML query the sampler made as
+   read, unsupported or failed (with the error), and which sample fields this GPU leaves null;
    the wall time of `read()` over all GPUs, i.e. the real driver's call latency the stand-in leaves out.
 2. cuda: the stream's batch step (`RiskProcessor`) on CUDA and on CPU over the same simulated snapshots:
    the risk records must agree; and scoring throughput, full sequences and incremental steps, per device.
@@ -100,6 +101,7 @@ def nvml_check(nvml: Any, reads: int = 200) -> dict[str, Any]:
         decode_snapshot(raw)  # the stream's own check, on real readings
         names = [_text(nvml.nvmlDeviceGetName(d.handle)) for d in sampler.devices]
         nulls = sorted(k for k, v in first[0].items() if v is None)
+        queries = dict(sorted(sampler.query_status.items()))
         return {
             "driver": _text(nvml.nvmlSystemGetDriverVersion()),
             "nvml_version": _text(getattr(nvml, "nvmlSystemGetNVMLVersion", lambda: "?")()),
@@ -111,6 +113,11 @@ def nvml_check(nvml: Any, reads: int = 200) -> dict[str, Any]:
             "reads": reads,
             "unexpected_nvml_errors": sampler.errors,
             "null_fields_gpu0": nulls,
+            # every NVML query the sampler made (function, or `field KEY` of the batched counters): read,
+            # unsupported (NotSupported: the field is null) or failed (any other error, with its text)
+            "queries": queries,
+            "queries_by_status": {st: sum(1 for v in queries.values() if v.split(":")[0] == st)
+                                  for st in ("read", "unsupported", "failed")},  # fmt: skip
             "sample_gpu0": gpus[0],
             "snapshot_bytes": len(raw),
             "contract_ok": True,
@@ -305,6 +312,11 @@ def run_gpu_check(json_path: str | None, *, seconds: float = 40.0) -> dict[str, 
         ("nvml_read_all_gpus_p50_ms", n["read_all_gpus"]["p50_ms"], f"p99 {n['read_all_gpus']['p99_ms']} ms, "
          f"{n['reads']} reads of every GPU"),
         ("nvml_unexpected_errors", n["unexpected_nvml_errors"], "not NotSupported, not lost"),
+        ("nvml_queries_read", n["queries_by_status"]["read"], f"of {len(n['queries'])} NVML queries"),
+        ("nvml_queries_unsupported", n["queries_by_status"]["unsupported"],
+         ", ".join(k for k, v in n["queries"].items() if v == "unsupported") or "none"),
+        ("nvml_queries_failed", n["queries_by_status"]["failed"],
+         ", ".join(f"{k} ({v[8:]})" for k, v in n["queries"].items() if v.startswith("failed")) or "none"),
         ("nvml_null_fields", len(n["null_fields_gpu0"]), ", ".join(n["null_fields_gpu0"]) or "none"),
         ("contract_ok", n["contract_ok"], "a real snapshot encodes and decodes with the samples codec"),
         ("cuda_vs_cpu_max_abs_risk_diff", c["max_abs_risk_diff"], f"over {c['risk_records']:,} risk records"),
