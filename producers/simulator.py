@@ -214,6 +214,13 @@ class FleetSimulator:
         S[_ROW["pcie_link_width"]] = self._width
         S[_ROW["remap_pending"]] = rng.random(n) < c.remap_pending_frac
         S[_ROW["remapped_rows_correctable"]] += S[_ROW["remap_pending"]]
+        # GPUs born with a benign look-alike, by kind (producers/lookalikes.py names): what an evaluation needs
+        # to tell a false action on a look-alike from one on a plain GPU. Events (brake blips, application
+        # XIDs, reboots, ...) come and go on any GPU and are not listed.
+        self.static_lookalikes: dict[str, np.ndarray] = {
+            "hot_gpu": hot, "sbe_trickle": trickle, "replay_trickle": marg, "narrow_link": self._width == 8,
+            "remap_pending": S[_ROW["remap_pending"]] > 0,
+        }  # fmt: skip
         # Boards that retire pages instead of remapping rows: the same history, counted as retired pages.
         ret = np.flatnonzero(self._row_pend != _ROW["remap_pending"])
         if ret.size:
@@ -984,6 +991,7 @@ def simulate_to_dir(
     overrides.setdefault("start_ts", 1_700_000_000.0)  # fixed default start keeps reruns byte-identical
     cfg = FleetConfig(hosts=hosts, gpus_per_host=gpus_per_host, seed=seed, interval_s=interval_s, **overrides)
     sim = FleetSimulator(cfg)
+    first_uuids = list(sim.uuids)  # a replaced board gets a new uuid; look-alikes were drawn for these
     steps = max(int(round(days * DAY_S / interval_s)), 0)
     every = max(steps // 100, 1)
     t_start = time.perf_counter()
@@ -1017,6 +1025,10 @@ def simulate_to_dir(
         "start_ts": cfg.start_ts,
         "end_ts": sim.now, "steps": steps, "hosts": sim.hosts, "precursors_in_progress": len(pending),
         "fault_source": "StepFun InfiniteHBD trace (arXiv 2502.03885, Apache-2.0); see docs/simulator.md",
+        # uuids (as first issued) of the GPUs born with a static look-alike, and by kind
+        "lookalike_gpus": sorted({first_uuids[i] for m in sim.static_lookalikes.values() for i in np.flatnonzero(m)}),
+        "lookalike_gpus_by_kind": {k: [first_uuids[i] for i in np.flatnonzero(m)]
+                                   for k, m in sim.static_lookalikes.items()},
         **stats,
     }  # fmt: skip
     (out / "meta.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))

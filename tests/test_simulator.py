@@ -270,3 +270,17 @@ def test_simulate_to_dir(tmp_path: Path) -> None:
     again = tmp_path / "again"
     simulate_to_dir(3, 4, 0.01, again, seed=2, config_overrides=over)
     assert (again / "samples.jsonl").read_bytes() == b"\n".join(lines) + b"\n"
+
+
+def test_meta_lists_the_gpus_born_with_a_lookalike(tmp_path: Path) -> None:
+    quiet = {"hot_gpu_frac": 0.0, "sbe_trickle_frac": 0.0, "replay_trickle_frac": 0.0, "narrow_link_frac": 0.0,
+             "remap_pending_frac": 0.0}  # fmt: skip
+    simulate_to_dir(2, 4, 0.002, tmp_path / "quiet", seed=3, config_overrides=quiet)
+    assert orjson.loads((tmp_path / "quiet" / "meta.json").read_bytes())["lookalike_gpus"] == []
+    simulate_to_dir(2, 4, 0.002, tmp_path / "hot", seed=3, config_overrides={**quiet, "hot_gpu_frac": 1.0})
+    meta = orjson.loads((tmp_path / "hot" / "meta.json").read_bytes())
+    first = orjson.loads((tmp_path / "hot" / "samples.jsonl").read_bytes().splitlines()[0])
+    host0 = {g["uuid"] for g in first["gpus"]}
+    assert host0 <= set(meta["lookalike_gpus"]) and len(meta["lookalike_gpus"]) == 8
+    assert set(meta["lookalike_gpus_by_kind"]["hot_gpu"]) == set(meta["lookalike_gpus"])
+    assert meta["lookalike_gpus_by_kind"]["sbe_trickle"] == []
