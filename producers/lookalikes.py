@@ -46,8 +46,10 @@ class Lookalike:
 
     @property
     def weight(self) -> float:
-        """Factor from the rich run's rate of false actions to the rate at real prevalence."""
-        return self.prevalence / self.rich_prevalence
+        """Factor from the rich run's rate of false actions to the rate at real prevalence. A look-alike that
+        comes with failures (a share of repairs) needs a rich run that fails `needs["rate_scale"]` times too
+        often; at the real rate it occurs that much less often per GPU-day, so its weight is that much lower."""
+        return self.prevalence / self.rich_prevalence / float(self.needs.get("rate_scale", 1.0))
 
 
 LOOKALIKES: dict[str, Lookalike] = {

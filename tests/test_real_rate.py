@@ -92,3 +92,12 @@ def test_realrate_combines_saved_runs_with_eval_reports(tmp_path, capsys) -> Non
     assert out["threshold"]["at_real_rate"]["net_gpu_h_per_1000_gpu_days"] < 0  # 50 false checkpoints per 1,000 days
     assert main(["realrate", "--runs-from", str(tmp_path / "missing.json")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_a_lookalike_that_comes_with_repairs_is_weighted_at_the_real_failure_rate() -> None:
+    from gpuwatch.producers.lookalikes import LOOKALIKES
+
+    x = LOOKALIKES["board_replace"]  # a quarter of repairs; its rich run fails 1,000 times too often
+    assert x.needs["rate_scale"] == 1000.0
+    assert x.weight == x.prevalence / x.rich_prevalence / 1000.0
+    assert LOOKALIKES["hot_gpu"].weight == LOOKALIKES["hot_gpu"].prevalence / LOOKALIKES["hot_gpu"].rich_prevalence
