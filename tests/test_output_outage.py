@@ -1,0 +1,119 @@
+"""What the remediation sink publishes survives a broker outage longer than the delivery timeout: the batch
+is held and resent, and nothing downstream of it (on_event, the input's offsets) moves before Kafka has
+acknowledged it.
+
+A real broker (Tansu) is stopped for several delivery timeouts while an output is on its way, then started
+again on the same port. Tansu keeps everything in memory, so the restarted broker has forgotten every topic:
+the test creates the topics again and reads the output topic from its start (what arrived after the outage).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from helpers import wait_for
+
+from gpuwatch.config import Settings
+from gpuwatch.embedded import EmbeddedServer, start_kafka
+from gpuwatch.kafka import ensure_topics, make_producer, read_partitions_to_end
+from gpuwatch.schemas.codecs import encode_risk
+from gpuwatch.sinks.policy import PolicyRules, RedisKillSwitch, RemediationPolicy
+from gpuwatch.sinks.remediation_sink import run_remediation_sink
+
+DELIVERY_TIMEOUT_S = 1.0
+# Several delivery timeouts: a bare producer has reported the message lost (and moved on) long before.
+OUTAGE_S = 4 * DELIVERY_TIMEOUT_S
+PARTITIONS = 2
+
+
+@pytest.fixture()
+def brokers() -> Iterator[list[EmbeddedServer]]:
+    """A broker this test stops and starts again; every incarnation is stopped at the end."""
+    servers = [start_kafka()]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def _settings(broker: EmbeddedServer, redis_server: EmbeddedServer) -> Settings:
+    return Settings(kafka_bootstrap=broker.url, redis_url=redis_server.url, partitions=PARTITIONS,
+                    kafka_delivery_timeout_s=DELIVERY_TIMEOUT_S)  # fmt: skip
+
+
+def _broker_away(brokers: list[EmbeddedServer], release: threading.Event) -> None:
+    """Stops the broker, lets the held output go, and keeps the broker away for OUTAGE_S."""
+    brokers[-1].stop()
+    release.set()
+    time.sleep(OUTAGE_S)
+
+
+def _broker_back(brokers: list[EmbeddedServer], settings: Settings, topics: list[str]) -> None:
+    """An empty broker on the same port, with `topics` created again."""
+    brokers.append(start_kafka(port=brokers[0].port))
+    ensure_topics(settings, topics)
+
+
+def _read(settings: Settings, topic: str) -> list[dict[str, Any]]:
+    return [orjson.loads(v) for _, v in read_partitions_to_end(settings, topic, list(range(PARTITIONS)))]
+
+
+def _risk(ts: float, alarm: bool, host: str = "node-0001", gpu: int = 3) -> dict[str, Any]:
+    return {"schema": "gpuwatch.risk/1", "host": host, "gpu_index": gpu, "uuid": f"GPU-{host}-{gpu}", "ts": ts,
+            "risk": 2e-3 if alarm else 1e-6, "horizon_s": 3600.0, "mode": "memory", "model": "m", "scored_at": ts,
+            "alarm": alarm, "drain": False, "failed": False, "op": "model:0.658x2"}  # fmt: skip
+
+
+class _HeldPolicy(RemediationPolicy):
+    """The real policy, holding the first batch that decides something until the test releases it."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis) -> None:
+        super().__init__(PolicyRules.from_settings(settings), killswitch=RedisKillSwitch(redis_client))
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def observe(self, records: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+        events = super().observe(records, now)
+        if events and not self.holding.is_set():
+            self.holding.set()
+            self.release.wait(60)
+        return events
+
+
+def test_a_remediation_event_outlives_an_outage_longer_than_the_delivery_timeout(
+    brokers: list[EmbeddedServer], redis_server: EmbeddedServer, redis_client: redis.Redis
+) -> None:
+    settings = _settings(brokers[0], redis_server)
+    ensure_topics(settings, [settings.topic_risk, settings.topic_remediation])
+    policy = _HeldPolicy(settings, redis_client)
+    seen: list[dict[str, Any]] = []
+    stop = threading.Event()
+    sink = threading.Thread(target=run_remediation_sink, args=(settings,),
+                            kwargs={"stop": stop, "on_event": seen.append, "policy": policy})  # fmt: skip
+    sink.start()
+    try:
+        producer = make_producer(settings)
+        now = time.time()
+        for i in range(6):  # 30 s of history, in alarm from the third record: one checkpoint
+            producer.produce(settings.topic_risk, encode_risk(_risk(now - 30 + 5 * i, i >= 2)), key="node-0001")
+        producer.flush(10)
+        wait_for(policy.holding.is_set, 30, "the policy's checkpoint decision")
+
+        _broker_away(brokers, policy.release)
+        assert seen == [], "on_event fired for an event Kafka never acknowledged"
+        _broker_back(brokers, settings, [settings.topic_risk, settings.topic_remediation])
+
+        wait_for(lambda: seen, 60, "the event to be acknowledged after the outage")
+        published = _read(settings, settings.topic_remediation)
+    finally:
+        stop.set()
+        policy.release.set()
+        sink.join(30)
+    assert not sink.is_alive()
+    assert [(e["action"], e["gpu_index"]) for e in seen] == [("checkpoint", 3)]  # once, not once per resend
+    assert [e["id"] for e in published] == [seen[0]["id"]]
