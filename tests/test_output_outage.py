@@ -1,6 +1,6 @@
-"""What the remediation sink publishes survives a broker outage longer than the delivery timeout: the batch
-is held and resent, and nothing downstream of it (on_event, the input's offsets) moves before Kafka has
-acknowledged it.
+"""What the remediation sink and the controller publish survives a broker outage longer than the delivery
+timeout: the batch is held and resent, and nothing downstream of it (on_event, on_outcome, the outcome in
+Redis, the input's offsets) moves before Kafka has acknowledged it.
 
 A real broker (Tansu) is stopped for several delivery timeouts while an output is on its way, then started
 again on the same port. Tansu keeps everything in memory, so the restarted broker has forgotten every topic:
@@ -20,9 +20,12 @@ import redis
 from helpers import wait_for
 
 from gpuwatch.config import Settings
+from gpuwatch.controller.executors import Outcome
+from gpuwatch.controller.worker import run_controller
 from gpuwatch.embedded import EmbeddedServer, start_kafka
 from gpuwatch.kafka import ensure_topics, make_producer, read_partitions_to_end
-from gpuwatch.schemas.codecs import encode_risk
+from gpuwatch.schemas.codecs import encode_remediation, encode_risk, remediation_id
+from gpuwatch.sinks import redis_keys as k
 from gpuwatch.sinks.policy import PolicyRules, RedisKillSwitch, RemediationPolicy
 from gpuwatch.sinks.remediation_sink import run_remediation_sink
 
@@ -117,3 +120,58 @@ def test_a_remediation_event_outlives_an_outage_longer_than_the_delivery_timeout
     assert not sink.is_alive()
     assert [(e["action"], e["gpu_index"]) for e in seen] == [("checkpoint", 3)]  # once, not once per resend
     assert [e["id"] for e in published] == [seen[0]["id"]]
+
+
+class _HeldExecutor:
+    """Executes (a dry run) once the test releases it."""
+
+    name = "held"
+
+    def __init__(self) -> None:
+        self.holding = threading.Event()
+        self.release = threading.Event()
+
+    def execute(self, event: dict[str, Any]) -> Outcome:
+        self.holding.set()
+        self.release.wait(60)
+        return Outcome(ok=True, detail=f"would {event['action']}", dry_run=True)
+
+
+def test_a_controller_outcome_outlives_an_outage_longer_than_the_delivery_timeout(
+    brokers: list[EmbeddedServer], redis_server: EmbeddedServer, redis_client: redis.Redis
+) -> None:
+    settings = _settings(brokers[0], redis_server)
+    topics = [settings.topic_remediation, settings.topic_outcomes, settings.topic_deadletter]
+    ensure_topics(settings, topics)
+    host, gpu, uuid, episode_ts = "node-0003", 5, "GPU-node-0003-5", time.time() - 60
+    event = {"schema": "gpuwatch.remediation/1", "id": remediation_id(host, gpu, uuid, "migrate", episode_ts),
+             "host": host, "gpu_index": gpu, "uuid": uuid, "action": "migrate",
+             "reason": "risk 0.97 >= 0.85, mode memory", "risk": 0.97, "ts": episode_ts + 30}  # fmt: skip
+    executor = _HeldExecutor()
+    outcomes: list[dict[str, Any]] = []
+    stop = threading.Event()
+    controller = threading.Thread(target=run_controller, args=(settings,),
+                                  kwargs={"stop": stop, "executor": executor, "on_outcome": outcomes.append,
+                                          "redis_client": redis_client})  # fmt: skip
+    controller.start()
+    try:
+        producer = make_producer(settings)
+        producer.produce(settings.topic_remediation, encode_remediation(event), key=host)
+        producer.flush(10)
+        wait_for(executor.holding.is_set, 30, "the executor to run")
+
+        _broker_away(brokers, executor.release)
+        assert outcomes == [], "on_outcome fired for an outcome Kafka never acknowledged"
+        assert not redis_client.exists(k.outcome_key(event["id"])), "the claim was done before Kafka had it"
+        _broker_back(brokers, settings, topics)
+
+        wait_for(lambda: outcomes, 60, "the outcome to be acknowledged after the outage")
+        published = _read(settings, settings.topic_outcomes)
+    finally:
+        stop.set()
+        executor.release.set()
+        controller.join(30)
+    assert not controller.is_alive()
+    assert [(o["id"], o["ok"], o["dry_run"]) for o in outcomes] == [(event["id"], True, True)]
+    assert [o["id"] for o in published] == [event["id"]]
+    assert redis_client.hget(k.outcome_key(event["id"]), "ok") == b"true"
