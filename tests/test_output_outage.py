@@ -1,6 +1,6 @@
-"""What the remediation sink and the controller publish survives a broker outage longer than the delivery
-timeout: the batch is held and resent, and nothing downstream of it (on_event, on_outcome, the outcome in
-Redis, the input's offsets) moves before Kafka has acknowledged it.
+"""What the remediation sink, the risk sink (its dead letters) and the controller publish survives a broker
+outage longer than the delivery timeout: the batch is held and resent, and nothing downstream of it (on_event,
+the next batch, on_outcome, the outcome in Redis, the input's offsets) moves before Kafka has acknowledged it.
 
 A real broker (Tansu) is stopped for several delivery timeouts while an output is on its way, then started
 again on the same port. Tansu keeps everything in memory, so the restarted broker has forgotten every topic:
@@ -24,10 +24,11 @@ from gpuwatch.controller.executors import Outcome
 from gpuwatch.controller.worker import run_controller
 from gpuwatch.embedded import EmbeddedServer, start_kafka
 from gpuwatch.kafka import ensure_topics, make_producer, read_partitions_to_end
-from gpuwatch.schemas.codecs import encode_remediation, encode_risk, remediation_id
+from gpuwatch.schemas.codecs import decode_deadletter, encode_remediation, encode_risk, remediation_id
 from gpuwatch.sinks import redis_keys as k
 from gpuwatch.sinks.policy import PolicyRules, RedisKillSwitch, RemediationPolicy
 from gpuwatch.sinks.remediation_sink import run_remediation_sink
+from gpuwatch.sinks.risk_sink import run_risk_sink
 
 DELIVERY_TIMEOUT_S = 1.0
 # Several delivery timeouts: a bare producer has reported the message lost (and moved on) long before.
@@ -120,6 +121,51 @@ def test_a_remediation_event_outlives_an_outage_longer_than_the_delivery_timeout
     assert not sink.is_alive()
     assert [(e["action"], e["gpu_index"]) for e in seen] == [("checkpoint", 3)]  # once, not once per resend
     assert [e["id"] for e in published] == [seen[0]["id"]]
+
+
+def test_a_dead_letter_of_the_risk_sink_outlives_an_outage_longer_than_the_delivery_timeout(
+    brokers: list[EmbeddedServer], redis_server: EmbeddedServer, redis_client: redis.Redis
+) -> None:
+    settings = _settings(brokers[0], redis_server)
+    ensure_topics(settings, [settings.topic_risk, settings.topic_deadletter])
+    producer = make_producer(settings)
+    now = time.time()
+    # One partition, offsets 0 to 2, all fetched together: a record, garbage, a record.
+    for value in (encode_risk(_risk(now - 1, False)), b"not json", encode_risk(_risk(now, False))):
+        producer.produce(settings.topic_risk, value, key="node-0001")
+    producer.flush(10)
+    written: list[list[dict[str, Any]]] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def on_written(records: list[dict[str, Any]], _at: float) -> None:
+        written.append(records)
+        holding.set()
+        release.wait(60)  # only the first batch waits: release stays set
+
+    stop = threading.Event()
+    sink = threading.Thread(target=run_risk_sink, args=(settings,),
+                            kwargs={"stop": stop, "on_written": on_written, "max_batch": 1,
+                                    "redis_client": redis_client})  # fmt: skip
+    sink.start()
+    try:
+        wait_for(holding.is_set, 30, "the first record in Redis")
+        _broker_away(brokers, release)  # the garbage is dead-lettered into a broker that is away
+        assert len(written) == 1, "the sink went on past a dead letter Kafka never acknowledged"
+        _broker_back(brokers, settings, [settings.topic_risk, settings.topic_deadletter])
+
+        # The new broker forgot the third record; a fresh one shows the sink went on after the dead letter.
+        producer = make_producer(settings)
+        producer.produce(settings.topic_risk, encode_risk(_risk(now + 1, False)), key="node-0001")
+        assert producer.flush(10) == 0
+        wait_for(lambda: [r for batch in written for r in batch if r["ts"] == now + 1], 60, "a record after the outage")
+        letters = [decode_deadletter(v) for _, v in
+                   read_partitions_to_end(settings, settings.topic_deadletter, list(range(PARTITIONS)))]  # fmt: skip
+    finally:
+        stop.set()
+        release.set()
+        sink.join(30)
+    assert not sink.is_alive()
+    assert [(d["stage"], d["source"]["offset"]) for d in letters] == [("risk-sink", 1)]
 
 
 class _HeldExecutor:
