@@ -42,7 +42,7 @@ def brokers() -> Iterator[list[EmbeddedServer]]:
     servers = [start_kafka()]
     yield servers
     for server in servers:
-        server.stop()
+        server.stop(timeout=1.0)  # Tansu waits out connected clients on SIGTERM; killed after 1 s
 
 
 def _settings(broker: EmbeddedServer, redis_server: EmbeddedServer) -> Settings:
@@ -51,8 +51,9 @@ def _settings(broker: EmbeddedServer, redis_server: EmbeddedServer) -> Settings:
 
 
 def _broker_away(brokers: list[EmbeddedServer], release: threading.Event) -> None:
-    """Stops the broker, lets the held output go, and keeps the broker away for OUTAGE_S."""
-    brokers[-1].stop()
+    """Stops the broker (killed if it has not exited in 0.5 s, as a crash), lets the held output go, and keeps
+    the broker away for OUTAGE_S."""
+    brokers[-1].stop(timeout=0.5)
     release.set()
     time.sleep(OUTAGE_S)
 
@@ -89,10 +90,10 @@ class _HeldPolicy(RemediationPolicy):
         return events
 
 
-def test_a_remediation_event_outlives_an_outage_longer_than_the_delivery_timeout(
-    brokers: list[EmbeddedServer], redis_server: EmbeddedServer, redis_client: redis.Redis
-) -> None:
-    settings = _settings(brokers[0], redis_server)
+def _start_remediation_sink(
+    settings: Settings, redis_client: redis.Redis
+) -> tuple[threading.Thread, threading.Event, _HeldPolicy, list[dict[str, Any]]]:
+    """A remediation sink whose policy holds its checkpoint decision: (thread, stop, policy, events seen)."""
     ensure_topics(settings, [settings.topic_risk, settings.topic_remediation])
     policy = _HeldPolicy(settings, redis_client)
     seen: list[dict[str, Any]] = []
@@ -100,12 +101,20 @@ def test_a_remediation_event_outlives_an_outage_longer_than_the_delivery_timeout
     sink = threading.Thread(target=run_remediation_sink, args=(settings,),
                             kwargs={"stop": stop, "on_event": seen.append, "policy": policy})  # fmt: skip
     sink.start()
+    producer = make_producer(settings)
+    now = time.time()
+    for i in range(6):  # 30 s of history, in alarm from the third record: one checkpoint
+        producer.produce(settings.topic_risk, encode_risk(_risk(now - 30 + 5 * i, i >= 2)), key="node-0001")
+    producer.flush(10)
+    return sink, stop, policy, seen
+
+
+def test_a_remediation_event_outlives_an_outage_longer_than_the_delivery_timeout(
+    brokers: list[EmbeddedServer], redis_server: EmbeddedServer, redis_client: redis.Redis
+) -> None:
+    settings = _settings(brokers[0], redis_server)
+    sink, stop, policy, seen = _start_remediation_sink(settings, redis_client)
     try:
-        producer = make_producer(settings)
-        now = time.time()
-        for i in range(6):  # 30 s of history, in alarm from the third record: one checkpoint
-            producer.produce(settings.topic_risk, encode_risk(_risk(now - 30 + 5 * i, i >= 2)), key="node-0001")
-        producer.flush(10)
         wait_for(policy.holding.is_set, 30, "the policy's checkpoint decision")
 
         _broker_away(brokers, policy.release)
@@ -121,6 +130,22 @@ def test_a_remediation_event_outlives_an_outage_longer_than_the_delivery_timeout
     assert not sink.is_alive()
     assert [(e["action"], e["gpu_index"]) for e in seen] == [("checkpoint", 3)]  # once, not once per resend
     assert [e["id"] for e in published] == [seen[0]["id"]]
+
+
+def test_a_remediation_sink_stopped_during_the_outage_reports_nothing_and_ends(
+    brokers: list[EmbeddedServer], redis_server: EmbeddedServer, redis_client: redis.Redis
+) -> None:
+    settings = _settings(brokers[0], redis_server)
+    sink, stop, policy, seen = _start_remediation_sink(settings, redis_client)
+    try:
+        wait_for(policy.holding.is_set, 30, "the policy's checkpoint decision")
+        _broker_away(brokers, policy.release)
+    finally:
+        stop.set()
+        policy.release.set()
+        sink.join(30)
+    assert not sink.is_alive()
+    assert seen == []  # and its offsets stay uncommitted: the next sink decides again (same event id)
 
 
 def test_a_dead_letter_of_the_risk_sink_outlives_an_outage_longer_than_the_delivery_timeout(
