@@ -3,7 +3,9 @@
 For each event on `settings.topic_remediation` it takes a leased claim on ``gpuwatch:claim:{id}`` in Redis
 (controller/claims.py) *before* acting, so a redelivered or duplicated event (same id) is not executed
 again; then it runs the executor, publishes the outcome to `settings.topic_outcomes` (future training
-labels) and stores ``gpuwatch:outcome:{id}``. The offset is committed only after that.
+labels) and stores ``gpuwatch:outcome:{id}``. The offset is committed only after that. Outcomes and dead
+letters go through a `ReliableProducer`: while the broker is away the controller holds the event and resends
+what Kafka did not acknowledge, however long the outage lasts, and marks nothing done before it is in Kafka.
 
 If a controller dies between claim and outcome, the event is redelivered (its offset was not committed)
 and the next controller takes the interrupted claim over once its lease has run out (at once when the dead
@@ -34,7 +36,7 @@ from confluent_kafka import KafkaException, Message
 
 from gpuwatch import metrics
 from gpuwatch.config import Settings
-from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
 
 from ..schemas.codecs import decode_remediation, make_deadletter
 from ..sinks import redis_keys as k
@@ -139,7 +141,7 @@ class _Controller:
         self.executor = executor
         self.on_outcome = on_outcome
         self.redis = redis_client
-        self.producer = make_producer(settings)
+        self.producer = ReliableProducer(settings)
         self.claims = ClaimStore(
             redis_client, lease_s=settings.controller_lease_s, ttl_s=settings.controller_claim_ttl_s
         )
@@ -175,7 +177,7 @@ class _Controller:
         metrics.REMEDIATION_ACTIONS.labels(event["action"], result_label(outcome)).inc()
         record = outcome_record(event, self.executor.name, outcome, started_at, duration_s)
         record["attempt"] = claim.attempt
-        self.producer.produce(self.settings.topic_outcomes, orjson.dumps(record), key=event["host"])
+        produce(self.producer, self.settings.topic_outcomes, event["host"].encode(), orjson.dumps(record))
         # The outcome reaches Kafka before the claim is marked done: a crash in between re-runs the event
         # (safely, see above) rather than leaving a done claim with no published outcome.
         if not self.flush() or not self.store(claim, record):
@@ -191,7 +193,7 @@ class _Controller:
         """Sends `msg` to the dead-letter topic with `reason`; False if `stop` was set before Kafka had it."""
         raw = make_deadletter(msg.value(), reason, topic=msg.topic() or "", partition=msg.partition() or 0,
                               offset=msg.offset() or 0, stage=STAGE)  # fmt: skip
-        self.producer.produce(self.settings.topic_deadletter, raw, key=msg.key())
+        produce(self.producer, self.settings.topic_deadletter, msg.key(), raw)
         metrics.DEADLETTERS.labels(STAGE).inc()
         return self.flush()
 
@@ -264,11 +266,8 @@ class _Controller:
         return True
 
     def flush(self) -> bool:
-        while self.producer.flush(1.0) > 0:
-            if self.stop.is_set():
-                return False
-            log.warning("controller messages not yet acknowledged by Kafka; retrying")
-        return True
+        """Waits until Kafka has every outcome and dead letter (True), or `stop` is set first (False)."""
+        return flush_until_acknowledged(self.producer, self.stop, "controller outcomes and dead letters")
 
 
 def run_controller(

@@ -43,6 +43,7 @@ class Settings:
     topic_outcomes: str = field(default="gpuwatch.remediation.outcomes", metadata={"doc": "Outcomes of executed remediations (future training labels), keyed by host."})
     topic_commands: str = field(default="gpuwatch.commands", metadata={"doc": "Signed commands to node agents (checkpoint requests), keyed by host."})
     partitions: int = field(default=8, metadata={"doc": "Partitions for topics gpuwatch creates (bounds stream parallelism)."})
+    kafka_delivery_timeout_s: float = field(default=15.0, metadata={"doc": "Stream worker, sinks and controller: a message Kafka has not acknowledged within this long is resent by a fresh producer; the input's offsets wait for it however long the outage lasts."})
 
     stream_app_id: str = field(default="gpuwatch-stream", metadata={"doc": "Consumer group / faust app id of the stream workers."})
     stream_batch_size: int = field(default=2000, metadata={"doc": "Messages per take() batch."})
@@ -227,6 +228,7 @@ _COST = Allowed(lo=0, why="a cost model figure")
 ALLOWED: dict[str, Allowed] = {
     "kafka_security_protocol": Allowed(choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")),
     "partitions": Allowed(lo=1),
+    "kafka_delivery_timeout_s": _POSITIVE,
     "stream_batch_size": Allowed(lo=1),
     "stream_batch_within_s": _POSITIVE,
     "rescore_interval_s": Allowed(lo=0, hi=10, lo_open=True, why="every GPU is rescored at least every 10 s"),

@@ -179,13 +179,18 @@ class ReliableProducer:
     cluster, or the memory-only embedded broker restarted), which librdkafka would otherwise retry as
     "unknown producer id" until the message times out, and from a fatal idempotence error (a broker that
     handed our producer id to another client). `flush(timeout)` returns how many messages are still
-    unacknowledged: 0 means everything produced so far is in Kafka. Messages the broker refuses for good
-    (too large, not authorised) are logged and counted in `dropped`, never retried. Thread-safe; the same
-    calls as `Producer` (`produce`, `poll`, `flush`, `len()`), so `produce()` above works with it.
+    unacknowledged: 0 means everything produced so far is in Kafka (`flush_until_acknowledged` waits for that).
+    A message not acknowledged within `message_timeout_s` (`settings.kafka_delivery_timeout_s` unless given)
+    counts as failed and is resent. Messages the broker refuses for good (too large, not authorised) are
+    logged and counted in `dropped`, never retried. Thread-safe; the same calls as `Producer` (`produce`,
+    `poll`, `flush`, `len()`), but `produce(topic, key, value, partition)` takes no delivery callback: use
+    `produce()` above, which also waits while the local queue is full.
     """
 
-    def __init__(self, settings: Settings, *, message_timeout_s: float = 15.0, **overrides: Any) -> None:
+    def __init__(self, settings: Settings, *, message_timeout_s: float | None = None, **overrides: Any) -> None:
         self._settings = settings
+        if message_timeout_s is None:
+            message_timeout_s = settings.kafka_delivery_timeout_s
         self._conf = {"message.timeout.ms": int(message_timeout_s * 1000), "error_cb": self._on_error}
         self._conf.update(overrides)
         self._lock = threading.Lock()
@@ -368,6 +373,22 @@ class ReliableProducer:
                     break
                 except BufferError:
                     fresh.poll(0.05)
+
+
+def flush_until_acknowledged(producer: ReliableProducer, stop: threading.Event, what: str) -> bool:
+    """Waits until Kafka has acknowledged everything `producer` was given (True), however long an outage
+    lasts, or until `stop` is set first (False: the caller leaves its input's offsets uncommitted)."""
+    started = time.monotonic()
+    warned = 0.0
+    while producer.flush(1.0):
+        if stop.is_set():
+            return False
+        waited = time.monotonic() - started
+        if not warned or waited - warned >= 30.0:  # once at the start of an outage, then every 30 s
+            warned = waited
+            log.warning("%s not yet acknowledged by Kafka after %.0f s (%s); holding the batch, offsets uncommitted",
+                        what, waited, producer.last_error or "no error yet")  # fmt: skip
+    return True
 
 
 class TopicIdentity:

@@ -1,8 +1,10 @@
 """The remediation sink: consumes risk records, runs `RemediationPolicy`, publishes remediation events.
 
-Events go to `settings.topic_remediation` keyed by host through the idempotent producer; offsets are
-committed only once Kafka has acknowledged the events of the batch. Undecodable risk records are skipped
-here (the Redis sink, which reads the same topic, dead-letters them) and counted in the log.
+Events go to `settings.topic_remediation` keyed by host through a `ReliableProducer`; offsets are
+committed only once Kafka has acknowledged every event of the batch. While the broker is away the loop holds
+the batch and resends what was not acknowledged, however long the outage lasts (longer than the delivery
+timeout too); stopped meanwhile, it commits nothing, so the records are read again. Undecodable risk records
+are skipped here (the Redis sink, which reads the same topic, dead-letters them) and counted in the log.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from confluent_kafka import KafkaException
 
 from gpuwatch import metrics
 from gpuwatch.config import Settings
-from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
 
 from ..schemas.codecs import decode_risk, encode_remediation
 from .policy import PolicyRules, RedisAuditLog, RedisKillSwitch, RemediationPolicy
@@ -42,11 +44,6 @@ def make_policy(settings: Settings, redis_client: redis.Redis) -> RemediationPol
     )
 
 
-def _delivered(err: Any, msg: Any) -> None:
-    if err is not None:
-        log.error("remediation event to %s lost after retries: %s (%r)", msg.topic(), err, msg.value())
-
-
 def run_remediation_sink(
     settings: Settings,
     *,
@@ -60,7 +57,7 @@ def run_remediation_sink(
     """Runs the policy over `settings.topic_risk` until `stop` is set (forever without one).
 
     Group: `group_id(settings)`. `on_event(event)` is called for each remediation event once Kafka has
-    acknowledged it. `policy` overrides the one built by `make_policy` (then `redis_client` is unused
+    acknowledged every event of its batch. `policy` overrides the one built by `make_policy` (then `redis_client` is unused
     unless given); `redis_client` overrides `settings.redis_url`.
     """
     stop = stop or threading.Event()
@@ -71,7 +68,7 @@ def run_remediation_sink(
             settings.redis_url, socket_timeout=10, socket_connect_timeout=5
         )
         policy = make_policy(settings, redis_client)
-    producer = make_producer(settings)
+    producer = ReliableProducer(settings)
     consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
     consumer.subscribe([settings.topic_risk])
     lag = metrics.ConsumerLagProbe(consumer, group_id(settings))
@@ -96,16 +93,9 @@ def run_remediation_sink(
                         log.warning("skipped %d undecodable risk records so far", bad)
             events = policy.observe(records, time.time())
             for event in events:
-                producer.produce(
-                    settings.topic_remediation,
-                    encode_remediation(event),
-                    key=event["host"],
-                    on_delivery=_delivered,
-                )
-            while producer.flush(1.0) > 0:
-                if stop.is_set():
-                    return  # unacknowledged events: leave the offsets so the records are seen again
-                log.warning("remediation events not yet acknowledged by Kafka; retrying")
+                produce(producer, settings.topic_remediation, event["host"].encode(), encode_remediation(event))
+            if not flush_until_acknowledged(producer, stop, "remediation events"):
+                return  # unacknowledged events: leave the offsets so the records are seen again
             for event in events:
                 metrics.REMEDIATION_EVENTS.labels(event["action"]).inc()
                 if on_event is not None:

@@ -1,7 +1,8 @@
 """The Redis sink: consumes risk records from Kafka and writes them to Redis with `RiskWriter`.
 
-At-least-once: offsets are committed only after the batch is in Redis (and its dead letters are in
-Kafka); a redelivered record is harmless because the writer drops records that are not newer.
+At-least-once: offsets are committed only after the batch is in Redis and its dead letters are in Kafka
+(a `ReliableProducer` resends dead letters not acknowledged, however long the broker is away); a redelivered
+record is harmless because the writer drops records that are not newer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from confluent_kafka import Consumer, KafkaException, Message
 
 from gpuwatch import metrics
 from gpuwatch.config import Settings
-from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
 
 from ..schemas.codecs import decode_risk, make_deadletter
 from .redis_writer import RiskWriter
@@ -59,8 +60,7 @@ class _Sink:
         self.writer = RiskWriter(
             self.redis, history_len=settings.redis_history_len, expire_after_s=settings.redis_expire_after_s
         )
-        self.dlq = make_producer(settings)
-        self.dead = 0
+        self.dlq = ReliableProducer(settings)
 
     def decode(self, msgs: list[Message]) -> list[tuple[Message, dict[str, Any]]]:
         out = []
@@ -83,8 +83,7 @@ class _Sink:
             offset=msg.offset() or 0,
             stage=stage,
         )
-        self.dlq.produce(self.settings.topic_deadletter, raw, key=msg.key())
-        self.dead += 1
+        produce(self.dlq, self.settings.topic_deadletter, msg.key(), raw)
         metrics.DEADLETTERS.labels(stage).inc()
 
     def write(self, batch: list[tuple[Message, dict[str, Any]]]) -> bool:
@@ -121,15 +120,8 @@ class _Sink:
                 self.dead_letter(msg, f"Redis rejected the record: {exc}", stage=STAGE + "/redis")
 
     def flush_dead_letters(self) -> bool:
-        """Waits until dead letters are acknowledged (True), or `stop` is set first (False)."""
-        while self.dead:
-            if self.dlq.flush(1.0) == 0:
-                self.dead = 0
-            elif self.stop.is_set():
-                return False
-            else:
-                log.warning("dead letters not yet acknowledged by Kafka; offsets stay uncommitted")
-        return True
+        """Waits until every dead letter is acknowledged (True), or `stop` is set first (False)."""
+        return flush_until_acknowledged(self.dlq, self.stop, "dead letters")
 
     def prune(self) -> None:
         try:
