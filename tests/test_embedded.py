@@ -65,7 +65,9 @@ def test_configured_services_start_nothing(redis_server, kafka_server) -> None: 
 
 _CHILD = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
+    # Ctrl-C as in a terminal, whatever this test's runner passed down (a background job has SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from gpuwatch.config import Settings
     from gpuwatch.embedded import embedded_stack, child_pids
     with embedded_stack(Settings()) as s:
@@ -93,5 +95,5 @@ def test_no_orphan_servers_after_parent_dies(how: str) -> None:
         proc.send_signal({"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT}[how])
     # A deadline, not a timing check: each server gets up to 5 s to stop and 5 s more once killed
     # (EmbeddedServer.stop), so a loaded machine can take up to 20 s for the two.
-    proc.wait(timeout=60)
+    proc.wait(timeout=30)
     assert _wait_dead(pids) == [], f"orphaned servers after {how}: {pids}"
