@@ -101,3 +101,22 @@ def test_a_lookalike_that_comes_with_repairs_is_weighted_at_the_real_failure_rat
     assert x.needs["rate_scale"] == 1000.0
     assert x.weight == x.prevalence / x.rich_prevalence / 1000.0
     assert LOOKALIKES["hot_gpu"].weight == LOOKALIKES["hot_gpu"].prevalence / LOOKALIKES["hot_gpu"].rich_prevalence
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--runs-from", "{bad}"], "is not JSON"),
+    (["--runs-from", '{"x": 1}'], "holds no healthy runs"),
+    (["--runs-from", "[1, 2]"], "holds no healthy runs"),
+    (["--eval", '{"x": 1}'], "holds no policy replay"),
+    (["--plain-gpu-days", "-5"], "--plain-gpu-days -5 must be above 0"),
+    (["--processes", "0"], "--processes 0 must be above 0"),
+])  # fmt: skip
+def test_realrate_bad_input_is_one_line(tmp_path, capsys, argv: list[str], said: str) -> None:  # type: ignore[no-untyped-def]
+    from gpuwatch.cli import main
+
+    if argv[0] in ("--runs-from", "--eval"):
+        (tmp_path / "in.json").write_text(argv[1])
+        argv = [argv[0], str(tmp_path / "in.json")]
+    assert main(["realrate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert said in err and len(err.splitlines()) == 1

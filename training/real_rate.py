@@ -283,20 +283,41 @@ def realrate_command(args: Any, settings: Any) -> int:
 
     from gpuwatch.producers.lookalikes import LOOKALIKES
 
+    def read(flag: str, path: str, fix: str) -> Any:
+        """The JSON object in `path`, or None after a one-line error naming the flag and the fix."""
+        try:
+            found = orjson.loads(Path(path).read_bytes())
+        except (OSError, orjson.JSONDecodeError) as exc:
+            why = "is not a file" if not Path(path).is_file() else f"is not JSON ({exc})"
+            print(f"gpuwatch realrate: {flag} {path} {why}; {fix}", file=sys.stderr)
+            return None
+        return found if isinstance(found, dict) else {}
+
+    for name, value in (("--plain-gpu-days", args.plain_gpu_days), ("--rich-gpu-days", args.rich_gpu_days),
+                        ("--interval", args.interval), ("--processes", args.processes)):  # fmt: skip
+        if not value > 0:
+            print(f"gpuwatch realrate: {name} {value:g} must be above 0", file=sys.stderr)
+            return 2
     evals = []
     for path in args.eval:
-        if not Path(path).is_file():
-            print(f"gpuwatch realrate: --eval {path} is not a file; write one with `gpuwatch eval --json PATH`",
-                  file=sys.stderr)  # fmt: skip
+        fix = "write one with `gpuwatch eval --json PATH`"
+        report = read("--eval", path, fix)
+        if report is None:
             return 2
-        report = orjson.loads(Path(path).read_bytes())
-        evals += report.get("datasets", [report])
+        found = report.get("datasets", [report])
+        if not all(isinstance(d, dict) and "lstm" in d.get("system", {}) for d in found):
+            print(f"gpuwatch realrate: --eval {path} holds no policy replay (`system`); {fix}", file=sys.stderr)
+            return 2
+        evals += found
     if args.runs_from:
-        if not Path(args.runs_from).is_file():
-            print(f"gpuwatch realrate: --runs-from {args.runs_from} is not a file; pass the --json of an earlier "
-                  "run", file=sys.stderr)  # fmt: skip
+        fix = "pass the --json of an earlier `gpuwatch realrate`"
+        earlier = read("--runs-from", args.runs_from, fix)
+        if earlier is None:
             return 2
-        runs = orjson.loads(Path(args.runs_from).read_bytes())["runs"]
+        runs = earlier.get("runs")
+        if not isinstance(runs, list) or not runs:
+            print(f"gpuwatch realrate: --runs-from {args.runs_from} holds no healthy runs; {fix}", file=sys.stderr)
+            return 2
         print(f"read {len(runs)} healthy runs from {args.runs_from}", file=sys.stderr)
     else:
         specs = healthy_specs(args.plain_gpu_days, args.rich_gpu_days, args.interval, args.seed, args.processes,
