@@ -29,6 +29,7 @@ from gpuwatch.kafka import (
     ensure_compacted_topic,
     ensure_topics,
     faust_credentials,
+    flush_until_acknowledged,
     partition_count,
     produce,
     read_partitions_to_end,
@@ -128,7 +129,7 @@ def create_app(
                   RESTART_EXIT_CODE)  # fmt: skip
         ensure_compacted_topic(settings, windows_topic, partition_count(settings, settings.topic_samples))
         totals.checkpointed += write_checkpoint(everything=True)
-        flush_until_durable(producer, closing)  # the handover must be in Kafka before we go
+        flush_until_acknowledged(producer, closing, "the handover")  # in Kafka before we go
         totals.report(processor)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -190,7 +191,8 @@ def create_app(
                 produce(producer, settings.topic_deadletter, None, value)
             producer.poll(0)
             # Durable before faust acknowledges the batch: nothing is lost if we crash right after.
-            await asyncio.get_running_loop().run_in_executor(None, flush_until_durable, producer, closing)
+            await asyncio.get_running_loop().run_in_executor(None, flush_until_acknowledged, producer, closing,
+                                                              "batch output")
             totals.add(result, batch)
             export_batch_metrics(result, len(batch), time.perf_counter() - t0)
             if on_batch is not None:
@@ -236,19 +238,6 @@ def create_app(
         totals.report(processor)
 
     return app
-
-
-def flush_until_durable(producer: ReliableProducer, closing: threading.Event) -> bool:
-    """Waits until Kafka has everything `producer` was given (True), however long an outage lasts, or until
-    `closing` is set (False: shutting down; the batch's offsets may then be committed without its output)."""
-    waited = 0.0
-    while producer.flush(5.0):
-        waited += 5.0
-        if closing.is_set():
-            return False
-        log.warning("batch output not yet acknowledged by Kafka after %.0f s (%s); holding the batch",
-                    waited, producer.last_error or "no error yet")  # fmt: skip
-    return True
 
 
 def _decode_only(events: list) -> BatchResult:
