@@ -73,8 +73,10 @@ class Settings:
     fleet_failure_rate_per_gpu_day: float = field(default=1.943e-4, metadata={"doc": "Failures per GPU-day of the fleet gpuwatch runs on (default: the StepFun trace's 1.943e-4); `risk` in risk records is a probability at this base rate."})
     alarm_threshold: float = field(default=0.0, metadata={"doc": "Override of the model's alarm operating point: the calibrated score at which a GPU is in alarm (0: the model artifact's, chosen on validation data; docs/model.md says what an override costs)."})
     alarm_records: int = field(default=0, metadata={"doc": "Override of how many scorings in a row must reach the alarm threshold (0: the model artifact's)."})
+    alarm_for_s: float = field(default=-1.0, metadata={"doc": "Override of how many seconds of sample time the score must hold at or above the alarm threshold (-1: the model artifact's; 0: no minimum)."})
     migrate_threshold: float = field(default=0.0, metadata={"doc": "Override of the model's drain operating point (migrate, then reboot): its score threshold (0: the model artifact's)."})
     migrate_records: int = field(default=0, metadata={"doc": "Override of how many scorings in a row must reach the drain threshold (0: the model artifact's)."})
+    migrate_for_s: float = field(default=-1.0, metadata={"doc": "Override of how many seconds of sample time the score must hold at or above the drain threshold (-1: the model artifact's; 0: no minimum)."})
     stale_after_s: float = field(default=60.0, metadata={"doc": "A GPU with no risk update for this long is stale."})
     policy_episode_gap_s: float = field(default=600.0, metadata={"doc": "A GPU's alarm episode ends after this long without an alarm (the evaluation's episode gap)."})
     policy_checkpoint_grace_s: float = field(default=60.0, metadata={"doc": "Least time between checkpoint and migrate, so jobs can save their state."})
@@ -242,8 +244,10 @@ ALLOWED: dict[str, Allowed] = {
                                               why="failures per GPU-day; the StepFun trace's is 1.943e-4"),
     "alarm_threshold": Allowed(lo=0, hi=1, why="a calibrated score; 0 keeps the model's"),
     "alarm_records": Allowed(lo=0, why="scorings in a row; 0 keeps the model's"),
+    "alarm_for_s": Allowed(lo=-1, hi=86400, why="seconds; -1 keeps the model's, 0 is no minimum"),
     "migrate_threshold": Allowed(lo=0, hi=1, why="a calibrated score; 0 keeps the model's"),
     "migrate_records": Allowed(lo=0, why="scorings in a row; 0 keeps the model's"),
+    "migrate_for_s": Allowed(lo=-1, hi=86400, why="seconds; -1 keeps the model's, 0 is no minimum"),
     "stale_after_s": _POSITIVE,
     "policy_episode_gap_s": _AT_LEAST_0,
     "policy_checkpoint_grace_s": _AT_LEAST_0,

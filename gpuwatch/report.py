@@ -278,7 +278,7 @@ def render_report(data: ReportData, path: str | Path) -> Path:
         parts.append(
             "<p class='note'>One row per failed GPU: the model's score over the recorded run-up (left) and in "
             "the moments before the failure (right). Red dots: in alarm at the operating point "
-            f"{html.escape(data.op or '?')} (the score threshold and the scorings in a row); dashed: its "
+            f"{html.escape(data.op or '?')} (the score threshold, the scorings in a row and the seconds it must hold); dashed: its "
             "threshold; red line: the failure; dotted: each remediation the controller executed. The shaded "
             "span is when the simulated degradation began.</p>"
             f"<img alt='risk of the failed GPUs over time' src='data:image/png;base64,"

@@ -12,40 +12,56 @@ from typing import Any
 
 import numpy as np
 
-_NAME = re.compile(r"(?P<source>[a-z]+):(?P<threshold>[0-9.e+-]+)x(?P<records>[0-9]+)")
+_NAME = re.compile(r"(?P<source>[a-z]+):(?P<threshold>[0-9.e+-]+)x(?P<records>[0-9]+)(?:/(?P<for_s>[0-9.]+)s)?")
 
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """When a GPU counts as in alarm for one action: `records` scorings in a row (at most `max_gap_s` apart)
-    with the model's calibrated score at or above `threshold`. `source` says who set it (model or override)."""
+    """When a GPU counts as in alarm for one action: its calibrated score at or above `threshold` at every
+    scoring for at least `for_s` seconds of sample time and at least `records` scorings in a row. `source` says
+    who set it (model or override).
+
+    Persistence is held in seconds so that it means the same at any sampling interval (6 scorings are 25 s at
+    1 s sampling and 5 min at 60 s). A run of scorings is broken by a gap longer than `max_gap_s` or twice the
+    GPU's usual sample interval, whichever is longer, so a slow agent (sampling every 2 min) can still alarm.
+    """
 
     threshold: float
     records: int = 1
     source: str = "model"
-    max_gap_s: float = 60.0
+    max_gap_s: float = 180.0
+    for_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"an operating point's threshold must be in (0, 1], got {self.threshold}")
         if self.records < 1:
             raise ValueError(f"an operating point needs at least 1 record in a row, got {self.records}")
+        if not 0.0 <= self.for_s <= 86400.0:
+            raise ValueError(f"an operating point's persistence must be 0 to 86400 s, got {self.for_s}")
 
     @property
     def name(self) -> str:
-        """What risk records carry as `op`: who set it, the score threshold and the scorings in a row."""
-        return f"{self.source}:{self.threshold:.4g}x{self.records}"
+        """What risk records carry as `op`: who set it, the score threshold, the scorings in a row and, when
+        set, the seconds it must hold (``model:0.91x1/90s``)."""
+        held = f"/{self.for_s:g}s" if self.for_s else ""
+        return f"{self.source}:{self.threshold:.4g}x{self.records}{held}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "records": self.records}
+        return {"threshold": self.threshold, "records": self.records, "for_s": self.for_s}
 
     @classmethod
     def parse(cls, name: str) -> OperatingPoint:
-        """The operating point a risk record's `op` names (``model:0.658x2``); ValueError if it names none."""
+        """The operating point a risk record's `op` names (``model:0.658x2``, ``model:0.91x1/90s``); ValueError if
+        it names none."""
         m = _NAME.fullmatch(name)
         if m is None:
-            raise ValueError(f"{name!r} does not name an operating point (like model:0.658x2)")
-        return cls(float(m["threshold"]), int(m["records"]), m["source"])
+            raise ValueError(f"{name!r} does not name an operating point (like model:0.658x2 or model:0.91x1/90s)")
+        return cls(float(m["threshold"]), int(m["records"]), m["source"], for_s=float(m["for_s"] or 0.0))
+
+    def gap_limit(self, interval_s: np.ndarray) -> np.ndarray:
+        """Longest gap between two scorings that keeps a run going, per GPU with usual interval `interval_s`."""
+        return np.maximum(self.max_gap_s, 2.0 * interval_s)
 
 
 def prevalence(failures_per_gpu_day: float, horizon_s: float) -> float:

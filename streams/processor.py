@@ -31,17 +31,18 @@ _MEMORY = FAILURE_MODES.index("memory")
 
 def operating_points(artifact: ModelArtifact, settings: Settings) -> tuple[OperatingPoint, OperatingPoint | None]:
     """The alarm and drain operating points: the artifact's, or the `alarm_*` / `migrate_*` settings' overrides."""
-    def pick(op: OperatingPoint | None, threshold: float, records: int) -> OperatingPoint | None:
-        if not threshold and not records:
+    def pick(op: OperatingPoint | None, threshold: float, records: int, for_s: float) -> OperatingPoint | None:
+        if not threshold and not records and for_s < 0:
             return op
         if op is None and not threshold:
             return None  # the model has no drain operating point and the override names no threshold
         base = op or OperatingPoint(threshold)
-        return OperatingPoint(threshold or base.threshold, records or base.records, source="override")
+        return OperatingPoint(threshold or base.threshold, records or base.records, source="override",
+                              for_s=base.for_s if for_s < 0 else for_s)  # fmt: skip
 
-    alarm = pick(artifact.alarm_op, settings.alarm_threshold, settings.alarm_records)
+    alarm = pick(artifact.alarm_op, settings.alarm_threshold, settings.alarm_records, settings.alarm_for_s)
     assert alarm is not None
-    return alarm, pick(artifact.migrate_op, settings.migrate_threshold, settings.migrate_records)
+    return alarm, pick(artifact.migrate_op, settings.migrate_threshold, settings.migrate_records, settings.migrate_for_s)
 
 
 def chosen_for_other_settings(artifact: ModelArtifact, settings: Settings) -> str | None:
@@ -249,11 +250,14 @@ class RiskProcessor:
             score, mode = self.scorer.score_from_state(self._h[live], self._c[live], store.current[live])
         result.inference_s += time.perf_counter() - t0
         new_sample = store.last_ts[live] > store.last_scored_ts[live]
-        gap_ok = store.last_ts[live] - store.last_scored_ts[live] <= self.alarm_op.max_gap_s
-        alarm = self._run(store.alarm_run, live, score, self.alarm_op, new_sample, gap_ok)
+        gap = store.last_ts[live] - store.last_scored_ts[live]
+        interval = store.dt_ewma[live].astype(np.float64)
+        ts = store.last_ts[live]
+        alarm = self._run(store.alarm_run, store.alarm_since, live, score, self.alarm_op, new_sample, gap, interval, ts)
         # The drain operating point is the stricter one: a GPU is never drained without being in alarm.
         drain = (
-            self._run(store.drain_run, live, score, self.drain_op, new_sample, gap_ok) & alarm
+            self._run(store.drain_run, store.drain_since, live, score, self.drain_op, new_sample, gap, interval, ts)
+            & alarm
             if self.drain_op is not None
             else np.zeros(len(live), dtype=bool)
         )
@@ -302,17 +306,23 @@ class RiskProcessor:
 
     @staticmethod
     def _run(
-        runs: np.ndarray, slots: np.ndarray, score: np.ndarray, op: OperatingPoint, new_sample: np.ndarray,
-        gap_ok: np.ndarray,
+        runs: np.ndarray, since: np.ndarray, slots: np.ndarray, score: np.ndarray, op: OperatingPoint,
+        new_sample: np.ndarray, gap: np.ndarray, interval: np.ndarray, ts: np.ndarray,
     ) -> np.ndarray:  # fmt: skip
-        """Advances each GPU's run of scorings in a row at `op` (a rescoring of the same sample does not count,
-        a gap longer than op.max_gap_s restarts it); whether the operating point holds now."""
+        """Advances each GPU's run of scorings at or above `op` (how many, and the ts of the first): a rescoring
+        of the same sample does not count, a gap past `op.gap_limit` restarts it. Whether `op` holds now: at
+        least `op.records` scorings spanning at least `op.for_s` seconds of sample time."""
         hit = score >= op.threshold
         run = runs[slots].astype(np.int32)
-        advanced = np.where(hit, np.where(gap_ok, run + 1, 1), 0)
+        start = since[slots]
+        linked = (gap <= op.gap_limit(interval)) & (run > 0)
+        advanced = np.where(hit, np.where(linked, run + 1, 1), 0)
+        started = np.where(hit & ~linked, ts, start)
         run = np.where(new_sample, advanced, run)
+        start = np.where(new_sample, started, start)
         runs[slots] = np.minimum(run, 10_000)
-        return run >= op.records
+        since[slots] = start
+        return (run >= op.records) & (ts - start >= op.for_s)
 
     def _deadletter(self, msg: Inbound, error: str) -> bytes:
         return make_deadletter(

@@ -119,7 +119,9 @@ _NO_XID_MIN = 24 * 60.0  # "never seen an XID" reads as a day ago
 MAX_SEQ_STEP = 64
 # Every per-GPU time of the window (sample time), moved together so that time differences stay what they were.
 # failed_since is left alone: it names the failure (the repair event's id is built from it).
-_TIME_FIELDS = ("first_ts", "last_ts", "last_push_ts", "last_xid_ts", "last_scored_ts", "state_since")
+_TIME_FIELDS = (
+    "first_ts", "last_ts", "last_push_ts", "last_xid_ts", "last_scored_ts", "state_since", "alarm_since", "drain_since",
+)  # fmt: skip
 
 
 def _peer_means(group: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -218,13 +220,15 @@ class WindowStore:
             "clock_max": ((), np.float32),  # highest SM clock seen (MHz): the board's boost clock
             "current": ((N_FEATURES,), np.float32),
             "ring": ((t, N_FEATURES), np.float16),
-            # Failure state (see `_update_unique`) and the runs of scorings in a row at each operating point,
-            # held here so that a restored or rebalanced GPU keeps them.
+            # Failure state (see `_update_unique`) and the runs of scorings in a row at each operating point
+            # (how many, and the ts of the first), held here so that a restored or rebalanced GPU keeps them.
             "failed": ((), np.bool_),
             "failed_since": ((), np.float64),
             "failed_memory": ((), np.bool_),
             "alarm_run": ((), np.int16),
             "drain_run": ((), np.int16),
+            "alarm_since": ((), np.float64),
+            "drain_since": ((), np.float64),
         }
 
     def _reset(self, slots: np.ndarray) -> None:

@@ -122,7 +122,7 @@ def test_choice_acts_only_where_it_pays_at_the_real_rate(tmp_path: Path) -> None
     table, lab = _lab(tmp_path, b_peak=0.5)
     alarm, drain = choose(lab, table.uuids, lab.risk["m"], COSTS, 1.943e-4)
     assert 0.7 < alarm.threshold <= 0.9 and alarm.value["net_gpu_h_per_1000_gpu_days_real"] < 0
-    assert drain is not None and drain.threshold >= alarm.threshold and drain.records >= alarm.records
+    assert drain is not None and drain.threshold >= alarm.threshold and drain.for_s >= alarm.for_s
     assert drain.value["net_gpu_h_per_1000_gpu_days_real"] > 0
 
 

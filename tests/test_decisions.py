@@ -64,14 +64,38 @@ def test_drain_holds_only_while_the_alarm_does() -> None:
     assert [(r["alarm"], r["drain"]) for r in recs] == [(False, False)] * 2 + [(True, True)] * 3
 
 
-def test_a_gap_longer_than_a_minute_restarts_the_run() -> None:
+def test_a_gap_longer_than_three_minutes_restarts_the_run() -> None:
     proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=EVERY)
     host = Host()
     run(proc, host, 16)
-    for _ in range(90):
-        host.sim.step()  # 90 s of samples lost on the way
+    for _ in range(200):
+        host.sim.step()  # 200 s of samples lost on the way
     recs = run(proc, host, 11)
     assert [r["alarm"] for r in recs] == [False, False, True]
+
+
+def run_every(proc: RiskProcessor, host: Host, interval: int, samples: int) -> list[dict]:
+    """Send one snapshot every `interval` seconds of the host's clock (an agent set to a slower interval)."""
+    out: list[dict] = []
+    for _ in range(samples):
+        out += gpu0(proc.process(host.step()))
+        for _ in range(interval - 1):
+            host.sim.step()
+    return out
+
+
+@pytest.mark.parametrize(("interval", "expected"), [
+    (1, [False] * 6 + [True] * 2),  # scored every 5 s: held 30 s at the 7th scoring
+    (60, [False, True, True]),
+    (240, [False, True, True]),  # an agent sampling every 4 min still alarms: its runs are not cut by gaps
+])  # fmt: skip
+def test_persistence_in_seconds_means_the_same_at_any_sampling_interval(interval: int, expected: list) -> None:
+    op = OperatingPoint(1e-12, 1, for_s=30.0)
+    proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=op)
+    recs = run(proc, Host(), 36) if interval == 1 else run_every(proc, Host(), interval, len(expected))
+    assert [r["alarm"] for r in recs] == expected
+    assert {r["op"] for r in recs} == {"model:1e-12x1/30s"}
+    assert OperatingPoint.parse("model:1e-12x1/30s") == op
 
 
 def test_a_lost_gpu_is_failed_not_at_risk_until_it_answers_again() -> None:
@@ -156,14 +180,19 @@ def test_settings_override_the_models_operating_points() -> None:
     assert (alarm, drain) == (ARTIFACT.alarm_op, ARTIFACT.migrate_op)
     alarm, _ = operating_points(ARTIFACT, Settings(alarm_threshold=0.9))
     assert (alarm.threshold, alarm.records, alarm.source) == (0.9, ARTIFACT.alarm_records, "override")
-    assert alarm.name == f"override:0.9x{ARTIFACT.alarm_records}"
+    assert alarm.for_s == ARTIFACT.alarm_for_s  # what the override does not name stays the model's
+    assert alarm.name == OperatingPoint(0.9, ARTIFACT.alarm_records, "override", for_s=ARTIFACT.alarm_for_s).name
     _, drain = operating_points(ARTIFACT, Settings(migrate_threshold=0.99, migrate_records=4))
     assert drain is not None and (drain.threshold, drain.records) == (0.99, 4)
-    proc = RiskProcessor.from_settings(SCORER, Settings(alarm_threshold=0.5, alarm_records=3))
+    proc = RiskProcessor.from_settings(SCORER, Settings(alarm_threshold=0.5, alarm_records=3, alarm_for_s=0.0))
     assert proc.alarm_op.name == "override:0.5x3" and proc.deployed_at == prevalence(1.943e-4, 3600.0)
+    held, _ = operating_points(ARTIFACT, Settings(alarm_for_s=120.0))
+    assert (held.threshold, held.for_s, held.source) == (ARTIFACT.threshold, 120.0, "override")
+    assert held.name.endswith("/120s") and OperatingPoint.parse(held.name) == held
     with pytest.raises(ValueError):
         OperatingPoint(0.0, 1)
-    assert orjson.loads(orjson.dumps(alarm.to_dict())) == {"threshold": 0.9, "records": ARTIFACT.alarm_records}
+    assert orjson.loads(orjson.dumps(alarm.to_dict())) == {"threshold": 0.9, "records": ARTIFACT.alarm_records,
+                                                           "for_s": ARTIFACT.alarm_for_s}  # fmt: skip
 
 
 def test_a_worker_says_when_its_settings_are_not_those_the_operating_points_were_chosen_for() -> None:

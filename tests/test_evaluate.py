@@ -162,9 +162,70 @@ def test_sustained_risk_needs_records_in_a_row_of_one_gpu(tmp_path: Path) -> Non
     assert m["median_lead_min"] == pytest.approx((2960 - 60) / 60)
     first_alarm = lab.ts[(lab.gpu == a) & (two >= 0.5)].min()
     assert first_alarm == 47_100
-    # A record more than max_gap_s after the one before starts a new run.
-    gap = sustained_risk(lab, lab.risk["m"], 2, max_gap_s=30.0)
-    assert (gap == 0).all()
+    # Records 60 s apart stay linked under a shorter max_gap_s: a gap up to twice the usual interval is fine.
+    # Past it (C's 100 s repair gap, 120 s > 2 x 60 s > 30 s), a run restarts.
+    short = sustained_risk(lab, lab.risk["m"], 2, max_gap_s=30.0)
+    changed = np.flatnonzero(short != two)
+    assert len(changed) and (short[changed] == 0).all()
+    assert (lab.ts[changed] - lab.ts[changed - 1] > 120.0).all()
+
+
+def _one_gpu(tmp_path: Path, ts: np.ndarray, risk: np.ndarray):  # type: ignore[no-untyped-def]
+    table = RiskTable.from_columns(["G"] * len(ts), ts, {"m": risk}, {"m": np.zeros(len(ts), dtype=np.int64)})
+    return join_labels(table, _labels(tmp_path, []), H)
+
+
+def test_a_gap_past_the_limit_restarts_a_run_and_a_slow_agent_still_alarms(tmp_path: Path) -> None:
+    ts = np.r_[np.arange(0.0, 600.0, 60.0), np.arange(840.0, 1200.0, 60.0)]  # a 300 s hole after 540 s
+    lab = _one_gpu(tmp_path, ts, np.full(len(ts), 0.9))
+    two = sustained_risk(lab, lab.risk["m"], 2)
+    assert two[ts == 0.0] == 0 and two[ts == 840.0] == 0  # past max(180 s, 2 x 60 s): a new run
+    assert (two[(ts != 0.0) & (ts != 840.0)] == 0.9).all()
+    slow = np.arange(0.0, 2400.0, 240.0)  # an agent sampling every 4 min: 240 s <= 2 x its usual interval
+    lab = _one_gpu(tmp_path, slow, np.full(len(slow), 0.9))
+    assert (sustained_risk(lab, lab.risk["m"], for_s=200.0)[1:] == 0.9).all()
+
+
+def test_persistence_in_seconds_holds_the_same_time_at_any_interval(tmp_path: Path) -> None:
+    table, failures = _fleet(tmp_path)
+    lab = join_labels(table, failures, H)
+    a, b = table.uuids.index("A"), table.uuids.index("B")
+    held = sustained_risk(lab, lab.risk["m"], for_s=120.0)
+    assert lab.ts[(lab.gpu == a) & (held >= 0.5)].min() == 47_040 + 120  # 120 s after A's first alarm record
+    assert lab.ts[(lab.gpu == b) & (held >= 0.5)].tolist() == [10_140, 10_200, 10_260]  # B's 60 s blip is gone
+    assert not (held[lab.gpu == table.uuids.index("C")] >= 0.5).any()
+    # The same 120 s at 5 s scorings: 25 records in a row.
+    ts = np.arange(0.0, 600.0, 5.0)
+    fast = _one_gpu(tmp_path, ts, np.where(ts >= 100.0, 0.9, 0.1))
+    assert fast.ts[sustained_risk(fast, fast.risk["m"], for_s=120.0) >= 0.5].min() == 220.0
+
+
+def test_offline_persistence_is_exactly_the_streams(tmp_path: Path) -> None:
+    """`sustained_risk(...) >= threshold` gives the alarms `RiskProcessor._run` gives, scoring by scoring, for
+    random scores, sampling intervals, holes and operating points."""
+    from gpuwatch.streams.operating_point import OperatingPoint
+    from gpuwatch.streams.processor import RiskProcessor
+
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        interval = float(rng.choice([1.0, 5.0, 30.0, 60.0, 120.0]))
+        steps = rng.choice([1, 1, 1, 1, 2, 3, 5], size=300) * interval  # some samples lost
+        ts = 1e6 + np.cumsum(steps)
+        score = np.clip(rng.normal(0.5, 0.3, len(ts)).cumsum() * 0.05 + rng.normal(0.5, 0.2, len(ts)), 0, 1)
+        op = OperatingPoint(float(rng.uniform(0.3, 0.7)), int(rng.integers(1, 4)),
+                            for_s=float(rng.choice([0.0, 10.0, 45.0, 150.0, 300.0])))  # fmt: skip
+        lab = _one_gpu(tmp_path, ts, score)
+        usual = np.median(np.diff(ts))
+        runs, since = np.zeros(1, np.int16), np.zeros(1)
+        online = []
+        prev = -np.inf
+        for t, sc in zip(ts, score):
+            held = RiskProcessor._run(runs, since, np.zeros(1, np.int64), np.array([sc]), op, np.array([True]),
+                                      np.array([t - prev]), np.array([usual]), np.array([t]))  # fmt: skip
+            online.append(bool(held[0]))
+            prev = t
+        offline = sustained_risk(lab, lab.risk["m"], op.records, for_s=op.for_s) >= op.threshold
+        assert online == offline.tolist(), (trial, op, interval)
 
 
 def test_operating_point_picks_the_persistence_with_the_best_f1(tmp_path: Path) -> None:

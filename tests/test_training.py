@@ -21,6 +21,7 @@ from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules, rule_hits
 from gpuwatch.training.cli import train_command
 from gpuwatch.training.eval_cli import eval_command
+from gpuwatch.training.evaluate import PERSISTENCE_CHOICES_S
 from gpuwatch.training.score import replay, score_command
 
 
@@ -57,8 +58,10 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert chosen_for["failures_per_gpu_day"] == 1.943e-4 and chosen_for["costs"]["job_gpus"] == 1024
     # the calibration base rate is recorded, so risk can be restated at a real fleet's
     assert 0.0 < artifact.calibration_prevalence < 1.0
+    # persistence is chosen in seconds of sample time, one of the candidates
+    assert artifact.alarm_records == 1 and artifact.alarm_for_s in PERSISTENCE_CHOICES_S
     if artifact.migrate_threshold is not None:  # a drain operating point is never looser than the alarm's
-        assert artifact.migrate_threshold >= artifact.threshold and artifact.migrate_records >= artifact.alarm_records
+        assert artifact.migrate_threshold >= artifact.threshold and artifact.migrate_for_s >= artifact.alarm_for_s
     # Both validation fleets pooled: each has the two forced failures with precursors.
     assert artifact.metrics["validation_events"]["failures_with_precursor"] >= 4
     assert artifact.metrics["data_seed"] == 0 and artifact.metrics["train_config"]["seed"] == 3

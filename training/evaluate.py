@@ -247,22 +247,54 @@ def alarm_episodes(lab: Labelled, risk: np.ndarray, threshold: float, merge_gap_
     return Episodes(lab.ts[first], end_ts, lab.gpu[first], lab.next_fail[last], true, last)
 
 
-def sustained_risk(lab: Labelled, risk: np.ndarray, records: int, max_gap_s: float = 60.0) -> np.ndarray:
-    """Risk as an alert with a `for:` clause sees it: the least of each record and the `records - 1` before
-    it of the same GPU, each at most `max_gap_s` after the one before (else 0: the run was broken, so a
-    GPU's first records, or its first after a gap, cannot alarm until it has `records` in a row)."""
+def sustained_risk(
+    lab: Labelled, risk: np.ndarray, records: int = 1, max_gap_s: float = 180.0, for_s: float = 0.0
+) -> np.ndarray:
+    """Risk as the stream's operating point sees it (`OperatingPoint`, `RiskProcessor._run`): the least of each
+    record and the records before it of the same GPU back to the last one at least `for_s` seconds earlier, and
+    at least `records` records in all, each linked to the one before (at most `max_gap_s` or twice the GPU's
+    usual scoring interval apart; else 0: the run was broken, so a GPU's first records, or its first after a
+    gap, cannot alarm until it has held that long). `value >= threshold` is then exactly the stream's alarm."""
     r = np.asarray(risk, dtype=np.float64)
     n = len(r)
-    if records <= 1 or n == 0:
+    if n == 0 or (records <= 1 and for_s <= 0):
         return r
-    linked = np.r_[False, (lab.gpu[1:] == lab.gpu[:-1]) & (np.diff(lab.ts) <= max_gap_s)]  # row i follows i-1
+    same = lab.gpu[1:] == lab.gpu[:-1]
+    dt = np.diff(lab.ts)
+    limit = np.maximum(max_gap_s, 2.0 * _usual_gap(lab.gpu[1:], dt, same))
+    linked = np.r_[False, same & (dt <= limit)]  # row i follows row i-1 in one run
     out = r.copy()
     whole = np.ones(n, dtype=bool)
-    for j in range(1, records):
-        whole[j:] &= linked[1 : n - j + 1]  # row i-j+1 follows row i-j
-        whole[:j] = False
-        out[j:] = np.minimum(out[j:], r[:-j])
+    active = np.arange(n)  # rows whose window still reaches further back
+    j = 0
+    while len(active):
+        j += 1
+        # Row i-j is needed while fewer than `records` rows are in, or row i-j+1 is still inside the window.
+        active = active[(j < records) | (lab.ts[active - j + 1] > lab.ts[active] - for_s)]
+        if not len(active):
+            break
+        head = active - j + 1  # the row that must follow row i-j
+        ok = (head > 0) & linked[np.maximum(head, 0)]
+        whole[active[~ok]] = False
+        active = active[ok]
+        out[active] = np.minimum(out[active], r[active - j])
     return np.where(whole, out, 0.0)
+
+
+def _usual_gap(gpu: np.ndarray, dt: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """Per gap, the median gap between consecutive scorings of its GPU (its usual scoring interval)."""
+    g, d = gpu[same], dt[same]
+    out = np.zeros(len(dt))
+    if not len(g):
+        return out
+    order = np.lexsort((d, g))
+    gs, ds = g[order], d[order]
+    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]])
+    counts = np.diff(np.r_[starts, len(gs)])
+    med = ds[starts + counts // 2]
+    per_gpu = np.zeros(int(gpu.max()) + 1)
+    per_gpu[gs[starts]] = med
+    return per_gpu[gpu]
 
 
 def eligible_failures(lab: Labelled) -> np.ndarray:
@@ -383,6 +415,8 @@ def best_threshold(
 
 
 ALARM_RECORDS_CHOICES = (1, 2, 3, 4, 6)  # consecutive scorings (5 s apart by default): 0 to 25 s of `for:`
+# Seconds of sample time the model's score must hold (its operating points): the same at any sampling interval.
+PERSISTENCE_CHOICES_S = (0.0, 10.0, 25.0, 45.0, 90.0, 150.0, 300.0)
 
 
 def best_operating_point(
@@ -400,13 +434,16 @@ def best_operating_point(
     return best
 
 
-def scorer_report(lab: Labelled, name: str, threshold: float, merge_gap_s: float, alarm_records: int = 1) -> dict:
+def scorer_report(
+    lab: Labelled, name: str, threshold: float, merge_gap_s: float, alarm_records: int = 1, alarm_for_s: float = 0.0
+) -> dict:
     """Every figure of one scorer: event metrics at `threshold` (alarms need `alarm_records` scorings in a row
-    at or above it), event PR-AUC (the same alarms, over thresholds), record-level metrics (raw risk)."""
+    at or above it, for at least `alarm_for_s` seconds), event PR-AUC (the same alarms, over thresholds), record-level metrics (raw risk)."""
     risk = lab.risk[name]
-    alarming = sustained_risk(lab, risk, alarm_records)
+    alarming = sustained_risk(lab, risk, alarm_records, for_s=alarm_for_s)
     out = event_metrics(lab, alarming, threshold, merge_gap_s, lab.mode.get(name))
     out["alarm_records"] = int(alarm_records)
+    out["alarm_for_s"] = float(alarm_for_s)
     out["pr_auc"] = event_pr_auc(lab, alarming, merge_gap_s)
     out["record_pr_auc"] = average_precision(lab.y, risk)
     # Positives whose precursor had not started yet carry no signal; this AP leaves them out.

@@ -106,6 +106,11 @@ FLEETS: dict[str, Fleet] = {
         "validation fleet at the real failure rate: 2,560 GPU-days of mostly healthy GPUs with every look-alike "
         "at its real rate, so the operating points see what a false action costs where it matters",
     ),
+    "val-healthy-b": Fleet(
+        96, 8, 10.0, 30.0, 242, {**_REAL_LOOKALIKES, "rate_scale": 1.0},
+        "second validation fleet at the real failure rate, at 30 s: 7,680 GPU-days, so that the alarm's false "
+        "checkpoints per 1,000 healthy GPU-days are placed on more than a handful of look-alike episodes",
+    ),
     "heldout": Fleet(
         40,
         8,

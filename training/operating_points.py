@@ -1,6 +1,6 @@
 """Choosing the operating points on validation data: the alarm's (checkpoint) and the drain's (migrate).
 
-Each is a score threshold and a number of scorings in a row. The alarm's must meet service levels on the
+Each is a score threshold and how many seconds of sample time the score must hold (`PERSISTENCE_CHOICES_S`). The alarm's must meet service levels on the
 validation fleets (`ServiceLevels`: alarm precision, false checkpoints per 1,000 healthy GPU-days) and has the
 highest recall that does. The drain's must keep false drains per 1,000 healthy GPU-days under its level and
 saves the most GPU-hours per 1,000 GPU-days on a fleet failing at the real rate, under the cost model
@@ -25,17 +25,17 @@ import numpy as np
 
 from gpuwatch.costs import CostModel
 from gpuwatch.training.actions import classify, net_value
-from gpuwatch.training.evaluate import ALARM_RECORDS_CHOICES, Labelled, event_metrics, sustained_risk
+from gpuwatch.training.evaluate import PERSISTENCE_CHOICES_S, Labelled, event_metrics, sustained_risk
 
 
 @dataclass(frozen=True)
 class Choice:
     threshold: float
-    records: int
+    for_s: float
     value: dict[str, Any]
 
 
-# Every candidate the alarm search valued (threshold, records, net GPU-hours with checkpoints alone and with a
+# Every candidate the alarm search valued (threshold, seconds held, net GPU-hours with checkpoints alone and with a
 # migration at the same point, false healthy actions): kept in the artifact, so the choice can be inspected.
 Curve = list[dict[str, Any]]
 
@@ -111,7 +111,7 @@ def _healthy_false(ev: Any, action: str, days: float) -> float:
 
 def choose(
     lab: Labelled, uuids: Sequence[str], risk: np.ndarray, costs: CostModel, real_failures_per_gpu_day: float,
-    merge_gap_s: float = 600.0, choices: tuple[int, ...] = ALARM_RECORDS_CHOICES, curve: Curve | None = None,
+    merge_gap_s: float = 600.0, choices: tuple[float, ...] = PERSISTENCE_CHOICES_S, curve: Curve | None = None,
     levels: ServiceLevels = ServiceLevels(),
 ) -> tuple[Choice, Choice | None]:  # fmt: skip
     """(alarm, drain) operating points on `lab`, the validation fleets pooled.
@@ -123,7 +123,7 @@ def choose(
     The drain's (migrate, then reboot), at least as strict: the most net GPU-hours at the real failure rate among
     those with at most `levels.max_false_drains` false drains per 1,000 GPU-days, if any beats checkpoints alone
     (else None: the model never drains). Every alarm candidate lands in `curve`."""
-    sustained = {k: sustained_risk(lab, risk, k) for k in sorted(choices)}
+    sustained = {k: sustained_risk(lab, risk, for_s=k) for k in sorted(choices)}
     key = "net_gpu_h_per_1000_gpu_days_real"
     days = lab.gpu_days
     curve = [] if curve is None else curve
@@ -134,7 +134,7 @@ def choose(
             ev = classify(simulated_events(lab, uuids, rows, None, merge_gap_s), lab, uuids)
             v = net_value(ev, lab, costs, real_failures_per_gpu_day)
             m = event_metrics(lab, s, float(thr), merge_gap_s)
-            entry = {"threshold": float(thr), "records": k, "precision": m["precision"], "recall": m["recall"],
+            entry = {"threshold": float(thr), "for_s": k, "precision": m["precision"], "recall": m["recall"],
                      "median_lead_min": m["median_lead_min"], "false_checkpoints_per_1000_gpu_days":
                      _healthy_false(ev, "checkpoint", days), "net_checkpoint": v[key]}  # fmt: skip
             curve.append(entry)
@@ -145,10 +145,10 @@ def choose(
         alarm = max(ok, key=lambda ec: (round(ec[0]["recall"], 6), ec[1].value[key]))[1]
     else:
         alarm = max(candidates, key=lambda ec: ec[1].value[key])[1]
-    alarm_rows = sustained[alarm.records] >= alarm.threshold
+    alarm_rows = sustained[alarm.for_s] >= alarm.threshold
     drain: Choice | None = None
     for k, s in sustained.items():
-        if k < alarm.records:
+        if k < alarm.for_s:
             continue  # the drain operating point is the stricter one: never drain what is not in alarm
         for thr in _grid(risk)[::-1]:
             if thr < alarm.threshold:
@@ -165,5 +165,5 @@ def choose(
 
 def describe(lab: Labelled, risk: np.ndarray, choice: Choice, merge_gap_s: float) -> dict[str, Any]:
     """The event-level figures (precision, recall, F1, leads) of an operating point, for the artifact's metrics."""
-    m = event_metrics(lab, sustained_risk(lab, risk, choice.records), choice.threshold, merge_gap_s)
-    return {**m, "alarm_records": choice.records, "value": choice.value}
+    m = event_metrics(lab, sustained_risk(lab, risk, for_s=choice.for_s), choice.threshold, merge_gap_s)
+    return {**m, "alarm_records": 1, "alarm_for_s": choice.for_s, "value": choice.value}
