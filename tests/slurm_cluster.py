@@ -118,6 +118,26 @@ class SlurmCluster:
         _stop("slurmd", self.procs.pop("slurmd"))
         self._spawn("slurmd", [program("slurmd"), "-D", "-N", self.node, "-b"])
 
+    def scontrol_as_nobody(self) -> Path:
+        """A wrapper that runs scontrol as user `nobody`, a user Slurm does not allow to change nodes (needs root).
+
+        nobody cannot enter the test's directory: the wrapper's slurm.conf is a readable copy beside the
+        munge socket, whose directory is opened to all.
+        """
+        assert os.geteuid() == 0, "running scontrol as another user needs root"
+        assert self.socket_dir is not None
+        self.socket_dir.chmod(0o755)
+        conf = self.socket_dir / "slurm.conf"
+        shutil.copyfile(self.conf, conf)
+        conf.chmod(0o644)
+        wrapper = self.socket_dir / "scontrol-as-nobody"
+        wrapper.write_text(
+            f"#!/bin/sh\nSLURM_CONF='{conf}' exec setpriv --reuid=nobody --regid=nogroup --clear-groups "
+            f"'{program('scontrol')}' \"$@\"\n"
+        )
+        wrapper.chmod(0o755)
+        return wrapper
+
     def stop(self) -> None:
         """Stops slurmd, slurmctld and munged (in that order); idempotent."""
         for name in ("slurmd", "slurmctld", "munged"):

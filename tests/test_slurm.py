@@ -129,6 +129,20 @@ def test_real_scontrol_errors_are_failed_outcomes_with_slurms_message(slurm: Slu
     assert slurm.show_node()["State"] == "IDLE" and slurm.reboots() == 0
 
 
+def test_a_controller_user_slurm_does_not_allow_to_change_nodes_gets_a_refusal_that_says_what_to_do(
+    slurm: SlurmCluster,
+) -> None:
+    refused = "slurm_update error: Invalid user id; the controller's user may not change Slurm nodes"
+    as_nobody = SlurmExecutor(str(slurm.scontrol_as_nobody()), timeout_s=30)
+    outcome = as_nobody.execute(event("migrate", slurm.node))
+    assert not outcome.ok and outcome.detail.startswith(f"drain {slurm.node}: exit 1: {refused}")
+    assert "AdminLevel=Admin" in outcome.detail
+    outcome = as_nobody.execute(event("reboot", slurm.node))  # anyone may show the node; not drain it
+    assert not outcome.ok
+    assert outcome.detail.startswith(f"reboot {slurm.node} not attempted: drain exit 1: {refused}")
+    assert slurm.show_node()["State"] == "IDLE" and slurm.reboots() == 0
+
+
 @pytest.mark.parametrize("slurm", [{"reboot_program": False}], indirect=True)
 def test_reboot_on_a_cluster_without_a_reboot_program_fails_and_leaves_the_node_drained(
     slurm: SlurmCluster,

@@ -27,6 +27,19 @@ from . import Outcome, UnsafeTarget, short_reason, target_values
 log = logging.getLogger(__name__)
 
 _STATE_RE = re.compile(r"\bState=(\S+)")
+# slurmctld's answer to a user who may not change nodes (only root, SlurmUser and AdminLevel=Admin may)
+_NOT_ALLOWED = "Invalid user id"
+
+
+def _describe(done: Completed) -> str:
+    """How an scontrol call ended, with what to do when Slurm refused the controller's user."""
+    text = done.describe()
+    if not done.ok and _NOT_ALLOWED in done.stderr:
+        text += (
+            "; the controller's user may not change Slurm nodes: run it as root or SlurmUser, or give it"
+            " AdminLevel=Admin (sacctmgr)"
+        )
+    return text
 
 
 class SlurmExecutor:
@@ -64,7 +77,7 @@ class SlurmExecutor:
             # repair: the GPU failed; drained, the node waits for a technician
             if action in ("migrate", "repair"):
                 done = self._run(self.drain_argv(host, reason))
-                return Outcome(ok=done.ok, detail=f"drain {host}: {done.describe()}")
+                return Outcome(ok=done.ok, detail=f"drain {host}: {_describe(done)}")
             if action == "reboot":
                 return self._reboot(host, reason)
         except OSError as exc:
@@ -78,15 +91,15 @@ class SlurmExecutor:
     def _reboot(self, host: str, reason: str) -> Outcome:
         shown = self._run(self.show_argv(host))
         if not shown.ok:
-            return Outcome(ok=False, detail=f"reboot {host} not attempted: show node {shown.describe()}")
+            return Outcome(ok=False, detail=f"reboot {host} not attempted: show node {_describe(shown)}")
         match = _STATE_RE.search(shown.stdout)
         state = match.group(1) if match else "?"
         steps = []
         if "DRAIN" not in state.upper():
             drained = self._run(self.drain_argv(host, reason))
             if not drained.ok:
-                return Outcome(ok=False, detail=f"reboot {host} not attempted: drain {drained.describe()}")
+                return Outcome(ok=False, detail=f"reboot {host} not attempted: drain {_describe(drained)}")
             steps.append(f"drained (was {state})")
         done = self._run(self.reboot_argv(host, reason))
-        steps.append(f"reboot: {done.describe()}")
+        steps.append(f"reboot: {_describe(done)}")
         return Outcome(ok=done.ok, detail=f"{host}: " + "; ".join(steps))
