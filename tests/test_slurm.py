@@ -1,6 +1,6 @@
 """The Slurm executor against a real one-node Slurm cluster (Debian's munged, slurmctld and slurmd).
 
-Each test gets a fresh cluster on free loopback ports (tests/slurm_cluster.py, ~0.5 s to start), and the
+Each test gets a fresh cluster on free loopback ports (tests/slurm_cluster.py, 0.1 to 1.2 s to start here), and the
 executor runs the real `scontrol`, which finds the cluster through SLURM_CONF. What a container cannot do is
 reboot: the cluster's RebootProgram only records that slurmd ran it, and the node "comes back" when the
 test restarts slurmd with `-b` (Slurm's own switch for "report that this node has just booted").
