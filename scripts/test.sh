@@ -15,6 +15,17 @@ if ! command -v openssl >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &&
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null) \
     || echo "[setup] could not install openssl; the TLS tests will fail with instructions" >&2
 fi
+# The Slurm executor's tests run a real one-node cluster: Debian's slurmctld, slurmd, munge and scontrol.
+need_slurm=0
+for program in munged slurmctld slurmd scontrol sinfo; do
+  command -v "$program" >/dev/null 2>&1 || [ -x "/usr/sbin/$program" ] || need_slurm=1
+done
+if [ "$need_slurm" = 1 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] installing Debian's slurmctld, slurmd, munge and slurm-client (the Slurm executor's tests)" >&2
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    slurmctld slurmd munge slurm-client >/dev/null) \
+    || echo "[setup] could not install Slurm; tests/test_slurm.py will fail with instructions" >&2
+fi
 # .venv/bin/pytest, not `python -m pytest`: the latter would import the source folder gpuwatch/ instead
 # of the installed package (whose stage sub-packages are mapped from producers/, streams/, ...).
 exec .venv/bin/pytest -q "$@"

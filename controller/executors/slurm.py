@@ -1,14 +1,17 @@
-"""Slurm: drain the node for migrate; for reboot, make sure it is drained, then ``scontrol reboot ASAP``.
+"""Slurm: drain the node for migrate and repair; for reboot, make sure it is drained, then ``scontrol reboot``.
 
 Commands (argument lists, no shell; `scontrol` is the configured path):
 
 * migrate and repair (the GPU has failed): ``scontrol update nodename=<host> state=drain reason=<gpuwatch: ...>``
 * reboot:  ``scontrol --oneliner show node <host>``; if its State has no DRAIN, the drain above first;
-  then ``scontrol reboot ASAP reason=<...> <host>``. The node stays drained after the reboot until an
-  operator resumes it (``scontrol update nodename=<host> state=resume``).
+  then ``scontrol reboot reason=<...> <host>``: Slurm reboots the node once its jobs are gone (drained, it
+  gets no new ones). Not ``reboot ASAP``: Slurm clears DRAIN when an ASAP reboot completes, and the node
+  would go back into service unchecked. This way it comes back drained, with its reason, until an operator
+  resumes it (``scontrol update nodename=<host> state=resume``).
 
 Slurm drains whole nodes: a bad GPU takes its node out of scheduling. Checkpoints are not Slurm's job
-here (they go to the node agent, see `make_executor`).
+here (they go to the node agent, see `make_executor`). tests/test_slurm.py runs all of this against a real
+slurmctld and slurmd.
 """
 
 from __future__ import annotations
@@ -24,6 +27,19 @@ from . import Outcome, UnsafeTarget, short_reason, target_values
 log = logging.getLogger(__name__)
 
 _STATE_RE = re.compile(r"\bState=(\S+)")
+# slurmctld's answer to a user who may not change nodes (only root, SlurmUser and AdminLevel=Admin may)
+_NOT_ALLOWED = "Invalid user id"
+
+
+def _describe(done: Completed) -> str:
+    """How an scontrol call ended, with what to do when Slurm refused the controller's user."""
+    text = done.describe()
+    if not done.ok and _NOT_ALLOWED in done.stderr:
+        text += (
+            "; the controller's user may not change Slurm nodes: run it as root or SlurmUser, or give it"
+            " AdminLevel=Admin (sacctmgr)"
+        )
+    return text
 
 
 class SlurmExecutor:
@@ -39,7 +55,8 @@ class SlurmExecutor:
         return [self.scontrol, "update", f"nodename={host}", "state=drain", f"reason={reason}"]
 
     def reboot_argv(self, host: str, reason: str) -> list[str]:
-        return [self.scontrol, "reboot", "ASAP", f"reason={reason}", host]
+        # no ASAP: an ASAP reboot clears the drain when the node is back (see the module docstring)
+        return [self.scontrol, "reboot", f"reason={reason}", host]
 
     def show_argv(self, host: str) -> list[str]:
         return [self.scontrol, "--oneliner", "show", "node", host]
@@ -57,9 +74,10 @@ class SlurmExecutor:
             return Outcome(ok=False, detail=f"refused: {exc}")
         action, reason = event["action"], short_reason(event)
         try:
-            if action in ("migrate", "repair"):  # repair: the GPU failed; drained, the node waits for a technician
+            # repair: the GPU failed; drained, the node waits for a technician
+            if action in ("migrate", "repair"):
                 done = self._run(self.drain_argv(host, reason))
-                return Outcome(ok=done.ok, detail=f"drain {host}: {done.describe()}")
+                return Outcome(ok=done.ok, detail=f"drain {host}: {_describe(done)}")
             if action == "reboot":
                 return self._reboot(host, reason)
         except OSError as exc:
@@ -73,15 +91,15 @@ class SlurmExecutor:
     def _reboot(self, host: str, reason: str) -> Outcome:
         shown = self._run(self.show_argv(host))
         if not shown.ok:
-            return Outcome(ok=False, detail=f"reboot {host} not attempted: show node {shown.describe()}")
+            return Outcome(ok=False, detail=f"reboot {host} not attempted: show node {_describe(shown)}")
         match = _STATE_RE.search(shown.stdout)
         state = match.group(1) if match else "?"
         steps = []
         if "DRAIN" not in state.upper():
             drained = self._run(self.drain_argv(host, reason))
             if not drained.ok:
-                return Outcome(ok=False, detail=f"reboot {host} not attempted: drain {drained.describe()}")
+                return Outcome(ok=False, detail=f"reboot {host} not attempted: drain {_describe(drained)}")
             steps.append(f"drained (was {state})")
         done = self._run(self.reboot_argv(host, reason))
-        steps.append(f"reboot ASAP: {done.describe()}")
+        steps.append(f"reboot: {_describe(done)}")
         return Outcome(ok=done.ok, detail=f"{host}: " + "; ".join(steps))
