@@ -143,3 +143,33 @@ def test_score_refuses_bad_arguments_in_one_line(tmp_path: Path, capsys: pytest.
         .err.strip()
         .startswith(f"gpuwatch score: model artifact {tmp_path / 'no.pt'} does not")
     )
+
+
+def test_a_replay_cut_by_host_scores_what_one_second_batches_score(tmp_path: Path) -> None:
+    """Batches cut before a host's second snapshot hold a whole sampling interval of the fleet (here 30 s), yet
+    every GPU is folded and scored at the same samples, to the same risk, as with the batches of 1 s the replay
+    used to cut."""
+    from gpuwatch.streams.processor import BatchResult
+    from gpuwatch.training.score import chunk_messages, file_messages
+
+    sim = FleetConfig(hosts=4, gpus_per_host=2, seed=5, start_ts=1_700_000_000.0, interval_s=30.0, ts_jitter_s=9.0)
+    path = tmp_path / "samples.jsonl"
+    simulator = FleetSimulator(sim)
+    path.write_bytes(b"".join(raw + b"\n" for _ in range(40) for _, raw in simulator.step_json()))
+
+    def records(batches: list) -> bytes:
+        """One batch lists its records in slot order, so larger batches order them otherwise: sort by GPU, ts."""
+        rows = sorted((orjson.loads(v) for result in batches for _, v in result.risk), key=lambda r: (r["uuid"], r["ts"]))
+        return b"".join(orjson.dumps(r) + b"\n" for r in rows)
+
+    by_host = list(replay(path, RiskProcessor(Scorer(load_artifact(), "cpu"), rescore_interval_s=5.0)))
+    one_second = []
+    processor = RiskProcessor(Scorer(load_artifact(), "cpu"), rescore_interval_s=5.0)
+    for snaps, sources, dead, _ in chunk_messages(file_messages(path), str(path), 1.0):
+        result = BatchResult(deadletters=dead)
+        processor.fold(snaps, sources, result)
+        one_second.append(result)
+    assert len(by_host) * 3 < len(one_second)  # far fewer, larger batches
+    got, expected = records(by_host), records(one_second)
+    assert got.count(b"\n") == 4 * 2 * 40
+    _assert_same_records(got, expected)

@@ -33,7 +33,7 @@ from gpuwatch.training.actions import action_report
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules
 from gpuwatch.training.dataset import DeadLetterCount, Failures, RecordingError
 from gpuwatch.training.evaluate import Labelled, RiskTable, join_labels, scorer_report
-from gpuwatch.training.score import replay
+from gpuwatch.training.score import observe_in_time, replay
 
 _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
 DEFAULT_MERGE_GAP_S = 600.0
@@ -116,14 +116,13 @@ def collect(
             risk.append(rec["risk"])
             mode.append(_MODE_INDEX[rec["mode"]])
         if recs:
-            now = max(r["ts"] for r in recs)
-            events[primary_name] += policies[primary_name].observe(recs, now)
+            events[primary_name] += observe_in_time(policies[primary_name], recs)
             if "threshold" in policies:
                 rule = np.concatenate(processor.risk["threshold"][done["threshold"]:])
                 done["threshold"] = len(processor.risk["threshold"])
                 alarms = [{**r, "alarm": bool(a) and not r.get("failed"), "drain": bool(a) and not r.get("failed"),
                            "op": "rules"} for r, a in zip(recs, rule >= 0.5)]  # fmt: skip
-                events["threshold"] += policies["threshold"].observe(alarms, now)
+                events["threshold"] += observe_in_time(policies["threshold"], alarms)
         if time.time() - last >= 5.0:
             last = time.time()
             sys.stderr.write(f"\rscoring {data_dir.name}: {samples:,} GPU-samples, {len(ts):,} risk records "

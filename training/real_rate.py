@@ -134,7 +134,7 @@ def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
     from gpuwatch.streams.model import Scorer, load_artifact
     from gpuwatch.streams.processor import BatchResult, RiskProcessor, Scored
     from gpuwatch.training.baselines import ThresholdRules
-    from gpuwatch.training.score import replay_messages
+    from gpuwatch.training.score import observe_in_time, replay_messages
 
     torch.set_num_threads(1)
     artifact = load_artifact(spec.model or None)
@@ -157,7 +157,6 @@ def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
             rule = rules.score(store.sequences(slots))[0] >= 0.5
             rule &= ~failed
             ts = store.last_ts[slots]
-            now = float(ts.max()) if n else 0.0
             for name, a, d in (("lstm", alarm, drain), ("threshold", rule, rule)):
                 policy = policies[name]
                 need = a | failed
@@ -175,7 +174,7 @@ def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
                                  "mode": "none" if is_failed else FAILURE_MODES[int(scored.mode[j])],
                                  "op": self.alarm_op.name})  # fmt: skip
                 if recs:
-                    events[name] += policy.observe(recs, now)
+                    events[name] += observe_in_time(policy, recs)
 
     sim = FleetSimulator(FleetConfig(hosts=spec.hosts, gpus_per_host=spec.gpus_per_host, seed=spec.seed,
                                      interval_s=spec.interval_s, start_ts=1_700_000_000.0, **spec.overrides))  # fmt: skip

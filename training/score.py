@@ -2,8 +2,9 @@
 
 The live worker folds small batches (a fraction of a second of telemetry) and scores a GPU at its first
 sample at least `rescore_interval_s` after its last scoring. A file read in large batches would score each
-GPU only once per batch, so the replay cuts batches at `REPLAY_SPAN_S` of sample time: every GPU is scored
-at the same samples, with the same features and model, as a live worker at 1 Hz would have scored it.
+GPU only once per batch, so the replay cuts a batch before a host's second snapshot in it (`ChunkCuts`):
+every GPU is scored at the same samples, with the same features and model, as a live worker that sees one
+snapshot of a host per batch would have scored it.
 `--workers N` splits the recording by host over N processes (training.score_shards) and writes the same
 records; `replay_messages` replays snapshots from anywhere else (training.fleet_replay: a simulator in memory).
 """
@@ -34,27 +35,56 @@ from gpuwatch.streams.model import ModelError, Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 from gpuwatch.training.dataset import DeadLetterCount
 
-REPLAY_SPAN_S = 1.0  # sample time per replayed batch: one step of a 1 Hz fleet, like a live sub-second batch
+REPLAY_SPAN_S = 60.0  # longest sample time one replayed batch spans (a batch never holds a host twice)
 
 
 class ChunkCuts:
     """Where the replay cuts batches: before a snapshot `span_s` or more after its batch's first, or once a batch
-    holds `max_snapshots`. Fed the ts of every decoded snapshot in order, so that the sharded scorer
-    (training.score_shards) cuts a recording exactly where one process does."""
+    holds `max_snapshots`, or (`by_host`) before a second snapshot of a host already in the batch. Fed the ts
+    (and host) of every decoded snapshot in order, so that the sharded scorer (training.score_shards) cuts a
+    recording exactly where one process does.
 
-    def __init__(self, span_s: float, max_snapshots: int = 4096) -> None:
+    Cut by host, every GPU is folded and scored at each of its samples exactly as a live worker that sees one
+    snapshot of a host per batch would: a GPU's scoring depends only on its own samples, and its peers are in
+    the same snapshot. Batches then hold a whole sampling interval of the fleet (30 s at 30 s sampling) instead
+    of the hosts that happen to report in one second, which is what made slow fleets replay at a few thousand
+    GPU-samples per second."""
+
+    def __init__(self, span_s: float, max_snapshots: int = 4096, by_host: bool = False) -> None:
         self.span_s = span_s
         self.max_snapshots = max_snapshots
+        self.by_host = by_host
         self.start_ts = -np.inf
         self.held = 0  # snapshots in the open batch
+        self.hosts: set[str] = set()
 
-    def cut_before(self, ts: float) -> bool:
-        """Whether the snapshot at `ts` starts a new batch (never the first one); counts it into its batch."""
-        cut = self.held > 0 and (ts - self.start_ts >= self.span_s or self.held >= self.max_snapshots)
+    def cut_before(self, ts: float, host: str = "") -> bool:
+        """Whether the snapshot at `ts` (of `host`) starts a new batch (never the first one); counts it in."""
+        cut = self.held > 0 and (
+            ts - self.start_ts >= self.span_s or self.held >= self.max_snapshots or (self.by_host and host in self.hosts)
+        )
         if cut or not self.held:
             self.start_ts, self.held = ts, 0
+            self.hosts.clear()
         self.held += 1
+        if self.by_host:
+            self.hosts.add(host)
         return cut
+
+
+def observe_in_time(policy: RemediationPolicy, records: list[dict]) -> list[dict]:
+    """Feeds a replayed batch's risk records to `policy` in ts order, each at its own ts as the clock (a sink
+    with no lag): a batch spans up to a sampling interval, and a clock at its end would act late."""
+    events: list[dict] = []
+    group: list[dict] = []
+    for rec in sorted(records, key=lambda r: r["ts"]):
+        if group and rec["ts"] != group[0]["ts"]:
+            events += policy.observe(group, float(group[0]["ts"]))
+            group = []
+        group.append(rec)
+    if group:
+        events += policy.observe(group, float(group[0]["ts"]))
+    return events
 
 
 def file_messages(input_path: Path) -> Iterator[tuple[int, bytes]]:
@@ -67,13 +97,13 @@ def file_messages(input_path: Path) -> Iterator[tuple[int, bytes]]:
 
 def chunk_messages(
     messages: Iterable[tuple[int, bytes]], topic: str, span_s: float, max_snapshots: int = 4096,
-    stage: str = "score",
+    stage: str = "score", by_host: bool = False,
 ) -> Iterator[tuple[list[Snapshot], list[Inbound], list[bytes], int]]:  # fmt: skip
     """Decoded snapshots in order, cut by `ChunkCuts`; (offset, raw message) in, `topic` names the source.
 
     Yields (snapshots, their sources, dead letters of undecodable messages, messages read).
     """
-    cuts = ChunkCuts(span_s, max_snapshots)
+    cuts = ChunkCuts(span_s, max_snapshots, by_host)
     snaps: list[Snapshot] = []
     sources: list[Inbound] = []
     dead: list[bytes] = []
@@ -84,7 +114,7 @@ def chunk_messages(
         except DecodeError as exc:
             dead.append(make_deadletter(raw, str(exc), topic=topic, partition=0, offset=offset, stage=stage))
             continue
-        if cuts.cut_before(snap.ts):
+        if cuts.cut_before(snap.ts, snap.host):
             yield snaps, sources, dead, lines
             snaps, sources, dead, lines = [], [], [], 0
         snaps.append(snap)
@@ -108,8 +138,8 @@ def replay(input_path: Path, processor: RiskProcessor) -> Iterator[BatchResult]:
 
 def replay_messages(messages: Iterable[tuple[int, bytes]], topic: str, processor: RiskProcessor) -> Iterator[BatchResult]:
     """`replay` for (offset, raw snapshot) pairs from anywhere, e.g. a simulator stepping in memory."""
-    span = min(REPLAY_SPAN_S, processor.rescore_interval_s)
-    for snaps, sources, dead, _ in chunk_messages(messages, topic, span, stage=processor.stage):
+    cut = chunk_messages(messages, topic, REPLAY_SPAN_S, stage=processor.stage, by_host=True)
+    for snaps, sources, dead, _ in cut:
         result = BatchResult(deadletters=dead)
         if snaps:
             processor.fold(snaps, sources, result)

@@ -2,7 +2,7 @@
 
 A GPU's window depends only on its own snapshots, and its peer features on the other GPUs of the same
 snapshot, that is of the same host: hosts can be scored apart. What ties them together in one process is
-the batching. The replay cuts batches at 1 s of sample time over the whole file (`ChunkCuts`), a GPU is
+the batching. The replay cuts batches before a host's second snapshot (`ChunkCuts`), a GPU is
 scored at most once per batch, and a batch's records come out in the order the GPUs were first seen. So
 the parent reads the file once, takes each line's host and ts with a light parse (`snapshot_head`), cuts
 the batches exactly where one process would, and sends each worker the lines of its hosts with their batch
@@ -362,8 +362,7 @@ class _Pass:
 
     def _blocks(self) -> Any:
         """Yields (block number, one `_Block` per worker, the parent's dead letters): whole batches only."""
-        span = min(REPLAY_SPAN_S, self.rescore_interval_s)
-        cuts = ChunkCuts(span)
+        cuts = ChunkCuts(REPLAY_SPAN_S, by_host=True)
         chunk = block = held = 0
         parts = self._empty_parts()
         dead_keys: list[tuple[int, int, int]] = []
@@ -377,7 +376,7 @@ class _Pass:
                     if head is None:
                         continue
                 host, ts = head
-                if cuts.cut_before(ts):
+                if cuts.cut_before(ts, host):
                     chunk += 1
                     if held >= BLOCK_LINES:
                         yield block, self._seal(block, parts), (dead_keys, dead)
