@@ -155,6 +155,12 @@ def cmd_top(args: argparse.Namespace) -> int:
     return run_top(settings, n=args.n, once=args.once, interval_s=args.interval)
 
 
+def cmd_policy(args: argparse.Namespace) -> int:
+    from gpuwatch.sinks.policy_admin import policy_command
+
+    return policy_command(args, _settings(args))
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from gpuwatch.producers.agent import run_agent
     from gpuwatch.producers.nvml import NvmlUnavailable
@@ -248,6 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0)
     p.add_argument("--once", action="store_true", help="print once and exit")
     p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("policy", help="the remediation policy's guard rails: status, reset-breaker, "
+                       "clear-escalation, drill")
+    policy = p.add_subparsers(dest="policy_command", required=True)
+    q = policy.add_parser("status", help="breaker, escalations, incident, maintenance windows, pools, kill switch")
+    q.add_argument("--json", action="store_true", help="print JSON instead of text")
+    q = policy.add_parser("reset-breaker", help="close the circuit breaker and empty its window (audited)")
+    q.add_argument("--note", required=True, help="who resets it and why, for the audit log ('alice: rack 12 fixed')")
+    q = policy.add_parser("clear-escalation", help="close a host's escalation, forget its remediations (audited)")
+    q.add_argument("host")
+    q.add_argument("--note", required=True, help="who clears it and why, for the audit log")
+    q = policy.add_parser("drill", help="feed correlated high risk to the policy (in memory): where does it trip?")
+    q.add_argument("--fleet-hosts", type=int, default=100, help="hosts in the simulated fleet")
+    q.add_argument("--rack-hosts", type=int, default=10, help="hosts of the rack whose cooling fails")
+    q.add_argument("--gpus-per-host", type=int, default=8)
+    q.add_argument("--hours", type=float, default=2.0, help="simulated time per scenario")
+    q.add_argument("--json", dest="json_path", help="also write the figures here")
+    p.set_defaults(func=cmd_policy)
 
     p = sub.add_parser("agent", help="node agent: sample this node's GPUs (NVML) and publish to Kafka")
     p.add_argument("--simulate", action="store_true", help="publish a simulated fleet instead of NVML")

@@ -11,10 +11,12 @@ import dataclasses
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from gpuwatch.pools import Pools, parse_maintenance_windows
 
 
 class ConfigError(ValueError):
@@ -84,6 +86,15 @@ class Settings:
     policy_cooldown_s: float = field(default=3600.0, metadata={"doc": "After acting on a GPU, its next risk episode may not act for this long."})
     policy_max_concurrent_drains: int = field(default=2, metadata={"doc": "Most hosts draining or rebooting at once, fleet-wide (blast radius)."})
     policy_drain_hold_s: float = field(default=3600.0, metadata={"doc": "A drain counts against the limit until its GPU recovers or this long."})
+    policy_breaker_share: float = field(default=0.05, metadata={"doc": "Circuit breaker: share of the fleet's hosts that disruptive actions (migrate, reboot, repair) may reach within policy_breaker_window_s; the action that would reach one host more opens the breaker, which holds every disruptive action until `gpuwatch policy reset-breaker` (0 turns it off)."})
+    policy_breaker_window_s: float = field(default=3600.0, metadata={"doc": "Circuit breaker: the sliding window (wall clock) over which hosts acted on are counted."})
+    policy_breaker_min_hosts: int = field(default=3, metadata={"doc": "Circuit breaker: hosts that may always be acted on within the window, however small the fleet (the limit is the larger of this and policy_breaker_share of the fleet, rounded down)."})
+    policy_escalate_after: int = field(default=2, metadata={"doc": "Escalation: a host remediated this many times within policy_escalate_window_s is escalated to a human instead of being remediated again (0 turns it off). A remediation: a migrate, or a repair of a GPU not migrated before; GPUs of the host remediated less than policy_drain_hold_s apart count as one."})
+    policy_escalate_window_s: float = field(default=604800.0, metadata={"doc": "Escalation: the window (wall clock) over which a host's remediations are counted (7 days)."})
+    policy_max_unhealthy_hosts: int = field(default=20, metadata={"doc": "Incident: above this many unhealthy hosts (a GPU in alarm, or failed within policy_breaker_window_s) the policy takes no action at all until they are fewer again: an incident, not a GPU fault (0 turns it off)."})
+    policy_pool_pattern: str = field(default="", metadata={"doc": "Pools: regular expression searched in a host name; its group (or the whole match) names the host's pool, e.g. ^(node-\\d{3})\\d$ for racks of ten simulator hosts. Empty: one pool, fleet; unmatched hosts: pool other."})
+    policy_pool_max_drains: int = field(default=0, metadata={"doc": "Pools: most hosts of one pool draining or rebooting at once (0: no per-pool limit; policy_max_concurrent_drains still holds fleet-wide)."})
+    policy_maintenance_windows: str = field(default="", metadata={"doc": "Maintenance windows, UTC, separated by ';', each 'DAY HH:MM-HH:MM' (DAY Mon..Sun or daily) or 'YYYY-MM-DDTHH:MMZ/YYYY-MM-DDTHH:MMZ', optionally after 'POOL@' (else fleet-wide): the policy holds disruptive actions on the pool's hosts meanwhile (docs/remediation.md)."})
     policy_job_gpus: int = field(default=1024, metadata={"doc": "Cost model: GPUs of the job a failing GPU takes down (a failure loses work on all of them)."})
     policy_job_checkpoint_interval_s: float = field(default=3600.0, metadata={"doc": "Cost model: how often jobs checkpoint on their own; a failure loses half of it on average."})
     policy_failure_overhead_s: float = field(default=1800.0, metadata={"doc": "Cost model: time an unplanned failure costs the whole job besides lost work (detection, timeouts, requeue, reload)."})
@@ -183,6 +194,7 @@ class Allowed:
     hi_open: bool = False
     choices: tuple[str, ...] = ()
     why: str = ""
+    parse: Callable[[str], object] | None = None  # text: raises ValueError (saying what is wrong) unless well-formed
 
     def admits(self, value: Any) -> bool:
         if self.choices:
@@ -197,6 +209,8 @@ class Allowed:
 
     def describe(self, kind: type) -> str:
         """What to give, e.g. ``an integer >= 1`` or ``a number in (0, 10]``."""
+        if self.parse is not None:
+            return self.why
         if self.choices:
             return "one of " + ", ".join(self.choices)
         noun = {bool: "true or false", int: "an integer", float: "a number", str: "text"}[kind]
@@ -255,6 +269,16 @@ ALLOWED: dict[str, Allowed] = {
     "policy_cooldown_s": _AT_LEAST_0,
     "policy_max_concurrent_drains": Allowed(lo=0, why="0 never drains"),
     "policy_drain_hold_s": _AT_LEAST_0,
+    "policy_breaker_share": Allowed(lo=0, hi=1, why="a share of the fleet's hosts; 0 turns the breaker off"),
+    "policy_breaker_window_s": _POSITIVE,
+    "policy_breaker_min_hosts": Allowed(lo=1),
+    "policy_escalate_after": Allowed(lo=0, why="remediations of one host; 0 turns escalation off"),
+    "policy_escalate_window_s": _POSITIVE,
+    "policy_max_unhealthy_hosts": Allowed(lo=0, why="0 turns it off"),
+    "policy_pool_pattern": Allowed(parse=Pools, why="a regular expression with at most one group"),
+    "policy_pool_max_drains": Allowed(lo=0, why="0: no per-pool limit"),
+    "policy_maintenance_windows": Allowed(parse=parse_maintenance_windows,
+                                          why="windows separated by ;, see the meaning"),
     "policy_job_gpus": _COST,
     "policy_job_checkpoint_interval_s": _COST,
     "policy_failure_overhead_s": _COST,
@@ -331,14 +355,20 @@ def checked(name: str, value: Any, source: str = "") -> Any:
         typed = _typed(kind, value, parse=source == "environment")
     except (TypeError, ValueError):
         typed = None
-    if typed is not None and allowed.admits(typed):
-        return typed
     secret = name in _SECRETS
     if source == "environment":
         where = f"environment variable GPUWATCH_{name.upper()}={'***' if secret else value}"
     else:
         where = f"{source + ': ' if source else 'setting '}{name} = {'***' if secret else _shown(value)}"
-    why = f" ({allowed.why})" if allowed.why else ""
+    if typed is not None and allowed.admits(typed):
+        if allowed.parse is None:
+            return typed
+        try:
+            allowed.parse(typed)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return typed
+    why = f" ({allowed.why})" if allowed.why and allowed.parse is None else ""
     raise ConfigError(f"{where}: must be {allowed.describe(kind)}{why}")
 
 

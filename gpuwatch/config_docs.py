@@ -50,6 +50,8 @@ def _cell(text: str) -> str:
 def _allowed(name: str, kind: type) -> str:
     """The Allowed cell: ``>= 1``, ``(0, 10]``, ``one of ...``; "any" for free text or a switch."""
     allowed = ALLOWED.get(name, Allowed())
+    if allowed.parse is not None:
+        return allowed.why
     if kind in (str, bool) and not allowed.choices:
         return "any"
     return allowed.describe(kind).removeprefix("an integer ").removeprefix("a number in ").removeprefix("a number ")

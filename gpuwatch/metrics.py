@@ -92,6 +92,28 @@ REMEDIATION_ACTIONS = Counter(
     ["action", "outcome"],
 )
 REMEDIATION_OUTCOMES = ("ok", "failed", "dry_run", "duplicate", "skipped")
+# The remediation policy's guard rails whose trips alert (sinks/policy.py, docs/remediation.md).
+POLICY_GUARDS = ("breaker", "escalation", "incident", "pool_limit")
+POLICY_TRIPS = Counter(
+    "gpuwatch_policy_trips_total",
+    "Trips of the remediation policy's guard rails, by guard: breaker (it opened), escalation (a host handed to a "
+    "human), incident (too many unhealthy hosts), pool_limit (an action held by its pool's limit).",
+    ["guard"],
+)
+POLICY_BREAKER_OPEN = Gauge(
+    "gpuwatch_policy_breaker_open",
+    "1 while the remediation policy's circuit breaker is open (no disruptive action until an operator resets it).",
+)
+POLICY_INCIDENT = Gauge(
+    "gpuwatch_policy_incident", "1 while more hosts are unhealthy than the policy acts on (it takes no action)."
+)
+POLICY_UNHEALTHY_HOSTS = Gauge(
+    "gpuwatch_policy_unhealthy_hosts", "Hosts with a GPU in alarm or freshly failed, fleet-wide (the incident's count)."
+)
+POLICY_FLEET_HOSTS = Gauge("gpuwatch_policy_fleet_hosts", "Hosts that sent risk within a day (the breaker's fleet).")
+POLICY_ESCALATED_HOSTS = Gauge(
+    "gpuwatch_policy_escalated_hosts", "Hosts escalated to a human (remediated too often), waiting for an operator."
+)
 # The dead-letter stages of each component (the `stage` label of gpuwatch_deadletters_total).
 DEADLETTER_STAGES = {"stream": ("stream",), "sink": ("risk-sink", "risk-sink/redis"), "controller": ("controller",)}
 
@@ -107,10 +129,23 @@ def zero_counters(component: str) -> None:
     if component == "sink":
         for action in ACTIONS:
             REMEDIATION_EVENTS.labels(action)
+        for guard in POLICY_GUARDS:
+            POLICY_TRIPS.labels(guard)
     elif component == "controller":
         for action in ACTIONS:
             for outcome in REMEDIATION_OUTCOMES:
                 REMEDIATION_ACTIONS.labels(action, outcome)
+
+
+def export_policy_guards(
+    *, breaker_open: bool, incident: bool, fleet_hosts: int, unhealthy_hosts: int, escalated_hosts: int
+) -> None:
+    """Set the policy's guard rail gauges from its view of the shared state (once per batch)."""
+    POLICY_BREAKER_OPEN.set(float(breaker_open))
+    POLICY_INCIDENT.set(float(incident))
+    POLICY_FLEET_HOSTS.set(fleet_hosts)
+    POLICY_UNHEALTHY_HOSTS.set(unhealthy_hosts)
+    POLICY_ESCALATED_HOSTS.set(escalated_hosts)
 
 
 def start_metrics_server(port: int, host: str, component: str) -> Any:
@@ -343,7 +378,8 @@ _CONSUMER_METRICS: tuple[Collector, ...] = (BATCH_SIZE, BATCH_DURATION, CONSUMER
 COMPONENT_METRICS: dict[str, tuple[Collector, ...]] = {
     "stream": (*_CONSUMER_METRICS, STREAM_SAMPLES, STREAM_SAMPLES_REJECTED, STREAM_SCORED, STREAM_NEWEST_SAMPLE_TS,
                INFERENCE_LATENCY, GPU_TELEMETRY),
-    "sink": (*_CONSUMER_METRICS, RISK_RECORDS_WRITTEN, REMEDIATION_EVENTS, FLEET_RISK),
+    "sink": (*_CONSUMER_METRICS, RISK_RECORDS_WRITTEN, REMEDIATION_EVENTS, FLEET_RISK, POLICY_TRIPS,
+             POLICY_BREAKER_OPEN, POLICY_INCIDENT, POLICY_UNHEALTHY_HOSTS, POLICY_FLEET_HOSTS, POLICY_ESCALATED_HOSTS),
     "controller": (CONSUMER_LAG, DEADLETTERS, REMEDIATION_ACTIONS),
 }  # fmt: skip
 

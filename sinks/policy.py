@@ -9,14 +9,21 @@ artifact (docs/model.md), so the product acts on exactly what was evaluated. Sid
 and `RedisAuditLog` below are the Redis-backed ones the remediation sink uses. docs/redis.md describes the
 rules for operators.
 
+Fleet-level guard rails (circuit breaker, escalation to a human, incident, per-pool limits, maintenance windows)
+keep their shared state in a `GuardState` (`sinks/guard_state.py`): Redis in the sink, so every replica and a
+restarted sink see the same breaker; memory elsewhere. docs/remediation.md describes them for operators.
+
 Time: escalation timers run on record time (`ts`), so replaying the same records yields the same events
-with the same ids; `now` (wall clock) is only used to reject stale records and to expire drain holds.
+with the same ids; `now` (wall clock) is used to reject stale records, to expire drain holds, and for the
+fleet-level guard rails' windows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,14 +32,24 @@ import orjson
 import redis
 
 from gpuwatch.config import Settings
+from gpuwatch.metrics import POLICY_GUARDS
+from gpuwatch.pools import MaintenanceWindow, Pools, active_window, parse_maintenance_windows
 
 from ..schemas.codecs import remediation_id
 from ..schemas.fields import REMEDIATION_SCHEMA
 from . import redis_keys as k
+from .guard_state import ADMITTED, OPEN, TRIPPED, GuardState, GuardView, MemoryGuardState
 
 log = logging.getLogger(__name__)
 
 AuditSink = Callable[[list[dict[str, Any]]], None]
+TripSink = Callable[[str], None]
+
+# Actions that take a node out of service; a checkpoint only asks a job to save its state.
+DISRUPTIVE = ("migrate", "reboot", "repair")
+GUARDS = POLICY_GUARDS  # guard rails whose trips are counted and alert (deploy/prometheus/alerts.yml)
+FLEET_KEEP_S = 86400.0  # the fleet: hosts the policy saw a risk record of within a day
+HOST_SEEN_EVERY_S = 60.0  # how often a host's "seen" time is written to the guard state
 
 
 @dataclass(frozen=True)
@@ -47,17 +64,43 @@ class PolicyRules:
     max_concurrent_drains: int = 2  # hosts draining (migrate) or rebooting at once, fleet-wide
     drain_hold_s: float = 3600.0  # a drain stops counting when its episode ends or after this long
     stale_after_s: float = 60.0  # records older than this (vs `now`) are never acted on
+    # Fleet-level guard rails, off unless set (settings turn them on: `from_settings`); windows on the wall clock.
+    breaker_share: float = 0.0  # share of the fleet's hosts disruptive actions may reach in the window; 0 off
+    breaker_window_s: float = 3600.0
+    breaker_min_hosts: int = 3  # hosts that may always be acted on within the window, however small the fleet
+    escalate_after: int = 0  # a host remediated this often within escalate_window_s goes to a human; 0 off
+    escalate_window_s: float = 604800.0
+    max_unhealthy_hosts: int = 0  # above this many unhealthy hosts the policy stops acting; 0 off
+    pool_pattern: str = ""  # host name -> pool (gpuwatch.pools)
+    pool_max_drains: int = 0  # hosts of one pool draining or rebooting at once; 0: no per-pool limit
+    maintenance: tuple[MaintenanceWindow, ...] = ()  # disruptive actions held on a pool's hosts meanwhile
 
     def __post_init__(self) -> None:
-        if self.max_concurrent_drains < 0:
-            raise ValueError("max_concurrent_drains must be >= 0")
+        limits = (
+            self.max_concurrent_drains,
+            self.escalate_after,
+            self.max_unhealthy_hosts,
+            self.pool_max_drains,
+        )
+        if min(limits) < 0:
+            raise ValueError("policy limits must be >= 0")
         if min(self.episode_gap_s, self.checkpoint_grace_s, self.reboot_after_s, self.cooldown_s) < 0:
             raise ValueError("policy times must be >= 0")
+        if not 0.0 <= self.breaker_share <= 1.0 or self.breaker_min_hosts < 1:
+            raise ValueError("breaker_share must be in [0, 1] and breaker_min_hosts >= 1")
+        if min(self.breaker_window_s, self.escalate_window_s) <= 0:
+            raise ValueError("guard rail windows must be > 0")
+        Pools(self.pool_pattern)  # ValueError if it is no pattern
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> PolicyRules:
-        """Rules from the `policy_*` and `stale_after_s` settings (the rest keep their defaults)."""
-        return cls(
+    def from_settings(cls, settings: Settings, *, fleet_guards: bool = True) -> PolicyRules:
+        """Rules from the `policy_*` and `stale_after_s` settings (the rest keep their defaults).
+
+        `fleet_guards=False` leaves the fleet-level guard rails (breaker, escalation, incident, pools, maintenance)
+        off, as the offline replays of simulated fleets do: those fleets fail about a thousand times as often as
+        a real one by construction, so the guard rails would trip on that, and the replay measures the model.
+        """
+        rules = cls(
             episode_gap_s=settings.policy_episode_gap_s,
             checkpoint_grace_s=settings.policy_checkpoint_grace_s,
             reboot_after_s=settings.policy_reboot_after_s,
@@ -66,6 +109,24 @@ class PolicyRules:
             drain_hold_s=settings.policy_drain_hold_s,
             stale_after_s=settings.stale_after_s,
         )
+        if not fleet_guards:
+            return rules
+        return dataclasses.replace(
+            rules,
+            breaker_share=settings.policy_breaker_share,
+            breaker_window_s=settings.policy_breaker_window_s,
+            breaker_min_hosts=settings.policy_breaker_min_hosts,
+            escalate_after=settings.policy_escalate_after,
+            escalate_window_s=settings.policy_escalate_window_s,
+            max_unhealthy_hosts=settings.policy_max_unhealthy_hosts,
+            pool_pattern=settings.policy_pool_pattern,
+            pool_max_drains=settings.policy_pool_max_drains,
+            maintenance=parse_maintenance_windows(settings.policy_maintenance_windows),
+        )
+
+    def breaker_limit(self, fleet_hosts: int) -> int:
+        """Hosts that disruptive actions may reach within the breaker's window, in a fleet of `fleet_hosts`."""
+        return max(self.breaker_min_hosts, math.floor(self.breaker_share * fleet_hosts + 1e-9))
 
 
 @dataclass
@@ -83,7 +144,7 @@ class _Gpu:
     last_action_ts: float | None = None
     episode: _Episode | None = None
     repaired_failure: float | None = None  # failed_since of the failure a repair was asked for
-    suppressed_failure: float | None = None  # ... of the failure whose repair the kill switch held (audited once)
+    repair_audited: set[tuple[float, str]] = field(default_factory=set)  # (failed_since, reason) audited
 
 
 class RemediationPolicy:
@@ -95,10 +156,15 @@ class RemediationPolicy:
     holds, at least `checkpoint_grace_s` after the checkpoint), reboot (the drain operating point still
     holds `reboot_after_s` after migrate, modes in `reboot_modes` only). A failed GPU (`failed: true`) is no
     longer predicted: its episode ends and it gets one `repair` event per failure (drain it and ask for a
-    repair) instead of the ladder. Guard rails, checked in this order: kill switch, per-GPU cooldown (first
-    action of an episode), blast radius (`max_concurrent_drains` hosts draining or rebooting; repairs are
-    not limited: the GPU is down already). Stale, duplicate and out-of-order records are ignored. Every
-    decision (acted, suppressed, cleared) is passed to `audit`, suppressions once per episode.
+    repair) instead of the ladder. Guard rails, checked in this order: kill switch; incident (more than
+    `max_unhealthy_hosts` unhealthy hosts: no action at all); for disruptive actions (`DISRUPTIVE`) the
+    circuit breaker, maintenance windows and escalated hosts; per-GPU cooldown (first action of an episode);
+    blast radius (`max_concurrent_drains` hosts draining or rebooting, and `pool_max_drains` per pool; repairs
+    are not limited: the GPU is down already); last, escalation (a host remediated `escalate_after` times
+    within `escalate_window_s` goes to a human instead) and the breaker's admission (disruptive actions may
+    reach `breaker_limit` hosts within `breaker_window_s`; the one beyond opens the breaker). Stale, duplicate
+    and out-of-order records are ignored. Every decision (acted, suppressed, cleared, tripped) is passed to
+    `audit`, suppressions once per episode; each trip of a guard in `GUARDS` also to `on_trip(guard)`.
     """
 
     def __init__(
@@ -107,15 +173,37 @@ class RemediationPolicy:
         *,
         killswitch: Callable[[], bool] | None = None,
         audit: AuditSink | None = None,
+        guards: GuardState | None = None,
+        on_trip: TripSink | None = None,
         **overrides: Any,
     ) -> None:
-        """`overrides` replace single rules: ``RemediationPolicy(episode_gap_s=60, max_concurrent_drains=1)``."""
+        """`overrides` replace single rules: ``RemediationPolicy(episode_gap_s=60, max_concurrent_drains=1)``.
+
+        `guards` holds the fleet-level guard rails' state (default: in memory, this policy's alone)."""
         self.rules = dataclasses.replace(rules or PolicyRules(), **overrides)
         self._killswitch = killswitch or (lambda: False)
         self._audit = audit or (lambda entries: None)
+        self._guards: GuardState = guards if guards is not None else MemoryGuardState()
+        self._on_trip = on_trip or (lambda guard: None)
         self._gpus: dict[str, _Gpu] = {}
         self._drains: dict[str, dict[str, float]] = {}  # host -> {member: wall time the drain began}
         self._stale_audited: set[str] = set()
+        r = self.rules
+        self._pools = Pools(r.pool_pattern)
+        self._fleet_guards = r.breaker_share > 0 or r.escalate_after > 0 or r.max_unhealthy_hosts > 0
+        self._view = GuardView()  # the guard state as read at the start of the current batch
+        self._host_seen: dict[str, float] = {}  # host -> wall time it was last written to the guard state
+        self._bad: dict[str, set[int]] = {}  # host -> its GPUs in alarm or freshly failed (incident)
+        self.trips: Counter[str] = Counter()  # guard -> trips by this policy
+
+    @property
+    def guard_view(self) -> GuardView:
+        """The fleet-level guard rails' state after the last `observe` (breaker, escalations, incident, counts)."""
+        return self._view
+
+    def pool_of(self, host: str) -> str:
+        """The pool of `host` (`pool_pattern`)."""
+        return self._pools.of(host)
 
     def tracks(self, host: str, gpu_index: int) -> bool:
         """Whether the policy holds state for this GPU (an episode, a cooldown or a repair): its next record
@@ -140,11 +228,13 @@ class RemediationPolicy:
     def observe(self, records: Sequence[Mapping[str, Any]], now: float) -> list[dict[str, Any]]:
         """Feeds decoded risk records (any GPUs, any order); returns the remediation events now due.
 
-        `now` is the wall clock (unix seconds). The kill switch is read once per call.
+        `now` is the wall clock (unix seconds). The kill switch and the guard rails' state are read once per call.
         """
         kill = bool(self._killswitch())
         events: list[dict[str, Any]] = []
         audits: list[dict[str, Any]] = []
+        if self._fleet_guards:
+            self._sync_guards(records, now, audits)
         for rec in records:
             self._observe_one(rec, now, kill, events, audits)
         if audits:
@@ -202,13 +292,17 @@ class RemediationPolicy:
         if due is None:
             return
         action, detail = due
-        blocked = self._guard(action, rec, gpu, ep, now, kill)
+        blocked = self._guard(action, rec, gpu, ep, now, kill) or self._admit(action, rec, now, action == "migrate",
+                                                                             gpu, audits)  # fmt: skip
         if blocked is not None:
             if (action, blocked[0]) not in ep.audited:
                 ep.audited.add((action, blocked[0]))
                 audits.append(self._entry(rec, now, action, "suppressed", blocked[0], blocked[1], gpu))
+                if blocked[0] == "pool_limit":
+                    self._trip("pool_limit")
             return
         self._emit(m, gpu, rec, now, action, detail, ep.start_ts, events, audits)
+        self._remediated(action == "migrate", rec, events[-1]["id"], now)
         ep.action_ts[action] = ts
 
     def _failed(
@@ -216,20 +310,24 @@ class RemediationPolicy:
         events: list[dict[str, Any]], audits: list[dict[str, Any]],
     ) -> None:  # fmt: skip
         """A failed GPU leaves the ladder: its episode ends, and one repair is asked for per failure."""
+        migrated = gpu.episode is not None and "migrate" in gpu.episode.action_ts  # the host drained already
         if gpu.episode is not None:
             self._end_episode(m, rec, now, "failed", audits)
         since = float(rec.get("failed_since") or rec["ts"])
         if gpu.repaired_failure == since:
             return
-        if kill:
-            if gpu.suppressed_failure != since:  # audit the suppression once per failure
-                gpu.suppressed_failure = since
-                detail = f"kill switch {k.KILLSWITCH} is on"
-                audits.append(self._entry(rec, now, "repair", "suppressed", "killswitch", detail, gpu))
+        blocked = self._fleet_guard("repair", str(rec["host"]), now, kill) or self._admit(
+            "repair", rec, now, not migrated, gpu, audits
+        )
+        if blocked is not None:
+            if (since, blocked[0]) not in gpu.repair_audited:  # audit each reason once per failure
+                gpu.repair_audited.add((since, blocked[0]))
+                audits.append(self._entry(rec, now, "repair", "suppressed", blocked[0], blocked[1], gpu))
             return
         gpu.repaired_failure = since
         detail = f"GPU failed at ts {since:.0f} ({rec.get('mode', 'none')}): drain and repair"
         self._emit(m, gpu, rec, now, "repair", detail, since, events, audits)
+        self._remediated(not migrated, rec, events[-1]["id"], now)
 
     def _emit(
         self, m: str, gpu: _Gpu, rec: Mapping[str, Any], now: float, action: str, detail: str, episode_ts: float,
@@ -281,8 +379,9 @@ class RemediationPolicy:
     ) -> tuple[str, str] | None:
         """(reason, detail) if a guard rail forbids `action` now, else None."""
         r = self.rules
-        if kill:
-            return "killswitch", f"kill switch {k.KILLSWITCH} is on"
+        fleet = self._fleet_guard(action, str(rec["host"]), now, kill)
+        if fleet is not None:
+            return fleet
         first = not ep.action_ts
         if first and gpu.last_action_ts is not None and float(rec["ts"]) - gpu.last_action_ts < r.cooldown_s:
             ago = float(rec["ts"]) - gpu.last_action_ts
@@ -297,7 +396,162 @@ class RemediationPolicy:
                     "blast_radius",
                     f"{len(draining)} hosts already draining ({busy}); limit {r.max_concurrent_drains}",
                 )
+            if r.pool_max_drains:
+                pool = self._pools.of(rec["host"])
+                same = [h for h in draining if self._pools.of(h) == pool]
+                if rec["host"] not in same and len(same) >= r.pool_max_drains:
+                    busy = ", ".join(same)
+                    return "pool_limit", f"{len(same)} hosts of pool {pool} already draining ({busy}); " \
+                                         f"limit {r.pool_max_drains} per pool"  # fmt: skip
         return None
+
+    def _fleet_guard(self, action: str, host: str, now: float, kill: bool) -> tuple[str, str] | None:
+        """(reason, detail) if the kill switch or a fleet-level guard rail holds `action` on `host` now."""
+        r, v = self.rules, self._view
+        if kill:
+            return "killswitch", f"kill switch {k.KILLSWITCH} is on"
+        if r.max_unhealthy_hosts and v.incident is not None:
+            return "incident", (
+                f"{v.unhealthy_hosts} hosts unhealthy, more than policy_max_unhealthy_hosts "
+                f"({r.max_unhealthy_hosts}): an incident, not a GPU fault; no action until fewer"
+            )
+        if action not in DISRUPTIVE:
+            return None
+        if not v.available:
+            return "guard_state", "the guard rails' state cannot be read (Redis); no disruptive action blind"
+        if r.breaker_share and v.breaker is not None:
+            return "breaker", (
+                f"circuit breaker open since {float(v.breaker.get('now') or 0):.0f} "
+                "(`gpuwatch policy status`); `gpuwatch policy reset-breaker` closes it"
+            )
+        if r.maintenance:
+            pool = self._pools.of(host)
+            window = active_window(r.maintenance, pool, now)
+            if window is not None:
+                return "maintenance", f"maintenance window {window.text!r} holds for pool {pool}"
+        if r.escalate_after and host in v.escalated:
+            return "escalated", (
+                f"host {host} is escalated to a human; `gpuwatch policy clear-escalation {host}` "
+                "once it is dealt with"
+            )
+        return None
+
+    def _admit(
+        self, action: str, rec: Mapping[str, Any], now: float, starts_remediation: bool, gpu: _Gpu,
+        audits: list[dict[str, Any]],
+    ) -> tuple[str, str] | None:  # fmt: skip
+        """The last checks of a disruptive action, which count what they let through: escalation of a host
+        remediated too often (when `starts_remediation`), then the breaker's admission. (reason, detail) if held."""
+        r = self.rules
+        if action not in DISRUPTIVE:
+            return None
+        host = str(rec["host"])
+        if r.escalate_after and starts_remediation:
+            times = self._guards.remediations(host, now - r.escalate_window_s)
+            done = remediation_count(times, r.drain_hold_s)
+            # Another GPU of a host being remediated now is part of the same remediation.
+            ongoing = bool(times) and now - times[-1] < r.drain_hold_s
+            if not ongoing and done >= r.escalate_after:
+                detail = (
+                    f"host {host} was remediated {done} times within {r.escalate_window_s / 86400:g} days "
+                    f"(policy_escalate_after {r.escalate_after}): {action} held for a human; "
+                    f"`gpuwatch policy clear-escalation {host}` once it is dealt with"
+                )
+                entry = self._entry(rec, now, action, "tripped", "escalation", detail, gpu)
+                if self._guards.escalate(host, entry):
+                    audits.append(entry)
+                    self._trip("escalation")
+                self._view.escalated[host] = entry
+                return "escalated", detail
+        if r.breaker_share:
+            fleet = self._view.fleet_hosts
+            limit = r.breaker_limit(fleet)
+            detail = (
+                f"circuit breaker opened: disruptive actions reached {limit} hosts within "
+                f"{r.breaker_window_s:g} s, the limit ({r.breaker_share:.3g} of {fleet} hosts, at least "
+                f"{r.breaker_min_hosts}); {action} on {host} would have been one more. No disruptive action "
+                "until `gpuwatch policy reset-breaker`"
+            )
+            trip = self._entry(rec, now, action, "tripped", "breaker", detail, gpu)
+            trip.update(limit=limit, fleet_hosts=fleet, window_s=r.breaker_window_s)
+            answer = self._guards.admit(host, now, r.breaker_window_s, limit, trip)
+            if answer == TRIPPED:
+                audits.append(trip)
+                self._trip("breaker")
+            if answer in (TRIPPED, OPEN):
+                opened_elsewhere = {"now": now, "detail": "opened by another remediation sink"}
+                self._view.breaker = self._view.breaker or (trip if answer == TRIPPED else opened_elsewhere)
+                return self._fleet_guard(action, host, now, False)
+            if answer != ADMITTED:
+                self._view.available = False
+                return self._fleet_guard(action, host, now, False)
+        return None
+
+    def _remediated(self, starts: bool, rec: Mapping[str, Any], event_id: str, now: float) -> None:
+        """Counts a remediation of the record's host (a migrate, or a repair its GPU had no migrate for)."""
+        if starts and self.rules.escalate_after:
+            self._guards.add_remediation(str(rec["host"]), event_id, now, self.rules.escalate_window_s)
+
+    def _trip(self, guard: str) -> None:
+        self.trips[guard] += 1
+        self._on_trip(guard)
+
+    def _sync_guards(
+        self, records: Sequence[Mapping[str, Any]], now: float, audits: list[dict[str, Any]]
+    ) -> None:
+        """Tells the guard state which hosts this batch saw and which are unhealthy; reads it back; opens or
+        closes the incident. A host is unhealthy while one of its GPUs is in alarm or failed within the
+        breaker's window (an old failure waiting for repair is not news)."""
+        r = self.rules
+        seen: dict[str, float] = {}
+        touched: set[str] = set()
+        for rec in records:
+            host = rec["host"]
+            if now - self._host_seen.get(host, -math.inf) >= HOST_SEEN_EVERY_S:
+                self._host_seen[host] = seen[host] = now
+            if not r.max_unhealthy_hosts or now - min(float(rec["ts"]), now) > r.stale_after_s:
+                continue
+            failed_since = float(rec.get("failed_since") or rec["ts"])
+            bad = bool(rec.get("alarm")) or (
+                bool(rec.get("failed")) and now - failed_since <= r.breaker_window_s
+            )
+            gpus = self._bad.get(host)
+            if bad:
+                self._bad.setdefault(host, set()).add(int(rec["gpu_index"]))
+                touched.add(host)
+            elif gpus and int(rec["gpu_index"]) in gpus:
+                gpus.discard(int(rec["gpu_index"]))
+                touched.add(host)
+        unhealthy = {h: now for h in touched if self._bad.get(h)}
+        healthy = [h for h in touched if not self._bad.get(h)]
+        for host in healthy:
+            self._bad.pop(host, None)
+        view = self._guards.sync(seen, unhealthy, healthy, now, FLEET_KEEP_S, r.stale_after_s)
+        self._view = view
+        if not r.max_unhealthy_hosts or not view.available:
+            return
+        incident = view.unhealthy_hosts > r.max_unhealthy_hosts
+        if incident and view.incident is None:
+            detail = (
+                f"{view.unhealthy_hosts} hosts unhealthy, more than policy_max_unhealthy_hosts "
+                f"({r.max_unhealthy_hosts}) of {view.fleet_hosts}: an incident, not a GPU fault; the policy "
+                "takes no action until they are fewer"
+            )
+            entry = _fleet_entry(now, "tripped", "incident", detail, unhealthy_hosts=view.unhealthy_hosts)
+            if self._guards.set_incident(entry):
+                audits.append(entry)
+                self._trip("incident")
+            view.incident = entry
+        elif not incident and view.incident is not None:
+            if self._guards.set_incident(None):
+                detail = (
+                    f"{view.unhealthy_hosts} hosts unhealthy, at most policy_max_unhealthy_hosts "
+                    f"({r.max_unhealthy_hosts}): the policy acts again"
+                )
+                audits.append(
+                    _fleet_entry(now, "cleared", "incident", detail, unhealthy_hosts=view.unhealthy_hosts)
+                )
+            view.incident = None
 
     def _end_episode(
         self, m: str, rec: Mapping[str, Any], now: float, why: str, audits: list[dict[str, Any]]
@@ -343,6 +597,33 @@ class RemediationPolicy:
             "episode_ts": episode_ts,
             "now": now,
         }
+
+
+def remediation_count(times: Sequence[float], hold_s: float) -> int:
+    """Remediations of a host from the times its GPUs were remediated (sorted): one remediation goes on while
+    the next GPU's comes less than `hold_s` (the drain hold) after the previous one (a drained node, or a rack
+    event, takes several GPUs at once: that is one remediation of the node, not eight)."""
+    count, last = 0, -math.inf
+    for t in times:
+        if t - last >= hold_s:
+            count += 1
+        last = t
+    return count
+
+
+def _fleet_entry(now: float, decision: str, reason: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """An audit entry about the fleet, not one GPU (an incident, an operator's reset): the GPU fields are null."""
+    entry: dict[str, Any] = {
+        "decision": decision, "action": None, "reason": reason, "detail": detail, "id": None, "host": None,
+        "gpu_index": None, "uuid": None, "risk": None, "mode": None, "ts": None, "episode_ts": None, "now": now,
+    }  # fmt: skip
+    entry.update(extra)
+    return entry
+
+
+def operator_entry(now: float, reason: str, detail: str, host: str | None = None) -> dict[str, Any]:
+    """The audit entry of an operator's command (`gpuwatch policy reset-breaker`, `clear-escalation`)."""
+    return _fleet_entry(now, "reset", reason, detail, host=host)
 
 
 class RedisKillSwitch:

@@ -25,6 +25,14 @@ Remediation:
   ``gpuwatch:killswitch``            string; while it exists the policy takes no action and the controller
                                      executes none (it records each event due as skipped)
   ``gpuwatch:audit``                 stream (capped): one entry per policy decision, field ``json``
+  ``gpuwatch:policy:breaker``        string (JSON) while the circuit breaker is open; deleted by reset-breaker
+  ``gpuwatch:policy:disrupted``      sorted set: member host, score wall time of its newest disruptive action
+                                     (the breaker's sliding window)
+  ``gpuwatch:policy:remediated:{host}`` sorted set: member remediation id, score wall time (escalation window)
+  ``gpuwatch:policy:escalations``    hash: host -> JSON of its open escalation to a human
+  ``gpuwatch:policy:hosts``          sorted set: member host, score wall time the policy last saw it (the fleet)
+  ``gpuwatch:policy:unhealthy``      sorted set: member host, score wall time it was last seen unhealthy
+  ``gpuwatch:policy:incident``       string (JSON) while more hosts are unhealthy than the policy acts on
   ``gpuwatch:claim:{id}``            string (SET NX EX): a controller claimed remediation `id`
   ``gpuwatch:outcome:{id}``          hash: how executing remediation `id` went
 """
@@ -44,6 +52,13 @@ FLEET_ALARM = PREFIX + "fleet:alarm"
 FLEET_FAILED = PREFIX + "fleet:failed"
 KILLSWITCH = PREFIX + "killswitch"
 AUDIT = PREFIX + "audit"
+POLICY_BREAKER = PREFIX + "policy:breaker"
+POLICY_DISRUPTED = PREFIX + "policy:disrupted"
+POLICY_REMEDIATED_PREFIX = PREFIX + "policy:remediated:"
+POLICY_ESCALATIONS = PREFIX + "policy:escalations"
+POLICY_HOSTS = PREFIX + "policy:hosts"
+POLICY_UNHEALTHY = PREFIX + "policy:unhealthy"
+POLICY_INCIDENT = PREFIX + "policy:incident"
 CLAIM_PREFIX = PREFIX + "claim:"
 OUTCOME_PREFIX = PREFIX + "outcome:"
 
@@ -87,3 +102,8 @@ def claim_key(remediation_id: str) -> str:
 def outcome_key(remediation_id: str) -> str:
     """Hash with the outcome of executing remediation `remediation_id`."""
     return f"{OUTCOME_PREFIX}{remediation_id}"
+
+
+def remediated_key(host: str) -> str:
+    """Sorted set of the host's recent remediations (ids), scored by wall time: what escalation counts."""
+    return f"{POLICY_REMEDIATED_PREFIX}{host}"

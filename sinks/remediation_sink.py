@@ -23,6 +23,7 @@ from gpuwatch.config import Settings
 from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
 
 from ..schemas.codecs import decode_risk, encode_remediation
+from .guard_state import RedisGuardState
 from .policy import PolicyRules, RedisAuditLog, RedisKillSwitch, RemediationPolicy
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,26 @@ def group_id(settings: Settings) -> str:
 
 
 def make_policy(settings: Settings, redis_client: redis.Redis) -> RemediationPolicy:
-    """The policy with rules from `settings`, the Redis kill switch and the Redis audit stream."""
+    """The policy with rules from `settings`, the Redis kill switch, audit stream and guard rails' state, its trips
+    counted in `gpuwatch_policy_trips_total`."""
     return RemediationPolicy(
         PolicyRules.from_settings(settings),
         killswitch=RedisKillSwitch(redis_client),
         audit=RedisAuditLog(redis_client, maxlen=settings.audit_maxlen),
+        guards=RedisGuardState(redis_client),
+        on_trip=lambda guard: metrics.POLICY_TRIPS.labels(guard).inc(),
+    )
+
+
+def export_guards(policy: RemediationPolicy) -> None:
+    """The policy's view of the guard rails as Prometheus gauges."""
+    view = policy.guard_view
+    metrics.export_policy_guards(
+        breaker_open=view.breaker is not None and policy.rules.breaker_share > 0,
+        incident=view.incident is not None and policy.rules.max_unhealthy_hosts > 0,
+        fleet_hosts=view.fleet_hosts,
+        unhealthy_hosts=view.unhealthy_hosts,
+        escalated_hosts=len(view.escalated) if policy.rules.escalate_after else 0,
     )
 
 
@@ -92,6 +108,7 @@ def run_remediation_sink(
                     if bad in (1, 10, 100) or bad % 1000 == 0:
                         log.warning("skipped %d undecodable risk records so far", bad)
             events = policy.observe(records, time.time())
+            export_guards(policy)
             for event in events:
                 produce(producer, settings.topic_remediation, event["host"].encode(), encode_remediation(event))
             if not flush_until_acknowledged(producer, stop, "remediation events"):

@@ -56,6 +56,11 @@ def test_alert_expressions_pass_their_unit_tests() -> None:
             "(sum(rate(gpuwatch_risk_records_written_total[5m])) or vector(0)) == 0",
             "sum(rate(gpuwatch_risk_records_written_total[5m])) == 0",
         ),
+        # The guard rails: each alert must fire on the first trip, and on its own guard only.
+        ("max(gpuwatch_policy_breaker_open) == 1", "sum(gpuwatch_policy_breaker_open) == 2"),  # both replicas
+        ("max(gpuwatch_policy_escalated_hosts) > 0", "max(gpuwatch_policy_escalated_hosts) > 1"),
+        ("max(gpuwatch_policy_incident) == 1", "max(gpuwatch_policy_incident) == 0"),
+        ('{guard="pool_limit"}', ""),  # any guard's trip would read as a pool limit
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, original: str, broken: str) -> None:

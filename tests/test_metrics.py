@@ -98,6 +98,7 @@ def test_every_labelled_counter_an_alert_reads_exists_at_zero_from_the_start() -
     assert sink["gpuwatch_remediation_events_total"] == {(("action", a),): 0.0 for a in ACTIONS}
     assert sink["gpuwatch_deadletters_total"] == {(("stage", "risk-sink"),): 0.0, (("stage", "risk-sink/redis"),): 0.0}
     assert sink["gpuwatch_risk_records_written_total"] == {(): 0.0}
+    assert sink["gpuwatch_policy_trips_total"] == {(("guard", g),): 0.0 for g in metrics.POLICY_GUARDS}
     assert exported_at_start("stream")["gpuwatch_deadletters_total"] == {(("stage", "stream"),): 0.0}
 
 
@@ -109,7 +110,9 @@ OWN_METRICS = {
     "sink": {"gpuwatch_risk_records_written_total", "gpuwatch_remediation_events_total", "gpuwatch_failure_risk",
              "gpuwatch_gpu_alarm", "gpuwatch_gpu_failed", "gpuwatch_gpu_last_risk_timestamp_seconds",
              "gpuwatch_batch_size_messages", "gpuwatch_batch_duration_seconds", "gpuwatch_consumer_lag_messages",
-             "gpuwatch_deadletters_total"},
+             "gpuwatch_deadletters_total", "gpuwatch_policy_trips_total", "gpuwatch_policy_breaker_open",
+             "gpuwatch_policy_incident", "gpuwatch_policy_unhealthy_hosts", "gpuwatch_policy_fleet_hosts",
+             "gpuwatch_policy_escalated_hosts"},
     "controller": {"gpuwatch_remediation_actions_total", "gpuwatch_consumer_lag_messages", "gpuwatch_deadletters_total"},
 }  # fmt: skip
 

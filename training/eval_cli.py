@@ -305,7 +305,7 @@ def evaluate_dir(
     alarm_op, drain_op = operating_points(artifact, settings)
     own_rate = fleet_failure_rate(data_dir)
     got = collect(data_dir, Scorer(artifact, device=device), others, rescore_interval_s,
-                  failures_per_gpu_day=own_rate, rules=PolicyRules.from_settings(settings),
+                  failures_per_gpu_day=own_rate, rules=PolicyRules.from_settings(settings, fleet_guards=False),
                   alarm_op=alarm_op, drain_op=drain_op)  # fmt: skip
     lab = join_labels(got.table, Failures.load(data_dir / "labels.jsonl"), artifact.horizon_s)
     thresholds = {"lstm": alarm_op.threshold, "threshold": 0.5}
@@ -336,7 +336,9 @@ def evaluate_dir(
     }  # fmt: skip
     report["system_definitions"] = {
         "policy": "the real RemediationPolicy with the settings' rules (production defaults unless a config "
-        "file changes them), fed the records on the recording's clock; 'threshold' is a rule-based product "
+        "file changes them) but its fleet-level guard rails (breaker, escalation, incident, pools, maintenance) "
+        "off, as simulated fleets fail far more often than real ones, fed the records on the recording's clock; "
+        "'threshold' is a rule-based product "
         "that checkpoints and drains on any static rule",
         "true": "the GPU failed within the horizon after the action",
         "after_failure": "the GPU was down (failed, not yet repaired): a ladder action there acts on the dead",

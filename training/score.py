@@ -209,8 +209,8 @@ def score_command(args: argparse.Namespace, settings: Settings | None = None) ->
         torch.set_num_threads(1)  # as each worker and the stream worker: a second thread mostly waits
         samples, scored, rejected = _score_here(Path(args.input), processor, Path(args.output), deadletter_path,
                                                 progress)
-    actions = replay_actions(Path(args.output), Path(args.actions), PolicyRules.from_settings(settings)) \
-        if args.actions else 0  # fmt: skip
+    rules = PolicyRules.from_settings(settings, fleet_guards=False)  # a replay of a simulated fleet: see there
+    actions = replay_actions(Path(args.output), Path(args.actions), rules) if args.actions else 0
     elapsed = time.time() - progress.t0
     sys.stderr.write("\n")
     dead = first_deadletter(deadletter_path, rejected)
