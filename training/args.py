@@ -19,9 +19,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--val-data",
         action="append",
         default=[],
-        help="a separately simulated validation fleet (repeatable: the fleets are pooled): the operating "
-        "threshold and persistence are the best event-level F1 there; without it, the best sequence-level F1 "
-        "on a held-back GPU split",
+        help="a separately simulated validation fleet (repeatable: the fleets are pooled): the alarm's operating "
+        "point (threshold, seconds held) is the highest recall within the service levels there, the drain's the "
+        "most net GPU-hours at the real failure rate (docs/model.md); without it, the best sequence-level F1 on "
+        "a held-back GPU split",
     )
     p.add_argument(
         "--out", required=True, help="artifact path (.pt); the GBDT baseline goes next to it (.gbdt.txt)"
