@@ -181,6 +181,24 @@ def cmd_agent(args: argparse.Namespace) -> int:
         return 3
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from gpuwatch.archive.cli import archive_command
+
+    return archive_command(args, _settings(args))
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from gpuwatch.archive.cli import label_command
+
+    return label_command(args, _settings(args))
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from gpuwatch.archive.cli import labels_command
+
+    return labels_command(args, _settings(args))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gpuwatch.bench.cli import bench_command
 
@@ -298,8 +316,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="", help="write the figures here")
     p.set_defaults(func=cmd_realrate)
 
+    archive_help = "folder or fsspec URL of the archive (default: the archive_url setting)"
+    p = sub.add_parser("archive", help="archive samples, risk, remediation and outcomes as Parquet (docs/archive.md)")
+    p.add_argument("--archive", default="", help=archive_help)
+    p.add_argument("--import", dest="import_dir", default="", metavar="DIR",
+                   help="do not consume Kafka: archive a `gpuwatch simulate` folder's samples (its labels.jsonl into "
+                        "the label store) and exit")
+    p.set_defaults(func=cmd_archive)
+
+    p = sub.add_parser("label", help="an operator's label: HOST:GPU failed at a time, or an alarm was false")
+    p.add_argument("target", metavar="HOST:GPU")
+    p.add_argument("--failed-at", default="", metavar="TS", help="when it failed (unix seconds or ISO 8601)")
+    p.add_argument("--mode", default="", help="failure mode: " + ", ".join(m for m in ("memory", "thermal", "power",
+                   "interconnect", "sudden")))  # fmt: skip
+    p.add_argument("--false-alarm", action="store_true", help="mark an alarm on it as false (with --at)")
+    p.add_argument("--at", default="", metavar="TS", help="when the false alarm was")
+    p.add_argument("--uuid", default="", help="the GPU's uuid (default: looked up in the archive's samples)")
+    p.add_argument("--by", default="", help="who labels it")
+    p.add_argument("--note", default="", help="why, in a line")
+    p.add_argument("--archive", default="", help=archive_help)
+    p.set_defaults(func=cmd_label)
+
+    p = sub.add_parser("labels", help="derive failure labels from the archive (derive) or list the versions (show)")
+    p.add_argument("action", choices=["derive", "show"])
+    p.add_argument("--horizon", type=float, default=3600.0,
+                   help="alarms and actions this long before a failure count as about it (s)")
+    p.add_argument("--archive", default="", help=archive_help)
+    p.set_defaults(func=cmd_labels)
+
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "score", "reliability", "gpu"])
+    p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "score", "reliability", "gpu", "archive"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
     p.add_argument("--seconds", type=float, default=0.0,

@@ -124,6 +124,11 @@ class Settings:
     controller_claim_ttl_s: float = field(default=604800.0, metadata={"doc": "How long a remediation id stays claimed (the de-duplication window)."})
     controller_lease_s: float = field(default=60.0, metadata={"doc": "A controller renews its claim on the event it is executing every third of this; a claim not renewed for this long (its controller died) is taken over and the event re-run if that is safe."})
 
+    archive_url: str = field(default="", metadata={"doc": "Where `gpuwatch archive` writes Parquet and score, eval, train and label read it: a folder or an fsspec URL (s3://bucket/prefix needs s3fs installed)."})
+    archive_flush_interval_s: float = field(default=300.0, metadata={"doc": "Archive: longest rows wait before they are written as files (and their offsets committed); each flush writes a file per table, day, host and Kafka partition."})
+    archive_flush_rows: int = field(default=500_000, metadata={"doc": "Archive: rows (GPU-samples and records) held in memory before a flush, whatever the interval."})
+    archive_retention_days: int = field(default=0, metadata={"doc": "Archive: day partitions older than this many days (UTC) are deleted, checked hourly; 0 keeps everything."})
+
     metrics_host: str = field(default="127.0.0.1", metadata={"doc": "Address the Prometheus exporters of `gpuwatch stream`, `sink` and `controller` listen on; 0.0.0.0 (every interface) when Prometheus scrapes from another host or container. The agent has agent_metrics_addr."})
     stream_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch stream`'s Prometheus exporter (/metrics on metrics_host, the worker's own metrics); 0 turns it off."})
     sink_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch sink`'s Prometheus exporter, which also serves per-GPU risk; 0 turns it off."})
@@ -263,6 +268,9 @@ ALLOWED: dict[str, Allowed] = {
     "migrate_records": Allowed(lo=0, why="scorings in a row; 0 keeps the model's"),
     "migrate_for_s": Allowed(lo=-1, hi=86400, why="seconds; -1 keeps the model's, 0 is no minimum"),
     "stale_after_s": _POSITIVE,
+    "archive_flush_interval_s": _POSITIVE,
+    "archive_flush_rows": Allowed(lo=1),
+    "archive_retention_days": Allowed(lo=0, why="0 keeps everything"),
     "policy_episode_gap_s": _AT_LEAST_0,
     "policy_checkpoint_grace_s": _AT_LEAST_0,
     "policy_reboot_after_s": _AT_LEAST_0,

@@ -38,6 +38,7 @@ from .fields import (
     FAILURE_MODES,
     FLAGS,
     OPTIONAL_FLAGS,
+    OUTCOME_SCHEMA,
     REMEDIATION_SCHEMA,
     REQUIRED_NUMERIC,
     RISK_SCHEMA,
@@ -588,6 +589,13 @@ _REMEDIATION: _Checks = (
     ("risk", _unit), ("ts", _time),
 )
 
+_OUTCOME: _Checks = (
+    ("id", partial(_check_str, lo=1, hi=128)), ("host", _host), ("gpu_index", _gpu_index),
+    ("uuid", _check_str), ("action", partial(_check_enum, choices=ACTIONS)), ("risk", _unit),
+    ("event_ts", _time), ("executor", _check_str), ("ok", _check_bool), ("dry_run", _check_bool),
+    ("detail", _check_str), ("started_at", _time), ("duration_s", partial(_check_number, lo=0)),
+)
+
 
 def _check_source(value: Any, path: str) -> dict:
     if type(value) is not dict:
@@ -648,6 +656,11 @@ def decode_remediation(raw: bytes | bytearray | memoryview | str) -> dict:
 def encode_remediation(rec: dict) -> bytes:
     """Serialises a remediation command (`schema` added when absent); raises EncodeError if invalid."""
     return _encode(rec, REMEDIATION_SCHEMA, decode_remediation)
+
+
+def decode_outcome(raw: bytes | bytearray | memoryview | str) -> dict:
+    """Parses and validates one `gpuwatch.outcome/1` message (the controller's); returns the dict."""
+    return _decode_record(raw, OUTCOME_SCHEMA, _OUTCOME)
 
 
 def remediation_id(host: str, gpu_index: int, uuid: str, action: str, episode_ts: float) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpuwatch.schemas import fields as F
+from gpuwatch.schemas.failure import RESET_COUNTERS, failure_step, xid_summary
 
 _NUM = {name: i for i, name in enumerate(F.ALL_NUMERIC)}
 _FLAG = {name: i for i, name in enumerate(F.ALL_FLAGS)}
@@ -30,6 +31,9 @@ _COUNTER_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 _COUNTER_COLS = np.array([_NUM[c] for _, cols in _COUNTER_GROUPS for c in cols])
 _GROUP_OF_COL = np.array([g for g, (_, cols) in enumerate(_COUNTER_GROUPS) for _ in cols])
 _VIOLATION_COLS = np.array([_NUM["power_violation_us"], _NUM["thermal_violation_us"]])
+# A drop of these counters is a reset here as in schemas.failure (the labeller's copy of the failed state).
+if {F.ALL_NUMERIC[i] for i in np.r_[_COUNTER_COLS, _VIOLATION_COLS]} != set(RESET_COUNTERS):
+    raise ImportError("streams.window's reset counters differ from gpuwatch.schemas.failure.RESET_COUNTERS")
 
 # Signals smoothed at every time scale: counter rates, then derived per-sample signals. "Peer" signals
 # compare a GPU with the other GPUs of its host in the same snapshot: they share ambient air and the job,
@@ -135,22 +139,6 @@ def _peer_means(group: np.ndarray, v: np.ndarray) -> np.ndarray:
         n = np.bincount(inv, weights=ok[:, k])[inv] - ok[:, k]
         out[:, k] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
     return out
-
-
-def xid_summary(xids: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per sample: count of XIDs that are not the application's (F.XID_APPLICATION), whether any was a memory
-    XID, whether any was fatal."""
-    n = len(xids)
-    count = np.zeros(n, dtype=np.float32)
-    memory = np.zeros(n, dtype=bool)
-    fatal = np.zeros(n, dtype=bool)
-    for i, codes in enumerate(xids):
-        if codes:  # rare: the common empty list costs one truth test
-            board = [c for c in codes if c not in F.XID_APPLICATION]
-            count[i] = len(board)
-            memory[i] = any(c in F.XID_MEMORY for c in board)
-            fatal[i] = any(c in F.XID_FATAL for c in board)
-    return count, memory, fatal
 
 
 @dataclass(frozen=True)
@@ -601,24 +589,15 @@ class WindowStore:
         self, s: np.ndarray, ts: np.ndarray, first: np.ndarray, lost: np.ndarray, xid_fatal: np.ndarray,
         xid_mem: np.ndarray, remap_failure: np.ndarray, util: np.ndarray, reset: np.ndarray,
     ) -> None:  # fmt: skip
-        """Whether each GPU has failed (docs/model.md, "Failed is not at risk").
-
-        A failure starts at a sample that shows the GPU lost (off the bus), a fatal XID (48, 62, 64, 74, 79,
-        95) or a row-remap failure. It ends, once none of those holds, at the first sample showing the GPU was
-        reset or repaired: it answers again after being lost, a counter went down (volatile counters clear on
-        a reset), or it runs work again (utilisation above 0) a minute or more after the failure, which a GPU
-        in a fatal state cannot do.
-        """
+        """Whether each GPU has failed (docs/model.md, "Failed is not at risk"): the rule of
+        `gpuwatch.schemas.failure`, which the labeller of archived telemetry applies too."""
         was = self.failed[s] & ~first
         was_lost = self.current[s, _LOST_COL] > 0.5
-        fatal_now = lost | xid_fatal | remap_failure
-        works = (np.nan_to_num(util, nan=0.0) > 0) & (ts - self.failed_since[s] >= 60.0)
-        recovered = was & ~lost & ~(xid_fatal | remap_failure) & (was_lost | reset | works)
-        ongoing = was & ~recovered
-        starts = fatal_now & ~ongoing
-        self.failed[s] = ongoing | fatal_now
-        self.failed_since[s] = np.where(starts, ts, np.where(ongoing, self.failed_since[s], 0.0))
-        self.failed_memory[s] = np.where(starts, xid_mem | remap_failure, self.failed_memory[s] & ongoing)
+        failed, since, starts = failure_step(was, was_lost, self.failed_since[s], ts, lost,
+                                             xid_fatal, remap_failure, util, reset)  # fmt: skip
+        self.failed[s] = failed
+        self.failed_since[s] = since
+        self.failed_memory[s] = np.where(starts, xid_mem | remap_failure, self.failed_memory[s] & failed)
 
     # -- model input ---------------------------------------------------------------------------
     def sequences(self, slots: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -7,8 +7,8 @@ import argparse
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--data", action="append", default=[], help="a `gpuwatch simulate` output dir (repeatable; required "
-        "unless --operating-point-of)",
+        "--data", action="append", default=[], help="a `gpuwatch simulate` output dir, or a `gpuwatch archive` "
+        "location whose label store holds its labels (repeatable; required unless --operating-point-of)",
     )
     p.add_argument(
         "--operating-point-of", default="", metavar="MODEL.pt",
@@ -61,7 +61,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_score_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="JSONL of gpuwatch.samples/1 snapshots, time-ordered")
+    p.add_argument("--input", required=True, help="JSONL of gpuwatch.samples/1 snapshots, time-ordered, or a "
+                   "`gpuwatch archive` location (folder or URL)")
     p.add_argument("--output", required=True, help="where the gpuwatch.risk/1 records go (JSONL)")
     p.add_argument(
         "--actions", default="", metavar="PATH",
@@ -86,7 +87,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         "--data",
         action="append",
         required=True,
-        help="held-out `gpuwatch simulate` output dir with samples.jsonl + labels.jsonl (repeatable)",
+        help="held-out `gpuwatch simulate` output dir with samples.jsonl + labels.jsonl, or a `gpuwatch archive` "
+        "location with labels in its label store (repeatable)",
     )
     p.add_argument("--model", default="", help="model artifact (default: the one shipped in the package)")
     p.add_argument(

@@ -4,30 +4,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from gpuwatch.config import Settings
 from gpuwatch.costs import CostModel
 from gpuwatch.streams.model import ModelArtifact, ModelError, Scorer, fingerprint_files, load_artifact
 from gpuwatch.streams.window import WindowConfig
 from gpuwatch.training.baselines import GbdtBaseline
-from gpuwatch.training.dataset import DeadLetterCount, Failures, RecordingError, SequenceSet, build_sequences
+from gpuwatch.training.dataset import DeadLetterCount, RecordingError, SequenceSet, build_sequences
 from gpuwatch.training.evaluate import best_operating_point, concat_labelled, join_labels
+from gpuwatch.training.recording import Recording, open_recording
 from gpuwatch.training.train import TrainConfig, split_by_gpu, train
 
 
-def _inputs(data_dir: Path) -> tuple[Path, Path]:
-    samples, labels = data_dir / "samples.jsonl", data_dir / "labels.jsonl"
-    for p in (samples, labels):
-        if not p.exists():
-            raise SystemExit(
-                f"gpuwatch train: {p} is missing; make one with `gpuwatch simulate --out {data_dir}`"
-            )
-    return samples, labels
+def _inputs(data_dir: str) -> Recording:
+    try:
+        return open_recording(data_dir)
+    except RecordingError as exc:
+        raise SystemExit(f"gpuwatch train: {exc}; make one with `gpuwatch simulate --out {data_dir}`") from None
 
 
 def concat(sets: list[SequenceSet]) -> SequenceSet:
@@ -45,15 +45,15 @@ def concat(sets: list[SequenceSet]) -> SequenceSet:
 
 def load_sequences(
     dirs: list[str], args: argparse.Namespace, window: WindowConfig
-) -> tuple[SequenceSet, list[Path], DeadLetterCount]:
+) -> tuple[SequenceSet, list[Recording], DeadLetterCount]:
     """Build training sequences from every data dir, with a progress line per dir and a line for each dir's
     dead-lettered lines; also returns the lines dead-lettered in all."""
     sets = []
-    files: list[Path] = []
+    recordings: list[Recording] = []
     total = DeadLetterCount()
     for d in dirs:
-        samples, labels = _inputs(Path(d))
-        files += [samples, labels]
+        recording = _inputs(d)
+        recordings.append(recording)
         dead = DeadLetterCount()
         seen = [0]
         t0 = time.time()
@@ -67,16 +67,27 @@ def load_sequences(
 
         sets.append(
             build_sequences(
-                samples, labels, window=window, sample_every_s=args.sample_every, horizon_s=args.horizon,
+                recording, window=window, sample_every_s=args.sample_every, horizon_s=args.horizon,
                 negative_keep=args.negative_keep, seed=_data_seed(args), progress=progress, deadletters=dead,
             )
         )  # fmt: skip
         sys.stderr.write("\n")
         if dead.lines:
-            sys.stderr.write(f"{samples}: {dead.describe()}\n")
+            sys.stderr.write(f"{recording.source}: {dead.describe()}\n")
         total.lines += dead.lines
         total.first = total.first or dead.first
-    return concat(sets), files, total
+    return concat(sets), recordings, total
+
+
+def data_fingerprint(recordings: list[Recording]) -> str:
+    """What the artifact says it was trained on: sha256 of the simulate folders' files, and for an archive its
+    location, data files and label version."""
+    files = [p for r in recordings if r.samples_path and r.labels_path for p in (r.samples_path, r.labels_path)]
+    digest = fingerprint_files(files)
+    archives = [[r.location, r.fingerprint(), r.label_version()] for r in recordings if r.samples_path is None]
+    if archives:
+        digest = hashlib.sha256(digest.encode() + orjson.dumps(archives)).hexdigest()[:16]
+    return digest
 
 
 def _data_seed(args: argparse.Namespace) -> int:
@@ -84,14 +95,14 @@ def _data_seed(args: argparse.Namespace) -> int:
 
 
 def choose_thresholds(
-    val_dirs: list[Path], scorer: Scorer, gbdt: GbdtBaseline | None, args: argparse.Namespace,
+    val_dirs: list[Recording], scorer: Scorer, gbdt: GbdtBaseline | None, args: argparse.Namespace,
     settings: Settings | None = None,
 ) -> dict[str, dict]:  # fmt: skip
     """Operating points on the validation fleets pooled. The model's alarm and drain operating points: the most
     net GPU-hours at the real failure rate under the settings' cost model (`training/operating_points.py`).
     The GBDT baseline's: the best event-level F1 (threshold, and how many scorings in a row an alarm needs)."""
     from gpuwatch.training.calibration import fit_map
-    from gpuwatch.training.eval_cli import collect_cached, fleet_failure_rate
+    from gpuwatch.training.eval_cli import as_recording, collect_cached, fleet_failure_rate
     from gpuwatch.training.operating_points import choose, describe
 
     settings = settings or Settings()
@@ -101,7 +112,7 @@ def choose_thresholds(
     labs, uuids, rich = [], [], []
     for val_dir in val_dirs:
         table = collect_cached(val_dir, raw_scorer, others, args.rescore_interval)
-        labs.append(join_labels(table, Failures.load(val_dir / "labels.jsonl"), scorer.artifact.horizon_s))
+        labs.append(join_labels(table, as_recording(val_dir).failures(), scorer.artifact.horizon_s))
         uuids += table.uuids
         rich.append((fleet_failure_rate(val_dir) or 0.0) >= 0.01)
     # Recalibrate on the failure-rich validation fleets' records (the healthy one fails too rarely to say
@@ -152,7 +163,7 @@ def _train(args: argparse.Namespace, settings: Settings | None = None) -> int:
     if not args.data:
         raise SystemExit("gpuwatch train: give --data (a `gpuwatch simulate` output dir) at least once")
     window = WindowConfig()
-    data, files, dead = load_sequences(args.data, args, window)
+    data, recordings, dead = load_sequences(args.data, args, window)
     print(f"built {len(data.y):,} sequences ({int(data.y.sum()):,} positive) in {time.time() - t0:.0f} s",
           file=sys.stderr)  # fmt: skip
     config = TrainConfig(
@@ -161,7 +172,7 @@ def _train(args: argparse.Namespace, settings: Settings | None = None) -> int:
     )  # fmt: skip
     split = split_by_gpu(data, config.val_fraction, _data_seed(args))
     t1 = time.time()
-    artifact = train(data, config, window=window, horizon_s=args.horizon, data_fingerprint=fingerprint_files(files),
+    artifact = train(data, config, window=window, horizon_s=args.horizon, data_fingerprint=data_fingerprint(recordings),
                      split=split)  # fmt: skip
     artifact.metrics["train_seconds"] = round(time.time() - t1, 1)
     artifact.metrics["data_seed"] = _data_seed(args)
@@ -192,7 +203,10 @@ def _choose_and_save(
 ) -> int:
     """Pick the operating points (on --val-data when given) and write the artifact and the GBDT baseline."""
     if args.val_data:
-        val_dirs = [Path(d) for d in args.val_data]
+        try:
+            val_dirs = [open_recording(d) for d in args.val_data]
+        except RecordingError as exc:
+            raise SystemExit(f"gpuwatch train: --val-data: {exc}") from None
         chosen = choose_thresholds(val_dirs, Scorer(artifact, device="cpu"), gbdt, args, settings)
         if chosen["calibration"] is not None:
             artifact.calibration_map = chosen["calibration"]["map"]

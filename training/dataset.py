@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -16,6 +16,9 @@ import orjson
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_deadletter, decode_snapshot
 from gpuwatch.schemas.fields import FAILURE_MODES
 from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig, WindowStore
+
+if TYPE_CHECKING:
+    from gpuwatch.training.recording import Recording
 
 _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
 
@@ -59,26 +62,31 @@ class Failures:
     @classmethod
     def load(cls, path: Path) -> Failures:
         """The labels of a recording (`gpuwatch simulate`'s labels.jsonl); RecordingError names a bad line."""
-        rows: dict[str, list[tuple[float, int, float, bool, float]]] = {}
         with open(path, "rb") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = orjson.loads(line)
-                    repair_end = rec.get("repair_end_ts") or rec["fail_ts"] + 3600.0
-                    pstart = rec.get("precursor_start_ts")
-                    has_precursor = pstart is not None and rec["mode"] != "sudden"
-                    if rec["mode"] not in _MODE_INDEX:
-                        raise ValueError(f"mode {rec['mode']!r} is not one of {', '.join(FAILURE_MODES)}")
-                    row = (float(rec["fail_ts"]), _MODE_INDEX[rec["mode"]], float(repair_end), has_precursor,
-                           float(pstart) if has_precursor else np.nan)  # fmt: skip
-                    uuid = str(rec["uuid"])
-                except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                    what = f"no field {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [""])[0]
-                    raise RecordingError(f"{path}:{lineno}: not a failure label ({what}); each line needs uuid, "
+            return cls.parse(fh, str(path))
+
+    @classmethod
+    def parse(cls, lines: Iterable[bytes], path: str) -> Failures:
+        """Labels from the lines of a labels.jsonl; `path` names it in errors."""
+        rows: dict[str, list[tuple[float, int, float, bool, float]]] = {}
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+                repair_end = rec.get("repair_end_ts") or rec["fail_ts"] + 3600.0
+                pstart = rec.get("precursor_start_ts")
+                has_precursor = pstart is not None and rec["mode"] != "sudden"
+                if rec["mode"] not in _MODE_INDEX:
+                    raise ValueError(f"mode {rec['mode']!r} is not one of {', '.join(FAILURE_MODES)}")
+                row = (float(rec["fail_ts"]), _MODE_INDEX[rec["mode"]], float(repair_end), has_precursor,
+                       float(pstart) if has_precursor else np.nan)  # fmt: skip
+                uuid = str(rec["uuid"])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                what = f"no field {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [""])[0]
+                raise RecordingError(f"{path}:{lineno}: not a failure label ({what}); each line needs uuid, "
                                      "fail_ts and mode, as `gpuwatch simulate` writes them") from exc  # fmt: skip
-                rows.setdefault(uuid, []).append(row)
+            rows.setdefault(uuid, []).append(row)
         by_uuid = {}
         for uuid, items in rows.items():
             items.sort()
@@ -135,8 +143,8 @@ class SequenceSet:
 
 
 def build_sequences(
-    samples_path: Path,
-    labels_path: Path,
+    samples_path: Path | Recording,
+    labels_path: Path | None = None,
     *,
     window: WindowConfig | None = None,
     sample_every_s: float = 30.0,
@@ -152,12 +160,18 @@ def build_sequences(
     alert rule fires, an XID in the last hour) are all kept too, so the model sees the benign look-alikes
     it must not alarm on; quiet negatives are kept with probability `negative_keep`. Every sequence is
     weighted by the inverse of its keep probability. Samples while a GPU is in a failed state are not
-    prediction targets. Lines that do not decode are counted into `deadletters`.
+    prediction targets. Lines that do not decode are counted into `deadletters`. `samples_path` may be a
+    `Recording` (a simulate folder or an archive), which then gives the labels too.
     """
     from gpuwatch.training.baselines import rule_hits
-    from gpuwatch.training.score import iter_chunks
+    from gpuwatch.training.recording import Recording
+    from gpuwatch.training.score import chunk_messages, file_messages
 
-    failures = Failures.load(labels_path)
+    if isinstance(samples_path, Recording):
+        failures, source, messages = samples_path.failures(), samples_path.source, samples_path.messages()
+    else:
+        assert labels_path is not None, "labels_path is needed with a samples file"
+        failures, source, messages = Failures.load(labels_path), str(samples_path), file_messages(samples_path)
     store = WindowStore(window or WindowConfig())
     rng = np.random.default_rng(seed)
     xs: list[np.ndarray] = []
@@ -167,7 +181,7 @@ def build_sequences(
     recent_xid = np.log1p(60.0) / 7.0  # the window's log_min_since_xid scale
     xid_col = FEATURE_NAMES.index("log_min_since_xid")
     # A GPU can only be sampled at a chunk boundary, so chunks span well under sample_every_s.
-    for snaps, _sources, dead, _lines in iter_chunks(samples_path, min(sample_every_s / 3.0, 10.0)):
+    for snaps, _sources, dead, _lines in chunk_messages(messages, source, min(sample_every_s / 3.0, 10.0)):
         if deadletters is not None:
             deadletters.add(dead)
         if not snaps:
@@ -209,7 +223,7 @@ def build_sequences(
             progress(sum(counts))
     if not xs:
         why = f"; {deadletters.describe()}" if deadletters is not None and deadletters.lines else ""
-        raise RecordingError(f"{samples_path} produced no sequences (empty, too short or all invalid{why}); "
+        raise RecordingError(f"{source} produced no sequences (empty, too short or all invalid{why}); "
                              "record a longer one with `gpuwatch simulate`")  # fmt: skip
     m = np.array(meta, dtype=np.float64)
     return SequenceSet(

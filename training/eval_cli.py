@@ -31,9 +31,10 @@ from gpuwatch.streams.operating_point import OperatingPoint
 from gpuwatch.streams.processor import BatchResult, RiskProcessor, operating_points
 from gpuwatch.training.actions import action_report
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules
-from gpuwatch.training.dataset import DeadLetterCount, Failures, RecordingError
+from gpuwatch.training.dataset import DeadLetterCount, RecordingError
 from gpuwatch.training.evaluate import Labelled, RiskTable, join_labels, scorer_report
-from gpuwatch.training.score import observe_in_time, replay
+from gpuwatch.training.recording import Recording, open_recording
+from gpuwatch.training.score import observe_in_time, replay_messages
 
 _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
 DEFAULT_MERGE_GAP_S = 600.0
@@ -75,12 +76,17 @@ class Collected:
     events: dict[str, list[dict[str, Any]]]
 
 
+def as_recording(data: Path | str | Recording) -> Recording:
+    """`data` as a Recording (a simulate folder or an archive location)."""
+    return data if isinstance(data, Recording) else open_recording(data)
+
+
 def collect(
-    data_dir: Path, primary: Scorer, others: dict[str, BatchScorer], rescore_interval_s: float,
+    data_dir: Path | Recording, primary: Scorer, others: dict[str, BatchScorer], rescore_interval_s: float,
     primary_name: str = "lstm", failures_per_gpu_day: float | None = None, rules: PolicyRules | None = None,
     alarm_op: OperatingPoint | None = None, drain_op: OperatingPoint | None = None,
 ) -> Collected:  # fmt: skip
-    """Replay `data_dir/samples.jsonl` like the stream, and its risk records through the policy like the sinks.
+    """Replay the recording's samples like the stream, and its risk records through the policy like the sinks.
 
     `failures_per_gpu_day`: the fleet's own failure rate, at which the records' `risk` is stated (None: the
     model's calibration base rate). `rules`: the policy's rules (default: production defaults)."""
@@ -88,6 +94,7 @@ def collect(
         # One thread, as the stream worker and `gpuwatch score`: batches of a few hundred GPUs are too small to
         # share, and a second thread spinning on a busy machine made this replay five times slower.
         torch.set_num_threads(1)
+    rec = as_recording(data_dir)
     processor = TeeProcessor(primary, others, rescore_interval_s=rescore_interval_s, stage="eval",
                              failures_per_gpu_day=failures_per_gpu_day, alarm_op=alarm_op, drain_op=drain_op)  # fmt: skip
     policies = {primary_name: RemediationPolicy(rules)}
@@ -104,7 +111,7 @@ def collect(
     t0 = time.time()
     last = 0.0
     done = {name: 0 for name in others}
-    for result in replay(data_dir / "samples.jsonl", processor):
+    for result in replay_messages(rec.messages(), rec.source, processor):
         samples += result.samples
         dead.add(result.deadletters)
         recs = [orjson.loads(value) for _, value in result.risk]
@@ -125,12 +132,12 @@ def collect(
                 events["threshold"] += observe_in_time(policies["threshold"], alarms)
         if time.time() - last >= 5.0:
             last = time.time()
-            sys.stderr.write(f"\rscoring {data_dir.name}: {samples:,} GPU-samples, {len(ts):,} risk records "
+            sys.stderr.write(f"\rscoring {rec.name}: {samples:,} GPU-samples, {len(ts):,} risk records "
                              f"({samples / max(last - t0, 1e-9):,.0f}/s)")  # fmt: skip
             sys.stderr.flush()
     sys.stderr.write("\n")
     if dead.lines:
-        sys.stderr.write(f"{data_dir / 'samples.jsonl'}: {dead.describe()}\n")
+        sys.stderr.write(f"{rec.source}: {dead.describe()}\n")
     live_rows = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
     risks = {primary_name: np.asarray(risk)}
     modes = {primary_name: np.asarray(mode)}
@@ -146,7 +153,7 @@ def collect(
 
 
 def collect_cached(
-    data_dir: Path, primary: Scorer, others: dict[str, BatchScorer], rescore_interval_s: float
+    data_dir: Path | Recording, primary: Scorer, others: dict[str, BatchScorer], rescore_interval_s: float
 ) -> RiskTable:
     """`collect(...).table`, kept in DATA_DIR/.gpuwatch/ under a key of the model's weights and calibration, the
     baselines and the cadence: choosing operating points again for the same weights (other costs, another rule)
@@ -154,10 +161,13 @@ def collect_cached(
     import hashlib
 
     a = primary.artifact
+    rec = as_recording(data_dir)
+    if rec.cache_dir is None:
+        return collect(rec, primary, others, rescore_interval_s).table
     key = hashlib.sha256(orjson.dumps([a.version, a.temperature, a.calibration_map, rescore_interval_s,
-                                       sorted(others), (data_dir / "samples.jsonl").stat().st_size],
+                                       sorted(others), rec.fingerprint()],
                                       option=orjson.OPT_SERIALIZE_NUMPY)).hexdigest()[:16]  # fmt: skip
-    cache = data_dir / ".gpuwatch" / f"scores-{key}.npz"
+    cache = rec.cache_dir / f"scores-{key}.npz"
     if cache.exists():
         z = np.load(cache, allow_pickle=False)
         uuids = z["uuids"].tolist()
@@ -165,7 +175,7 @@ def collect_cached(
         risk = {k[5:]: z[k] for k in z.files if k.startswith("risk_")}
         mode = {k[5:]: z[k] for k in z.files if k.startswith("mode_")}
         return RiskTable(uuids=uuids, gpu=gpu, ts=z["ts"], risk=risk, mode=mode)
-    table = collect(data_dir, primary, others, rescore_interval_s).table
+    table = collect(rec, primary, others, rescore_interval_s).table
     try:
         cache.parent.mkdir(exist_ok=True)
         arrays = {"uuids": np.array(table.uuids), "gpu": table.gpu, "ts": table.ts}
@@ -173,7 +183,7 @@ def collect_cached(
         np.savez(cache.with_suffix(".tmp.npz"), **arrays)
         cache.with_suffix(".tmp.npz").replace(cache)
     except OSError as exc:  # a read-only data dir: no cache, nothing lost
-        sys.stderr.write(f"not caching the scores of {data_dir} ({exc})\n")
+        sys.stderr.write(f"not caching the scores of {rec.source} ({exc})\n")
     return table
 
 
@@ -271,27 +281,21 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def fleet_failure_rate(data_dir: Path) -> float | None:
+def fleet_failure_rate(data_dir: Path | Recording) -> float | None:
     """Failures per GPU-day the simulator was set to for this recording (meta.json), or None if unknown."""
-    meta_file = data_dir / "meta.json"
-    if not meta_file.exists():
-        return None
-    config = orjson.loads(meta_file.read_bytes()).get("config") or {}
+    config = as_recording(data_dir).meta().get("config") or {}
     base, scale = config.get("rate_per_gpu_day"), config.get("rate_scale")
     return float(base) * float(scale) if base is not None and scale is not None else None
 
 
-def lookalike_gpus(data_dir: Path) -> set[str] | None:
+def lookalike_gpus(data_dir: Path | Recording) -> set[str] | None:
     """uuids of the GPUs the simulator gave a benign look-alike (meta.json `lookalike_gpus`), if it recorded them."""
-    meta_file = data_dir / "meta.json"
-    if not meta_file.exists():
-        return None
-    found = orjson.loads(meta_file.read_bytes()).get("lookalike_gpus")
+    found = as_recording(data_dir).meta().get("lookalike_gpus")
     return None if found is None else set(found)
 
 
 def evaluate_dir(
-    data_dir: Path, artifact: ModelArtifact, gbdt: GbdtBaseline | None, rescore_interval_s: float,
+    data_dir: Path | Recording, artifact: ModelArtifact, gbdt: GbdtBaseline | None, rescore_interval_s: float,
     merge_gap_s: float, device: str = "cpu", settings: Settings | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Score `data_dir` with the model and the baselines, replay the policy, and build the report.
@@ -299,6 +303,7 @@ def evaluate_dir(
     `settings` supplies what production would run with: operating point overrides, the policy's rules, the
     cost model and the real fleet's failure rate (defaults when None)."""
     settings = settings or Settings()
+    data_dir = as_recording(data_dir)
     others: dict[str, BatchScorer] = {"threshold": ThresholdRules(artifact)}
     if gbdt is not None:
         others["gbdt"] = gbdt
@@ -307,20 +312,19 @@ def evaluate_dir(
     got = collect(data_dir, Scorer(artifact, device=device), others, rescore_interval_s,
                   failures_per_gpu_day=own_rate, rules=PolicyRules.from_settings(settings, fleet_guards=False),
                   alarm_op=alarm_op, drain_op=drain_op)  # fmt: skip
-    lab = join_labels(got.table, Failures.load(data_dir / "labels.jsonl"), artifact.horizon_s)
+    lab = join_labels(got.table, data_dir.failures(), artifact.horizon_s)
     thresholds = {"lstm": alarm_op.threshold, "threshold": 0.5}
     records = {"lstm": alarm_op.records}  # the rules carry their own `for:` durations
     held = {"lstm": alarm_op.for_s}
     if gbdt is not None:
         thresholds["gbdt"] = gbdt.threshold
         records["gbdt"] = gbdt.alarm_records
-    meta = {"name": data_dir.name, "path": str(data_dir), "model": artifact.version, "operating_point": alarm_op.name,
+    meta = {"name": data_dir.name, "path": data_dir.location, "model": artifact.version, "operating_point": alarm_op.name,
             "drain_operating_point": drain_op.name if drain_op else None,
             "risk_stated_at_failures_per_gpu_day": own_rate, "rescore_interval_s": rescore_interval_s,
             **got.stats}  # fmt: skip
-    meta_file = data_dir / "meta.json"
-    if meta_file.exists():
-        sim = orjson.loads(meta_file.read_bytes())
+    sim = data_dir.meta()
+    if sim:
         meta["simulator"] = {
             "seed": sim.get("seed"),
             "config": sim.get("config"),
@@ -367,14 +371,11 @@ def eval_command(args: argparse.Namespace, settings: Settings | None = None) -> 
     except ModelError as exc:
         print(f"gpuwatch eval: {exc}", file=sys.stderr)
         return 2
+    recordings = []
     for d in args.data:
-        missing = [f for f in ("samples.jsonl", "labels.jsonl") if not (Path(d) / f).is_file()]
-        if missing:
-            print(f"gpuwatch eval: {d} has no {' or '.join(missing)}: pass a `gpuwatch simulate` output "
-                  "directory (or one laid out the same way)", file=sys.stderr)  # fmt: skip
-            return 2
         try:
-            Failures.load(Path(d) / "labels.jsonl")  # now, not after an hour of scoring
+            recordings.append(open_recording(d))
+            recordings[-1].failures()  # now, not after an hour of scoring
         except RecordingError as exc:
             print(f"gpuwatch eval: {exc}", file=sys.stderr)
             return 2
@@ -394,8 +395,8 @@ def eval_command(args: argparse.Namespace, settings: Settings | None = None) -> 
         print(f"gpuwatch eval: no GBDT baseline at {gbdt_path} (pass --gbdt; `gpuwatch train` writes one); "
               "reporting the threshold baseline only", file=sys.stderr)  # fmt: skip
     reports = []
-    for d in args.data:
-        report = evaluate_dir(Path(d), artifact, gbdt, args.rescore_interval, args.merge_gap, args.device, settings)
+    for d in recordings:
+        report = evaluate_dir(d, artifact, gbdt, args.rescore_interval, args.merge_gap, args.device, settings)
         print(format_report(report))
         print(format_system(report))
         reports.append(report)

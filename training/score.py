@@ -146,6 +146,21 @@ def replay_messages(messages: Iterable[tuple[int, bytes]], topic: str, processor
         yield result
 
 
+def _replay_input(location: str, processor: RiskProcessor) -> Iterator[BatchResult]:
+    """`replay` of a JSONL file, or of an archive's snapshots (in time order)."""
+    if Path(location).is_file():
+        return replay(Path(location), processor)
+    from gpuwatch.archive.reader import ArchiveReader
+
+    return replay_messages(ArchiveReader(location).snapshot_messages(), f"{location.rstrip('/')}/samples", processor)
+
+
+def is_archive(location: str) -> bool:
+    from gpuwatch.archive.reader import is_archive as _is_archive
+
+    return _is_archive(location)
+
+
 def available_cpus() -> int:
     """CPUs this process may run on (the default number of scoring workers)."""
     try:
@@ -156,8 +171,9 @@ def available_cpus() -> int:
 
 def _bad_score_args(args: argparse.Namespace) -> str:
     """What is wrong with the command line, in one line, or ""."""
-    if not Path(args.input).is_file():
-        return f"--input {args.input} is not a file; record one with `gpuwatch simulate --out DIR` (DIR/samples.jsonl)"
+    if not Path(args.input).is_file() and not is_archive(args.input):
+        return (f"--input {args.input} is neither a file nor an archive; record one with `gpuwatch simulate --out DIR` "
+                "(DIR/samples.jsonl) or pass a `gpuwatch archive` location")
     for name in ("output", "actions"):
         path = getattr(args, name, "")
         if path and not Path(path).resolve().parent.is_dir():
@@ -177,7 +193,10 @@ def score_command(args: argparse.Namespace, settings: Settings | None = None) ->
     if problem:
         print(f"gpuwatch score: {problem}", file=sys.stderr)
         return 2
-    workers = args.workers or available_cpus()
+    archived = not Path(args.input).is_file()
+    workers = 1 if archived else args.workers or available_cpus()
+    if archived and args.workers > 1:
+        sys.stderr.write("gpuwatch score: an archive is scored in one process (--workers applies to JSONL files)\n")
     try:
         scorer = Scorer(load_artifact(args.model or None), device=args.device)
     except ModelError as exc:
@@ -207,7 +226,7 @@ def score_command(args: argparse.Namespace, settings: Settings | None = None) ->
         import torch
 
         torch.set_num_threads(1)  # as each worker and the stream worker: a second thread mostly waits
-        samples, scored, rejected = _score_here(Path(args.input), processor, Path(args.output), deadletter_path,
+        samples, scored, rejected = _score_here(args.input, processor, Path(args.output), deadletter_path,
                                                 progress)
     rules = PolicyRules.from_settings(settings, fleet_guards=False)  # a replay of a simulated fleet: see there
     actions = replay_actions(Path(args.output), Path(args.actions), rules) if args.actions else 0
@@ -273,12 +292,12 @@ class _ProgressLine:
 
 
 def _score_here(
-    input_path: Path, processor: RiskProcessor, output: Path, deadletter_path: Path, progress: _ProgressLine
+    input_path: str, processor: RiskProcessor, output: Path, deadletter_path: Path, progress: _ProgressLine
 ) -> tuple[int, int, int]:
     """One process: (GPU-samples, risk records, dead letters)."""
     samples = scored = rejected = 0
     with open(output, "wb") as out, open(deadletter_path, "wb") as dl:
-        for result in replay(input_path, processor):
+        for result in _replay_input(input_path, processor):
             samples += result.samples
             scored += len(result.risk)
             rejected += len(result.deadletters)
