@@ -88,7 +88,7 @@ def run_archive(settings: Settings, *, stop: threading.Event | None = None, url:
     consumer.subscribe(list(tables), on_assign=on_assign, on_revoke=on_revoke)
     previous = _install_signal_handlers(stop)
     next_expiry = 0.0
-    log.info("archiving %s into %s (flush every %.0f s or %d rows)", ", ".join(tables), storage.url,
+    log.info("archiving %s into %s (flush every %g s or %d rows)", ", ".join(tables), storage.url,
              settings.archive_flush_interval_s, settings.archive_flush_rows)  # fmt: skip
     try:
         while not stop.is_set():

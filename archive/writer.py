@@ -153,6 +153,9 @@ class ArchiveWriter:
                 deleted += self.storage.delete(f)
             log.warning("%s[%d]: offsets %d..%d were written but not committed; deleted %d of their %d files, "
                         "they are read again", topic, partition, p.first, p.last, deleted, len(p.files))  # fmt: skip
+        else:
+            log.info("%s[%d]: offsets %d..%d were committed before the writer stopped; their %d files stay", topic,
+                     partition, p.first, p.last, len(p.files))  # fmt: skip
         self.storage.delete(rel)
         return deleted
 

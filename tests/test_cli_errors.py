@@ -85,8 +85,8 @@ def test_score_of_a_missing_input_leaves_no_files(tmp_path: Path) -> None:
                     "--actions", str(out / "a.jsonl"), "--json", str(out / "s.json"))  # fmt: skip
     assert done.returncode == 2
     assert one_line(done) == (
-        f"gpuwatch score: --input {tmp_path / 'MISSING'} is not a file; record one with `gpuwatch simulate "
-        "--out DIR` (DIR/samples.jsonl)"
+        f"gpuwatch score: --input {tmp_path / 'MISSING'} is neither a file nor an archive; record one with "
+        "`gpuwatch simulate --out DIR` (DIR/samples.jsonl) or pass a `gpuwatch archive` location"
     )
     assert list(out.iterdir()) == []
 

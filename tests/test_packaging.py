@@ -41,7 +41,7 @@ def test_wheel_namespaces_stage_packages(wheel: Path) -> None:
 def test_wheel_ships_every_source_module(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     stages = {"producers": "producers", "streams": "streams", "sinks": "sinks", "controller": "controller",
-              "training": "training", "schemas": "schemas", "gpuwatch": ""}
+              "training": "training", "schemas": "schemas", "archive": "archive", "gpuwatch": ""}
     missing = []
     for folder, sub in stages.items():
         for path in (ROOT / folder).rglob("*.py"):
@@ -61,7 +61,7 @@ def test_non_editable_install_imports_every_stage(wheel: Path, tmp_path: Path) -
     )
     code = (
         "import gpuwatch.producers, gpuwatch.streams.window, gpuwatch.sinks.redis_writer, gpuwatch.schemas.codecs, "
-        "gpuwatch.controller.worker, gpuwatch.training.train\n"
+        "gpuwatch.controller.worker, gpuwatch.training.train, gpuwatch.archive.service\n"
         "from gpuwatch.streams.model import load_artifact; load_artifact()\n"
         "from gpuwatch.schemas.codecs import load_schema; load_schema('samples')\n"
         "import gpuwatch.streams as s; print(s.__file__)"

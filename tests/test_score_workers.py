@@ -127,8 +127,8 @@ def test_score_refuses_bad_arguments_in_one_line(tmp_path: Path, capsys: pytest.
     missing = tmp_path / "none.jsonl"
     assert score_command(_args("score", "--input", str(missing), "--output", str(tmp_path / "r.jsonl"))) == 2
     assert capsys.readouterr().err.strip() == (
-        f"gpuwatch score: --input {missing} is not a file; record one with `gpuwatch simulate --out DIR` "
-        "(DIR/samples.jsonl)"
+        f"gpuwatch score: --input {missing} is neither a file nor an archive; record one with `gpuwatch simulate "
+        "--out DIR` (DIR/samples.jsonl) or pass a `gpuwatch archive` location"
     )
     (tmp_path / "s.jsonl").write_bytes(b"")
     assert score_command(_args("score", "--input", str(tmp_path / "s.jsonl"), "--output", str(tmp_path / "r.jsonl"),

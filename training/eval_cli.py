@@ -94,7 +94,7 @@ def collect(
         # One thread, as the stream worker and `gpuwatch score`: batches of a few hundred GPUs are too small to
         # share, and a second thread spinning on a busy machine made this replay five times slower.
         torch.set_num_threads(1)
-    rec = as_recording(data_dir)
+    recording = as_recording(data_dir)
     processor = TeeProcessor(primary, others, rescore_interval_s=rescore_interval_s, stage="eval",
                              failures_per_gpu_day=failures_per_gpu_day, alarm_op=alarm_op, drain_op=drain_op)  # fmt: skip
     policies = {primary_name: RemediationPolicy(rules)}
@@ -111,7 +111,7 @@ def collect(
     t0 = time.time()
     last = 0.0
     done = {name: 0 for name in others}
-    for result in replay_messages(rec.messages(), rec.source, processor):
+    for result in replay_messages(recording.messages(), recording.source, processor):
         samples += result.samples
         dead.add(result.deadletters)
         recs = [orjson.loads(value) for _, value in result.risk]
@@ -132,12 +132,12 @@ def collect(
                 events["threshold"] += observe_in_time(policies["threshold"], alarms)
         if time.time() - last >= 5.0:
             last = time.time()
-            sys.stderr.write(f"\rscoring {rec.name}: {samples:,} GPU-samples, {len(ts):,} risk records "
+            sys.stderr.write(f"\rscoring {recording.name}: {samples:,} GPU-samples, {len(ts):,} risk records "
                              f"({samples / max(last - t0, 1e-9):,.0f}/s)")  # fmt: skip
             sys.stderr.flush()
     sys.stderr.write("\n")
     if dead.lines:
-        sys.stderr.write(f"{rec.source}: {dead.describe()}\n")
+        sys.stderr.write(f"{recording.source}: {dead.describe()}\n")
     live_rows = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
     risks = {primary_name: np.asarray(risk)}
     modes = {primary_name: np.asarray(mode)}
