@@ -96,7 +96,9 @@ def parse_time(text: str) -> float:
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise ValueError(f"{text!r} is not a time: give unix seconds or ISO 8601, e.g. 2025-05-01T12:30:00Z") from None
+        raise ValueError(
+            f"{text!r} is not a time: give unix seconds or ISO 8601, e.g. 2025-05-01T12:30:00Z"
+        ) from None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return when.timestamp()
@@ -154,9 +156,11 @@ def labels_command(args: argparse.Namespace, settings: Settings) -> int:
         if not versions:
             print(f"no labels in {storage.url} yet: run `gpuwatch labels derive`")
             return 0
-        print(f"{'version':>7} {'source':<10} {'failures':>9} {'alarmed':>8} {'missed':>7} {'false alarms':>13}  created")
+        print(
+            f"{'version':>7} {'source':<10} {'failures':>9} {'alarmed':>8} {'missed':>7} {'false alarms':>13}  created"
+        )
         for v in versions:
-            source = v["log"].split("-", 1)[1].removesuffix(".jsonl")
+            source = v["source"]
             created = datetime.fromtimestamp(v["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
             print(f"{v['version']:>7} {source:<10} {v['failures']:>9} {v['alarmed']:>8} {v['missed']:>7} "
                   f"{v['false_alarms']:>13}  {created}Z {v['note']}")  # fmt: skip

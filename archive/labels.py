@@ -64,6 +64,7 @@ class _State:
         extra = n - self.n
         if extra <= 0:
             return
+
         def add(a: np.ndarray, fill: Any) -> np.ndarray:
             return np.concatenate([a, np.full((extra, *a.shape[1:]), fill, dtype=a.dtype)])
 
@@ -90,12 +91,16 @@ class FailureLabeller:
         if not len(table):
             return
         uuids = table["uuid"].to_pylist()
-        slots = np.fromiter((self.slot_of.setdefault(u, len(self.slot_of)) for u in uuids), np.int64, len(uuids))
+        slots = np.fromiter(
+            (self.slot_of.setdefault(u, len(self.slot_of)) for u in uuids), np.int64, len(uuids)
+        )
         self.state.grow(len(self.slot_of))
         cols = {name: table[name] for name in LABEL_COLUMNS}
         num = {name: cols[name].to_numpy(zero_copy_only=False).astype(np.float64) for name in
                ("ts", "util_gpu_pct", "pcie_link_width", "pcie_link_width_max")}  # fmt: skip
-        counters = np.column_stack([cols[n].to_numpy(zero_copy_only=False).astype(np.float64) for n in RESET_COUNTERS])
+        counters = np.column_stack(
+            [cols[n].to_numpy(zero_copy_only=False).astype(np.float64) for n in RESET_COUNTERS]
+        )
         lost = cols["lost"].to_numpy(zero_copy_only=False).astype(bool)
         remap = cols["remap_failure"].to_numpy(zero_copy_only=False).astype(bool)
         throttle = cols["throttle_reasons"].to_numpy(zero_copy_only=False).astype(np.int64)
@@ -158,7 +163,9 @@ class FailureLabeller:
               nvlink: np.ndarray, board: list[list[int]]) -> tuple[str, str]:  # fmt: skip
         """The failure's mode by MODE_RULES, and what started it ("lost; xid 79")."""
         st = self.state
-        started = (["lost"] if lost[r] else []) + (["xid " + ",".join(map(str, board[r]))] if board[r] else [])
+        started = (["lost"] if lost[r] else []) + (
+            ["xid " + ",".join(map(str, board[r]))] if board[r] else []
+        )
         started += ["remap_failure"] if remap[r] else []
         if memory[r] or remap[r]:
             mode = "memory"
@@ -238,7 +245,8 @@ class LabelStoreError(ValueError):
 
 
 class LabelStore:
-    """Append-only log files under `labels/log/` (one per write, never changed), each write making a new version:
+    """Append-only log files under `labels/log/` (one per write, never changed; its source is in the manifest),
+    each write making a new version:
     `labels/versions/NNNNNN/labels.jsonl` (failures, `gpuwatch simulate`'s format plus provenance) and
     `false_alarms.jsonl`, listed in `labels/manifest.json`. Version N is everything logged up to write N."""
 
@@ -263,22 +271,25 @@ class LabelStore:
             raise ValueError(f"source must be one of {', '.join(SOURCES)}, got {source!r}")
         manifest = self.manifest()
         version = len(manifest["versions"]) + 1
-        log_name = f"{version:06d}-{source}.jsonl"
-        if self.storage.exists(self._rel(LOG, log_name)):
+        log_name = f"{version:06d}.jsonl"  # the version alone: two writers of any sources cannot both take it
+        if not self.storage.create(
+            self._rel(LOG, log_name), b"".join(orjson.dumps(r) + b"\n" for r in records)
+        ):
             raise LabelStoreError(f"{self.storage.path(self._rel(LOG, log_name))} exists but the manifest does not "
-                                  "list it: another writer is at work, or one died; run the command again")  # fmt: skip
-        self.storage.write(self._rel(LOG, log_name), b"".join(orjson.dumps(r) + b"\n" for r in records))
-        logs = [v["log"] for v in manifest["versions"]] + [log_name]
-        failures, false_alarms = merge([(name.split("-", 1)[1].removesuffix(".jsonl"), self._read_log(name))
-                                        for name in logs])  # fmt: skip
+                                  "list it: another writer is at work, or one died before writing the manifest; "
+                                  "run the command again once it is done (or remove that file)")  # fmt: skip
+        logs = [(v["source"], v["log"]) for v in manifest["versions"]] + [(source, log_name)]
+        failures, false_alarms = merge([(src, self._read_log(name)) for src, name in logs])
         folder = self._rel(VERSIONS, f"{version:06d}")
         self.storage.write(f"{folder}/labels.jsonl", b"".join(orjson.dumps(r) + b"\n" for r in failures))
-        self.storage.write(f"{folder}/false_alarms.jsonl", b"".join(orjson.dumps(r) + b"\n" for r in false_alarms))
+        self.storage.write(
+            f"{folder}/false_alarms.jsonl", b"".join(orjson.dumps(r) + b"\n" for r in false_alarms)
+        )
         by_source: dict[str, int] = {}
         for r in failures:
             by_source[r["source"]] = by_source.get(r["source"], 0) + 1
         manifest["versions"].append({
-            "version": version, "log": log_name, "created_at": time.time(), "note": note, "records": len(records),
+            "version": version, "source": source, "log": log_name, "created_at": time.time(), "note": note, "records": len(records),
             "failures": len(failures), "false_alarms": len(false_alarms), "by_source": by_source,
             "alarmed": sum(1 for r in failures if r.get("alarmed")),
             "missed": sum(1 for r in failures if r.get("alarmed") is False),
@@ -292,7 +303,11 @@ class LabelStore:
         return self._version_file("labels.jsonl", version)
 
     def false_alarms(self, version: int | None = None) -> list[dict[str, Any]]:
-        return [orjson.loads(line) for line in self._version_file("false_alarms.jsonl", version).splitlines() if line]
+        return [
+            orjson.loads(line)
+            for line in self._version_file("false_alarms.jsonl", version).splitlines()
+            if line
+        ]
 
     def _version_file(self, name: str, version: int | None) -> bytes:
         version = version if version is not None else self.current()
@@ -306,7 +321,11 @@ class LabelStore:
         return self.storage.read(rel)
 
     def _read_log(self, name: str) -> list[dict[str, Any]]:
-        return [orjson.loads(line) for line in self.storage.read(self._rel(LOG, name)).splitlines() if line.strip()]
+        return [
+            orjson.loads(line)
+            for line in self.storage.read(self._rel(LOG, name)).splitlines()
+            if line.strip()
+        ]
 
 
 def merge(logs: list[tuple[str, list[dict[str, Any]]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -331,7 +350,9 @@ def merge(logs: list[tuple[str, list[dict[str, Any]]]]) -> tuple[list[dict[str, 
                 and f["source"] != "operator"]  # fmt: skip
         if near:
             f = min(near, key=lambda f: abs(f["fail_ts"] - op["fail_ts"]))
-            f.update({"mode": op["mode"], "source": f["source"] + "+operator", "operator": _operator_part(op)})
+            f.update(
+                {"mode": op["mode"], "source": f["source"] + "+operator", "operator": _operator_part(op)}
+            )
         else:
             failures.append({"host": op["host"], "gpu_index": op["gpu_index"], "uuid": op["uuid"],
                              "fail_ts": op["fail_ts"], "mode": op["mode"], "precursor_start_ts": None,

@@ -35,7 +35,9 @@ def is_archive(location: str) -> bool:
 class ArchiveReader:
     """The archive at `location` (a folder or fsspec URL), optionally only rows with `since <= ts < until`."""
 
-    def __init__(self, location: str | Storage, *, since: float | None = None, until: float | None = None) -> None:
+    def __init__(
+        self, location: str | Storage, *, since: float | None = None, until: float | None = None
+    ) -> None:
         self.storage = location if isinstance(location, Storage) else Storage(location)
         self.since = since
         self.until = until
@@ -68,7 +70,9 @@ class ArchiveReader:
         for window in self.sample_windows(window_s):
             yield from snapshot_messages(window)
 
-    def sample_windows(self, window_s: float = 3600.0, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    def sample_windows(
+        self, window_s: float = 3600.0, columns: list[str] | None = None
+    ) -> Iterator[pa.Table]:
         """The sample rows in time order, `window_s` of sample time (or less) per table; with `columns`, only
         those (plus ts and the Kafka source, which order the rows)."""
         if columns is not None:

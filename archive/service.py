@@ -4,7 +4,8 @@ each message to the `ArchiveWriter`, and commits offsets only once the writer ha
 All the Kafka code of the archive is here: one consumer in group `<stream_app_id>-archive`, offsets committed by
 hand after each flush. On assignment, `ArchiveWriter.recover` settles what a killed predecessor left (files of a
 batch whose offsets were not committed are deleted; Kafka then delivers that batch again), so a restart neither
-loses nor duplicates rows. A commit that fails is retried with the next flush; meanwhile the markers stay.
+loses nor duplicates rows. A commit that fails is retried with the next flush, or within a second when nothing
+new arrives; meanwhile the markers stay.
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def run_archive(settings: Settings, *, stop: threading.Event | None = None, url:
     ensure_topics(settings, list(tables))
     writer = ArchiveWriter(storage, tables, flush_rows=settings.archive_flush_rows,
                            flush_interval_s=settings.archive_flush_interval_s)  # fmt: skip
-    consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False, "fetch.wait.max.ms": 500})
+    consumer = make_consumer(
+        settings, group_id(settings), **{"enable.auto.commit": False, "fetch.wait.max.ms": 500}
+    )
     committer = _Committer(consumer, writer)
 
     def on_assign(c: Consumer, partitions: list[TopicPartition]) -> None:
@@ -87,7 +90,7 @@ def run_archive(settings: Settings, *, stop: threading.Event | None = None, url:
 
     consumer.subscribe(list(tables), on_assign=on_assign, on_revoke=on_revoke)
     previous = _install_signal_handlers(stop)
-    next_expiry = 0.0
+    next_expiry = next_retry = 0.0
     log.info("archiving %s into %s (flush every %g s or %d rows)", ", ".join(tables), storage.url,
              settings.archive_flush_interval_s, settings.archive_flush_rows)  # fmt: skip
     try:
@@ -98,7 +101,11 @@ def run_archive(settings: Settings, *, stop: threading.Event | None = None, url:
                     if err.code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error: %s", err)
                     continue
-                writer.add(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+                topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+                assert (
+                    topic is not None and partition is not None and offset is not None
+                )  # a message, not an event
+                writer.add(topic, partition, offset, msg.key(), msg.value())
             if writer.due():
                 t0 = time.perf_counter()
                 files = writer.files_written
@@ -106,6 +113,9 @@ def run_archive(settings: Settings, *, stop: threading.Event | None = None, url:
                 log.info("archived: %d files in %.2f s%s (%d rows, %.1f MB so far)", writer.files_written - files,
                          time.perf_counter() - t0, "" if committed else ", commit pending", writer.rows_written,
                          writer.bytes_written / 1e6)  # fmt: skip
+            elif committer.owed and time.monotonic() >= next_retry:  # a failed commit, nothing new to flush
+                committer.flush_and_commit()
+                next_retry = time.monotonic() + 1.0
             if time.monotonic() >= next_expiry:
                 writer.expire(settings.archive_retention_days)
                 next_expiry = time.monotonic() + RETENTION_CHECK_S

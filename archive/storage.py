@@ -29,7 +29,9 @@ class Storage:
                                "a folder or an fsspec URL such as s3://bucket/gpuwatch")  # fmt: skip
         self.url = url
         self._fs: Any = None
-        local = url.removeprefix("file://") if url.startswith("file://") else (url if "://" not in url else None)
+        local = (
+            url.removeprefix("file://") if url.startswith("file://") else (url if "://" not in url else None)
+        )
         if local is not None:
             self.root = str(Path(local).resolve())
         else:
@@ -78,6 +80,31 @@ class Storage:
             raise
         _fsync_dir(folder)
 
+    def create(self, rel: str, data: bytes) -> bool:
+        """Writes `data` to `rel` only if nothing is there (False if something is); durable on return. In a folder
+        two writers cannot both create the same file; with fsspec the check and the write are two steps."""
+        if self._fs is not None:
+            if self.exists(rel):
+                return False
+            self.write(rel, data)
+            return True
+        full = self.path(rel)
+        folder = os.path.dirname(full)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, full)  # fails if `full` exists: the exclusive step
+        except FileExistsError:
+            return False
+        finally:
+            _unlink(tmp)
+        _fsync_dir(folder)
+        return True
+
     def read(self, rel: str) -> bytes:
         if self._fs is not None:
             with self._fs.open(self.path(rel), "rb") as fh:
@@ -119,7 +146,9 @@ class Storage:
                 entries = self._fs.ls(full, detail=True)
             except FileNotFoundError:
                 return []
-            return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+            return sorted(
+                e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
+            )
         try:
             return sorted(e.name for e in os.scandir(full) if e.is_dir())
         except FileNotFoundError:
@@ -137,15 +166,17 @@ class Storage:
                 names = []
             prefix = self.root + "/"
             for name in names:
-                below = name[len(full):].split("/")
+                below = name[len(full) :].split("/")
                 if name.startswith(prefix) and not any(part.startswith((".", "_")) for part in below):
-                    found.append(name[len(prefix):])
+                    found.append(name[len(prefix) :])
         else:
             for folder, dirs, names in os.walk(full):
                 dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
                 base = os.path.relpath(folder, self.root).replace(os.sep, "/")
                 found += [f"{base}/{n}" for n in names]
-        return sorted(f for f in found if f.endswith(suffix) and not f.rsplit("/", 1)[-1].startswith((".", "_")))
+        return sorted(
+            f for f in found if f.endswith(suffix) and not f.rsplit("/", 1)[-1].startswith((".", "_"))
+        )
 
 
 def _unlink(path: str) -> bool:

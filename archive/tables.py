@@ -75,7 +75,11 @@ def day_of(ts: float) -> str:
     """The UTC day `ts` falls on, as YYYY-MM-DD (the archive's day partition)."""
     try:
         return time.strftime("%Y-%m-%d", time.gmtime(ts))
-    except (OverflowError, OSError, ValueError):  # a ts no calendar holds: the contract allows any number >= 0
+    except (
+        OverflowError,
+        OSError,
+        ValueError,
+    ):  # a ts no calendar holds: the contract allows any number >= 0
         return "9999-12-31"
 
 

@@ -28,7 +28,11 @@ log = logging.getLogger(__name__)
 
 PENDING = "_pending"
 LAYOUT_FILE = "_gpuwatch_archive.json"  # marks a folder or URL as an archive; says how it is laid out
-LAYOUT = {"layout": 1, "tables": list(TABLES), "partitioning": "TABLE/day=YYYY-MM-DD/host=HOST (UTC day of ts)"}
+LAYOUT = {
+    "layout": 1,
+    "tables": list(TABLES),
+    "partitioning": "TABLE/day=YYYY-MM-DD/host=HOST (UTC day of ts)",
+}
 _MAX_NAME_TS = 1e15  # seconds; later times (the contract allows them) are named as this
 
 
@@ -187,13 +191,16 @@ class ArchiveWriter:
         p.last = max(p.last, last)
         p.files.append(rel)
 
+
 def ensure_layout(storage: Storage) -> None:
     """Marks `storage` as an archive (what `is_archive` and the readers look for)."""
     if not storage.exists(LAYOUT_FILE):
         storage.write(LAYOUT_FILE, orjson.dumps(LAYOUT))
 
 
-def import_recording(samples_path: str, storage: Storage, *, flush_rows: int = 500_000, topic: str = "import") -> int:
+def import_recording(
+    samples_path: str, storage: Storage, *, flush_rows: int = 500_000, topic: str = "import"
+) -> int:
     """Archives a JSONL recording (`gpuwatch simulate`'s samples.jsonl) as if it came from Kafka partition 0 with
     its line numbers as offsets; returns how many lines it read. Lines that do not decode go to `deadletter`."""
     ensure_layout(storage)

@@ -77,7 +77,12 @@ def test_each_failure_rule_starts_a_label_with_its_mode(states: list, mode: str,
 
 
 def test_application_and_harmless_xids_are_not_failures() -> None:
-    assert L.derive_failures([rows_of(series(OK, {"xid": [31]}, {"xid": [13, 43]}, {"xid": [63]}, {"xid": [94]}))]) == []
+    assert (
+        L.derive_failures(
+            [rows_of(series(OK, {"xid": [31]}, {"xid": [13, 43]}, {"xid": [63]}, {"xid": [94]}))]
+        )
+        == []
+    )
 
 
 def test_a_power_brake_older_than_the_lookback_says_nothing_about_the_mode() -> None:
@@ -118,14 +123,28 @@ def test_the_labeller_and_the_stream_agree_on_when_a_gpu_failed() -> None:
 
 
 def test_alarmed_and_missed_failures_both_become_labels_with_what_the_controller_did() -> None:
-    failures = [{"host": "h", "gpu_index": 0, "uuid": "A", "fail_ts": T0, "mode": "memory", "repair_end_ts": T0 + 600},
-                {"host": "h", "gpu_index": 1, "uuid": "B", "fail_ts": T0, "mode": "sudden", "repair_end_ts": None}]
-    risk = [{"uuid": "A", "ts": T0 - 900, "alarm": True}, {"uuid": "A", "ts": T0 - 4000, "alarm": True},
-            {"uuid": "B", "ts": T0 - 60, "alarm": False}]
+    failures = [
+        {
+            "host": "h",
+            "gpu_index": 0,
+            "uuid": "A",
+            "fail_ts": T0,
+            "mode": "memory",
+            "repair_end_ts": T0 + 600,
+        },
+        {"host": "h", "gpu_index": 1, "uuid": "B", "fail_ts": T0, "mode": "sudden", "repair_end_ts": None},
+    ]
+    risk = [
+        {"uuid": "A", "ts": T0 - 900, "alarm": True},
+        {"uuid": "A", "ts": T0 - 4000, "alarm": True},
+        {"uuid": "B", "ts": T0 - 60, "alarm": False},
+    ]
     outcome = {"host": "h", "gpu_index": 0, "uuid": "A", "ok": True, "dry_run": False}
-    outcomes = [{**outcome, "id": "1", "action": "checkpoint", "event_ts": T0 - 800},
-                {**outcome, "id": "2", "action": "repair", "event_ts": T0 + 5},
-                {**outcome, "id": "3", "uuid": "C", "gpu_index": 2, "action": "repair", "event_ts": T0 + 9000}]
+    outcomes = [
+        {**outcome, "id": "1", "action": "checkpoint", "event_ts": T0 - 800},
+        {**outcome, "id": "2", "action": "repair", "event_ts": T0 + 5},
+        {**outcome, "id": "3", "uuid": "C", "gpu_index": 2, "action": "repair", "event_ts": T0 + 9000},
+    ]
     got = {g["uuid"]: g for g in L.join_outcomes(failures, risk, outcomes)}  # fmt: skip
     assert got["A"]["alarmed"] and got["A"]["first_alarm_ts"] == T0 - 900
     assert [a["action"] for a in got["A"]["actions"]] == ["checkpoint", "repair"]
@@ -141,21 +160,41 @@ def test_the_label_store_versions_every_write_and_merges_operator_labels(tmp_pat
     derived = {"host": "h", "gpu_index": 0, "uuid": "A", "fail_ts": T0, "mode": "sudden", "precursor_start_ts": None,
                "repair_end_ts": None, "source": "telemetry", "alarmed": False}  # fmt: skip
     assert store.append("telemetry", [derived]) == 1
-    op = {"kind": "failure", "host": "h", "gpu_index": 0, "uuid": "A", "fail_ts": T0 + 1200, "mode": "thermal",
-          "by": "ops"}
+    op = {
+        "kind": "failure",
+        "host": "h",
+        "gpu_index": 0,
+        "uuid": "A",
+        "fail_ts": T0 + 1200,
+        "mode": "thermal",
+        "by": "ops",
+    }
     assert store.append("operator", [op, {**op, "uuid": "Z", "mode": "power"}]) == 2
     assert store.append("operator", [{"kind": "false_alarm", "host": "h", "gpu_index": 3, "uuid": "D",
                                       "ts": T0}]) == 3  # fmt: skip
-    assert store.append("telemetry", [{**derived, "repair_end_ts": T0 + 60}]) == 4  # a later run knows the repair
+    assert (
+        store.append("telemetry", [{**derived, "repair_end_ts": T0 + 60}]) == 4
+    )  # a later run knows the repair
     current = [orjson.loads(x) for x in store.labels_jsonl().splitlines()]
     assert [(c["uuid"], c["fail_ts"], c["mode"], c["source"]) for c in current] == [
-        ("A", T0, "thermal", "telemetry+operator"), ("Z", T0 + 1200, "power", "operator")]
+        ("A", T0, "thermal", "telemetry+operator"),
+        ("Z", T0 + 1200, "power", "operator"),
+    ]
     assert current[0]["repair_end_ts"] == T0 + 60
-    assert [orjson.loads(x)["mode"] for x in store.labels_jsonl(1).splitlines()] == ["sudden"]  # versions stay
+    assert [orjson.loads(x)["mode"] for x in store.labels_jsonl(1).splitlines()] == [
+        "sudden"
+    ]  # versions stay
     assert [f["uuid"] for f in store.false_alarms()] == ["D"]
     assert len(list((tmp_path / "labels" / "log").iterdir())) == 4
     failures = Failures.parse(store.labels_jsonl().splitlines(), "store")  # what training reads
     assert set(failures.by_uuid) == {"A", "Z"}
+
+
+def test_two_writers_cannot_take_the_same_version(tmp_path: Path) -> None:
+    (tmp_path / "labels" / "log").mkdir(parents=True)
+    (tmp_path / "labels" / "log" / "000001.jsonl").write_bytes(b"")  # another writer's, manifest not yet
+    with pytest.raises(L.LabelStoreError, match="another writer is at work"):
+        L.LabelStore(Storage(str(tmp_path))).append("telemetry", [])
 
 
 def test_an_empty_label_store_says_how_to_fill_it(tmp_path: Path) -> None:
@@ -171,7 +210,9 @@ def _writer(storage: Storage) -> ArchiveWriter:
 
 
 def _snapshot(ts: float, host: str = "h") -> bytes:
-    return encode_snapshot({"schema": F.SAMPLES_SCHEMA, "host": host, "ts": ts, "seq": 0, "gpus": [gpu(0), gpu(1)]})
+    return encode_snapshot(
+        {"schema": F.SAMPLES_SCHEMA, "host": host, "ts": ts, "seq": 0, "gpus": [gpu(0), gpu(1)]}
+    )
 
 
 def test_a_batch_written_but_not_committed_is_deleted_and_a_committed_one_kept(tmp_path: Path) -> None:
@@ -184,7 +225,10 @@ def test_a_batch_written_but_not_committed_is_deleted_and_a_committed_one_kept(t
     w.add("s", 0, 13, b"h", _snapshot(T0 + 3, host="other"))
     w.add("s", 1, 7, b"h", _snapshot(T0 + 3))
     assert w.flush() == {("s", 0): 14, ("s", 1): 8}  # ... and the writer dies before the commit
-    assert len(storage.files(SAMPLES)) == 3 and storage.files(PENDING) == ["_pending/s/0.json", "_pending/s/1.json"]
+    assert len(storage.files(SAMPLES)) == 3 and storage.files(PENDING) == [
+        "_pending/s/0.json",
+        "_pending/s/1.json",
+    ]
     fresh = _writer(storage)
     assert fresh.recover("s", 0, 13) == 1  # committed up to 13: offset 13's file goes (it is read again)
     assert fresh.recover("s", 1, 8) == 0  # this one was committed before the writer died: kept
@@ -215,7 +259,9 @@ def test_bad_messages_are_kept_as_dead_letters_with_the_reason(tmp_path: Path) -
     w.flush()
     reader = ArchiveReader(storage)
     errors = sorted(e for f in storage.files("deadletter") for e in reader.read(f)["error"].to_pylist())
-    assert errors == ["host: missing required field", "message has no value (tombstone)"] and w.deadletters == 2
+    assert (
+        errors == ["host: missing required field", "message has no value (tombstone)"] and w.deadletters == 2
+    )
 
 
 def test_an_fsspec_location_holds_an_archive_too() -> None:
@@ -234,7 +280,9 @@ def test_record_columns_are_the_codecs_fields() -> None:
     from gpuwatch.controller.worker import outcome_record
 
     names = lambda checks: {n for n, _ in checks}  # noqa: E731
-    assert names(F.RISK_FIELDS) == names(codecs._RISK) and names(F.RISK_OPTIONAL_FIELDS) == names(codecs._RISK_OPTIONAL)
+    assert names(F.RISK_FIELDS) == names(codecs._RISK) and names(F.RISK_OPTIONAL_FIELDS) == names(
+        codecs._RISK_OPTIONAL
+    )
     assert names(F.REMEDIATION_FIELDS) == names(codecs._REMEDIATION)
     event = {"id": "x", "host": "h", "gpu_index": 0, "uuid": "u", "action": "repair", "risk": 1.0, "ts": T0}
     rec = outcome_record(event, "dry-run", Outcome(ok=True, detail="d", dry_run=True), T0, 0.1)
@@ -247,8 +295,15 @@ def test_record_columns_are_the_codecs_fields() -> None:
 
 def _archived_fleet(base: Path, hosts: int, days: float) -> tuple[Path, str]:
     """A simulated fleet rich in failures, as JSONL and as an archive of it (labels: the labeller's)."""
-    simulate_to_dir(hosts, 8, days, base / "sim", seed=5, interval_s=10.0,
-                    config_overrides={"rate_scale": 30000.0, "repair_time_scale": 0.005, "ts_jitter_s": 2.0})
+    simulate_to_dir(
+        hosts,
+        8,
+        days,
+        base / "sim",
+        seed=5,
+        interval_s=10.0,
+        config_overrides={"rate_scale": 30000.0, "repair_time_scale": 0.005, "ts_jitter_s": 2.0},
+    )
     archive = str(base / "archive")
     import_recording(str(base / "sim" / "samples.jsonl"), Storage(archive), flush_rows=20_000)
     L.LabelStore(Storage(archive)).append("telemetry", L.label_archive(ArchiveReader(archive)))

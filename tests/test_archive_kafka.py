@@ -40,8 +40,12 @@ def _env(settings: Settings, archive: Path) -> dict[str, str]:
 
 def _start(settings: Settings, archive: Path, log: Path) -> subprocess.Popen:
     # -P: import the installed package, not the source folder of the same name in the working directory.
-    return subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.cli", "archive"], env=_env(settings, archive),
-                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"))  # noqa: SIM115 - the child holds it
+    return subprocess.Popen(
+        [sys.executable, "-P", "-m", "gpuwatch.cli", "archive"],
+        env=_env(settings, archive),
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "ab"),
+    )  # noqa: SIM115 - the child holds it
 
 
 class _Published:
@@ -68,17 +72,47 @@ def _publish_batch(pub: _Published, settings: Settings, sim: FleetSimulator, ste
             pub.send(settings.topic_samples, host.encode(), raw)
         if k % 50 == 0:
             now = sim.now
-            risk = {"host": "node-0000", "gpu_index": 1, "uuid": "GPU-x", "ts": now, "risk": 0.3, "horizon_s": 3600.0,
-                    "mode": "memory", "model": "m", "scored_at": now, "alarm": True, "extra_field": {"a": 1}}
-            event = {"id": remediation_id("node-0000", 1, "GPU-x", "checkpoint", now), "host": "node-0000",
-                     "gpu_index": 1, "uuid": "GPU-x", "action": "checkpoint", "reason": "alarm", "risk": 0.3, "ts": now}
-            outcome = {"schema": "gpuwatch.outcome/1", **event, "event_ts": now, "executor": "dry-run", "ok": True,
-                       "dry_run": True, "detail": "dry run", "started_at": now, "duration_s": 0.01}
+            risk = {
+                "host": "node-0000",
+                "gpu_index": 1,
+                "uuid": "GPU-x",
+                "ts": now,
+                "risk": 0.3,
+                "horizon_s": 3600.0,
+                "mode": "memory",
+                "model": "m",
+                "scored_at": now,
+                "alarm": True,
+                "extra_field": {"a": 1},
+            }
+            event = {
+                "id": remediation_id("node-0000", 1, "GPU-x", "checkpoint", now),
+                "host": "node-0000",
+                "gpu_index": 1,
+                "uuid": "GPU-x",
+                "action": "checkpoint",
+                "reason": "alarm",
+                "risk": 0.3,
+                "ts": now,
+            }
+            outcome = {
+                "schema": "gpuwatch.outcome/1",
+                **event,
+                "event_ts": now,
+                "executor": "dry-run",
+                "ok": True,
+                "dry_run": True,
+                "detail": "dry run",
+                "started_at": now,
+                "duration_s": 0.01,
+            }
             del outcome["reason"], outcome["ts"]
             pub.send(settings.topic_risk, b"node-0000", encode_risk(risk))
             pub.send(settings.topic_remediation, b"node-0000", encode_remediation(event))
             pub.send(settings.topic_outcomes, b"node-0000", orjson.dumps(outcome))
-    pub.send(settings.topic_samples, b"node-0000", b'{"schema": "gpuwatch.samples/1", "host": 3}')  # dead letter
+    pub.send(
+        settings.topic_samples, b"node-0000", b'{"schema": "gpuwatch.samples/1", "host": 3}'
+    )  # dead letter
     pub.flush()
 
 
@@ -138,7 +172,10 @@ def test_archive_killed_mid_batch_restarts_without_losing_or_duplicating_rows(se
     _publish_batch(pub, settings, sim, 100)  # more arrives while it is down
     proc = _start(settings, archive, log)
     try:
-        want = {t: len(pub.at[t]) for t in (settings.topic_risk, settings.topic_remediation, settings.topic_outcomes)}
+        want = {
+            t: len(pub.at[t])
+            for t in (settings.topic_risk, settings.topic_remediation, settings.topic_outcomes)
+        }
 
         def caught_up() -> bool:
             time.sleep(0.3)  # each look reads every file

@@ -68,7 +68,6 @@ class Recording:
 
         return ArchiveReader(self.archive_url).files("samples")
 
-
     def label_version(self) -> int | None:
         """The label store version the labels come from (None for a labels.jsonl file)."""
         if self.labels_path is not None:
@@ -85,7 +84,9 @@ def open_recording(location: str | Path, *, need_labels: bool = True) -> Recordi
 
     text = str(location)
     if is_archive(text):
-        local = Path(text.removeprefix("file://")) if "://" not in text or text.startswith("file://") else None
+        local = (
+            Path(text.removeprefix("file://")) if "://" not in text or text.startswith("file://") else None
+        )
         name = text.rstrip("/").rsplit("/", 1)[-1]
         return Recording(name=name, location=text, source=f"{text.rstrip('/')}/samples", archive_url=text,
                          cache_dir=local / ".gpuwatch" if local is not None else None)  # fmt: skip

@@ -33,6 +33,11 @@ def bench_command(args: argparse.Namespace) -> int:
 
         run_score_bench(args)
         return 0
+    if args.what == "archive":
+        from gpuwatch.bench.archive import run_archive_bench
+
+        run_archive_bench(args)
+        return 0
     if args.what == "simulate":
         from gpuwatch.bench.table import emit
         from gpuwatch.producers.simulator import bench_simulator
