@@ -331,8 +331,9 @@ class LabelStore:
 def merge(logs: list[tuple[str, list[dict[str, Any]]]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Failures and false-alarm marks of a sequence of logs (source, records), oldest first.
 
-    Derived and imported failures are keyed by (uuid, fail_ts): a later log's record replaces an earlier one's
-    (a later run knows the repair end, the alarms). An operator's failure label joins the derived failure of its
+    Derived and imported failures are keyed by (uuid, fail_ts): a later log's record updates an earlier one's
+    (a later run knows the repair end, the alarms), except where it has null (an imported label's precursor start
+    stays). An operator's failure label joins the derived failure of its
     GPU nearest in time within MATCH_S: the time stays the telemetry's, the mode becomes the operator's; with
     none, it is a failure of its own. False-alarm marks are kept as they are."""
     derived: dict[tuple[str, float], dict[str, Any]] = {}
@@ -343,7 +344,9 @@ def merge(logs: list[tuple[str, list[dict[str, Any]]]]) -> tuple[list[dict[str, 
             if source == "operator":
                 (false_alarms if rec.get("kind") == "false_alarm" else operator).append(rec)
             else:
-                derived[(rec["uuid"], float(rec["fail_ts"]))] = {**rec, "source": rec.get("source", source)}
+                key = (rec["uuid"], float(rec["fail_ts"]))
+                known = {k: v for k, v in rec.items() if v is not None}  # a null erases nothing
+                derived[key] = {**rec, **derived.get(key, {}), **known, "source": rec.get("source", source)}
     failures = list(derived.values())
     for op in operator:
         near = [f for f in failures if f["uuid"] == op["uuid"] and abs(f["fail_ts"] - op["fail_ts"]) <= MATCH_S

@@ -172,20 +172,24 @@ def test_the_label_store_versions_every_write_and_merges_operator_labels(tmp_pat
     assert store.append("operator", [op, {**op, "uuid": "Z", "mode": "power"}]) == 2
     assert store.append("operator", [{"kind": "false_alarm", "host": "h", "gpu_index": 3, "uuid": "D",
                                       "ts": T0}]) == 3  # fmt: skip
+    imported = {**derived, "precursor_start_ts": T0 - 300, "source": "import"}
+    assert store.append("import", [imported]) == 4
     assert (
-        store.append("telemetry", [{**derived, "repair_end_ts": T0 + 60}]) == 4
+        store.append("telemetry", [{**derived, "repair_end_ts": T0 + 60}]) == 5
     )  # a later run knows the repair
     current = [orjson.loads(x) for x in store.labels_jsonl().splitlines()]
     assert [(c["uuid"], c["fail_ts"], c["mode"], c["source"]) for c in current] == [
         ("A", T0, "thermal", "telemetry+operator"),
         ("Z", T0 + 1200, "power", "operator"),
     ]
-    assert current[0]["repair_end_ts"] == T0 + 60
+    assert (
+        current[0]["repair_end_ts"] == T0 + 60 and current[0]["precursor_start_ts"] == T0 - 300
+    )  # null erases nothing
     assert [orjson.loads(x)["mode"] for x in store.labels_jsonl(1).splitlines()] == [
         "sudden"
     ]  # versions stay
     assert [f["uuid"] for f in store.false_alarms()] == ["D"]
-    assert len(list((tmp_path / "labels" / "log").iterdir())) == 4
+    assert len(list((tmp_path / "labels" / "log").iterdir())) == 5
     failures = Failures.parse(store.labels_jsonl().splitlines(), "store")  # what training reads
     assert set(failures.by_uuid) == {"A", "Z"}
 
