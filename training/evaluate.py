@@ -416,7 +416,7 @@ def best_threshold(
 
 ALARM_RECORDS_CHOICES = (1, 2, 3, 4, 6)  # consecutive scorings (5 s apart by default): 0 to 25 s of `for:`
 # Seconds of sample time the model's score must hold (its operating points): the same at any sampling interval.
-PERSISTENCE_CHOICES_S = (0.0, 10.0, 25.0, 45.0, 90.0, 150.0, 300.0)
+PERSISTENCE_CHOICES_S = (0.0, 10.0, 25.0, 45.0, 90.0, 150.0, 300.0, 600.0, 1200.0)
 
 
 def best_operating_point(
