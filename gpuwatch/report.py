@@ -19,14 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from gpuwatch.fleet.view import LiveRisk, count_text, format_view
 from gpuwatch.streams.operating_point import OperatingPoint
-
-if TYPE_CHECKING:
-    from gpuwatch.fleet.view import LiveRisk
 
 INSTALL_HINT = "the report needs matplotlib: pip install 'gpuwatch[report]' (or pip install matplotlib)"
 ACTION_COLORS = {"checkpoint": "#1f77b4", "migrate": "#ff7f0e", "reboot": "#9467bd", "repair": "#8c564b"}
@@ -433,10 +431,11 @@ def _interval_bars(ax: Any, pmf: Sequence[float], f: dict[str, Any], title: str,
     x = np.arange(len(pmf))
     inside = (x >= f["lower"]) & (x <= f["upper"])
     ax.bar(x, pmf, width=0.85, color=np.where(inside, color, "#c8c8c8"))
-    ax.axvline(f["value"], color="#d62728", lw=1.5, label=f"expected {f['value']:.1f}")
+    ax.axvline(f["value"], color="#d62728", lw=1.5, label=f"expected {count_text(f['value'])}")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # counts of failures
     ax.set_xlabel("failures")
     ax.set_ylabel("probability")
-    ax.set_title(f"{title}: {f['value']:.1f} expected, {f['level']:.0%} interval {f['lower']:.0f} - {f['upper']:.0f}",
+    ax.set_title(f"{title}: {count_text(f['value'])} expected, {f['level']:.0%} interval {f['lower']:.0f} - {f['upper']:.0f}",
                  fontsize=10)  # fmt: skip
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
@@ -518,7 +517,7 @@ def _plot_fleet_capacity(plt: Any, view: dict[str, Any]) -> str:
     bx.set_ylim(1e-4, 1.2)
     bx.set_xlabel("spare GPUs held")
     bx.set_ylabel("chance more GPUs are in repair")
-    bx.set_title(f"spares: {sp['mean_in_repair']:.1f} GPUs in repair on average "
+    bx.set_title(f"spares: {count_text(sp['mean_in_repair'])} GPUs in repair on average "
                  f"(turnaround {sp['turnaround_days']:.1f} days)", fontsize=10)  # fmt: skip
     bx.legend(fontsize=8)
     bx.grid(alpha=0.3)
@@ -531,7 +530,6 @@ def _plot_fleet_capacity(plt: Any, view: dict[str, Any]) -> str:
 
 def fleet_section(plt: Any, view: dict[str, Any]) -> str:
     """HTML of the fleet reliability view (`gpuwatch.fleet.view.fleet_view`): its plots and what they show."""
-    from gpuwatch.fleet.view import format_view
 
     hist = view.get("history")
     parts = [
@@ -611,8 +609,6 @@ class RunRecorder:
 
     def live_risk(self) -> LiveRisk | None:
         """The newest risk of every GPU seen, as the fleet view takes it (None before any record)."""
-        from gpuwatch.fleet.view import LiveRisk
-
         if not self.risk_now:
             return None
         records = [{"host": h, "gpu_index": g, "risk": r, "failed": f} for (h, g), (r, f) in self.risk_now.items()]

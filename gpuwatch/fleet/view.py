@@ -228,6 +228,13 @@ def fleet_view(history: FailureHistory | None, live: LiveRisk | None, opts: Flee
     return view
 
 
+def count_text(x: float) -> str:
+    """An expected count or a number of hours as people read it: 1,234 / 12.3 / 0.0031."""
+    if not math.isfinite(x):
+        return "inf"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2g}"
+
+
 def _days(d: float) -> str:
     if not math.isfinite(d):
         return "inf"
@@ -260,12 +267,12 @@ def format_view(view: dict[str, Any], worst_hosts: int = 10) -> str:
     lines.append(f"Failure rate: {rate['value']:.3g} per GPU-day"
                  + (f" ({pct}: {rate['lower']:.3g} - {rate['upper']:.3g})" if rate["source"] == "history"
                     else " (setting fleet_failure_rate_per_gpu_day; no history given)")
-                 + f"; a failure somewhere in the fleet every {view['fleet_mtbf_h']['value']:.3g} h")  # fmt: skip
+                 + f"; a failure somewhere in the fleet every {count_text(view['fleet_mtbf_h']['value'])} h")  # fmt: skip
     s, lg = view["forecast"]["short"], view["forecast"]["long"]
     src = {"risk": "sum of live risk", "history": "observed rate", "setting": "setting's rate"}
-    lines.append(f"Next {s['hours']:g} h: {s['value']:.1f} failures expected ({pct}: {s['lower']:.0f} - "
+    lines.append(f"Next {s['hours']:g} h: {count_text(s['value'])} failures expected ({pct}: {s['lower']:.0f} - "
                  f"{s['upper']:.0f}), {src[s['source']]}")  # fmt: skip
-    lines.append(f"Next {lg['days']:g} days: {lg['value']:.1f} failures expected ({pct}: {lg['lower']:.0f} - "
+    lines.append(f"Next {lg['days']:g} days: {count_text(lg['value'])} failures expected ({pct}: {lg['lower']:.0f} - "
                  f"{lg['upper']:.0f}), {src[lg['source']]} x {lg['gpu_days']:,.0f} GPU-days")  # fmt: skip
     j = view["job"]
     lines.append(f"Job of {j['gpus']:,} GPUs checkpointing every {j['checkpoint_interval_s'] / 60:g} min: "
@@ -273,7 +280,7 @@ def format_view(view: dict[str, Any], worst_hosts: int = 10) -> str:
                  f"({pct}: {j['interrupted']['lower']:.1%} - {j['interrupted']['upper']:.1%})")  # fmt: skip
     sp = view["spares"]
     lines.append(f"Spares: hold {sp['spares']} GPUs to cover every GPU in repair {sp['service_level']:.0%} of the "
-                 f"time (mean {sp['mean_in_repair']:.1f} in repair; turnaround {sp['turnaround_days']:.1f} days, "
+                 f"time (mean {count_text(sp['mean_in_repair'])} in repair; turnaround {sp['turnaround_days']:.1f} days, "
                  f"from the {sp['turnaround_source']})")  # fmt: skip
     mt = view["mtbf"]
     if mt:
