@@ -104,7 +104,8 @@ def test_job_interruption_and_spares() -> None:
     assert one.value == pytest.approx(-math.expm1(-0.01 / 24)) and one.lower < one.value < one.upper
     big = est.job_interruption(1024, 3600.0, rate)
     assert big.value == pytest.approx(-math.expm1(-1024 * 0.01 / 24))
-    mean, pmf = est.in_repair_pmf(1000, 5.0, None, 0.0, 0.01)  # known rate: each GPU down 0.05/1.05 of the time
+    # a known rate: each GPU is in repair 0.05 / 1.05 of the time
+    mean, pmf = est.in_repair_pmf(1000, 5.0, None, 0.0, 0.01)
     assert mean == pytest.approx(1000 * 0.05 / 1.05)
     assert est.spares_needed(pmf, 0.95) == est.poisson_interval(mean, 0.9)[1]
     _, uncertain = est.in_repair_pmf(1000, 5.0, 100, 10_000.0)
