@@ -379,3 +379,33 @@ def test_run_recorder_keeps_every_gpus_newest_risk_for_the_demos_fleet_view() ->
     live = recorder.live_risk()
     assert live is not None and live.gpus == (("n1", 0), ("n1", 1)) and live.horizon_s == 1800.0
     assert live.failed.tolist() == [True, False] and live.risk.tolist() == [1.0, 1e-5]
+
+
+def test_fleet_learns_from_an_archives_label_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_env: None
+) -> None:
+    from gpuwatch.producers.simulator import simulate_to_dir
+
+    stats = simulate_to_dir(
+        2, 4, 0.5, tmp_path / "sim", seed=3, interval_s=600.0, config_overrides={"rate_scale": 3000}
+    )
+    archive = tmp_path / "archive"
+    assert main(["archive", "--import", str(tmp_path / "sim"), "--archive", str(archive)]) == 0
+    inventory = tmp_path / "inv.json"
+    inventory.write_bytes(orjson.dumps({"node-0000": {"gpus": 4, "model": "x"}, "node-0001": {"gpus": 4}}))
+    capsys.readouterr()
+    code, out, err = run(capsys, "--history", str(archive), "--json", str(tmp_path / "v.json"))
+    assert code == 2 and f"no fleet for the archive {archive}: give --inventory" in err
+    code, out, err = run(capsys, "--history", str(archive), "--inventory", str(inventory), "--json",
+                         str(tmp_path / "v.json"))  # fmt: skip
+    assert code == 0, err
+    view = orjson.loads((tmp_path / "v.json").read_bytes())
+    meta = orjson.loads((tmp_path / "sim" / "meta.json").read_bytes())
+    assert view["history"]["source"] == str(archive) and view["history"]["gpus"] == 8
+    assert view["history"]["start_ts"] >= meta["start_ts"] and view["history"]["end_ts"] <= meta["end_ts"]
+    # the imported labels are the simulation's failures (and precursors still running, which lie after the end)
+    labels = [orjson.loads(line) for line in (tmp_path / "sim" / "labels.jsonl").read_bytes().splitlines()]
+    h = view["history"]
+    inside = [lab for lab in labels if h["start_ts"] <= lab["fail_ts"] < h["end_ts"]]
+    assert h["failures"] == len(inside) > 0 and len(inside) <= stats["failures"]
+    assert set(view["mtbf"]["model"]) == {"x", "unknown"}

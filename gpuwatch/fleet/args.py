@@ -7,14 +7,15 @@ import argparse
 
 def add_fleet_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", metavar="PATH",
-                   help="failures to learn from: a `gpuwatch simulate` folder, or a JSONL file of failure labels "
-                        "or of the controller's outcomes (gpuwatch.outcome/1)")  # fmt: skip
-    p.add_argument(
-        "--since", help="start of a JSONL history's window (unix seconds or ISO date); required with one"
-    )
-    p.add_argument("--until", help="end of a JSONL history's window (default: now)")
+                   help="failures to learn from: a gpuwatch archive (folder or URL: its label store), a `gpuwatch "
+                        "simulate` folder, or a JSONL file of failure labels or of the controller's outcomes "
+                        "(gpuwatch.outcome/1)")  # fmt: skip
+    p.add_argument("--since", help="start of the history's window (unix seconds or ISO date); required with a JSONL "
+                                   "file, an archive's first sample otherwise")  # fmt: skip
+    p.add_argument("--until", help="end of the history's window (default: now for a JSONL file, an archive's last "
+                                   "sample, a simulation's end)")  # fmt: skip
     p.add_argument("--inventory", metavar="FILE.json",
-                   help='the fleet of a JSONL history: {"host": {"gpus": 8, "model": "h100-sxm"}, ...} '
+                   help='the fleet of a JSONL or archive history: {"host": {"gpus": 8, "model": "h100-sxm"}, ...} '
                         "(default: the GPUs with live risk in Redis)")  # fmt: skip
     p.add_argument("--no-live", action="store_true", help="do not read live risk from Redis (redis_url)")
     p.add_argument("--days", type=float, default=7.0, help="the long forecast's window in days (default 7)")

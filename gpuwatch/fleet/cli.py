@@ -19,6 +19,7 @@ from .history import (
     FailureHistory,
     HistoryError,
     parse_time,
+    read_archive,
     read_history_file,
     read_inventory,
     read_simulation,
@@ -82,6 +83,15 @@ def read_history(args: argparse.Namespace, live: LiveRisk | None) -> FailureHist
     """The history named by --history (None without one); HistoryError names what is wrong."""
     if not args.history:
         return None
+    from gpuwatch.archive.reader import is_archive
+
+    if is_archive(args.history):
+        gpus, models = _fleet(args, live)
+        return read_archive(
+            args.history, gpus=gpus, gpu_model=models,
+            start_ts=parse_time(args.since, "--since") if args.since else None,
+            end_ts=parse_time(args.until, "--until") if args.until else None,
+        )  # fmt: skip
     path = Path(args.history)
     if path.is_dir():
         history = read_simulation(path)
@@ -95,11 +105,17 @@ def read_history(args: argparse.Namespace, live: LiveRisk | None) -> FailureHist
                            "(unix seconds or ISO date)")  # fmt: skip
     start = parse_time(args.since, "--since")
     end = parse_time(args.until, "--until") if args.until else time.time()
-    if args.inventory:
-        gpus, models = read_inventory(args.inventory)
-    else:
-        gpus, models = (live.gpus if live is not None else ()), {}
+    gpus, models = _fleet(args, live)
     return read_history_file(path, gpus=gpus, start_ts=start, end_ts=end, gpu_model=models)
+
+
+def _fleet(
+    args: argparse.Namespace, live: LiveRisk | None
+) -> tuple[tuple[tuple[str, int], ...], dict[str, str]]:
+    """The fleet of a history that does not name it: --inventory, else the GPUs with live risk."""
+    if args.inventory:
+        return read_inventory(args.inventory)
+    return (live.gpus if live is not None else ()), {}
 
 
 def compute(args: argparse.Namespace, settings: Settings, opts: FleetOptions) -> dict[str, Any]:

@@ -9,7 +9,10 @@
   outcomes topic: each `repair` is one failure; its mode and repair time are not recorded there), with the fleet
   from an inventory and the window given.
 
-An archive reader plugs in by building the same object from its label store and the hosts it archived.
+- `read_archive(location, ...)`: a gpuwatch archive (docs/archive.md): the current version of its label store
+  (failures derived from the archived telemetry, operators' labels, repairs the controller recorded), over the
+  time its samples cover, with the fleet from an inventory.
+
 Errors are `HistoryError`, whose message names the input and the fix.
 """
 
@@ -201,6 +204,46 @@ def read_simulation(folder: str | Path) -> FailureHistory:
     return FailureHistory(
         start_ts=start, end_ts=end, gpus=tuple((h, g) for h in hosts for g in range(per_host)),
         failures=failures, gpu_model=dict(zip(hosts, hardware)), repairs_known=True, source=str(folder),
+    )  # fmt: skip
+
+
+def read_archive(
+    location: str, *, gpus: Iterable[tuple[str, int]], start_ts: float | None = None, end_ts: float | None = None,
+    gpu_model: Mapping[str, str] | None = None,
+) -> FailureHistory:  # fmt: skip
+    """The history of a gpuwatch archive: its label store's current failures, over the time its samples cover
+    (narrowed to `start_ts`..`end_ts` when given), on the fleet `gpus`. A derived failure's `repair_end_ts` is
+    when the telemetry showed the GPU back; None: not back by the archive's end."""
+    from gpuwatch.archive.labels import LabelStore, LabelStoreError
+    from gpuwatch.archive.reader import ArchiveReader
+    from gpuwatch.archive.writer import file_time_range
+
+    reader = ArchiveReader(location)
+    try:
+        data = LabelStore(reader.storage).labels_jsonl()
+    except LabelStoreError as exc:
+        raise HistoryError(str(exc)) from None
+    spans = [file_time_range(rel) for rel in reader.files("samples")]
+    if not spans:
+        raise HistoryError(
+            f"the archive {location} holds no samples: nothing says which time its labels cover"
+        )
+    start = min(lo for lo, _ in spans) if start_ts is None else max(start_ts, min(lo for lo, _ in spans))
+    end = max(hi for _, hi in spans) if end_ts is None else min(end_ts, max(hi for _, hi in spans))
+    if end <= start:
+        raise HistoryError(f"the archive {location} has no samples between --since and --until")
+    failures = []
+    for n, line in enumerate(data.splitlines(), start=1):
+        if line.strip():
+            failures.append(_failure_from_label(orjson.loads(line), f"{location} label store line {n}"))
+    fleet = tuple(gpus)
+    if not fleet:
+        raise HistoryError(
+            f"no fleet for the archive {location}: give --inventory, or a Redis with live risk"
+        )
+    return FailureHistory(
+        start_ts=start, end_ts=end, gpus=fleet, failures=tuple(failures), gpu_model=dict(gpu_model or {}),
+        repairs_known=True, source=str(location),
     )  # fmt: skip
 
 
