@@ -155,6 +155,12 @@ def cmd_top(args: argparse.Namespace) -> int:
     return run_top(settings, n=args.n, once=args.once, interval_s=args.interval)
 
 
+def cmd_fleet(args: argparse.Namespace) -> int:
+    from gpuwatch.fleet.cli import fleet_command
+
+    return fleet_command(args, _settings(args))
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     from gpuwatch.sinks.policy_admin import policy_command
 
@@ -273,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--once", action="store_true", help="print once and exit")
     p.set_defaults(func=cmd_top)
 
+    p = sub.add_parser("fleet", help="fleet reliability: MTBF by mode, model and host, failures expected in the "
+                       "next 24 h and 7 days, job interruption, spares (--serve: to Prometheus)")
+    from gpuwatch.fleet.args import add_fleet_args
+
+    add_fleet_args(p)
+    p.set_defaults(func=cmd_fleet)
+
     p = sub.add_parser("policy", help="the remediation policy's guard rails: status, reset-breaker, "
                        "clear-escalation, drill")
     policy = p.add_subparsers(dest="policy_command", required=True)
@@ -345,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "score", "reliability", "gpu", "archive"])
+    p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "score", "reliability", "gpu", "archive",
+                                    "forecast"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
     p.add_argument("--seconds", type=float, default=0.0,

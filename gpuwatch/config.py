@@ -129,10 +129,11 @@ class Settings:
     archive_flush_rows: int = field(default=500_000, metadata={"doc": "Archive: rows (GPU-samples and records) held in memory before a flush, whatever the interval."})
     archive_retention_days: int = field(default=0, metadata={"doc": "Archive: day partitions older than this many days (UTC) are deleted, checked hourly; 0 keeps everything."})
 
-    metrics_host: str = field(default="127.0.0.1", metadata={"doc": "Address the Prometheus exporters of `gpuwatch stream`, `sink` and `controller` listen on; 0.0.0.0 (every interface) when Prometheus scrapes from another host or container. The agent has agent_metrics_addr."})
+    metrics_host: str = field(default="127.0.0.1", metadata={"doc": "Address the Prometheus exporters of `gpuwatch stream`, `sink`, `controller` and `fleet --serve` listen on; 0.0.0.0 (every interface) when Prometheus scrapes from another host or container. The agent has agent_metrics_addr."})
     stream_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch stream`'s Prometheus exporter (/metrics on metrics_host, the worker's own metrics); 0 turns it off."})
     sink_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch sink`'s Prometheus exporter, which also serves per-GPU risk; 0 turns it off."})
     controller_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch controller`'s Prometheus exporter; 0 turns it off."})
+    fleet_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch fleet --serve`'s Prometheus exporter (the fleet reliability view: gpuwatch_fleet_*); 0 turns it off."})
     agent_metrics_port: int = field(default=0, metadata={"doc": "Port of the node agent's Prometheus exporter (spool depth, snapshots sent); 0 turns it off."})
     agent_metrics_addr: str = field(default="0.0.0.0", metadata={"doc": "Agent: address its /metrics and /healthz endpoint listens on."})
     agent_interval_s: float = field(default=1.0, metadata={"doc": "Agent: seconds between two snapshots of the node."})
@@ -306,6 +307,7 @@ ALLOWED: dict[str, Allowed] = {
     "stream_metrics_port": _PORT,
     "sink_metrics_port": _PORT,
     "controller_metrics_port": _PORT,
+    "fleet_metrics_port": _PORT,
     "agent_metrics_port": _PORT,
     "agent_interval_s": _POSITIVE,
     "agent_spool_max_bytes": Allowed(lo=1 << 20, why="1 MiB"),

@@ -218,7 +218,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         summary = _summary(state, produced, time.time() - t_start, hosts * 8)
     _print_summary(summary)
     if opts.report:
-        _write_report(state, summary, opts, say)
+        _write_report(state, summary, opts, say, settings)
     if opts.summary_json:
         opts.summary_json.parent.mkdir(parents=True, exist_ok=True)
         opts.summary_json.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
@@ -226,7 +226,9 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
     return 0 if summary["gpus_scored"] > 0 else 1
 
 
-def _write_report(state: DemoState, summary: dict[str, Any], opts: DemoOptions, say: Any) -> None:
+def _write_report(
+    state: DemoState, summary: dict[str, Any], opts: DemoOptions, say: Any, settings: Settings
+) -> None:
     from gpuwatch.report import render_report
 
     rows = [
@@ -237,6 +239,13 @@ def _write_report(state: DemoState, summary: dict[str, Any], opts: DemoOptions, 
          else f"{summary['latency_p99_ms']:,.0f} ms"),
     ]
     data = state.recorder.report_data(state.labels, summary=rows, title="gpuwatch demo report")
+    live = state.recorder.live_risk()
+    if live is not None:  # the fleet view from the live risk alone: a minute of demo is no failure history
+        from gpuwatch.fleet.view import FleetOptions, fleet_view
+
+        data.fleet = fleet_view(None, live, FleetOptions(
+            base_rate_per_gpu_day=settings.fleet_failure_rate_per_gpu_day, job_gpus=settings.policy_job_gpus,
+            checkpoint_interval_s=settings.policy_job_checkpoint_interval_s))  # fmt: skip
     say(f"[demo] report written to {render_report(data, opts.report)}")
 
 

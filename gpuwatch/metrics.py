@@ -5,7 +5,8 @@ Per-GPU series (risk, last-seen time, temperature, power) are not set one by one
 component's latest state when Prometheus scrapes. `start_metrics_server(port, host, component)` serves
 `/metrics` with that component's metrics only (`COMPONENT_METRICS`), not every metric defined here at 0.
 The alert rules (deploy/prometheus/alerts.yml) and the Grafana dashboard use these names. The node agent
-exports its own `gpuwatch_agent_*` metrics (spool depth, snapshots sent) from `gpuwatch.producers.agent`.
+exports its own `gpuwatch_agent_*` metrics (spool depth, snapshots sent) from `gpuwatch.producers.agent`;
+`gpuwatch fleet --serve` exports the fleet reliability view (`gpuwatch_fleet_*`, component "fleet").
 """
 
 from __future__ import annotations
@@ -114,6 +115,82 @@ POLICY_FLEET_HOSTS = Gauge("gpuwatch_policy_fleet_hosts", "Hosts that sent risk 
 POLICY_ESCALATED_HOSTS = Gauge(
     "gpuwatch_policy_escalated_hosts", "Hosts escalated to a human (remediated too often), waiting for an operator."
 )
+# -- fleet reliability view (`gpuwatch fleet --serve`, gpuwatch/fleet/) ---------------------------------
+FLEET_GPUS = Gauge("gpuwatch_fleet_gpus", "GPUs of the fleet view by state: total, failed (now), stale.", ["state"])
+FLEET_RATE = Gauge(
+    "gpuwatch_fleet_failure_rate_per_gpu_day",
+    "Failures per GPU-day the view uses: observed in the history (value and the interval's lower, upper) or the "
+    "setting fleet_failure_rate_per_gpu_day without a history.",
+    ["estimate"],
+)
+FLEET_FORECAST = Gauge(
+    "gpuwatch_fleet_forecast_failures",
+    "Failures expected in the next window (24h: sum of live risks; 7d: observed rate x GPU-days), with the "
+    "interval's lower and upper counts.",
+    ["window", "estimate"],
+)
+FLEET_MTBF = Gauge(
+    "gpuwatch_fleet_mtbf_gpu_days",
+    "Mean GPU-days between failures per group (fleet, mode, model, host) over the history, with its interval.",
+    ["group", "name", "estimate"],
+)
+FLEET_FAILURES = Gauge(
+    "gpuwatch_fleet_failures_observed", "Failures in the history window per group (fleet, mode, model, host).",
+    ["group", "name"],
+)
+FLEET_JOB_INTERRUPTION = Gauge(
+    "gpuwatch_fleet_job_interruption_ratio",
+    "Share of a job's checkpoint intervals that end in a failure of one of its GPUs, by job size, with the interval.",
+    ["job_gpus", "estimate"],
+)
+FLEET_SPARES = Gauge(
+    "gpuwatch_fleet_spares_needed", "Spare GPUs that cover every GPU in repair at the view's service level."
+)
+FLEET_IN_REPAIR = Gauge(
+    "gpuwatch_fleet_gpus_in_repair_expected",
+    "Mean GPUs in repair at once (each GPU a share rate x turnaround / (1 + rate x turnaround) of the time).",
+)
+FLEET_UPDATED = Gauge(
+    "gpuwatch_fleet_last_update_timestamp_seconds", "When the fleet view was last computed (wall clock)."
+)
+_FLEET_LABELLED = (FLEET_GPUS, FLEET_RATE, FLEET_FORECAST, FLEET_MTBF, FLEET_FAILURES, FLEET_JOB_INTERRUPTION)
+_ESTIMATES = ("value", "lower", "upper")
+
+
+def export_fleet_view(view: dict[str, Any], now: float) -> None:
+    """Set the fleet gauges from a `gpuwatch.fleet.view.fleet_view` result (series of the last view dropped)."""
+    for gauge in _FLEET_LABELLED:
+        gauge.clear()
+    fleet = view["fleet"]
+    FLEET_GPUS.labels("total").set(fleet["gpus"])
+    if fleet["failed_now"] is not None:  # known from live risk only
+        FLEET_GPUS.labels("failed").set(fleet["failed_now"])
+        FLEET_GPUS.labels("stale").set(fleet["stale"])
+    for e in _ESTIMATES:
+        FLEET_RATE.labels(e).set(view["rate_per_gpu_day"][e])
+    short, long = view["forecast"]["short"], view["forecast"]["long"]
+    for window, f in ((f"{short['hours']:g}h", short), (f"{long['days']:g}d", long)):
+        for e in _ESTIMATES:
+            FLEET_FORECAST.labels(window, e).set(f[e])
+    hist = view.get("history")
+    if hist:
+        FLEET_FAILURES.labels("fleet", "fleet").set(hist["failures"])
+        for group, members in view["mtbf"].items():
+            for name, g in members.items():
+                FLEET_FAILURES.labels(group, name).set(g["failures"])
+                for e in _ESTIMATES if "mtbf_gpu_days" in g else ():
+                    FLEET_MTBF.labels(group, name, e).set(g["mtbf_gpu_days"][e])
+        rate = view["rate_per_gpu_day"]
+        for e, r in (("value", rate["value"]), ("lower", rate["upper"]), ("upper", rate["lower"])):
+            FLEET_MTBF.labels("fleet", "fleet", e).set(1.0 / r if r > 0 else float("inf"))
+    for point in view["job"]["curve"]:
+        for e in _ESTIMATES:
+            FLEET_JOB_INTERRUPTION.labels(str(point["gpus"]), e).set(point[e])
+    FLEET_SPARES.set(view["spares"]["spares"])
+    FLEET_IN_REPAIR.set(view["spares"]["mean_in_repair"])
+    FLEET_UPDATED.set(now)
+
+
 # The dead-letter stages of each component (the `stage` label of gpuwatch_deadletters_total).
 DEADLETTER_STAGES = {"stream": ("stream",), "sink": ("risk-sink", "risk-sink/redis"), "controller": ("controller",)}
 
@@ -149,7 +226,7 @@ def export_policy_guards(
 
 
 def start_metrics_server(port: int, host: str, component: str) -> Any:
-    """Serve `component`'s metrics (stream, sink or controller) on http://host:port/metrics from a daemon thread;
+    """Serve `component`'s metrics (stream, sink, controller or fleet) on http://host:port/metrics from a daemon thread;
     port 0 does nothing (returns None).
 
     Returns the server (call `.shutdown()` to stop it early). Raises OSError naming the port if it is taken.
@@ -381,6 +458,7 @@ COMPONENT_METRICS: dict[str, tuple[Collector, ...]] = {
     "sink": (*_CONSUMER_METRICS, RISK_RECORDS_WRITTEN, REMEDIATION_EVENTS, FLEET_RISK, POLICY_TRIPS,
              POLICY_BREAKER_OPEN, POLICY_INCIDENT, POLICY_UNHEALTHY_HOSTS, POLICY_FLEET_HOSTS, POLICY_ESCALATED_HOSTS),
     "controller": (CONSUMER_LAG, DEADLETTERS, REMEDIATION_ACTIONS),
+    "fleet": (*_FLEET_LABELLED, FLEET_SPARES, FLEET_IN_REPAIR, FLEET_UPDATED),
 }  # fmt: skip
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuwatch.fleet.view import LiveRisk, count_text, format_view
 from gpuwatch.streams.operating_point import OperatingPoint
 
 INSTALL_HINT = "the report needs matplotlib: pip install 'gpuwatch[report]' (or pip install matplotlib)"
@@ -64,6 +65,7 @@ class ReportData:
     fleet_alarms: int = 0  # GPUs in alarm at their latest record
     summary: list[tuple[str, str]] = field(default_factory=list)
     title: str = "gpuwatch run report"
+    fleet: dict[str, Any] | None = None  # a fleet reliability view (gpuwatch.fleet.view.fleet_view), if any
 
 
 def lead_time_s(gpu: FailedGpu) -> float | None:
@@ -317,6 +319,9 @@ def render_report(data: ReportData, path: str | Path) -> Path:
     else:
         parts.append("<p>No risk was recorded.</p>")
 
+    if data.fleet is not None:
+        parts.append(fleet_section(plt, data.fleet))
+
     parts.append("<h2>Remediation events</h2>")
     failed_names = {g.name for g in data.failed}
     if data.events:
@@ -421,6 +426,149 @@ def render_eval_report(report: dict[str, Any], path: str | Path, title: str = "g
     return path
 
 
+def _interval_bars(ax: Any, pmf: Sequence[float], f: dict[str, Any], title: str, color: str) -> None:
+    """The pmf of a failure count as bars, its interval's bars dark, the expected count as a line."""
+    x = np.arange(len(pmf))
+    inside = (x >= f["lower"]) & (x <= f["upper"])
+    ax.bar(x, pmf, width=0.85, color=np.where(inside, color, "#c8c8c8"))
+    ax.axvline(f["value"], color="#d62728", lw=1.5, label=f"expected {count_text(f['value'])}")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # counts of failures
+    ax.set_xlabel("failures")
+    ax.set_ylabel("probability")
+    ax.set_title(f"{title}: {count_text(f['value'])} expected, {f['level']:.0%} interval {f['lower']:.0f} - {f['upper']:.0f}",
+                 fontsize=10)  # fmt: skip
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _plot_fleet_forecast(plt: Any, view: dict[str, Any]) -> str:
+    short, long = view["forecast"]["short"], view["forecast"]["long"]
+    src = {"risk": "sum of live risk", "history": "observed rate", "setting": "setting's rate"}
+    fig, axes = plt.subplots(1, 2, figsize=(12.4, 3.4))
+    _interval_bars(axes[0], short["pmf"], short, f"next {short['hours']:g} h ({src[short['source']]})", "#4c72b0")
+    _interval_bars(axes[1], long["pmf"], long, f"next {long['days']:g} days ({src[long['source']]})", "#55a868")
+    fig.tight_layout()
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def _mtbf_panel(ax: Any, groups: list[tuple[str, dict[str, Any]]], fleet_days: float, title: str) -> None:
+    """MTBF per group as a point with its interval (log scale); the fleet's MTBF as a dashed line."""
+    shown = [(n, g["mtbf_gpu_days"], g["failures"]) for n, g in groups if "mtbf_gpu_days" in g]
+    y = np.arange(len(shown))
+    for i, (_, m, _k) in enumerate(shown):
+        hi = m["upper"] if np.isfinite(m["upper"]) else m["lower"] * 30.0  # no failure: open to the right
+        ax.plot([m["lower"], hi], [i, i], color="#4c72b0", lw=2, alpha=0.6)
+        if np.isfinite(m["value"]):
+            ax.plot(m["value"], i, "o", color="#4c72b0", ms=5)
+        else:
+            ax.annotate("no failure", (m["lower"], i), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.set_yticks(y, [f"{n} ({k})" for n, _, k in shown], fontsize=8)
+    ax.invert_yaxis()
+    if np.isfinite(fleet_days):
+        ax.axvline(fleet_days, color="#d62728", ls="--", lw=1, label="fleet")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("MTBF, GPU-days")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="x")
+
+
+def _plot_fleet_mtbf(plt: Any, view: dict[str, Any], worst_hosts: int = 15) -> str:
+    mt = view["mtbf"]
+    rate = view["rate_per_gpu_day"]["value"]
+    fleet_days = 1.0 / rate if rate > 0 else float("inf")
+    hosts = sorted(mt["host"].items(), key=lambda kv: (-kv[1]["failures"], kv[0]))[:worst_hosts]
+    fig, axes = plt.subplots(1, 3, figsize=(12.4, max(3.2, 0.22 * len(hosts) + 1.2)))
+    _mtbf_panel(axes[0], list(mt["mode"].items()), fleet_days, "by failure mode (failures)")
+    _mtbf_panel(axes[1], list(mt["model"].items()), fleet_days, "by GPU model (failures)")
+    _mtbf_panel(axes[2], hosts, fleet_days, f"{len(hosts)} hosts with the most failures")
+    fig.tight_layout()
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def _plot_fleet_capacity(plt: Any, view: dict[str, Any]) -> str:
+    job, sp = view["job"], view["spares"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12.4, 3.4))
+    n = np.array([c["gpus"] for c in job["curve"]], dtype=np.float64)
+    ax.fill_between(n, [c["lower"] for c in job["curve"]], [c["upper"] for c in job["curve"]], color="#4c72b0",
+                    alpha=0.25, label=f"{view['level']:.0%} interval")  # fmt: skip
+    ax.plot(n, [c["value"] for c in job["curve"]], "o-", color="#4c72b0", ms=3)
+    ax.axvline(job["gpus"], color="#d62728", ls="--", lw=1,
+               label=f"{job['gpus']:,} GPUs: {job['interrupted']['value']:.1%}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("GPUs in the job")
+    ax.set_ylabel("share of checkpoint intervals lost")
+    ax.set_title(f"a job checkpointing every {job['checkpoint_interval_s'] / 60:g} min", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    short_of = 1.0 - np.cumsum(sp["pmf"])  # P(more GPUs in repair than s spares)
+    bx.step(np.arange(len(short_of)), np.maximum(short_of, 1e-6), where="post", color="#55a868")
+    bx.axhline(1.0 - sp["service_level"], color="#999999", ls=":", lw=1,
+               label=f"1 - service level ({1.0 - sp['service_level']:.0%})")  # fmt: skip
+    bx.axvline(sp["spares"], color="#d62728", ls="--", lw=1, label=f"hold {sp['spares']} spares")
+    bx.set_yscale("log")
+    bx.set_ylim(1e-4, 1.2)
+    bx.set_xlabel("spare GPUs held")
+    bx.set_ylabel("chance more GPUs are in repair")
+    bx.set_title(f"spares: {count_text(sp['mean_in_repair'])} GPUs in repair on average "
+                 f"(turnaround {sp['turnaround_days']:.1f} days)", fontsize=10)  # fmt: skip
+    bx.legend(fontsize=8)
+    bx.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        return _png(fig)
+    finally:
+        plt.close(fig)
+
+
+def fleet_section(plt: Any, view: dict[str, Any]) -> str:
+    """HTML of the fleet reliability view (`gpuwatch.fleet.view.fleet_view`): its plots and what they show."""
+
+    hist = view.get("history")
+    parts = [
+        "<h2>Fleet reliability</h2>",
+        f"<pre>{html.escape(format_view(view, worst_hosts=5))}</pre>",
+        "<h3>Failures expected</h3><p class='note'>Probability of each count of failures; dark bars: the interval, "
+        "red line: the expected count. The next day sums the live GPUs' calibrated risks when there are any; "
+        "the longer window applies the observed rate (with its uncertainty) to the GPU-days ahead.</p>"
+        f"<img alt='failures expected' src='data:image/png;base64,{_plot_fleet_forecast(plt, view)}'>",
+    ]
+    if hist:
+        parts.append(
+            "<h3>MTBF per GPU</h3><p class='note'>Mean GPU-days between failures with the interval (bar), per "
+            f"group; the number of failures beside each name. Dashed: the whole fleet. History: {hist['days']:.1f} "
+            f"days, {hist['failures']} failures.</p>"
+            f"<img alt='MTBF by group' src='data:image/png;base64,{_plot_fleet_mtbf(plt, view)}'>"
+        )
+    parts.append(
+        "<h3>Jobs and spares</h3><p class='note'>Left: the share of a job's checkpoint intervals that a GPU "
+        "failure ends, by job size. Right: the chance that more GPUs are in repair at once than the spares held.</p>"
+        f"<img alt='job interruption and spares' src='data:image/png;base64,{_plot_fleet_capacity(plt, view)}'>"
+    )
+    return "".join(parts)
+
+
+def render_fleet_report(view: dict[str, Any], path: str | Path, title: str = "gpuwatch fleet report") -> Path:
+    """The HTML page of `gpuwatch fleet --report`. Raises ReportUnavailable without matplotlib."""
+    plt = _pyplot()
+    path = Path(path)
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p class='note'>Generated {datetime.now(UTC):%Y-%m-%d %H:%M UTC}.</p>{fleet_section(plt, view)}</body></html>"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page)
+    return path
+
+
 def require_matplotlib() -> None:
     """Raise ReportUnavailable (saying how to install it) now, rather than after a long run."""
     _pyplot()
@@ -437,6 +585,8 @@ class RunRecorder:
         self.latest: dict[str, tuple[float, bool]] = {}
         self.events: list[dict[str, Any]] = []
         self.op = ""
+        self.risk_now: dict[tuple[str, int], tuple[float, bool]] = {}  # (risk, failed) of every GPU, for the fleet view
+        self.horizon_s = 3600.0
 
     def add_risk(self, records: Sequence[dict[str, Any]]) -> None:
         """Record a batch of decoded risk records (``host``, ``gpu_index``, ``ts``, ``score`` or ``risk``,
@@ -444,6 +594,8 @@ class RunRecorder:
         series, latest, cap = self.series, self.latest, self.max_points
         for r in records:
             key = f"{r['host']}:{r['gpu_index']}"
+            self.risk_now[(r["host"], int(r["gpu_index"]))] = (float(r["risk"]), bool(r.get("failed")))
+            self.horizon_s = float(r.get("horizon_s", self.horizon_s))
             if r.get("failed"):
                 latest.pop(key, None)
                 continue
@@ -454,6 +606,13 @@ class RunRecorder:
             points.append((float(r["ts"]), score, bool(r.get("alarm"))))
             latest[key] = (score, bool(r.get("alarm")))
             self.op = str(r.get("op", self.op))
+
+    def live_risk(self) -> LiveRisk | None:
+        """The newest risk of every GPU seen, as the fleet view takes it (None before any record)."""
+        if not self.risk_now:
+            return None
+        records = [{"host": h, "gpu_index": g, "risk": r, "failed": f} for (h, g), (r, f) in self.risk_now.items()]
+        return LiveRisk.from_records(records, self.horizon_s)
 
     def add_event(self, event: dict[str, Any]) -> None:
         """Record a remediation event (``ts``, ``host``, ``gpu_index``, ``action``, ``risk``)."""

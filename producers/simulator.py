@@ -387,6 +387,12 @@ class FleetSimulator:
     # ----- public API -----
 
     @property
+    def hazard_per_gpu_day(self) -> np.ndarray:
+        """Each GPU's failure rate while it is up (failures per GPU-day: base rate x rate_scale x its host's
+        frailty): the truth a fleet forecast is checked against."""
+        return self._lam_s * DAY_S
+
+    @property
     def now(self) -> float:
         """Current simulated time (unix seconds): the ts of the last step's snapshots, before jitter."""
         return self._t
@@ -1022,7 +1028,7 @@ def simulate_to_dir(
     }  # fmt: skip
     meta = {
         "samples_schema": F.SAMPLES_SCHEMA, "seed": seed, "config": dataclasses.asdict(cfg),
-        "start_ts": cfg.start_ts,
+        "start_ts": cfg.start_ts, "host_hardware": sim.host_hardware,
         "end_ts": sim.now, "steps": steps, "hosts": sim.hosts, "precursors_in_progress": len(pending),
         "fault_source": "StepFun InfiniteHBD trace (arXiv 2502.03885, Apache-2.0); see docs/simulator.md",
         # uuids (as first issued) of the GPUs born with a static look-alike, and by kind

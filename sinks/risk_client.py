@@ -180,3 +180,34 @@ class RiskClient:
             for host, (oldest, alarms, failed) in zip(hosts, pipe.execute(), strict=True)
             if not self._is_stale(_number(oldest), now) and not _count(alarms) and not _count(failed)
         ]
+
+    def fleet(self) -> list[dict[str, Any]]:
+        """Every GPU Redis knows, in one round-trip: host, gpu_index, risk, failed, ts and stale per GPU (for
+        fleet-wide sums such as the fleet forecast; `risk()` has the full record of one GPU)."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(k.FLEET_RISK, 0, -1, withscores=True)
+        pipe.zrange(k.FLEET_FAILED, 0, -1)
+        pipe.zrange(k.LASTSEEN, 0, -1, withscores=True)
+        risk, failed, seen = pipe.execute()
+        failed_set = {_text(m) for m in failed}
+        last = {_text(m): float(ts) for m, ts in seen}
+        now = self._clock()
+        out = []
+        for member, score in risk:
+            name = _text(member)
+            host, gpu = k.split_member(name)
+            ts = last.get(name)
+            out.append({"host": host, "gpu_index": gpu, "risk": float(score), "failed": name in failed_set,
+                        "ts": ts, "stale": self._is_stale(ts, now)})  # fmt: skip
+        return out
+
+    def horizon_s(self) -> float | None:
+        """The prediction horizon (s) of the newest risk record of the riskiest GPU, or None when Redis holds
+        none: every GPU is scored by the same model, so one record says it for the fleet."""
+        top = self._redis.zrevrange(k.FLEET_RISK, 0, 0)
+        if not top:
+            return None
+        host, gpu = k.split_member(_text(top[0]))
+        newest = self.history(host, gpu, 1)
+        horizon = newest[0].get("horizon_s") if newest else None
+        return float(horizon) if isinstance(horizon, int | float) and horizon > 0 else None

@@ -25,7 +25,7 @@ from gpuwatch.producers.agent import AgentCollector, build_agent
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
-GPUWATCH_SERVICES = {"stream": "stream", "sink": "sink", "controller": "controller", "agent": "agent"}
+GPUWATCH_SERVICES = {"stream": "stream", "sink": "sink", "controller": "controller", "agent": "agent", "fleet": "fleet"}
 FIELDS = {f.name for f in fields(Settings)}
 
 

@@ -52,6 +52,11 @@ def bench_command(args: argparse.Namespace) -> int:
         figures = bench_decode()
         emit("gpuwatch bench decode", [(k, v, "") for k, v in figures.items()], figures, args.json_path)
         return 0
+    if args.what == "forecast":
+        from gpuwatch.bench.forecast import run_forecast_bench
+
+        figures = run_forecast_bench(args.json_path, hosts=max(1, (args.gpus or 512) // 8))
+        return 0 if figures["hits"] >= 9 else 1
     if args.what == "reliability":
         from gpuwatch.bench.reliability import run_reliability_bench
 

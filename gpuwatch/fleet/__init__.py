@@ -1,0 +1,1 @@
+"""Fleet reliability: MTBF, failure forecasts, job interruption and spares (`gpuwatch fleet`, docs/fleet.md)."""
