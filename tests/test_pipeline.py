@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import orjson
 import pytest
 import redis
+from helpers import consume_from_start
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer
-from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter, decode_risk
@@ -30,21 +31,6 @@ def worker(settings: Settings) -> Iterator[EmbeddedServer]:
     proc.stop()
 
 
-def _collect(settings: Settings, topics: list[str], until: callable, timeout: float = 60.0) -> dict[str, list]:  # type: ignore[valid-type]
-    consumer = make_consumer(settings, f"check-{time.time_ns()}")
-    consumer.subscribe(topics)
-    got: dict[str, list] = {t: [] for t in topics}
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not until(got):
-            for msg in consumer.consume(500, 0.5):
-                if msg.error() is None:
-                    got[msg.topic()].append(msg.value())
-    finally:
-        consumer.close()
-    return got
-
-
 def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker: EmbeddedServer) -> None:
     stop = threading.Event()
     sink = threading.Thread(target=run_risk_sink, args=(settings,), kwargs={"stop": stop}, daemon=True)
@@ -56,7 +42,11 @@ def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker:
             producer.produce(settings.topic_samples, key=host.encode(), value=value)
     assert producer.flush(10) == 0
 
-    got = _collect(settings, [settings.topic_risk], lambda g: len({orjson.loads(v)["uuid"] for v in g[settings.topic_risk]}) >= 16)
+    got = consume_from_start(
+        settings,
+        [settings.topic_risk],
+        lambda g: len({orjson.loads(v)["uuid"] for v in g[settings.topic_risk]}) >= 16,
+    )
     records = [decode_risk(v) for v in got[settings.topic_risk]]
     assert {(r["host"], r["gpu_index"]) for r in records} == {(h, g) for h in sim.hosts for g in range(8)}
     assert all(0.0 <= r["risk"] <= 1.0 and r["model"] for r in records)
@@ -73,10 +63,15 @@ def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker:
     assert client.risk(sim.hosts[0], 0)["ts"] == pytest.approx(newest)
 
 
-def test_malformed_message_is_dead_lettered_and_worker_keeps_going(settings: Settings, worker: EmbeddedServer) -> None:
+def test_malformed_message_is_dead_lettered_and_worker_keeps_going(
+    settings: Settings, worker: EmbeddedServer
+) -> None:
     sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=8, seed=4, start_ts=time.time() - 10))
     producer = make_producer(settings)
-    bad = [b"{not json", orjson.dumps({"schema": "gpuwatch.samples/1", "host": "x", "ts": 1.0, "seq": 0, "gpus": "oops"})]
+    bad = [
+        b"{not json",
+        orjson.dumps({"schema": "gpuwatch.samples/1", "host": "x", "ts": 1.0, "seq": 0, "gpus": "oops"}),
+    ]
     for value in bad:
         producer.produce(settings.topic_samples, key=b"bad", value=value)
     for _ in range(3):
@@ -84,8 +79,9 @@ def test_malformed_message_is_dead_lettered_and_worker_keeps_going(settings: Set
             producer.produce(settings.topic_samples, key=host.encode(), value=value)
     assert producer.flush(10) == 0
 
-    got = _collect(
-        settings, [settings.topic_risk, settings.topic_deadletter],
+    got = consume_from_start(
+        settings,
+        [settings.topic_risk, settings.topic_deadletter],
         lambda g: len(g[settings.topic_deadletter]) >= 2 and len(g[settings.topic_risk]) >= 8,
     )
     letters = [decode_deadletter(v) for v in got[settings.topic_deadletter]]
@@ -109,12 +105,23 @@ def test_a_silent_gpu_keeps_getting_risk_records_with_its_last_ts(settings: Sett
         assert producer.flush(10) == 0
         last_ts = sim.now
         # The host then goes silent: its GPUs are still re-scored, stamped with their last sample's ts.
-        got = _collect(
-            settings, [settings.topic_risk],
-            lambda g: len({(r["uuid"], round(r["scored_at"])) for r in map(orjson.loads, g[settings.topic_risk])
-                           if r["ts"] == pytest.approx(last_ts)}) >= 16,
+        got = consume_from_start(
+            settings,
+            [settings.topic_risk],
+            lambda g: (
+                len(
+                    {
+                        (r["uuid"], round(r["scored_at"]))
+                        for r in map(orjson.loads, g[settings.topic_risk])
+                        if r["ts"] == pytest.approx(last_ts)
+                    }
+                )
+                >= 16
+            ),
         )
-        latest = [decode_risk(v) for v in got[settings.topic_risk] if decode_risk(v)["ts"] == pytest.approx(last_ts)]
+        latest = [
+            decode_risk(v) for v in got[settings.topic_risk] if decode_risk(v)["ts"] == pytest.approx(last_ts)
+        ]
         spans = {}
         for r in latest:
             spans.setdefault(r["uuid"], []).append(r["scored_at"])
