@@ -31,6 +31,10 @@ def worker(settings: Settings) -> Iterator[EmbeddedServer]:
     proc.stop()
 
 
+def _collect(settings: Settings, topics: list[str], until: callable, timeout: float = 60.0) -> dict[str, list]:  # type: ignore[valid-type]
+    return consume_from_start(settings, topics, until, timeout)  # assigned partitions: no group join to wait for
+
+
 def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker: EmbeddedServer) -> None:
     stop = threading.Event()
     sink = threading.Thread(target=run_risk_sink, args=(settings,), kwargs={"stop": stop}, daemon=True)
@@ -42,11 +46,7 @@ def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker:
             producer.produce(settings.topic_samples, key=host.encode(), value=value)
     assert producer.flush(10) == 0
 
-    got = consume_from_start(
-        settings,
-        [settings.topic_risk],
-        lambda g: len({orjson.loads(v)["uuid"] for v in g[settings.topic_risk]}) >= 16,
-    )
+    got = _collect(settings, [settings.topic_risk], lambda g: len({orjson.loads(v)["uuid"] for v in g[settings.topic_risk]}) >= 16)
     records = [decode_risk(v) for v in got[settings.topic_risk]]
     assert {(r["host"], r["gpu_index"]) for r in records} == {(h, g) for h in sim.hosts for g in range(8)}
     assert all(0.0 <= r["risk"] <= 1.0 and r["model"] for r in records)
@@ -63,15 +63,10 @@ def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker:
     assert client.risk(sim.hosts[0], 0)["ts"] == pytest.approx(newest)
 
 
-def test_malformed_message_is_dead_lettered_and_worker_keeps_going(
-    settings: Settings, worker: EmbeddedServer
-) -> None:
+def test_malformed_message_is_dead_lettered_and_worker_keeps_going(settings: Settings, worker: EmbeddedServer) -> None:
     sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=8, seed=4, start_ts=time.time() - 10))
     producer = make_producer(settings)
-    bad = [
-        b"{not json",
-        orjson.dumps({"schema": "gpuwatch.samples/1", "host": "x", "ts": 1.0, "seq": 0, "gpus": "oops"}),
-    ]
+    bad = [b"{not json", orjson.dumps({"schema": "gpuwatch.samples/1", "host": "x", "ts": 1.0, "seq": 0, "gpus": "oops"})]
     for value in bad:
         producer.produce(settings.topic_samples, key=b"bad", value=value)
     for _ in range(3):
@@ -79,9 +74,8 @@ def test_malformed_message_is_dead_lettered_and_worker_keeps_going(
             producer.produce(settings.topic_samples, key=host.encode(), value=value)
     assert producer.flush(10) == 0
 
-    got = consume_from_start(
-        settings,
-        [settings.topic_risk, settings.topic_deadletter],
+    got = _collect(
+        settings, [settings.topic_risk, settings.topic_deadletter],
         lambda g: len(g[settings.topic_deadletter]) >= 2 and len(g[settings.topic_risk]) >= 8,
     )
     letters = [decode_deadletter(v) for v in got[settings.topic_deadletter]]
@@ -105,23 +99,12 @@ def test_a_silent_gpu_keeps_getting_risk_records_with_its_last_ts(settings: Sett
         assert producer.flush(10) == 0
         last_ts = sim.now
         # The host then goes silent: its GPUs are still re-scored, stamped with their last sample's ts.
-        got = consume_from_start(
-            settings,
-            [settings.topic_risk],
-            lambda g: (
-                len(
-                    {
-                        (r["uuid"], round(r["scored_at"]))
-                        for r in map(orjson.loads, g[settings.topic_risk])
-                        if r["ts"] == pytest.approx(last_ts)
-                    }
-                )
-                >= 16
-            ),
+        got = _collect(
+            settings, [settings.topic_risk],
+            lambda g: len({(r["uuid"], round(r["scored_at"])) for r in map(orjson.loads, g[settings.topic_risk])
+                           if r["ts"] == pytest.approx(last_ts)}) >= 16,
         )
-        latest = [
-            decode_risk(v) for v in got[settings.topic_risk] if decode_risk(v)["ts"] == pytest.approx(last_ts)
-        ]
+        latest = [decode_risk(v) for v in got[settings.topic_risk] if decode_risk(v)["ts"] == pytest.approx(last_ts)]
         spans = {}
         for r in latest:
             spans.setdefault(r["uuid"], []).append(r["scored_at"])

@@ -57,11 +57,7 @@ def _publish(settings: Settings, sim: FleetSimulator, steps: int) -> None:
 
 
 def _count_through_worker(
-    settings: Settings,
-    sim: FleetSimulator,
-    steps: int,
-    name: str,
-    extra_args: list[str] | None = None,
+    settings: Settings, sim: FleetSimulator, steps: int, name: str, extra_args: list[str] | None = None,
     settle_s: float = 0.0,
 ) -> dict:
     """Publishes `steps` of `sim` to a fresh worker; its STATS once it has counted them all (`settle_s` later)."""
