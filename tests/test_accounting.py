@@ -53,7 +53,7 @@ KINDS = ("wrong type", "negative counter", "absurd value", "far future ts", "dee
 def test_every_gpu_sample_is_scored_or_dead_lettered_at_1024_gpus(settings: Settings) -> None:
     settings = settings.replace(partitions=4, rescore_interval_s=5.0)
     ensure_topics(settings, [settings.topic_samples, settings.topic_risk, settings.topic_deadletter])
-    worker = start_stream_worker(settings, "accounting-worker")
+    worker = start_stream_worker(settings, "accounting-worker", stats_interval_s=0.5)
     stats = StatsFollower(worker)
     stats.wait(lambda s: s["partitions"] == 4, 120, "the worker's partitions")
 

@@ -48,6 +48,8 @@ from gpuwatch.streams.app import RESTART_EXIT_CODE, windows_changelog_topic
 
 pytestmark = pytest.mark.slow
 
+STATS_S = 0.5  # the stream workers' STATS cadence: the waits below see their progress within this long
+
 
 def _topics(settings: Settings) -> None:
     ensure_topics(settings, [settings.topic_samples, settings.topic_risk, settings.topic_deadletter])
@@ -94,7 +96,7 @@ def test_broker_restart_agents_spool_and_the_worker_resumes_on_the_new_topic_wit
                         topic_deadletter="f.dl", stream_app_id="faults-broker", rescore_interval_s=1.0,
                         checkpoint_interval_s=2.0)  # fmt: skip
     _topics(settings)
-    worker = start_stream_worker(settings, "faults-broker-worker")
+    worker = start_stream_worker(settings, "faults-broker-worker", stats_interval_s=STATS_S)
     stats = StatsFollower(worker)
     stats.wait(lambda s: s["partitions"] == 4, 90, "the worker's partitions")
     source = _Gated(hosts=4, interval_s=0.25)  # 32 GPUs, four snapshots a second each
@@ -128,7 +130,7 @@ def test_broker_restart_agents_spool_and_the_worker_resumes_on_the_new_topic_wit
         wait_for(lambda: worker.proc.poll() is not None, 90, "the worker to notice the recreated topic")
         assert worker.proc.returncode == RESTART_EXIT_CODE, worker.log_tail(20)
         handed_over = dict(stats.latest)  # its last report, printed on the way out
-        successor = start_stream_worker(settings, "faults-broker-worker-2")
+        successor = start_stream_worker(settings, "faults-broker-worker-2", stats_interval_s=STATS_S)
         stats = StatsFollower(successor)
         wait_for(lambda: publisher.pending <= 8, 120, "the spool to drain into the new broker")
         source.open.clear()
@@ -173,7 +175,7 @@ def test_a_killed_worker_is_replaced_resumes_from_committed_offsets_and_restores
     settings = settings.replace(partitions=2, rescore_interval_s=1.0, checkpoint_interval_s=1.0)
     _topics(settings)
     sim = FleetSimulator(FleetConfig(hosts=4, seed=22, start_ts=time.time() - 3000))  # 32 GPUs
-    first = start_stream_worker(settings, "faults-worker-a")
+    first = start_stream_worker(settings, "faults-worker-a", stats_interval_s=STATS_S)
     stats_a = StatsFollower(first)
     stats_a.wait(lambda s: s["partitions"] == 2, 90, "the first worker's partitions")
     stop, produced = threading.Event(), [0]
@@ -189,7 +191,7 @@ def test_a_killed_worker_is_replaced_resumes_from_committed_offsets_and_restores
         killed_at_ts = sim.now
         last = dict(stats_a.latest)
         committed = committed_offsets(settings, settings.stream_app_id, settings.topic_samples, 2)
-        second = start_stream_worker(settings, "faults-worker-b")
+        second = start_stream_worker(settings, "faults-worker-b", stats_interval_s=STATS_S)
         stats_b = StatsFollower(second)
         stats_b.wait(lambda s: s["restored_gpus"] > 0 and s["samples"] > 0, 120, "the successor at work")
         time.sleep(2.0)

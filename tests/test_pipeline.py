@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import orjson
 import pytest
 import redis
+from helpers import consume_from_start
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer
-from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter, decode_risk
@@ -31,18 +32,7 @@ def worker(settings: Settings) -> Iterator[EmbeddedServer]:
 
 
 def _collect(settings: Settings, topics: list[str], until: callable, timeout: float = 60.0) -> dict[str, list]:  # type: ignore[valid-type]
-    consumer = make_consumer(settings, f"check-{time.time_ns()}")
-    consumer.subscribe(topics)
-    got: dict[str, list] = {t: [] for t in topics}
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not until(got):
-            for msg in consumer.consume(500, 0.5):
-                if msg.error() is None:
-                    got[msg.topic()].append(msg.value())
-    finally:
-        consumer.close()
-    return got
+    return consume_from_start(settings, topics, until, timeout)  # assigned partitions: no group join to wait for
 
 
 def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker: EmbeddedServer) -> None:

@@ -7,15 +7,22 @@ import time
 
 import orjson
 import pytest
+from helpers import consume_from_start
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer
-from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.kafka import ensure_topics, make_producer, partition_count, read_partitions_to_end
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_risk
 
 pytestmark = pytest.mark.slow
+
+STATS_S = 0.5  # the workers' STATS cadence: the waits below see progress within this long
+
+
+def _worker(settings: Settings, name: str, extra_args: list[str] | None = None) -> EmbeddedServer:
+    return start_stream_worker(settings, name, extra_args, stats_interval_s=STATS_S)
 
 
 class StatsWatcher:
@@ -55,7 +62,7 @@ def _count_through_worker(
 ) -> dict:
     """Publishes `steps` of `sim` to a fresh worker; its STATS once it has counted them all (`settle_s` later)."""
     ensure_topics(settings)
-    worker = start_stream_worker(settings, name, extra_args)
+    worker = _worker(settings, name, extra_args)
     stats = StatsWatcher(worker)
     try:
         _publish(settings, sim, steps)
@@ -69,23 +76,20 @@ def _count_through_worker(
 
 
 def _risk_records(settings: Settings, until, timeout: float = 90.0) -> list[dict]:  # type: ignore[no-untyped-def]
-    consumer = make_consumer(settings, f"check-{time.time_ns()}")
-    consumer.subscribe([settings.topic_risk])
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not until(out):
-            out += [decode_risk(m.value()) for m in consumer.consume(1000, 0.5) if m.error() is None]
-    finally:
-        consumer.close()
-    return out
+    got = consume_from_start(
+        settings,
+        [settings.topic_risk],
+        lambda g: until([decode_risk(v) for v in g[settings.topic_risk]]),
+        timeout,
+    )
+    return [decode_risk(v) for v in got[settings.topic_risk]]
 
 
 def test_crashed_worker_successor_restores_windows_from_changelog(settings: Settings) -> None:
     settings = settings.replace(checkpoint_interval_s=1.0, rescore_interval_s=1.0)
     ensure_topics(settings)
     sim = FleetSimulator(FleetConfig(hosts=2, gpus_per_host=8, seed=11, start_ts=time.time() - 400))
-    first = start_stream_worker(settings, "worker-a")
+    first = _worker(settings, "worker-a")
     stats = StatsWatcher(first)
     _publish(settings, sim, 300)  # five minutes of history
     stats.wait(lambda s: s["samples"] >= 300 * 16 and s["checkpointed"] >= 16)
@@ -93,7 +97,7 @@ def test_crashed_worker_successor_restores_windows_from_changelog(settings: Sett
     first.proc.kill()  # a crash: no revoke handler, no final checkpoint
     first.proc.wait()
 
-    second = start_stream_worker(settings, "worker-b")
+    second = _worker(settings, "worker-b")
     stats_b = StatsWatcher(second)
     resumed_at = sim.now
     _publish(settings, sim, 20)
@@ -110,11 +114,19 @@ def test_crashed_worker_successor_restores_windows_from_changelog(settings: Sett
 def test_two_workers_split_the_partitions(settings: Settings) -> None:
     settings = settings.replace(partitions=4, rescore_interval_s=1.0)
     ensure_topics(settings)
-    workers = [start_stream_worker(settings, f"worker-{i}") for i in range(2)]
+    workers = [_worker(settings, f"worker-{i}") for i in range(2)]
     watchers = [StatsWatcher(w) for w in workers]
+    # Both members in the group before data arrives: each owns a share of the 4 partitions, and their shares
+    # add up (a report from before the rebalance would count a partition twice).
     for w in watchers:
-        w.wait(lambda s: True)  # both are up and reporting
-    time.sleep(8)  # both members in the group before data arrives
+        w.wait(lambda s: s["partitions"] > 0)
+    deadline = time.monotonic() + 90
+    while (
+        sum(w.latest["partitions"] for w in watchers) != 4
+        or min(w.latest["partitions"] for w in watchers) == 0
+    ):
+        assert time.monotonic() < deadline, [w.latest for w in watchers]
+        time.sleep(0.1)
     sim = FleetSimulator(FleetConfig(hosts=16, gpus_per_host=8, seed=12, start_ts=time.time() - 60))
     _publish(settings, sim, 30)
     records = _risk_records(settings, lambda rs: len({r["uuid"] for r in rs}) >= 128)
@@ -133,7 +145,10 @@ def test_decode_only_worker_counts_samples_and_scores_nothing(settings: Settings
     done = _count_through_worker(settings, sim, 30, "worker-decode-only", ["--decode-only"])
     assert done["samples"] == 30 * 16
     assert (done["scored"], done["deadletters"], done["rejected_samples"]) == (0, 0, 0)
-    assert _risk_records(settings, lambda rs: False, timeout=3.0) == []
+    # The worker has stopped, so anything it produced is in the topic by now: read all of it.
+    n = partition_count(settings, settings.topic_risk)
+    assert n == settings.partitions
+    assert read_partitions_to_end(settings, settings.topic_risk, list(range(n))) == []
 
 
 def test_worker_uses_the_fast_drain_consumer(settings: Settings) -> None:
