@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpuwatch.schemas import codecs
-from gpuwatch.schemas.bench import bench_decode, example_snapshot
+from gpuwatch.schemas.bench import bench_codecs, bench_decode, example_snapshot
 from gpuwatch.schemas.codecs import DecodeError, EncodeError, decode_snapshot, decode_snapshot_dict
 from gpuwatch.schemas.fields import (
     ACTIONS,
@@ -559,3 +559,8 @@ def test_stats_lines_are_read_by_their_contract() -> None:
     assert codecs.decode_stats_line(b"[2026-01-01 12:00:00] faust: starting\n") is None  # any other line
     with pytest.raises(DecodeError, match="samples: must be between 0 and"):
         codecs.decode_stats_line(line.replace('"samples":80', '"samples":-1'))
+
+
+def test_bench_codecs_reports_every_hot_path() -> None:
+    figures = bench_codecs(records=200, snapshots=20, repeat=1)
+    assert all(figures[k] > 0 for k in figures if k.endswith("_us_per_record") or k.endswith("_us_per_gpu_sample"))
