@@ -21,7 +21,7 @@ from typing import Any
 import redis
 
 from ..schemas import redis_keys as k
-from ..schemas.codecs import decode_risk
+from ..schemas.codecs import DecodeError, decode_risk
 from ..schemas.records import Risk
 
 _GPU_FLOATS = ("risk", "ts", "scored_at", "written_at")
@@ -210,6 +210,8 @@ class RiskClient:
         if not top:
             return None
         host, gpu = k.split_member(_text(top[0]))
-        newest = self.history(host, gpu, 1)
-        horizon = newest[0].get("horizon_s") if newest else None
-        return float(horizon) if isinstance(horizon, int | float) and horizon > 0 else None
+        try:
+            newest = self.history(host, gpu, 1)
+        except DecodeError:  # an entry written by another tool: it does not say
+            return None
+        return newest[0].horizon_s if newest else None
