@@ -519,6 +519,7 @@ def test_deadletter_truncates_huge_originals() -> None:
 def test_deadletter_decode_validates() -> None:
     good = orjson.loads(codecs.make_deadletter(b"x", "e", topic="t", partition=0, offset=1, stage="s"))
     for field, value, reason in [("original_b64", "***", "original_b64: not valid base64"),
+                                 ("original_b64", "\x80", "original_b64: not valid base64"),  # not ASCII
                                  ("source", {"topic": "t", "partition": 0}, "source.offset: missing required field"),
                                  ("stage", "", "stage: must be at least 1 characters long")]:
         with pytest.raises(DecodeError, match=reason.replace(".", r"\.")):
