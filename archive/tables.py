@@ -1,4 +1,5 @@
-"""The archive's tables: which topic each holds, its Parquet columns (derived from `schemas/fields.py`), how a
+"""The archive's tables: which topic each holds, its Parquet columns (derived from `schemas/fields.py` and the
+typed records of `schemas/records.py`), how a
 message becomes rows, and the day and host a row is filed under.
 
 Samples are stored one row per GPU-sample with a column per contract field, so a snapshot read back decodes to
@@ -24,6 +25,7 @@ from gpuwatch.config import Settings
 from gpuwatch.schemas import fields as F
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_outcome, decode_remediation, decode_risk
 from gpuwatch.schemas.codecs import decode_snapshot as _decode_snapshot
+from gpuwatch.schemas.records import Outcome, Remediation, Risk, columns
 
 SAMPLES, RISK, REMEDIATION, OUTCOMES, DEADLETTER = "samples", "risk", "remediation", "outcomes", "deadletter"
 TABLES: tuple[str, ...] = (SAMPLES, RISK, REMEDIATION, OUTCOMES, DEADLETTER)
@@ -49,8 +51,14 @@ class RecordTable:
 
     name: str
     fields: tuple[tuple[str, str], ...]
-    decode: Callable[[bytes], dict]
+    decode: Callable[[bytes], Any]  # the record's codec: raises DecodeError for a message that breaks it
     day_field: str
+
+    def wire_object(self, value: bytes) -> dict:
+        """The message's JSON object once its codec accepts it: the archive keeps every field as it came, those
+        the contract does not name too (`extra`), which the typed record leaves out."""
+        self.decode(value)
+        return orjson.loads(value)
 
     @property
     def schema(self) -> pa.Schema:
@@ -59,9 +67,9 @@ class RecordTable:
 
 
 RECORD_TABLES = {
-    RISK: RecordTable(RISK, F.RISK_FIELDS + F.RISK_OPTIONAL_FIELDS, decode_risk, "ts"),
-    REMEDIATION: RecordTable(REMEDIATION, F.REMEDIATION_FIELDS, decode_remediation, "ts"),
-    OUTCOMES: RecordTable(OUTCOMES, F.OUTCOME_FIELDS, decode_outcome, "event_ts"),
+    RISK: RecordTable(RISK, columns(Risk), decode_risk, "ts"),
+    REMEDIATION: RecordTable(REMEDIATION, columns(Remediation), decode_remediation, "ts"),
+    OUTCOMES: RecordTable(OUTCOMES, columns(Outcome), decode_outcome, "event_ts"),
 }
 
 
@@ -105,7 +113,7 @@ def decode_message(table: str, topic: str, partition: int, offset: int, key: byt
             snap = _decode_snapshot(value)
             return Row(SAMPLES, day_of(snap.ts), snap.host, partition, offset, snap)
         spec = RECORD_TABLES[table]
-        rec = spec.decode(value)
+        rec = spec.wire_object(value)
         return Row(table, day_of(float(rec[spec.day_field])), rec["host"], partition, offset, rec)
     except DecodeError as exc:
         now = time.time()
@@ -196,7 +204,7 @@ def snapshot_messages(table: pa.Table) -> list[tuple[float, str, bytes]]:
 
 
 def record_dicts(table: pa.Table, spec: RecordTable) -> list[dict]:
-    """The records of a risk, remediation or outcome table as the dicts their codec returned (absent optional
+    """The records of a risk, remediation or outcome table as their JSON objects, as they came (absent optional
     fields left out, unknown fields back from `extra`), in row order."""
     names = [name for name, _ in spec.fields]
     tag = {RISK: F.RISK_SCHEMA, REMEDIATION: F.REMEDIATION_SCHEMA, OUTCOMES: F.OUTCOME_SCHEMA}[spec.name]

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import redis
 
-from ..sinks import redis_keys as k
+from ..schemas import redis_keys as k
 
 _CAS = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then

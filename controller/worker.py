@@ -30,7 +30,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import redis
 from confluent_kafka import KafkaException, Message
 
@@ -38,17 +37,18 @@ from gpuwatch import metrics
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
 
-from ..schemas.codecs import decode_remediation, make_deadletter
-from ..sinks import redis_keys as k
+from ..schemas import redis_keys as k
+from ..schemas.codecs import decode_remediation, encode_outcome, make_deadletter
+from ..schemas.records import Outcome as OutcomeRecord
+from ..schemas.records import Remediation
 from .claims import Claim, ClaimStore, CorruptClaim
 from .executors import Executor, Outcome, make_executor
 
 log = logging.getLogger(__name__)
 
-OUTCOME_SCHEMA = "gpuwatch.outcome/1"
 STAGE = "controller"
 
-OnOutcome = Callable[[dict[str, Any]], None]
+OnOutcome = Callable[[OutcomeRecord], None]
 # Running these again after an interrupted attempt changes nothing (a second checkpoint request, a drain of a
 # drained node); a reboot may have happened already, so it is re-run only if the executor says it is safe.
 IDEMPOTENT_ACTIONS = frozenset({"checkpoint", "migrate", "repair"})  # repair drains, as migrate
@@ -77,13 +77,13 @@ def _retrying(stop: threading.Event, what: str, call: Callable[[], Any]) -> tupl
         delay = min(delay * 2, 5.0)
 
 
-def _execute(executor: Executor, event: dict[str, Any]) -> tuple[Outcome, float, float]:
+def _execute(executor: Executor, event: Remediation) -> tuple[Outcome, float, float]:
     started = time.time()
     t0 = time.monotonic()
     try:
         outcome = executor.execute(event)
     except Exception as exc:  # an executor bug must not stop the controller; it is recorded as a failure
-        log.exception("executor %s failed on %s", executor.name, event["id"])
+        log.exception("executor %s failed on %s", executor.name, event.id)
         outcome = Outcome(ok=False, detail=f"executor raised {type(exc).__name__}: {exc}")
     return outcome, started, time.monotonic() - t0
 
@@ -106,25 +106,13 @@ def _noted(outcome: Outcome, note: str) -> Outcome:
 
 
 def outcome_record(
-    event: dict[str, Any], executor: str, outcome: Outcome, started_at: float, duration_s: float
-) -> dict[str, Any]:
+    event: Remediation, executor: str, outcome: Outcome, started_at: float, duration_s: float, attempt: int = 1
+) -> OutcomeRecord:
     """The `gpuwatch.outcome/1` record published to `topic_outcomes` (and stored, as strings, in Redis)."""
-    return {
-        "schema": OUTCOME_SCHEMA,
-        "id": event["id"],
-        "host": event["host"],
-        "gpu_index": event["gpu_index"],
-        "uuid": event["uuid"],
-        "action": event["action"],
-        "risk": event["risk"],
-        "event_ts": event["ts"],
-        "executor": executor,
-        "ok": outcome.ok,
-        "dry_run": outcome.dry_run,
-        "detail": outcome.detail,
-        "started_at": started_at,
-        "duration_s": duration_s,
-    }
+    return OutcomeRecord(id=event.id, host=event.host, gpu_index=event.gpu_index, uuid=event.uuid,
+                         action=event.action, risk=event.risk, event_ts=event.ts, executor=executor, ok=outcome.ok,
+                         dry_run=outcome.dry_run, detail=outcome.detail, started_at=started_at,
+                         duration_s=duration_s, attempt=attempt)  # fmt: skip
 
 
 class _Controller:
@@ -159,7 +147,7 @@ class _Controller:
             # Whether its holder still runs it cannot be told: set the event aside, go on with the next.
             reason = f"{exc}; not executed: delete the key (or fix it) and replay the event from the dead letter"
             log.error("remediation %s (%s %s GPU %s) dead-lettered: %s",
-                      event["id"], event["action"], event["host"], event["gpu_index"], reason)  # fmt: skip
+                      event.id, event.action, event.host, event.gpu_index, reason)  # fmt: skip
             return self.deadletter(msg, reason)
         if claim is None:
             return not self.stop.is_set()
@@ -174,10 +162,9 @@ class _Controller:
                 outcome, started_at, duration_s = self.recover(event, claim)
             else:
                 outcome, started_at, duration_s = _execute(self.executor, event)
-        metrics.REMEDIATION_ACTIONS.labels(event["action"], result_label(outcome)).inc()
-        record = outcome_record(event, self.executor.name, outcome, started_at, duration_s)
-        record["attempt"] = claim.attempt
-        produce(self.producer, self.settings.topic_outcomes, event["host"].encode(), orjson.dumps(record))
+        metrics.REMEDIATION_ACTIONS.labels(event.action, result_label(outcome)).inc()
+        record = outcome_record(event, self.executor.name, outcome, started_at, duration_s, claim.attempt)
+        produce(self.producer, self.settings.topic_outcomes, event.host.encode(), encode_outcome(record))
         # The outcome reaches Kafka before the claim is marked done: a crash in between re-runs the event
         # (safely, see above) rather than leaving a done claim with no published outcome.
         if not self.flush() or not self.store(claim, record):
@@ -197,10 +184,10 @@ class _Controller:
         metrics.DEADLETTERS.labels(STAGE).inc()
         return self.flush()
 
-    def claim(self, event: dict[str, Any]) -> Claim | None:
+    def claim(self, event: Remediation) -> Claim | None:
         """Our claim on the event, or None when it is already done (or `stop` was set); waits while another
         live controller holds it (at most its lease). Raises CorruptClaim when its claim cannot be read."""
-        rid = event["id"]
+        rid = event.id
         while True:
             ok, state = _retrying(self.stop, "claim a remediation", lambda: self.claims.try_claim(rid))
             if not ok:
@@ -209,27 +196,27 @@ class _Controller:
                 return state.claim
             if state.kind == "done":
                 log.info("remediation %s (%s %s GPU %s) already done; skipped",
-                         rid, event["action"], event["host"], event["gpu_index"])  # fmt: skip
-                metrics.REMEDIATION_ACTIONS.labels(event["action"], "duplicate").inc()
+                         rid, event.action, event.host, event.gpu_index)  # fmt: skip
+                metrics.REMEDIATION_ACTIONS.labels(event.action, "duplicate").inc()
                 return None
             log.info("remediation %s is held by %s; waiting for its outcome or the end of its lease",
                      rid, state.holder)  # fmt: skip
             if self.stop.wait(min(1.0, self.claims.lease_s / 10)):
                 return None
 
-    def held_back(self, event: dict[str, Any], note: bytes | str) -> Outcome:
+    def held_back(self, event: Remediation, note: bytes | str) -> Outcome:
         """The skipped outcome of an event that was due while the kill switch is on (logged at WARNING)."""
         text = note.decode(errors="replace") if isinstance(note, bytes) else str(note)
         outcome = skipped_by_killswitch(text)
-        log.warning("remediation %s (%s %s GPU %s): %s", event["id"], event["action"], event["host"],
-                    event["gpu_index"], outcome.detail)  # fmt: skip
+        log.warning("remediation %s (%s %s GPU %s): %s", event.id, event.action, event.host,
+                    event.gpu_index, outcome.detail)  # fmt: skip
         return outcome
 
-    def recover(self, event: dict[str, Any], claim: Claim) -> tuple[Outcome, float, float]:
+    def recover(self, event: Remediation, claim: Claim) -> tuple[Outcome, float, float]:
         """Takes over an attempt that `claim.interrupted_owner` did not finish: re-runs it only where safe."""
-        action, who = event["action"], claim.interrupted_owner
+        action, who = event.action, claim.interrupted_owner
         log.warning("remediation %s (%s %s GPU %s): the attempt by %s was interrupted",
-                    event["id"], action, event["host"], event["gpu_index"], who)  # fmt: skip
+                    event.id, action, event.host, event.gpu_index, who)  # fmt: skip
         if action in IDEMPOTENT_ACTIONS | frozenset(getattr(self.executor, "idempotent_actions", ())):
             outcome, started_at, duration_s = _execute(self.executor, event)
             return _noted(outcome, f"re-run after an interrupted attempt by {who}"), started_at, duration_s
@@ -240,7 +227,7 @@ class _Controller:
             try:
                 prior: Outcome | None = check(event)
             except Exception as exc:  # cannot tell whether it took effect: do not risk a second run
-                log.exception("executor %s could not check %s", self.executor.name, event["id"])
+                log.exception("executor %s could not check %s", self.executor.name, event.id)
                 why = f"checking whether it took effect failed ({type(exc).__name__}: {exc})"
             else:
                 if prior is not None:
@@ -249,20 +236,20 @@ class _Controller:
                 note = f"re-run: the interrupted attempt of {who} had not acted"
                 return _noted(outcome, note), started_at, duration_s
         detail = (f"interrupted: {who} stopped while executing this {action}; not retried, because {why}. "
-                  f"Check {event['host']} and act by hand if it is still needed")  # fmt: skip
-        log.error("remediation %s: %s", event["id"], detail)
+                  f"Check {event.host} and act by hand if it is still needed")  # fmt: skip
+        log.error("remediation %s: %s", event.id, detail)
         return Outcome(ok=False, detail=detail), started_at, 0.0
 
-    def store(self, claim: Claim, record: dict[str, Any]) -> bool:
+    def store(self, claim: Claim, record: OutcomeRecord) -> bool:
         """Records the outcome in Redis and marks the claim done; False if `stop` was set first."""
-        fields = {n: ("true" if v else "false") if isinstance(v, bool) else str(v) for n, v in record.items()}
+        fields = k.outcome_fields(record)
         ok, finished = _retrying(self.stop, "record an outcome", lambda: self.claims.finish(claim, fields))
         if not ok:
-            log.error("outcome of %s not stored in Redis (stopping): %s", record["id"], record)
+            log.error("outcome of %s not stored in Redis (stopping): %s", record.id, record)
             return False
         if not finished:
             log.warning("remediation %s: our lease ran out while executing and another controller took over; "
-                        "our outcome was published but not stored in Redis", record["id"])  # fmt: skip
+                        "our outcome was published but not stored in Redis", record.id)  # fmt: skip
         return True
 
     def flush(self) -> bool:

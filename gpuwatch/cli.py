@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "score", "reliability", "gpu", "archive",
-                                    "forecast"])
+    p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "codecs", "score", "reliability", "gpu",
+                                     "archive", "forecast"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
     p.add_argument("--seconds", type=float, default=0.0,

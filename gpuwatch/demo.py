@@ -20,10 +20,11 @@ import numpy as np
 import orjson
 
 from gpuwatch.config import Settings, redact_url
-from gpuwatch.embedded import EmbeddedServer, embedded_stack
+from gpuwatch.embedded import embedded_stack
 from gpuwatch.kafka import ensure_topics, make_producer
-from gpuwatch.processes import start_stream_worker
+from gpuwatch.processes import NO_STATS, StatsFollower, start_stream_worker
 from gpuwatch.report import RunRecorder
+from gpuwatch.schemas.records import Outcome, Remediation, Risk, StreamStats
 
 # Failures are placed this far into the live phase at the earliest (catching up takes a few seconds).
 _LIVE_MARGIN_S = 10.0
@@ -59,28 +60,23 @@ class DemoState:
     gpus_scored: set[str] = field(default_factory=set)
     remediation: dict[str, int] = field(default_factory=dict)
     outcomes: int = 0
-    stream_stats: dict[str, Any] = field(default_factory=dict)
+    stream_stats: StatsFollower | None = None  # the worker's `gpuwatch.stats/1` lines
     labels: list[dict] = field(default_factory=list)
     records_by_gpu: dict[str, list[tuple[float, float, float, bool, bool]]] = field(default_factory=dict)
-    events: list[dict] = field(default_factory=list)
+    events: list[Remediation] = field(default_factory=list)
     newest_written_ts: float = 0.0
     recorder: RunRecorder = field(default_factory=RunRecorder)
 
 
-def _watch_worker(proc: EmbeddedServer, state: DemoState) -> None:
-    assert proc.proc.stdout is not None
-    for raw in proc.proc.stdout:
-        line = raw.decode(errors="replace").strip()
-        if line.startswith("STATS "):
-            with state.lock:
-                state.stream_stats = orjson.loads(line[6:])
+def _worker_stats(state: DemoState) -> StreamStats:
+    return NO_STATS if state.stream_stats is None else state.stream_stats.latest
 
 
 def _wait_processed(state: DemoState, produced: int, timeout_s: float, say: Any) -> bool:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        with state.lock:
-            done = state.stream_stats.get("samples", 0) + state.stream_stats.get("rejected_samples", 0)
+        stats = _worker_stats(state)
+        done = stats.samples + stats.rejected_samples
         if done >= produced:
             return True
         time.sleep(0.25)
@@ -118,32 +114,30 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         say(f"[demo] broker {settings.kafka_bootstrap}, redis {redact_url(settings.redis_url)}")
         ensure_topics(settings)
         worker = start_stream_worker(settings)
-        threading.Thread(target=_watch_worker, args=(worker, state), daemon=True).start()
+        state.stream_stats = StatsFollower(worker)
 
-        def on_written(records: list[dict], written_at: float) -> None:
+        def on_written(records: list[Risk], written_at: float) -> None:
             with state.lock:
                 state.risk_written += len(records)
                 if opts.report:
                     state.recorder.add_risk(records)
                 for r in records:
-                    gpu = f"{r['host']}:{r['gpu_index']}"
+                    gpu = f"{r.host}:{r.gpu_index}"
                     state.gpus_scored.add(gpu)
-                    state.records_by_gpu.setdefault(gpu, []).append(
-                        (r["ts"], r["risk"], r.get("score", r["risk"]), bool(r.get("alarm")), bool(r.get("failed")))
-                    )
-                    state.newest_written_ts = max(state.newest_written_ts, r["ts"])
-                    if r["ts"] >= state.live_since:
-                        state.latencies_ms.append((written_at - r["ts"]) * 1000.0)
+                    score = r.score if isinstance(r.score, float) else r.risk
+                    state.records_by_gpu.setdefault(gpu, []).append((r.ts, r.risk, score, r.alarm, r.failed))
+                    state.newest_written_ts = max(state.newest_written_ts, r.ts)
+                    if r.ts >= state.live_since:
+                        state.latencies_ms.append((written_at - r.ts) * 1000.0)
 
-        def on_event(event: dict) -> None:
+        def on_event(event: Remediation) -> None:
             with state.lock:
-                state.remediation[event["action"]] = state.remediation.get(event["action"], 0) + 1
+                state.remediation[event.action] = state.remediation.get(event.action, 0) + 1
                 state.recorder.add_event(event)
                 state.events.append(event)
-            say(f"[demo] remediation: {event['action']} {event['host']} GPU {event['gpu_index']} "
-                f"({event['reason']})")
+            say(f"[demo] remediation: {event.action} {event.host} GPU {event.gpu_index} ({event.reason})")
 
-        def on_outcome(outcome: dict) -> None:
+        def on_outcome(outcome: Outcome) -> None:
             with state.lock:
                 state.outcomes += 1
 
@@ -160,7 +154,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
 
         say("[demo] waiting for the stream worker to join its group ...")
         deadline = time.time() + 120
-        while time.time() < deadline and not state.stream_stats.get("partitions"):
+        while time.time() < deadline and not _worker_stats(state).partitions:
             if not worker.alive():
                 raise RuntimeError(f"the stream worker exited:\n{worker.log_tail()}")
             time.sleep(0.2)
@@ -178,8 +172,8 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
         feed = SimulatedFeed(sim, make_producer(settings), settings.topic_samples)
 
         def processed() -> int:
-            with state.lock:
-                return int(state.stream_stats.get("samples", 0) + state.stream_stats.get("rejected_samples", 0))
+            stats = _worker_stats(state)
+            return stats.samples + stats.rejected_samples
 
         say(f"[demo] replaying {opts.history_min:g} min of history for {hosts * 8} GPUs ...")
         # Live latency means steady state: publish up to now until the worker has digested it all.
@@ -199,9 +193,9 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
                 return
             last_report[0] = time.time()
             with state.lock:
-                ss = state.stream_stats
+                ss = _worker_stats(state)
                 p99 = _percentile(state.latencies_ms, 99)
-                say(f"[demo] t+{time.time() - live_start:4.0f}s  samples scored {ss.get('samples', 0):>8,}  "
+                say(f"[demo] t+{time.time() - live_start:4.0f}s  samples scored {ss.samples:>8,}  "
                     f"risk records {state.risk_written:>7,}  remediation {sum(state.remediation.values())}  "
                     "latency p99 " + (f"{p99:.0f} ms" if p99 is not None else "n/a"))
 
@@ -250,12 +244,12 @@ def _write_report(
 
 
 def _summary(state: DemoState, produced: int, wall_s: float, gpus: int) -> dict[str, Any]:
-    ss = state.stream_stats
+    ss = _worker_stats(state)
     return {
         "gpus": gpus,
         "samples_produced": produced,
-        "samples": int(ss.get("samples", 0)),
-        "samples_deadlettered": int(ss.get("rejected_samples", 0)),
+        "samples": ss.samples,
+        "samples_deadlettered": ss.rejected_samples,
         "gpus_scored": len(state.gpus_scored),
         "risk_records": state.risk_written,
         "remediation_events": dict(sorted(state.remediation.items())),
@@ -266,7 +260,7 @@ def _summary(state: DemoState, produced: int, wall_s: float, gpus: int) -> dict[
         "latency_p50_ms": _percentile(state.latencies_ms, 50),
         "latency_p99_ms": _percentile(state.latencies_ms, 99),
         "latency_samples": len(state.latencies_ms),
-        "state_bytes_per_gpu": ss.get("state_bytes_per_gpu"),
+        "state_bytes_per_gpu": ss.state_bytes_per_gpu or None,
         "wall_s": round(wall_s, 1),
     }
 
@@ -277,8 +271,8 @@ def _before_failure(state: DemoState, lab: dict) -> dict[str, Any]:
     gpu, fail_ts = f"{lab['host']}:{lab['gpu_index']}", float(lab["fail_ts"])
     before = [r for r in state.records_by_gpu.get(gpu, []) if r[0] <= fail_ts and not r[4]]
     alarms = [r[0] for r in before if r[3]]
-    checkpoints = [e["ts"] for e in state.events if f"{e['host']}:{e['gpu_index']}" == gpu
-                   and e["action"] == "checkpoint" and e["ts"] <= fail_ts]  # fmt: skip
+    checkpoints = [e.ts for e in state.events if f"{e.host}:{e.gpu_index}" == gpu
+                   and e.action == "checkpoint" and e.ts <= fail_ts]  # fmt: skip
     lead = lambda ts: round((fail_ts - min(ts)) / 60.0, 2) if ts else None  # noqa: E731
     return {
         **{k: lab[k] for k in ("host", "gpu_index", "mode", "fail_ts")},
@@ -294,7 +288,7 @@ def _actions_after_failure(state: DemoState) -> int:
     failed_at = {f"{lab['host']}:{lab['gpu_index']}": float(lab["fail_ts"]) for lab in state.labels}
     return sum(
         1 for e in state.events
-        if e["action"] != "repair" and e["ts"] > failed_at.get(f"{e['host']}:{e['gpu_index']}", float("inf"))
+        if e.action != "repair" and e.ts > failed_at.get(f"{e.host}:{e.gpu_index}", float("inf"))
     )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gpuwatch.schemas.fields import ACTIONS
+from gpuwatch.schemas.records import Risk
 
 log = logging.getLogger(__name__)
 disable_created_metrics()  # *_created series only add noise to every dashboard query
@@ -326,18 +327,17 @@ class FleetRiskCollector(Collector):
         """Set how long risk stays exported and how long a silent GPU stays known."""
         self.fresh_for_s, self.forget_after_s = fresh_for_s, forget_after_s
 
-    def update(self, records: Iterable[dict[str, Any]]) -> None:
+    def update(self, records: Iterable[Risk]) -> None:
         """Remember the newest risk record per (host, gpu_index) from one batch of decoded records."""
         now, wall = time.monotonic(), time.time()
         with self._lock:
             latest = self._latest
             for r in records:
-                key = (r["host"], r["gpu_index"])
-                ts = min(float(r["ts"]), wall)  # a ts from a fast node clock would hide a silent GPU, as in Redis
+                key = (r.host, r.gpu_index)
+                ts = min(r.ts, wall)  # a ts from a fast node clock would hide a silent GPU, as in Redis
                 old = latest.get(key)
                 if old is None or ts >= old.ts:
-                    latest[key] = _GpuRisk(r["uuid"], r["mode"], float(r["risk"]), ts, now,
-                                           bool(r.get("alarm")), bool(r.get("failed")), str(r.get("op", "")))
+                    latest[key] = _GpuRisk(r.uuid, r.mode, r.risk, ts, now, r.alarm, r.failed, r.op)
 
     def clear(self) -> None:
         with self._lock:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from gpuwatch.fleet.view import LiveRisk, count_text, format_view
+from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.streams.operating_point import OperatingPoint
 
 INSTALL_HINT = "the report needs matplotlib: pip install 'gpuwatch[report]' (or pip install matplotlib)"
@@ -588,24 +589,24 @@ class RunRecorder:
         self.risk_now: dict[tuple[str, int], tuple[float, bool]] = {}  # (risk, failed) of every GPU, for the fleet view
         self.horizon_s = 3600.0
 
-    def add_risk(self, records: Sequence[dict[str, Any]]) -> None:
-        """Record a batch of decoded risk records (``host``, ``gpu_index``, ``ts``, ``score`` or ``risk``,
-        ``alarm``, ``failed``, ``op``). A failed GPU's records are not predictions and are left out."""
+    def add_risk(self, records: Sequence[Risk]) -> None:
+        """Record a batch of decoded risk records (the score, or the risk where a record has none). A failed GPU's
+        records are not predictions and are left out."""
         series, latest, cap = self.series, self.latest, self.max_points
         for r in records:
-            key = f"{r['host']}:{r['gpu_index']}"
-            self.risk_now[(r["host"], int(r["gpu_index"]))] = (float(r["risk"]), bool(r.get("failed")))
-            self.horizon_s = float(r.get("horizon_s", self.horizon_s))
-            if r.get("failed"):
+            key = f"{r.host}:{r.gpu_index}"
+            self.risk_now[(r.host, r.gpu_index)] = (r.risk, r.failed)
+            self.horizon_s = r.horizon_s
+            if r.failed:
                 latest.pop(key, None)
                 continue
             points = series.get(key)
             if points is None:
                 points = series[key] = deque(maxlen=cap)
-            score = float(r.get("score", r["risk"]))
-            points.append((float(r["ts"]), score, bool(r.get("alarm"))))
-            latest[key] = (score, bool(r.get("alarm")))
-            self.op = str(r.get("op", self.op))
+            score = r.score if isinstance(r.score, float) else r.risk
+            points.append((r.ts, score, r.alarm))
+            latest[key] = (score, r.alarm)
+            self.op = r.op or self.op
 
     def live_risk(self) -> LiveRisk | None:
         """The newest risk of every GPU seen, as the fleet view takes it (None before any record)."""
@@ -614,9 +615,10 @@ class RunRecorder:
         records = [{"host": h, "gpu_index": g, "risk": r, "failed": f} for (h, g), (r, f) in self.risk_now.items()]
         return LiveRisk.from_records(records, self.horizon_s)
 
-    def add_event(self, event: dict[str, Any]) -> None:
+    def add_event(self, event: Remediation) -> None:
         """Record a remediation event (``ts``, ``host``, ``gpu_index``, ``action``, ``risk``)."""
-        self.events.append({k: event[k] for k in ("ts", "host", "gpu_index", "action", "risk")})
+        self.events.append({"ts": event.ts, "host": event.host, "gpu_index": event.gpu_index, "action": event.action,
+                            "risk": event.risk})
 
     def report_data(
         self,

@@ -1,6 +1,6 @@
 """Signed commands between the controller and node agents: HMAC-SHA256 with a shared key, nonces, expiry.
 
-The controller signs with `sign(command, key)`; an agent checks with `verify(command, keys, now=...,
+The controller signs with `sign_command(command, key)` (`sign` for any JSON object); an agent checks with `verify(command, keys, now=...,
 seen_nonces=...)`, which raises `CommandRejected(reason)` for unsigned, forged, malformed, expired or
 replayed commands. The MAC covers the canonical encoding of every field except ``sig`` (orjson, sorted
 keys), so no field can be changed, added or removed. Keys rotate by listing several (newest first):
@@ -22,12 +22,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import orjson
 
 from gpuwatch.config import COMMAND_MAX_TTL_S, ConfigError
+from gpuwatch.schemas.records import Command
 
-COMMAND_SCHEMA = "gpuwatch.command/1"
-ACK_SCHEMA = "gpuwatch.command_ack/1"
 MIN_KEY_CHARS = 16
 MAX_TTL_S = COMMAND_MAX_TTL_S
 CLOCK_SKEW_S = 60.0  # tolerated difference between controller and node clocks
@@ -84,6 +84,17 @@ def sign(
     out.update(nonce=secrets.token_hex(16), issued_at=issued, expires_at=issued + ttl_s)
     out["sig"] = _mac(_as_key(key), out)
     return out
+
+
+_SIGNATURE_FIELDS = ("nonce", "issued_at", "expires_at", "sig")
+
+
+def sign_command(
+    command: Command, key: bytes | str, *, now: float | None = None, ttl_s: float = 300.0
+) -> Command:
+    """`command` signed as `sign` signs: its nonce, issued_at, expires_at and sig replaced by fresh ones."""
+    fields = {k: v for k, v in msgspec.to_builtins(command).items() if k not in _SIGNATURE_FIELDS}
+    return msgspec.convert(sign(fields, key, now=now, ttl_s=ttl_s), Command)
 
 
 class NonceStore(Protocol):

@@ -27,9 +27,9 @@ from confluent_kafka import KafkaException
 from gpuwatch.argv import fill, parse_template, run_argv
 from gpuwatch.config import ConfigError, Settings
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.schemas.codecs import DecodeError, command_from_builtins, encode_command_ack
+from gpuwatch.schemas.records import MAX_GPU_INDEX, Command, CommandAck
 from gpuwatch.signing import (
-    ACK_SCHEMA,
-    COMMAND_SCHEMA,
     CommandRejected,
     FileNonceStore,
     MemoryNonceStore,
@@ -52,7 +52,7 @@ class Handled:
     pids: tuple[int, ...] = field(default=())
 
 
-Handler = Callable[[dict[str, Any]], Handled]
+Handler = Callable[[Command], Handled]
 
 
 def _text(value: Any) -> str:
@@ -97,14 +97,14 @@ class CheckpointHandler:
             raise ValueError(f"GPU {gpu_index} is {actual}, the command names {uuid}")
         return sorted({int(p.pid) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle)})
 
-    def __call__(self, command: dict[str, Any]) -> Handled:
-        gpu, uuid = int(command["gpu_index"]), str(command.get("uuid", ""))
+    def __call__(self, command: Command) -> Handled:
+        gpu, uuid = command.gpu_index, command.uuid
         try:
             pids = self.pids(gpu, uuid)
         except Exception as exc:  # NVMLError and the uuid check
             return Handled(False, f"cannot list the processes on GPU {gpu}: {exc}")
         if self.hook is not None:
-            values = {"host": self.host, "gpu_index": str(gpu), "uuid": uuid, "id": str(command["id"])}
+            values = {"host": self.host, "gpu_index": str(gpu), "uuid": uuid, "id": command.id}
             argv = fill(self.hook, {**values, "pids": ",".join(map(str, pids))})
             try:
                 done = run_argv(argv, timeout_s=self.timeout_s)
@@ -183,55 +183,48 @@ class CommandListener:
         """Consumer group: one per host, so every agent sees every command and keeps its own."""
         return f"{self.settings.stream_app_id}-agent-{self.host}"
 
-    def process(self, key: bytes | str | None, value: bytes | None) -> dict[str, Any] | None:
+    def process(self, key: bytes | str | None, value: bytes | None) -> CommandAck | None:
         """Verifies and executes one message; returns its ack record, or None if it is for another host."""
         if key is None or _text(key) != self.host:
             return None
         now = self.clock()
-        command: Any = None
+        parsed: Any = None
         try:
             try:
-                command = orjson.loads(value or b"")
+                parsed = orjson.loads(value or b"")
             except orjson.JSONDecodeError:
                 raise CommandRejected("malformed", "not JSON") from None
-            verify(command, self._keys, now=now, seen_nonces=self.nonces)
-            self._check_fields(command)
+            # The MAC covers the object as sent, unknown fields included: verified before it is read as a Command.
+            verify(parsed, self._keys, now=now, seen_nonces=self.nonces)
+            command = self._checked(parsed)
         except CommandRejected as exc:
             log.warning(
-                "command %r for %s refused: %s (%s)", _field(command, "id"), self.host, exc.reason, exc.detail
+                "command %r for %s refused: %s (%s)", _field(parsed, "id"), self.host, exc.reason, exc.detail
             )
-            return self._ack(command, now, accepted=False, reason=exc.reason, ok=False, detail=exc.detail)
+            return self._ack(parsed, now, accepted=False, reason=exc.reason, ok=False, detail=exc.detail)
         try:
             done = self.handler(command)
         except Exception as exc:  # a handler bug must not stop the listener; it is acknowledged as failed
-            log.exception("command %s: handler failed", command["id"])
+            log.exception("command %s: handler failed", command.id)
             done = Handled(False, f"handler raised {type(exc).__name__}: {exc}")
         (log.info if done.ok else log.warning)(
-            "command %s (%s GPU %s) accepted: %s",
-            command["id"],
-            command["action"],
-            command["gpu_index"],
-            done.detail,
+            "command %s (%s GPU %s) accepted: %s", command.id, command.action, command.gpu_index, done.detail
         )
         return self._ack(
-            command, now, accepted=True, reason="accepted", ok=done.ok, detail=done.detail, pids=done.pids
+            parsed, now, accepted=True, reason="accepted", ok=done.ok, detail=done.detail, pids=done.pids
         )
 
-    def _check_fields(self, command: dict[str, Any]) -> None:
+    def _checked(self, parsed: dict[str, Any]) -> Command:
         # authentic by now; these catch a signed command meant for another host or a newer agent
-        if command.get("schema") != COMMAND_SCHEMA:
-            raise CommandRejected(
-                "malformed", f"schema is {command.get('schema')!r}, expected {COMMAND_SCHEMA}"
-            )
-        if command.get("host") != self.host:
-            raise CommandRejected("wrong_host", f"signed for {command.get('host')!r}, this is {self.host}")
-        if command.get("action") != "checkpoint":
-            raise CommandRejected(
-                "unsupported_action", f"agents only checkpoint, not {command.get('action')!r}"
-            )
-        gpu = command.get("gpu_index")
-        if type(gpu) is not int or gpu < 0 or not isinstance(command.get("id"), str):
-            raise CommandRejected("malformed", "needs an id and a non-negative integer gpu_index")
+        try:
+            command = command_from_builtins(parsed)
+        except DecodeError as exc:
+            raise CommandRejected("malformed", exc.reason) from None
+        if command.host != self.host:
+            raise CommandRejected("wrong_host", f"signed for {command.host!r}, this is {self.host}")
+        if command.action != "checkpoint":
+            raise CommandRejected("unsupported_action", f"agents only checkpoint, not {command.action!r}")
+        return command
 
     def _ack(
         self,
@@ -243,22 +236,23 @@ class CommandListener:
         ok: bool,
         detail: str,
         pids: Sequence[int] = (),
-    ) -> dict[str, Any]:
+    ) -> CommandAck:
+        """The ack of a command; `command` is the object as received (it may be malformed: fields that are not a
+        short plain value of the right type are echoed as null)."""
         gpu = _field(command, "gpu_index")
-        return {
-            "schema": ACK_SCHEMA,
-            "id": _field(command, "id"),
-            "host": self.host,
-            "gpu_index": gpu if type(gpu) is int else None,
-            "action": _field(command, "action"),
-            "nonce": _field(command, "nonce"),
-            "accepted": accepted,
-            "reason": reason,
-            "ok": ok,
-            "detail": detail,
-            "pids": list(pids),
-            "at": now,
-        }
+        return CommandAck(
+            id=_text_field(command, "id"),
+            host=self.host,
+            gpu_index=gpu if type(gpu) is int and 0 <= gpu <= MAX_GPU_INDEX else None,
+            action=_text_field(command, "action"),
+            nonce=_text_field(command, "nonce"),
+            accepted=accepted,
+            reason=reason,
+            ok=ok,
+            detail=detail,
+            pids=list(pids),
+            at=now,
+        )
 
     def run(self, stop: threading.Event, *, poll_timeout_s: float = 0.5) -> None:
         """Consumes `topic_commands` until `stop` is set, acknowledging each command on `topic_outcomes`."""
@@ -277,7 +271,7 @@ class CommandListener:
                     continue
                 ack = self.process(msg.key(), msg.value())
                 if ack is not None:
-                    producer.produce(self.settings.topic_outcomes, orjson.dumps(ack), key=self.host)
+                    producer.produce(self.settings.topic_outcomes, encode_command_ack(ack), key=self.host)
                     while producer.flush(1.0) > 0 and not stop.is_set():
                         log.warning("command ack not yet acknowledged by Kafka; retrying")
                 try:
@@ -295,3 +289,9 @@ def _field(command: Any, name: str) -> Any:
     if isinstance(value, str):
         return value[:128]
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _text_field(command: Any, name: str) -> str | None:
+    """A text field of a possibly malformed command for its ack: at most 128 characters, None if not text."""
+    value = _field(command, name)
+    return value if isinstance(value, str) else None

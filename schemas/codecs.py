@@ -1,18 +1,23 @@
-"""orjson codecs for the gpuwatch wire contracts; they agree with the JSON Schema files beside this module.
+"""Codecs of the gpuwatch wire contracts: one encode/decode pair per record; they agree with the JSON Schema
+files beside this module.
 
+Every record but the samples is a typed msgspec Struct (records.py); `decode_*` return it, `encode_*` take it.
 `decode_*` raise `DecodeError` and `encode_*` raise `EncodeError` (both `ValueError`s) whose `reason`
 says what is wrong and where, e.g. ``gpus[3].temp_c: expected number or null, got string "71"``.
-Every record the schema files reject is rejected here too; the codecs add the rules JSON Schema cannot
-express: unique `gpu_index` within a snapshot, a message-size and nesting-depth limit, and the optional
-`ts` freshness window of `decode_snapshot`.
+A message is read in one of two ways with the same result: msgspec parses and checks the usual message in one
+pass in C against the struct; anything it refuses is read again by orjson and checked field by field against
+the same struct's type information (`_check_struct`), which accepts exactly what the schema files accept and
+names what is wrong. Every record the schema files reject is rejected here too; the codecs add the rules JSON
+Schema cannot express: unique `gpu_index` within a snapshot, a message-size limit, a nesting-depth limit on the
+unknown fields of a snapshot, and the optional `ts` freshness window of `decode_snapshot`.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
+import re
 import sys
 import time
 from array import array
@@ -22,9 +27,10 @@ from functools import cache, partial
 from importlib import resources
 from itertools import chain
 from operator import itemgetter
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import msgspec
+import msgspec.inspect as mi
 import numpy as np
 import orjson
 from msgspec.structs import astuple
@@ -34,25 +40,30 @@ from .fields import (
     ALL_COUNTERS,
     ALL_FLAGS,
     ALL_NUMERIC,
-    DEADLETTER_SCHEMA,
-    FAILURE_MODES,
     FLAGS,
     OPTIONAL_FLAGS,
-    OUTCOME_SCHEMA,
-    REMEDIATION_SCHEMA,
     REQUIRED_NUMERIC,
-    RISK_SCHEMA,
     SAMPLES_SCHEMA,
+)
+from .records import (
+    MAX_GPU_INDEX,
+    MAX_HOST_LEN,
+    MAX_INT64,
+    Command,
+    CommandAck,
+    DeadLetter,
+    Outcome,
+    Remediation,
+    Risk,
+    Source,
+    StreamStats,
 )
 
 MAX_MESSAGE_BYTES = 1 << 20
 MAX_GPUS = 64
 MAX_XIDS = 64
-MAX_HOST_LEN = 255
 MAX_DEPTH = 32  # containers, top-level object = 1; the known structure needs 4
-MAX_GPU_INDEX = 2**31 - 1
 MAX_XID = 2**31 - 1
-MAX_INT64 = 2**63 - 1
 MAX_DEADLETTER_ORIGINAL = 512 * 1024  # keeps a dead-letter record under Kafka's default 1 MB message limit
 _FMAX = sys.float_info.max  # `-_FMAX <= x <= _FMAX` is False for NaN and +-inf
 _OPTS = orjson.OPT_SERIALIZE_NUMPY
@@ -216,6 +227,133 @@ def _check_extras_depth(obj: dict, known: frozenset[str], path: str, budget: int
                         f"(at most {MAX_DEPTH} levels of objects/arrays in a message)", "depth")
 
 
+def _check_b64(value: Any, path: str) -> str:
+    try:
+        base64.b64decode(_check_str(value, path), validate=True)
+    except ValueError as exc:  # binascii.Error, and a non-ASCII string
+        raise _fail(path, f"not valid base64: {exc}", "type") from None
+    return value
+
+
+# ---------------------------------------------------------------- checks derived from a struct (slow path only)
+
+# A check of one value: (value, path, nesting depth of the value, max_depth) -> the value, 3.0 as 3 for an integer.
+_Check = Callable[[Any, str, int, "int | None"], Any]
+
+
+def _literal_values(hint: Any) -> tuple[str, ...]:
+    """The values of the Literal inside a type hint, in the order written (msgspec.inspect sorts them)."""
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    for arg in get_args(hint):
+        found = _literal_values(arg)
+        if found:
+            return found
+    return ()
+
+
+@cache
+def _plan(cls: type) -> tuple[tuple[str, _Check, bool], ...]:
+    """(wire name, check, required) of each field of the struct `cls`, built once from its type information."""
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    hints = get_type_hints(cls, include_extras=True)
+    return tuple((f.encode_name, _compile(f.type, _literal_values(hints.get(f.name))), f.required)
+                 for f in info.fields)
+
+
+def _compile(t: Any, choices: tuple[str, ...] = (), nullable: bool = False) -> _Check:
+    """The check of a value of the msgspec type `t` (msgspec.inspect), raising DecodeError with the reason."""
+    if type(t) is mi.Metadata:  # a description
+        t = t.type
+    kind = type(t)
+    if kind is mi.UnionType:  # the contracts' unions are "T or null"
+        (t,) = (x for x in t.types if type(x) is not mi.NoneType)
+        return _compile(t, choices, nullable=True)
+    if kind is mi.IntType:
+        lo = t.ge if t.ge is not None else t.gt + 1 if t.gt is not None else -MAX_INT64 - 1
+        hi = t.le if t.le is not None else t.lt - 1 if t.lt is not None else 2**64 - 1
+        return lambda v, path, depth, max_depth: _check_int(v, path, lo, hi, nullable=nullable)
+    if kind is mi.FloatType:
+        assert t.lt is None, "exclusive maxima are not used by the contracts"
+        low, high, exclusive = t.ge if t.gt is None else t.gt, t.le, t.gt is not None
+        return lambda v, path, depth, max_depth: _check_number(v, path, low, high, lo_exclusive=exclusive,
+                                                               nullable=nullable)  # fmt: skip
+    if kind is mi.BoolType:
+        return lambda v, path, depth, max_depth: _check_bool(v, path, nullable=nullable)
+    if kind is mi.StrType:
+        return partial(_check_text, lo=t.min_length or 0, hi=t.max_length, nullable=nullable,
+                       pattern=None if t.pattern is None else re.compile(t.pattern))
+    if kind is mi.LiteralType:
+        values = choices or tuple(map(str, t.values))
+        return lambda v, path, depth, max_depth: (None if v is None and nullable else _check_enum(v, path, values))
+    if kind is mi.BytesType:
+        return lambda v, path, depth, max_depth: (None if v is None and nullable else _check_b64(v, path))
+    if kind is mi.ListType:
+        return partial(_check_list, item=_compile(t.item_type), lo=t.min_length or 0, hi=t.max_length)
+    if kind is mi.DictType:
+        return partial(_check_dict, value_check=_compile(t.value_type))
+    if kind is mi.StructType:
+        cls = t.cls
+        return lambda v, path, depth, max_depth: _check_struct(v, cls, path, depth, max_depth)
+    raise TypeError(f"no check for {t!r}: the contracts use numbers, text, flags, enums, bytes, lists and objects")
+
+
+def _check_text(v: Any, path: str, depth: int, max_depth: int | None, *, lo: int, hi: int | None, nullable: bool,
+                pattern: re.Pattern[str] | None) -> str | None:
+    if v is None and nullable:
+        return None
+    if type(v) is not str:
+        raise _fail(path, f"expected {'string or null' if nullable else 'string'}, got {_describe(v)}", "type")
+    _check_str(v, path, lo, hi)
+    if pattern is not None and not pattern.search(v):
+        raise _fail(path, f"must match {pattern.pattern}, got {_describe(v)}", "range")
+    return v
+
+
+def _check_list(v: Any, path: str, depth: int, max_depth: int | None, *, item: _Check, lo: int,
+                hi: int | None) -> list:
+    if type(v) is not list:
+        raise _fail(path, f"expected array, got {_describe(v)}", "type")
+    if len(v) < lo or (hi is not None and len(v) > hi):
+        want = f"{lo}..{hi}" if lo and hi is not None else f"at most {hi}" if hi is not None else f"at least {lo}"
+        raise _fail(path, f"expected {want} entries, got {len(v)}", "range")
+    return [item(x, f"{path}[{i}]", depth + 1, max_depth) for i, x in enumerate(v)]
+
+
+def _check_dict(v: Any, path: str, depth: int, max_depth: int | None, *, value_check: _Check) -> dict:
+    if type(v) is not dict:
+        raise _fail(path, f"expected object, got {_describe(v)}", "type")
+    return {k: value_check(x, _join(path, str(k)), depth + 1, max_depth) for k, x in v.items()}
+
+
+def _check_struct(obj: Any, cls: type, path: str = "", depth: int = 1, max_depth: int | None = None) -> dict:
+    """A copy of `obj` checked field by field against the struct `cls` (the slow path: names the first offending
+    field); with `max_depth`, unknown fields may nest at most that many containers counting from the top."""
+    if type(obj) is not dict:
+        raise _fail(path, f"expected {'a JSON object at top level' if not path else 'object'}, "
+                          f"got {_describe(obj)}", "type")
+    out = dict(obj)
+    plan = _plan(cls)
+    prefix = path + "." if path else ""
+    for name, check, required in plan:
+        if name == "schema":
+            continue  # the tag: `_check_tag` reads it first
+        value = obj.get(name, _MISSING)
+        if value is not _MISSING:
+            out[name] = check(value, prefix + name, depth + 1, max_depth)
+        elif required:
+            raise _fail(prefix + name, "missing required field", "missing")
+    if max_depth is not None:
+        _check_extras_depth(obj, _known(cls), path, max_depth - depth)
+    return out
+
+
+@cache
+def _known(cls: type) -> frozenset[str]:
+    return frozenset(name for name, *_ in _plan(cls)) | {"schema"}
+
+
 # ---------------------------------------------------------------- snapshots
 
 _TOP_REQUIRED = frozenset(("schema", "host", "ts", "seq", "gpus"))
@@ -322,23 +460,25 @@ def _gpu_field(name: str) -> tuple:
     return (name, kind | None) if name in _GPU_REQUIRED else (name, kind | None, None)
 
 
-# Field order is the tuple `astuple` returns: numbers, flags, then the per-GPU metadata.
-_TypedGpu = msgspec.defstruct(
-    "_TypedGpu",
+# The typed definition of a `gpuwatch.samples/1` message, built from fields.py. Field order is the tuple `astuple`
+# returns: numbers, flags, then the per-GPU metadata. Unknown fields are refused here (they take the slow path,
+# which checks their nesting depth); the schema file allows them.
+GpuSampleMessage = msgspec.defstruct(
+    "GpuSampleMessage",
     [_gpu_field(f) for f in ALL_NUMERIC + ALL_FLAGS] + [
         ("gpu_index", Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_INDEX)]), ("uuid", str),
         ("throttle_reasons", _I64 | None), ("xid", Annotated[list[_XidCode], msgspec.Meta(max_length=MAX_XIDS)]),
     ],
     kw_only=True, forbid_unknown_fields=True, gc=False,
 )
-_TypedSnapshot = msgspec.defstruct(
-    "_TypedSnapshot",
+SamplesMessage = msgspec.defstruct(
+    "SamplesMessage",
     [("schema", str), ("host", Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_HOST_LEN)]),
      ("ts", Annotated[float, msgspec.Meta(ge=0, le=_FMAX)]), ("seq", _I64),
-     ("gpus", Annotated[list[_TypedGpu], msgspec.Meta(min_length=1, max_length=MAX_GPUS)])],  # type: ignore[valid-type]
+     ("gpus", Annotated[list[GpuSampleMessage], msgspec.Meta(min_length=1, max_length=MAX_GPUS)])],  # type: ignore[valid-type]
     forbid_unknown_fields=True, gc=False,
 )
-_TYPED = msgspec.json.Decoder(_TypedSnapshot)
+_TYPED = msgspec.json.Decoder(SamplesMessage)
 _FLAGS_END = _N_NUMERIC + _N_FLAGS
 
 
@@ -366,64 +506,27 @@ def _typed(raw: bytes | bytearray | memoryview | str) -> Snapshot | None:
                     table[:, _N_NUMERIC:] > 0, np.array(thr, dtype=np.int64), list(xids))  # flag null -> False
 
 
-def _explain(obj: Any, max_depth: int) -> None:
-    """Slow pass: raises DecodeError naming the first offending field; returns if the snapshot is valid."""
+def _explain(obj: Any, max_depth: int) -> dict:
+    """Slow pass: raises DecodeError naming the first offending field; returns the snapshot with integers written
+    as 3.0 turned into ints (JSON Schema allows both) if it is valid."""
     if type(obj) is not dict:
         raise _fail("", f"expected a JSON object at top level, got {_describe(obj)}", "type")
     _check_tag(obj, SAMPLES_SCHEMA)
-    _check_str(_need(obj, "host", ""), "host", 1, MAX_HOST_LEN)
-    _check_number(_need(obj, "ts", ""), "ts", 0)
-    _check_int(_need(obj, "seq", ""), "seq", 0, MAX_INT64)
-    gpus = _need(obj, "gpus", "")
-    if type(gpus) is not list:
-        raise _fail("gpus", f"expected array, got {_describe(gpus)}", "type")
-    if not 0 < len(gpus) <= MAX_GPUS:
-        raise _fail("gpus", f"expected 1..{MAX_GPUS} entries, got {len(gpus)}", "range")
-    _check_extras_depth(obj, _TOP_REQUIRED, "", max_depth - 1)
+    fixed = _check_struct(obj, SamplesMessage, "", 1, max_depth)
     seen: dict[int, int] = {}
-    for i, g in enumerate(gpus):
-        p = f"gpus[{i}]"
-        if type(g) is not dict:
-            raise _fail(p, f"expected object, got {_describe(g)}", "type")
-        idx = _check_int(_need(g, "gpu_index", p), p + ".gpu_index", 0, MAX_GPU_INDEX)
-        assert idx is not None  # not nullable: a null raised above
+    for i, g in enumerate(fixed["gpus"]):
+        idx = g["gpu_index"]
         if idx in seen:
-            raise _fail(p + ".gpu_index", f"duplicate gpu_index {idx} (also at gpus[{seen[idx]}])", "duplicate")
+            raise _fail(f"gpus[{i}].gpu_index", f"duplicate gpu_index {idx} (also at gpus[{seen[idx]}])", "duplicate")
         seen[idx] = i
-        _check_str(_need(g, "uuid", p), p + ".uuid")
-        for name in ALL_NUMERIC:
-            value = _need(g, name, p) if name not in _OPTIONAL_NUMERIC else g.get(name)
-            _check_number(value, f"{p}.{name}", 0 if name in _COUNTERS else None, nullable=True)
-        for name in ALL_FLAGS:
-            _check_bool(_need(g, name, p) if name not in OPTIONAL_FLAGS else g.get(name), f"{p}.{name}",
-                        nullable=True)
-        _check_int(_need(g, "throttle_reasons", p), p + ".throttle_reasons", 0, MAX_INT64, nullable=True)
-        xid = _need(g, "xid", p)
-        if type(xid) is not list:
-            raise _fail(p + ".xid", f"expected array, got {_describe(xid)}", "type")
-        if len(xid) > MAX_XIDS:
-            raise _fail(p + ".xid", f"expected at most {MAX_XIDS} entries, got {len(xid)}", "range")
-        for j, code in enumerate(xid):
-            _check_int(code, f"{p}.xid[{j}]", 0, MAX_XID)
-        _check_extras_depth(g, _GPU_KNOWN, p, max_depth - 3)
-
-
-def _integral(obj: dict) -> dict:
-    """Copy of a valid snapshot with integer fields written as 3.0 turned into ints (JSON Schema allows both)."""
-    def fix(v: Any) -> Any:
-        return int(v) if type(v) is float else v
-
-    gpus = [{**g, "gpu_index": fix(g["gpu_index"]), "throttle_reasons": fix(g["throttle_reasons"]),
-             "xid": [fix(x) for x in g["xid"]]} for g in obj["gpus"]]
-    return {**obj, "seq": fix(obj["seq"]), "gpus": gpus}
+    return fixed
 
 
 def _snapshot(obj: Any, now: float | None, max_future_s: float, max_age_s: float | None, max_depth: int,
               from_json: bool) -> Snapshot:
     snap = _fast(obj, max_depth, from_json)
     if snap is None:
-        _explain(obj, max_depth)
-        snap = _fast(_integral(obj), max_depth, from_json)
+        snap = _fast(_explain(obj, max_depth), max_depth, from_json)
         if snap is None:
             raise _fail("", "snapshot rejected by the fast check but the slow check found no reason "
                             "(a bug in gpuwatch.schemas.codecs)", "internal")
@@ -565,102 +668,155 @@ def encode_snapshot(snapshot_dict: dict) -> bytes:
     return _encode(snapshot_dict, SAMPLES_SCHEMA, decode_snapshot)
 
 
-# ---------------------------------------------------------------- risk, remediation, dead-letter
+# ---------------------------------------------------------------- the typed records (records.py)
 
-_Checks = tuple[tuple[str, Callable[[Any, str], Any]], ...]
-_host = partial(_check_str, lo=1, hi=MAX_HOST_LEN)
-_gpu_index = partial(_check_int, lo=0, hi=MAX_GPU_INDEX)
-_time = partial(_check_number, lo=0)
-_unit = partial(_check_number, lo=0, hi=1)
-
-_RISK: _Checks = (
-    ("host", _host), ("gpu_index", _gpu_index), ("uuid", _check_str), ("ts", _time), ("risk", _unit),
-    ("horizon_s", partial(_check_number, lo=0, lo_exclusive=True)),
-    ("mode", partial(_check_enum, choices=FAILURE_MODES)), ("model", partial(_check_str, lo=1)),
-    ("scored_at", _time),
-)
-_RISK_OPTIONAL: _Checks = (
-    ("alarm", _check_bool), ("drain", _check_bool), ("failed", _check_bool), ("failed_since", _time),
-    ("op", _check_str), ("score", _unit), ("history_s", partial(_check_number, lo=0)),
-)
-_REMEDIATION: _Checks = (
-    ("id", partial(_check_str, lo=1, hi=128)), ("host", _host), ("gpu_index", _gpu_index),
-    ("uuid", _check_str), ("action", partial(_check_enum, choices=ACTIONS)), ("reason", _check_str),
-    ("risk", _unit), ("ts", _time),
-)
-
-_OUTCOME: _Checks = (
-    ("id", partial(_check_str, lo=1, hi=128)), ("host", _host), ("gpu_index", _gpu_index),
-    ("uuid", _check_str), ("action", partial(_check_enum, choices=ACTIONS)), ("risk", _unit),
-    ("event_ts", _time), ("executor", _check_str), ("ok", _check_bool), ("dry_run", _check_bool),
-    ("detail", _check_str), ("started_at", _time), ("duration_s", partial(_check_number, lo=0)),
-)
+R = TypeVar("R", bound=msgspec.Struct)
+Raw = bytes | bytearray | memoryview | str  # a Kafka message value, or a line of a file
 
 
-def _check_source(value: Any, path: str) -> dict:
-    if type(value) is not dict:
-        raise _fail(path, f"expected object, got {_describe(value)}", "type")
-    return {**value, "topic": _check_str(_need(value, "topic", path), path + ".topic"),
-            "partition": _check_int(_need(value, "partition", path), path + ".partition", -(2**31), 2**31 - 1),
-            "offset": _check_int(_need(value, "offset", path), path + ".offset", -MAX_INT64 - 1, MAX_INT64)}
+def _plain(obj: Any) -> Any:
+    """msgspec's encoder hook: numpy scalars (np.float32(0.5), np.int64(3), np.bool_) as the Python value."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot encode objects of type {type(obj).__name__}")
 
 
-def _check_b64(value: Any, path: str) -> str:
-    try:
-        base64.b64decode(_check_str(value, path), validate=True)
-    except binascii.Error as exc:
-        raise _fail(path, f"not valid base64: {exc}", "type") from None
-    return value
+_ENCODER = msgspec.json.Encoder(enc_hook=_plain)
 
 
-_DEADLETTER: _Checks = (
-    ("error", _check_str), ("source", _check_source), ("original_b64", _check_b64), ("failed_at", _time),
-    ("stage", partial(_check_str, lo=1)),
-)
-_DEADLETTER_OPTIONAL: _Checks = (
-    ("original_size", partial(_check_int, lo=0, hi=MAX_INT64)), ("original_truncated", _check_bool),
-)
+class _Codec(Generic[R]):
+    """Encodes and decodes one record type: msgspec in one C pass for the usual message, and where that refuses a
+    message, orjson plus `_check_struct`, which names the reason (and accepts 3.0 for an integer, as the schema
+    file does)."""
+
+    def __init__(self, cls: type[R], max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self.cls = cls
+        info = mi.type_info(cls)
+        assert isinstance(info, mi.StructType) and isinstance(info.tag, str)
+        self.tag: str = info.tag
+        self.max_bytes = max_bytes
+        self._decoder = msgspec.json.Decoder(cls)
+        # msgspec accepts a tagged struct whose tag is absent: the fast path takes only messages that start with it
+        self._prefix = f'{{"schema":"{self.tag}"'.encode()
+
+    def decode(self, raw: Raw | None) -> R:
+        if type(raw) is bytes and raw.startswith(self._prefix) and len(raw) <= self.max_bytes:
+            try:
+                return self._decoder.decode(raw)
+            except Exception:  # noqa: BLE001 - msgspec's errors, RecursionError, ...: the slow path names the reason
+                pass
+        return self.from_builtins(_parse(raw, self.max_bytes))
+
+    def from_builtins(self, obj: Any) -> R:
+        """The record of an already-parsed JSON object (a dict as orjson or json return it)."""
+        if type(obj) is not dict:
+            raise _fail("", f"expected a JSON object at top level, got {_describe(obj)}", "type")
+        _check_tag(obj, self.tag)
+        fixed = _check_struct(obj, self.cls)
+        try:
+            return msgspec.convert(fixed, self.cls)
+        except msgspec.ValidationError as exc:
+            raise _fail("", f"{exc}; the field checks found no reason (a bug in gpuwatch.schemas.codecs)",
+                        "internal") from None
+
+    def encode(self, rec: R, *, validate: bool = True) -> bytes:
+        if type(rec) is not self.cls:
+            raise EncodeError(f"cannot encode {self.tag} record: expected {self.cls.__name__}, "
+                              f"got {type(rec).__name__}", kind="type")
+        try:
+            raw = _ENCODER.encode(rec)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"cannot encode {self.tag} record: {exc}", kind="type") from None
+        if validate:
+            try:
+                self.decode(raw)
+            except DecodeError as exc:
+                hint = " (NaN and infinity are written as null)" if "got null" in exc.reason else ""
+                raise EncodeError(f"invalid {self.tag} record: {exc.reason}{hint}", path=exc.path,
+                                  kind=exc.kind) from None
+        return raw
 
 
-def _decode_record(raw: Any, tag: str, checks: _Checks, optional: _Checks = (),
-                   max_bytes: int = MAX_MESSAGE_BYTES) -> dict:
-    obj = _parse(raw, max_bytes)
-    if type(obj) is not dict:
-        raise _fail("", f"expected a JSON object at top level, got {_describe(obj)}", "type")
-    _check_tag(obj, tag)
-    for name, check in checks:
-        obj[name] = check(_need(obj, name, ""), name)
-    for name, check in optional:
-        if name in obj:
-            obj[name] = check(obj[name], name)
-    known = frozenset(name for name, _ in checks + optional) | {"schema"}
-    _check_extras_depth(obj, known, "", MAX_DEPTH - 1)
-    return obj
+_RISK = _Codec(Risk)
+_REMEDIATION = _Codec(Remediation)
+_OUTCOME = _Codec(Outcome)
+_COMMAND = _Codec(Command)
+_COMMAND_ACK = _Codec(CommandAck)
+_DEADLETTER = _Codec(DeadLetter, max_bytes=4 * MAX_MESSAGE_BYTES)
+_STATS = _Codec(StreamStats)
+def decode_risk(raw: Raw | None) -> Risk:
+    """Parses and validates one `gpuwatch.risk/1` message."""
+    return _RISK.decode(raw)
 
 
-def decode_risk(raw: bytes | bytearray | memoryview | str) -> dict:
-    """Parses and validates one `gpuwatch.risk/1` message; returns the dict (unknown fields kept)."""
-    return _decode_record(raw, RISK_SCHEMA, _RISK, _RISK_OPTIONAL)
+def encode_risk(rec: Risk, *, validate: bool = True) -> bytes:
+    """Serialises a risk record; raises EncodeError if a reader would reject it. `validate=False` skips that check
+    (the stream worker's per-record path, whose values come from decoded samples and the model)."""
+    return _RISK.encode(rec, validate=validate)
 
 
-def encode_risk(rec: dict) -> bytes:
-    """Serialises a risk record (numpy scalars allowed; `schema` added when absent); raises EncodeError if invalid."""
-    return _encode(rec, RISK_SCHEMA, decode_risk)
+def decode_remediation(raw: Raw | None) -> Remediation:
+    """Parses and validates one `gpuwatch.remediation/1` message."""
+    return _REMEDIATION.decode(raw)
 
 
-def decode_remediation(raw: bytes | bytearray | memoryview | str) -> dict:
-    """Parses and validates one `gpuwatch.remediation/1` message; returns the dict (unknown fields kept)."""
-    return _decode_record(raw, REMEDIATION_SCHEMA, _REMEDIATION)
+def encode_remediation(rec: Remediation) -> bytes:
+    """Serialises a remediation command; raises EncodeError if a reader would reject it."""
+    return _REMEDIATION.encode(rec)
 
 
-def encode_remediation(rec: dict) -> bytes:
-    """Serialises a remediation command (`schema` added when absent); raises EncodeError if invalid."""
-    return _encode(rec, REMEDIATION_SCHEMA, decode_remediation)
+def decode_outcome(raw: Raw | None) -> Outcome:
+    """Parses and validates one `gpuwatch.outcome/1` message."""
+    return _OUTCOME.decode(raw)
 
 
-def decode_outcome(raw: bytes | bytearray | memoryview | str) -> dict:
-    """Parses and validates one `gpuwatch.outcome/1` message (the controller's); returns the dict."""
-    return _decode_record(raw, OUTCOME_SCHEMA, _OUTCOME)
+def encode_outcome(rec: Outcome) -> bytes:
+    """Serialises an outcome record; raises EncodeError if a reader would reject it."""
+    return _OUTCOME.encode(rec)
+
+
+def decode_command(raw: Raw | None) -> Command:
+    """Parses and validates one `gpuwatch.command/1` message (its fields; `gpuwatch.signing.verify` checks the
+    signature, on the parsed object, so that no field can be added either)."""
+    return _COMMAND.decode(raw)
+
+
+def command_from_builtins(obj: Any) -> Command:
+    """Like `decode_command` for an already-parsed JSON object (the agent parses once to verify the signature)."""
+    return _COMMAND.from_builtins(obj)
+
+
+def encode_command(rec: Command) -> bytes:
+    """Serialises a signed agent command; raises EncodeError if a reader would reject it."""
+    return _COMMAND.encode(rec)
+
+
+def decode_command_ack(raw: Raw | None) -> CommandAck:
+    """Parses and validates one `gpuwatch.command_ack/1` message."""
+    return _COMMAND_ACK.decode(raw)
+
+
+def encode_command_ack(rec: CommandAck) -> bytes:
+    """Serialises a command acknowledgement; raises EncodeError if a reader would reject it."""
+    return _COMMAND_ACK.encode(rec)
+
+
+STATS_PREFIX = "STATS "
+
+
+def encode_stats_line(stats: StreamStats) -> str:
+    """The ``STATS {json}`` line (no newline) a stream worker prints on its stdout."""
+    return STATS_PREFIX + _STATS.encode(stats).decode()
+
+
+def decode_stats_line(line: bytes | str) -> StreamStats | None:
+    """The stats of a ``STATS {json}`` line (text in front of ``STATS `` is ignored), or None for any other line.
+    Raises DecodeError for a stats line that breaks the `gpuwatch.stats/1` contract."""
+    raw = line.encode("utf-8", "surrogateescape") if isinstance(line, str) else bytes(line)
+    at = raw.find(STATS_PREFIX.encode())
+    if at < 0:
+        return None
+    return _STATS.decode(raw[at + len(STATS_PREFIX):].strip())
 
 
 def remediation_id(host: str, gpu_index: int, uuid: str, action: str, episode_ts: float) -> str:
@@ -685,27 +841,21 @@ def make_deadletter(raw: bytes | bytearray | memoryview | str | None, error: str
     Use partition/offset -1 when unknown (e.g. a file line number goes in `offset`, `topic` holds the path).
     """
     data = b"" if raw is None else raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-    rec = {"schema": DEADLETTER_SCHEMA, "error": _printable(error)[:4096],
-           "source": {"topic": _printable(topic), "partition": int(partition), "offset": int(offset)},
-           "original_b64": base64.b64encode(data[:max_original]).decode("ascii"),
-           "original_size": len(data), "original_truncated": len(data) > max_original,
-           "failed_at": time.time() if failed_at is None else float(failed_at), "stage": _printable(stage)}
-    return orjson.dumps(rec)
+    rec = DeadLetter(error=_printable(error)[:4096],
+                     source=Source(topic=_printable(topic), partition=int(partition), offset=int(offset)),
+                     original=data[:max_original], original_size=len(data), original_truncated=len(data) > max_original,
+                     failed_at=time.time() if failed_at is None else float(failed_at), stage=_printable(stage))
+    return _DEADLETTER.encode(rec, validate=False)  # built here from checked parts; dead-lettering must never fail
 
 
 def _printable(text: object) -> str:
-    """str(text) with lone surrogates replaced: orjson refuses them, and dead-lettering must never fail."""
+    """str(text) with lone surrogates replaced: no encoder writes them, and dead-lettering must never fail."""
     return str(text).encode("utf-8", "replace").decode("utf-8")
 
 
-def decode_deadletter(raw: bytes | bytearray | memoryview | str) -> dict:
-    """Parses and validates one `gpuwatch.deadletter/1` message; `deadletter_original` gives back the bytes."""
-    return _decode_record(raw, DEADLETTER_SCHEMA, _DEADLETTER, _DEADLETTER_OPTIONAL, max_bytes=4 * MAX_MESSAGE_BYTES)
-
-
-def deadletter_original(rec: dict) -> bytes:
-    """The original message bytes of a decoded dead-letter record (possibly truncated, see original_truncated)."""
-    return base64.b64decode(rec["original_b64"], validate=True)
+def decode_deadletter(raw: Raw | None) -> DeadLetter:
+    """Parses and validates one `gpuwatch.deadletter/1` message; `.original` holds the original bytes."""
+    return _DEADLETTER.decode(raw)
 
 
 @cache
@@ -713,15 +863,20 @@ def _schema_text(filename: str) -> str:
     return resources.files(__package__).joinpath(filename).read_text(encoding="utf-8")
 
 
-_SCHEMA_FILES = {"samples": SAMPLES_SCHEMA, "risk": RISK_SCHEMA, "remediation": REMEDIATION_SCHEMA,
-                 "deadletter": DEADLETTER_SCHEMA}
+# file name (without .json) -> contract tag
+SCHEMA_FILES = {"samples": SAMPLES_SCHEMA, **{name: codec.tag for name, codec in (
+    ("risk", _RISK), ("remediation", _REMEDIATION), ("outcome", _OUTCOME), ("command", _COMMAND),
+    ("command_ack", _COMMAND_ACK), ("deadletter", _DEADLETTER), ("stats", _STATS))}}
+# contract tag -> the typed record (samples: the struct `decode_snapshot` reads the usual message with)
+STRUCTS: dict[str, type[msgspec.Struct]] = {SAMPLES_SCHEMA: SamplesMessage, **{codec.tag: codec.cls for codec in (
+    _RISK, _REMEDIATION, _OUTCOME, _COMMAND, _COMMAND_ACK, _DEADLETTER, _STATS)}}
 
 
 def load_schema(name: str) -> dict:
-    """The JSON Schema (a fresh dict) of one contract: "samples", "risk", "remediation" or "deadletter";
-    "samples.json" and the tag "gpuwatch.samples/1" work too."""
+    """The JSON Schema (a fresh dict) of one contract: "samples", "risk", "remediation", "outcome", "command",
+    "command_ack", "deadletter" or "stats"; "samples.json" and the tag "gpuwatch.samples/1" work too."""
     base = name.removesuffix(".json")
-    base = next((k for k, tag in _SCHEMA_FILES.items() if tag == base), base)
-    if base not in _SCHEMA_FILES:
-        raise ValueError(f"unknown schema {name!r}; expected one of {', '.join(_SCHEMA_FILES)}")
+    base = next((k for k, tag in SCHEMA_FILES.items() if tag == base), base)
+    if base not in SCHEMA_FILES:
+        raise ValueError(f"unknown schema {name!r}; expected one of {', '.join(SCHEMA_FILES)}")
     return json.loads(_schema_text(base + ".json"))

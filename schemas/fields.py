@@ -6,11 +6,17 @@ so adding a field here is how a new signal reaches the model.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
+# Contract tags: the `schema` field of every record (tag and major version); the typed records are in records.py.
 SAMPLES_SCHEMA = "gpuwatch.samples/1"
 RISK_SCHEMA = "gpuwatch.risk/1"
 REMEDIATION_SCHEMA = "gpuwatch.remediation/1"
-DEADLETTER_SCHEMA = "gpuwatch.deadletter/1"
 OUTCOME_SCHEMA = "gpuwatch.outcome/1"
+COMMAND_SCHEMA = "gpuwatch.command/1"
+COMMAND_ACK_SCHEMA = "gpuwatch.command_ack/1"
+DEADLETTER_SCHEMA = "gpuwatch.deadletter/1"
+STATS_SCHEMA = "gpuwatch.stats/1"
 
 # Gauges: a number, or null where the GPU does not support it (fan_pct on passively cooled boards).
 GAUGES: tuple[str, ...] = (
@@ -85,32 +91,13 @@ XID_INTERCONNECT = frozenset({74, 79})
 # not the board (a real H200 showed XID 31 for a deliberately faulting kernel, docs/gpu-check.md).
 XID_APPLICATION = frozenset({13, 31, 43, 45, 68, 109})
 
-FAILURE_MODES: tuple[str, ...] = ("none", "memory", "thermal", "power", "interconnect", "sudden")
+FailureMode = Literal["none", "memory", "thermal", "power", "interconnect", "sudden"]
+FAILURE_MODES: tuple[FailureMode, ...] = get_args(FailureMode)
 # repair: the GPU has failed; drain its node and ask for a repair (not a prediction, no escalation).
-ACTIONS: tuple[str, ...] = ("checkpoint", "migrate", "reboot", "repair")
+Action = Literal["checkpoint", "migrate", "reboot", "repair"]
+ACTIONS: tuple[Action, ...] = get_args(Action)
 # Drains or reboots a node (what the blast-radius limit and the evaluation's false drains count).
 DISRUPTIVE_ACTIONS: tuple[str, ...] = ("migrate", "reboot")
-
-# Fields of the other records, (name, type) with type one of str, int, float, bool; the archive's columns derive
-# from these, and tests/test_archive.py checks them against the codecs' checks. Optional ones may be absent.
-RISK_FIELDS: tuple[tuple[str, str], ...] = (
-    ("host", "str"), ("gpu_index", "int"), ("uuid", "str"), ("ts", "float"), ("risk", "float"),
-    ("horizon_s", "float"), ("mode", "str"), ("model", "str"), ("scored_at", "float"),
-)  # fmt: skip
-RISK_OPTIONAL_FIELDS: tuple[tuple[str, str], ...] = (
-    ("alarm", "bool"), ("drain", "bool"), ("failed", "bool"), ("failed_since", "float"), ("op", "str"),
-    ("score", "float"), ("history_s", "float"),
-)  # fmt: skip
-REMEDIATION_FIELDS: tuple[tuple[str, str], ...] = (
-    ("id", "str"), ("host", "str"), ("gpu_index", "int"), ("uuid", "str"), ("action", "str"), ("reason", "str"),
-    ("risk", "float"), ("ts", "float"),
-)  # fmt: skip
-# `gpuwatch.outcome/1`: what the controller did with a remediation event (controller/worker.py writes it).
-OUTCOME_FIELDS: tuple[tuple[str, str], ...] = (
-    ("id", "str"), ("host", "str"), ("gpu_index", "int"), ("uuid", "str"), ("action", "str"), ("risk", "float"),
-    ("event_ts", "float"), ("executor", "str"), ("ok", "bool"), ("dry_run", "bool"), ("detail", "str"),
-    ("started_at", "float"), ("duration_s", "float"),
-)  # fmt: skip
 
 # A failure label, one line of labels.jsonl (`gpuwatch simulate` writes them; training.dataset.Failures reads
 # them): uuid, fail_ts and mode are required; precursor_start_ts and repair_end_ts may be null.

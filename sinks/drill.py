@@ -24,7 +24,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..schemas.fields import RISK_SCHEMA
+from msgspec import UNSET
+
+from ..schemas.records import Remediation, Risk
 from .guard_state import GuardState, MemoryGuardState
 from .policy import DISRUPTIVE, PolicyRules, RemediationPolicy
 
@@ -41,19 +43,14 @@ def host_name(i: int) -> str:
     return f"node-{i:04d}"
 
 
-def risk_record(host: str, gpu: int, ts: float, state: GpuState) -> dict[str, Any]:
+def risk_record(host: str, gpu: int, ts: float, state: GpuState) -> Risk:
     """A `gpuwatch.risk/1` record as the stream would publish it for a GPU in `state`."""
     level, mode, failed_since = state or ("quiet", "none", 0.0)
     failed = level == "failed"
-    rec = {
-        "schema": RISK_SCHEMA, "host": host, "gpu_index": gpu, "uuid": f"GPU-{host}-{gpu}", "ts": ts,
-        "risk": 1.0 if failed else {"quiet": 1e-5, "drain": 0.05}[level], "horizon_s": 3600.0, "mode": mode,
-        "model": "drill", "scored_at": ts, "alarm": level == "drain", "drain": level == "drain", "failed": failed,
-        "op": "drill",
-    }  # fmt: skip
-    if failed:
-        rec["failed_since"] = failed_since
-    return rec
+    return Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts,
+                risk=1.0 if failed else {"quiet": 1e-5, "drain": 0.05}[level], horizon_s=3600.0,
+                mode=mode, model="drill", scored_at=ts, alarm=level == "drain", drain=level == "drain",  # type: ignore[arg-type]
+                failed=failed, op="drill", failed_since=failed_since if failed else UNSET)  # fmt: skip
 
 
 def _rack_cooling(rack: list[int], gpus: int) -> Callable[[int, int, float], GpuState]:
@@ -115,7 +112,7 @@ def scenario_states(
 
 def _batches(
     state: Callable[[int, int, float], GpuState], fleet_hosts: int, gpus: int, duration_s: float
-) -> Iterator[tuple[float, list[dict[str, Any]]]]:
+) -> Iterator[tuple[float, list[Risk]]]:
     """(now, records) every STEP_S: every GPU not in a quiet state, and every GPU of the fleet once a minute."""
     steps = int(duration_s // STEP_S) + 1
     for i in range(steps):
@@ -142,17 +139,17 @@ def run_scenario(
     policy = RemediationPolicy(
         dataclasses.replace(rules, maintenance=()), audit=audit.extend, guards=guards or MemoryGuardState()
     )
-    events: list[dict[str, Any]] = []
+    events: list[Remediation] = []
     opened_at: float | None = None
     disrupted_before: set[str] = set()
     for now, batch in _batches(state, fleet_hosts, gpus_per_host, duration_s):
         for event in policy.observe(batch, now):
             events.append(event)
-            if event["action"] in DISRUPTIVE and opened_at is None:
-                disrupted_before.add(event["host"])
+            if event.action in DISRUPTIVE and opened_at is None:
+                disrupted_before.add(event.host)
         if opened_at is None and any(a["decision"] == "tripped" and a["reason"] == "breaker" for a in audit):
             opened_at = now - T0
-    disrupted = {e["host"] for e in events if e["action"] in DISRUPTIVE}
+    disrupted = {e.host for e in events if e.action in DISRUPTIVE}
     tripped = Counter(a["reason"] for a in audit if a["decision"] == "tripped")
     suppressed = Counter(a["reason"] for a in audit if a["decision"] == "suppressed")
     limit = rules.breaker_limit(fleet_hosts)
@@ -166,7 +163,7 @@ def run_scenario(
         "breaker_opened_at_s": opened_at,
         "hosts_disrupted_before_breaker": len(disrupted_before),
         "hosts_disrupted": len(disrupted),
-        "events": dict(Counter(e["action"] for e in events)),
+        "events": dict(Counter(e.action for e in events)),
         "tripped": dict(tripped),
         "suppressed": dict(suppressed),
         "escalated_hosts": len(policy.guard_view.escalated),

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import orjson
 import redis
 
-from . import redis_keys as k
+from ..schemas import redis_keys as k
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +35,10 @@ from gpuwatch.config import Settings
 from gpuwatch.metrics import POLICY_GUARDS
 from gpuwatch.pools import MaintenanceWindow, Pools, active_window, parse_maintenance_windows
 
+from ..schemas import redis_keys as k
 from ..schemas.codecs import remediation_id
-from ..schemas.fields import REMEDIATION_SCHEMA
-from . import redis_keys as k
+from ..schemas.fields import Action
+from ..schemas.records import Remediation, Risk
 from .guard_state import ADMITTED, OPEN, TRIPPED, GuardState, GuardView, MemoryGuardState
 
 log = logging.getLogger(__name__)
@@ -225,13 +226,13 @@ class RemediationPolicy:
                 del self._drains[host]
         return sorted(self._drains)
 
-    def observe(self, records: Sequence[Mapping[str, Any]], now: float) -> list[dict[str, Any]]:
+    def observe(self, records: Sequence[Risk], now: float) -> list[Remediation]:
         """Feeds decoded risk records (any GPUs, any order); returns the remediation events now due.
 
         `now` is the wall clock (unix seconds). The kill switch and the guard rails' state are read once per call.
         """
         kill = bool(self._killswitch())
-        events: list[dict[str, Any]] = []
+        events: list[Remediation] = []
         audits: list[dict[str, Any]] = []
         if self._fleet_guards:
             self._sync_guards(records, now, audits)
@@ -243,18 +244,18 @@ class RemediationPolicy:
 
     def _observe_one(
         self,
-        rec: Mapping[str, Any],
+        rec: Risk,
         now: float,
         kill: bool,
-        events: list[dict[str, Any]],
+        events: list[Remediation],
         audits: list[dict[str, Any]],
     ) -> None:
         r = self.rules
-        m = k.member(rec["host"], rec["gpu_index"])
+        m = k.member(rec.host, rec.gpu_index)
         # A ts ahead of our clock (a node clock running fast) counts as now, as in Redis: kept, it would make the
         # GPU's next records look out of order until the clock caught up with it.
-        ts = min(float(rec["ts"]), now)
-        alarm, failed = bool(rec.get("alarm")), bool(rec.get("failed"))
+        ts = min(rec.ts, now)
+        alarm, failed = rec.alarm, rec.failed
         gpu = self._gpus.get(m)
         if gpu is not None and ts <= gpu.last_ts:
             return  # duplicate or out of order: the newer record already decided
@@ -274,7 +275,7 @@ class RemediationPolicy:
             self._failed(m, gpu, rec, now, kill, events, audits)
             return
         ep = gpu.episode
-        if ep is not None and rec.get("uuid", "") != ep.uuid:
+        if ep is not None and rec.uuid != ep.uuid:
             self._end_episode(m, rec, now, "replaced", audits)
             ep = None
         if ep is not None and not alarm and ts - ep.last_alarm_ts >= r.episode_gap_s:
@@ -285,7 +286,7 @@ class RemediationPolicy:
                 if gpu.last_action_ts is None or ts - gpu.last_action_ts >= r.cooldown_s:
                     del self._gpus[m]  # nothing left to remember about this GPU
                 return
-            ep = gpu.episode = _Episode(start_ts=ts, uuid=str(rec.get("uuid", "")), last_alarm_ts=ts)
+            ep = gpu.episode = _Episode(start_ts=ts, uuid=rec.uuid, last_alarm_ts=ts)
         if alarm:
             ep.last_alarm_ts = ts
         due = self._due(ep, rec, ts)
@@ -302,21 +303,21 @@ class RemediationPolicy:
                     self._trip("pool_limit")
             return
         self._emit(m, gpu, rec, now, action, detail, ep.start_ts, events, audits)
-        self._remediated(action == "migrate", rec, events[-1]["id"], now)
+        self._remediated(action == "migrate", rec, events[-1].id, now)
         ep.action_ts[action] = ts
 
     def _failed(
-        self, m: str, gpu: _Gpu, rec: Mapping[str, Any], now: float, kill: bool,
-        events: list[dict[str, Any]], audits: list[dict[str, Any]],
+        self, m: str, gpu: _Gpu, rec: Risk, now: float, kill: bool,
+        events: list[Remediation], audits: list[dict[str, Any]],
     ) -> None:  # fmt: skip
         """A failed GPU leaves the ladder: its episode ends, and one repair is asked for per failure."""
         migrated = gpu.episode is not None and "migrate" in gpu.episode.action_ts  # the host drained already
         if gpu.episode is not None:
             self._end_episode(m, rec, now, "failed", audits)
-        since = float(rec.get("failed_since") or rec["ts"])
+        since = rec.failed_since if isinstance(rec.failed_since, float) else rec.ts
         if gpu.repaired_failure == since:
             return
-        blocked = self._fleet_guard("repair", str(rec["host"]), now, kill) or self._admit(
+        blocked = self._fleet_guard("repair", rec.host, now, kill) or self._admit(
             "repair", rec, now, not migrated, gpu, audits
         )
         if blocked is not None:
@@ -325,39 +326,29 @@ class RemediationPolicy:
                 audits.append(self._entry(rec, now, "repair", "suppressed", blocked[0], blocked[1], gpu))
             return
         gpu.repaired_failure = since
-        detail = f"GPU failed at ts {since:.0f} ({rec.get('mode', 'none')}): drain and repair"
+        detail = f"GPU failed at ts {since:.0f} ({rec.mode}): drain and repair"
         self._emit(m, gpu, rec, now, "repair", detail, since, events, audits)
-        self._remediated(not migrated, rec, events[-1]["id"], now)
+        self._remediated(not migrated, rec, events[-1].id, now)
 
     def _emit(
-        self, m: str, gpu: _Gpu, rec: Mapping[str, Any], now: float, action: str, detail: str, episode_ts: float,
-        events: list[dict[str, Any]], audits: list[dict[str, Any]],
+        self, m: str, gpu: _Gpu, rec: Risk, now: float, action: Action, detail: str, episode_ts: float,
+        events: list[Remediation], audits: list[dict[str, Any]],
     ) -> None:  # fmt: skip
-        ts = float(rec["ts"])
-        uuid = str(rec.get("uuid", ""))
-        event = {
-            "schema": REMEDIATION_SCHEMA,
-            "id": remediation_id(rec["host"], int(rec["gpu_index"]), uuid, action, episode_ts),
-            "host": rec["host"],
-            "gpu_index": int(rec["gpu_index"]),
-            "uuid": uuid,
-            "action": action,
-            "reason": detail,
-            "risk": float(rec["risk"]),
-            "ts": ts,
-        }
-        gpu.last_action_ts = ts
+        event = Remediation(id=remediation_id(rec.host, rec.gpu_index, rec.uuid, action, episode_ts), host=rec.host,
+                            gpu_index=rec.gpu_index, uuid=rec.uuid, action=action, reason=detail, risk=rec.risk,
+                            ts=rec.ts)  # fmt: skip
+        gpu.last_action_ts = rec.ts
         if action in ("migrate", "reboot"):
-            self._drains.setdefault(rec["host"], {}).setdefault(m, now)
+            self._drains.setdefault(rec.host, {}).setdefault(m, now)
         events.append(event)
-        audits.append(self._entry(rec, now, action, "acted", "due", detail, gpu, event["id"], episode_ts))
+        audits.append(self._entry(rec, now, action, "acted", "due", detail, gpu, event.id, episode_ts))
 
-    def _due(self, ep: _Episode, rec: Mapping[str, Any], ts: float) -> tuple[str, str] | None:
+    def _due(self, ep: _Episode, rec: Risk, ts: float) -> tuple[Action, str] | None:
         """The next action of the episode if its condition holds now, with a reason for humans."""
         r = self.rules
-        alarm, drain = bool(rec.get("alarm")), bool(rec.get("drain"))
-        mode = str(rec.get("mode", "none"))
-        what = f"risk {float(rec['risk']):.3g}, mode {mode}, operating point {rec.get('op', '?')}"
+        alarm, drain = rec.alarm, rec.drain
+        mode = rec.mode
+        what = f"risk {rec.risk:.3g}, mode {mode}, operating point {rec.op or '?'}"
         done = ep.action_ts
         if "checkpoint" not in done:
             return ("checkpoint", f"alarm: {what}") if alarm or drain else None
@@ -375,31 +366,31 @@ class RemediationPolicy:
         return None
 
     def _guard(
-        self, action: str, rec: Mapping[str, Any], gpu: _Gpu, ep: _Episode, now: float, kill: bool
+        self, action: str, rec: Risk, gpu: _Gpu, ep: _Episode, now: float, kill: bool
     ) -> tuple[str, str] | None:
         """(reason, detail) if a guard rail forbids `action` now, else None."""
         r = self.rules
-        fleet = self._fleet_guard(action, str(rec["host"]), now, kill)
+        fleet = self._fleet_guard(action, rec.host, now, kill)
         if fleet is not None:
             return fleet
         first = not ep.action_ts
-        if first and gpu.last_action_ts is not None and float(rec["ts"]) - gpu.last_action_ts < r.cooldown_s:
-            ago = float(rec["ts"]) - gpu.last_action_ts
+        if first and gpu.last_action_ts is not None and rec.ts - gpu.last_action_ts < r.cooldown_s:
+            ago = rec.ts - gpu.last_action_ts
             return "cooldown", f"last action on this GPU {ago:.0f} s ago (cooldown {r.cooldown_s:g} s)"
-        if action == "reboot" and str(rec.get("mode", "none")) not in r.reboot_modes:
-            return "reboot_not_useful", f"a reboot does not fix mode {rec.get('mode')}"
+        if action == "reboot" and rec.mode not in r.reboot_modes:
+            return "reboot_not_useful", f"a reboot does not fix mode {rec.mode}"
         if action in ("migrate", "reboot"):
             draining = self.active_drains(now)
-            if rec["host"] not in draining and len(draining) >= r.max_concurrent_drains:
+            if rec.host not in draining and len(draining) >= r.max_concurrent_drains:
                 busy = ", ".join(draining)
                 return (
                     "blast_radius",
                     f"{len(draining)} hosts already draining ({busy}); limit {r.max_concurrent_drains}",
                 )
             if r.pool_max_drains:
-                pool = self._pools.of(rec["host"])
+                pool = self._pools.of(rec.host)
                 same = [h for h in draining if self._pools.of(h) == pool]
-                if rec["host"] not in same and len(same) >= r.pool_max_drains:
+                if rec.host not in same and len(same) >= r.pool_max_drains:
                     busy = ", ".join(same)
                     return "pool_limit", f"{len(same)} hosts of pool {pool} already draining ({busy}); " \
                                          f"limit {r.pool_max_drains} per pool"  # fmt: skip
@@ -437,7 +428,7 @@ class RemediationPolicy:
         return None
 
     def _admit(
-        self, action: str, rec: Mapping[str, Any], now: float, starts_remediation: bool, gpu: _Gpu,
+        self, action: str, rec: Risk, now: float, starts_remediation: bool, gpu: _Gpu,
         audits: list[dict[str, Any]],
     ) -> tuple[str, str] | None:  # fmt: skip
         """The last checks of a disruptive action, which count what they let through: escalation of a host
@@ -445,7 +436,7 @@ class RemediationPolicy:
         r = self.rules
         if action not in DISRUPTIVE:
             return None
-        host = str(rec["host"])
+        host = rec.host
         if r.escalate_after and starts_remediation:
             times = self._guards.remediations(host, now - r.escalate_window_s)
             done = remediation_count(times, r.drain_hold_s)
@@ -487,17 +478,17 @@ class RemediationPolicy:
                 return self._fleet_guard(action, host, now, False)
         return None
 
-    def _remediated(self, starts: bool, rec: Mapping[str, Any], event_id: str, now: float) -> None:
+    def _remediated(self, starts: bool, rec: Risk, event_id: str, now: float) -> None:
         """Counts a remediation of the record's host (a migrate, or a repair its GPU had no migrate for)."""
         if starts and self.rules.escalate_after:
-            self._guards.add_remediation(str(rec["host"]), event_id, now, self.rules.escalate_window_s)
+            self._guards.add_remediation(rec.host, event_id, now, self.rules.escalate_window_s)
 
     def _trip(self, guard: str) -> None:
         self.trips[guard] += 1
         self._on_trip(guard)
 
     def _sync_guards(
-        self, records: Sequence[Mapping[str, Any]], now: float, audits: list[dict[str, Any]]
+        self, records: Sequence[Risk], now: float, audits: list[dict[str, Any]]
     ) -> None:
         """Tells the guard state which hosts this batch saw and which are unhealthy; reads it back; opens or
         closes the incident. A host is unhealthy while one of its GPUs is in alarm or failed within the
@@ -506,21 +497,21 @@ class RemediationPolicy:
         seen: dict[str, float] = {}
         touched: set[str] = set()
         for rec in records:
-            host = rec["host"]
+            host = rec.host
             if now - self._host_seen.get(host, -math.inf) >= HOST_SEEN_EVERY_S:
                 self._host_seen[host] = seen[host] = now
-            if not r.max_unhealthy_hosts or now - min(float(rec["ts"]), now) > r.stale_after_s:
+            if not r.max_unhealthy_hosts or now - min(rec.ts, now) > r.stale_after_s:
                 continue
-            failed_since = float(rec.get("failed_since") or rec["ts"])
-            bad = bool(rec.get("alarm")) or (
-                bool(rec.get("failed")) and now - failed_since <= r.breaker_window_s
+            failed_since = rec.failed_since if isinstance(rec.failed_since, float) else rec.ts
+            bad = rec.alarm or (
+                rec.failed and now - failed_since <= r.breaker_window_s
             )
             gpus = self._bad.get(host)
             if bad:
-                self._bad.setdefault(host, set()).add(int(rec["gpu_index"]))
+                self._bad.setdefault(host, set()).add(rec.gpu_index)
                 touched.add(host)
-            elif gpus and int(rec["gpu_index"]) in gpus:
-                gpus.discard(int(rec["gpu_index"]))
+            elif gpus and rec.gpu_index in gpus:
+                gpus.discard(rec.gpu_index)
                 touched.add(host)
         unhealthy = {h: now for h in touched if self._bad.get(h)}
         healthy = [h for h in touched if not self._bad.get(h)]
@@ -554,12 +545,12 @@ class RemediationPolicy:
             view.incident = None
 
     def _end_episode(
-        self, m: str, rec: Mapping[str, Any], now: float, why: str, audits: list[dict[str, Any]]
+        self, m: str, rec: Risk, now: float, why: str, audits: list[dict[str, Any]]
     ) -> None:
         gpu = self._gpus[m]
         ep = gpu.episode
         gpu.episode = None
-        host = str(rec["host"])
+        host = rec.host
         if host in self._drains:
             self._drains[host].pop(m, None)
             if not self._drains[host]:
@@ -570,7 +561,7 @@ class RemediationPolicy:
 
     def _entry(
         self,
-        rec: Mapping[str, Any],
+        rec: Risk,
         now: float,
         action: str | None,
         decision: str,
@@ -588,12 +579,12 @@ class RemediationPolicy:
             "reason": reason,
             "detail": detail,
             "id": event_id,
-            "host": rec["host"],
-            "gpu_index": int(rec["gpu_index"]),
-            "uuid": rec.get("uuid", ""),
-            "risk": float(rec["risk"]),
-            "mode": rec.get("mode", "none"),
-            "ts": float(rec["ts"]),
+            "host": rec.host,
+            "gpu_index": rec.gpu_index,
+            "uuid": rec.uuid,
+            "risk": rec.risk,
+            "mode": rec.mode,
+            "ts": rec.ts,
             "episode_ts": episode_ts,
             "now": now,
         }

@@ -25,7 +25,7 @@ import redis
 from gpuwatch.config import ConfigError, Settings, redact_url
 from gpuwatch.pools import Pools
 
-from . import redis_keys as k
+from ..schemas import redis_keys as k
 from .guard_state import parse_record, read_guards
 from .policy import FLEET_KEEP_S, PolicyRules, operator_entry
 

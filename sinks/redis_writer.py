@@ -1,4 +1,4 @@
-"""Writes risk records into Redis (layout in `gpuwatch.sinks.redis_keys`), a whole batch per round-trip.
+"""Writes risk records into Redis (layout in `gpuwatch.schemas.redis_keys`), a whole batch per round-trip.
 
 Each GPU's hash only ever moves forward in time: a Lua script compares the record's `ts` with the stored
 one atomically, so duplicates and out-of-order records (redelivery, replays, two sinks) are dropped. A `ts`
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import orjson
 import redis
 
-from . import redis_keys as k
+from ..schemas import redis_keys as k
+from ..schemas.codecs import encode_risk
+from ..schemas.records import Risk
 
 _FIELDS_PER_RECORD = 13
 
@@ -133,7 +134,7 @@ def _num(value: Any) -> str:
 
 
 class RiskWriter:
-    """Writes risk records (`gpuwatch.risk/1` dicts) to Redis with timestamp-ordered, idempotent updates.
+    """Writes risk records (`gpuwatch.risk/1`) to Redis with timestamp-ordered, idempotent updates.
 
     `history_len` records are kept per GPU; every key of a GPU expires `expire_after_s` after its last
     write. A batch is split into scripts of `chunk` records (so Redis is never blocked long) that go in
@@ -178,11 +179,9 @@ class RiskWriter:
                     raise
         raise AssertionError("unreachable")
 
-    def write_batch(self, records: Sequence[Mapping[str, Any]], *, written_at: float | None = None) -> int:
+    def write_batch(self, records: Sequence[Risk], *, written_at: float | None = None) -> int:
         """Writes `records` and returns how many were applied (the others were not newer than Redis's copy).
 
-        Records must follow the risk contract (decode them with `gpuwatch.schemas.codecs.decode_risk`);
-        a record lacking host, gpu_index, ts or risk raises KeyError before anything is written.
         `written_at` (default: now) is stored as the wall-clock time the sink wrote the record; a record's
         `ts` later than `written_at` is stored as `written_at` (the history keeps the record as it came).
         Raises redis-py errors (ConnectionError etc.) when Redis cannot be reached; retrying is safe.
@@ -199,21 +198,21 @@ class RiskWriter:
         for start in range(0, len(records), self._chunk):
             args = list(head)
             for rec in records[start : start + self._chunk]:
-                ts = _num(min(float(rec["ts"]), written_at))  # never a future ts (see the module doc)
+                ts = _num(min(rec.ts, written_at))  # never a future ts (see the module doc)
                 args += [
-                    str(rec["host"]),
-                    str(int(rec["gpu_index"])),
-                    str(rec.get("uuid", "")),
+                    rec.host,
+                    str(rec.gpu_index),
+                    rec.uuid,
                     ts,
-                    _num(rec["risk"]),
-                    str(rec.get("mode", "none")),
-                    str(rec.get("model", "")),
-                    _num(rec.get("scored_at", rec["ts"])),
-                    orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY).decode(),
-                    "1" if rec.get("alarm") else "0",
-                    "1" if rec.get("drain") else "0",
-                    "1" if rec.get("failed") else "0",
-                    str(rec.get("op", "")),
+                    _num(rec.risk),
+                    rec.mode,
+                    rec.model,
+                    _num(rec.scored_at),
+                    encode_risk(rec, validate=False).decode(),  # decoded records: checked already
+                    "1" if rec.alarm else "0",
+                    "1" if rec.drain else "0",
+                    "1" if rec.failed else "0",
+                    rec.op,
                 ]
             calls.append(args)
         return sum(int(n) for n in self._evalsha_all("write", calls))

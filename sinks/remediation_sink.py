@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis
 from confluent_kafka import KafkaException
@@ -23,12 +22,13 @@ from gpuwatch.config import Settings
 from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
 
 from ..schemas.codecs import decode_risk, encode_remediation
+from ..schemas.records import Remediation
 from .guard_state import RedisGuardState
 from .policy import PolicyRules, RedisAuditLog, RedisKillSwitch, RemediationPolicy
 
 log = logging.getLogger(__name__)
 
-OnEvent = Callable[[dict[str, Any]], None]
+OnEvent = Callable[[Remediation], None]
 
 
 def group_id(settings: Settings) -> str:
@@ -110,11 +110,11 @@ def run_remediation_sink(
             events = policy.observe(records, time.time())
             export_guards(policy)
             for event in events:
-                produce(producer, settings.topic_remediation, event["host"].encode(), encode_remediation(event))
+                produce(producer, settings.topic_remediation, event.host.encode(), encode_remediation(event))
             if not flush_until_acknowledged(producer, stop, "remediation events"):
                 return  # unacknowledged events: leave the offsets so the records are seen again
             for event in events:
-                metrics.REMEDIATION_EVENTS.labels(event["action"]).inc()
+                metrics.REMEDIATION_EVENTS.labels(event.action).inc()
                 if on_event is not None:
                     try:
                         on_event(event)

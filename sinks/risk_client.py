@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import redis
 
-from . import redis_keys as k
+from ..schemas import redis_keys as k
+from ..schemas.codecs import DecodeError, decode_risk
+from ..schemas.records import Risk
 
 _GPU_FLOATS = ("risk", "ts", "scored_at", "written_at")
 _GPU_FLAGS = ("alarm", "drain", "failed")
@@ -120,9 +121,10 @@ class RiskClient:
         """
         return self._gpu(self._redis.hgetall(k.gpu_key(host, gpu)), self._clock(), host, gpu)
 
-    def history(self, host: str, gpu: int, n: int = 60) -> list[dict[str, Any]]:
-        """Up to `n` of the GPU's latest risk records (as published on the risk topic), newest first."""
-        return [orjson.loads(raw) for raw in self._redis.lrange(k.hist_key(host, gpu), 0, n - 1)]
+    def history(self, host: str, gpu: int, n: int = 60) -> list[Risk]:
+        """Up to `n` of the GPU's latest risk records (`gpuwatch.risk/1`), newest first. Raises
+        `gpuwatch.schemas.codecs.DecodeError` for an entry that is not one (written by another tool)."""
+        return [decode_risk(raw) for raw in self._redis.lrange(k.hist_key(host, gpu), 0, n - 1)]
 
     def host_risk(self, host: str) -> dict[str, Any] | None:
         """The host's rollup, or None: its riskiest GPU and how fresh its GPUs' data is.
@@ -208,6 +210,8 @@ class RiskClient:
         if not top:
             return None
         host, gpu = k.split_member(_text(top[0]))
-        newest = self.history(host, gpu, 1)
-        horizon = newest[0].get("horizon_s") if newest else None
-        return float(horizon) if isinstance(horizon, int | float) and horizon > 0 else None
+        try:
+            newest = self.history(host, gpu, 1)
+        except DecodeError:  # an entry written by another tool: it does not say
+            return None
+        return newest[0].horizon_s if newest else None

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis
 from confluent_kafka import Consumer, KafkaException, Message
@@ -21,13 +20,14 @@ from gpuwatch.config import Settings
 from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
 
 from ..schemas.codecs import decode_risk, make_deadletter
+from ..schemas.records import Risk
 from .redis_writer import RiskWriter
 
 log = logging.getLogger(__name__)
 
 STAGE = "risk-sink"
 PRUNE_EVERY_S = 60.0
-OnWritten = Callable[[list[dict[str, Any]], float], None]
+OnWritten = Callable[[list[Risk], float], None]
 
 
 def group_id(settings: Settings) -> str:
@@ -62,7 +62,7 @@ class _Sink:
         )
         self.dlq = ReliableProducer(settings)
 
-    def decode(self, msgs: list[Message]) -> list[tuple[Message, dict[str, Any]]]:
+    def decode(self, msgs: list[Message]) -> list[tuple[Message, Risk]]:
         out = []
         for msg in msgs:
             if msg.error() is not None:
@@ -86,7 +86,7 @@ class _Sink:
         produce(self.dlq, self.settings.topic_deadletter, msg.key(), raw)
         metrics.DEADLETTERS.labels(stage).inc()
 
-    def write(self, batch: list[tuple[Message, dict[str, Any]]]) -> bool:
+    def write(self, batch: list[tuple[Message, Risk]]) -> bool:
         """Writes until Redis takes the batch (True) or `stop` is set while it is down (False)."""
         records = [rec for _, rec in batch]
         delay, down_since = 0.1, 0.0
@@ -109,7 +109,7 @@ class _Sink:
                 return False
             delay = min(delay * 2, 5.0)
 
-    def write_one_by_one(self, batch: list[tuple[Message, dict[str, Any]]]) -> None:
+    def write_one_by_one(self, batch: list[tuple[Message, Risk]]) -> None:
         # A record Redis rejects (not an outage) must not block the partition forever: dead-letter it.
         for msg, rec in batch:
             try:

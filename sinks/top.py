@@ -16,7 +16,7 @@ import redis
 
 from gpuwatch.config import Settings
 
-from . import redis_keys as k
+from ..schemas import redis_keys as k
 from .risk_client import RiskClient
 
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen

@@ -35,6 +35,8 @@ from gpuwatch.kafka import (
     read_partitions_to_end,
 )
 from gpuwatch.memory import return_big_buffers_to_the_os, spare_startup_heap_from_gc
+from gpuwatch.schemas.codecs import encode_stats_line
+from gpuwatch.schemas.records import StreamStats
 from gpuwatch.streams.faust_runtime import WorkerApp, cap_fetch_wait
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor, chosen_for_other_settings
@@ -271,24 +273,27 @@ class StreamTotals:
         self.deadletters += len(result.deadletters)
         self.batches += 1
 
-    def report(self, processor: RiskProcessor) -> None:
-        line = {
-            "samples": self.samples,
-            "rejected_samples": self.rejected,
-            "scored": self.scored,
-            "deadletters": self.deadletters,
-            "batches": self.batches,
-            "partitions": self.partitions,
-            "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
-            "refreshed": self.refreshed,
-            "restored_gpus": self.restored_gpus,
-            "checkpointed": self.checkpointed,
-            "uptime_s": round(time.time() - self.started, 1),
-            "first_batch_at": self.first_batch_at,
-            "last_batch_at": self.last_batch_at,
+    def stats(self, processor: RiskProcessor) -> StreamStats:
+        """The counts as a `gpuwatch.stats/1` record."""
+        return StreamStats(
+            samples=self.samples,
+            rejected_samples=self.rejected,
+            scored=self.scored,
+            deadletters=self.deadletters,
+            batches=self.batches,
+            partitions=self.partitions,
+            offsets={str(p): o for p, o in sorted(self.offsets.items())},
+            refreshed=self.refreshed,
+            restored_gpus=self.restored_gpus,
+            checkpointed=self.checkpointed,
+            uptime_s=round(time.time() - self.started, 1),
+            first_batch_at=self.first_batch_at,
+            last_batch_at=self.last_batch_at,
             **processor.stats(),
-        }
-        print("STATS " + orjson.dumps(line).decode(), flush=True)
+        )
+
+    def report(self, processor: RiskProcessor) -> None:
+        print(encode_stats_line(self.stats(processor)), flush=True)
 
 
 def export_batch_metrics(result: BatchResult, messages: int, seconds: float) -> None:

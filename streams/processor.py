@@ -15,8 +15,9 @@ import numpy as np
 import orjson
 
 from gpuwatch.config import Settings
-from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, make_deadletter
-from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES, RISK_SCHEMA
+from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, encode_risk, make_deadletter
+from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES
+from gpuwatch.schemas.records import Risk
 from gpuwatch.streams.model import ModelArtifact, Scorer
 from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
@@ -292,17 +293,16 @@ class RiskProcessor:
             host = hosts[sl]
             if is_failed:
                 mode_name = _MODES[_MEMORY] if store.failed_memory[sl] else "none"
-                rec = {"schema": RISK_SCHEMA, "host": host, "gpu_index": idx_l[i], "uuid": uuids[sl], "ts": ts_l[i],
-                       "risk": 1.0, "horizon_s": horizon, "mode": mode_name, "model": model, "scored_at": scored_at,
-                       "op": op, "alarm": False, "drain": False, "failed": True,
-                       "failed_since": float(store.failed_since[sl]), "history_s": hist_l[i]}  # fmt: skip
+                rec = Risk(host=host, gpu_index=idx_l[i], uuid=uuids[sl], ts=ts_l[i], risk=1.0, horizon_s=horizon,
+                           mode=mode_name, model=model, scored_at=scored_at, op=op, failed=True,
+                           failed_since=float(store.failed_since[sl]), history_s=hist_l[i])  # fmt: skip
             else:
                 j = live_at[i]
-                rec = {"schema": RISK_SCHEMA, "host": host, "gpu_index": idx_l[i], "uuid": uuids[sl], "ts": ts_l[i],
-                       "risk": risk_l[j], "horizon_s": horizon, "mode": _MODES[mode_l[j]], "model": model,
-                       "scored_at": scored_at, "op": op, "score": score_l[j], "alarm": alarm_l[j],
-                       "drain": drain_l[j], "failed": False, "history_s": hist_l[i]}  # fmt: skip
-            out.append((host.encode(), orjson.dumps(rec)))
+                rec = Risk(host=host, gpu_index=idx_l[i], uuid=uuids[sl], ts=ts_l[i], risk=risk_l[j], horizon_s=horizon,
+                           mode=_MODES[mode_l[j]], model=model, scored_at=scored_at, op=op, score=score_l[j],
+                           alarm=alarm_l[j], drain=drain_l[j], history_s=hist_l[i])  # fmt: skip
+            # Not validated per record (the hot path): the values come from decoded samples and the model.
+            out.append((host.encode(), encode_risk(rec, validate=False)))
 
     @staticmethod
     def _run(

@@ -13,12 +13,12 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError, Message
 
-from gpuwatch.bench.reliability import StatsFollower, claimed_gpus, committed_offsets, end_offsets
+from gpuwatch.bench.reliability import claimed_gpus, committed_offsets, end_offsets
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer, partition_count, read_partitions_to_end
-from gpuwatch.processes import start_stream_worker
+from gpuwatch.processes import StatsFollower, start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
-from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter
+from gpuwatch.schemas.codecs import decode_deadletter
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +55,7 @@ def test_every_gpu_sample_is_scored_or_dead_lettered_at_1024_gpus(settings: Sett
     ensure_topics(settings, [settings.topic_samples, settings.topic_risk, settings.topic_deadletter])
     worker = start_stream_worker(settings, "accounting-worker", stats_interval_s=0.5)
     stats = StatsFollower(worker)
-    stats.wait(lambda s: s["partitions"] == 4, 120, "the worker's partitions")
+    stats.wait(lambda s: s.partitions == 4, 120, "the worker's partitions")
 
     sim = FleetSimulator(FleetConfig(hosts=HOSTS, seed=31, start_ts=time.time() - STEPS - 30))
     producer = make_producer(settings, **{"linger.ms": 20})
@@ -96,7 +96,7 @@ def test_every_gpu_sample_is_scored_or_dead_lettered_at_1024_gpus(settings: Sett
         def drained() -> bool:
             ends = end_offsets(settings, settings.topic_samples, 4)
             done = committed_offsets(settings, settings.stream_app_id, settings.topic_samples, 4)
-            seen = {int(p): o for p, o in stats.latest.get("offsets", {}).items()}
+            seen = {int(p): o for p, o in stats.latest.offsets.items()}
             return all(done[p] >= e and seen.get(p, 0) >= e for p, e in ends.items())
 
         deadline = time.monotonic() + 240
@@ -104,7 +104,7 @@ def test_every_gpu_sample_is_scored_or_dead_lettered_at_1024_gpus(settings: Sett
             assert time.monotonic() < deadline, f"the worker did not finish; stats {stats.latest}"
             assert worker.alive(), worker.log_tail(30)
             time.sleep(1.0)
-        counts = dict(stats.latest)
+        counts = stats.latest
         n = partition_count(settings, settings.topic_deadletter)
         letters = [decode_deadletter(v) for _, v in read_partitions_to_end(settings, settings.topic_deadletter,
                                                                            list(range(n)))]  # fmt: skip
@@ -112,25 +112,25 @@ def test_every_gpu_sample_is_scored_or_dead_lettered_at_1024_gpus(settings: Sett
         worker.stop()
 
     # The dead-letter side: one letter per bad snapshot, each with a reason and the original bytes.
-    assert len(letters) == counts["deadletters"] == len(injected)
+    assert len(letters) == counts.deadletters == len(injected)
     by_kind: dict[str, int] = {}
     undecodable = rejected = 0
     for letter in letters:
-        original = deadletter_original(letter)
+        original = letter.original
         kind = injected[original]
         by_kind[kind] = by_kind.get(kind, 0) + 1
-        assert letter["error"] and letter["stage"] == "stream"
-        if "duplicate or out of order" in letter["error"]:
+        assert letter.error and letter.stage == "stream"
+        if "duplicate or out of order" in letter.error:
             assert kind == "resent"
-            rejected += len(letter["error"].split("GPU(s) ", 1)[1].split(" already")[0].split(","))
+            rejected += len(letter.error.split("GPU(s) ", 1)[1].split(" already")[0].split(","))
         else:
             undecodable += claimed_gpus(original)
     assert by_kind == dict.fromkeys(KINDS, STEPS // 20)
 
     # Both ends agree: produced = scored + dead-lettered, none unaccounted.
-    scored = counts["samples"]
-    dead_lettered = undecodable + counts["rejected_samples"]
-    assert counts["rejected_samples"] == rejected == acked["resent"]
+    scored = counts.samples
+    dead_lettered = undecodable + counts.rejected_samples
+    assert counts.rejected_samples == rejected == acked["resent"]
     assert scored == acked["good"]  # every good GPU-sample went into its window
     unaccounted = produced - (scored + dead_lettered)
     assert unaccounted == 0, (produced, scored, dead_lettered)

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -26,7 +26,16 @@ from gpuwatch.config import Settings
 from gpuwatch.controller.worker import run_controller
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.producers.commands import CheckpointHandler, CommandListener, Handled
-from gpuwatch.schemas.codecs import encode_remediation, remediation_id
+from gpuwatch.schemas.codecs import (
+    decode_command,
+    decode_command_ack,
+    encode_command_ack,
+    encode_remediation,
+    remediation_id,
+)
+from gpuwatch.schemas.fields import COMMAND_ACK_SCHEMA
+from gpuwatch.schemas.records import Command, CommandAck, Remediation
+from gpuwatch.schemas.records import Outcome as OutcomeRecord
 from gpuwatch.signing import MemoryNonceStore, sign
 
 HOST = "node-0003"
@@ -88,15 +97,15 @@ class Acks:
         self.consumer.assign(
             [TopicPartition(settings.topic_outcomes, p, OFFSET_BEGINNING) for p in range(settings.partitions)]
         )
-        self.seen: list[dict[str, Any]] = []
+        self.seen: list[CommandAck] = []
+        self.raw: list[bytes] = []
 
-    def wait(self, n: int) -> list[dict[str, Any]]:
+    def wait(self, n: int) -> list[CommandAck]:
         def more() -> bool:
             for msg in self.consumer.consume(100, 0.2):
-                if msg.error() is None:
-                    rec = orjson.loads(msg.value())
-                    if rec.get("schema") == "gpuwatch.command_ack/1":
-                        self.seen.append(rec)
+                if msg.error() is None and orjson.loads(msg.value())["schema"] == COMMAND_ACK_SCHEMA:
+                    self.seen.append(decode_command_ack(msg.value()))  # the outcomes topic holds outcomes too
+                    self.raw.append(msg.value())
             return len(self.seen) >= n
 
         wait_for(more, 30, f"{n} command acks")
@@ -124,11 +133,11 @@ def read_commands(settings: Settings) -> list[tuple[bytes, bytes]]:
 class Counting:
     """Wraps a handler and counts how often it runs."""
 
-    def __init__(self, inner: Callable[[dict[str, Any]], Handled]) -> None:
+    def __init__(self, inner: Callable[[Command], Handled]) -> None:
         self.inner = inner
-        self.commands: list[dict[str, Any]] = []
+        self.commands: list[Command] = []
 
-    def __call__(self, command: dict[str, Any]) -> Handled:
+    def __call__(self, command: Command) -> Handled:
         self.commands.append(command)
         return self.inner(command)
 
@@ -158,7 +167,7 @@ def test_a_signed_checkpoint_reaches_the_job_once_and_forgeries_and_replays_are_
         seen_nonce_store=MemoryNonceStore(),
         handler=handler,
     )
-    outcomes: list[dict[str, Any]] = []
+    outcomes: list[OutcomeRecord] = []
     stop = threading.Event()
     threads = [
         threading.Thread(target=listener.run, args=(stop,), kwargs={"poll_timeout_s": 0.1}, daemon=True),
@@ -175,29 +184,32 @@ def test_a_signed_checkpoint_reaches_the_job_once_and_forgeries_and_replays_are_
     producer = make_producer(settings)
     try:
         # the controller turns a checkpoint remediation into a signed command for the agent on HOST
-        event = {
-            "id": remediation_id(HOST, 5, UUID, "checkpoint", 1_750_000_000.0),
-            "host": HOST,
-            "gpu_index": 5,
-            "uuid": UUID,
-            "action": "checkpoint",
-            "reason": "risk 0.91 >= 0.85 for 300 s",
-            "risk": 0.91,
-            "ts": 1_750_000_300.0,
-        }
+        event = Remediation(
+            id=remediation_id(HOST, 5, UUID, "checkpoint", 1_750_000_000.0),
+            host=HOST,
+            gpu_index=5,
+            uuid=UUID,
+            action="checkpoint",
+            reason="risk 0.91 >= 0.85 for 300 s",
+            risk=0.91,
+            ts=1_750_000_300.0,
+        )
         producer.produce(settings.topic_remediation, encode_remediation(event), key=HOST)
         producer.flush(10)
         [accepted] = acks.wait(1)
-        assert (accepted["accepted"], accepted["ok"], accepted["id"]) == (True, True, event["id"])
-        assert accepted["pids"] == [proc.pid] and accepted["gpu_index"] == 5
+        assert (accepted.accepted, accepted.ok, accepted.id) == (True, True, event.id)
+        assert accepted.pids == [proc.pid] and accepted.gpu_index == 5
         wait_for(lambda: signals(out) == 1, 10, "the job to get SIGUSR1")
         [outcome] = wait_for(lambda: outcomes)
-        assert outcome["executor"] == "slurm+agent-command" and outcome["ok"] and not outcome["dry_run"]
+        assert outcome.executor == "slurm+agent-command" and outcome.ok and not outcome.dry_run
 
         [(key, original)] = read_commands(settings)
         assert key == HOST.encode()
         signed = orjson.loads(original)
-        assert signed["nonce"] == accepted["nonce"] and KEY not in original.decode()
+        assert (
+            decode_command(original).nonce == signed["nonce"] == accepted.nonce
+            and KEY not in original.decode()
+        )
 
         now = time.time()
         base = {k: v for k, v in signed.items() if k not in ("sig", "nonce", "issued_at", "expires_at")}
@@ -221,13 +233,13 @@ def test_a_signed_checkpoint_reaches_the_job_once_and_forgeries_and_replays_are_
 
         seen = acks.wait(1 + len(bad) + 2)
         refused = seen[1 : 1 + len(bad) + 1]
-        assert [(a["accepted"], a["reason"]) for a in refused] == [(False, r) for r, _ in bad] + [
+        assert [(a.accepted, a.reason) for a in refused] == [(False, r) for r, _ in bad] + [
             (False, "malformed")
         ]
-        assert all(a["host"] == HOST and not a["ok"] and a["pids"] == [] for a in refused)
+        assert all(a.host == HOST and not a.ok and a.pids == [] for a in refused)
         last = seen[-1]
-        assert (last["id"], last["accepted"], last["ok"], last["pids"]) == ("rotated-1", True, True, [])
-        assert "no compute processes on GPU 6" in last["detail"]
+        assert (last.id, last.accepted, last.ok, last.pids) == ("rotated-1", True, True, [])
+        assert "no compute processes on GPU 6" in last.detail
         assert len(handler.commands) == 2 and signals(out) == 1  # the job was signalled exactly once
         assert proc.poll() is None
     finally:
@@ -239,14 +251,31 @@ def test_a_signed_checkpoint_reaches_the_job_once_and_forgeries_and_replays_are_
     for reason, _ in bad:
         assert f"refused: {reason}" in caplog.text
     assert KEY not in caplog.text and OLD_KEY not in caplog.text
-    assert all(KEY not in orjson.dumps(a).decode() for a in acks.seen)
+    assert all(KEY.encode() not in raw for raw in acks.raw)
+
+
+def command(rid: str, gpu: int, uuid: str) -> Command:
+    """A command as the listener hands it to its handler (verified already)."""
+    return Command(
+        id=rid,
+        host=HOST,
+        gpu_index=gpu,
+        uuid=uuid,
+        action="checkpoint",
+        reason="test",
+        risk=0.9,
+        nonce="0" * 32,
+        issued_at=1.0,
+        expires_at=2.0,
+        sig="0" * 64,
+    )
 
 
 def test_checkpoint_handler_checks_the_gpu_uuid_and_can_run_a_hook(tmp_path: Path) -> None:
     nvml = FakeNvml({0: ("GPU-new", [4242, 17])})
-    refused = CheckpointHandler(nvml, host=HOST)({"id": "x", "gpu_index": 0, "uuid": "GPU-old"})
+    refused = CheckpointHandler(nvml, host=HOST)(command("x", 0, "GPU-old"))
     assert not refused.ok and "GPU 0 is GPU-new, the command names GPU-old" in refused.detail
-    missing = CheckpointHandler(nvml, host=HOST)({"id": "x", "gpu_index": 3, "uuid": ""})
+    missing = CheckpointHandler(nvml, host=HOST)(command("x", 3, ""))
     assert not missing.ok and "no GPU 3" in missing.detail
 
     log = tmp_path / "hook.txt"
@@ -254,7 +283,7 @@ def test_checkpoint_handler_checks_the_gpu_uuid_and_can_run_a_hook(tmp_path: Pat
     hook.write_text(f'#!/bin/sh\necho "$@" > {log}\n')
     hook.chmod(0o755)
     handler = CheckpointHandler(nvml, host=HOST, hook=f"{hook} --gpu {{gpu_index}} --pids {{pids}} {{id}}")
-    done = handler({"id": "abc123", "gpu_index": 0, "uuid": "GPU-new"})
+    done = handler(command("abc123", 0, "GPU-new"))
     assert done.ok and done.pids == (17, 4242)
     assert log.read_text().split() == ["--gpu", "0", "--pids", "17,4242", "abc123"]
 
@@ -263,7 +292,7 @@ def test_signal_to_a_process_that_is_gone_is_a_failed_ack() -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     done = CheckpointHandler(FakeNvml({0: ("GPU-a", [dead.pid])}), host=HOST, signal_name="SIGUSR2")(
-        {"id": "x", "gpu_index": 0, "uuid": "GPU-a"}
+        command("x", 0, "GPU-a")
     )
     assert not done.ok and f"{dead.pid} gone" in done.detail and "SIGUSR2" in done.detail
 
@@ -285,3 +314,22 @@ def test_listener_from_settings_needs_a_key_and_uses_the_nonce_file(
     assert os.fspath(listener.nonces.path) == str(tmp_path / "n.json")
     # a message for another host is not even parsed
     assert listener.process(b"node-0007", b"garbage") is None
+
+
+def test_a_signed_command_that_breaks_its_contract_is_refused_as_malformed_with_the_reason() -> None:
+    """Authentic but not a `gpuwatch.command/1` (a newer controller, a bug): refused, and the ack says which field;
+    the ack itself honours its contract, echoing only what it could read."""
+    listener = CommandListener(Settings(), HOST, keys=[KEY.encode()], seen_nonce_store=MemoryNonceStore(),
+                               handler=lambda c: Handled(True, "ran"), clock=lambda: 1_750_000_000.0)  # fmt: skip
+    base = msgspec.to_builtins(command("x", 5, UUID))
+    base = {k: v for k, v in base.items() if k not in ("nonce", "issued_at", "expires_at", "sig")}
+    for field, value, reason in [
+        ("gpu_index", "5", 'gpu_index: expected integer, got string "5"'),
+        ("schema", "gpuwatch.command/2", "schema: unsupported version"),
+        ("action", "format", "action: expected one of checkpoint, migrate"),
+    ]:
+        signed = sign({**base, field: value}, KEY, now=1_750_000_000.0)
+        ack = listener.process(HOST, orjson.dumps(signed))
+        assert ack is not None and (ack.accepted, ack.reason) == (False, "malformed") and reason in ack.detail
+        assert decode_command_ack(encode_command_ack(ack)) == ack
+        assert ack.gpu_index == (None if field == "gpu_index" else 5) and ack.nonce == signed["nonce"]

@@ -23,6 +23,7 @@ from gpuwatch.producers.simulator import simulate_to_dir
 from gpuwatch.schemas import codecs
 from gpuwatch.schemas import fields as F
 from gpuwatch.schemas.codecs import decode_snapshot, encode_snapshot
+from gpuwatch.schemas.records import Outcome as OutcomeRecord
 from gpuwatch.streams.window import WindowConfig, WindowStore
 from gpuwatch.training.dataset import Failures, build_sequences
 from gpuwatch.training.recording import open_recording
@@ -279,19 +280,16 @@ def test_an_fsspec_location_holds_an_archive_too() -> None:
     assert decode_snapshot(raw).uuids == ["GPU-0", "GPU-1"]
 
 
-def test_record_columns_are_the_codecs_fields() -> None:
+def test_record_columns_are_the_records_fields() -> None:
     from gpuwatch.controller.executors import Outcome
     from gpuwatch.controller.worker import outcome_record
+    from gpuwatch.schemas.records import Remediation, Risk, columns
 
-    names = lambda checks: {n for n, _ in checks}  # noqa: E731
-    assert names(F.RISK_FIELDS) == names(codecs._RISK) and names(F.RISK_OPTIONAL_FIELDS) == names(
-        codecs._RISK_OPTIONAL
-    )
-    assert names(F.REMEDIATION_FIELDS) == names(codecs._REMEDIATION)
-    event = {"id": "x", "host": "h", "gpu_index": 0, "uuid": "u", "action": "repair", "risk": 1.0, "ts": T0}
+    for name, cls in (("risk", Risk), ("remediation", Remediation), ("outcome", OutcomeRecord)):
+        assert {n for n, _ in columns(cls)} == set(codecs.load_schema(name)["properties"]) - {"schema"}
+    event = Remediation(id="x", host="h", gpu_index=0, uuid="u", action="repair", reason="", risk=1.0, ts=T0)
     rec = outcome_record(event, "dry-run", Outcome(ok=True, detail="d", dry_run=True), T0, 0.1)
-    assert set(rec) - {"schema"} == names(F.OUTCOME_FIELDS) == names(codecs._OUTCOME)
-    assert codecs.decode_outcome(orjson.dumps(rec)) == rec
+    assert codecs.decode_outcome(codecs.encode_outcome(rec)) == rec
 
 
 # ---------------------------------------------------------------- what score, eval and train read

@@ -20,7 +20,8 @@ from gpuwatch.archive.reader import ArchiveReader
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
-from gpuwatch.schemas.codecs import encode_remediation, encode_risk, remediation_id
+from gpuwatch.schemas.codecs import encode_remediation, remediation_id
+from gpuwatch.schemas.records import Remediation
 
 GPUS = 8
 
@@ -107,8 +108,9 @@ def _publish_batch(pub: _Published, settings: Settings, sim: FleetSimulator, ste
                 "duration_s": 0.01,
             }
             del outcome["reason"], outcome["ts"]
-            pub.send(settings.topic_risk, b"node-0000", encode_risk(risk))
-            pub.send(settings.topic_remediation, b"node-0000", encode_remediation(event))
+            # a newer stream worker's record, with a field this version does not know: the archive keeps it
+            pub.send(settings.topic_risk, b"node-0000", orjson.dumps({"schema": "gpuwatch.risk/1", **risk}))
+            pub.send(settings.topic_remediation, b"node-0000", encode_remediation(Remediation(**event)))
             pub.send(settings.topic_outcomes, b"node-0000", orjson.dumps(outcome))
     pub.send(
         settings.topic_samples, b"node-0000", b'{"schema": "gpuwatch.samples/1", "host": 3}'

@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from gpuwatch.embedded import EmbeddedServer
-from gpuwatch.sinks import redis_keys as k
+from gpuwatch.schemas import redis_keys as k
 
 
 def gpuwatch(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,8 @@ import copy
 import json
 
 import jsonschema
+import msgspec
+import msgspec.inspect
 import numpy as np
 import orjson
 import pytest
@@ -15,17 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpuwatch.schemas import codecs
-from gpuwatch.schemas.bench import bench_decode, example_snapshot
+from gpuwatch.schemas.bench import bench_codecs, bench_decode, example_snapshot
 from gpuwatch.schemas.codecs import DecodeError, EncodeError, decode_snapshot, decode_snapshot_dict
 from gpuwatch.schemas.fields import (
     ACTIONS,
     ALL_FLAGS,
     ALL_NUMERIC,
     OPTIONAL_GAUGES,
-    REMEDIATION_SCHEMA,
     RISK_SCHEMA,
     SAMPLES_SCHEMA,
 )
+from gpuwatch.schemas.records import Remediation, Risk, Source, StreamStats
 
 SAMPLES = jsonschema.Draft202012Validator(codecs.load_schema("samples"))
 TS = 1_700_000_000.0
@@ -412,23 +414,34 @@ def test_encode_snapshot_rejects_invalid() -> None:
         codecs.encode_snapshot({**snap(1), "x": object()})
 
 
-RISK = {"schema": RISK_SCHEMA, "host": "node-0001", "gpu_index": 3, "uuid": "GPU-1", "ts": TS, "risk": 0.83,
-        "horizon_s": 3600.0, "mode": "memory", "model": "gbdt-1", "scored_at": TS + 0.5}
-REMEDIATION = {"schema": REMEDIATION_SCHEMA, "id": "abc", "host": "node-0001", "gpu_index": 3, "uuid": "GPU-1",
-               "action": "checkpoint", "reason": "risk 0.83", "risk": 0.83, "ts": TS}
+RISK = Risk(host="node-0001", gpu_index=3, uuid="GPU-1", ts=TS, risk=0.83, horizon_s=3600.0, mode="memory",
+            model="gbdt-1", scored_at=TS + 0.5)
+REMEDIATION = Remediation(id="abc", host="node-0001", gpu_index=3, uuid="GPU-1", action="checkpoint",
+                          reason="risk 0.83", risk=0.83, ts=TS)
 
 
-@pytest.mark.parametrize("contract, rec, encode, decode", [
-    ("risk", RISK, codecs.encode_risk, codecs.decode_risk),
-    ("remediation", REMEDIATION, codecs.encode_remediation, codecs.decode_remediation),
-])
-def test_record_round_trip(contract: str, rec: dict, encode, decode) -> None:
+@pytest.mark.parametrize("contract, rec", [("risk", RISK), ("remediation", REMEDIATION)])
+def test_record_round_trip(contract: str, rec: msgspec.Struct) -> None:
+    encode, decode = getattr(codecs, f"encode_{contract}"), getattr(codecs, f"decode_{contract}")
     validator = jsonschema.Draft202012Validator(codecs.load_schema(contract))
-    raw = encode({**rec, "future_field": [1, {"a": None}]})
-    assert decode(raw) == {**rec, "future_field": [1, {"a": None}]}
+    raw = encode(rec)
+    assert decode(raw) == rec and raw.startswith(b'{"schema":"gpuwatch.')  # the tag first: the fast path reads it
     validator.validate(orjson.loads(raw))
-    assert decode(encode({k: v for k, v in rec.items() if k != "schema"})) == rec  # tag added
-    assert decode(encode({**rec, "risk": np.float32(0.5), "gpu_index": np.int64(3)}))["risk"] == 0.5
+    assert decode(orjson.dumps({**orjson.loads(raw), "future_field": [1, {"a": None}]})) == rec  # unknown: ignored
+    assert decode(orjson.dumps({"future_field": 1, **orjson.loads(raw)})) == rec  # the tag elsewhere: slow path
+    assert decode(encode(msgspec.structs.replace(rec, risk=np.float32(0.5), gpu_index=np.int64(3)))).risk == 0.5
+
+
+def test_optional_risk_fields_read_as_their_defaults() -> None:
+    """A record of an older stream worker (no alarm, drain, failed, op, score) reads with the documented defaults."""
+    rec = codecs.decode_risk(orjson.dumps({"schema": RISK_SCHEMA, **{k: v for k, v in msgspec.to_builtins(RISK).items()
+                                                                      if k in REQUIRED_RISK}}))
+    assert (rec.alarm, rec.drain, rec.failed, rec.op) == (False, False, False, "")
+    assert rec.score is msgspec.UNSET and rec.failed_since is msgspec.UNSET
+    assert b'"score"' not in codecs.encode_risk(rec)  # absent stays absent
+
+
+REQUIRED_RISK = {f.encode_name for f in msgspec.inspect.type_info(Risk).fields if f.required}
 
 
 @pytest.mark.parametrize("contract, rec, field, value, kind, reason", [
@@ -440,24 +453,35 @@ def test_record_round_trip(contract: str, rec: dict, encode, decode) -> None:
     ("risk", RISK, "gpu_index", True, "type", "gpu_index: expected integer, got boolean true"),
     ("risk", RISK, "schema", "gpuwatch.risk/2", "version", "unsupported version"),
     ("risk", RISK, "scored_at", _DEL, "missing", "scored_at: missing required field"),
+    ("risk", RISK, "schema", _DEL, "missing", "schema: missing required field"),
     ("remediation", REMEDIATION, "action", "format", "range", "action: expected one of " + ", ".join(ACTIONS)),
     ("remediation", REMEDIATION, "id", "", "range", "id: must be 1..128 characters long"),
     ("remediation", REMEDIATION, "risk", -0.1, "range", "risk: must be >= 0"),
     ("remediation", REMEDIATION, "reason", None, "type", "reason: expected string, got null"),
 ])
-def test_invalid_records(contract: str, rec: dict, field: str, value, kind: str, reason: str) -> None:
-    bad = {k: v for k, v in rec.items() if k != field}
+def test_invalid_records(contract: str, rec: msgspec.Struct, field: str, value, kind: str, reason: str) -> None:
+    """A record a reader would reject is refused by the encoder and by the decoder, with a reason naming the
+    field, and by the schema file."""
+    if field != "schema" and value is not _DEL:  # a struct always carries its tag and every required field
+        with pytest.raises(EncodeError) as err:
+            getattr(codecs, f"encode_{contract}")(msgspec.structs.replace(rec, **{field: value}))
+        assert reason in err.value.reason and err.value.kind == kind, err.value.reason
+    bad = {k: v for k, v in {"schema": rec.__struct_config__.tag, **msgspec.to_builtins(rec)}.items() if k != field}
     if value is not _DEL:
         bad[field] = value
-    encode = getattr(codecs, f"encode_{contract}")
-    decode = getattr(codecs, f"decode_{contract}")
-    with pytest.raises(EncodeError) as err:
-        encode(bad)
-    assert reason in err.value.reason and err.value.kind == kind, err.value.reason
     raw = orjson.dumps(bad)
-    with pytest.raises(DecodeError):
-        decode(raw)
+    with pytest.raises(DecodeError) as derr:
+        getattr(codecs, f"decode_{contract}")(raw)
+    assert reason.partition(" (NaN")[0] in derr.value.reason and derr.value.kind == kind, derr.value.reason
+    assert derr.value.path == field
     assert not jsonschema.Draft202012Validator(codecs.load_schema(contract)).is_valid(json.loads(raw))
+
+
+def test_encoders_take_only_their_record() -> None:
+    with pytest.raises(EncodeError, match="expected Risk, got dict"):
+        codecs.encode_risk(msgspec.to_builtins(RISK))  # type: ignore[arg-type]
+    with pytest.raises(EncodeError, match="expected Remediation, got Risk"):
+        codecs.encode_remediation(RISK)  # type: ignore[arg-type]
 
 
 def test_remediation_id_is_deterministic() -> None:
@@ -479,22 +503,23 @@ def test_deadletter_keeps_original_bytes(original: bytes | None) -> None:
                                  topic="gpuwatch.samples", partition=2, offset=18231, stage="stream-worker")
     rec = codecs.decode_deadletter(raw)
     jsonschema.Draft202012Validator(codecs.load_schema("deadletter")).validate(orjson.loads(raw))
-    assert codecs.deadletter_original(rec) == (original or b"")
-    assert rec["source"] == {"topic": "gpuwatch.samples", "partition": 2, "offset": 18231}
-    assert rec["stage"] == "stream-worker" and rec["error"].startswith("gpus[3].temp_c")
-    assert rec["original_size"] == len(original or b"") and rec["original_truncated"] is False
+    assert rec.original == (original or b"")
+    assert rec.source == Source(topic="gpuwatch.samples", partition=2, offset=18231)
+    assert rec.stage == "stream-worker" and rec.error.startswith("gpus[3].temp_c")
+    assert rec.original_size == len(original or b"") and rec.original_truncated is False
 
 
 def test_deadletter_truncates_huge_originals() -> None:
     rec = codecs.decode_deadletter(codecs.make_deadletter(b"x" * 2_000_000, "too big", topic="t", partition=0,
                                                           offset=1, stage="s", failed_at=TS))
-    assert rec["original_truncated"] is True and rec["original_size"] == 2_000_000 and rec["failed_at"] == TS
-    assert codecs.deadletter_original(rec) == b"x" * codecs.MAX_DEADLETTER_ORIGINAL
+    assert rec.original_truncated is True and rec.original_size == 2_000_000 and rec.failed_at == TS
+    assert rec.original == b"x" * codecs.MAX_DEADLETTER_ORIGINAL
 
 
 def test_deadletter_decode_validates() -> None:
     good = orjson.loads(codecs.make_deadletter(b"x", "e", topic="t", partition=0, offset=1, stage="s"))
     for field, value, reason in [("original_b64", "***", "original_b64: not valid base64"),
+                                 ("original_b64", "\x80", "original_b64: not valid base64"),  # not ASCII
                                  ("source", {"topic": "t", "partition": 0}, "source.offset: missing required field"),
                                  ("stage", "", "stage: must be at least 1 characters long")]:
         with pytest.raises(DecodeError, match=reason.replace(".", r"\.")):
@@ -521,5 +546,22 @@ def test_deadletter_never_fails_on_odd_input() -> None:
     raw = codecs.make_deadletter(memoryview(b"\x00\xff"), "bad \ud800 text", topic="t\udcff", partition=-1,
                                  offset=-1, stage="offline-replay")
     rec = codecs.decode_deadletter(raw)
-    assert rec["error"] == "bad ? text" and rec["source"]["topic"] == "t?"
-    assert codecs.deadletter_original(rec) == b"\x00\xff"
+    assert rec.error == "bad ? text" and rec.source.topic == "t?"
+    assert rec.original == b"\x00\xff"
+
+
+def test_stats_lines_are_read_by_their_contract() -> None:
+    stats = StreamStats(samples=80, rejected_samples=8, scored=16, deadletters=1, batches=2, partitions=4,
+                        offsets={"0": 10}, refreshed=0, restored_gpus=0, checkpointed=0, uptime_s=1.5,
+                        first_batch_at=TS, last_batch_at=TS + 1, gpus_tracked=16, state_bytes_per_gpu=1024)
+    line = codecs.encode_stats_line(stats)
+    assert line.startswith('STATS {"schema":"gpuwatch.stats/1",') and "\n" not in line
+    assert codecs.decode_stats_line(line + "\n") == stats == codecs.decode_stats_line(b"\x1b[?25l" + line.encode())
+    assert codecs.decode_stats_line(b"[2026-01-01 12:00:00] faust: starting\n") is None  # any other line
+    with pytest.raises(DecodeError, match="samples: must be between 0 and"):
+        codecs.decode_stats_line(line.replace('"samples":80', '"samples":-1'))
+
+
+def test_bench_codecs_reports_every_hot_path() -> None:
+    figures = bench_codecs(records=200, snapshots=20, repeat=1)
+    assert all(figures[k] > 0 for k in figures if k.endswith("_us_per_record") or k.endswith("_us_per_gpu_sample"))

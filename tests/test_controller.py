@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 import redis
@@ -21,26 +22,20 @@ from gpuwatch.controller.executors import Executor, Outcome, make_executor
 from gpuwatch.controller.executors.dry_run import DryRunExecutor
 from gpuwatch.controller.worker import run_controller
 from gpuwatch.kafka import ensure_topics, make_producer
-from gpuwatch.schemas.codecs import decode_deadletter, encode_remediation, remediation_id
-from gpuwatch.sinks import redis_keys as k
+from gpuwatch.schemas import redis_keys as k
+from gpuwatch.schemas.codecs import decode_deadletter, decode_outcome, encode_remediation, remediation_id
+from gpuwatch.schemas.fields import Action
+from gpuwatch.schemas.records import Outcome as OutcomeRecord
+from gpuwatch.schemas.records import Remediation
 from gpuwatch.sinks.policy import set_killswitch
 
 
 def event(
-    action: str = "migrate", host: str = "node-0003", gpu: int = 5, episode_ts: float = 1_750_000_000.0
-) -> dict:
+    action: Action = "migrate", host: str = "node-0003", gpu: int = 5, episode_ts: float = 1_750_000_000.0
+) -> Remediation:
     uuid = f"GPU-{host}-{gpu}"
-    return {
-        "schema": "gpuwatch.remediation/1",
-        "id": remediation_id(host, gpu, uuid, action, episode_ts),
-        "host": host,
-        "gpu_index": gpu,
-        "uuid": uuid,
-        "action": action,
-        "reason": "risk 0.97 >= 0.85, mode memory",
-        "risk": 0.97,
-        "ts": episode_ts + 360,
-    }
+    return Remediation(id=remediation_id(host, gpu, uuid, action, episode_ts), host=host, gpu_index=gpu, uuid=uuid,
+                       action=action, reason="risk 0.97 >= 0.85, mode memory", risk=0.97, ts=episode_ts + 360)
 
 
 class Recording:
@@ -49,13 +44,13 @@ class Recording:
     name = "recording"
 
     def __init__(self) -> None:
-        self.calls: list[dict] = []
+        self.calls: list[Remediation] = []
 
-    def execute(self, ev: dict[str, Any]) -> Outcome:
+    def execute(self, ev: Remediation) -> Outcome:
         self.calls.append(ev)
-        if ev["action"] == "reboot":
+        if ev.action == "reboot":
             raise RuntimeError("BMC unreachable")
-        return Outcome(ok=True, detail=f"did {ev['action']}")
+        return Outcome(ok=True, detail=f"did {ev.action}")
 
 
 def read_topic(settings: Settings, topic: str, n: int) -> list[Any]:
@@ -72,11 +67,11 @@ def read_topic(settings: Settings, topic: str, n: int) -> list[Any]:
 
 
 @pytest.fixture()
-def controller(settings: Settings) -> Iterator[tuple[Settings, Recording, list[dict]]]:
+def controller(settings: Settings) -> Iterator[tuple[Settings, Recording, list[OutcomeRecord]]]:
     settings = settings.replace(topic_outcomes=settings.topic_remediation + ".outcomes")
     ensure_topics(settings, [settings.topic_remediation, settings.topic_outcomes, settings.topic_deadletter])
     executor = Recording()
-    outcomes: list[dict] = []
+    outcomes: list[OutcomeRecord] = []
     stop = threading.Event()
     thread = threading.Thread(
         target=run_controller,
@@ -92,98 +87,99 @@ def controller(settings: Settings) -> Iterator[tuple[Settings, Recording, list[d
 
 
 def test_an_event_delivered_twice_executes_once(
-    controller: tuple[Settings, Recording, list[dict]], redis_client: redis.Redis
+    controller: tuple[Settings, Recording, list[OutcomeRecord]], redis_client: redis.Redis
 ) -> None:
     settings, executor, outcomes = controller
     producer = make_producer(settings)
     ev, other = event(), event("checkpoint", gpu=2)
     for e in (ev, ev, other, ev):
-        producer.produce(settings.topic_remediation, encode_remediation(e), key=e["host"])
+        producer.produce(settings.topic_remediation, encode_remediation(e), key=e.host)
     producer.flush(10)
 
     wait_for(lambda: len(outcomes) == 2)
-    assert sorted(c["id"] for c in executor.calls) == sorted([ev["id"], other["id"]])
-    assert redis_client.exists(k.claim_key(ev["id"]))
-    stored = {key.decode(): v.decode() for key, v in redis_client.hgetall(k.outcome_key(ev["id"])).items()}
+    assert sorted(c.id for c in executor.calls) == sorted([ev.id, other.id])
+    assert redis_client.exists(k.claim_key(ev.id))
+    stored = {key.decode(): v.decode() for key, v in redis_client.hgetall(k.outcome_key(ev.id)).items()}
     assert stored["ok"] == "true" and stored["dry_run"] == "false" and stored["executor"] == "recording"
     assert stored["action"] == "migrate" and float(stored["duration_s"]) >= 0
+    assert stored == k.outcome_fields(next(o for o in outcomes if o.id == ev.id))  # the record, as text
 
-    published = [orjson.loads(m.value()) for m in read_topic(settings, settings.topic_outcomes, 2)]
-    assert sorted(p["id"] for p in published) == sorted([ev["id"], other["id"]])
-    assert all(p["schema"] == "gpuwatch.outcome/1" and p["ok"] for p in published)
+    published = [decode_outcome(m.value()) for m in read_topic(settings, settings.topic_outcomes, 2)]
+    assert sorted(p.id for p in published) == sorted([ev.id, other.id])
+    assert all(p.ok and p.attempt == 1 for p in published)
 
 
 def test_an_event_due_while_the_kill_switch_is_on_is_recorded_as_skipped_and_never_runs(
-    controller: tuple[Settings, Recording, list[dict]], redis_client: redis.Redis
+    controller: tuple[Settings, Recording, list[OutcomeRecord]], redis_client: redis.Redis
 ) -> None:
     settings, executor, outcomes = controller
     producer = make_producer(settings)
     held, later = event("checkpoint"), event("migrate", gpu=2)
     # The policy published `held` before the switch went on: it waits on the topic (or in a backlog).
     set_killswitch(redis_client, True, "alice: maintenance")
-    producer.produce(settings.topic_remediation, encode_remediation(held), key=held["host"])
+    producer.produce(settings.topic_remediation, encode_remediation(held), key=held.host)
     producer.flush(10)
 
     wait_for(lambda: len(outcomes) == 1)
     assert executor.calls == []
     skipped = outcomes[0]
-    assert skipped["id"] == held["id"] and skipped["ok"] is False and skipped["dry_run"] is False
-    assert skipped["detail"].startswith("skipped: killswitch") and "alice: maintenance" in skipped["detail"]
-    stored = {key.decode(): v.decode() for key, v in redis_client.hgetall(k.outcome_key(held["id"])).items()}
-    assert stored["ok"] == "false" and stored["detail"] == skipped["detail"]
+    assert skipped.id == held.id and skipped.ok is False and skipped.dry_run is False
+    assert skipped.detail.startswith("skipped: killswitch") and "alice: maintenance" in skipped.detail
+    stored = {key.decode(): v.decode() for key, v in redis_client.hgetall(k.outcome_key(held.id)).items()}
+    assert stored["ok"] == "false" and stored["detail"] == skipped.detail
 
     # Clearing the switch does not release what it held back: a redelivery of it is a duplicate.
     set_killswitch(redis_client, False)
     for e in (held, later):
-        producer.produce(settings.topic_remediation, encode_remediation(e), key=e["host"])
+        producer.produce(settings.topic_remediation, encode_remediation(e), key=e.host)
     producer.flush(10)
     wait_for(lambda: len(outcomes) == 2)
-    assert [c["id"] for c in executor.calls] == [later["id"]] and outcomes[1]["ok"] is True
+    assert [c.id for c in executor.calls] == [later.id] and outcomes[1].ok is True
 
 
 def test_undecodable_messages_are_dead_lettered_and_a_failing_executor_is_recorded(
-    controller: tuple[Settings, Recording, list[dict]], redis_client: redis.Redis
+    controller: tuple[Settings, Recording, list[OutcomeRecord]], redis_client: redis.Redis
 ) -> None:
     settings, executor, outcomes = controller
     producer = make_producer(settings)
-    bad_action = {**event(), "action": "format-disk"}
+    bad_action = {**msgspec.to_builtins(event()), "action": "format-disk"}
     producer.produce(settings.topic_remediation, b"\xff\xfe not json", key="node-0003")
     producer.produce(settings.topic_remediation, orjson.dumps(bad_action), key="node-0003")
     producer.produce(settings.topic_remediation, encode_remediation(event("reboot")), key="node-0003")
     producer.flush(10)
 
     wait_for(lambda: len(outcomes) == 1)
-    assert outcomes[0]["ok"] is False and "BMC unreachable" in outcomes[0]["detail"]
-    assert [c["action"] for c in executor.calls] == ["reboot"]
+    assert outcomes[0].ok is False and "BMC unreachable" in outcomes[0].detail
+    assert [c.action for c in executor.calls] == ["reboot"]
     letters = [decode_deadletter(m.value()) for m in read_topic(settings, settings.topic_deadletter, 2)]
-    assert sorted(letter["stage"] for letter in letters) == ["controller", "controller"]
-    assert any("action" in letter["error"] for letter in letters)
+    assert sorted(letter.stage for letter in letters) == ["controller", "controller"]
+    assert any("action" in letter.error for letter in letters)
 
 
 def test_an_event_whose_claim_in_redis_is_corrupt_is_dead_lettered_and_the_controller_goes_on(
-    controller: tuple[Settings, Recording, list[dict]], redis_client: redis.Redis
+    controller: tuple[Settings, Recording, list[OutcomeRecord]], redis_client: redis.Redis
 ) -> None:
     settings, executor, outcomes = controller
     soon, half, fine = event(gpu=1), event(gpu=2), event(gpu=3)
     claim = {"owner": "other-host:1:abc", "attempt": 1, "claimed_at": time.time(), "done": False}
-    redis_client.set(k.claim_key(soon["id"]), json.dumps({**claim, "lease_until": "soon"}))
-    redis_client.set(k.claim_key(half["id"]), json.dumps({**claim, "attempt": 1.5, "lease_until": time.time()}))
+    redis_client.set(k.claim_key(soon.id), json.dumps({**claim, "lease_until": "soon"}))
+    redis_client.set(k.claim_key(half.id), json.dumps({**claim, "attempt": 1.5, "lease_until": time.time()}))
     producer = make_producer(settings)
     for e in (soon, half, fine):
-        producer.produce(settings.topic_remediation, encode_remediation(e), key=e["host"])
+        producer.produce(settings.topic_remediation, encode_remediation(e), key=e.host)
     producer.flush(10)
 
     wait_for(lambda: len(outcomes) == 1)
-    assert [c["id"] for c in executor.calls] == [fine["id"]] and outcomes[0]["ok"] is True
+    assert [c.id for c in executor.calls] == [fine.id] and outcomes[0].ok is True
     letters = [decode_deadletter(m.value()) for m in read_topic(settings, settings.topic_deadletter, 2)]
-    assert sorted(letter["error"] for letter in letters) == sorted([
-        f"claim {k.claim_key(half['id'])} in Redis is unreadable: attempt is 1.5, not a whole number; not executed: "
+    assert sorted(letter.error for letter in letters) == sorted([
+        f"claim {k.claim_key(half.id)} in Redis is unreadable: attempt is 1.5, not a whole number; not executed: "
         "delete the key (or fix it) and replay the event from the dead letter",
-        f'claim {k.claim_key(soon["id"])} in Redis is unreadable: lease_until is "soon", not a number; not '
+        f'claim {k.claim_key(soon.id)} in Redis is unreadable: lease_until is "soon", not a number; not '
         "executed: delete the key (or fix it) and replay the event from the dead letter",
     ])
-    assert all(letter["stage"] == "controller" for letter in letters)
-    assert json.loads(redis_client.get(k.claim_key(soon["id"])))["lease_until"] == "soon"  # left for an operator
+    assert all(letter.stage == "controller" for letter in letters)
+    assert json.loads(redis_client.get(k.claim_key(soon.id)))["lease_until"] == "soon"  # left for an operator
 
 
 @pytest.mark.parametrize(

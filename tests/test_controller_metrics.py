@@ -14,6 +14,7 @@ from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port
 from gpuwatch.kafka import make_producer
 from gpuwatch.schemas.codecs import encode_remediation, remediation_id
+from gpuwatch.schemas.records import Remediation
 
 
 @pytest.mark.slow
@@ -35,17 +36,9 @@ def test_controller_counts_executed_and_duplicate_remediations(settings: Setting
     proc = subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.cli", "controller"], env=env)
     try:
         uuid = "GPU-ctl-node-2"
-        event = {
-            "schema": "gpuwatch.remediation/1",
-            "id": remediation_id("ctl-node", 2, uuid, "checkpoint", 1_750_000_000.0),
-            "host": "ctl-node",
-            "gpu_index": 2,
-            "uuid": uuid,
-            "action": "checkpoint",
-            "reason": "risk 0.97 >= 0.85, mode memory",
-            "risk": 0.97,
-            "ts": 1_750_000_360.0,
-        }
+        event = Remediation(id=remediation_id("ctl-node", 2, uuid, "checkpoint", 1_750_000_000.0), host="ctl-node",
+                            gpu_index=2, uuid=uuid, action="checkpoint", reason="risk 0.97 >= 0.85, mode memory",
+                            risk=0.97, ts=1_750_000_360.0)
         # Every action/outcome series is there at 0 before the first event, so the first failure is an
         # increase an alert sees (GpuwatchRemediationFailed).
         failed = 'gpuwatch_remediation_actions_total{action="migrate",outcome="failed"} 0.0'

@@ -3,6 +3,7 @@ is not a prediction, and risk at the fleet's own failure rate (docs/model.md, "F
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import orjson
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from gpuwatch.config import Settings
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_risk, encode_snapshot
+from gpuwatch.schemas.records import Risk
 from gpuwatch.streams.model import OperatingPoint, Scorer, at_prevalence, load_artifact, prevalence
 from gpuwatch.streams.processor import Inbound, RiskProcessor, chosen_for_other_settings, operating_points
 
@@ -36,12 +38,12 @@ class Host:
         return out
 
 
-def gpu0(result) -> list[dict]:  # type: ignore[no-untyped-def]
-    return [r for r in (decode_risk(v) for _, v in result.risk) if r["gpu_index"] == 0]
+def gpu0(result) -> list[Risk]:  # type: ignore[no-untyped-def]
+    return [r for r in (decode_risk(v) for _, v in result.risk) if r.gpu_index == 0]
 
 
-def run(proc: RiskProcessor, host: Host, seconds: int, edit=None) -> list[dict]:  # type: ignore[no-untyped-def]
-    out: list[dict] = []
+def run(proc: RiskProcessor, host: Host, seconds: int, edit=None) -> list[Risk]:  # type: ignore[no-untyped-def]
+    out: list[Risk] = []
     for _ in range(seconds):
         out += gpu0(proc.process(host.step(edit)))
     return out
@@ -50,18 +52,18 @@ def run(proc: RiskProcessor, host: Host, seconds: int, edit=None) -> list[dict]:
 def test_alarm_needs_the_operating_points_run_of_scorings_in_a_row() -> None:
     proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=EVERY, drain_op=NEVER)
     recs = run(proc, Host(), 21)  # scored at 0, 5, 10, 15, 20 s
-    assert [r["alarm"] for r in recs] == [False, False, True, True, True]
-    assert {r["op"] for r in recs} == {"model:1e-12x3"} and not any(r["drain"] for r in recs)
+    assert [r.alarm for r in recs] == [False, False, True, True, True]
+    assert {r.op for r in recs} == {"model:1e-12x3"} and not any(r.drain for r in recs)
     # Re-publishing a silent GPU (no new sample) does not extend the run
-    again = gpu0(proc.refresh_silent(recs[-1]["scored_at"] + 11.0, max_age_s=10.0))
-    assert [r["alarm"] for r in again] == [True]
-    assert proc.store.alarm_run[proc.store.slot_of[recs[0]["uuid"]]] == 5
+    again = gpu0(proc.refresh_silent(recs[-1].scored_at + 11.0, max_age_s=10.0))
+    assert [r.alarm for r in again] == [True]
+    assert proc.store.alarm_run[proc.store.slot_of[recs[0].uuid]] == 5
 
 
 def test_drain_holds_only_while_the_alarm_does() -> None:
     proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=EVERY, drain_op=OperatingPoint(1e-12, 1))
     recs = run(proc, Host(), 21)
-    assert [(r["alarm"], r["drain"]) for r in recs] == [(False, False)] * 2 + [(True, True)] * 3
+    assert [(r.alarm, r.drain) for r in recs] == [(False, False)] * 2 + [(True, True)] * 3
 
 
 def test_a_gap_longer_than_three_minutes_restarts_the_run() -> None:
@@ -71,7 +73,7 @@ def test_a_gap_longer_than_three_minutes_restarts_the_run() -> None:
     for _ in range(200):
         host.sim.step()  # 200 s of samples lost on the way
     recs = run(proc, host, 11)
-    assert [r["alarm"] for r in recs] == [False, False, True]
+    assert [r.alarm for r in recs] == [False, False, True]
 
 
 def run_every(proc: RiskProcessor, host: Host, interval: int, samples: int) -> list[dict]:
@@ -93,8 +95,8 @@ def test_persistence_in_seconds_means_the_same_at_any_sampling_interval(interval
     op = OperatingPoint(1e-12, 1, for_s=30.0)
     proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=op)
     recs = run(proc, Host(), 36) if interval == 1 else run_every(proc, Host(), interval, len(expected))
-    assert [r["alarm"] for r in recs] == expected
-    assert {r["op"] for r in recs} == {"model:1e-12x1/30s"}
+    assert [r.alarm for r in recs] == expected
+    assert {r.op for r in recs} == {"model:1e-12x1/30s"}
     assert OperatingPoint.parse("model:1e-12x1/30s") == op
 
 
@@ -110,12 +112,12 @@ def test_a_lost_gpu_is_failed_not_at_risk_until_it_answers_again() -> None:
         g.update(lost=True, xid=[79] if g["xid"] == [] else g["xid"], throttle_reasons=0)
 
     down = run(proc, host, 20, lost)
-    assert down and all(r["failed"] and r["risk"] == 1.0 and not r["alarm"] and "score" not in r for r in down)
-    [since] = {r["failed_since"] for r in down}  # the first sample that showed it (before the next scoring)
-    assert down[0]["ts"] - 5 < since <= down[0]["ts"]
+    assert down and all(r.failed and r.risk == 1.0 and not r.alarm and r.score is msgspec.UNSET for r in down)
+    [since] = {r.failed_since for r in down}  # the first sample that showed it (before the next scoring)
+    assert down[0].ts - 5 < since <= down[0].ts
     back = run(proc, host, 16)
-    assert back and not any(r["failed"] for r in back)
-    assert [r["alarm"] for r in back][:3] == [False, False, True]  # the run restarted after the failure
+    assert back and not any(r.failed for r in back)
+    assert [r.alarm for r in back][:3] == [False, False, True]  # the run restarted after the failure
 
 
 def test_a_fatal_xid_fails_a_gpu_that_keeps_reporting_until_it_is_reset() -> None:
@@ -129,7 +131,7 @@ def test_a_fatal_xid_fails_a_gpu_that_keeps_reporting_until_it_is_reset() -> Non
         first[0] = False
 
     down = run(proc, host, 120, fatal_idle)
-    assert all(r["failed"] for r in down) and down[0]["mode"] == "memory"
+    assert all(r.failed for r in down) and down[0].mode == "memory"
 
     def reset(g: dict) -> None:  # volatile counters cleared by a GPU reset
         g.update(util_gpu_pct=0, ecc_sbe_volatile=0, ecc_dbe_volatile=0, pcie_replay=0, power_violation_us=0,
@@ -139,8 +141,8 @@ def test_a_fatal_xid_fails_a_gpu_that_keeps_reporting_until_it_is_reset() -> Non
     host2 = Host(seed=5)
     run(proc2, host2, 6, lambda g: g.update(power_violation_us=10**6))
     first[0] = True
-    assert all(r["failed"] for r in run(proc2, host2, 30, lambda g: (fatal_idle(g), g.update(power_violation_us=10**6))))
-    assert not any(r["failed"] for r in run(proc2, host2, 6, reset))
+    assert all(r.failed for r in run(proc2, host2, 30, lambda g: (fatal_idle(g), g.update(power_violation_us=10**6))))
+    assert not any(r.failed for r in run(proc2, host2, 6, reset))
 
 
 def test_a_gpu_back_at_work_after_a_fatal_xid_was_reset() -> None:
@@ -154,16 +156,16 @@ def test_a_gpu_back_at_work_after_a_fatal_xid_was_reset() -> None:
         g.update(xid=[62] if state["t"] == 1 else [], util_gpu_pct=0 if state["t"] < 70 else 95)
 
     recs = run(proc, host, 90, fatal_then_busy)
-    failed = [r["failed"] for r in recs]
+    failed = [r.failed for r in recs]
     assert failed[0] and not failed[-1]
-    assert all(r["ts"] - recs[0]["ts"] >= 60 for r in recs if not r["failed"])
+    assert all(r.ts - recs[0].ts >= 60 for r in recs if not r.failed)
 
 
 def test_risk_is_the_score_restated_at_the_fleets_failure_rate() -> None:
     proc = RiskProcessor(SCORER, rescore_interval_s=5.0, failures_per_gpu_day=1.943e-4)
     recs = run(proc, Host(), 6)
-    score = np.array([r["score"] for r in recs])
-    risk = np.array([r["risk"] for r in recs])
+    score = np.array([r.score for r in recs])
+    risk = np.array([r.risk for r in recs])
     expected = at_prevalence(score, ARTIFACT.calibration_prevalence, prevalence(1.943e-4, 3600.0))
     assert risk == pytest.approx(expected) and (risk < score).all()
     # About 5,000 times lower odds than on the training fleets
@@ -172,7 +174,7 @@ def test_risk_is_the_score_restated_at_the_fleets_failure_rate() -> None:
                                                            * (1 - ARTIFACT.calibration_prevalence), rel=1e-3)
     # Without a fleet rate the score is the risk (offline evaluation on fleets like the training ones)
     plain = run(RiskProcessor(SCORER, rescore_interval_s=5.0), Host(), 6)
-    assert all(r["risk"] == r["score"] for r in plain)
+    assert all(r.risk == r.score for r in plain)
 
 
 def test_settings_override_the_models_operating_points() -> None:

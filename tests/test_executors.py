@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import orjson
 import pytest
 
@@ -27,7 +28,9 @@ from gpuwatch.controller.executors.command import CommandExecutor
 from gpuwatch.controller.executors.dry_run import DryRunExecutor
 from gpuwatch.controller.executors.kubernetes import REBOOT_ANNOTATION, KubernetesExecutor
 from gpuwatch.controller.executors.webhook import WebhookExecutor, webhook_signature
-from gpuwatch.schemas.codecs import remediation_id
+from gpuwatch.schemas.codecs import decode_remediation, remediation_id
+from gpuwatch.schemas.fields import Action
+from gpuwatch.schemas.records import Remediation
 
 MALICIOUS_HOSTS = [
     "node1; rm -rf /",
@@ -40,18 +43,19 @@ MALICIOUS_HOSTS = [
 ]
 
 
-def event(action: str = "migrate", host: str = "node-0003", gpu: Any = 5) -> dict[str, Any]:
-    return {
-        "schema": "gpuwatch.remediation/1",
-        "id": remediation_id("node-0003", 5, "GPU-abc", action, 1_750_000_000.0),
-        "host": host,
-        "gpu_index": gpu,
-        "uuid": "GPU-abc",
-        "action": action,
-        "reason": "risk 0.97 >= 0.85, mode memory",
-        "risk": 0.97,
-        "ts": 1_750_000_360.0,
-    }
+def event(action: Action = "migrate", host: str = "node-0003", gpu: Any = 5) -> Remediation:
+    """A remediation event as the controller hands it over; `host` and `gpu` may be anything (a typed record
+    built by hand is not checked: the executors check what reaches a command line)."""
+    return Remediation(
+        id=remediation_id("node-0003", 5, "GPU-abc", action, 1_750_000_000.0),
+        host=host,
+        gpu_index=gpu,
+        uuid="GPU-abc",
+        action=action,
+        reason="risk 0.97 >= 0.85, mode memory",
+        risk=0.97,
+        ts=1_750_000_360.0,
+    )
 
 
 def recorder(tmp_path: Path, name: str = "record", body: str = "") -> tuple[Path, Path]:
@@ -85,7 +89,7 @@ def test_command_runs_the_template_as_an_argument_list(
     outcome = ex.execute(event())
     assert outcome.ok and "exit 0" in outcome.detail
     [call] = calls(log)
-    assert call["argv"] == ["--node=node-0003", "5", "migrate now", event()["id"], "0.9700"]
+    assert call["argv"] == ["--node=node-0003", "5", "migrate now", event().id, "0.9700"]
     assert call["env"] == []  # settings (and their secrets) are not passed to the program
 
 
@@ -200,8 +204,11 @@ def test_webhook_posts_the_event_with_a_verifiable_signature(serve: Callable[[Ro
     assert outcome.ok and "answered 202: queued" in outcome.detail
     [req] = server.requests
     assert (req["method"], req["path"]) == ("POST", "/hooks/gpu")
-    assert orjson.loads(req["body"]) == ev and req["headers"]["Content-Type"] == "application/json"
-    assert req["headers"]["X-Gpuwatch-Id"] == ev["id"]
+    assert (
+        orjson.loads(req["body"]) == msgspec.to_builtins(ev)
+        and req["headers"]["Content-Type"] == "application/json"
+    )
+    assert decode_remediation(req["body"]) == ev and req["headers"]["X-Gpuwatch-Id"] == ev.id
     stamp = req["headers"]["X-Gpuwatch-Timestamp"]
     expected = "sha256=" + hmac.new(key, stamp.encode() + b"." + req["body"], hashlib.sha256).hexdigest()
     assert req["headers"]["X-Gpuwatch-Signature"] == expected == webhook_signature(key, stamp, req["body"])
@@ -329,7 +336,7 @@ def test_kubernetes_reports_pods_protected_by_a_disruption_budget_and_requests_r
         and "1 blocked by a PodDisruptionBudget (train/protected)" in outcome.detail
     )
     annotations = orjson.loads(server.requests[0]["body"])["metadata"]["annotations"]
-    assert annotations[REBOOT_ANNOTATION] == event("reboot")["id"]
+    assert annotations[REBOOT_ANNOTATION] == event("reboot").id
 
 
 def test_kubernetes_refusals_and_unreachable_api(serve: Callable[[Route], Server], tmp_path: Path) -> None:

@@ -20,12 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis
 from helpers import wait_for
 
-from gpuwatch.bench.reliability import StatsFollower, committed_offsets, end_offsets
+from gpuwatch.bench.reliability import committed_offsets, end_offsets
 from gpuwatch.config import Settings
 from gpuwatch.controller.executors import Outcome
 from gpuwatch.controller.worker import run_controller
@@ -37,13 +36,22 @@ from gpuwatch.kafka import (
     partition_count,
     read_partitions_to_end,
 )
-from gpuwatch.processes import settings_env, start_stream_worker
+from gpuwatch.processes import StatsFollower, settings_env, start_stream_worker
 from gpuwatch.producers.agent import Agent, SimulatedSource
 from gpuwatch.producers.publisher import Publisher
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.producers.spool import Spool
-from gpuwatch.schemas.codecs import decode_risk, encode_remediation, encode_risk, remediation_id
-from gpuwatch.sinks import redis_keys as k
+from gpuwatch.schemas import redis_keys as k
+from gpuwatch.schemas.codecs import (
+    decode_outcome,
+    decode_risk,
+    encode_remediation,
+    encode_risk,
+    remediation_id,
+)
+from gpuwatch.schemas.fields import Action
+from gpuwatch.schemas.records import Outcome as OutcomeRecord
+from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.streams.app import RESTART_EXIT_CODE, windows_changelog_topic
 
 pytestmark = pytest.mark.slow
@@ -66,7 +74,7 @@ def _drained(settings: Settings, stats: StatsFollower) -> bool:
     topic, n = settings.topic_samples, settings.partitions
     ends = end_offsets(settings, topic, n)
     done = committed_offsets(settings, settings.stream_app_id, topic, n)
-    seen = {int(p): o for p, o in stats.latest.get("offsets", {}).items()}
+    seen = {int(p): o for p, o in stats.latest.offsets.items()}
     return all(done[p] >= end and seen.get(p, 0) >= end for p, end in ends.items())
 
 
@@ -98,7 +106,7 @@ def test_broker_restart_agents_spool_and_the_worker_resumes_on_the_new_topic_wit
     _topics(settings)
     worker = start_stream_worker(settings, "faults-broker-worker", stats_interval_s=STATS_S)
     stats = StatsFollower(worker)
-    stats.wait(lambda s: s["partitions"] == 4, 90, "the worker's partitions")
+    stats.wait(lambda s: s.partitions == 4, 90, "the worker's partitions")
     source = _Gated(hosts=4, interval_s=0.25)  # 32 GPUs, four snapshots a second each
     publisher = Publisher(settings, Spool(tmp_path / "spool"), delivery_timeout_s=5.0)
     agent = Agent(source, publisher, interval_s=0.25)
@@ -110,9 +118,9 @@ def test_broker_restart_agents_spool_and_the_worker_resumes_on_the_new_topic_wit
         source.open.clear()
         wait_for(lambda: publisher.pending == 0 and publisher.in_flight == 0, 60, "the agents' acks")
         wait_for(lambda: _drained(settings, stats), 90, "the worker to consume what the broker holds")
-        before = dict(stats.latest)
-        assert before["samples"] == agent.snapshots * 8
-        span_before = max(decode_risk(v)["history_s"] for _, v in _read(settings, settings.topic_risk))
+        before = stats.latest
+        assert before.samples == agent.snapshots * 8
+        span_before = max(decode_risk(v).history_s for _, v in _read(settings, settings.topic_risk))
 
         brokers[0].stop()
         source.open.set()
@@ -129,14 +137,14 @@ def test_broker_restart_agents_spool_and_the_worker_resumes_on_the_new_topic_wit
         # processes anything from the new topic, and exits to be restarted (here the test is the supervisor).
         wait_for(lambda: worker.proc.poll() is not None, 90, "the worker to notice the recreated topic")
         assert worker.proc.returncode == RESTART_EXIT_CODE, worker.log_tail(20)
-        handed_over = dict(stats.latest)  # its last report, printed on the way out
+        handed_over = stats.latest  # its last report, printed on the way out
         successor = start_stream_worker(settings, "faults-broker-worker-2", stats_interval_s=STATS_S)
         stats = StatsFollower(successor)
         wait_for(lambda: publisher.pending <= 8, 120, "the spool to drain into the new broker")
         source.open.clear()
         wait_for(lambda: publisher.pending == 0 and publisher.in_flight == 0, 60, "the last acks")
         wait_for(lambda: _drained(settings, stats), 120, "the successor to consume the recreated topic")
-        after, taken = dict(stats.latest), agent.snapshots
+        after, taken = stats.latest, agent.snapshots
     finally:
         source.open.set()
         agent.stop_event.set()
@@ -147,14 +155,14 @@ def test_broker_restart_agents_spool_and_the_worker_resumes_on_the_new_topic_wit
     assert publisher.spool.dropped == 0
     # Counts are exact: the first worker processed nothing of the new topic, its successor all of it from the
     # start. Every snapshot the agents took was folded once.
-    assert handed_over["samples"] == before["samples"] and handed_over["checkpointed"] > before["checkpointed"]
-    assert before["samples"] + after["samples"] == taken * 8 > before["samples"]
-    assert (after["rejected_samples"], after["deadletters"]) == (0, 0)
+    assert handed_over.samples == before.samples and handed_over.checkpointed > before.checkpointed
+    assert before.samples + after.samples == taken * 8 > before.samples
+    assert (after.rejected_samples, after.deadletters) == (0, 0)
     # The windows lived through the outage: restored from the handover, so scores after it are backed by the
     # history from before it.
-    assert after["restored_gpus"] == 32
+    assert after.restored_gpus == 32
     fresh = [decode_risk(v) for _, v in _read(settings, settings.topic_risk)]
-    assert fresh and min(r["history_s"] for r in fresh) >= span_before
+    assert fresh and min(r.history_s for r in fresh) >= span_before
 
 
 def _feed(settings: Settings, sim: FleetSimulator, stop: threading.Event, produced: list[int]) -> None:
@@ -177,28 +185,28 @@ def test_a_killed_worker_is_replaced_resumes_from_committed_offsets_and_restores
     sim = FleetSimulator(FleetConfig(hosts=4, seed=22, start_ts=time.time() - 3000))  # 32 GPUs
     first = start_stream_worker(settings, "faults-worker-a", stats_interval_s=STATS_S)
     stats_a = StatsFollower(first)
-    stats_a.wait(lambda s: s["partitions"] == 2, 90, "the first worker's partitions")
+    stats_a.wait(lambda s: s.partitions == 2, 90, "the first worker's partitions")
     stop, produced = threading.Event(), [0]
     feeder = threading.Thread(target=_feed, args=(settings, sim, stop, produced))
     feeder.start()
     second = None
     try:
         stats_a.wait(
-            lambda s: s["samples"] >= 300 * 32 and s["checkpointed"] >= 32, 120, "five minutes of history"
+            lambda s: s.samples >= 300 * 32 and s.checkpointed >= 32, 120, "five minutes of history"
         )
         first.proc.send_signal(signal.SIGKILL)  # mid-stream: no revoke handler, no last checkpoint or commit
         first.proc.wait()
         killed_at_ts = sim.now
-        last = dict(stats_a.latest)
+        last = stats_a.latest
         committed = committed_offsets(settings, settings.stream_app_id, settings.topic_samples, 2)
         second = start_stream_worker(settings, "faults-worker-b", stats_interval_s=STATS_S)
         stats_b = StatsFollower(second)
-        stats_b.wait(lambda s: s["restored_gpus"] > 0 and s["samples"] > 0, 120, "the successor at work")
+        stats_b.wait(lambda s: s.restored_gpus > 0 and s.samples > 0, 120, "the successor at work")
         time.sleep(2.0)
         stop.set()
         feeder.join(60)
         wait_for(lambda: _drained(settings, stats_b), 120, "the successor to catch up")
-        now = dict(stats_b.latest)
+        now = stats_b.latest
         fresh = [decode_risk(v) for _, v in _read(settings, settings.topic_risk)]
     finally:
         stop.set()
@@ -206,23 +214,23 @@ def test_a_killed_worker_is_replaced_resumes_from_committed_offsets_and_restores
         for w in (first, second):
             if w is not None:
                 w.stop()
-    assert now["restored_gpus"] == 32
+    assert now.restored_gpus == 32
     # Resumed from the committed offsets: what the killed worker had processed past them is processed again
     # (at least once), and nothing is skipped. Offsets tell exactly how many GPU-samples were replayed.
-    reported = {int(p): o for p, o in last["offsets"].items()}
+    reported = {int(p): o for p, o in last.offsets.items()}
     replayed = sum(reported.get(p, 0) - committed[p] for p in range(2)) * 8
-    delivered = sum(s["samples"] + s["rejected_samples"] for s in (last, now))
-    assert delivered == produced[0] + replayed, (delivered, produced[0], replayed, last["offsets"], committed)
+    delivered = sum(s.samples + s.rejected_samples for s in (last, now))
+    assert delivered == produced[0] + replayed, (delivered, produced[0], replayed, last.offsets, committed)
     # Scores after the takeover are backed by the history from before the crash (restored from the changelog),
     # not only by what the successor replayed from the committed offsets (a few seconds before the kill).
-    after = [r for r in fresh if r["ts"] > killed_at_ts]
-    assert len({r["uuid"] for r in after}) == 32
-    assert max(r["ts"] - r["history_s"] for r in after) < killed_at_ts - 250
+    after = [r for r in fresh if r.ts > killed_at_ts]
+    assert len({r.uuid for r in after}) == 32
+    assert max(r.ts - r.history_s for r in after) < killed_at_ts - 250
 
 
 def _risk(host: str, gpu: int, ts: float) -> bytes:
-    return encode_risk({"host": host, "gpu_index": gpu, "uuid": f"GPU-{host}-{gpu}", "ts": ts, "risk": 0.2,
-                        "horizon_s": 3600.0, "mode": "none", "model": "test", "scored_at": ts})  # fmt: skip
+    return encode_risk(Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=0.2, horizon_s=3600.0,
+                            mode="none", model="test", scored_at=ts))
 
 
 def test_redis_restart_the_sink_holds_the_batch_and_catches_up(settings: Settings) -> None:
@@ -296,11 +304,10 @@ else:  # a drain: draining a drained node changes nothing (executors de-duplicat
 """
 
 
-def _event(action: str, gpu: int) -> dict[str, Any]:
+def _event(action: Action, gpu: int) -> Remediation:
     uuid = f"GPU-node-0007-{gpu}"
-    return {"schema": "gpuwatch.remediation/1", "id": remediation_id("node-0007", gpu, uuid, action, 1.75e9),
-            "host": "node-0007", "gpu_index": gpu, "uuid": uuid, "action": action, "reason": "test", "risk": 0.97,
-            "ts": 1.75e9}  # fmt: skip
+    return Remediation(id=remediation_id("node-0007", gpu, uuid, action, 1.75e9), host="node-0007", gpu_index=gpu,
+                       uuid=uuid, action=action, reason="test", risk=0.97, ts=1.75e9)
 
 
 def _calls(work: Path) -> list[dict[str, Any]]:
@@ -308,8 +315,8 @@ def _calls(work: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def _outcomes(settings: Settings) -> list[dict[str, Any]]:
-    return [orjson.loads(v) for _, v in _read(settings, settings.topic_outcomes)]
+def _outcomes(settings: Settings) -> list[OutcomeRecord]:
+    return [decode_outcome(v) for _, v in _read(settings, settings.topic_outcomes)]
 
 
 def test_a_controller_killed_mid_action_neither_loses_nor_doubles_it(
@@ -341,40 +348,40 @@ def test_a_controller_killed_mid_action_neither_loses_nor_doubles_it(
         procs.append(controller("controller-1"))
         producer.produce(settings.topic_remediation, encode_remediation(migrate), key="node-0007")
         producer.flush(10)
-        calls = kill_mid_action(procs[-1], migrate["id"], 1)
+        calls = kill_mid_action(procs[-1], migrate.id, 1)
         os.kill(calls[-1]["pid"], signal.SIGKILL)  # the drain never happened
 
         procs.append(controller("controller-2"))  # gets the event again: its offset was never committed
         wait_for(lambda: len(_calls(tmp_path)) >= 2, 60, "the migrate to be re-run")
-        (tmp_path / f"release-{migrate['id']}").touch()
-        wait_for(lambda: redis_client.exists(k.outcome_key(migrate["id"])), 60, "the migrate's outcome")
+        (tmp_path / f"release-{migrate.id}").touch()
+        wait_for(lambda: redis_client.exists(k.outcome_key(migrate.id)), 60, "the migrate's outcome")
 
         producer.produce(settings.topic_remediation, encode_remediation(reboot), key="node-0007")
         producer.flush(10)
-        kill_mid_action(procs[-1], reboot["id"], 3)
-        (tmp_path / f"release-{reboot['id']}").touch()  # the reboot goes through although its controller died
+        kill_mid_action(procs[-1], reboot.id, 3)
+        (tmp_path / f"release-{reboot.id}").touch()  # the reboot goes through although its controller died
         wait_for(lambda: (tmp_path / "reboots").exists(), 30, "the reboot")
 
         procs.append(controller("controller-3"))
-        wait_for(lambda: redis_client.exists(k.outcome_key(reboot["id"])), 60, "the reboot's outcome")
+        wait_for(lambda: redis_client.exists(k.outcome_key(reboot.id)), 60, "the reboot's outcome")
         time.sleep(1.0)
     finally:
         for proc in procs:
             proc.stop()
     outcomes = _outcomes(settings)
-    assert sorted(o["id"] for o in outcomes) == sorted([migrate["id"], reboot["id"]])  # one each
-    by_id = {o["id"]: o for o in outcomes}
+    assert sorted(o.id for o in outcomes) == sorted([migrate.id, reboot.id])  # one each
+    by_id = {o.id: o for o in outcomes}
     # The drain: re-run after the interruption (harmless to repeat), done exactly once.
-    assert by_id[migrate["id"]]["ok"] and by_id[migrate["id"]]["attempt"] == 2
-    assert "re-run after an interrupted attempt" in by_id[migrate["id"]]["detail"]
-    assert (tmp_path / f"drained-{migrate['id']}").exists()
+    assert by_id[migrate.id].ok and by_id[migrate.id].attempt == 2
+    assert "re-run after an interrupted attempt" in by_id[migrate.id].detail
+    assert (tmp_path / f"drained-{migrate.id}").exists()
     # The reboot: never run twice; the outcome says what happened and what to check.
-    assert (tmp_path / "reboots").read_text().split() == [reboot["id"]]
+    assert (tmp_path / "reboots").read_text().split() == [reboot.id]
     assert [c["action"] for c in _calls(tmp_path)] == ["migrate", "migrate", "reboot"]
-    assert not by_id[reboot["id"]]["ok"] and "not retried" in by_id[reboot["id"]]["detail"]
-    stored = redis_client.hgetall(k.outcome_key(reboot["id"]))
+    assert not by_id[reboot.id].ok and "not retried" in by_id[reboot.id].detail
+    stored = redis_client.hgetall(k.outcome_key(reboot.id))
     assert stored[b"ok"] == b"false" and stored[b"attempt"] == b"2"
-    assert json.loads(redis_client.get(k.claim_key(reboot["id"])))["done"] is True
+    assert json.loads(redis_client.get(k.claim_key(reboot.id)))["done"] is True
 
 
 class _Reboots:
@@ -386,13 +393,13 @@ class _Reboots:
         self.done = done
         self.runs: list[str] = []
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
-        self.runs.append(event["id"])
-        self.done.add(event["id"])
+    def execute(self, event: Remediation) -> Outcome:
+        self.runs.append(event.id)
+        self.done.add(event.id)
         return Outcome(ok=True, detail="rebooted")
 
-    def already_done(self, event: dict[str, Any]) -> Outcome | None:
-        return Outcome(ok=True, detail="boot counter moved") if event["id"] in self.done else None
+    def already_done(self, event: Remediation) -> Outcome | None:
+        return Outcome(ok=True, detail="boot counter moved") if event.id in self.done else None
 
 
 def test_another_hosts_claim_is_taken_over_when_its_lease_ends_and_checked_before_a_rerun(
@@ -404,9 +411,9 @@ def test_another_hosts_claim_is_taken_over_when_its_lease_ends_and_checked_befor
     for ev, lease_left in ((happened, -1.0), (pending, 2.0)):  # a dead controller elsewhere, a live one
         claim = {"owner": "other-host:1:abc", "attempt": 1, "claimed_at": time.time() - 10,
                  "lease_until": time.time() + lease_left, "done": False}  # fmt: skip
-        redis_client.set(k.claim_key(ev["id"]), json.dumps(claim))
-    executor = _Reboots({happened["id"]})
-    outcomes: list[dict[str, Any]] = []
+        redis_client.set(k.claim_key(ev.id), json.dumps(claim))
+    executor = _Reboots({happened.id})
+    outcomes: list[OutcomeRecord] = []
     stop = threading.Event()
     thread = threading.Thread(target=run_controller, args=(settings,), daemon=True, kwargs={
         "stop": stop, "executor": executor, "on_outcome": outcomes.append, "redis_client": redis_client})  # fmt: skip
@@ -422,7 +429,7 @@ def test_another_hosts_claim_is_taken_over_when_its_lease_ends_and_checked_befor
         thread.join(15)
     first, second = outcomes
     assert (
-        first["id"] == happened["id"] and first["ok"] and "done by the interrupted attempt" in first["detail"]
+        first.id == happened.id and first.ok and "done by the interrupted attempt" in first.detail
     )
-    assert second["id"] == pending["id"] and "had not acted" in second["detail"]
-    assert executor.runs == [pending["id"]]  # the reboot that had happened was not repeated
+    assert second.id == pending.id and "had not acted" in second.detail
+    assert executor.runs == [pending.id]  # the reboot that had happened was not repeated

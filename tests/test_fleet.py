@@ -370,12 +370,16 @@ def test_report_plots_the_fleet_view(tmp_path: Path) -> None:
 
 def test_run_recorder_keeps_every_gpus_newest_risk_for_the_demos_fleet_view() -> None:
     from gpuwatch.report import RunRecorder
+    from gpuwatch.schemas.records import Risk
+
+    def rec(gpu: int, ts: float, risk: float, failed: bool = False) -> Risk:
+        return Risk(host="n1", gpu_index=gpu, uuid=f"GPU-{gpu}", ts=ts, risk=risk, horizon_s=1800.0, mode="none",
+                    model="m", scored_at=ts, failed=failed)
 
     recorder = RunRecorder()
     assert recorder.live_risk() is None
-    recorder.add_risk([{"host": "n1", "gpu_index": 0, "ts": T0, "risk": 0.2, "horizon_s": 1800.0},
-                       {"host": "n1", "gpu_index": 1, "ts": T0, "risk": 1e-5}])  # fmt: skip
-    recorder.add_risk([{"host": "n1", "gpu_index": 0, "ts": T0 + 5, "risk": 1.0, "failed": True}])
+    recorder.add_risk([rec(0, T0, 0.2), rec(1, T0, 1e-5)])
+    recorder.add_risk([rec(0, T0 + 5, 1.0, failed=True)])
     live = recorder.live_risk()
     assert live is not None and live.gpus == (("n1", 0), ("n1", 1)) and live.horizon_s == 1800.0
     assert live.failed.tolist() == [True, False] and live.risk.tolist() == [1.0, 1e-5]

@@ -20,15 +20,16 @@ from helpers import scrape, wait_for
 from gpuwatch.cli import main
 from gpuwatch.embedded import EmbeddedServer, free_port
 from gpuwatch.fleet import estimators as est
+from gpuwatch.schemas.records import Risk
 from gpuwatch.sinks.redis_writer import RiskWriter
 from gpuwatch.sinks.risk_client import RiskClient
 
 HOSTS, GPUS = 5, 8
 
 
-def rec(host: str, gpu: int, ts: float, risk: float, **state: Any) -> dict[str, Any]:
-    return {"schema": "gpuwatch.risk/1", "host": host, "gpu_index": gpu, "uuid": f"GPU-{host}-{gpu}", "ts": ts,
-            "risk": risk, "horizon_s": 3600.0, "mode": "none", "model": "lstm-v1", "scored_at": ts, **state}  # fmt: skip
+def rec(host: str, gpu: int, ts: float, risk: float, **state: Any) -> Risk:
+    return Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=risk, horizon_s=3600.0, mode="none",
+                model="lstm-v1", scored_at=ts, **state)
 
 
 def fill(client: redis.Redis, now: float) -> np.ndarray:
@@ -38,7 +39,7 @@ def fill(client: redis.Redis, now: float) -> np.ndarray:
     records[9] = rec("node-1", 1, now - 1, 1.0, failed=True, failed_since=now - 100)
     records[20] = rec("node-2", 4, now - 900, 2e-5)  # stale
     RiskWriter(client).write_batch(records)
-    return np.array([r["risk"] for r in records if not r.get("failed")])
+    return np.array([r.risk for r in records if not r.failed])
 
 
 def test_risk_client_reads_the_whole_fleet_in_one_round_trip(redis_client: redis.Redis) -> None:

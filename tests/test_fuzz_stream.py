@@ -24,7 +24,7 @@ from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer, partition_count, read_partitions_to_end
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
-from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter, decode_risk
+from gpuwatch.schemas.codecs import decode_deadletter, decode_risk
 from gpuwatch.schemas.fields import ALL_COUNTERS
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
@@ -119,7 +119,7 @@ def _state(proc: RiskProcessor) -> dict[str, np.ndarray]:
 
 def _scores(results: list[BatchResult]) -> list[tuple[str, float, float, str]]:
     return [
-        (r["uuid"], r["ts"], r["risk"], r["mode"])
+        (r.uuid, r.ts, r.risk, r.mode)
         for res in results
         for r in (decode_risk(v) for _, v in res.risk)
     ]
@@ -160,10 +160,10 @@ def test_bad_snapshot_is_dead_lettered_and_does_not_touch_the_window(
     after = dirty.process([Inbound(m, "samples", 0, i) for i, m in enumerate(GOOD[6:], 6)], now=NOW)
 
     (letter,) = [decode_deadletter(d) for d in spoiled.deadletters]
-    assert reason in letter["error"], letter["error"]
-    assert (letter["source"]["offset"], letter["stage"]) == (99, "stream")
+    assert reason in letter.error, letter.error
+    assert (letter.source.offset, letter.stage) == (99, "stream")
     if bad is not None and len(bad) <= 512 * 1024:
-        assert deadletter_original(letter) == bad  # the original bytes, for a replay once fixed
+        assert letter.original == bad  # the original bytes, for a replay once fixed
     assert spoiled.samples == 0 and not spoiled.risk
     assert spoiled.rejected_samples == (8 if reason == "duplicate or out of order" else 0)
     _assert_same_windows(clean[0], dirty)
@@ -269,7 +269,7 @@ def test_fuzzed_snapshots_never_crash_and_rejections_leave_no_trace(data: st.Dat
         gpus = result.samples + result.rejected_samples
         if gpus == 0:  # dead-lettered whole
             (letter,) = [decode_deadletter(d) for d in result.deadletters]
-            assert letter["error"] and deadletter_original(letter) == (msg or b"")
+            assert letter.error and letter.original == (msg or b"")
             continue
         assert len(result.deadletters) == (1 if result.rejected_samples else 0)
         mirror = kept.process([Inbound(msg, "samples", 0, i)], now=NOW)
@@ -291,7 +291,7 @@ def test_fuzz_run_of_byte_level_garbage_around_real_snapshots(cuts: list[tuple[i
         at = len(junk) % len(raw)
         result = proc.process([Inbound(raw[:at] + junk + raw[at + len(junk) :])], now=NOW)
         for letter in map(decode_deadletter, result.deadletters):
-            assert letter["error"] and "a bug in gpuwatch" not in letter["error"]
+            assert letter.error and "a bug in gpuwatch" not in letter.error
     _assert_finite(proc)
 
 
@@ -325,7 +325,7 @@ def test_a_worker_dead_letters_each_bad_kind_keeps_going_and_scores_as_if_it_nev
 
     def risk_if_last_scored() -> list[tuple[bytes | None, bytes | None]]:
         found = _read(settings, settings.topic_risk)
-        return found if any(decode_risk(v)["ts"] == last_ts for _, v in found) else []
+        return found if any(decode_risk(v).ts == last_ts for _, v in found) else []
 
     worker = start_stream_worker(settings, "fuzz-worker")
     try:
@@ -335,19 +335,19 @@ def test_a_worker_dead_letters_each_bad_kind_keeps_going_and_scores_as_if_it_nev
     finally:
         worker.stop()
 
-    ordered = sorted((decode_deadletter(v) for _, v in letters), key=lambda d: d["source"]["offset"])
-    errors = [d["error"] for d in ordered]
+    ordered = sorted((decode_deadletter(v) for _, v in letters), key=lambda d: d.source.offset)
+    errors = [d.error for d in ordered]
     assert len(errors) == len(bad), errors
     for kind, error in zip(kinds, errors, strict=True):  # one partition: dead letters in offset order
         assert BAD[kind][1] in error, (kind, error)
     reference = RiskProcessor.from_settings(SCORER, settings)  # the worker's: risk at the fleet's failure rate
     expected = {
-        (r["uuid"], r["ts"]): r["risk"]
+        (r.uuid, r.ts): r.risk
         for i, m in enumerate(good)
         for _, v in reference.process([Inbound(m, "samples", 0, i)], now=time.time()).risk
         for r in [decode_risk(v)]
     }
     published = [decode_risk(v) for _, v in risk]
-    assert published and {(r["uuid"], r["ts"]) for r in published} <= set(expected)
+    assert published and {(r.uuid, r.ts) for r in published} <= set(expected)
     for r in published:  # the worker's scores after the bad input are those of a run that never saw it
-        assert r["risk"] == pytest.approx(expected[(r["uuid"], r["ts"])], abs=1e-5)
+        assert r.risk == pytest.approx(expected[(r.uuid, r.ts)], abs=1e-5)

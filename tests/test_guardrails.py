@@ -17,7 +17,8 @@ from prometheus_client import REGISTRY
 from gpuwatch.cli import main
 from gpuwatch.config import ConfigError, Settings, load_settings
 from gpuwatch.pools import FLEET_POOL, OTHER_POOL, Pools, parse_maintenance_windows
-from gpuwatch.sinks import redis_keys as k
+from gpuwatch.schemas import redis_keys as k
+from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.sinks.drill import T0, risk_record, run_scenario
 from gpuwatch.sinks.guard_state import ADMITTED, OPEN, TRIPPED, MemoryGuardState, RedisGuardState
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy, read_audit, remediation_count
@@ -28,15 +29,15 @@ DAY = 86400.0
 RULES = dataclasses.replace(PolicyRules.from_settings(Settings()), breaker_min_hosts=1)
 
 
-def drain(host: str, gpu: int, t: float, base: float = T0) -> dict[str, Any]:
+def drain(host: str, gpu: int, t: float, base: float = T0) -> Risk:
     return risk_record(host, gpu, base + t, ("drain", "memory", 0.0))
 
 
-def quiet(host: str, gpu: int, t: float, base: float = T0) -> dict[str, Any]:
+def quiet(host: str, gpu: int, t: float, base: float = T0) -> Risk:
     return risk_record(host, gpu, base + t, None)
 
 
-def failed(host: str, gpu: int, t: float, since: float) -> dict[str, Any]:
+def failed(host: str, gpu: int, t: float, since: float) -> Risk:
     return risk_record(host, gpu, T0 + t, ("failed", "memory", T0 + since))
 
 
@@ -46,7 +47,7 @@ class Fleet:
     def __init__(self, hosts: int = 100, guards: Any = None, **rules: Any) -> None:
         self.audit: list[dict] = []
         self.trips: list[str] = []
-        self.events: list[dict] = []
+        self.events: list[Remediation] = []
         self.policy = RemediationPolicy(
             dataclasses.replace(RULES, **rules), audit=self.audit.extend, on_trip=self.trips.append,
             guards=guards if guards is not None else MemoryGuardState(),
@@ -54,12 +55,12 @@ class Fleet:
         self.hosts = [f"node-{i:04d}" for i in range(hosts)]
         self.feed(0, [quiet(h, 0, 0) for h in self.hosts])
 
-    def feed(self, t: float, records: list[dict]) -> list[dict]:
+    def feed(self, t: float, records: list[Risk]) -> list[Remediation]:
         out = self.policy.observe(records, T0 + t)
         self.events += out
         return out
 
-    def run(self, start: float, end: float, records: Any) -> list[dict]:
+    def run(self, start: float, end: float, records: Any) -> list[Remediation]:
         out = []
         t = start
         while t <= end:
@@ -71,8 +72,8 @@ class Fleet:
         return [(a["reason"], a["host"]) for a in self.audit if a["decision"] == decision]
 
 
-def disrupted(events: list[dict]) -> set[str]:
-    return {e["host"] for e in events if e["action"] in ("migrate", "reboot", "repair")}
+def disrupted(events: list[Remediation]) -> set[str]:
+    return {e.host for e in events if e.action in ("migrate", "reboot", "repair")}
 
 
 # ------------------------------------------------------------------------------ circuit breaker
@@ -121,7 +122,7 @@ def test_an_open_breaker_holds_repairs_but_not_checkpoints_and_stays_open() -> N
     assert f.trips == ["breaker"] and len(disrupted(f.events)) == 1
     # A day later: a failure on a third host is held, an alarm on a fourth is still checkpointed.
     later = f.run(DAY, DAY + 60, lambda t: [failed(f.hosts[2], 1, t, DAY), drain(f.hosts[3], 0, t)])
-    assert [(e["action"], e["host"]) for e in later] == [("checkpoint", f.hosts[3])]
+    assert [(e.action, e.host) for e in later] == [("checkpoint", f.hosts[3])]
     held = {(a["action"], a["reason"]) for a in f.audit if a["decision"] == "suppressed"}
     assert {("repair", "breaker"), ("migrate", "breaker")} <= held
 
@@ -142,10 +143,10 @@ def test_a_host_remediated_twice_in_seven_days_is_escalated_instead_of_remediate
     host, other = f.hosts[3], f.hosts[4]
     f.run(0, 60, lambda t: [drain(host, 0, t)])  # remediation 1: migrate
     f.run(2 * DAY, 2 * DAY + 60, lambda t: [failed(host, 1, t, 2 * DAY)])  # remediation 2: repair
-    assert [e["action"] for e in f.events] == ["checkpoint", "migrate", "repair"] and f.trips == []
+    assert [e.action for e in f.events] == ["checkpoint", "migrate", "repair"] and f.trips == []
     third = f.run(3 * DAY, 3 * DAY + 60, lambda t: [drain(host, 2, t), drain(other, 2, t)])
     # The host gets its checkpoint, not a third migrate: a human is asked instead; the other host is remediated.
-    assert sorted((e["action"], e["host"]) for e in third) == [
+    assert sorted((e.action, e.host) for e in third) == [
         ("checkpoint", host), ("checkpoint", other), ("migrate", other)
     ]  # fmt: skip
     assert f.trips == ["escalation"] and f.decisions("tripped") == [("escalation", host)]
@@ -161,7 +162,7 @@ def test_one_remediation_of_many_gpus_at_once_is_not_escalated() -> None:
     f.run(0, 60, lambda t: [drain(host, 0, t)])  # remediation 1
     # Two days later a rack event: all eight GPUs at once is one remediation of the host (the second), not eight.
     f.run(2 * DAY, 2 * DAY + 60, lambda t: [drain(host, g, t) for g in range(1, 9)])
-    assert [e["action"] for e in f.events].count("migrate") == 9 and f.trips == []
+    assert [e.action for e in f.events].count("migrate") == 9 and f.trips == []
 
 
 def test_remediations_more_than_seven_days_apart_are_not_escalated() -> None:
@@ -169,7 +170,7 @@ def test_remediations_more_than_seven_days_apart_are_not_escalated() -> None:
     host = f.hosts[3]
     for day, gpu in ((0, 0), (8, 1), (16, 2)):
         f.run(day * DAY, day * DAY + 60, lambda t, g=gpu: [drain(host, g, t)])
-    assert [e["action"] for e in f.events].count("migrate") == 3 and f.trips == []
+    assert [e.action for e in f.events].count("migrate") == 3 and f.trips == []
 
 
 # ------------------------------------------------------------------------------ incident
@@ -186,7 +187,7 @@ def test_too_many_unhealthy_hosts_is_an_incident_no_action_is_taken_until_fewer(
         40, 100, lambda t: [drain(h, 0, t) for h in f.hosts[:2]] + [quiet(h, 0, t) for h in f.hosts[2:4]]
     )
     assert ("incident", None) in f.decisions("cleared")
-    assert {(e["action"], e["host"]) for e in out} >= {("checkpoint", f.hosts[0]), ("checkpoint", f.hosts[1])}
+    assert {(e.action, e.host) for e in out} >= {("checkpoint", f.hosts[0]), ("checkpoint", f.hosts[1])}
     assert f.trips == ["incident"]
 
 
@@ -194,7 +195,7 @@ def test_old_failures_waiting_for_repair_are_not_an_incident() -> None:
     f = Fleet(hosts=40, max_unhealthy_hosts=3, breaker_share=0.0)
     # Five hosts with a GPU that failed two hours ago (past the breaker's window) and still reports failed.
     f.run(0, 30, lambda t: [failed(h, 0, t, -7200) for h in f.hosts[:5]] + [drain(f.hosts[9], 0, t)])
-    assert f.trips == [] and ("checkpoint", f.hosts[9]) in {(e["action"], e["host"]) for e in f.events}
+    assert f.trips == [] and ("checkpoint", f.hosts[9]) in {(e.action, e.host) for e in f.events}
 
 
 # ------------------------------------------------------------------------------ pools and maintenance
@@ -204,7 +205,7 @@ def test_a_pool_limit_holds_a_third_host_of_its_pool_and_no_other_pool() -> None
     f = Fleet(hosts=100, pool_pattern=r"^(node-\d{3})\d$", pool_max_drains=2, max_concurrent_drains=10)
     rack_a, rack_b = f.hosts[10:13], f.hosts[20:21]  # pools node-001 and node-002
     f.run(0, 100, lambda t: [drain(h, 0, t) for h in rack_a + rack_b])
-    migrated = sorted(e["host"] for e in f.events if e["action"] == "migrate")
+    migrated = sorted(e.host for e in f.events if e.action == "migrate")
     assert migrated == [*rack_a[:2], *rack_b]
     assert f.decisions("suppressed") == [("pool_limit", rack_a[2])] and f.trips == ["pool_limit"]
 
@@ -216,12 +217,12 @@ def test_a_maintenance_window_holds_disruptive_actions_of_its_pool_only() -> Non
     f = Fleet(hosts=40, pool_pattern=r"^(node-\d{3})\d$", maintenance=windows)
     inside, outside = f.hosts[12], f.hosts[25]
     f.run(0, 100, lambda t: [drain(inside, 0, t), drain(outside, 0, t)])
-    assert sorted((e["action"], e["host"]) for e in f.events) == [
+    assert sorted((e.action, e.host) for e in f.events) == [
         ("checkpoint", inside), ("checkpoint", outside), ("migrate", outside)
     ]  # fmt: skip
     assert f.decisions("suppressed") == [("maintenance", inside)]
     # After the window the migrate still due goes out on fresh records.
-    assert [e["action"] for e in f.run(3700, 3700, lambda t: [drain(inside, 0, t)])] == ["migrate"]
+    assert [e.action for e in f.run(3700, 3700, lambda t: [drain(inside, 0, t)])] == ["migrate"]
 
 
 def test_maintenance_windows_are_well_defined() -> None:
@@ -303,7 +304,7 @@ def test_replicas_share_the_breaker_and_a_restarted_sink_finds_it_open(
     before = REGISTRY.get_sample_value("gpuwatch_policy_trips_total", {"guard": "breaker"}) or 0.0
     replicas = [make_policy(settings, redis_client) for _ in range(2)]  # as `gpuwatch sink` builds it, twice
     hosts = [f"node-{i:04d}" for i in range(60)]  # limit: 5 % of 60 = 3 hosts
-    events: list[dict] = []
+    events: list[Remediation] = []
     for t in range(0, 200, 10):
         for i, replica in enumerate(replicas):  # each replica reads the hosts of its partitions: here, half
             mine = hosts[i::2]
@@ -320,7 +321,7 @@ def test_replicas_share_the_breaker_and_a_restarted_sink_finds_it_open(
     assert REGISTRY.get_sample_value("gpuwatch_policy_fleet_hosts") == 60.0
 
     restarted = make_policy(settings, redis_client)
-    assert [e["action"] for e in restarted.observe([drain(hosts[50], 0, 300, base)], base + 300)] == [
+    assert [e.action for e in restarted.observe([drain(hosts[50], 0, 300, base)], base + 300)] == [
         "checkpoint"
     ]
     assert restarted.observe([drain(hosts[50], 0, 370, base)], base + 370) == []  # its migrate is held
@@ -346,7 +347,7 @@ def test_replicas_share_the_breaker_and_a_restarted_sink_finds_it_open(
     ) and "alice: rack 1 cooling fixed" in reset["detail"]
     assert not redis_client.exists(k.POLICY_BREAKER, k.POLICY_DISRUPTED)
     # Closed and its window emptied: the migrate still due goes out on the next fresh record.
-    assert [e["action"] for e in restarted.observe([drain(hosts[50], 0, 400, base)], base + 400)] == [
+    assert [e.action for e in restarted.observe([drain(hosts[50], 0, 400, base)], base + 400)] == [
         "migrate"
     ]
     export_guards(restarted)

@@ -19,7 +19,8 @@ from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
-from gpuwatch.schemas.fields import ACTIONS
+from gpuwatch.schemas.fields import ACTIONS, FailureMode
+from gpuwatch.schemas.records import Risk
 from gpuwatch.streams.app import export_batch_metrics
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor
@@ -36,8 +37,9 @@ def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str
     }
 
 
-def rec(host: str, gpu: int, ts: float, risk: float, mode: str = "none") -> dict[str, Any]:
-    return {"host": host, "gpu_index": gpu, "uuid": f"GPU-{host}-{gpu}", "ts": ts, "risk": risk, "mode": mode}
+def rec(host: str, gpu: int, ts: float, risk: float, mode: FailureMode = "none") -> Risk:
+    return Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=risk, horizon_s=3600.0, mode=mode,
+                model="m", scored_at=ts)
 
 
 def test_fleet_risk_exports_the_newest_record_per_gpu_with_its_mode() -> None:

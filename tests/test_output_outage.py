@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -24,8 +24,10 @@ from gpuwatch.controller.executors import Outcome
 from gpuwatch.controller.worker import run_controller
 from gpuwatch.embedded import EmbeddedServer, start_kafka
 from gpuwatch.kafka import ensure_topics, make_producer, read_partitions_to_end
+from gpuwatch.schemas import redis_keys as k
 from gpuwatch.schemas.codecs import decode_deadletter, encode_remediation, encode_risk, remediation_id
-from gpuwatch.sinks import redis_keys as k
+from gpuwatch.schemas.records import Outcome as OutcomeRecord
+from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.sinks.policy import PolicyRules, RedisKillSwitch, RemediationPolicy
 from gpuwatch.sinks.remediation_sink import run_remediation_sink
 from gpuwatch.sinks.risk_sink import run_risk_sink
@@ -68,10 +70,9 @@ def _read(settings: Settings, topic: str) -> list[dict[str, Any]]:
     return [orjson.loads(v) for _, v in read_partitions_to_end(settings, topic, list(range(PARTITIONS)))]
 
 
-def _risk(ts: float, alarm: bool, host: str = "node-0001", gpu: int = 3) -> dict[str, Any]:
-    return {"schema": "gpuwatch.risk/1", "host": host, "gpu_index": gpu, "uuid": f"GPU-{host}-{gpu}", "ts": ts,
-            "risk": 2e-3 if alarm else 1e-6, "horizon_s": 3600.0, "mode": "memory", "model": "m", "scored_at": ts,
-            "alarm": alarm, "drain": False, "failed": False, "op": "model:0.658x2"}  # fmt: skip
+def _risk(ts: float, alarm: bool, host: str = "node-0001", gpu: int = 3) -> Risk:
+    return Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=2e-3 if alarm else 1e-6,
+                horizon_s=3600.0, mode="memory", model="m", scored_at=ts, alarm=alarm, op="model:0.658x2")
 
 
 class _HeldPolicy(RemediationPolicy):
@@ -82,7 +83,7 @@ class _HeldPolicy(RemediationPolicy):
         self.holding = threading.Event()
         self.release = threading.Event()
 
-    def observe(self, records: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
+    def observe(self, records: Sequence[Risk], now: float) -> list[Remediation]:
         events = super().observe(records, now)
         if events and not self.holding.is_set():
             self.holding.set()
@@ -92,11 +93,11 @@ class _HeldPolicy(RemediationPolicy):
 
 def _start_remediation_sink(
     settings: Settings, redis_client: redis.Redis
-) -> tuple[threading.Thread, threading.Event, _HeldPolicy, list[dict[str, Any]]]:
+) -> tuple[threading.Thread, threading.Event, _HeldPolicy, list[Remediation]]:
     """A remediation sink whose policy holds its checkpoint decision: (thread, stop, policy, events seen)."""
     ensure_topics(settings, [settings.topic_risk, settings.topic_remediation])
     policy = _HeldPolicy(settings, redis_client)
-    seen: list[dict[str, Any]] = []
+    seen: list[Remediation] = []
     stop = threading.Event()
     sink = threading.Thread(target=run_remediation_sink, args=(settings,),
                             kwargs={"stop": stop, "on_event": seen.append, "policy": policy})  # fmt: skip
@@ -128,8 +129,8 @@ def test_a_remediation_event_outlives_an_outage_longer_than_the_delivery_timeout
         policy.release.set()
         sink.join(30)
     assert not sink.is_alive()
-    assert [(e["action"], e["gpu_index"]) for e in seen] == [("checkpoint", 3)]  # once, not once per resend
-    assert [e["id"] for e in published] == [seen[0]["id"]]
+    assert [(e.action, e.gpu_index) for e in seen] == [("checkpoint", 3)]  # once, not once per resend
+    assert [e["id"] for e in published] == [seen[0].id]
 
 
 def test_a_remediation_sink_stopped_during_the_outage_reports_nothing_and_ends(
@@ -159,10 +160,10 @@ def test_a_dead_letter_of_the_risk_sink_outlives_an_outage_longer_than_the_deliv
     for value in (encode_risk(_risk(now - 1, False)), b"not json", encode_risk(_risk(now, False))):
         producer.produce(settings.topic_risk, value, key="node-0001")
     producer.flush(10)
-    written: list[list[dict[str, Any]]] = []
+    written: list[list[Risk]] = []
     holding, release = threading.Event(), threading.Event()
 
-    def on_written(records: list[dict[str, Any]], _at: float) -> None:
+    def on_written(records: list[Risk], _at: float) -> None:
         written.append(records)
         holding.set()
         release.wait(60)  # only the first batch waits: release stays set
@@ -182,7 +183,7 @@ def test_a_dead_letter_of_the_risk_sink_outlives_an_outage_longer_than_the_deliv
         producer = make_producer(settings)
         producer.produce(settings.topic_risk, encode_risk(_risk(now + 1, False)), key="node-0001")
         assert producer.flush(10) == 0
-        wait_for(lambda: [r for batch in written for r in batch if r["ts"] == now + 1], 60, "a record after the outage")
+        wait_for(lambda: [r for batch in written for r in batch if r.ts == now + 1], 60, "a record after the outage")
         letters = [decode_deadletter(v) for _, v in
                    read_partitions_to_end(settings, settings.topic_deadletter, list(range(PARTITIONS)))]  # fmt: skip
     finally:
@@ -190,7 +191,7 @@ def test_a_dead_letter_of_the_risk_sink_outlives_an_outage_longer_than_the_deliv
         release.set()
         sink.join(30)
     assert not sink.is_alive()
-    assert [(d["stage"], d["source"]["offset"]) for d in letters] == [("risk-sink", 1)]
+    assert [(d.stage, d.source.offset) for d in letters] == [("risk-sink", 1)]
 
 
 class _HeldExecutor:
@@ -202,10 +203,10 @@ class _HeldExecutor:
         self.holding = threading.Event()
         self.release = threading.Event()
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
+    def execute(self, event: Remediation) -> Outcome:
         self.holding.set()
         self.release.wait(60)
-        return Outcome(ok=True, detail=f"would {event['action']}", dry_run=True)
+        return Outcome(ok=True, detail=f"would {event.action}", dry_run=True)
 
 
 def test_a_controller_outcome_outlives_an_outage_longer_than_the_delivery_timeout(
@@ -215,11 +216,11 @@ def test_a_controller_outcome_outlives_an_outage_longer_than_the_delivery_timeou
     topics = [settings.topic_remediation, settings.topic_outcomes, settings.topic_deadletter]
     ensure_topics(settings, topics)
     host, gpu, uuid, episode_ts = "node-0003", 5, "GPU-node-0003-5", time.time() - 60
-    event = {"schema": "gpuwatch.remediation/1", "id": remediation_id(host, gpu, uuid, "migrate", episode_ts),
-             "host": host, "gpu_index": gpu, "uuid": uuid, "action": "migrate",
-             "reason": "risk 0.97 >= 0.85, mode memory", "risk": 0.97, "ts": episode_ts + 30}  # fmt: skip
+    event = Remediation(id=remediation_id(host, gpu, uuid, "migrate", episode_ts), host=host, gpu_index=gpu,
+                        uuid=uuid, action="migrate", reason="risk 0.97 >= 0.85, mode memory", risk=0.97,
+                        ts=episode_ts + 30)
     executor = _HeldExecutor()
-    outcomes: list[dict[str, Any]] = []
+    outcomes: list[OutcomeRecord] = []
     stop = threading.Event()
     controller = threading.Thread(target=run_controller, args=(settings,),
                                   kwargs={"stop": stop, "executor": executor, "on_outcome": outcomes.append,
@@ -233,7 +234,7 @@ def test_a_controller_outcome_outlives_an_outage_longer_than_the_delivery_timeou
 
         _broker_away(brokers, executor.release)
         assert outcomes == [], "on_outcome fired for an outcome Kafka never acknowledged"
-        assert not redis_client.exists(k.outcome_key(event["id"])), "the claim was done before Kafka had it"
+        assert not redis_client.exists(k.outcome_key(event.id)), "the claim was done before Kafka had it"
         _broker_back(brokers, settings, topics)
 
         wait_for(lambda: outcomes, 60, "the outcome to be acknowledged after the outage")
@@ -243,6 +244,6 @@ def test_a_controller_outcome_outlives_an_outage_longer_than_the_delivery_timeou
         executor.release.set()
         controller.join(30)
     assert not controller.is_alive()
-    assert [(o["id"], o["ok"], o["dry_run"]) for o in outcomes] == [(event["id"], True, True)]
-    assert [o["id"] for o in published] == [event["id"]]
-    assert redis_client.hget(k.outcome_key(event["id"]), "ok") == b"true"
+    assert [(o.id, o.ok, o.dry_run) for o in outcomes] == [(event.id, True, True)]
+    assert [o["id"] for o in published] == [event.id]
+    assert redis_client.hget(k.outcome_key(event.id), "ok") == b"true"

@@ -16,7 +16,7 @@ from gpuwatch.embedded import EmbeddedServer
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
-from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter, decode_risk
+from gpuwatch.schemas.codecs import decode_deadletter, decode_risk
 from gpuwatch.sinks.risk_client import RiskClient
 from gpuwatch.sinks.risk_sink import run_risk_sink
 
@@ -46,10 +46,10 @@ def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker:
             producer.produce(settings.topic_samples, key=host.encode(), value=value)
     assert producer.flush(10) == 0
 
-    got = _collect(settings, [settings.topic_risk], lambda g: len({orjson.loads(v)["uuid"] for v in g[settings.topic_risk]}) >= 16)
+    got = _collect(settings, [settings.topic_risk], lambda g: len({decode_risk(v).uuid for v in g[settings.topic_risk]}) >= 16)
     records = [decode_risk(v) for v in got[settings.topic_risk]]
-    assert {(r["host"], r["gpu_index"]) for r in records} == {(h, g) for h in sim.hosts for g in range(8)}
-    assert all(0.0 <= r["risk"] <= 1.0 and r["model"] for r in records)
+    assert {(r.host, r.gpu_index) for r in records} == {(h, g) for h in sim.hosts for g in range(8)}
+    assert all(0.0 <= r.risk <= 1.0 and r.model for r in records)
 
     client = RiskClient(redis.Redis.from_url(settings.redis_url))
     deadline = time.monotonic() + 30
@@ -59,7 +59,7 @@ def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker:
     sink.join(10)
     top = client.top(100)
     assert len(top) == 16
-    newest = max(r["ts"] for r in records if r["host"] == sim.hosts[0] and r["gpu_index"] == 0)
+    newest = max(r.ts for r in records if r.host == sim.hosts[0] and r.gpu_index == 0)
     assert client.risk(sim.hosts[0], 0)["ts"] == pytest.approx(newest)
 
 
@@ -79,10 +79,10 @@ def test_malformed_message_is_dead_lettered_and_worker_keeps_going(settings: Set
         lambda g: len(g[settings.topic_deadletter]) >= 2 and len(g[settings.topic_risk]) >= 8,
     )
     letters = [decode_deadletter(v) for v in got[settings.topic_deadletter]]
-    assert sorted(deadletter_original(d) for d in letters) == sorted(bad)
-    assert all(d["error"] and d["source"]["topic"] == settings.topic_samples for d in letters)
+    assert sorted(d.original for d in letters) == sorted(bad)
+    assert all(d.error and d.source.topic == settings.topic_samples for d in letters)
     # The good snapshots after the bad ones were still scored.
-    assert {decode_risk(v)["gpu_index"] for v in got[settings.topic_risk]} == set(range(8))
+    assert {decode_risk(v).gpu_index for v in got[settings.topic_risk]} == set(range(8))
     assert worker.alive()
 
 
@@ -101,13 +101,13 @@ def test_a_silent_gpu_keeps_getting_risk_records_with_its_last_ts(settings: Sett
         # The host then goes silent: its GPUs are still re-scored, stamped with their last sample's ts.
         got = _collect(
             settings, [settings.topic_risk],
-            lambda g: len({(r["uuid"], round(r["scored_at"])) for r in map(orjson.loads, g[settings.topic_risk])
-                           if r["ts"] == pytest.approx(last_ts)}) >= 16,
+            lambda g: len({(r.uuid, round(r.scored_at)) for r in map(decode_risk, g[settings.topic_risk])
+                           if r.ts == pytest.approx(last_ts)}) >= 16,
         )
-        latest = [decode_risk(v) for v in got[settings.topic_risk] if decode_risk(v)["ts"] == pytest.approx(last_ts)]
+        latest = [decode_risk(v) for v in got[settings.topic_risk] if decode_risk(v).ts == pytest.approx(last_ts)]
         spans = {}
         for r in latest:
-            spans.setdefault(r["uuid"], []).append(r["scored_at"])
+            spans.setdefault(r.uuid, []).append(r.scored_at)
         assert len(spans) == 8
         assert all(max(s) - min(s) >= 2.5 for s in spans.values())  # re-published, not just scored once
     finally:

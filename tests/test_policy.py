@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
+import msgspec
 import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -16,7 +16,8 @@ from redis.retry import Retry
 
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer
-from gpuwatch.schemas.codecs import decode_remediation, encode_risk, remediation_id
+from gpuwatch.schemas.codecs import decode_remediation, encode_remediation, encode_risk, remediation_id
+from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.sinks.policy import (
     PolicyRules,
     RedisAuditLog,
@@ -41,27 +42,13 @@ RULES = PolicyRules(
 QUIET, ALARM, DRAIN, FAILED = "quiet", "alarm", "drain", "failed"
 
 
-def rec(ts: float, level: str = ALARM, host: str = "node-0001", gpu: int = 3, mode: str = "memory", **kw: Any) -> dict:
+def rec(ts: float, level: str = ALARM, host: str = "node-0001", gpu: int = 3, mode: str = "memory", **kw: Any) -> Risk:
     failed = level == FAILED
-    out = {
-        "schema": "gpuwatch.risk/1",
-        "host": host,
-        "gpu_index": gpu,
-        "uuid": kw.get("uuid", f"GPU-{host}-{gpu}"),
-        "ts": ts,
-        "risk": 1.0 if failed else {QUIET: 1e-6, ALARM: 2e-3, DRAIN: 0.05}[level],
-        "horizon_s": 3600.0,
-        "mode": mode,
-        "model": "m",
-        "scored_at": ts,
-        "alarm": level in (ALARM, DRAIN),
-        "drain": level == DRAIN,
-        "failed": failed,
-        "op": "model:0.658x2",
-    }
-    if failed:
-        out["failed_since"] = kw.get("failed_since", ts)
-    return out
+    return Risk(host=host, gpu_index=gpu, uuid=kw.get("uuid", f"GPU-{host}-{gpu}"), ts=ts,
+                risk=1.0 if failed else {QUIET: 1e-6, ALARM: 2e-3, DRAIN: 0.05}[level], horizon_s=3600.0,
+                mode=mode, model="m", scored_at=ts, alarm=level in (ALARM, DRAIN), drain=level == DRAIN,
+                failed=failed, op="model:0.658x2",
+                failed_since=kw.get("failed_since", ts) if failed else msgspec.UNSET)  # type: ignore[arg-type]
 
 
 class Harness:
@@ -74,7 +61,7 @@ class Harness:
             RULES, killswitch=lambda: self.kill, audit=self.audit.extend, **overrides
         )
 
-    def run(self, start: float, end: float, level: str | Callable[[float], str], **kw: Any) -> list[dict]:
+    def run(self, start: float, end: float, level: str | Callable[[float], str], **kw: Any) -> list[Remediation]:
         events = []
         t = start
         while t <= end:
@@ -84,18 +71,18 @@ class Harness:
         return events
 
 
-def actions(events: list[dict]) -> list[tuple[str, float]]:
-    return [(e["action"], e["ts"] - T0) for e in events]
+def actions(events: list[Remediation]) -> list[tuple[str, float]]:
+    return [(e.action, e.ts - T0) for e in events]
 
 
 def test_the_first_alarm_record_checkpoints_at_once() -> None:
     h = Harness()
     assert h.run(0, 100, QUIET) == []
     [event] = h.run(110, 400, ALARM)
-    assert (event["action"], event["ts"]) == ("checkpoint", T0 + 110) and event["schema"] == "gpuwatch.remediation/1"
-    assert event["id"] == remediation_id("node-0001", 3, "GPU-node-0001-3", "checkpoint", T0 + 110)
-    assert "operating point model:0.658x2" in event["reason"]
-    assert decode_remediation(orjson.dumps(event)) == event  # it honours the wire contract
+    assert (event.action, event.ts) == ("checkpoint", T0 + 110) and type(event) is Remediation
+    assert event.id == remediation_id("node-0001", 3, "GPU-node-0001-3", "checkpoint", T0 + 110)
+    assert "operating point model:0.658x2" in event.reason
+    assert decode_remediation(encode_remediation(event)) == event  # it honours the wire contract
 
 
 def test_an_episode_outlives_gaps_shorter_than_episode_gap_s() -> None:
@@ -114,7 +101,7 @@ def test_escalation_goes_checkpoint_then_migrate_then_reboot_on_the_drain_operat
     h = Harness()
     events = h.run(0, 2000, DRAIN, mode="sudden")
     assert actions(events) == [("checkpoint", 0), ("migrate", 60), ("reboot", 660)]
-    assert len({e["id"] for e in events}) == 3
+    assert len({e.id for e in events}) == 3
     assert [a["decision"] for a in h.audit] == ["acted"] * 3
 
 
@@ -133,7 +120,7 @@ def test_reboot_is_skipped_for_modes_a_reboot_cannot_fix() -> None:
 
 def test_replaying_the_same_records_gives_the_same_ids() -> None:
     first, second = Harness().run(0, 2000, DRAIN), Harness().run(0, 2000, DRAIN)
-    assert [e["id"] for e in first] == [e["id"] for e in second]
+    assert [e.id for e in first] == [e.id for e in second]
 
 
 def test_cooldown_blocks_a_new_episode_soon_after_an_action() -> None:
@@ -180,7 +167,7 @@ def test_a_replaced_gpu_starts_a_new_episode() -> None:
     h = Harness(cooldown_s=0)
     h.run(0, 0, ALARM)
     [event] = h.run(10, 20, ALARM, uuid="GPU-new")
-    assert (event["uuid"], event["ts"]) == ("GPU-new", T0 + 10)
+    assert (event.uuid, event.ts) == ("GPU-new", T0 + 10)
     assert [(a["decision"], a["reason"]) for a in h.audit if a["decision"] == "cleared"] == [("cleared", "replaced")]
 
 
@@ -188,7 +175,7 @@ def test_a_failed_gpu_gets_one_repair_and_no_more_predictions() -> None:
     h = Harness()
     events = h.run(0, 100, DRAIN) + h.run(110, 2000, FAILED, failed_since=T0 + 110)
     assert actions(events) == [("checkpoint", 0), ("migrate", 60), ("repair", 110)]
-    assert events[-1]["id"] == remediation_id("node-0001", 3, "GPU-node-0001-3", "repair", T0 + 110)
+    assert events[-1].id == remediation_id("node-0001", 3, "GPU-node-0001-3", "repair", T0 + 110)
     assert ("cleared", "failed") in [(a["decision"], a["reason"]) for a in h.audit]
     # repaired, then failed again later: a second repair for the second failure only
     more = h.run(2010, 2100, QUIET) + h.run(2110, 2200, FAILED, failed_since=T0 + 2110)
@@ -214,19 +201,19 @@ def test_blast_radius_holds_when_100_gpus_go_high_at_once() -> None:
     for t in range(0, 2000, 10):
         batch = [rec(T0 + t, DRAIN, host=h, gpu=g) for h, g in gpus]
         events += policy.observe(batch, now=T0 + t)
-    by_action = {a: [e for e in events if e["action"] == a] for a in ("checkpoint", "migrate", "reboot")}
+    by_action = {a: [e for e in events if e.action == a] for a in ("checkpoint", "migrate", "reboot")}
     assert len(by_action["checkpoint"]) == 100
     assert len(by_action["migrate"]) == 2
-    assert {e["host"] for e in by_action["reboot"]} == {e["host"] for e in by_action["migrate"]}
+    assert {e.host for e in by_action["reboot"]} == {e.host for e in by_action["migrate"]}
     assert len(policy.active_drains(T0 + 2000)) == 2
     assert sum(a["reason"] == "blast_radius" for a in audit) == 98  # once per suppressed GPU
 
     # a drained GPU's episode ends: its slot goes to the next one
     drained = by_action["migrate"][0]
-    quiet = [rec(T0 + 2000 + t, QUIET, host=drained["host"], gpu=drained["gpu_index"]) for t in range(0, 610, 10)]
+    quiet = [rec(T0 + 2000 + t, QUIET, host=drained.host, gpu=drained.gpu_index) for t in range(0, 610, 10)]
     policy.observe(quiet, now=T0 + 2600)
     more = policy.observe([rec(T0 + 2610, DRAIN, host=h, gpu=g) for h, g in gpus], now=T0 + 2610)
-    assert [e["action"] for e in more] == ["migrate"]
+    assert [e.action for e in more] == ["migrate"]
     assert len(policy.active_drains(T0 + 2610)) == 2
 
 
@@ -235,7 +222,7 @@ def test_two_gpus_of_one_host_take_one_drain_slot() -> None:
     events: list[dict] = []
     for t in range(0, 800, 10):
         events += policy.observe([rec(T0 + t, DRAIN, gpu=g) for g in (1, 2)], now=T0 + t)
-    assert sorted((e["action"], e["gpu_index"]) for e in events if e["action"] in ("migrate",)) == [
+    assert sorted((e.action, e.gpu_index) for e in events if e.action in ("migrate",)) == [
         ("migrate", 1),
         ("migrate", 2),
     ]
@@ -280,7 +267,7 @@ def test_remediation_sink_publishes_events_for_sustained_risk(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     ensure_topics(settings, [settings.topic_risk, settings.topic_remediation])
-    seen: list[dict] = []
+    seen: list[Remediation] = []
     stop = threading.Event()
     thread = threading.Thread(
         target=run_remediation_sink,
@@ -304,7 +291,7 @@ def test_remediation_sink_publishes_events_for_sustained_risk(
     finally:
         stop.set()
         thread.join(15)
-    assert [(e["action"], e["gpu_index"]) for e in seen] == [("checkpoint", 3)]
+    assert [(e.action, e.gpu_index) for e in seen] == [("checkpoint", 3)]
 
     consumer = Consumer({**settings.kafka_client_config(), "group.id": "test-reader"})
     consumer.assign([TopicPartition(settings.topic_remediation, p, OFFSET_BEGINNING) for p in range(4)])
@@ -316,5 +303,5 @@ def test_remediation_sink_publishes_events_for_sustained_risk(
             got = msg
     consumer.close()
     assert got is not None and got.key() == b"node-0001"
-    assert decode_remediation(got.value())["id"] == seen[0]["id"]
-    assert read_audit(redis_client)[0]["id"] == seen[0]["id"]
+    assert decode_remediation(got.value()).id == seen[0].id
+    assert read_audit(redis_client)[0]["id"] == seen[0].id

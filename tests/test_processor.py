@@ -25,13 +25,13 @@ def test_each_gpu_is_rescored_once_per_interval_of_sample_time() -> None:
     result = proc.process(_feed(sim, 20))  # 20 s of samples at 1 Hz, one batch
     assert result.samples == 20 * 16 and not result.deadletters
     records = [decode_risk(v) for _, v in result.risk]
-    assert len({r["uuid"] for r in records}) == 16
+    assert len({r.uuid for r in records}) == 16
     # One batch scores each touched GPU once; then every 5 s of sample time.
     more = proc.process(_feed(sim, 10))
     per_gpu = {}
     for _, v in more.risk:
         r = decode_risk(v)
-        per_gpu.setdefault(r["uuid"], []).append(r["ts"])
+        per_gpu.setdefault(r.uuid, []).append(r.ts)
     assert all(len(ts) == 1 for ts in per_gpu.values()) and len(per_gpu) == 16
 
 
@@ -39,11 +39,11 @@ def test_silent_gpus_are_republished_with_their_last_sample_ts() -> None:
     sim = FleetSimulator(FleetConfig(hosts=1, seed=2, start_ts=1.7e9))
     proc = _processor()
     first = [decode_risk(v) for _, v in proc.process(_feed(sim, 3)).risk]
-    scored_at = max(r["scored_at"] for r in first)
+    scored_at = max(r.scored_at for r in first)
     assert proc.refresh_silent(scored_at + 5.0, max_age_s=10.0).risk == []
     again = [decode_risk(v) for _, v in proc.refresh_silent(scored_at + 10.5, max_age_s=10.0).risk]
-    assert {r["uuid"] for r in again} == {r["uuid"] for r in first}
-    assert {r["ts"] for r in again} == {r["ts"] for r in first}  # no new telemetry: the ts says so
+    assert {r.uuid for r in again} == {r.uuid for r in first}
+    assert {r.ts for r in again} == {r.ts for r in first}  # no new telemetry: the ts says so
 
 
 def test_duplicate_snapshot_is_dead_lettered_and_leaves_the_window_alone() -> None:
@@ -55,7 +55,7 @@ def test_duplicate_snapshot_is_dead_lettered_and_leaves_the_window_alone() -> No
     result = proc.process([msgs[2]])  # a redelivered, older snapshot
     assert result.samples == 0 and result.rejected_samples == 8
     (letter,) = [decode_deadletter(d) for d in result.deadletters]
-    assert "duplicate or out of order" in letter["error"]
+    assert "duplicate or out of order" in letter.error
     assert (proc.store.current == before).all()
 
 
@@ -63,8 +63,8 @@ def test_garbage_is_dead_lettered_with_its_source() -> None:
     proc = _processor()
     result = proc.process([Inbound(b"\xff\xfe", "samples", 3, 42), Inbound(orjson.dumps({"schema": 1}), "samples", 3, 43)])
     letters = [decode_deadletter(d) for d in result.deadletters]
-    assert [(d["source"]["partition"], d["source"]["offset"]) for d in letters] == [(3, 42), (3, 43)]
-    assert all(d["error"] for d in letters) and result.samples == 0
+    assert [(d.source.partition, d.source.offset) for d in letters] == [(3, 42), (3, 43)]
+    assert all(d.error for d in letters) and result.samples == 0
 
 
 def test_incremental_scoring_equals_a_full_forward_pass() -> None:
@@ -78,7 +78,7 @@ def test_incremental_scoring_equals_a_full_forward_pass() -> None:
         hits += int(np.sum(cached[: len(proc._cache_push_ts)] == proc._cache_push_ts[: len(cached)]))
         assert result.scored == 16
         slots = np.sort(np.array(list(proc.store.slot_of.values())))
-        incremental = [decode_risk(v)["risk"] for _, v in result.risk]
+        incremental = [decode_risk(v).risk for _, v in result.risk]
         full, _ = scorer.score(proc.store.sequences(slots))
         assert np.allclose(sorted(incremental), sorted(full), atol=1e-5)
     assert hits > 100  # the cache was really used, not recomputed every time
@@ -108,7 +108,7 @@ def _shifted(msgs: list[Inbound], by_s: float) -> list[Inbound]:
 
 
 def _ts(result_risk: list[tuple[bytes, bytes]]) -> set[float]:
-    return {decode_risk(v)["ts"] for _, v in result_risk}
+    return {decode_risk(v).ts for _, v in result_risk}
 
 
 def test_a_snapshot_stamped_ahead_does_not_lock_out_the_next_ones() -> None:

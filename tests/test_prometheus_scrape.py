@@ -24,6 +24,8 @@ from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.schemas.codecs import encode_risk
+from gpuwatch.schemas.fields import FailureMode
+from gpuwatch.schemas.records import Risk
 from gpuwatch.sinks.service import run_sinks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,20 +51,19 @@ def http_json(url: str) -> Any:
         return orjson.loads(resp.read())
 
 
-def risk_record(host: str, gpu: int, risk: float, mode: str) -> dict[str, Any]:
+def risk_record(host: str, gpu: int, risk: float, mode: FailureMode) -> Risk:
     now = time.time()
-    return {
-        "schema": "gpuwatch.risk/1",
-        "host": host,
-        "gpu_index": gpu,
-        "uuid": f"GPU-{host}-{gpu}",
-        "ts": now,
-        "risk": risk,
-        "horizon_s": 3600.0,
-        "mode": mode,
-        "model": "test-model",
-        "scored_at": now,
-    }
+    return Risk(
+        host=host,
+        gpu_index=gpu,
+        uuid=f"GPU-{host}-{gpu}",
+        ts=now,
+        risk=risk,
+        horizon_s=3600.0,
+        mode=mode,
+        model="test-model",
+        scored_at=now,
+    )
 
 
 @pytest.fixture()
@@ -142,7 +143,7 @@ def test_prometheus_scrapes_per_gpu_risk_from_the_sink(
         risk_record("scrape-node-1", 5, 0.93, "thermal"),
     ]
     for r in records:
-        producer.produce(sinks.topic_risk, encode_risk(r), key=r["host"].encode())
+        producer.produce(sinks.topic_risk, encode_risk(r), key=r.host.encode())
     assert producer.flush(10) == 0
 
     series = wait_for(
@@ -161,7 +162,7 @@ def test_prometheus_scrapes_per_gpu_risk_from_the_sink(
     written = query(prometheus, "gpuwatch_risk_records_written_total")
     assert written and float(written[0]["value"][1]) >= 2
     seen = query(prometheus, 'gpuwatch_gpu_last_risk_timestamp_seconds{host="scrape-node-1",gpu="5"}')
-    assert float(seen[0]["value"][1]) == pytest.approx(records[1]["ts"])
+    assert float(seen[0]["value"][1]) == pytest.approx(records[1].ts)
     groups = http_json(f"{prometheus}/api/v1/rules")["data"]["groups"]
     alerts = {rule["name"] for g in groups for rule in g["rules"]}
     assert {"GpuFailureAlarm", "GpuFailed", "GpuSilent", "GpuwatchPipelineStalled"} <= alerts

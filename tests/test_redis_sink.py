@@ -12,12 +12,15 @@ import pytest
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from helpers import wait_for
+from msgspec.structs import replace
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer, start_redis
 from gpuwatch.kafka import ensure_topics, make_producer
-from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter, encode_risk
-from gpuwatch.sinks import redis_keys as k
+from gpuwatch.schemas import redis_keys as k
+from gpuwatch.schemas.codecs import decode_deadletter, encode_risk
+from gpuwatch.schemas.fields import FailureMode
+from gpuwatch.schemas.records import Risk
 from gpuwatch.sinks.redis_writer import RiskWriter
 from gpuwatch.sinks.risk_client import RiskClient
 from gpuwatch.sinks.risk_sink import group_id, run_risk_sink
@@ -26,19 +29,9 @@ from gpuwatch.sinks.top import Frame, render
 NOW = 1_750_000_000.0
 
 
-def rec(host: str, gpu: int, ts: float, risk: float, mode: str = "none") -> dict[str, Any]:
-    return {
-        "schema": "gpuwatch.risk/1",
-        "host": host,
-        "gpu_index": gpu,
-        "uuid": f"GPU-{host}-{gpu}",
-        "ts": ts,
-        "risk": risk,
-        "horizon_s": 3600.0,
-        "mode": mode,
-        "model": "test-model",
-        "scored_at": ts + 0.5,
-    }
+def rec(host: str, gpu: int, ts: float, risk: float, mode: FailureMode = "none", **optional: Any) -> Risk:
+    return Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=risk, horizon_s=3600.0, mode=mode,
+                model="test-model", scored_at=ts + 0.5, **optional)
 
 
 @pytest.fixture()
@@ -64,7 +57,7 @@ def test_out_of_order_and_duplicate_records_leave_the_newest(writer: RiskWriter,
     assert gpu0 is not None
     assert (gpu0["risk"], gpu0["mode"], gpu0["ts"]) == (0.9, "memory", NOW)
     assert client.risk("n1", 1)["risk"] == 0.3  # type: ignore[index]
-    assert [r["risk"] for r in client.history("n1", 0)] == [0.9, 0.5]  # only applied records, newest first
+    assert [r.risk for r in client.history("n1", 0)] == [0.9, 0.5]  # only applied records, newest first
     assert client.host_risk("n1")["max_risk"] == 0.9  # type: ignore[index]
 
 
@@ -112,6 +105,13 @@ def test_prune_forgets_gpus_gone_for_good(writer: RiskWriter, client: RiskClient
     assert client.host_risk("n1")["max_risk"] == 0.2  # type: ignore[index]
     assert [g["host"] for g in client.top(10)] == ["n1"]
     assert client.healthy_hosts(0.5) == ["n1"]
+
+
+def test_the_hashes_hold_the_fields_the_layout_names(writer: RiskWriter, redis_client: redis.Redis) -> None:
+    """schemas/redis_keys.py (and docs/redis.md) name every field the sink writes, no more, no fewer."""
+    writer.write_batch([rec("n1", 0, NOW, 0.5, "memory", alarm=True, op="model:0.5x1")])
+    assert {f.decode() for f in redis_client.hkeys(k.gpu_key("n1", 0))} == set(k.GPU_FIELDS)
+    assert {f.decode() for f in redis_client.hkeys(k.host_key("n1"))} == set(k.HOST_FIELDS)
 
 
 def test_big_batches_are_split_and_survive_a_script_flush(
@@ -188,9 +188,9 @@ def test_a_gpu_hash_without_a_readable_ts_reads_as_stale_not_as_an_error(
 
 
 def test_alarms_and_failures_are_kept_per_gpu_per_host_and_fleet_wide(writer: RiskWriter, client: RiskClient) -> None:
-    alarm = {**rec("a", 1, NOW, 3e-4, "memory"), "alarm": True, "drain": False, "failed": False, "op": "model:0.66x2"}
-    failed = {**rec("b", 2, NOW, 1.0, "memory"), "alarm": False, "failed": True, "failed_since": NOW - 30}
-    quiet = [{**rec(h, 0, NOW, 1e-6), "alarm": False, "failed": False} for h in ("a", "b", "c")]
+    alarm = rec("a", 1, NOW, 3e-4, "memory", alarm=True, op="model:0.66x2")
+    failed = rec("b", 2, NOW, 1.0, "memory", failed=True, failed_since=NOW - 30)
+    quiet = [rec(h, 0, NOW, 1e-6) for h in ("a", "b", "c")]
     writer.write_batch([alarm, failed, *quiet])
     gpu = client.risk("a", 1)
     assert gpu is not None and (gpu["alarm"], gpu["drain"], gpu["failed"], gpu["op"]) == (True, False, False, "model:0.66x2")
@@ -199,7 +199,7 @@ def test_alarms_and_failures_are_kept_per_gpu_per_host_and_fleet_wide(writer: Ri
     assert [(h["alarms"], h["failed"]) for h in map(client.host_risk, "abc")] == [(1, 0), (0, 1), (0, 0)]  # type: ignore[index]
     assert client.healthy_hosts() == ["c"]  # a has a GPU in alarm, b a failed one, whatever their risk
     # the alarm clears and the failed GPU is repaired: both hosts are healthy again
-    writer.write_batch([{**alarm, "ts": NOW + 5, "alarm": False}, {**failed, "ts": NOW + 5, "failed": False, "risk": 1e-6}])
+    writer.write_batch([replace(alarm, ts=NOW + 5, alarm=False), replace(failed, ts=NOW + 5, failed=False, risk=1e-6)])
     assert (client.alarms(), client.failed()) == ([], [])
     assert sorted(client.healthy_hosts()) == ["a", "b", "c"]
 
@@ -239,9 +239,9 @@ def read_all(settings: Settings, topic: str, n: int, timeout: float = 15.0) -> l
 
 
 @pytest.fixture()
-def sink(settings: Settings) -> Iterator[tuple[list[dict[str, Any]], threading.Event]]:
+def sink(settings: Settings) -> Iterator[tuple[list[Risk], threading.Event]]:
     ensure_topics(settings, [settings.topic_risk, settings.topic_deadletter])
-    written: list[dict[str, Any]] = []
+    written: list[Risk] = []
     stop = threading.Event()
     thread = threading.Thread(
         target=run_risk_sink,
@@ -257,7 +257,7 @@ def sink(settings: Settings) -> Iterator[tuple[list[dict[str, Any]], threading.E
 
 
 def test_sink_writes_records_dead_letters_garbage_and_commits(
-    settings: Settings, sink: tuple[list[dict[str, Any]], threading.Event], redis_client: redis.Redis
+    settings: Settings, sink: tuple[list[Risk], threading.Event], redis_client: redis.Redis
 ) -> None:
     written, stop = sink
     producer = make_producer(settings)
@@ -275,8 +275,8 @@ def test_sink_writes_records_dead_letters_garbage_and_commits(
 
     [dead] = read_all(settings, settings.topic_deadletter, 1)
     letter = decode_deadletter(dead)
-    assert letter["stage"] == "risk-sink" and "host" in letter["error"]
-    assert orjson.loads(deadletter_original(letter))["host"] == 7
+    assert letter.stage == "risk-sink" and "host" in letter.error
+    assert orjson.loads(letter.original)["host"] == 7
 
     def committed() -> int:
         c = Consumer({**settings.kafka_client_config(), "group.id": group_id(settings)})
@@ -288,7 +288,7 @@ def test_sink_writes_records_dead_letters_garbage_and_commits(
 
 
 def test_sink_waits_out_a_redis_outage(
-    settings: Settings, redis_server: EmbeddedServer, sink: tuple[list[dict[str, Any]], threading.Event]
+    settings: Settings, redis_server: EmbeddedServer, sink: tuple[list[Risk], threading.Event]
 ) -> None:
     written, _ = sink
     producer = make_producer(settings)

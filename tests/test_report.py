@@ -7,11 +7,13 @@ import io
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from gpuwatch.report import FailedGpu, ReportData, ReportUnavailable, RunRecorder, lead_time_s, render_report
+from gpuwatch.schemas.records import Remediation, Risk
 
 T0 = 1_750_000_000.0
 
@@ -116,20 +118,22 @@ def test_missing_matplotlib_says_how_to_install_it(tmp_path: Path, monkeypatch: 
         render_report(report_data(), tmp_path / "r.html")
 
 
+def _risk(host: str, gpu: int, ts: float, risk: float, **optional: Any) -> Risk:
+    return Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=risk, horizon_s=3600.0, mode="none",
+                model="m", scored_at=ts, **optional)
+
+
 def test_run_recorder_keeps_a_bounded_series_per_gpu_and_builds_report_data() -> None:
     recorder = RunRecorder(max_points_per_gpu=5)
     for i in range(8):
-        recorder.add_risk([{"host": "n1", "gpu_index": 0, "ts": T0 + 5 * i, "risk": 1e-5, "score": i / 10,
-                            "alarm": i >= 6, "op": "model:0.55x1"},
-                           {"host": "n2", "gpu_index": 3, "ts": T0 + 5 * i, "risk": 1e-7, "score": 0.01}])  # fmt: skip
+        recorder.add_risk([_risk("n1", 0, T0 + 5 * i, 1e-5, score=i / 10, alarm=i >= 6, op="model:0.55x1"),
+                           _risk("n2", 3, T0 + 5 * i, 1e-7, score=0.01)])  # fmt: skip
     # after the failure: a failed record (no score) is not a prediction and is left out
-    recorder.add_risk([{"host": "n1", "gpu_index": 0, "ts": T0 + 45, "risk": 1.0, "failed": True}])
-    recorder.add_event(
-        {"ts": T0 + 30, "host": "n1", "gpu_index": 0, "action": "checkpoint", "risk": 0.6, "id": "x"}
-    )
-    recorder.add_event(
-        {"ts": T0 + 31, "host": "n2", "gpu_index": 3, "action": "migrate", "risk": 0.9, "id": "y"}
-    )
+    recorder.add_risk([_risk("n1", 0, T0 + 45, 1.0, failed=True)])
+    recorder.add_event(Remediation(id="x", host="n1", gpu_index=0, uuid="", action="checkpoint", reason="",
+                                   risk=0.6, ts=T0 + 30))
+    recorder.add_event(Remediation(id="y", host="n2", gpu_index=3, uuid="", action="migrate", reason="",
+                                   risk=0.9, ts=T0 + 31))
     label = {
         "host": "n1",
         "gpu_index": 0,

@@ -1,14 +1,19 @@
-"""The JSON Schema files: well-formed, in step with fields.py and the docs, and in agreement with the codecs
-(generated valid snapshots pass both; a random single-field corruption is rejected by both or by neither)."""
+"""The JSON Schema files: well-formed, in step with the typed records (records.py, fields.py) and the docs, and in
+agreement with the codecs (generated valid records pass both; a random single-field corruption is rejected by both
+or by neither, and the codec then says why)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import jsonschema
+import msgspec
+import msgspec.inspect as mi
 import numpy as np
 import orjson
 import pytest
@@ -22,19 +27,24 @@ from gpuwatch.schemas.fields import (
     ALL_COUNTERS,
     ALL_FLAGS,
     ALL_NUMERIC,
-    DEADLETTER_SCHEMA,
     FAILURE_MODES,
     FLAGS,
-    REMEDIATION_SCHEMA,
     REQUIRED_NUMERIC,
-    RISK_SCHEMA,
     SAMPLES_SCHEMA,
+    STATS_SCHEMA,
 )
 
-NAMES = {"samples": SAMPLES_SCHEMA, "risk": RISK_SCHEMA, "remediation": REMEDIATION_SCHEMA,
-         "deadletter": DEADLETTER_SCHEMA}
-DECODERS = {SAMPLES_SCHEMA: decode_snapshot, RISK_SCHEMA: codecs.decode_risk,
-            REMEDIATION_SCHEMA: codecs.decode_remediation, DEADLETTER_SCHEMA: codecs.decode_deadletter}
+NAMES = codecs.SCHEMA_FILES  # file name -> contract tag
+RECORDS = {tag: cls for tag, cls in codecs.STRUCTS.items() if tag != SAMPLES_SCHEMA}
+
+
+def _decode_stats(raw: bytes) -> msgspec.Struct | None:
+    return codecs.decode_stats_line(b"STATS " + raw)
+
+
+DECODERS = {SAMPLES_SCHEMA: decode_snapshot, **{tag: getattr(codecs, f"decode_{name}") for name, tag in NAMES.items()
+                                                 if tag not in (SAMPLES_SCHEMA, STATS_SCHEMA)},
+            STATS_SCHEMA: _decode_stats}
 VALIDATORS = {tag: jsonschema.Draft202012Validator(codecs.load_schema(name)) for name, tag in NAMES.items()}
 SAMPLES = VALIDATORS[SAMPLES_SCHEMA]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "contracts.md"
@@ -50,7 +60,7 @@ def test_schema_file_is_valid_2020_12_with_metadata(name: str) -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["$id"].startswith("https://") and schema["title"] == NAMES[name]
     assert schema["properties"]["schema"]["const"] == NAMES[name]
-    assert "additionalProperties" not in json.dumps(schema)  # unknown fields must stay allowed
+    assert '"additionalProperties": false' not in json.dumps(schema)  # unknown fields must stay allowed
     defs = schema.get("$defs", {})
     undocumented = [name for name, node in _properties(schema) if "description" not in node
                     and "description" not in defs.get(node.get("$ref", "").rpartition("/")[2], {})]
@@ -74,6 +84,79 @@ def test_load_schema_accepts_file_names_and_tags() -> None:
     assert codecs.load_schema("samples.json") == codecs.load_schema(SAMPLES_SCHEMA) == codecs.load_schema("samples")
     with pytest.raises(ValueError, match="unknown schema 'nope'"):
         codecs.load_schema("nope")
+
+
+# What a schema says, in one canonical form: $refs resolved, "T or null" as a type set, const as a one-value enum,
+# descriptions and examples left out; what is left must be the same for the file and for the typed record.
+_IGNORED = {"description", "title", "examples", "$comment", "$schema", "$id", "$defs"}
+_NULL = {"type": frozenset({"null"})}
+# JSON Schema cannot say "base64"; the files spell it as a pattern next to contentEncoding
+BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def canonical(node: dict, root: dict) -> dict:
+    node = dict(node)
+    if "$ref" in node:
+        target = root
+        for part in node.pop("$ref").removeprefix("#/").split("/"):
+            target = target[part]
+        return canonical({**target, **node}, root)
+    if "anyOf" in node:
+        branches = [canonical(b, root) for b in node.pop("anyOf")]
+        others = [b for b in branches if b != _NULL]
+        assert len(branches) == 2 and len(others) == 1, f"only 'T or null' unions are used: {branches}"
+        return {**others[0], "type": others[0]["type"] | {"null"}, **canonical(node, root)}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in _IGNORED:
+            continue
+        if key == "type":
+            out[key] = frozenset([value] if isinstance(value, str) else value)
+        elif key in ("const", "enum"):
+            out["enum"] = frozenset([value] if key == "const" else value)
+        elif key == "properties":
+            out[key] = {k: canonical(v, root) for k, v in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = canonical(value, root)
+        elif key == "required":
+            out[key] = frozenset(value)
+        else:
+            out[key] = value
+    if out.get("contentEncoding") == "base64" and out.get("pattern") == BASE64_PATTERN:
+        del out["pattern"]
+    return out
+
+
+def differences(struct: Any, file: Any, path: str = "") -> list[str]:
+    if isinstance(struct, dict) and isinstance(file, dict):
+        return [d for key in sorted(set(struct) | set(file), key=str) for d in (
+            [f"{path}/{key}: only in the file: {file[key]!r}"] if key not in struct else
+            [f"{path}/{key}: only in the typed record: {struct[key]!r}"] if key not in file else
+            differences(struct[key], file[key], f"{path}/{key}"))]
+    return [] if struct == file else [f"{path}: typed record {struct!r}, file {file!r}"]
+
+
+def _drop_tag(schema: dict) -> dict:
+    return {**schema, "properties": {k: v for k, v in schema["properties"].items() if k != "schema"},
+            "required": schema["required"] - {"schema"}}
+
+
+def _no_closed_objects(node: Any) -> Any:
+    """The samples struct refuses unknown fields (they take the codec's slow path); the file allows them."""
+    if isinstance(node, dict):
+        return {k: _no_closed_objects(v) for k, v in node.items() if not (k == "additionalProperties" and v is False)}
+    return node
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_schema_file_matches_typed_record(name: str) -> None:
+    """Field for field: the same names, required fields, types, bounds, enums and defaults in the file as in the
+    msgspec struct the codecs read and write (the struct's own JSON Schema, as msgspec derives it)."""
+    tag = NAMES[name]
+    derived = msgspec.json.schema(codecs.STRUCTS[tag])
+    file = codecs.load_schema(name)
+    struct_side = _no_closed_objects(_drop_tag(canonical(derived, derived)))
+    assert differences(struct_side, _drop_tag(canonical(file, file))) == []
 
 
 def test_samples_schema_matches_fields_py() -> None:
@@ -116,19 +199,144 @@ def test_docs_show_every_contract() -> None:
     assert {tag for where, tag, _ in _examples() if where.startswith("contracts.md")} == set(DECODERS)
 
 
-# ---------------------------------------------------------------- generated snapshots
+# ---------------------------------------------------------------- generated records (every contract but samples)
 
-FMAX = 1.7976931348623157e308
 INT64 = st.integers(-(2**63), 2**64 - 1)  # what orjson writes and reads as integers
 finite = st.floats(allow_nan=False, allow_infinity=False)
-gauge = st.one_of(st.none(), INT64, finite)
-counter = st.one_of(st.none(), st.integers(0, 2**64 - 1), st.floats(min_value=0, allow_infinity=False))
-flag = st.one_of(st.none(), st.booleans())
-KNOWN = {"gpu_index", "uuid", "throttle_reasons", "xid", *ALL_NUMERIC, *ALL_FLAGS, "schema", "host", "ts", "seq", "gpus"}
+
+
+def _hint(t: Any) -> Any:
+    return t.type if type(t) is mi.Metadata else t
+
+
+def valid(t: Any) -> st.SearchStrategy:
+    """Values the msgspec type `t` (msgspec.inspect) accepts, drawn across its whole range."""
+    t = _hint(t)
+    kind = type(t)
+    if kind is mi.IntType:
+        lo = t.ge if t.ge is not None else -(2**63)
+        return st.integers(lo, t.le if t.le is not None else 2**64 - 1)
+    if kind is mi.FloatType:
+        lo = t.ge if t.ge is not None else t.gt
+        floats = st.floats(min_value=lo, max_value=t.le, exclude_min=t.gt is not None, allow_nan=False,
+                           allow_infinity=False)
+        int_lo = -(2**63) if lo is None else math.ceil(lo) if t.gt is None else math.floor(lo) + 1
+        int_hi = 2**63 if t.le is None else min(math.floor(t.le), 2**63)
+        return st.one_of(floats, st.integers(int_lo, int_hi))  # a JSON number may be written without a fraction
+    if kind is mi.StrType:
+        if t.pattern is not None:
+            return st.from_regex(t.pattern, fullmatch=True)
+        return st.text(min_size=t.min_length or 0, max_size=t.max_length if t.max_length is not None else 40)
+    if kind is mi.BoolType:
+        return st.booleans()
+    if kind is mi.LiteralType:
+        return st.sampled_from(t.values)
+    if kind is mi.BytesType:
+        return st.binary(max_size=48).map(lambda b: base64.b64encode(b).decode())
+    if kind is mi.ListType:
+        return st.lists(valid(t.item_type), min_size=t.min_length or 0, max_size=min(t.max_length or 4, 4))
+    if kind is mi.DictType:
+        return st.dictionaries(st.text(max_size=5), valid(t.value_type), max_size=3)
+    if kind is mi.UnionType:
+        return st.one_of(st.none(), *(valid(x) for x in t.types if type(x) is not mi.NoneType))
+    if kind is mi.StructType:
+        return record(t.cls)
+    raise AssertionError(f"no strategy for {t!r}")
+
+
 json_leaf = st.one_of(st.none(), st.booleans(), INT64, finite, st.text(max_size=8))
 json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                              st.dictionaries(st.text(max_size=5), inner, max_size=3)),
                           max_leaves=8)
+
+
+@st.composite
+def record(draw: st.DrawFn, cls: type) -> dict:
+    """A valid record of the struct `cls` as a JSON object: required fields, some optional ones, unknown extras."""
+    info = mi.type_info(cls)
+    names = {f.encode_name for f in info.fields} | {"schema"}
+    obj: dict[str, Any] = {"schema": info.tag} if info.tag else {}
+    for f in info.fields:
+        if f.required or draw(st.booleans()):
+            obj[f.encode_name] = draw(valid(f.type))
+    extras = draw(st.dictionaries(st.text(max_size=12).filter(lambda k: k not in names), json_value, max_size=2))
+    return {**obj, **extras}
+
+
+def _same_values(decoded: Any, written: Any) -> bool:
+    """Whether the decoded record holds what was written (a number written as 3 reads as 3.0 in a float field)."""
+    if isinstance(written, dict):
+        return all(_same_values(decoded[k], v) for k, v in written.items() if k in decoded)
+    if isinstance(written, list):
+        return len(decoded) == len(written) and all(map(_same_values, decoded, written))
+    if type(written) is bool or type(decoded) is bool:
+        return decoded is written
+    if type(decoded) is float and type(written) is int:
+        return decoded == float(written)
+    return decoded == written
+
+
+@pytest.mark.parametrize("tag", RECORDS)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_generated_records_pass_schema_and_codec(tag: str, data: st.DataObject) -> None:
+    """A record drawn from the typed definition passes the schema file, decodes to the same values, and encodes
+    back to a message that decodes to the same record."""
+    obj = data.draw(record(RECORDS[tag]))
+    VALIDATORS[tag].validate(obj)
+    rec = DECODERS[tag](orjson.dumps(obj))
+    assert type(rec) is RECORDS[tag]
+    assert _same_values(msgspec.to_builtins(rec), {k: v for k, v in obj.items() if k in
+                                                         {f.encode_name for f in mi.type_info(RECORDS[tag]).fields}})
+    raw = msgspec.json.encode(rec)
+    assert DECODERS[tag](raw) == rec
+    VALIDATORS[tag].validate(orjson.loads(raw))
+
+
+BAD_VALUES = st.one_of(json_leaf, st.just(float("inf")), st.sampled_from(["1", "0.5", "-1", "", "x" * 300, 3.0, -1]),
+                       st.integers(-(2**70), 2**70), st.lists(st.integers(-5, 100), max_size=5),
+                       st.dictionaries(st.text(max_size=3), json_leaf, max_size=2))
+
+
+@pytest.mark.parametrize("tag", RECORDS)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_codec_and_schema_agree_on_corrupted_records(tag: str, data: st.DataObject) -> None:
+    """Replace, delete or add one field of a record (or of an object inside it): the codec accepts exactly when
+    the schema file does, and a rejection names its reason (never an internal error)."""
+    obj = data.draw(record(RECORDS[tag]))
+    target = data.draw(st.sampled_from([obj, *(v for v in obj.values() if isinstance(v, dict))]))
+    op = data.draw(st.sampled_from(["replace", "delete", "add"]))
+    name = data.draw(st.text(max_size=12) if op == "add" or not target else st.sampled_from(sorted(target)))
+    if op == "delete" and name in target:
+        del target[name]
+    else:
+        target[name] = data.draw(BAD_VALUES)
+    try:
+        raw = orjson.dumps(obj)  # infinity is written as null
+    except orjson.JSONEncodeError:
+        return  # an integer beyond 64 bits: orjson cannot write it
+    schema_ok = VALIDATORS[tag].is_valid(orjson.loads(raw))
+    try:
+        DECODERS[tag](raw)
+        codec_ok = True
+    except DecodeError as exc:
+        assert exc.kind != "internal", exc.reason
+        if target is obj:  # the reason names the field that was changed
+            assert re.split(r"[.\[]", exc.path)[0] == name and exc.reason.startswith(f"{exc.path}: "), exc.reason
+        codec_ok = False
+    assert codec_ok == schema_ok, f"schema {'accepts' if schema_ok else 'rejects'} what the codec does not: {raw!r}"
+
+
+# ---------------------------------------------------------------- generated snapshots
+
+FMAX = 1.7976931348623157e308
+gauge = st.one_of(st.none(), INT64, finite)
+counter = st.one_of(st.none(), st.integers(0, 2**64 - 1), st.floats(min_value=0, allow_infinity=False))
+flag = st.one_of(st.none(), st.booleans())
+KNOWN = {"gpu_index", "uuid", "throttle_reasons", "xid", *ALL_NUMERIC, *ALL_FLAGS, "schema", "host", "ts", "seq", "gpus"}
 extras = st.dictionaries(st.text(max_size=12).filter(lambda k: k not in KNOWN), json_value, max_size=2)
 
 
@@ -172,7 +380,7 @@ def test_generated_snapshots_pass_schema_and_codec(obj: dict) -> None:
     assert codecs.encode_snapshot(obj) == raw
 
 
-BAD_VALUES = st.one_of(json_leaf, st.just(float("inf")), st.just(-float("inf")), st.sampled_from(["1", "0.5", "-1"]),
+SNAPSHOT_BAD_VALUES = st.one_of(json_leaf, st.just(float("inf")), st.just(-float("inf")), st.sampled_from(["1", "0.5", "-1"]),
                        st.integers(-(2**70), 2**70), st.lists(st.integers(-5, 100), max_size=70),
                        st.dictionaries(st.text(max_size=3), json_leaf, max_size=2))
 
@@ -185,11 +393,11 @@ def test_codec_and_schema_agree_on_corruptions(obj: dict, data: st.DataObject) -
     target = data.draw(st.sampled_from([obj, *obj["gpus"]]))
     op = data.draw(st.sampled_from(["replace", "delete", "add"]))
     if op == "add" or not target:
-        target[data.draw(st.text(max_size=12))] = data.draw(BAD_VALUES)
+        target[data.draw(st.text(max_size=12))] = data.draw(SNAPSHOT_BAD_VALUES)
     elif op == "delete":
         del target[data.draw(st.sampled_from(sorted(target)))]
     else:
-        target[data.draw(st.sampled_from(sorted(target)))] = data.draw(BAD_VALUES)
+        target[data.draw(st.sampled_from(sorted(target)))] = data.draw(SNAPSHOT_BAD_VALUES)
     schema_ok = SAMPLES.is_valid(obj)
     gpus = obj.get("gpus") if isinstance(obj.get("gpus"), list) else []
     indices = [g["gpu_index"] for g in gpus if isinstance(g, dict) and type(g.get("gpu_index")) is int]

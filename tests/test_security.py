@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
@@ -34,7 +33,6 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from helpers import wait_for
 
-from gpuwatch.bench.reliability import StatsFollower
 from gpuwatch.config import Settings, redact_url
 from gpuwatch.controller.executors import make_executor
 from gpuwatch.controller.worker import run_controller
@@ -46,11 +44,19 @@ from gpuwatch.kafka import (
     partition_count,
     read_partitions_to_end,
 )
-from gpuwatch.processes import settings_env, start_stream_worker
+from gpuwatch.processes import StatsFollower, settings_env, start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
-from gpuwatch.schemas.codecs import decode_risk, encode_remediation, encode_risk, remediation_id
+from gpuwatch.schemas import redis_keys as k
+from gpuwatch.schemas.codecs import (
+    decode_command,
+    decode_risk,
+    encode_remediation,
+    encode_risk,
+    remediation_id,
+)
+from gpuwatch.schemas.records import Outcome as OutcomeRecord
+from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.signing import CommandRejected, MemoryNonceStore, sign, verify
-from gpuwatch.sinks import redis_keys as k
 from gpuwatch.sinks.risk_client import RiskClient
 
 ADMIN_PW, SINK_PW, READER_PW = "admin-Secret-0x71", "sink-Secret-0x72", "reader-Secret-0x73"
@@ -81,8 +87,8 @@ def _url(server: EmbeddedServer, user: str, password: str) -> str:
 
 
 def _risk(host: str, gpu: int, ts: float, risk: float) -> bytes:
-    return encode_risk({"host": host, "gpu_index": gpu, "uuid": f"GPU-{host}-{gpu}", "ts": ts, "risk": risk,
-                        "horizon_s": 3600.0, "mode": "memory", "model": "test", "scored_at": ts})  # fmt: skip
+    return encode_risk(Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=risk, horizon_s=3600.0,
+                            mode="memory", model="test", scored_at=ts))
 
 
 @pytest.mark.slow
@@ -96,7 +102,7 @@ def test_sink_and_controller_write_as_a_limited_acl_user_and_readers_only_read(
         "security-sink", [sys.executable, "-P", "-m", "gpuwatch.cli", "sink"], env=settings_env(settings)
     )
     stop = threading.Event()
-    outcomes: list[dict[str, Any]] = []
+    outcomes: list[OutcomeRecord] = []
     controller = threading.Thread(target=run_controller, args=(settings,), daemon=True,
                                   kwargs={"stop": stop, "on_outcome": outcomes.append})  # fmt: skip
     controller.start()
@@ -105,9 +111,8 @@ def test_sink_and_controller_write_as_a_limited_acl_user_and_readers_only_read(
         now = time.time()
         for gpu in range(4):
             producer.produce(settings.topic_risk, _risk("node-0001", gpu, now, 0.1 * gpu), key="node-0001")
-        event = {"id": remediation_id("node-0001", 3, "GPU-node-0001-3", "migrate", now), "host": "node-0001",
-                 "gpu_index": 3, "uuid": "GPU-node-0001-3", "action": "migrate", "reason": "test", "risk": 0.9,
-                 "ts": now}  # fmt: skip
+        event = Remediation(id=remediation_id("node-0001", 3, "GPU-node-0001-3", "migrate", now), host="node-0001",
+                            gpu_index=3, uuid="GPU-node-0001-3", action="migrate", reason="test", risk=0.9, ts=now)
         producer.produce(settings.topic_remediation, encode_remediation(event), key="node-0001")
         assert producer.flush(10) == 0
         reader = RiskClient(reader_url)
@@ -128,7 +133,7 @@ def test_sink_and_controller_write_as_a_limited_acl_user_and_readers_only_read(
     as_sink = redis.Redis.from_url(sink_url)
     with pytest.raises(redis.exceptions.NoPermissionError):
         as_sink.flushall()  # the writers' user has no dangerous commands
-    assert as_sink.hget(k.outcome_key(event["id"]), "ok") == b"true"
+    assert as_sink.hget(k.outcome_key(event.id), "ok") == b"true"
     as_sink.close()
     for url in (f"redis://127.0.0.1:{acl_redis.port}/0", _url(acl_redis, "gw-sink", "wrong-password")):
         with pytest.raises(redis.exceptions.AuthenticationError):
@@ -234,7 +239,7 @@ def test_every_kafka_client_speaks_verified_tls_with_a_client_certificate(tls_ka
     # aiokafka consumer + confluent producer; STATS every 0.5 s so the wait below sees the partitions sooner
     worker = start_stream_worker(settings, "tls-worker", stats_interval_s=0.5)
     try:
-        StatsFollower(worker).wait(lambda s: s["partitions"] == 2, 120, "the worker's partitions over TLS")
+        StatsFollower(worker).wait(lambda s: s.partitions == 2, 120, "the worker's partitions over TLS")
         sim = FleetSimulator(FleetConfig(hosts=2, seed=41, start_ts=time.time() - 30))
         producer = make_producer(settings)
         for _ in range(10):
@@ -242,13 +247,9 @@ def test_every_kafka_client_speaks_verified_tls_with_a_client_certificate(tls_ka
                 producer.produce(settings.topic_samples, value, key=host)
         assert producer.flush(30) == 0
 
-        def scored() -> list[dict[str, Any]]:
-            found = read_partitions_to_end(settings, settings.topic_risk, list(range(2)))
-            return (
-                [decode_risk(v) for _, v in found]
-                if len({decode_risk(v)["uuid"] for _, v in found}) == 16
-                else []
-            )
+        def scored() -> list[Risk]:
+            found = [decode_risk(v) for _, v in read_partitions_to_end(settings, settings.topic_risk, list(range(2)))]
+            return found if len({r.uuid for r in found}) == 16 else []
 
         assert wait_for(scored, 90, "risk for all 16 GPUs, read back over TLS")
         assert worker.alive()
@@ -339,15 +340,14 @@ def test_checkpoint_commands_are_signed_and_only_signed_ones_verify(
     settings = settings.replace(controller_executor="slurm", command_signing_key=SIGNING_KEY)
     ensure_topics(settings)
     stop = threading.Event()
-    outcomes: list[dict[str, Any]] = []
+    outcomes: list[OutcomeRecord] = []
     thread = threading.Thread(target=run_controller, args=(settings,), daemon=True, kwargs={
         "stop": stop, "executor": make_executor(settings), "on_outcome": outcomes.append,
         "redis_client": redis_client})  # fmt: skip
     thread.start()
     try:
-        event = {"id": remediation_id("node-0002", 1, "GPU-x", "checkpoint", 1.0), "host": "node-0002",
-                 "gpu_index": 1, "uuid": "GPU-x", "action": "checkpoint", "reason": "test", "risk": 0.9,
-                 "ts": time.time()}  # fmt: skip
+        event = Remediation(id=remediation_id("node-0002", 1, "GPU-x", "checkpoint", 1.0), host="node-0002",
+                            gpu_index=1, uuid="GPU-x", action="checkpoint", reason="test", risk=0.9, ts=time.time())
         producer = make_producer(settings)
         producer.produce(settings.topic_remediation, encode_remediation(event), key="node-0002")
         assert producer.flush(10) == 0
@@ -359,6 +359,7 @@ def test_checkpoint_commands_are_signed_and_only_signed_ones_verify(
     (raw,) = [v for _, v in read_partitions_to_end(settings, settings.topic_commands, list(range(n)))]
     assert SIGNING_KEY.encode() not in raw
     command = orjson.loads(raw)
+    assert decode_command(raw).host == "node-0002"  # honours its contract
     now = time.time()
     verify(command, [SIGNING_KEY], now=now, seen_nonces=MemoryNonceStore())  # authentic
     refusals = {

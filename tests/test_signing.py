@@ -135,3 +135,28 @@ def test_a_nonce_that_cannot_be_written_to_disk_refuses_the_command(tmp_path: Pa
     signed = sign(COMMAND, KEY, now=NOW)
     assert rejected(signed, [KEY], store=store) == "nonce_store_error"
     assert len(store) == 0  # not remembered either, so fixing the disk lets a redelivery run it once
+
+
+def test_a_typed_command_is_signed_as_its_wire_object_and_verifies_after_the_trip() -> None:
+    from gpuwatch.schemas.codecs import decode_command, encode_command
+    from gpuwatch.schemas.records import Command
+    from gpuwatch.signing import sign_command
+
+    unsigned = Command(
+        id="abc",
+        host="node-0003",
+        gpu_index=5,
+        uuid="GPU-1",
+        action="checkpoint",
+        reason="r",
+        risk=0.91,
+        nonce="",
+        issued_at=0.0,
+        expires_at=0.0,
+        sig="",
+    )
+    signed = sign_command(unsigned, KEY, now=NOW, ttl_s=300)
+    assert (signed.issued_at, signed.expires_at, len(signed.nonce), signed.id) == (NOW, NOW + 300, 32, "abc")
+    raw = encode_command(signed)
+    assert decode_command(raw) == signed
+    verify(orjson.loads(raw), [KEY], now=NOW, seen_nonces=MemoryNonceStore())  # what an agent does with it

@@ -15,8 +15,9 @@ from helpers import scrape
 from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port
 from gpuwatch.kafka import make_producer
+from gpuwatch.schemas import redis_keys as k
 from gpuwatch.schemas.codecs import encode_risk
-from gpuwatch.sinks import redis_keys as k
+from gpuwatch.schemas.records import Risk
 
 
 @pytest.mark.slow
@@ -40,18 +41,17 @@ def test_sink_command_writes_risk_serves_metrics_and_stops_on_sigterm(
     proc = subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.cli", "sink"], env=env)
     try:
         now = time.time()
-        record = {
-            "schema": "gpuwatch.risk/1",
-            "host": "svc-node",
-            "gpu_index": 2,
-            "uuid": "GPU-svc-2",
-            "ts": now,
-            "risk": 0.42,
-            "horizon_s": 3600.0,
-            "mode": "none",
-            "model": "test",
-            "scored_at": now,
-        }
+        record = Risk(
+            host="svc-node",
+            gpu_index=2,
+            uuid="GPU-svc-2",
+            ts=now,
+            risk=0.42,
+            horizon_s=3600.0,
+            mode="none",
+            model="test",
+            scored_at=now,
+        )
         producer = make_producer(settings)
         producer.produce(settings.topic_risk, encode_risk(record), key=b"svc-node")
         assert producer.flush(10) == 0

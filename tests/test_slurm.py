@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from slurm_cluster import SlurmCluster, program, start_slurm
@@ -18,6 +17,8 @@ from slurm_cluster import SlurmCluster, program, start_slurm
 from gpuwatch.controller.executors import short_reason
 from gpuwatch.controller.executors.slurm import SlurmExecutor
 from gpuwatch.schemas.codecs import remediation_id
+from gpuwatch.schemas.fields import Action
+from gpuwatch.schemas.records import Remediation
 
 
 @pytest.fixture()
@@ -32,18 +33,10 @@ def slurm(
     cluster.stop()
 
 
-def event(action: str, host: str) -> dict[str, Any]:
-    return {
-        "schema": "gpuwatch.remediation/1",
-        "id": remediation_id(host, 5, "GPU-abc", action, 1_750_000_000.0),
-        "host": host,
-        "gpu_index": 5,
-        "uuid": "GPU-abc",
-        "action": action,
-        "reason": "risk 0.97 >= 0.85, mode memory",
-        "risk": 0.97,
-        "ts": 1_750_000_360.0,
-    }
+def event(action: Action, host: str) -> Remediation:
+    return Remediation(id=remediation_id(host, 5, "GPU-abc", action, 1_750_000_000.0), host=host, gpu_index=5,
+                       uuid="GPU-abc", action=action, reason="risk 0.97 >= 0.85, mode memory", risk=0.97,
+                       ts=1_750_000_360.0)
 
 
 def executor() -> SlurmExecutor:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
-import orjson
 import pytest
 from helpers import consume_from_start
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer
 from gpuwatch.kafka import ensure_topics, make_producer, partition_count, read_partitions_to_end
-from gpuwatch.processes import start_stream_worker
+from gpuwatch.processes import StatsFollower, start_stream_worker
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_risk
+from gpuwatch.schemas.records import Risk, StreamStats
 
 pytestmark = pytest.mark.slow
 
@@ -23,29 +22,6 @@ STATS_S = 0.5  # the workers' STATS cadence: the waits below see progress within
 
 def _worker(settings: Settings, name: str, extra_args: list[str] | None = None) -> EmbeddedServer:
     return start_stream_worker(settings, name, extra_args, stats_interval_s=STATS_S)
-
-
-class StatsWatcher:
-    """Follows a worker's `STATS {json}` lines on its stdout."""
-
-    def __init__(self, proc: EmbeddedServer) -> None:
-        self.latest: dict = {}
-        self._thread = threading.Thread(target=self._run, args=(proc,), daemon=True)
-        self._thread.start()
-
-    def _run(self, proc: EmbeddedServer) -> None:
-        assert proc.proc.stdout is not None
-        for raw in proc.proc.stdout:
-            if raw.startswith(b"STATS "):
-                self.latest = orjson.loads(raw[6:])
-
-    def wait(self, pred, timeout: float = 90.0) -> dict:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.latest and pred(self.latest):
-                return self.latest
-            time.sleep(0.2)
-        raise AssertionError(f"worker stats never satisfied the condition; last: {self.latest}")
 
 
 def _publish(settings: Settings, sim: FleetSimulator, steps: int) -> None:
@@ -59,14 +35,14 @@ def _publish(settings: Settings, sim: FleetSimulator, steps: int) -> None:
 def _count_through_worker(
     settings: Settings, sim: FleetSimulator, steps: int, name: str, extra_args: list[str] | None = None,
     settle_s: float = 0.0,
-) -> dict:
+) -> StreamStats:
     """Publishes `steps` of `sim` to a fresh worker; its STATS once it has counted them all (`settle_s` later)."""
     ensure_topics(settings)
     worker = _worker(settings, name, extra_args)
-    stats = StatsWatcher(worker)
+    stats = StatsFollower(worker)
     try:
         _publish(settings, sim, steps)
-        done = stats.wait(lambda s: s["samples"] >= steps * sim.H * sim.G)
+        done = stats.wait(lambda s: s.samples >= steps * sim.H * sim.G, 90, "every sample counted")
         if settle_s:
             time.sleep(settle_s)
             done = stats.latest
@@ -75,7 +51,7 @@ def _count_through_worker(
     return done
 
 
-def _risk_records(settings: Settings, until, timeout: float = 90.0) -> list[dict]:  # type: ignore[no-untyped-def]
+def _risk_records(settings: Settings, until, timeout: float = 90.0) -> list[Risk]:  # type: ignore[no-untyped-def]
     got = consume_from_start(
         settings,
         [settings.topic_risk],
@@ -90,24 +66,24 @@ def test_crashed_worker_successor_restores_windows_from_changelog(settings: Sett
     ensure_topics(settings)
     sim = FleetSimulator(FleetConfig(hosts=2, gpus_per_host=8, seed=11, start_ts=time.time() - 400))
     first = _worker(settings, "worker-a")
-    stats = StatsWatcher(first)
+    stats = StatsFollower(first)
     _publish(settings, sim, 300)  # five minutes of history
-    stats.wait(lambda s: s["samples"] >= 300 * 16 and s["checkpointed"] >= 16)
+    stats.wait(lambda s: s.samples >= 300 * 16 and s.checkpointed >= 16, 90, "five minutes checkpointed")
     time.sleep(2.5)  # one more checkpoint after the last batch
     first.proc.kill()  # a crash: no revoke handler, no final checkpoint
     first.proc.wait()
 
     second = _worker(settings, "worker-b")
-    stats_b = StatsWatcher(second)
+    stats_b = StatsFollower(second)
     resumed_at = sim.now
     _publish(settings, sim, 20)
-    restored = stats_b.wait(lambda s: s["restored_gpus"] >= 16 and s["samples"] >= 20 * 16)
-    assert restored["restored_gpus"] == 16
-    after = _risk_records(settings, lambda rs: len({r["uuid"] for r in rs if r["ts"] >= resumed_at}) >= 16)
-    fresh = [r for r in after if r["ts"] >= resumed_at]
-    assert len({r["uuid"] for r in fresh}) == 16
+    restored = stats_b.wait(lambda s: s.restored_gpus >= 16 and s.samples >= 20 * 16, 90, "windows restored")
+    assert restored.restored_gpus == 16
+    after = _risk_records(settings, lambda rs: len({r.uuid for r in rs if r.ts >= resumed_at}) >= 16)
+    fresh = [r for r in after if r.ts >= resumed_at]
+    assert len({r.uuid for r in fresh}) == 16
     # Each score after the restart is backed by the history from before the crash, not only 20 s.
-    assert min(r["history_s"] for r in fresh) > 250
+    assert min(r.history_s for r in fresh) > 250
     second.stop()
 
 
@@ -115,23 +91,20 @@ def test_two_workers_split_the_partitions(settings: Settings) -> None:
     settings = settings.replace(partitions=4, rescore_interval_s=1.0)
     ensure_topics(settings)
     workers = [_worker(settings, f"worker-{i}") for i in range(2)]
-    watchers = [StatsWatcher(w) for w in workers]
+    watchers = [StatsFollower(w) for w in workers]
     # Both members in the group before data arrives: each owns a share of the 4 partitions, and their shares
     # add up (a report from before the rebalance would count a partition twice).
     for w in watchers:
-        w.wait(lambda s: s["partitions"] > 0)
+        w.wait(lambda s: s.partitions > 0, 90, "a partition assigned")
     deadline = time.monotonic() + 90
-    while (
-        sum(w.latest["partitions"] for w in watchers) != 4
-        or min(w.latest["partitions"] for w in watchers) == 0
-    ):
+    while sum(w.latest.partitions for w in watchers) != 4 or min(w.latest.partitions for w in watchers) == 0:
         assert time.monotonic() < deadline, [w.latest for w in watchers]
         time.sleep(0.1)
     sim = FleetSimulator(FleetConfig(hosts=16, gpus_per_host=8, seed=12, start_ts=time.time() - 60))
     _publish(settings, sim, 30)
-    records = _risk_records(settings, lambda rs: len({r["uuid"] for r in rs}) >= 128)
-    assert len({r["uuid"] for r in records}) == 128
-    tracked = [w.wait(lambda s: s["gpus_tracked"] > 0)["gpus_tracked"] for w in watchers]
+    records = _risk_records(settings, lambda rs: len({r.uuid for r in rs}) >= 128)
+    assert len({r.uuid for r in records}) == 128
+    tracked = [w.wait(lambda s: s.gpus_tracked > 0, 90, "GPUs tracked").gpus_tracked for w in watchers]
     # Every GPU lives in exactly one worker, and both carry a share.
     assert sum(tracked) == 128 and min(tracked) > 0, tracked
     for w in workers:
@@ -143,8 +116,8 @@ def test_decode_only_worker_counts_samples_and_scores_nothing(settings: Settings
     # with the same app, and do nothing else. A worker that scored here would make the ratio meaningless.
     sim = FleetSimulator(FleetConfig(hosts=2, gpus_per_host=8, seed=12, start_ts=time.time() - 40))
     done = _count_through_worker(settings, sim, 30, "worker-decode-only", ["--decode-only"])
-    assert done["samples"] == 30 * 16
-    assert (done["scored"], done["deadletters"], done["rejected_samples"]) == (0, 0, 0)
+    assert done.samples == 30 * 16
+    assert (done.scored, done.deadletters, done.rejected_samples) == (0, 0, 0)
     # The worker has stopped, so anything it produced is in the topic by now: read all of it.
     n = partition_count(settings, settings.topic_risk)
     assert n == settings.partitions
@@ -170,5 +143,5 @@ def test_worker_with_full_queues_loses_nothing(settings: Settings) -> None:
     sim = FleetSimulator(FleetConfig(hosts=4, gpus_per_host=8, seed=13, start_ts=time.time() - 40))
     # 3 s after the last sample is counted: anything counted twice would show up by then.
     done = _count_through_worker(settings, sim, 30, "worker-small-batches", settle_s=3.0)
-    assert (done["samples"], done["deadletters"], done["rejected_samples"]) == (30 * 32, 0, 0)
-    assert done["batches"] >= 30 * 4 // 2
+    assert (done.samples, done.deadletters, done.rejected_samples) == (30 * 32, 0, 0)
+    assert done.batches >= 30 * 4 // 2

@@ -8,29 +8,21 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
 import redis
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer
+from gpuwatch.schemas.fields import FailureMode
+from gpuwatch.schemas.records import Risk
 from gpuwatch.sinks.policy import set_killswitch
 from gpuwatch.sinks.redis_writer import RiskWriter
 from gpuwatch.sinks.top import age, run_top
 
 
-def rec(host: str, gpu: int, ts: float, risk: float, mode: str = "none", **state: bool) -> dict[str, Any]:
-    return {
-        "host": host,
-        "gpu_index": gpu,
-        "uuid": f"GPU-{host}-{gpu}",
-        "ts": ts,
-        "risk": risk,
-        "mode": mode,
-        "model": "lstm-v1",
-        "scored_at": ts,
-        **state,
-    }
+def rec(host: str, gpu: int, ts: float, risk: float, mode: FailureMode = "none", **state: bool) -> Risk:
+    return Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=risk, horizon_s=3600.0, mode=mode,
+                model="lstm-v1", scored_at=ts, **state)
 
 
 def fill(client: redis.Redis, now: float) -> None:

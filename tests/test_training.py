@@ -73,7 +73,7 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
         "--model", str(model), "--json", str(tmp_path / "score.json"),
     )) == 0  # fmt: skip
     records = [decode_risk(line) for line in risk_path.read_bytes().splitlines()]
-    assert records and all(r["model"] == artifact.version and 0 <= r["risk"] <= 1 for r in records)
+    assert records and all(r.model == artifact.version and 0 <= r.risk <= 1 for r in records)
     # Sampled every 5 s and rescored every 5 s: one record per GPU-sample.
     summary = orjson.loads((tmp_path / "score.json").read_bytes())
     assert summary["risk_records"] == summary["gpu_samples"] == len(records)
@@ -88,7 +88,7 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert set(report["scorers"]) == {"lstm", "threshold", "gbdt"}
     # the eval's predictions are the scored records, less those of failed GPUs (not predictions)
     assert report["data"]["risk_records"] + report["data"]["failed_records"] == len(records)
-    assert report["data"]["failed_records"] == sum(r["failed"] for r in records) > 0
+    assert report["data"]["failed_records"] == sum(r.failed for r in records) > 0
     assert report["scorers"]["lstm"]["failures_with_precursor"] >= 2  # the two forced failures at least
     assert report["alarm_records"] == artifact.alarm_records >= 1
     # The policy was replayed on the model's records and on the threshold rules' alarms
@@ -147,18 +147,18 @@ def test_replay_scores_the_same_samples_as_a_live_worker() -> None:
     lines = [value for _ in range(40) for _, value in sim.step_json()]
     artifact = load_artifact()
     live = RiskProcessor(Scorer(artifact, "cpu"), rescore_interval_s=5.0)
-    expected = [orjson.loads(v) for line in lines for _, v in live.process([Inbound(line)]).risk]
+    expected = [decode_risk(v) for line in lines for _, v in live.process([Inbound(line)]).risk]
 
     with tempfile.NamedTemporaryFile(suffix=".jsonl") as fh:
         fh.write(b"\n".join(lines) + b"\n")
         fh.flush()
         offline = RiskProcessor(Scorer(artifact, "cpu"), rescore_interval_s=5.0)
-        got = [orjson.loads(v) for result in replay(Path(fh.name), offline) for _, v in result.risk]
-    key = lambda r: (r["uuid"], r["ts"])  # noqa: E731
+        got = [decode_risk(v) for result in replay(Path(fh.name), offline) for _, v in result.risk]
+    key = lambda r: (r.uuid, r.ts)  # noqa: E731
     assert sorted(map(key, got)) == sorted(map(key, expected))
     assert len(expected) == 12 * 8  # 40 s at 1 Hz, scored at 0, 5, ..., 35 s
-    risk_live = {key(r): r["risk"] for r in expected}
-    assert all(r["risk"] == pytest.approx(risk_live[key(r)], abs=1e-5) for r in got)
+    risk_live = {key(r): r.risk for r in expected}
+    assert all(r.risk == pytest.approx(risk_live[key(r)], abs=1e-5) for r in got)
 
 
 def test_replay_dead_letters_an_implausible_reading_as_a_live_worker_does() -> None:

@@ -42,7 +42,7 @@ class DeadLetterCount:
             self.lines += 1
             if not self.first:
                 rec = decode_deadletter(raw)
-                self.first = f"{rec['source']['topic']}:{rec['source']['offset'] + 1} {rec['error']}"
+                self.first = f"{rec.source.topic}:{rec.source.offset + 1} {rec.error}"
 
     def describe(self) -> str:
         """``N lines dead-lettered (first: file:line reason)``, for stderr."""

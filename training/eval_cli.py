@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 import orjson
 import torch
 
 from gpuwatch.config import Settings
 from gpuwatch.costs import CostModel
+from gpuwatch.schemas.codecs import decode_risk
 from gpuwatch.schemas.fields import FAILURE_MODES
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
 from gpuwatch.streams.model import ModelArtifact, ModelError, Scorer, load_artifact
@@ -114,22 +116,23 @@ def collect(
     for result in replay_messages(recording.messages(), recording.source, processor):
         samples += result.samples
         dead.add(result.deadletters)
-        recs = [orjson.loads(value) for _, value in result.risk]
-        live = np.array([not r.get("failed") for r in recs], dtype=bool)
+        recs = [decode_risk(value) for _, value in result.risk]
+        live = np.array([not r.failed for r in recs], dtype=bool)
         keep.append(live)
         for rec in (r for r, ok in zip(recs, live) if ok):
-            uuid.append(rec["uuid"])
-            ts.append(rec["ts"])
-            risk.append(rec["risk"])
-            mode.append(_MODE_INDEX[rec["mode"]])
+            uuid.append(rec.uuid)
+            ts.append(rec.ts)
+            risk.append(rec.risk)
+            mode.append(_MODE_INDEX[rec.mode])
         if recs:
-            events[primary_name] += observe_in_time(policies[primary_name], recs)
+            # the events as their JSON objects: the evaluation reads them like a recorded remediation topic
+            events[primary_name] += map(msgspec.to_builtins, observe_in_time(policies[primary_name], recs))
             if "threshold" in policies:
                 rule = np.concatenate(processor.risk["threshold"][done["threshold"]:])
                 done["threshold"] = len(processor.risk["threshold"])
-                alarms = [{**r, "alarm": bool(a) and not r.get("failed"), "drain": bool(a) and not r.get("failed"),
-                           "op": "rules"} for r, a in zip(recs, rule >= 0.5)]  # fmt: skip
-                events["threshold"] += observe_in_time(policies["threshold"], alarms)
+                alarms = [msgspec.structs.replace(r, alarm=bool(a) and not r.failed, drain=bool(a) and not r.failed,
+                                                  op="rules") for r, a in zip(recs, rule >= 0.5)]  # fmt: skip
+                events["threshold"] += map(msgspec.to_builtins, observe_in_time(policies["threshold"], alarms))
         if time.time() - last >= 5.0:
             last = time.time()
             sys.stderr.write(f"\rscoring {recording.name}: {samples:,} GPU-samples, {len(ts):,} risk records "

@@ -125,11 +125,13 @@ def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
     import sys
     import time
 
+    import msgspec
     import numpy as np
     import torch
 
     from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
     from gpuwatch.schemas.fields import FAILURE_MODES
+    from gpuwatch.schemas.records import Risk
     from gpuwatch.sinks.policy import RemediationPolicy
     from gpuwatch.streams.model import Scorer, load_artifact
     from gpuwatch.streams.processor import BatchResult, RiskProcessor, Scored
@@ -167,14 +169,14 @@ def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
                 for i in rows:
                     sl, j = int(slots[i]), int(live_at[i])
                     is_failed = bool(failed[i])
-                    recs.append({"host": hosts[sl], "gpu_index": int(idx[sl]), "uuid": store.uuids[sl],
-                                 "ts": float(ts[i]), "risk": 1.0 if is_failed else float(scored.risk[j]),
-                                 "alarm": bool(a[i]), "drain": bool(d[i]), "failed": is_failed,
-                                 "failed_since": float(store.failed_since[sl]),
-                                 "mode": "none" if is_failed else FAILURE_MODES[int(scored.mode[j])],
-                                 "op": self.alarm_op.name})  # fmt: skip
-                if recs:
-                    events[name] += observe_in_time(policy, recs)
+                    recs.append(Risk(host=hosts[sl], gpu_index=int(idx[sl]), uuid=store.uuids[sl], ts=float(ts[i]),
+                                     risk=1.0 if is_failed else float(scored.risk[j]), horizon_s=self.horizon_s,
+                                     mode="none" if is_failed else FAILURE_MODES[int(scored.mode[j])],
+                                     model=self.model_version, scored_at=scored_at, alarm=bool(a[i]),
+                                     drain=bool(d[i]), op=self.alarm_op.name, failed=is_failed,
+                                     failed_since=float(store.failed_since[sl])))  # fmt: skip
+                if recs:  # the events as their JSON objects: a run is written to and read from JSON
+                    events[name] += map(msgspec.to_builtins, observe_in_time(policy, recs))
 
     sim = FleetSimulator(FleetConfig(hosts=spec.hosts, gpus_per_host=spec.gpus_per_host, seed=spec.seed,
                                      interval_s=spec.interval_s, start_ts=1_700_000_000.0, **spec.overrides))  # fmt: skip

@@ -30,6 +30,7 @@ from gpuwatch.schemas.codecs import (
     encode_remediation,
     make_deadletter,
 )
+from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
 from gpuwatch.streams.model import ModelError, Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
@@ -72,18 +73,18 @@ class ChunkCuts:
         return cut
 
 
-def observe_in_time(policy: RemediationPolicy, records: list[dict]) -> list[dict]:
+def observe_in_time(policy: RemediationPolicy, records: list[Risk]) -> list[Remediation]:
     """Feeds a replayed batch's risk records to `policy` in ts order, each at its own ts as the clock (a sink
     with no lag): a batch spans up to a sampling interval, and a clock at its end would act late."""
-    events: list[dict] = []
-    group: list[dict] = []
-    for rec in sorted(records, key=lambda r: r["ts"]):
-        if group and rec["ts"] != group[0]["ts"]:
-            events += policy.observe(group, float(group[0]["ts"]))
+    events: list[Remediation] = []
+    group: list[Risk] = []
+    for rec in sorted(records, key=lambda r: r.ts):
+        if group and rec.ts != group[0].ts:
+            events += policy.observe(group, group[0].ts)
             group = []
         group.append(rec)
     if group:
-        events += policy.observe(group, float(group[0]["ts"]))
+        events += policy.observe(group, group[0].ts)
     return events
 
 
@@ -269,7 +270,7 @@ def replay_actions(risk_path: Path, actions_path: Path, rules: PolicyRules) -> i
     with open(risk_path, "rb") as fh, open(actions_path, "wb") as out:
         for line in fh:
             rec = decode_risk(line)
-            for event in policy.observe([rec], float(rec["ts"])):
+            for event in policy.observe([rec], rec.ts):
                 out.write(encode_remediation(event) + b"\n")
                 n += 1
     return n

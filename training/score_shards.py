@@ -33,10 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from gpuwatch.memory import spare_startup_heap_from_gc
-from gpuwatch.schemas.codecs import MAX_GPUS, DecodeError, decode_snapshot, make_deadletter, snapshot_head
+from gpuwatch.schemas.codecs import (
+    MAX_GPUS,
+    DecodeError,
+    decode_deadletter,
+    decode_snapshot,
+    make_deadletter,
+    snapshot_head,
+)
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import MAX_ABS_VALUE, BatchResult, Inbound, RiskProcessor, Scored
 from gpuwatch.training.score import REPLAY_SPAN_S, ChunkCuts
@@ -170,7 +176,7 @@ class _ShardProcessor(RiskProcessor):
             out.risk_key.append(keys)
             out.risk += [value for _, value in result.risk]
         for dead in result.deadletters:  # rare: implausible snapshots first, then stale ones, as one process
-            offset = int(orjson.loads(dead)["source"]["offset"])
+            offset = decode_deadletter(dead).source.offset
             phase = _PHASE_IMPLAUSIBLE if offset in implausible else _PHASE_STALE
             out.dead_key.append((chunk, phase, offset))
             out.dead.append(dead)

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from gpuwatch.config import EXECUTORS, ConfigError, Settings
 from gpuwatch.schemas.fields import ACTIONS
+from gpuwatch.schemas.records import Remediation
 
 # RFC 1123 host names: letters, digits, '-' inside labels, '.' between labels; no leading '-' (not an option)
 _HOST_RE = re.compile(
@@ -40,20 +41,20 @@ class Executor(Protocol):
 
     name: str
 
-    def execute(self, event: dict[str, Any]) -> Outcome: ...
+    def execute(self, event: Remediation) -> Outcome: ...
 
 
 class UnsafeTarget(ValueError):
     """An event names a host, GPU, id or action that must not reach a command line or an API path."""
 
 
-def target_values(event: dict[str, Any]) -> dict[str, str]:
+def target_values(event: Remediation) -> dict[str, str]:
     """The event's host, gpu_index, action, id, uuid and risk as checked strings.
 
     Raises UnsafeTarget unless host is an RFC 1123 host name, gpu_index a non-negative int, action one of
     checkpoint/migrate/reboot/repair, id and uuid plain tokens ([A-Za-z0-9._-], not starting with '-'), risk in 0..1.
     """
-    host, gpu, action = event.get("host"), event.get("gpu_index"), event.get("action")
+    host, gpu, action = event.host, event.gpu_index, event.action
     if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
         raise UnsafeTarget(
             f"host {host!r} is not a valid host name (RFC 1123); refused before running anything"
@@ -62,7 +63,7 @@ def target_values(event: dict[str, Any]) -> dict[str, str]:
         raise UnsafeTarget(f"gpu_index {gpu!r} is not a non-negative integer")
     if action not in ACTIONS:
         raise UnsafeTarget(f"action {action!r} is not one of {', '.join(ACTIONS)}")
-    rid, uuid, risk = event.get("id"), event.get("uuid", ""), event.get("risk", 0.0)
+    rid, uuid, risk = event.id, event.uuid, event.risk
     if not isinstance(rid, str) or not _ID_RE.fullmatch(rid):
         raise UnsafeTarget(f"id {rid!r} is not a plain token")
     if not isinstance(uuid, str) or not _UUID_RE.fullmatch(uuid):
@@ -79,9 +80,9 @@ def target_values(event: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def short_reason(event: dict[str, Any], limit: int = 160) -> str:
+def short_reason(event: Remediation, limit: int = 160) -> str:
     """``gpuwatch: <action> GPU <i> [<id>]: <reason>`` in printable ASCII, at most `limit` characters."""
-    text = f"gpuwatch: {event.get('action')} GPU {event.get('gpu_index')} [{event.get('id')}]: {event.get('reason', '')}"
+    text = f"gpuwatch: {event.action} GPU {event.gpu_index} [{event.id}]: {event.reason}"
     text = "".join(c if " " <= c <= "~" else "?" for c in text)
     return text[:limit]
 
@@ -94,8 +95,8 @@ class CheckpointRouter:
         self.checkpoint = checkpoint
         self.name = f"{main.name}+{checkpoint.name}"
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
-        return (self.checkpoint if event.get("action") == "checkpoint" else self.main).execute(event)
+    def execute(self, event: Remediation) -> Outcome:
+        return (self.checkpoint if event.action == "checkpoint" else self.main).execute(event)
 
 
 def make_executor(settings: Settings) -> Executor:

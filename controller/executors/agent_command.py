@@ -9,30 +9,35 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import orjson
 from confluent_kafka import Producer
 
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer
-from gpuwatch.signing import COMMAND_SCHEMA, sign
+from gpuwatch.schemas.codecs import encode_command
+from gpuwatch.schemas.records import Command, Remediation
+from gpuwatch.signing import sign_command
 
 from . import Outcome, UnsafeTarget, target_values
 
 log = logging.getLogger(__name__)
 
 
-def command_from_event(event: dict[str, Any]) -> dict[str, Any]:
-    """The unsigned agent command for a remediation event (same id, host, GPU, uuid, action, reason, risk)."""
-    return {
-        "schema": COMMAND_SCHEMA,
-        "id": event["id"],
-        "host": event["host"],
-        "gpu_index": int(event["gpu_index"]),
-        "uuid": event.get("uuid", ""),
-        "action": event["action"],
-        "reason": str(event.get("reason", "")),
-        "risk": float(event.get("risk", 0.0)),
-    }
+def command_from_event(event: Remediation) -> Command:
+    """The agent command for a remediation event (same id, host, GPU, uuid, action, reason, risk), not yet signed:
+    `sign_command` fills nonce, issued_at, expires_at and sig."""
+    return Command(
+        id=event.id,
+        host=event.host,
+        gpu_index=event.gpu_index,
+        uuid=event.uuid,
+        action=event.action,
+        reason=event.reason,
+        risk=event.risk,
+        nonce="",
+        issued_at=0.0,
+        expires_at=0.0,
+        sig="",
+    )
 
 
 class AgentCommandExecutor:
@@ -54,17 +59,15 @@ class AgentCommandExecutor:
             self._producer = make_producer(self.settings)
         return self._producer
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
+    def execute(self, event: Remediation) -> Outcome:
         try:
             target_values(event)
         except UnsafeTarget as exc:
-            log.warning("remediation %s refused: %s", event.get("id"), exc)
+            log.warning("remediation %s refused: %s", event.id, exc)
             return Outcome(ok=False, detail=f"refused: {exc}")
-        if event["action"] != "checkpoint":
-            return Outcome(
-                ok=False, detail=f"node agents only take checkpoint commands, not {event['action']}"
-            )
-        command = sign(command_from_event(event), self._key, ttl_s=self.settings.command_ttl_s)
+        if event.action != "checkpoint":
+            return Outcome(ok=False, detail=f"node agents only take checkpoint commands, not {event.action}")
+        command = sign_command(command_from_event(event), self._key, ttl_s=self.settings.command_ttl_s)
         producer = self._ensure()
         errors: list[str] = []
 
@@ -73,15 +76,15 @@ class AgentCommandExecutor:
                 errors.append(str(err))
 
         producer.produce(
-            self.settings.topic_commands, orjson.dumps(command), key=event["host"], on_delivery=delivered
+            self.settings.topic_commands, encode_command(command), key=event.host, on_delivery=delivered
         )
         left = producer.flush(self.settings.controller_timeout_s)
         if left or errors:
             why = errors[0] if errors else f"not acknowledged within {self.settings.controller_timeout_s:g} s"
-            return Outcome(ok=False, detail=f"checkpoint command for {event['host']} not delivered: {why}")
+            return Outcome(ok=False, detail=f"checkpoint command for {event.host} not delivered: {why}")
         detail = (
-            f"checkpoint command sent to the agent on {event['host']} (GPU {event['gpu_index']}, "
-            f"nonce {command['nonce']}, expires in {self.settings.command_ttl_s:g} s)"
+            f"checkpoint command sent to the agent on {event.host} (GPU {event.gpu_index}, "
+            f"nonce {command.nonce}, expires in {self.settings.command_ttl_s:g} s)"
         )
-        log.info("remediation %s: %s", event["id"], detail)
+        log.info("remediation %s: %s", event.id, detail)
         return Outcome(ok=True, detail=detail)

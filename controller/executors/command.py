@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from gpuwatch.argv import fill, parse_template, run_argv
+from gpuwatch.schemas.records import Remediation
 
 from . import Outcome, UnsafeTarget, target_values
 
@@ -33,15 +33,15 @@ class CommandExecutor:
         self.template = parse_template(template, PLACEHOLDERS, "controller_command")
         self.timeout_s = timeout_s
 
-    def argv(self, event: dict[str, Any]) -> list[str]:
+    def argv(self, event: Remediation) -> list[str]:
         """The argument list for `event`; raises UnsafeTarget when a value fails its check."""
         return fill(self.template, target_values(event))
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
+    def execute(self, event: Remediation) -> Outcome:
         try:
             argv = self.argv(event)
         except UnsafeTarget as exc:
-            log.warning("remediation %s refused: %s", event.get("id"), exc)
+            log.warning("remediation %s refused: %s", event.id, exc)
             return Outcome(ok=False, detail=f"refused: {exc}")
         try:
             done = run_argv(argv, timeout_s=self.timeout_s)
@@ -50,5 +50,5 @@ class CommandExecutor:
                 ok=False, detail=f"cannot run {argv[0]}: {exc}; check setting 'controller_command'"
             )
         detail = f"{' '.join(argv)}: {done.describe()}"
-        (log.info if done.ok else log.warning)("remediation %s: %s", event["id"], detail)
+        (log.info if done.ok else log.warning)("remediation %s: %s", event.id, detail)
         return Outcome(ok=done.ok, detail=detail)

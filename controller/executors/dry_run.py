@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+
+import msgspec
+
+from gpuwatch.schemas.records import Remediation
 
 from . import Outcome
 
@@ -22,7 +25,9 @@ class DryRunExecutor:
 
     name = "dry-run"
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
-        text = _WOULD.get(event["action"], "would {action} {host} GPU {gpu_index} ({reason})").format(**event)
-        log.info("%s [id %s]", text, event["id"])
+    def execute(self, event: Remediation) -> Outcome:
+        text = _WOULD.get(event.action, "would {action} {host} GPU {gpu_index} ({reason})").format(
+            **msgspec.structs.asdict(event)
+        )
+        log.info("%s [id %s]", text, event.id)
         return Outcome(ok=True, detail=text, dry_run=True)

@@ -27,6 +27,7 @@ from urllib.parse import quote, urlencode, urlsplit
 import orjson
 
 from gpuwatch.config import ConfigError, Settings
+from gpuwatch.schemas.records import Remediation
 
 from . import Outcome, UnsafeTarget, short_reason, target_values
 
@@ -170,13 +171,13 @@ class KubernetesExecutor:
             body,
         )
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
+    def execute(self, event: Remediation) -> Outcome:
         try:
             host = target_values(event)["host"]
         except UnsafeTarget as exc:
-            log.warning("remediation %s refused: %s", event.get("id"), exc)
+            log.warning("remediation %s refused: %s", event.id, exc)
             return Outcome(ok=False, detail=f"refused: {exc}")
-        action = event["action"]
+        action = event.action
         if action not in ("migrate", "reboot", "repair"):
             return Outcome(
                 ok=False,
@@ -184,12 +185,12 @@ class KubernetesExecutor:
             )
         annotations = {ANNOTATION: short_reason(event, 250)}
         if action == "reboot":
-            annotations[REBOOT_ANNOTATION] = str(event["id"])
+            annotations[REBOOT_ANNOTATION] = event.id
         try:
             self.cordon(host, annotations)
             pods = self.gpu_pods(host)
         except KubeError as exc:
-            log.warning("remediation %s on %s failed: %s", event["id"], host, exc)
+            log.warning("remediation %s on %s failed: %s", event.id, host, exc)
             return Outcome(ok=False, detail=str(exc))
         evicted, blocked, failed = [], [], []
         for ns, name in pods:
@@ -215,7 +216,7 @@ class KubernetesExecutor:
             parts.append(f"reboot requested by annotation {REBOOT_ANNOTATION}")
         detail = "; ".join(parts)
         ok = not blocked and not failed
-        (log.info if ok else log.warning)("remediation %s: %s", event["id"], detail)
+        (log.info if ok else log.warning)("remediation %s: %s", event.id, detail)
         return Outcome(ok=ok, detail=detail)
 
 

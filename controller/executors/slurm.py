@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
 
 from gpuwatch.argv import Completed, run_argv
+from gpuwatch.schemas.records import Remediation
 
 from . import Outcome, UnsafeTarget, short_reason, target_values
 
@@ -66,13 +66,13 @@ class SlurmExecutor:
         (log.info if done.ok else log.warning)("%s: %s", " ".join(argv), done.describe())
         return done
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
+    def execute(self, event: Remediation) -> Outcome:
         try:
             host = target_values(event)["host"]
         except UnsafeTarget as exc:
-            log.warning("remediation %s refused: %s", event.get("id"), exc)
+            log.warning("remediation %s refused: %s", event.id, exc)
             return Outcome(ok=False, detail=f"refused: {exc}")
-        action, reason = event["action"], short_reason(event)
+        action, reason = event.action, short_reason(event)
         try:
             # repair: the GPU failed; drained, the node waits for a technician
             if action in ("migrate", "repair"):

@@ -17,9 +17,11 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import orjson
 
 from gpuwatch.config import ConfigError
+from gpuwatch.schemas.records import Remediation
 
 from . import Outcome, UnsafeTarget, target_values
 
@@ -56,25 +58,25 @@ class WebhookExecutor:
         self.timeout_s = timeout_s
         self._opener = urllib.request.build_opener(_NoRedirect)
 
-    def request(self, event: dict[str, Any], now: float | None = None) -> urllib.request.Request:
-        """The POST for `event` (body: the event as JSON with sorted keys)."""
-        body = orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
+    def request(self, event: Remediation, now: float | None = None) -> urllib.request.Request:
+        """The POST for `event` (body: the `gpuwatch.remediation/1` record as JSON with sorted keys)."""
+        body = orjson.dumps(msgspec.to_builtins(event), option=orjson.OPT_SORT_KEYS)
         stamp = str(int(time.time() if now is None else now))
         headers = {
             "Content-Type": "application/json",
             "User-Agent": "gpuwatch-controller",
-            "X-Gpuwatch-Id": str(event["id"]),
+            "X-Gpuwatch-Id": event.id,
             "X-Gpuwatch-Timestamp": stamp,
         }
         if self._key:
             headers["X-Gpuwatch-Signature"] = webhook_signature(self._key, stamp, body)
         return urllib.request.Request(self.url, data=body, headers=headers, method="POST")
 
-    def execute(self, event: dict[str, Any]) -> Outcome:
+    def execute(self, event: Remediation) -> Outcome:
         try:
             target_values(event)
         except UnsafeTarget as exc:
-            log.warning("remediation %s refused: %s", event.get("id"), exc)
+            log.warning("remediation %s refused: %s", event.id, exc)
             return Outcome(ok=False, detail=f"refused: {exc}")
         where = urlsplit(self.url).netloc
         try:
@@ -86,5 +88,5 @@ class WebhookExecutor:
             return Outcome(ok=False, detail=f"webhook {where} unreachable: {getattr(exc, 'reason', exc)}")
         ok = 200 <= status < 300
         detail = f"webhook {where} answered {status}" + (f": {text.strip()}" if text.strip() else "")
-        (log.info if ok else log.warning)("remediation %s: %s", event["id"], detail)
+        (log.info if ok else log.warning)("remediation %s: %s", event.id, detail)
         return Outcome(ok=ok, detail=detail)

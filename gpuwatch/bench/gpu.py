@@ -31,6 +31,8 @@ import numpy as np
 import orjson
 
 from gpuwatch.bench.table import emit
+from gpuwatch.schemas.codecs import decode_risk
+from gpuwatch.schemas.records import Risk
 
 # bf16 matrix products until killed: the GPU busy at full power while the agent samples it.
 _LOAD = """
@@ -145,29 +147,29 @@ def cuda_check(gpus: int = 512, minutes: float = 15.0, devices: tuple[str, str] 
     out: dict[str, Any] = {"torch": torch.__version__, "devices": list(devices),
                            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                            "replay_gpus": gpus, "replay_gpu_samples": 0}  # fmt: skip
-    records: dict[str, list[dict]] = {}
+    records: dict[str, list[Risk]] = {}
     for key, device in zip(("cpu", "cuda"), devices):
         processor = RiskProcessor(Scorer(artifact, device=device))
-        recs: list[dict] = []
+        recs: list[Risk] = []
         t0 = time.perf_counter()
         samples = 0
         for i in range(0, len(inbound), 256):  # the worker's batches are a few hundred snapshots
             r = processor.process(inbound[i : i + 256])
             samples += r.samples
-            recs += [orjson.loads(v) for _, v in r.risk]
+            recs += [decode_risk(v) for _, v in r.risk]
         out[f"replay_{key}_samples_per_s"] = round(samples / (time.perf_counter() - t0))
         out["replay_gpu_samples"] = samples
         records[key] = recs
     cpu, gpu = records["cpu"], records["cuda"]
-    same_keys = [(r["uuid"], r["ts"]) for r in cpu] == [(r["uuid"], r["ts"]) for r in gpu]
-    diffs = [abs(a["risk"] - b["risk"]) for a, b in zip(cpu, gpu)] if same_keys else [float("inf")]
+    same_keys = [(r.uuid, r.ts) for r in cpu] == [(r.uuid, r.ts) for r in gpu]
+    diffs = [abs(a.risk - b.risk) for a, b in zip(cpu, gpu)] if same_keys else [float("inf")]
     thr = artifact.threshold
     out.update(
         risk_records=len(cpu),
         same_records=same_keys,
         max_abs_risk_diff=max(diffs, default=0.0),
-        threshold_side_disagreements=sum((a["risk"] >= thr) != (b["risk"] >= thr) for a, b in zip(cpu, gpu)),
-        mode_disagreements=sum(a["mode"] != b["mode"] for a, b in zip(cpu, gpu)),
+        threshold_side_disagreements=sum((a.risk >= thr) != (b.risk >= thr) for a, b in zip(cpu, gpu)),
+        mode_disagreements=sum(a.mode != b.mode for a, b in zip(cpu, gpu)),
     )
 
     rng = np.random.default_rng(0)
@@ -250,7 +252,7 @@ def score_published(snapshots: list[bytes]) -> dict[str, Any]:
     risks: list[float] = []
     for i, value in enumerate(snapshots):
         r = processor.process([Inbound(value, "gpu-check", 0, i)])
-        risks += [orjson.loads(v)["risk"] for _, v in r.risk]
+        risks += [decode_risk(v).risk for _, v in r.risk]
     return {
         "snapshots": len(snapshots),
         "risk_records": len(risks),

@@ -51,12 +51,13 @@ from gpuwatch.bench.table import emit
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer, spawn_child, start_kafka, start_redis
 from gpuwatch.kafka import ensure_compacted_topic, ensure_topics, make_producer
-from gpuwatch.processes import settings_env, start_stream_worker
+from gpuwatch.processes import StatsFollower, settings_env, start_stream_worker
 from gpuwatch.producers.agent import Agent, SimulatedSource
 from gpuwatch.producers.publisher import Publisher
 from gpuwatch.producers.spool import Spool
-from gpuwatch.schemas.codecs import deadletter_original, decode_deadletter
-from gpuwatch.sinks import redis_keys as k
+from gpuwatch.schemas import redis_keys as k
+from gpuwatch.schemas.codecs import decode_deadletter
+from gpuwatch.schemas.records import StreamStats
 
 log = logging.getLogger(__name__)
 
@@ -85,34 +86,6 @@ def slope_per_min(ts: list[float], values: list[float]) -> float:
     if len(ts) < 3:
         return 0.0
     return float(np.polyfit(np.asarray(ts) - ts[0], np.asarray(values, dtype=np.float64), 1)[0] * 60.0)
-
-
-class StatsFollower:
-    """Follows a stream worker's `STATS {json}` lines on its stdout; `latest` is the newest."""
-
-    def __init__(self, proc: EmbeddedServer) -> None:
-        self.proc = proc
-        self.latest: dict[str, Any] = {}
-        threading.Thread(target=self._run, daemon=True, name=f"stats-{proc.name}").start()
-
-    def _run(self) -> None:
-        assert self.proc.proc.stdout is not None
-        for raw in self.proc.proc.stdout:
-            at = raw.find(b"STATS ")  # tolerant of text in front of it (faust's spinner codes, now turned off)
-            if at >= 0:
-                self.latest = orjson.loads(raw[at + 6 :])
-
-    def wait(self, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.latest and pred(self.latest):
-                return self.latest
-            if not self.proc.alive():
-                raise RuntimeError(
-                    f"{self.proc.name} exited while waiting for {what}:\n{self.proc.log_tail(30)}"
-                )
-            time.sleep(0.2)
-        raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}; last stats: {self.latest}")
 
 
 def end_offsets(settings: Settings, topic: str, partitions: int, timeout: float = 30.0) -> dict[int, int]:
@@ -207,11 +180,10 @@ class DeadLetterTap:
 
     def _add(self, msg: Message) -> None:
         rec = decode_deadletter(msg.value())
-        src = rec["source"]
-        gpus = claimed_gpus(deadletter_original(rec))
-        if DUPLICATE in rec["error"]:  # "GPU(s) 0, 1, ... already have a sample": only those were rejected
-            gpus = rec["error"].split("GPU(s) ", 1)[1].split(" already", 1)[0].count(",") + 1
-        self.letters.append(Letter(self.generation, src["partition"], src["offset"], rec["error"], gpus))
+        gpus = claimed_gpus(rec.original)
+        if DUPLICATE in rec.error:  # "GPU(s) 0, 1, ... already have a sample": only those were rejected
+            gpus = rec.error.split("GPU(s) ", 1)[1].split(" already", 1)[0].count(",") + 1
+        self.letters.append(Letter(self.generation, rec.source.partition, rec.source.offset, rec.error, gpus))
         self._positions[msg.partition()] = msg.offset() + 1
 
     def restart(self) -> None:
@@ -337,11 +309,11 @@ class Ledger:
     worker_deadletters: int = 0
     notes: list[str] = field(default_factory=list)
 
-    def close_incarnation(self, stats: dict[str, Any]) -> None:
-        self.scored += int(stats.get("samples", 0))
-        self.rejected += int(stats.get("rejected_samples", 0))
-        self.delivered += int(stats.get("samples", 0)) + int(stats.get("rejected_samples", 0))
-        self.worker_deadletters += int(stats.get("deadletters", 0))
+    def close_incarnation(self, stats: StreamStats) -> None:
+        self.scored += stats.samples
+        self.rejected += stats.rejected_samples
+        self.delivered += stats.samples + stats.rejected_samples
+        self.worker_deadletters += stats.deadletters
 
 
 class ReliabilityRun:
@@ -394,7 +366,7 @@ class ReliabilityRun:
         worker = start_stream_worker(self.settings, f"bench-worker-{self.restarts}")
         self.stats = StatsFollower(worker)
         self.stats.wait(
-            lambda s: s.get("partitions", 0) == self.partitions, 180, "the worker to own every partition"
+            lambda s: s.partitions == self.partitions, 180, "the worker to own every partition"
         )
         return worker
 
@@ -434,7 +406,7 @@ class ReliabilityRun:
         topic = self.settings.topic_samples
         ends = end_offsets(self.settings, topic, self.partitions)
         done = committed_offsets(self.settings, self.settings.stream_app_id, topic, self.partitions)
-        seen = {int(p): o for p, o in self.stats.latest.get("offsets", {}).items()}
+        seen = {int(p): o for p, o in self.stats.latest.offsets.items()}
         return (
             all(done.get(p, 0) >= e and seen.get(p, 0) >= e for p, e in ends.items()) and self.tap.caught_up()
         )
@@ -481,9 +453,7 @@ class ReliabilityRun:
         self.worker.stop()
         self.restarts += 1
         self.worker = self._start_worker()
-        restored = self.stats.wait(lambda s: s.get("restored_gpus", 0) > 0, 120, "windows restored")[
-            "restored_gpus"
-        ]
+        restored = self.stats.wait(lambda s: s.restored_gpus > 0, 120, "windows restored").restored_gpus
         self.wait(
             lambda: self.publisher.pending < self.hosts * 2, 600, "the spools to drain into the new broker"
         )
@@ -499,11 +469,11 @@ class ReliabilityRun:
         killed = self.worker
         killed.proc.send_signal(signal.SIGKILL)
         killed.proc.wait()
-        last = dict(self.stats.latest)
+        last = self.stats.latest
         topic = self.settings.topic_samples
         committed = committed_offsets(self.settings, self.settings.stream_app_id, topic, self.partitions)
         self.ledger.close_incarnation(last)
-        reported = {int(p): o for p, o in last.get("offsets", {}).items()}
+        reported = {int(p): o for p, o in last.offsets.items()}
         undecodable = [
             i for i in self.bad.injected if i.generation == self.bad.generation and not i.decodable
         ]
@@ -526,9 +496,7 @@ class ReliabilityRun:
         self.restarts += 1
         started = time.monotonic()
         self.worker = self._start_worker()
-        restored = self.stats.wait(lambda s: s.get("restored_gpus", 0) > 0, 120, "windows restored")[
-            "restored_gpus"
-        ]
+        restored = self.stats.wait(lambda s: s.restored_gpus > 0, 120, "windows restored").restored_gpus
         self.wait(lambda: self.backlog() < self.hosts * GPUS_PER_HOST * 5, 600, "the new worker to catch up")
         fault.recovery_s = time.monotonic() - started
         fault.survived = restored >= self.gpus * 0.99

@@ -26,6 +26,7 @@ import orjson
 
 from gpuwatch.bench.table import emit
 from gpuwatch.producers.simulator import simulate_to_dir
+from gpuwatch.schemas.codecs import decode_risk
 from gpuwatch.training.score import available_cpus
 
 TARGET = 300_000  # GPU-samples/s of offline scoring wanted on the 2-core development machine
@@ -43,7 +44,7 @@ def _cpu_s() -> float:
 
 
 def _risks(path: Path) -> np.ndarray:
-    return np.array([orjson.loads(line)["risk"] for line in path.read_bytes().splitlines()])
+    return np.array([decode_risk(line).risk for line in path.read_bytes().splitlines()])
 
 
 def score_command_rate(samples: Path, out: Path, workers: int) -> dict[str, Any]:

@@ -31,13 +31,15 @@ import torch
 
 from gpuwatch.bench.table import emit
 from gpuwatch.config import Settings, load_settings
-from gpuwatch.embedded import EmbeddedServer, embedded_stack
+from gpuwatch.embedded import embedded_stack
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer, produce
 from gpuwatch.memory import spare_startup_heap_from_gc
-from gpuwatch.processes import start_stream_worker
+from gpuwatch.processes import StatsFollower, start_stream_worker
 from gpuwatch.producers.feed import SimulatedFeed
 from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.schemas.codecs import decode_risk
 from gpuwatch.schemas.fields import FAILURE_MODES
+from gpuwatch.schemas.records import Risk
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 from gpuwatch.streams.window import FEATURE_NAMES
@@ -84,37 +86,16 @@ def raw_loop(settings: Settings, topic: str, expected: int) -> float:
     return n / max(last - first, 1e-9)
 
 
-class _Stats:
-    def __init__(self, proc: EmbeddedServer) -> None:
-        self.latest: dict[str, Any] = {}
-        threading.Thread(target=self._run, args=(proc,), daemon=True).start()
-
-    def _run(self, proc: EmbeddedServer) -> None:
-        assert proc.proc.stdout is not None
-        for raw in proc.proc.stdout:
-            if raw.startswith(b"STATS "):
-                self.latest = orjson.loads(raw[6:])
-
-
 def worker_drain(settings: Settings, expected_samples: int, decode_only: bool = False) -> dict[str, Any]:
     """Start a worker on a pre-filled topic; GPU-samples/s between its first and last batch."""
     worker = start_stream_worker(settings, "bench-worker", ["--decode-only"] if decode_only else None)
-    stats = _Stats(worker)
-    deadline = time.monotonic() + 600
+    stats = StatsFollower(worker)
     try:
-        while time.monotonic() < deadline:
-            s = stats.latest
-            if s and s["samples"] + s["rejected_samples"] >= expected_samples:
-                break
-            if not worker.alive():
-                raise RuntimeError(f"the stream worker died:\n{worker.log_tail()}")
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"the worker processed {stats.latest.get('samples')} of {expected_samples} in time")
-        s = stats.latest
-        span = s["last_batch_at"] - s["first_batch_at"]
-        return {"samples": s["samples"], "seconds": span, "samples_per_s": s["samples"] / max(span, 1e-9),
-                "batches": s["batches"], "state_bytes_per_gpu": s["state_bytes_per_gpu"]}
+        s = stats.wait(lambda s: s.samples + s.rejected_samples >= expected_samples, 600,
+                       f"the worker to process {expected_samples} GPU-samples")  # fmt: skip
+        span = s.last_batch_at - s.first_batch_at
+        return {"samples": s.samples, "seconds": span, "samples_per_s": s.samples / max(span, 1e-9),
+                "batches": s.batches, "state_bytes_per_gpu": s.state_bytes_per_gpu}
     finally:
         worker.stop()
 
@@ -170,7 +151,7 @@ class _PerRequestComparison(RiskProcessor):
         super().score_slots(slots, result)
         self.worker_s += time.perf_counter() - t0
         self.worker_inference_s += result.inference_s - inference
-        worker = [orjson.loads(v) for _, v in result.risk[first:]]
+        worker = [decode_risk(v) for _, v in result.risk[first:]]
         seqs = self.store.sequences(slots)  # unchanged by scoring: the windows the worker just scored
         risk = np.empty(len(slots))
         mode = np.empty(len(slots), dtype=np.int64)
@@ -183,8 +164,8 @@ class _PerRequestComparison(RiskProcessor):
         self.scorer.score(seqs)
         self.full_batched_s += time.perf_counter() - t0
         self.records += len(slots)
-        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(risk - [w["risk"] for w in worker]).max()))
-        self.mode_mismatches += sum(FAILURE_MODES[m] != w["mode"] for m, w in zip(mode.tolist(), worker))
+        self.max_abs_diff = max(self.max_abs_diff, float(np.abs(risk - [w.risk for w in worker]).max()))
+        self.mode_mismatches += sum(FAILURE_MODES[m] != w.mode for m, w in zip(mode.tolist(), worker))
 
 
 # float32 LSTM state stepped once per rescoring vs recomputed over the window: equal up to rounding.
@@ -234,14 +215,14 @@ def live_latency(settings: Settings, gpus: int, seconds: float) -> dict[str, Any
 
     ensure_topics(settings)
     worker = start_stream_worker(settings, "bench-live-worker")
-    stats = _Stats(worker)
+    stats = StatsFollower(worker)
     latencies: list[float] = []
     lock = threading.Lock()
     live_from = [float("inf")]
 
-    def on_written(records: list[dict], written_at: float) -> None:
+    def on_written(records: list[Risk], written_at: float) -> None:
         with lock:
-            latencies.extend((written_at - r["ts"]) * 1000.0 for r in records if r["ts"] >= live_from[0])
+            latencies.extend((written_at - r.ts) * 1000.0 for r in records if r.ts >= live_from[0])
 
     stop = threading.Event()
     sink = threading.Thread(target=run_risk_sink, args=(settings,), kwargs={"stop": stop, "on_written": on_written},
@@ -254,7 +235,7 @@ def live_latency(settings: Settings, gpus: int, seconds: float) -> dict[str, Any
     def processed() -> int:
         if not worker.alive():
             raise RuntimeError(f"the stream worker died:\n{worker.log_tail()}")
-        return int(stats.latest.get("samples", 0))
+        return stats.latest.samples
 
     try:
         # A minute of history first, so every GPU has a window. Then live at 1 Hz, the simulator's clock on

@@ -1,5 +1,8 @@
 """The Redis key layout of gpuwatch, in one place (docs/redis.md is the same layout for other languages).
 
+The sinks write it, the controller claims and records outcomes in it, and `RiskClient`, `gpuwatch top` and
+schedulers read it; all of them name keys and hash fields through this module.
+
 A GPU is named by its host and index; `member(host, gpu)` (``"node-0003:5"``) is how sorted sets refer
 to it; readers split a member at its *last* colon, so host names may contain ``:``. Timestamps are
 unix seconds (floats); risks are floats in 0..1. Scripts name keys they build themselves, so this layout
@@ -9,7 +12,8 @@ Per GPU (expire `expire_after_s` after the last write, so GPUs gone for good dis
   ``gpuwatch:gpu:{host}:{gpu}``      hash: host, gpu_index, uuid, risk, mode, model, ts (newest sample the
                                      score used), scored_at, written_at (wall clock of the sink), alarm,
                                      drain, failed ("1" or "0"), op (the alarm operating point)
-  ``gpuwatch:hist:{host}:{gpu}``     list: the last N risk records as JSON, newest first
+  ``gpuwatch:hist:{host}:{gpu}``     list: the last N risk records (`gpuwatch.risk/1` JSON as the sink read
+                                     them, fields it does not know left out), newest first
 Per host:
   ``gpuwatch:host:{host}``           hash: host, max_risk, max_gpu, max_mode, gpus (count), alarms (GPUs in
                                      alarm), failed (GPUs failed), oldest_ts, newest_ts (min/max `ts` over the
@@ -34,10 +38,15 @@ Remediation:
   ``gpuwatch:policy:unhealthy``      sorted set: member host, score wall time it was last seen unhealthy
   ``gpuwatch:policy:incident``       string (JSON) while more hosts are unhealthy than the policy acts on
   ``gpuwatch:claim:{id}``            string (SET NX EX): a controller claimed remediation `id`
-  ``gpuwatch:outcome:{id}``          hash: how executing remediation `id` went
+  ``gpuwatch:outcome:{id}``          hash: how executing remediation `id` went: the fields of its
+                                     `gpuwatch.outcome/1` record as text (`outcome_fields`)
 """
 
 from __future__ import annotations
+
+import msgspec
+
+from .records import Outcome
 
 PREFIX = "gpuwatch:"
 
@@ -107,3 +116,42 @@ def outcome_key(remediation_id: str) -> str:
 def remediated_key(host: str) -> str:
     """Sorted set of the host's recent remediations (ids), scored by wall time: what escalation counts."""
     return f"{POLICY_REMEDIATED_PREFIX}{host}"
+
+
+# The fields of the per-GPU and per-host hashes, as the Redis sink writes them (sinks/redis_writer.py).
+GPU_FIELDS: tuple[str, ...] = (
+    "host",
+    "gpu_index",
+    "uuid",
+    "ts",
+    "risk",
+    "mode",
+    "model",
+    "scored_at",
+    "written_at",
+    "alarm",
+    "drain",
+    "failed",
+    "op",
+)
+HOST_FIELDS: tuple[str, ...] = (
+    "host",
+    "max_risk",
+    "max_gpu",
+    "max_mode",
+    "gpus",
+    "alarms",
+    "failed",
+    "oldest_ts",
+    "newest_ts",
+    "written_at",
+)
+
+
+def outcome_fields(outcome: Outcome) -> dict[str, str]:
+    """The ``gpuwatch:outcome:{id}`` hash of an outcome: every field of the record (the tag as `schema`) as text,
+    booleans as "true" / "false"."""
+    return {
+        name: ("true" if value else "false") if isinstance(value, bool) else str(value)
+        for name, value in msgspec.to_builtins(outcome).items()
+    }

@@ -1,0 +1,213 @@
+"""The typed records of the gpuwatch wire contracts: one msgspec Struct per record that crosses a process boundary.
+
+Each Struct is the one definition of its record: `codecs.py` encodes and decodes it (and derives the reasons it
+gives for a bad record from it), the JSON Schema file of the same name beside this module is checked against it
+in tests (tests/test_schema_files.py), and docs/contracts.md describes it. A field with a default is optional on
+the wire; `UNSET` means "absent" (the field is not written). Within a major version, fields are only ever added,
+and readers ignore fields they do not know. The samples contract (`gpuwatch.samples/1`) is decoded into columns
+instead (`codecs.Snapshot`); its struct is `codecs.SamplesMessage`, built from `fields.py`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import msgspec.inspect as mi
+from msgspec import UNSET, Meta, Struct, UnsetType, field
+
+from .fields import (
+    COMMAND_ACK_SCHEMA,
+    COMMAND_SCHEMA,
+    DEADLETTER_SCHEMA,
+    OUTCOME_SCHEMA,
+    REMEDIATION_SCHEMA,
+    RISK_SCHEMA,
+    STATS_SCHEMA,
+    Action,
+    FailureMode,
+)
+
+MAX_HOST_LEN = 255
+MAX_GPU_INDEX = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+MAX_ID_LEN = 128
+FMAX = sys.float_info.max  # a bound of FMAX rejects infinity (1e999 reads as inf)
+
+Host = Annotated[
+    str, Meta(min_length=1, max_length=MAX_HOST_LEN, description="Node name, as the scheduler knows it.")
+]
+GpuIndex = Annotated[
+    int, Meta(ge=0, le=MAX_GPU_INDEX, description="NVML device index of the GPU on its node.")
+]
+UnixTime = Annotated[float, Meta(ge=0, le=FMAX, description="Unix time, seconds (fractions allowed).")]
+Seconds = Annotated[float, Meta(ge=0, le=FMAX)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Count = Annotated[int, Meta(ge=0, le=MAX_INT64)]
+RemediationId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+
+
+class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.risk/1`: the model's failure risk for one GPU (topic `topic_risk`, key: host).
+
+    Written by the stream worker; read by the Redis sink, the remediation sink and `gpuwatch score`. Records of
+    older workers lack the optional fields: `alarm`, `drain` and `failed` then read false, `op` "".
+    """
+
+    host: Host
+    gpu_index: GpuIndex
+    uuid: str
+    ts: UnixTime  # ts of the newest sample the score used
+    risk: Probability  # P(failure within horizon_s) at the fleet's failure rate; 1 for a failed GPU
+    horizon_s: Annotated[float, Meta(gt=0, le=FMAX)]
+    mode: FailureMode
+    model: NonEmpty  # version of the model that scored
+    scored_at: UnixTime
+    score: Probability | UnsetType = (
+        UNSET  # the calibrated score the operating points compare; absent when failed
+    )
+    alarm: bool = False
+    drain: bool = False
+    op: str = ""  # the alarm operating point that made the call, e.g. model:0.658x2
+    failed: bool = False
+    failed_since: UnixTime | UnsetType = UNSET  # ts of the sample that showed the failure (when failed)
+    history_s: Seconds | UnsetType = UNSET  # seconds of telemetry behind the score
+
+
+class Remediation(Struct, tag_field="schema", tag=REMEDIATION_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.remediation/1`: a command to act on one GPU (topic `topic_remediation`, key: host).
+
+    Written by the remediation sink's policy; executed by the controller, at least once: de-duplicate on `id`.
+    """
+
+    id: RemediationId  # deterministic: codecs.remediation_id
+    host: Host
+    gpu_index: GpuIndex
+    uuid: str
+    action: Action
+    reason: str
+    risk: Probability
+    ts: UnixTime  # when the command was issued
+
+
+class Outcome(Struct, tag_field="schema", tag=OUTCOME_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.outcome/1`: how executing one remediation went (topic `topic_outcomes`, key: host; also the
+    Redis hash ``gpuwatch:outcome:{id}``, see redis_keys.outcome_fields). Written by the controller."""
+
+    id: RemediationId
+    host: Host
+    gpu_index: GpuIndex
+    uuid: str
+    action: Action
+    risk: Probability
+    event_ts: UnixTime  # ts of the remediation event
+    executor: NonEmpty
+    ok: bool
+    dry_run: bool
+    detail: str
+    started_at: UnixTime
+    duration_s: Seconds
+    attempt: Annotated[int, Meta(ge=1, le=MAX_INT64)] = 1  # > 1: taken over from an interrupted attempt
+
+
+class Command(Struct, tag_field="schema", tag=COMMAND_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.command/1`: a signed request to a node agent (topic `topic_commands`, key: host).
+
+    Written by the controller's agent-command executor; `gpuwatch.signing.sign_command` fills `nonce`,
+    `issued_at`, `expires_at` and `sig` (HMAC-SHA256 over every other field). Agents take `checkpoint` only.
+    """
+
+    id: RemediationId
+    host: Host
+    gpu_index: GpuIndex
+    uuid: str
+    action: Action
+    reason: str
+    risk: Probability
+    nonce: Annotated[str, Meta(min_length=16, max_length=128)]
+    issued_at: UnixTime
+    expires_at: UnixTime
+    sig: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+class CommandAck(Struct, tag_field="schema", tag=COMMAND_ACK_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.command_ack/1`: a node agent's answer to one command (topic `topic_outcomes`, key: host).
+
+    `id`, `gpu_index`, `action` and `nonce` echo the command and are null where it did not carry a usable one.
+    `reason` is accepted, or why it was refused: unsigned, forged, malformed, expired, not_yet_valid, replayed,
+    nonce_store_full, nonce_store_error, wrong_host, unsupported_action.
+    """
+
+    id: str | None
+    host: Host
+    gpu_index: GpuIndex | None
+    action: str | None
+    nonce: str | None
+    accepted: bool
+    reason: NonEmpty
+    ok: bool
+    detail: str
+    pids: list[Annotated[int, Meta(ge=0, le=MAX_INT64)]]
+    at: UnixTime  # the agent's clock when it decided
+
+
+class Source(Struct, kw_only=True, frozen=True, gc=False):
+    """Where a dead-lettered message was read: topic (or file path), partition and offset (or line); -1 unknown."""
+
+    topic: str
+    partition: Annotated[int, Meta(ge=-(2**31), le=2**31 - 1)]
+    offset: Annotated[int, Meta(ge=-MAX_INT64 - 1, le=MAX_INT64)]
+
+
+class DeadLetter(Struct, tag_field="schema", tag=DEADLETTER_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.deadletter/1`: a message a stage could not process, why, and its original bytes (topic
+    `topic_deadletter`). Build one with `codecs.make_deadletter`. `original` is base64 on the wire
+    (`original_b64`): the original may be any bytes."""
+
+    error: str  # names the field, e.g. gpus[3].temp_c: expected number or null, got string "71"
+    source: Source
+    original: bytes = field(name="original_b64")  # cut to 512 KiB when original_truncated
+    original_size: Count | UnsetType = UNSET
+    original_truncated: bool = False
+    failed_at: UnixTime
+    stage: NonEmpty
+
+
+class StreamStats(Struct, tag_field="schema", tag=STATS_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.stats/1`: a stream worker's running counts, one ``STATS {json}`` line on its stdout every
+    `stream_stats_interval_s` (read by the demo and the benchmarks with `codecs.decode_stats_line`)."""
+
+    samples: Count  # GPU-samples folded into windows
+    rejected_samples: Count  # GPU-samples dead-lettered as duplicate or out of order
+    scored: Count  # risk records produced
+    deadletters: Count
+    batches: Count
+    partitions: Count  # samples partitions this worker owns now
+    offsets: dict[str, Count]  # per samples partition: offset after the last message counted
+    refreshed: Count  # risk records re-published for silent GPUs
+    restored_gpus: Count
+    checkpointed: Count
+    uptime_s: Seconds
+    first_batch_at: UnixTime
+    last_batch_at: UnixTime
+    gpus_tracked: Count
+    state_bytes_per_gpu: Count
+
+
+RECORDS: tuple[type[Struct], ...] = (Risk, Remediation, Outcome, Command, CommandAck, DeadLetter, StreamStats)
+_KINDS = {mi.StrType: "str", mi.LiteralType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool"}
+
+
+def columns(cls: type[Struct]) -> tuple[tuple[str, str], ...]:
+    """(wire name, "str" | "int" | "float" | "bool") of every field of a flat record, in order: a table's columns
+    (the archive's). Optional fields are included; the `schema` tag is not."""
+    info = mi.type_info(cls)
+    assert isinstance(info, mi.StructType)
+    out = []
+    for f in info.fields:
+        t = f.type.type if isinstance(f.type, mi.Metadata) else f.type
+        if isinstance(t, mi.UnionType):
+            (t,) = (x for x in t.types if not isinstance(x, mi.NoneType))
+        out.append((f.encode_name, _KINDS[type(t)]))
+    return tuple(out)
