@@ -45,9 +45,10 @@ class ChunkCuts:
     (and host) of every decoded snapshot in order, so that the sharded scorer (training.score_shards) cuts a
     recording exactly where one process does.
 
-    Cut by host, every GPU is folded and scored at each of its samples exactly as a live worker that sees one
-    snapshot of a host per batch would: a GPU's scoring depends only on its own samples, and its peers are in
-    the same snapshot. Batches then hold a whole sampling interval of the fleet (30 s at 30 s sampling) instead
+    Cut by host, every GPU is folded and scored exactly as a live worker that sees one snapshot of a host per
+    batch would: a GPU's scoring depends only on its own samples, and its peers are in the same snapshot. (The
+    1 s cut it replaced folded two snapshots of a host less than 1 s apart into one batch, so such a GPU could
+    be scored one sample later than live.) Batches then hold a whole sampling interval of the fleet (30 s at 30 s sampling) instead
     of the hosts that happen to report in one second, which is what made slow fleets replay at a few thousand
     GPU-samples per second."""
 
