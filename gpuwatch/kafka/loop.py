@@ -62,7 +62,7 @@ class BatchLoop:
     `Processed`, or None when `stop` was set before it was done. `name` labels the logs and, with
     `batch_metrics`, `gpuwatch_batch_size_messages` / `gpuwatch_batch_duration_seconds`; `lag_metrics` exports
     the group's lag. `every_round` runs once per poll, batch or not (periodic upkeep). `producer` defaults to
-    a `ReliableProducer` with the delivery timeout of `settings`.
+    a `ReliableProducer` with the delivery timeout of `settings`, closed when the loop ends.
     """
 
     def __init__(
