@@ -54,7 +54,8 @@ class Publisher:
         # (producer sequence number, spool id, bytes) of each record handed to the producer, oldest first
         self._window: deque[tuple[int, int, int]] = deque()
         self._window_bytes = 0
-        self._held: tuple[int, bytes, bytes] | None = None  # read from the spool, refused by a full local queue
+        # read from the spool but refused by a full local queue: sent first next time
+        self._held: tuple[int, bytes, bytes] | None = None
 
     @property
     def in_flight(self) -> int:
