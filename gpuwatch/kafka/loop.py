@@ -105,6 +105,7 @@ class BatchLoop:
                     lag.maybe_update()
                 if self.every_round is not None:
                     self.every_round()
+                self.producer.poll(0)  # errors (a broker gone) are seen before the next batch's output
                 polled = consumer.consume(num_messages=self.max_batch, timeout=self.poll_timeout_s)
                 if polled and not self.handle(polled, stop, consumer):
                     break

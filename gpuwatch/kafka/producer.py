@@ -70,20 +70,27 @@ class ReliableProducer:
     easy to ignore. Here a message whose delivery fails is kept and, once nothing else is in flight, resent
     in order by a fresh producer; what was queued behind it is purged and resent after it, and messages
     produced while a resend waits go after it. (A message already on its way when the failure is seen can
-    still arrive first: consumers must tolerate that, as they tolerate duplicates.) That also recovers from a broker that lost our producer id (a rebuilt cluster, or the
-    memory-only embedded broker restarted), which librdkafka would otherwise retry as "unknown producer id"
-    until the message times out, and from a fatal idempotence error (a broker that handed our producer id to
-    another client). A message not acknowledged within `message_timeout_s` (`settings.kafka_delivery_timeout_s`
-    unless given) counts as failed and is resent; a failure that comes back at once is retried with a backoff
-    (0.5 s doubling to 5 s). Messages refused for good (`PERMANENT_ERRORS`: too large, invalid) are logged and
+    still arrive first: consumers must tolerate that, as they tolerate duplicates.) A fresh producer also
+    takes over:
+
+    - after a fatal idempotence error (a broker that lost our producer id, which librdkafka would otherwise
+      retry as "unknown producer id" until the message times out, or handed it to another client);
+    - after every broker was out of reach: a broker that restarted without its state (the memory-only
+      embedded one) may have handed our producer id to another client, and would then take our next message
+      for a duplicate of theirs, acknowledge it and drop it.
+
+    A message not acknowledged within `message_timeout_s` (`settings.kafka_delivery_timeout_s` unless given)
+    counts as failed and is resent; a failure that comes back at once is retried with a backoff (0.5 s
+    doubling to 5 s). Messages refused for good (`PERMANENT_ERRORS`: too large, invalid) are logged and
     counted in `dropped`, never retried.
 
     `flush(timeout)` returns how many messages are still unacknowledged: 0 means everything produced so far is
     in Kafka (`flush_until_acknowledged` waits for that). `produce` returns the message's sequence number and
     `acknowledged_below()` the first one not yet acknowledged, for callers that retire their own copies in
-    order (the agent's spool). Thread-safe; the same calls as `Producer` (`produce`, `poll`, `flush`, `len()`),
-    but `produce(topic, key, value, partition)` takes no delivery callback: use `produce()` above, which also
-    waits while the local queue is full.
+    order (the agent's spool). Call `poll` while idle, so that errors are seen before the next message.
+    Thread-safe; the same calls as `Producer` (`produce`, `poll`, `flush`, `len()`), but `produce(topic, key,
+    value, partition)` takes no delivery callback: use `produce()` above, which also waits while the local
+    queue is full.
     """
 
     def __init__(
@@ -270,6 +277,15 @@ class ReliableProducer:
                 self.last_error = err.str()
                 if err.code() == KafkaError._ALL_BROKERS_DOWN:
                     self.broker_up = False
+                    # A broker may come back without its state (a memory-only one restarted) and hand our
+                    # producer id to another client; a message sent under it can then be acknowledged as a
+                    # duplicate of theirs and dropped. What comes next goes through a fresh producer, which
+                    # asks the broker for a new id.
+                    if self._fatal_gen != self._gen:
+                        log.info(
+                            "Kafka unreachable (%s); what comes next goes through a fresh producer", err.str()
+                        )
+                    self._fatal_gen = self._gen
                 if err.fatal():
                     self._mark_fatal(err.str())
             if self._suspect:
