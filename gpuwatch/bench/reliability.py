@@ -37,7 +37,8 @@ such rejection the bench did not inject (a duplicate dead letter at an offset th
 is counted in `replayed` too. So `unaccounted = samples_produced - (scored + dead_lettered - replayed +
 processed_unreported)` must be 0.
 
-Downstream accounting. Every 20 s (and right before the outage) the bench injects, next to the worker's
+Downstream accounting (the policy's incident guard, `policy_max_unhealthy_hosts`, is off in this run: the probes
+are dozens of hosts in alarm at once). Every 20 s (and right before the outage) the bench injects, next to the worker's
 output: one risk record in alarm for a GPU of its own (the policy's checkpoint for it has a known id), one
 remediation event for another (straight to the controller), one undecodable risk record (the risk sink must
 dead-letter it) and one undecodable remediation event (the controller must dead-letter it). Taps read the remediation, outcome and dead-letter topics all along.
@@ -563,6 +564,9 @@ class ReliabilityRun:
             topic_remediation="bench.remediation", topic_outcomes="bench.outcomes", topic_commands="bench.commands",
             stream_app_id="bench-reliability", checkpoint_interval_s=60.0, rescore_interval_s=5.0,
             kafka_delivery_timeout_s=DELIVERY_TIMEOUT_S,
+            # The probes put dozens of hosts in alarm at once, which the incident guard rightly reads as an
+            # incident (no action at all): off, so that each probe's checkpoint is due.
+            policy_max_unhealthy_hosts=0,
         )  # fmt: skip
         self._topics()
         self.worker = self._start_worker()
