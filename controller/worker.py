@@ -3,9 +3,10 @@
 For each event on `settings.topic_remediation` it takes a leased claim on ``gpuwatch:claim:{id}`` in Redis
 (controller/claims.py) *before* acting, so a redelivered or duplicated event (same id) is not executed
 again; then it runs the executor, publishes the outcome to `settings.topic_outcomes` (future training
-labels) and stores ``gpuwatch:outcome:{id}``. The offset is committed only after that. Outcomes and dead
-letters go through a `ReliableProducer`: while the broker is away the controller holds the event and resends
-what Kafka did not acknowledge, however long the outage lasts, and marks nothing done before it is in Kafka.
+labels) and stores ``gpuwatch:outcome:{id}``. The offset is committed only after that. It runs on `BatchLoop`
+(gpuwatch/kafka/loop.py), one event per batch: while the broker is away the controller holds the event and
+resends what Kafka did not acknowledge, however long the outage lasts, and marks nothing done before it is in
+Kafka.
 
 If a controller dies between claim and outcome, the event is redelivered (its offset was not committed)
 and the next controller takes the interrupted claim over once its lease has run out (at once when the dead
@@ -28,14 +29,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import redis
-from confluent_kafka import KafkaException, Message
+from confluent_kafka import Message
 
 from gpuwatch import metrics
 from gpuwatch.config import Settings
-from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
+from gpuwatch.kafka import BatchLoop, Output, Processed, ensure_topics
+from gpuwatch.redis_backoff import until_redis_answers
 
 from ..schemas import redis_keys as k
 from ..schemas.codecs import decode_remediation, encode_outcome, make_deadletter
@@ -57,24 +58,6 @@ IDEMPOTENT_ACTIONS = frozenset({"checkpoint", "migrate", "repair"})  # repair dr
 def group_id(settings: Settings) -> str:
     """Consumer group of the controller."""
     return settings.stream_app_id + "-controller"
-
-
-def _retrying(stop: threading.Event, what: str, call: Callable[[], Any]) -> tuple[bool, Any]:
-    """Runs `call` until Redis answers: (True, result), or (False, None) if `stop` is set first."""
-    delay, down_since = 0.1, 0.0
-    while True:
-        try:
-            result = call()
-            if down_since:
-                log.warning("Redis is back after %.1f s; controller resumes", time.monotonic() - down_since)
-            return True, result
-        except redis.RedisError as exc:  # down, loading, read-only after failover, out of memory
-            if not down_since:
-                down_since = time.monotonic()
-                log.warning("cannot %s (%s); retrying with backoff until Redis answers", what, exc)
-        if stop.wait(delay):
-            return False, None
-        delay = min(delay * 2, 5.0)
 
 
 def _execute(executor: Executor, event: Remediation) -> tuple[Outcome, float, float]:
@@ -129,13 +112,18 @@ class _Controller:
         self.executor = executor
         self.on_outcome = on_outcome
         self.redis = redis_client
-        self.producer = ReliableProducer(settings)
         self.claims = ClaimStore(
             redis_client, lease_s=settings.controller_lease_s, ttl_s=settings.controller_claim_ttl_s
         )
 
-    def handle(self, msg: Message) -> bool:
-        """Processes one message; False if `stop` was set before it was done (do not commit it)."""
+    def process(self, batch: list[Message]) -> Processed | None:
+        """Handles a batch of one event (see `run_controller`)."""
+        (msg,) = batch
+        return self.handle(msg)
+
+    def handle(self, msg: Message) -> Processed | None:
+        """Runs one event; returns its outcome (or dead letter) to publish, and storing the outcome in Redis to
+        do once Kafka has it; None if `stop` was set before it was done (do not commit it)."""
         try:
             event = decode_remediation(msg.value())
         except ValueError as exc:
@@ -150,12 +138,14 @@ class _Controller:
                       event.id, event.action, event.host, event.gpu_index, reason)  # fmt: skip
             return self.deadletter(msg, reason)
         if claim is None:
-            return not self.stop.is_set()
+            return None if self.stop.is_set() else Processed()
         with self.claims.held(claim):
             # Read at the last moment: the event may have waited on the topic since before the switch went on.
-            ok, note = _retrying(self.stop, "read the kill switch", lambda: self.redis.get(k.KILLSWITCH))
+            ok, note = until_redis_answers(
+                self.stop, "read the kill switch", lambda: self.redis.get(k.KILLSWITCH)
+            )
             if not ok:
-                return False
+                return None
             if note is not None:
                 outcome, started_at, duration_s = self.held_back(event, note), time.time(), 0.0
             elif claim.interrupted_owner:
@@ -164,32 +154,37 @@ class _Controller:
                 outcome, started_at, duration_s = _execute(self.executor, event)
         metrics.REMEDIATION_ACTIONS.labels(event.action, result_label(outcome)).inc()
         record = outcome_record(event, self.executor.name, outcome, started_at, duration_s, claim.attempt)
-        produce(self.producer, self.settings.topic_outcomes, event.host.encode(), encode_outcome(record))
+        outcome_out = Output(self.settings.topic_outcomes, event.host.encode(), encode_outcome(record))
+
         # The outcome reaches Kafka before the claim is marked done: a crash in between re-runs the event
         # (safely, see above) rather than leaving a done claim with no published outcome.
-        if not self.flush() or not self.store(claim, record):
-            return False
-        if self.on_outcome is not None:
-            try:
-                self.on_outcome(record)
-            except Exception:
-                log.exception("on_outcome callback failed")
-        return True
+        def stored() -> bool:
+            if not self.store(claim, record):
+                return False
+            if self.on_outcome is not None:
+                try:
+                    self.on_outcome(record)
+                except Exception:
+                    log.exception("on_outcome callback failed")
+            return True
 
-    def deadletter(self, msg: Message, reason: str) -> bool:
-        """Sends `msg` to the dead-letter topic with `reason`; False if `stop` was set before Kafka had it."""
+        return Processed([outcome_out], then=stored)
+
+    def deadletter(self, msg: Message, reason: str) -> Processed:
+        """`msg` for the dead-letter topic, with `reason`."""
         raw = make_deadletter(msg.value(), reason, topic=msg.topic() or "", partition=msg.partition() or 0,
                               offset=msg.offset() or 0, stage=STAGE)  # fmt: skip
-        produce(self.producer, self.settings.topic_deadletter, msg.key(), raw)
         metrics.DEADLETTERS.labels(STAGE).inc()
-        return self.flush()
+        return Processed([Output(self.settings.topic_deadletter, msg.key(), raw)])
 
     def claim(self, event: Remediation) -> Claim | None:
         """Our claim on the event, or None when it is already done (or `stop` was set); waits while another
         live controller holds it (at most its lease). Raises CorruptClaim when its claim cannot be read."""
         rid = event.id
         while True:
-            ok, state = _retrying(self.stop, "claim a remediation", lambda: self.claims.try_claim(rid))
+            ok, state = until_redis_answers(
+                self.stop, "claim a remediation", lambda: self.claims.try_claim(rid)
+            )
             if not ok:
                 return None
             if state.kind == "ours":
@@ -243,7 +238,9 @@ class _Controller:
     def store(self, claim: Claim, record: OutcomeRecord) -> bool:
         """Records the outcome in Redis and marks the claim done; False if `stop` was set first."""
         fields = k.outcome_fields(record)
-        ok, finished = _retrying(self.stop, "record an outcome", lambda: self.claims.finish(claim, fields))
+        ok, finished = until_redis_answers(
+            self.stop, "record an outcome", lambda: self.claims.finish(claim, fields)
+        )
         if not ok:
             log.error("outcome of %s not stored in Redis (stopping): %s", record.id, record)
             return False
@@ -251,10 +248,6 @@ class _Controller:
             log.warning("remediation %s: our lease ran out while executing and another controller took over; "
                         "our outcome was published but not stored in Redis", record.id)  # fmt: skip
         return True
-
-    def flush(self) -> bool:
-        """Waits until Kafka has every outcome and dead letter (True), or `stop` is set first (False)."""
-        return flush_until_acknowledged(self.producer, self.stop, "controller outcomes and dead letters")
 
 
 def run_controller(
@@ -270,7 +263,7 @@ def run_controller(
 
     `executor` defaults to `make_executor(settings)` (dry-run). `on_outcome(record)` gets each
     `gpuwatch.outcome/1` record after it is published. Undecodable events go to `settings.topic_deadletter`.
-    Group: `group_id(settings)`; an offset is committed after its event is handled.
+    Group: `group_id(settings)`; an offset is committed after its event's outcome is in Kafka and in Redis.
     """
     stop = stop or threading.Event()
     metrics.zero_counters("controller")
@@ -280,26 +273,12 @@ def run_controller(
         settings.redis_url, socket_timeout=10, socket_connect_timeout=5
     )
     ctl = _Controller(settings, stop, executor or make_executor(settings), on_outcome, client)
-    consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
-    consumer.subscribe([settings.topic_remediation])
-    lag = metrics.ConsumerLagProbe(consumer, group_id(settings))
+    # One event per batch: its outcome is in Kafka and in Redis, and its offset committed, before the next
+    # action runs (a batch of several would hold their claims while the first one's outcome waits).
+    loop = BatchLoop(settings, name=STAGE, group=group_id(settings), topics=[settings.topic_remediation],
+                     process=ctl.process, max_batch=1, poll_timeout_s=poll_timeout_s, batch_metrics=False)  # fmt: skip
     try:
-        while not stop.is_set():
-            lag.maybe_update()
-            msg = consumer.poll(poll_timeout_s)
-            if msg is None:
-                continue
-            if msg.error() is not None:
-                log.warning("consumer error on %s: %s", settings.topic_remediation, msg.error())
-                continue
-            if not ctl.handle(msg):
-                break
-            try:
-                consumer.commit(message=msg, asynchronous=True)
-            except KafkaException as exc:
-                log.info("offset commit skipped: %s", exc)
+        loop.run(stop)
     finally:
-        consumer.close()
-        ctl.producer.flush(5.0)
         if own_redis:
             client.close()

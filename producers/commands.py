@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaException
+from confluent_kafka import Message
 
 from gpuwatch.argv import fill, parse_template, run_argv
 from gpuwatch.config import ConfigError, Settings
-from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
+from gpuwatch.kafka import BatchLoop, Output, Processed, ensure_topics
 from gpuwatch.schemas.codecs import DecodeError, command_from_builtins, encode_command_ack
 from gpuwatch.schemas.records import MAX_GPU_INDEX, Command, CommandAck
 from gpuwatch.signing import (
@@ -254,33 +254,24 @@ class CommandListener:
             at=now,
         )
 
+    def acks(self, batch: list[Message]) -> Processed:
+        """Verifies and executes a batch of commands; their acks are what goes to Kafka."""
+        outputs = []
+        for msg in batch:
+            ack = self.process(msg.key(), msg.value())
+            if ack is not None:
+                outputs.append(Output(self.settings.topic_outcomes, self.host.encode(), encode_command_ack(ack)))
+        return Processed(outputs)
+
     def run(self, stop: threading.Event, *, poll_timeout_s: float = 0.5) -> None:
-        """Consumes `topic_commands` until `stop` is set, acknowledging each command on `topic_outcomes`."""
+        """Consumes `topic_commands` until `stop` is set, acknowledging each command on `topic_outcomes`; a
+        command's offset is committed once Kafka has its ack (`BatchLoop`)."""
         ensure_topics(self.settings, [self.settings.topic_commands, self.settings.topic_outcomes])
-        producer = make_producer(self.settings)
-        consumer = make_consumer(self.settings, self.group_id(), **{"enable.auto.commit": False})
-        consumer.subscribe([self.settings.topic_commands])
         log.info("listening for signed commands for %s on %s", self.host, self.settings.topic_commands)
-        try:
-            while not stop.is_set():
-                msg = consumer.poll(poll_timeout_s)
-                if msg is None:
-                    continue
-                if msg.error() is not None:
-                    log.warning("consumer error on %s: %s", self.settings.topic_commands, msg.error())
-                    continue
-                ack = self.process(msg.key(), msg.value())
-                if ack is not None:
-                    producer.produce(self.settings.topic_outcomes, encode_command_ack(ack), key=self.host)
-                    while producer.flush(1.0) > 0 and not stop.is_set():
-                        log.warning("command ack not yet acknowledged by Kafka; retrying")
-                try:
-                    consumer.commit(message=msg, asynchronous=True)
-                except KafkaException as exc:
-                    log.info("offset commit skipped: %s", exc)
-        finally:
-            consumer.close()
-            producer.flush(5.0)
+        loop = BatchLoop(self.settings, name="agent-commands", group=self.group_id(),
+                         topics=[self.settings.topic_commands], process=self.acks, max_batch=100,
+                         poll_timeout_s=poll_timeout_s, batch_metrics=False, lag_metrics=False)  # fmt: skip
+        loop.run(stop)
 
 
 def _field(command: Any, name: str) -> Any:

@@ -1,15 +1,16 @@
 """Publisher: every snapshot goes through the on-disk spool to Kafka, in order, and leaves it only when acked.
 
-`publish()` appends to the spool; `pump()` hands the oldest unsent records to an idempotent `acks=all`
-producer (at most `max_in_flight` at a time) and acknowledges them in the spool when their delivery
-reports succeed. Because new snapshots queue behind spooled ones in the same file, a returning broker
-receives the backlog first and per-host order holds. While the broker is down the in-flight window stays
-in the producer, new snapshots accumulate in the spool (bounded: the oldest are dropped and counted).
+`publish()` appends to the spool; `pump()` hands the oldest unsent records to gpuwatch's one reliable
+producer (`gpuwatch.kafka.ReliableProducer`, at most `max_in_flight` records at a time) and acknowledges
+them in the spool, oldest first, once Kafka has them. Because new snapshots queue behind spooled ones in the
+same file, a returning broker receives the backlog first and per-host order holds. While the broker is down
+the in-flight window stays in the producer, new snapshots accumulate in the spool (bounded: the oldest are
+dropped and counted).
 
-A failed delivery (timeout, broker restarted without our producer id, fatal idempotence error) stops the
-feed; once every in-flight record has resolved, a fresh producer resends the failed ones in order.
-Delivery is at least once: a record whose acknowledgement was lost in a broker crash can arrive twice,
-with the same `seq`, so consumers that care de-duplicate on (host, seq).
+A failed delivery (timeout, broker restarted without our producer id, fatal idempotence error) is resent by
+a fresh producer, in order, with the records behind it (the producer's rules, shared with every stage).
+Delivery is at least once: a record whose acknowledgement was lost in a broker crash can arrive twice, with
+the same `seq`, so consumers that care de-duplicate on (host, seq).
 """
 
 from __future__ import annotations
@@ -17,29 +18,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from functools import partial
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
-
 from gpuwatch.config import Settings
-from gpuwatch.kafka import make_producer
+from gpuwatch.kafka import ReliableProducer
 from gpuwatch.producers.spool import Spool
 
 log = logging.getLogger(__name__)
-
-_SENT, _ACKED, _FAILED, _REJECTED = range(4)
-# Retrying these cannot succeed: the record itself is unacceptable to the broker.
-_PERMANENT = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD,
-                        KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_MSG_SIZE})  # fmt: skip
-_MAX_BACKOFF_S = 30.0
-
-
-class _Entry:
-    __slots__ = ("rid", "key", "value", "state")
-
-    def __init__(self, rid: int, key: bytes, value: bytes) -> None:
-        self.rid, self.key, self.value, self.state = rid, key, value, _SENT
 
 
 class Publisher:
@@ -56,36 +41,21 @@ class Publisher:
                  producer_config: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.spool = spool
         self.topic = topic or settings.topic_samples
-        self._settings = settings
         self._max_in_flight = max_in_flight
         self._max_bytes = max_in_flight_bytes
-        self._overrides: dict[str, Any] = {
+        overrides: dict[str, Any] = {
             "client.id": client_id,
             "linger.ms": 10,
-            "message.timeout.ms": int(delivery_timeout_s * 1000),
             "reconnect.backoff.max.ms": 2000,
             "queue.buffering.max.messages": max_in_flight + 1000,
-            "error_cb": self._on_error,
             **(producer_config or {}),
         }
-        self._window: deque[_Entry] = deque()
+        self._producer = ReliableProducer(settings, message_timeout_s=delivery_timeout_s, **overrides)
+        # (producer sequence number, spool id, bytes) of each record handed to the producer, oldest first
+        self._window: deque[tuple[int, int, int]] = deque()
         self._window_bytes = 0
-        self._unresolved = 0  # entries in state _SENT
-        self._failed = 0  # entries in state _FAILED
-        self._held: _Entry | None = None  # read from the spool but not accepted by the producer yet
-        self._fatal = False
-        self._purged = False
-        self._retry_at = 0.0
-        self._backoff = 1.0
-        self.sent = 0  # records the broker acknowledged
-        self.rejected = 0  # records the broker refused for good (e.g. too large); logged
-        self.delivery_failures = 0  # failed delivery reports (each record is resent)
-        self.producer_restarts = 0
-        self.broker_up: bool | None = None  # None until the first delivery report or broker error
-        self.last_error = ""
-        self._producer: Producer | None = None
-        self._gen = 0
-        self._new_producer()
+        # read from the spool but refused by a full local queue: sent first next time
+        self._held: tuple[int, bytes, bytes] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -97,21 +67,43 @@ class Publisher:
         """Records not yet acknowledged by the broker (spooled, in flight or awaiting resend)."""
         return self.spool.pending
 
+    @property
+    def sent(self) -> int:
+        """Records the broker acknowledged."""
+        return self._producer.acknowledged
+
+    @property
+    def rejected(self) -> int:
+        """Records the broker refused for good (e.g. too large); logged."""
+        return self._producer.dropped
+
+    @property
+    def delivery_failures(self) -> int:
+        """Failed delivery reports (each record is resent)."""
+        return self._producer.failures
+
+    @property
+    def producer_restarts(self) -> int:
+        return self._producer.replaced
+
+    @property
+    def broker_up(self) -> bool | None:
+        """None until the first delivery report or broker error."""
+        return self._producer.broker_up
+
+    @property
+    def last_error(self) -> str:
+        return self._producer.last_error
+
     def publish(self, key: str | bytes, value: bytes) -> None:
         """Spools one record (sent by the next `pump()`); never blocks on the broker."""
         self.spool.append(key.encode() if isinstance(key, str) else key, value)
 
     def pump(self, timeout: float = 0.0) -> None:
-        """Serves delivery reports (waiting up to `timeout` s for one), acknowledges, then sends or resends."""
-        if self._producer is not None:
-            self._producer.poll(timeout)
-        elif timeout > 0:
-            time.sleep(timeout)
+        """Serves delivery reports (waiting up to `timeout` s for one), acknowledges, then sends more."""
+        self._producer.poll(timeout)
         self._retire()
-        if self._fatal or self._failed:
-            self._recover()
-        else:
-            self._feed()
+        self._feed()
 
     def flush(self, timeout: float) -> bool:
         """Pumps until every spooled record is acknowledged (True) or `timeout` s pass (False)."""
@@ -127,128 +119,30 @@ class Publisher:
     def close(self, timeout: float = 10.0) -> bool:
         """flush(timeout), then drops the producer; what was not acknowledged stays in the spool."""
         done = self.flush(timeout)
-        self._drop_producer()
+        self._producer.close()
         return done
-
-    # ----- internals
-
-    def _new_producer(self) -> None:
-        self._drop_producer()
-        self._gen += 1
-        self._fatal = self._purged = False
-        self._producer = make_producer(self._settings, **self._overrides)
-
-    def _drop_producer(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.purge(in_queue=True, in_flight=True)
-                self._producer.poll(0)
-            except KafkaException as exc:
-                log.debug("purging the old producer: %s", exc)
-            self._producer = None
-
-    def _produce(self, entry: _Entry) -> None:
-        assert self._producer is not None
-        self._producer.produce(self.topic, value=entry.value, key=entry.key,
-                               on_delivery=partial(self._delivered, entry, self._gen))  # fmt: skip
-        entry.state = _SENT
-        self._unresolved += 1
 
     def _feed(self) -> None:
         while len(self._window) < self._max_in_flight and self._window_bytes < self._max_bytes:
-            entry = self._held
-            if entry is None:
-                rec = self.spool.read_next()
-                if rec is None:
-                    return
-                entry = _Entry(*rec)
-            try:
-                self._produce(entry)
-            except BufferError:
-                self._held = entry
+            record = self._held or self.spool.read_next()
+            if record is None:
                 return
-            except KafkaException as exc:
-                self._held = entry
-                self._note_error(exc.args[0])
+            rid, key, value = record
+            try:
+                seq = self._producer.produce(self.topic, key, value)
+            except BufferError:
+                self._held = record
                 return
             self._held = None
-            self._window.append(entry)
-            self._window_bytes += len(entry.value)
+            self._window.append((seq, rid, len(value)))
+            self._window_bytes += len(value)
 
     def _retire(self) -> None:
         """Pops the acknowledged prefix of the window and records it in the spool."""
+        done_below = self._producer.acknowledged_below()
         upto = -1
-        while self._window and self._window[0].state in (_ACKED, _REJECTED):
-            entry = self._window.popleft()
-            self._window_bytes -= len(entry.value)
-            upto = entry.rid
+        while self._window and self._window[0][0] < done_below:
+            _, upto, size = self._window.popleft()
+            self._window_bytes -= size
         if upto >= 0:
             self.spool.ack(upto + 1)
-
-    def _recover(self) -> None:
-        """After a failure: let everything in flight resolve, then resend the failed records in order."""
-        if self._producer is not None and not self._purged:
-            # Nothing queued behind a failed record may reach the broker ahead of its resend.
-            self._producer.purge(in_queue=True, in_flight=self._fatal)
-            self._purged = True
-        if self._unresolved and not self._fatal:
-            return
-        now = time.monotonic()
-        if now < self._retry_at:
-            return
-        self._retry_at = now + self._backoff
-        self._backoff = min(self._backoff * 2, _MAX_BACKOFF_S)
-        for entry in self._window:
-            if entry.state == _SENT:  # fatal: reports of the old producer will not come
-                entry.state = _FAILED
-                self._unresolved -= 1
-                self._failed += 1
-        self._new_producer()
-        self.producer_restarts += 1
-        log.info(
-            "resending %d records with a new producer (%s)", self._failed, self.last_error or "no error text"
-        )
-        for entry in self._window:
-            if entry.state == _FAILED:
-                try:
-                    self._produce(entry)
-                except (BufferError, KafkaException) as exc:  # stays _FAILED; the next pump tries again
-                    self._note_error(exc.args[0] if isinstance(exc, KafkaException) else exc)
-                    return
-                self._failed -= 1
-
-    def _delivered(self, entry: _Entry, gen: int, err: KafkaError | None, msg: Message) -> None:
-        if gen != self._gen or entry.state != _SENT:
-            return  # a report from a producer we already replaced
-        self._unresolved -= 1
-        if err is None:
-            entry.state = _ACKED
-            self.sent += 1
-            self.broker_up = True
-            self._backoff = 1.0
-            return
-        if err.code() in _PERMANENT:
-            entry.state = _REJECTED
-            self.rejected += 1
-            log.error(
-                "the broker refused a %d-byte snapshot for good (%s); dropped", len(entry.value), err.str()
-            )
-            return
-        entry.state = _FAILED
-        self._failed += 1
-        self.delivery_failures += 1
-        self._note_error(err)
-
-    def _on_error(self, err: KafkaError) -> None:
-        if err.code() == KafkaError._ALL_BROKERS_DOWN:
-            self.broker_up = False
-        if err.fatal():
-            self._fatal = True
-            log.error("Kafka producer fatal error: %s; it will be replaced", err.str())
-        self._note_error(err)
-
-    def _note_error(self, err: Any) -> None:
-        text = err.str() if isinstance(err, KafkaError) else str(err)
-        if text != self.last_error:
-            log.warning("Kafka: %s", text)
-        self.last_error = text

@@ -1,9 +1,9 @@
 """The remediation sink: consumes risk records, runs `RemediationPolicy`, publishes remediation events.
 
-Events go to `settings.topic_remediation` keyed by host through a `ReliableProducer`; offsets are
-committed only once Kafka has acknowledged every event of the batch. While the broker is away the loop holds
-the batch and resends what was not acknowledged, however long the outage lasts (longer than the delivery
-timeout too); stopped meanwhile, it commits nothing, so the records are read again. Undecodable risk records
+Runs on `BatchLoop` (gpuwatch/kafka/loop.py): events go to `settings.topic_remediation` keyed by host, and
+offsets are committed only once Kafka has acknowledged every event of the batch. While the broker is away the
+loop holds the batch and resends what was not acknowledged, however long the outage lasts (longer than the
+delivery timeout too); stopped meanwhile, it commits nothing, so the records are read again. Undecodable risk records
 are skipped here (the Redis sink, which reads the same topic, dead-letters them) and counted in the log.
 """
 
@@ -15,11 +15,11 @@ import time
 from collections.abc import Callable
 
 import redis
-from confluent_kafka import KafkaException
+from confluent_kafka import Message
 
 from gpuwatch import metrics
 from gpuwatch.config import Settings
-from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
+from gpuwatch.kafka import BatchLoop, Output, Processed, ensure_topics
 
 from ..schemas.codecs import decode_risk, encode_remediation
 from ..schemas.records import Remediation
@@ -84,50 +84,51 @@ def run_remediation_sink(
             settings.redis_url, socket_timeout=10, socket_connect_timeout=5
         )
         policy = make_policy(settings, redis_client)
-    producer = ReliableProducer(settings)
-    consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
-    consumer.subscribe([settings.topic_risk])
-    lag = metrics.ConsumerLagProbe(consumer, group_id(settings))
-    bad = 0
+    stage = _RemediationStage(settings, policy, on_event)
+    loop = BatchLoop(settings, name="remediation-sink", group=group_id(settings), topics=[settings.topic_risk],
+                     process=stage.process, max_batch=max_batch, poll_timeout_s=poll_timeout_s)  # fmt: skip
     try:
-        while not stop.is_set():
-            lag.maybe_update()
-            msgs = consumer.consume(num_messages=max_batch, timeout=poll_timeout_s)
-            if not msgs:
-                continue
-            t0 = time.perf_counter()
-            records = []
-            for msg in msgs:
-                if msg.error() is not None:
-                    log.warning("consumer error on %s: %s", settings.topic_risk, msg.error())
-                    continue
-                try:
-                    records.append(decode_risk(msg.value()))
-                except ValueError:
-                    bad += 1
-                    if bad in (1, 10, 100) or bad % 1000 == 0:
-                        log.warning("skipped %d undecodable risk records so far", bad)
-            events = policy.observe(records, time.time())
-            export_guards(policy)
-            for event in events:
-                produce(producer, settings.topic_remediation, event.host.encode(), encode_remediation(event))
-            if not flush_until_acknowledged(producer, stop, "remediation events"):
-                return  # unacknowledged events: leave the offsets so the records are seen again
-            for event in events:
-                metrics.REMEDIATION_EVENTS.labels(event.action).inc()
-                if on_event is not None:
-                    try:
-                        on_event(event)
-                    except Exception:
-                        log.exception("on_event callback failed")
-            try:
-                consumer.commit(asynchronous=True)
-            except KafkaException as exc:
-                log.info("offset commit skipped: %s", exc)
-            metrics.BATCH_SIZE.labels("remediation-sink").observe(len(msgs))
-            metrics.BATCH_DURATION.labels("remediation-sink").observe(time.perf_counter() - t0)
+        loop.run(stop)
     finally:
-        consumer.close()
-        producer.flush(5.0)
         if own_redis and redis_client is not None:
             redis_client.close()
+
+
+class _RemediationStage:
+    """The policy over one batch of risk records (`process`, run by a `BatchLoop`)."""
+
+    def __init__(self, settings: Settings, policy: RemediationPolicy, on_event: OnEvent | None) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.on_event = on_event
+        self.bad = 0
+
+    def process(self, msgs: list[Message]) -> Processed:
+        """The batch's remediation events; `on_event` sees them once Kafka acknowledged all of them."""
+        settings = self.settings
+        records = []
+        for msg in msgs:
+            try:
+                records.append(decode_risk(msg.value()))
+            except ValueError:
+                self.bad += 1
+                if self.bad in (1, 10, 100) or self.bad % 1000 == 0:
+                    log.warning("skipped %d undecodable risk records so far", self.bad)
+        events = self.policy.observe(records, time.time())
+        export_guards(self.policy)
+        outputs = [
+            Output(settings.topic_remediation, event.host.encode(), encode_remediation(event))
+            for event in events
+        ]
+
+        def acknowledged() -> bool:
+            for event in events:
+                metrics.REMEDIATION_EVENTS.labels(event.action).inc()
+                if self.on_event is not None:
+                    try:
+                        self.on_event(event)
+                    except Exception:
+                        log.exception("on_event callback failed")
+            return True
+
+        return Processed(outputs, then=acknowledged if events else None)

@@ -1,8 +1,8 @@
 """The Redis sink: consumes risk records from Kafka and writes them to Redis with `RiskWriter`.
 
-At-least-once: offsets are committed only after the batch is in Redis and its dead letters are in Kafka
-(a `ReliableProducer` resends dead letters not acknowledged, however long the broker is away); a redelivered
-record is harmless because the writer drops records that are not newer.
+Runs on `BatchLoop` (gpuwatch/kafka/loop.py): offsets are committed only after the batch is in Redis and its
+dead letters are acknowledged by Kafka (resent however long the broker is away); a redelivered record is
+harmless because the writer drops records that are not newer.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import time
 from collections.abc import Callable
 
 import redis
-from confluent_kafka import Consumer, KafkaException, Message
+from confluent_kafka import Message
 
 from gpuwatch import metrics
 from gpuwatch.config import Settings
-from gpuwatch.kafka import ReliableProducer, ensure_topics, flush_until_acknowledged, make_consumer, produce
+from gpuwatch.kafka import BatchLoop, Output, Processed, ensure_topics
+from gpuwatch.redis_backoff import until_redis_answers
 
 from ..schemas.codecs import decode_risk, make_deadletter
 from ..schemas.records import Risk
@@ -42,7 +43,7 @@ def redis_retryable(exc: redis.RedisError) -> bool:
 
 
 class _Sink:
-    """One consumer loop; split into methods so each step reads on its own."""
+    """What the sink does with one batch (`process`, run by a `BatchLoop`); a method per step."""
 
     def __init__(
         self,
@@ -60,7 +61,26 @@ class _Sink:
         self.writer = RiskWriter(
             self.redis, history_len=settings.redis_history_len, expire_after_s=settings.redis_expire_after_s
         )
-        self.dlq = ReliableProducer(settings)
+        self.letters: list[Output] = []  # the current batch's dead letters
+        self.next_prune = time.monotonic() + PRUNE_EVERY_S
+
+    def process(self, msgs: list[Message]) -> Processed | None:
+        """Decodes the batch and writes it to Redis; returns its dead letters, or None if `stop` was set while
+        Redis was down."""
+        self.letters = []
+        batch = self.decode(msgs)
+        if batch:
+            if not self.write(batch):
+                return None  # stopped during an outage: leave the offsets for the next run
+            records = [rec for _, rec in batch]
+            metrics.RISK_RECORDS_WRITTEN.inc(len(records))
+            metrics.FLEET_RISK.update(records)
+            if self.on_written is not None:
+                try:
+                    self.on_written(records, time.time())
+                except Exception:
+                    log.exception("on_written callback failed")
+        return Processed(outputs=self.letters)
 
     def decode(self, msgs: list[Message]) -> list[tuple[Message, Risk]]:
         out = []
@@ -83,31 +103,25 @@ class _Sink:
             offset=msg.offset() or 0,
             stage=stage,
         )
-        produce(self.dlq, self.settings.topic_deadletter, msg.key(), raw)
+        self.letters.append(Output(self.settings.topic_deadletter, msg.key(), raw))
         metrics.DEADLETTERS.labels(stage).inc()
 
     def write(self, batch: list[tuple[Message, Risk]]) -> bool:
         """Writes until Redis takes the batch (True) or `stop` is set while it is down (False)."""
         records = [rec for _, rec in batch]
-        delay, down_since = 0.1, 0.0
-        while True:
+        letters = len(self.letters)
+
+        def write() -> None:
+            del self.letters[letters:]  # a retry after a failed one-by-one write starts over
             try:
                 self.writer.write_batch(records)
-                if down_since:
-                    log.warning(
-                        "Redis is back after %.1f s; risk sink resumes", time.monotonic() - down_since
-                    )
-                return True
             except redis.RedisError as exc:
-                if not redis_retryable(exc):
-                    self.write_one_by_one(batch)
-                    return True
-                if not down_since:
-                    down_since = time.monotonic()
-                    log.warning("Redis write failed (%s); retrying with backoff until it answers", exc)
-            if self.stop.wait(delay):
-                return False
-            delay = min(delay * 2, 5.0)
+                if redis_retryable(exc):
+                    raise
+                self.write_one_by_one(batch)
+
+        ok, _ = until_redis_answers(self.stop, "write risk records to Redis", write)
+        return ok
 
     def write_one_by_one(self, batch: list[tuple[Message, Risk]]) -> None:
         # A record Redis rejects (not an outage) must not block the partition forever: dead-letter it.
@@ -119,9 +133,10 @@ class _Sink:
                     raise
                 self.dead_letter(msg, f"Redis rejected the record: {exc}", stage=STAGE + "/redis")
 
-    def flush_dead_letters(self) -> bool:
-        """Waits until every dead letter is acknowledged (True), or `stop` is set first (False)."""
-        return flush_until_acknowledged(self.dlq, self.stop, "dead letters")
+    def maybe_prune(self) -> None:
+        if time.monotonic() >= self.next_prune:
+            self.prune()
+            self.next_prune = time.monotonic() + PRUNE_EVERY_S
 
     def prune(self) -> None:
         try:
@@ -130,13 +145,6 @@ class _Sink:
                 log.info("forgot %d GPUs with no risk record for %.0f s", removed, self.writer.expire_after_s)
         except redis.RedisError as exc:
             log.debug("prune skipped: %s", exc)
-
-
-def _commit(consumer: Consumer) -> None:
-    try:
-        consumer.commit(asynchronous=True)
-    except KafkaException as exc:  # e.g. a rebalance took the partitions: they will be redelivered
-        log.info("offset commit skipped: %s", exc)
 
 
 def run_risk_sink(
@@ -158,41 +166,14 @@ def run_risk_sink(
     stop = stop or threading.Event()
     ensure_topics(settings, [settings.topic_risk, settings.topic_deadletter])
     sink = _Sink(settings, stop, on_written, redis_client)
-    consumer = make_consumer(settings, group_id(settings), **{"enable.auto.commit": False})
-    consumer.subscribe([settings.topic_risk])
-    next_prune = time.monotonic() + PRUNE_EVERY_S
     metrics.FLEET_RISK.configure(
         fresh_for_s=settings.stale_after_s, forget_after_s=settings.redis_expire_after_s
     )
-    lag = metrics.ConsumerLagProbe(consumer, group_id(settings))
+    loop = BatchLoop(settings, name=STAGE, group=group_id(settings), topics=[settings.topic_risk],
+                     process=sink.process, max_batch=max_batch, poll_timeout_s=poll_timeout_s,
+                     every_round=sink.maybe_prune)  # fmt: skip
     try:
-        while not stop.is_set():
-            msgs = consumer.consume(num_messages=max_batch, timeout=poll_timeout_s)
-            t0 = time.perf_counter()
-            batch = sink.decode(msgs)
-            if batch:
-                if not sink.write(batch):
-                    break  # stopped during an outage: leave the offsets for the next run
-                records = [rec for _, rec in batch]
-                metrics.RISK_RECORDS_WRITTEN.inc(len(records))
-                metrics.FLEET_RISK.update(records)
-                if on_written is not None:
-                    try:
-                        on_written(records, time.time())
-                    except Exception:
-                        log.exception("on_written callback failed")
-            if msgs:
-                if not sink.flush_dead_letters():
-                    break
-                _commit(consumer)
-                metrics.BATCH_SIZE.labels(STAGE).observe(len(msgs))
-                metrics.BATCH_DURATION.labels(STAGE).observe(time.perf_counter() - t0)
-            lag.maybe_update()
-            if time.monotonic() >= next_prune:
-                sink.prune()
-                next_prune = time.monotonic() + PRUNE_EVERY_S
+        loop.run(stop)
     finally:
-        consumer.close()
-        sink.dlq.flush(5.0)
         if redis_client is None:
             sink.redis.close()

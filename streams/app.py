@@ -2,8 +2,11 @@
 
 One agent with concurrency=1 (faust loses in-flight messages on restart with more) takes
 batches of raw messages and hands them to `RiskProcessor`. Risk and dead letters go out
-through an idempotent confluent-kafka producer that is flushed before the batch is
-acknowledged, so an offset is never committed for a message whose output is not durable.
+through gpuwatch's `ReliableProducer`, and the batch is acknowledged to faust only once Kafka
+has all of it: the rule of `gpuwatch.kafka.BatchLoop`, which the other stages run on, kept with
+faust's consumer. A worker stopped while a batch's output is not acknowledged commits no offset
+at all (`WorkerApp.forbid_commits`), so an offset is never committed for a message whose output
+is not durable.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import asyncio
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -96,7 +98,7 @@ def create_app(
         log.warning("%s", mismatch)
     # Keeps and resends what Kafka did not acknowledge (e.g. a restarted broker that forgot our producer id).
     producer = ReliableProducer(settings, **{"linger.ms": 2})
-    closing = threading.Event()
+    closing = app.stopping
     app.gpuwatch_processor = processor  # type: ignore[attr-defined]
     metrics.register_gpu_telemetry(processor.telemetry)
     totals = StreamTotals()
@@ -141,11 +143,7 @@ def create_app(
         new_id = await asyncio.get_running_loop().run_in_executor(None, samples_topic_recreated)
         if new_id is not None:
             ready.clear()
-
-            async def no_commit(*args: object, **kwargs: object) -> bool:
-                return False
-
-            app.consumer.commit = no_commit  # type: ignore[method-assign]
+            app.forbid_commits()
             await asyncio.get_running_loop().run_in_executor(None, hand_over_and_exit, new_id)
 
     @app.on_partitions_revoked.connect  # type: ignore[misc]
@@ -193,8 +191,14 @@ def create_app(
                 produce(producer, settings.topic_deadletter, None, value)
             producer.poll(0)
             # Durable before faust acknowledges the batch: nothing is lost if we crash right after.
-            await asyncio.get_running_loop().run_in_executor(None, flush_until_acknowledged, producer, closing,
-                                                              "batch output")
+            if not await asyncio.get_running_loop().run_in_executor(
+                None, flush_until_acknowledged, producer, closing, "batch output"
+            ):
+                # Stopping with the output not in Kafka; faust will ack the batch's events anyway.
+                log.warning("stopping with a batch's output not acknowledged by Kafka: committing no offsets, "
+                            "the next worker reads the batch again")  # fmt: skip
+                app.forbid_commits()
+                return
             totals.add(result, batch)
             export_batch_metrics(result, len(batch), time.perf_counter() - t0)
             if on_batch is not None:

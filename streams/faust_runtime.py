@@ -3,13 +3,16 @@
 - `cap_fetch_wait`: faust hard-codes aiokafka's fetch_max_wait_ms=1500, which lands in every sample's latency
   on a quiet partition; capped.
 - `WorkerApp`: faust's App without the Monitor sensor (Python timing of every event for a web UI the worker
-  turns off), and with a consumer whose per-message hand-off is direct (`FastDrainConsumer`).
+  turns off), with a consumer whose per-message hand-off is direct (`FastDrainConsumer`), and with what the
+  worker needs to follow gpuwatch's Kafka rule (offsets move only after the batch's output is acknowledged):
+  `stopping`, set as soon as it begins to stop, and `forbid_commits()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any, cast
 
 import faust
@@ -124,6 +127,28 @@ class _Transport(driver.Transport):
 
 class WorkerApp(faust.App):
     """The stream worker's faust App (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Set before faust waits for the agents to finish their batches: a batch still waiting for Kafka to
+        # acknowledge its output then gives up (and calls forbid_commits) instead of holding the shutdown.
+        self.stopping = threading.Event()
+
+    async def on_stop(self) -> None:
+        self.stopping.set()
+        await super().on_stop()
+
+    def forbid_commits(self) -> None:
+        """This worker commits no offset from now on. faust acks a batch's events however the agent leaves it
+        (also by an exception) and commits acked offsets every second and when it stops, so a worker that gives
+        up on a batch's output must commit nothing more: its successor then reads the batch again."""
+
+        async def no_commit(*args: object, **kwargs: object) -> bool:
+            return False
+
+        consumer = cast(Any, self.consumer)
+        consumer.commit = no_commit  # the periodic and the final commit
+        consumer._commit = no_commit  # and force_commit, which every other path ends in
 
     def on_init_dependencies(self) -> Any:
         deps = super().on_init_dependencies()

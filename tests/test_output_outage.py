@@ -1,14 +1,19 @@
-"""What the remediation sink, the risk sink (its dead letters) and the controller publish survives a broker
-outage longer than the delivery timeout: the batch is held and resent, and nothing downstream of it (on_event,
-the next batch, on_outcome, the outcome in Redis, the input's offsets) moves before Kafka has acknowledged it.
+"""What the remediation sink, the risk sink (its dead letters), the controller and the agent's command
+listener publish survives a broker outage longer than the delivery timeout: the batch is held and resent, and
+nothing downstream of it (on_event, the next batch, on_outcome, the outcome in Redis, the input's offsets)
+moves before Kafka has acknowledged it. They all run on `gpuwatch.kafka.BatchLoop`.
 
 A real broker (Tansu) is stopped for several delivery timeouts while an output is on its way, then started
 again on the same port. Tansu keeps everything in memory, so the restarted broker has forgotten every topic:
 the test creates the topics again and reads the output topic from its start (what arrived after the outage).
+The last test freezes the broker instead (SIGSTOP, as a network partition would: it keeps its log), so the
+offsets committed during the outage can be read afterwards.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -17,17 +22,21 @@ from typing import Any
 import orjson
 import pytest
 import redis
+from confluent_kafka import Consumer, Message, TopicPartition
 from helpers import wait_for
 
 from gpuwatch.config import Settings
 from gpuwatch.controller.executors import Outcome
 from gpuwatch.controller.worker import run_controller
 from gpuwatch.embedded import EmbeddedServer, start_kafka
-from gpuwatch.kafka import ensure_topics, make_producer, read_partitions_to_end
+from gpuwatch.kafka import BatchLoop, Output, Processed, ensure_topics, make_producer, read_partitions_to_end
+from gpuwatch.producers.commands import CommandListener, Handled
 from gpuwatch.schemas import redis_keys as k
 from gpuwatch.schemas.codecs import decode_deadletter, encode_remediation, encode_risk, remediation_id
+from gpuwatch.schemas.fields import COMMAND_SCHEMA
+from gpuwatch.schemas.records import Command, Remediation, Risk
 from gpuwatch.schemas.records import Outcome as OutcomeRecord
-from gpuwatch.schemas.records import Remediation, Risk
+from gpuwatch.signing import MemoryNonceStore, sign
 from gpuwatch.sinks.policy import PolicyRules, RedisKillSwitch, RemediationPolicy
 from gpuwatch.sinks.remediation_sink import run_remediation_sink
 from gpuwatch.sinks.risk_sink import run_risk_sink
@@ -247,3 +256,119 @@ def test_a_controller_outcome_outlives_an_outage_longer_than_the_delivery_timeou
     assert [(o.id, o.ok, o.dry_run) for o in outcomes] == [(event.id, True, True)]
     assert [o["id"] for o in published] == [event.id]
     assert redis_client.hget(k.outcome_key(event.id), "ok") == b"true"
+
+
+def test_a_command_ack_of_the_agent_outlives_an_outage_longer_than_the_delivery_timeout(
+    brokers: list[EmbeddedServer], redis_server: EmbeddedServer
+) -> None:
+    settings = _settings(brokers[0], redis_server)
+    topics = [settings.topic_commands, settings.topic_outcomes]
+    ensure_topics(settings, topics)
+    host, key = "node-0007", b"controller-key-for-the-outage"
+    holding, release = threading.Event(), threading.Event()
+
+    def handler(command: Command) -> Handled:
+        holding.set()
+        release.wait(60)
+        return Handled(True, "checkpoint requested")
+
+    nonces = MemoryNonceStore()
+    listener = CommandListener(settings, host, keys=[key], seen_nonce_store=nonces, handler=handler)
+    stop = threading.Event()
+    agent = threading.Thread(target=listener.run, args=(stop,), kwargs={"poll_timeout_s": 0.1})
+    agent.start()
+    command = sign({"schema": COMMAND_SCHEMA, "id": "c-1", "host": host, "gpu_index": 2, "uuid": "GPU-2",
+                    "action": "checkpoint"}, key)  # fmt: skip
+    try:
+        producer = make_producer(settings)
+        producer.produce(settings.topic_commands, orjson.dumps(command), key=host)
+        producer.flush(10)
+        wait_for(holding.is_set, 30, "the command to be handled")
+
+        _broker_away(brokers, release)  # its ack goes to a broker that is away
+        _broker_back(brokers, settings, topics)
+
+        acks = wait_for(lambda: _read(settings, settings.topic_outcomes), 60, "the ack after the outage")
+    finally:
+        stop.set()
+        release.set()
+        agent.join(30)
+    assert not agent.is_alive()
+    assert [(a["id"], a["accepted"], a["ok"]) for a in acks] == [("c-1", True, True)]
+
+
+class _HeldLoop(BatchLoop):
+    """Echoes its input to `out`, holding the batch that carries `hold` until released; notes a batch given up."""
+
+    def __init__(self, settings: Settings, hold: bytes = b"") -> None:
+        super().__init__(settings, name="echo", group="echo-group", topics=["loop.in"], process=self.echo,
+                         poll_timeout_s=0.1, batch_metrics=False, lag_metrics=False)  # fmt: skip
+        self.hold = hold
+        self.holding, self.release, self.gave_up = threading.Event(), threading.Event(), threading.Event()
+
+    def echo(self, batch: list[Message]) -> Processed:
+        if self.hold and any(m.value() == self.hold for m in batch):
+            self.holding.set()
+            self.release.wait(60)
+        return Processed([Output("loop.out", m.key(), m.value() or b"") for m in batch])
+
+    def handle(self, polled: list[Message], stop: threading.Event, consumer: Consumer) -> bool:
+        done = super().handle(polled, stop, consumer)
+        if not done:
+            self.gave_up.set()
+        return done
+
+
+def _committed(settings: Settings) -> int:
+    consumer = Consumer({**settings.kafka_client_config(), "group.id": "echo-group"})
+    try:
+        return int(consumer.committed([TopicPartition("loop.in", 0)], timeout=10)[0].offset)
+    finally:
+        consumer.close()
+
+
+def test_a_batch_loop_stopped_during_an_outage_commits_nothing_and_its_successor_delivers_the_batch(
+    brokers: list[EmbeddedServer],
+) -> None:
+    broker = brokers[0]
+    settings = Settings(kafka_bootstrap=broker.url, partitions=1, kafka_delivery_timeout_s=DELIVERY_TIMEOUT_S)
+    ensure_topics(settings, ["loop.in", "loop.out"])
+    producer = make_producer(settings)
+    first, stop = _HeldLoop(settings, hold=b"b"), threading.Event()
+    runner = threading.Thread(target=first.run, args=(stop,))
+    runner.start()
+    frozen = False
+    try:
+        producer.produce("loop.in", b"a")
+        producer.flush(10)
+        wait_for(lambda: _committed(settings) == 1, 30, "the first batch committed")
+        producer.produce("loop.in", b"b")
+        producer.flush(10)
+        wait_for(first.holding.is_set, 30, "the second batch")
+
+        os.kill(broker.proc.pid, signal.SIGSTOP)  # frozen: its connections hang, its log is kept
+        frozen = True
+        first.release.set()
+        time.sleep(OUTAGE_S)  # the echo of b is not acknowledged: the loop holds the batch
+        assert runner.is_alive()
+        stop.set()
+        wait_for(first.gave_up.is_set, 10, "the loop to give the batch up")
+    finally:
+        first.release.set()
+        stop.set()
+        if frozen:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        runner.join(30)
+    assert not runner.is_alive()
+    assert _committed(settings) == 1  # b was not committed: its output was not acknowledged
+
+    second, stop = _HeldLoop(settings), threading.Event()
+    runner = threading.Thread(target=second.run, args=(stop,))
+    runner.start()
+    try:
+        wait_for(lambda: _committed(settings) == 2, 30, "the successor to commit b")
+    finally:
+        stop.set()
+        runner.join(30)
+    echoed = [v for _, v in read_partitions_to_end(settings, "loop.out", [0])]
+    assert echoed[0] == b"a" and set(echoed[1:]) == {b"b"}  # at least once: b may be there twice

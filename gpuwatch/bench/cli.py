@@ -76,5 +76,6 @@ def bench_command(args: argparse.Namespace) -> int:
         from gpuwatch.bench.reliability import run_reliability_bench
 
         figures = run_reliability_bench(args)
-        return 0 if figures["unaccounted"] == 0 and figures["faults_survived"] == figures["faults_injected"] else 1
+        closed = figures["unaccounted"] == 0 and figures["downstream_unaccounted"] == 0
+        return 0 if closed and figures["faults_survived"] == figures["faults_injected"] else 1
     raise SystemExit(f"gpuwatch bench: unknown benchmark {args.what!r}")

@@ -2,20 +2,28 @@
 
 On the embedded stack (a Tansu broker and a password-protected redis-server as child processes) it runs:
 node agents for `--gpus` simulated GPUs at 1 Hz (the agent's own spool and publisher, in this process), one
-`gpuwatch stream` worker and one `gpuwatch sink` as real processes, and a trickle of bad snapshots. For
-`--seconds` (default 600) it samples the worker's resident memory and the consumer backlog every 5 s and
-injects three faults, each checked before the run goes on:
+`gpuwatch stream` worker, one `gpuwatch sink` and one `gpuwatch controller` (dry run) as real processes, a
+trickle of bad snapshots, and probes for the stages after the worker (see Downstream accounting). Every stage
+runs with a short delivery timeout (`kafka_delivery_timeout_s` = DELIVERY_TIMEOUT_S). For `--seconds` (default
+600) it samples the worker's resident memory and the consumer backlog every 5 s and injects four faults, each
+checked before the run goes on:
 
-1. broker restart (at 25 %): the agents pause, the worker drains the broker, the broker stops for 15 s while
+1. broker restart (at 20 %): the agents pause, the worker drains the broker, the broker stops for 15 s while
    the agents sample into their spools, then starts again on the same port. Tansu keeps everything in memory,
    so the restarted broker is empty: the drain is what makes the accounting close (an Apache Kafka keeps its
    log, and nothing would need draining). The worker notices the recreated topic, hands its windows to the new
    changelog and exits to be restarted (this bench is its supervisor). Survived when it did, its restart
    restored the windows, and the spools emptied into the new broker.
-2. worker kill (at 50 %): SIGKILL mid-stream; a replacement starts at once (this bench is its supervisor),
+2. broker outage longer than the delivery timeout (at 40 %): a burst of OUTAGE_PROBES probes is injected, and
+   as their outputs are on their way the broker is frozen (SIGSTOP: its connections hang as in a network
+   partition, and it keeps its log, as an Apache Kafka would) for OUTAGE_S, several delivery timeouts, then
+   resumed. A bare producer gives up on what it holds after the delivery timeout; here every stage holds its
+   batch and resends. Survived when every process is still running, the worker caught up and every probe so
+   far is accounted for; the detail counts the held-batch and resend warnings the processes logged.
+3. worker kill (at 60 %): SIGKILL mid-stream; a replacement starts at once (this bench is its supervisor),
    resumes from the committed offsets and restores the windows from the changelog. Survived when it restored
    windows and caught up.
-3. Redis restart (at 75 %): redis-server stops for 10 s (the sink retries) and restarts empty on the same port.
+4. Redis restart (at 80 %): redis-server stops for 10 s (the sink retries) and restarts empty on the same port.
    Survived when every GPU's risk is back in Redis.
 
 Accounting. `samples_produced` are the GPU-samples the broker acknowledged (bad ones counted by the GPUs they
@@ -23,14 +31,26 @@ carry). The worker counts every GPU-sample it folds (`scored`) or rejects as a d
 topic, read throughout, holds the rest (`dead_lettered` counts both; dead letters deduplicated by source). A worker
 killed mid-stream leaves batches that its successor processes again (from the committed offset to the last
 offset the killed worker reported): `replayed` counts them; batches it processed and committed after its last
-report are counted by nobody: `processed_unreported`. Both are measured from offsets, so
-`unaccounted = samples_produced - (scored + dead_lettered - replayed + processed_unreported)` must be 0.
+report are counted by nobody: `processed_unreported`. Both are measured from offsets. During the outage a
+worker whose group session expired reads its uncommitted batches again and rejects them as duplicates: every
+such rejection the bench did not inject (a duplicate dead letter at an offset that is not a resent snapshot)
+is counted in `replayed` too. So `unaccounted = samples_produced - (scored + dead_lettered - replayed +
+processed_unreported)` must be 0.
+
+Downstream accounting (the policy's incident guard, `policy_max_unhealthy_hosts`, is off in this run: the probes
+are dozens of hosts in alarm at once). Every 20 s (and right before the outage) the bench injects, next to the worker's
+output: one risk record in alarm for a GPU of its own (the policy's checkpoint for it has a known id), one
+remediation event for another (straight to the controller), one undecodable risk record (the risk sink must
+dead-letter it) and one undecodable remediation event (the controller must dead-letter it). Taps read the remediation, outcome and dead-letter topics all along.
+`downstream_unaccounted` = probe episodes with no remediation event + remediation events (the probes' and the
+fleet's) with no outcome + injected bad records with no dead letter at their offset; it must be 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -56,14 +76,22 @@ from gpuwatch.producers.agent import Agent, SimulatedSource
 from gpuwatch.producers.publisher import Publisher
 from gpuwatch.producers.spool import Spool
 from gpuwatch.schemas import redis_keys as k
-from gpuwatch.schemas.codecs import decode_deadletter
-from gpuwatch.schemas.records import StreamStats
+from gpuwatch.schemas.codecs import decode_deadletter, encode_remediation, encode_risk, remediation_id
+from gpuwatch.schemas.records import Remediation, Risk, StreamStats
 
 log = logging.getLogger(__name__)
 
 GPUS_PER_HOST = 8
 SAMPLE_EVERY_S = 5.0
 DUPLICATE = "duplicate or out of order"  # the stream's reason for a sample not newer than its GPU's last
+DELIVERY_TIMEOUT_S = 2.0  # kafka_delivery_timeout_s of every stage in the run (15 s by default)
+OUTAGE_S = 4 * DELIVERY_TIMEOUT_S
+PROBE_EVERY_S = 20.0
+OUTAGE_PROBES = 20  # injected right before the outage
+# What the stages log (gpuwatch/kafka/producer.py): a batch held with its offsets uncommitted, and a fresh
+# producer resending what Kafka did not acknowledge.
+HELD = "not yet acknowledged by Kafka"
+RESENT = "resending them"
 
 
 def _say(msg: str) -> None:
@@ -132,6 +160,15 @@ def committed_offsets(settings: Settings, group: str, topic: str, partitions: in
         consumer.close()
 
 
+def _log_count(proc: EmbeddedServer, needles: tuple[str, ...]) -> tuple[int, ...]:
+    """How many lines of a child's log contain each of `needles`."""
+    try:
+        lines = proc.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return tuple(0 for _ in needles)
+    return tuple(sum(needle in line for line in lines) for needle in needles)
+
+
 def claimed_gpus(original: bytes) -> int:
     """GPU-samples a snapshot carries, even a corrupt one: how many GPU entries it names (at least 1)."""
     return max(1, original.count(b'"gpu_index"'))
@@ -144,29 +181,31 @@ class Letter:
     offset: int
     error: str
     gpus: int
+    topic: str = ""  # where the original came from
+    stage: str = ""  # who dead-lettered it
 
 
-class DeadLetterTap:
-    """Reads the dead-letter topic from the start, all along (a memory-only broker forgets it when it stops)."""
+class TopicTap:
+    """Reads `topic` from the start, all along (a memory-only broker forgets it when it stops); `_add` keeps
+    what each message says."""
 
-    def __init__(self, settings: Settings, partitions: int) -> None:
+    def __init__(self, settings: Settings, partitions: int, topic: str) -> None:
         self.settings = settings
         self.partitions = partitions
-        self.letters: list[Letter] = []
+        self.topic = topic
         self.generation = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._positions: dict[int, int] = {}
         self._consumer = self._open()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="dead-letter-tap")
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"tap-{topic}")
         self._thread.start()
 
     def _open(self) -> Consumer:
         conf = {**self.settings.kafka_client_config(), "group.id": f"gpuwatch-tap-{time.time_ns()}",
                 "enable.auto.commit": False}  # fmt: skip
         consumer = Consumer(conf)
-        topic = self.settings.topic_deadletter
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(self.partitions)])
+        consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in range(self.partitions)])
         self._positions = dict.fromkeys(range(self.partitions), 0)
         return consumer
 
@@ -177,14 +216,10 @@ class DeadLetterTap:
                 for msg in msgs:
                     if msg.error() is None:
                         self._add(msg)
+                        self._positions[msg.partition()] = msg.offset() + 1
 
     def _add(self, msg: Message) -> None:
-        rec = decode_deadletter(msg.value())
-        gpus = claimed_gpus(rec.original)
-        if DUPLICATE in rec.error:  # "GPU(s) 0, 1, ... already have a sample": only those were rejected
-            gpus = rec.error.split("GPU(s) ", 1)[1].split(" already", 1)[0].count(",") + 1
-        self.letters.append(Letter(self.generation, rec.source.partition, rec.source.offset, rec.error, gpus))
-        self._positions[msg.partition()] = msg.offset() + 1
+        raise NotImplementedError
 
     def restart(self) -> None:
         """After the broker restarted empty: read the recreated topic from its start."""
@@ -194,7 +229,7 @@ class DeadLetterTap:
             self._consumer = self._open()
 
     def caught_up(self) -> bool:
-        ends = end_offsets(self.settings, self.settings.topic_deadletter, self.partitions)
+        ends = end_offsets(self.settings, self.topic, self.partitions)
         with self._lock:
             return all(self._positions.get(p, 0) >= end for p, end in ends.items())
 
@@ -202,6 +237,39 @@ class DeadLetterTap:
         self._stop.set()
         self._thread.join(10)
         self._consumer.close()
+
+
+class DeadLetterTap(TopicTap):
+    """Every dead letter, with where its original came from."""
+
+    def __init__(self, settings: Settings, partitions: int) -> None:
+        self.letters: list[Letter] = []
+        super().__init__(settings, partitions, settings.topic_deadletter)
+
+    def _add(self, msg: Message) -> None:
+        rec = decode_deadletter(msg.value())
+        src = rec.source
+        gpus = claimed_gpus(rec.original)
+        if DUPLICATE in rec.error:  # "GPU(s) 0, 1, ... already have a sample": only those were rejected
+            gpus = rec.error.split("GPU(s) ", 1)[1].split(" already", 1)[0].count(",") + 1
+        self.letters.append(Letter(self.generation, src.partition, src.offset, rec.error, gpus, src.topic,
+                                   rec.stage))  # fmt: skip
+
+
+class IdTap(TopicTap):
+    """The `id` of every remediation event or outcome (a redelivered one is seen once)."""
+
+    def __init__(self, settings: Settings, partitions: int, topic: str) -> None:
+        self.ids: set[str] = set()
+        super().__init__(settings, partitions, topic)
+
+    def _add(self, msg: Message) -> None:
+        try:
+            rec = orjson.loads(msg.value())
+        except orjson.JSONDecodeError:
+            return  # one of the bench's undecodable events: the controller dead-letters it
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+            self.ids.add(rec["id"])
 
 
 class _Gate(SimulatedSource):
@@ -289,6 +357,123 @@ class BadInput:
 
 
 @dataclass
+class Placed:
+    """Where an injected message landed."""
+
+    generation: int
+    partition: int
+    offset: int
+
+
+class Downstream:
+    """Probes for the sinks and the controller, whose outputs are known in advance (see the module docstring),
+    and taps on what those stages publish."""
+
+    def __init__(self, settings: Settings, partitions: int, tap: DeadLetterTap) -> None:
+        self.settings = settings
+        self.letters = tap
+        self.events = IdTap(settings, partitions, settings.topic_remediation)
+        self.outcomes = IdTap(settings, partitions, settings.topic_outcomes)
+        self.expected: list[str] = []  # id of the checkpoint each probe's alarm must cause
+        self.direct = 0  # events injected straight onto the remediation topic
+        self.bad_risk: list[Placed] = []  # for the risk sink to dead-letter
+        self.bad_events: list[Placed] = []  # for the controller to dead-letter
+        self.generation = 0
+        self.probes = 0
+        self._producer = make_producer(settings)
+
+    def inject(self, count: int = 1, spacing_s: float = 0.0) -> None:
+        """`count` times, `spacing_s` apart: one alarm episode of a GPU of its own (for the policy), one event
+        of another (straight to the controller), one undecodable risk record and one undecodable event;
+        returns once the broker has them all."""
+        gen = self.generation
+
+        def placed(into: list[Placed]) -> Callable[[KafkaError | None, Message], None]:
+            def done(err: KafkaError | None, msg: Message) -> None:
+                if err is None:
+                    into.append(Placed(gen, msg.partition(), msg.offset()))
+
+            return done
+
+        expected = []
+        for i in range(count):
+            if i and spacing_s:
+                time.sleep(spacing_s)
+            self.probes += 1
+            host, gpu, ts = f"probe-{self.probes:05d}", 0, time.time()
+            uuid, key = f"GPU-{host}-{gpu}", host.encode()
+            risk = Risk(host=host, gpu_index=gpu, uuid=uuid, ts=ts, risk=0.5, horizon_s=3600.0, mode="memory",
+                        model="bench-probe", scored_at=ts, alarm=True, drain=False, failed=False, op="bench-probe")
+            self._producer.produce(self.settings.topic_risk, value=encode_risk(risk), key=key)
+            direct = Remediation(host=host, gpu_index=gpu + 1, uuid=f"GPU-{host}-{gpu + 1}", action="checkpoint",
+                                 reason="bench probe", risk=0.5, ts=ts,
+                                 id=remediation_id(host, gpu + 1, f"GPU-{host}-{gpu + 1}", "checkpoint", ts))
+            self._producer.produce(self.settings.topic_remediation, value=encode_remediation(direct), key=key)
+            self._producer.produce(self.settings.topic_risk, value=f"not a risk record {self.probes}".encode(),
+                                   key=key, on_delivery=placed(self.bad_risk))  # fmt: skip
+            self._producer.produce(self.settings.topic_remediation, value=f"not an event {self.probes}".encode(),
+                                   key=key, on_delivery=placed(self.bad_events))  # fmt: skip
+            self._producer.poll(0)
+            expected.append(remediation_id(host, gpu, uuid, "checkpoint", ts))
+        if self._producer.flush(30) != 0:
+            raise RuntimeError("the broker did not take the downstream probes")
+        self.expected += expected
+        self.direct += count
+
+    def restart(self) -> None:
+        """After the broker restarted empty: a fresh producer, fresh taps."""
+        self._producer = make_producer(self.settings)
+        self.generation += 1
+        self.events.restart()
+        self.outcomes.restart()
+
+    def caught_up(self) -> bool:
+        return self.events.caught_up() and self.outcomes.caught_up()
+
+    def stop(self) -> None:
+        self.events.stop()
+        self.outcomes.stop()
+
+    def accounting(self) -> dict[str, int]:
+        """What the probes and the fleet's events became; `downstream_unaccounted` must be 0."""
+        # Event ids are deterministic, so they are matched whatever broker incarnation carried them.
+        events, outcomes = set(self.events.ids), set(self.outcomes.ids)
+        letters = {(x.generation, x.topic, x.partition, x.offset, x.stage) for x in self.letters.letters}
+        risk_topic, event_topic = self.settings.topic_risk, self.settings.topic_remediation
+        risk_letters = sum((p.generation, risk_topic, p.partition, p.offset, "risk-sink") in letters
+                           for p in self.bad_risk)  # fmt: skip
+        event_letters = sum((p.generation, event_topic, p.partition, p.offset, "controller") in letters
+                            for p in self.bad_events)  # fmt: skip
+        missing_events = sum(e not in events for e in self.expected)
+        without_outcome = len(events - outcomes)
+        injected = len(self.bad_risk) + len(self.bad_events)
+        unlettered = injected - risk_letters - event_letters
+        return {
+            "remediation_probes": len(self.expected),
+            "remediation_direct": self.direct,
+            "remediation_events": len(events),
+            "remediation_outcomes": len(events & outcomes),
+            "downstream_bad_injected": injected,
+            "downstream_dead_lettered": risk_letters + event_letters,
+            "downstream_unaccounted": missing_events + without_outcome + unlettered,
+        }
+
+    def settled(self) -> bool:
+        return self.accounting()["downstream_unaccounted"] == 0
+
+    def missing(self) -> str:
+        """What is not accounted for yet, for a message."""
+        events, outcomes = set(self.events.ids), set(self.outcomes.ids)
+        letters = {(x.generation, x.topic, x.partition, x.offset) for x in self.letters.letters}
+        risk_topic, event_topic = self.settings.topic_risk, self.settings.topic_remediation
+        unlettered = [(p.generation, risk_topic, p.partition, p.offset) for p in self.bad_risk]
+        unlettered += [(p.generation, event_topic, p.partition, p.offset) for p in self.bad_events]
+        return (f"probes without their event: {[e for e in self.expected if e not in events]}; "
+                f"events without an outcome: {sorted(events - outcomes)}; bad records (generation, topic, "
+                f"partition, offset) without a dead letter: {[u for u in unlettered if u not in letters]}")  # fmt: skip
+
+
+@dataclass
 class Fault:
     name: str
     at_s: float
@@ -343,12 +528,19 @@ class ReliabilityRun:
             topic_samples="bench.samples", topic_risk="bench.risk", topic_deadletter="bench.deadletter",
             topic_remediation="bench.remediation", topic_outcomes="bench.outcomes", topic_commands="bench.commands",
             stream_app_id="bench-reliability", checkpoint_interval_s=60.0, rescore_interval_s=5.0,
+            kafka_delivery_timeout_s=DELIVERY_TIMEOUT_S,
+            # The probes put dozens of hosts in alarm at once, which the incident guard rightly reads as an
+            # incident (no action at all): off, so that each probe's checkpoint is due.
+            policy_max_unhealthy_hosts=0,
         )  # fmt: skip
         self._topics()
         self.worker = self._start_worker()
         self.sink = spawn_child("bench-sink", [sys.executable, "-P", "-m", "gpuwatch.cli", "sink"],
                                 env=settings_env(self.settings))  # fmt: skip
+        self.controller = spawn_child("bench-controller", [sys.executable, "-P", "-m", "gpuwatch.cli", "controller"],
+                                      env=settings_env(self.settings))  # fmt: skip
         self.tap = DeadLetterTap(self.settings, self.partitions)
+        self.downstream = Downstream(self.settings, self.partitions, self.tap)
         self.bad = BadInput(self.settings)
         self.source = _Gate(self.hosts)
         spool = Spool(self.workdir / "spool", max_bytes=2 << 30)
@@ -376,8 +568,11 @@ class ReliabilityRun:
         if self.agent_thread.is_alive():
             self.agent_thread.join(60)
         self.tap.stop()
-        for proc in (getattr(self, "worker", None), getattr(self, "sink", None), getattr(self, "redis", None),
-                     getattr(self, "kafka", None)):  # fmt: skip
+        self.downstream.stop()
+        for proc in (getattr(self, "worker", None), getattr(self, "sink", None), getattr(self, "controller", None),
+                     getattr(self, "redis", None), getattr(self, "kafka", None)):  # fmt: skip
+            if proc is not None and proc.name == "tansu" and proc.alive():
+                os.kill(proc.proc.pid, signal.SIGCONT)  # in case the run ended during the outage
             if proc is not None:
                 proc.stop()
 
@@ -402,14 +597,32 @@ class ReliabilityRun:
                              backlog, self.publisher.pending))  # fmt: skip
 
     def drained(self) -> bool:
-        """Everything the broker holds is consumed and committed, reported by the worker, and tapped."""
+        """Everything the broker holds is consumed and committed, reported by the worker, and tapped; and the
+        risk and remediation topics are consumed and committed by the sinks and the controller."""
         topic = self.settings.topic_samples
         ends = end_offsets(self.settings, topic, self.partitions)
         done = committed_offsets(self.settings, self.settings.stream_app_id, topic, self.partitions)
         seen = {int(p): o for p, o in self.stats.latest.offsets.items()}
         return (
-            all(done.get(p, 0) >= e and seen.get(p, 0) >= e for p, e in ends.items()) and self.tap.caught_up()
+            all(done.get(p, 0) >= e and seen.get(p, 0) >= e for p, e in ends.items())
+            and self.tap.caught_up()
+            and self.downstream_drained()
         )
+
+    def downstream_drained(self) -> bool:
+        from gpuwatch.controller.worker import group_id as controller_group
+        from gpuwatch.sinks.remediation_sink import group_id as remediation_group
+        from gpuwatch.sinks.risk_sink import group_id as risk_sink_group
+
+        s = self.settings
+        for topic, groups in ((s.topic_risk, (risk_sink_group(s), remediation_group(s))),
+                              (s.topic_remediation, (controller_group(s),))):  # fmt: skip
+            ends = end_offsets(s, topic, self.partitions)
+            for group in groups:
+                done = committed_offsets(s, group, topic, self.partitions)
+                if any(done.get(p, 0) < e for p, e in ends.items()):
+                    return False
+        return self.downstream.caught_up() and self.tap.caught_up() and self.downstream.settled()
 
     def wait(self, cond: Callable[[], bool], timeout: float, what: str) -> float:
         t0 = time.monotonic()
@@ -432,7 +645,10 @@ class ReliabilityRun:
         self.wait(
             lambda: self.publisher.pending == 0 and self.publisher.in_flight == 0, 120, "the spools to empty"
         )
-        self.wait(self.drained, 300, "the worker to drain the broker")
+        try:
+            self.wait(self.drained, 300, "the worker to drain the broker")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; downstream: {self.downstream.missing()}") from None
         self.kafka.stop()
         self.source.open.set()  # the agents sample into their spools while the broker is away
         time.sleep(outage_s)
@@ -441,6 +657,7 @@ class ReliabilityRun:
         self._topics()
         self.tap.restart()
         self.bad.restart()
+        self.downstream.restart()
         up = time.monotonic()
         # The worker notices the recreated samples topic before it processes any of it, hands its windows to
         # the new changelog and exits to be restarted clean: this bench is its supervisor.
@@ -462,6 +679,48 @@ class ReliabilityRun:
         fault.survived = code == RESTART_EXIT_CODE and restored >= self.gpus * 0.99
         fault.detail = (f"{spooled} snapshots spooled during {outage_s:.0f} s; the worker handed its windows over "
                         f"(exit {code}) and its restart restored {restored} of {self.gpus}")  # fmt: skip
+        return fault
+
+    def broker_outage(self) -> Fault:
+        """The broker frozen for OUTAGE_S (several delivery timeouts) while the probes' outputs are on their way."""
+        fault = Fault(f"broker outage {OUTAGE_S:.0f} s", time.monotonic() - self.t0)
+        procs = {"worker": self.worker, "sink": self.sink, "controller": self.controller}
+        before = {name: _log_count(proc, (HELD, RESENT)) for name, proc in procs.items()}
+        letters_before, restored_before = len(self.tap.letters), self.stats.latest.restored_gpus
+        # A burst, so that the sinks are busy with its last records and the controller (one event at a time)
+        # with a backlog of checkpoints when the broker freezes: their outputs are on the way.
+        self.downstream.inject(OUTAGE_PROBES, spacing_s=0.01)
+        time.sleep(0.03)
+        os.kill(self.kafka.proc.pid, signal.SIGSTOP)
+        try:
+            time.sleep(OUTAGE_S)
+        finally:
+            os.kill(self.kafka.proc.pid, signal.SIGCONT)
+        up = time.monotonic()
+        try:
+            self.wait(self.downstream.settled, 300, "every probe accounted for after the outage")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.downstream.missing()}") from None
+        self.wait(lambda: self.backlog() < self.hosts * GPUS_PER_HOST * 5, 600, "the worker to catch up")
+        fault.recovery_s = time.monotonic() - up
+        # A worker whose group session expired meanwhile reads its uncommitted batches again and rejects what
+        # it had folded as duplicates: each such rejection the bench did not inject is a replay.
+        self.wait(self.tap.caught_up, 60, "the dead letters of the outage")
+        resent = {(i.generation, i.partition, i.offset) for i in self.bad.injected if i.kind == "resent"}
+        replays = {(x.generation, x.partition, x.offset): x.gpus for x in self.tap.letters[letters_before:]
+                   if DUPLICATE in x.error and (x.generation, x.partition, x.offset) not in resent}  # fmt: skip
+        replayed = sum(replays.values())
+        self.ledger.replayed += replayed
+        after = {name: _log_count(proc, (HELD, RESENT)) for name, proc in procs.items()}
+        counts = ", ".join(f"{name} {after[name][0] - before[name][0]}/{after[name][1] - before[name][1]}"
+                           for name in procs)  # fmt: skip
+        rebalanced = self.stats.latest.restored_gpus != restored_before
+        self.ledger.notes.append(f"outage: {replayed} GPU-samples read again by the worker")
+        fault.survived = all(proc.alive() for proc in procs.values())
+        fault.detail = (f"broker frozen {OUTAGE_S:.0f} s with a {DELIVERY_TIMEOUT_S:.0f} s delivery timeout; "
+                        f"held-batch / resend warnings logged: {counts}; "
+                        f"worker {'rejoined its group' if rebalanced else 'kept its partitions'}, "
+                        f"{replayed} GPU-samples replayed; every probe accounted for")  # fmt: skip
         return fault
 
     def worker_kill(self) -> Fault:
@@ -532,10 +791,11 @@ class ReliabilityRun:
     def run(self) -> dict[str, Any]:
         self.start()
         schedule: list[tuple[float, Callable[[], Fault]]] = [
-            (0.25, self.broker_restart), (0.50, self.worker_kill), (0.75, self.redis_restart),
+            (0.20, self.broker_restart), (0.40, self.broker_outage), (0.60, self.worker_kill),
+            (0.80, self.redis_restart),
         ]  # fmt: skip
         _say(
-            f"{self.gpus:,} GPUs ({self.hosts:,} hosts) at 1 Hz for {self.seconds:.0f} s; faults at 25/50/75 %"
+            f"{self.gpus:,} GPUs ({self.hosts:,} hosts) at 1 Hz for {self.seconds:.0f} s; faults at 20/40/60/80 %"
         )
         self.agent_thread.start()
         t0 = self.t0 = time.monotonic()
@@ -550,7 +810,8 @@ class ReliabilityRun:
             now = time.monotonic()
             if now >= next_bad:
                 self.bad.inject(self.source)
-                next_bad = now + 20.0
+                self.downstream.inject()
+                next_bad = now + PROBE_EVERY_S
             if now >= next_sample:
                 self.sample(t0)
                 next_sample = now + SAMPLE_EVERY_S
@@ -563,7 +824,10 @@ class ReliabilityRun:
         self.wait(
             lambda: self.publisher.pending == 0 and self.publisher.in_flight == 0, 300, "the spools to empty"
         )
-        self.wait(self.drained, 600, "the worker to process everything")
+        try:
+            self.wait(self.drained, 600, "the worker to process everything")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; downstream: {self.downstream.missing()}") from None
         time.sleep(2.5)  # one more STATS line after the last batch
         self.ledger.close_incarnation(self.stats.latest)
         return self.figures()
@@ -572,7 +836,8 @@ class ReliabilityRun:
         ledger = self.ledger
         letters: dict[tuple[int, int, int], Letter] = {}
         for letter in self.tap.letters:
-            if DUPLICATE not in letter.error:  # rejected duplicates are counted by the worker
+            # rejected duplicates are counted by the worker; the sinks' and the controller's letters below
+            if DUPLICATE not in letter.error and letter.topic == self.settings.topic_samples:
                 letters.setdefault((letter.generation, letter.partition, letter.offset), letter)
         undecodable = sum(letter.gpus for letter in letters.values())
         injected = sum(i.gpus for i in self.bad.injected if not i.decodable)
@@ -590,6 +855,7 @@ class ReliabilityRun:
             "replayed": ledger.replayed,
             "processed_unreported": ledger.unreported,
             "unaccounted": produced - (ledger.scored + dead_lettered - ledger.replayed + ledger.unreported),
+            **self.downstream.accounting(),
             "bad_snapshots_injected": len(self.bad.injected),
             "undecodable_dead_lettered_match_injected": undecodable == injected,
             "faults_injected": len(self.faults),
@@ -642,6 +908,13 @@ def run_reliability_bench(args: argparse.Namespace) -> dict[str, Any]:
         "replayed": "processed twice after the worker kill (from offsets)",
         "processed_unreported": "folded by the killed worker after its last report (offsets)",
         "unaccounted": "produced - (scored + dead_lettered - replayed + unreported); must be 0",
+        "remediation_probes": "alarm episodes injected, each must give one checkpoint",
+        "remediation_direct": "events injected straight to the controller",
+        "remediation_events": "distinct event ids on the topic (probes', direct, fleet's)",
+        "remediation_outcomes": "of those, with an outcome from the controller",
+        "downstream_bad_injected": "undecodable risk records + remediation events",
+        "downstream_dead_lettered": "of those, dead-lettered at their offset (risk sink, controller)",
+        "downstream_unaccounted": "probes without event + events without outcome + bad without letter; must be 0",
         "faults_survived": f"of {figures['faults_injected']}",
         "peak_rss_mb": "stream worker, MiB",
         "rss_trend_mb_per_min": "worker RSS slope after its last start (+60 s)",
@@ -649,6 +922,8 @@ def run_reliability_bench(args: argparse.Namespace) -> dict[str, Any]:
         "broker_peak_rss_mb": "Tansu keeps every message in memory",
     }
     rows = [(key, value, notes.get(key, "")) for key, value in figures.items() if not isinstance(value, list)]
-    emit(f"gpuwatch bench reliability ({figures['gpus']:,} GPUs at 1 Hz, {seconds:.0f} s)", rows, figures,
+    title = (f"gpuwatch bench reliability ({figures['gpus']:,} GPUs at 1 Hz, {seconds:.0f} s, "
+             f"delivery timeout {DELIVERY_TIMEOUT_S:.0f} s)")  # fmt: skip
+    emit(title, rows, figures,
          args.json_path)  # fmt: skip
     return figures
