@@ -69,7 +69,7 @@ class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=Tru
     )
     alarm: bool = False
     drain: bool = False
-    op: str = ""  # the alarm operating point that made the call, e.g. model:0.658x2
+    op: str = ""  # the alarm operating point that made the call, e.g. model:0.979x1/10s
     failed: bool = False
     failed_since: UnixTime | UnsetType = UNSET  # ts of the sample that showed the failure (when failed)
     history_s: Seconds | UnsetType = UNSET  # seconds of telemetry behind the score
