@@ -278,7 +278,7 @@ def test_a_command_ack_of_the_agent_outlives_an_outage_longer_than_the_delivery_
     agent = threading.Thread(target=listener.run, args=(stop,), kwargs={"poll_timeout_s": 0.1})
     agent.start()
     command = sign({"schema": COMMAND_SCHEMA, "id": "c-1", "host": host, "gpu_index": 2, "uuid": "GPU-2",
-                    "action": "checkpoint"}, key)  # fmt: skip
+                    "action": "checkpoint", "reason": "alarm", "risk": 0.5}, key)  # fmt: skip
     try:
         producer = make_producer(settings)
         producer.produce(settings.topic_commands, orjson.dumps(command), key=host)
