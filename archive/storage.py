@@ -66,14 +66,8 @@ class Storage:
             with self._fs.open(full, "wb") as fh:
                 fh.write(data)
             return
-        folder = os.path.dirname(full)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex[:8]}.tmp")
+        folder, tmp = _synced_tmp(full, data)
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             os.replace(tmp, full)
         except BaseException:
             _unlink(tmp)
@@ -89,14 +83,8 @@ class Storage:
             self.write(rel, data)
             return True
         full = self.path(rel)
-        folder = os.path.dirname(full)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex[:8]}.tmp")
+        folder, tmp = _synced_tmp(full, data)
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             os.link(tmp, full)  # fails if `full` exists: the exclusive step
         except FileExistsError:
             return False
@@ -177,6 +165,22 @@ class Storage:
         return sorted(
             f for f in found if f.endswith(suffix) and not f.rsplit("/", 1)[-1].startswith((".", "_"))
         )
+
+
+def _synced_tmp(full: str, data: bytes) -> tuple[str, str]:
+    """(folder, tmp): `data` written and fsynced to a fresh temporary file beside `full` (removed on failure)."""
+    folder = os.path.dirname(full)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(full)}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return folder, tmp
 
 
 def _unlink(path: str) -> bool:
