@@ -2,9 +2,12 @@
 
 Stages live in sub-packages: `gpuwatch.producers` (node agent), `gpuwatch.streams`
 (windows, features, scoring), `gpuwatch.sinks` (Redis, remediation policy),
-`gpuwatch.controller` (executes remediation), `gpuwatch.training` (train, eval, score)
-and `gpuwatch.schemas` (wire contracts). Shared code (settings, embedded stack,
-Kafka helpers) sits directly in this package.
+`gpuwatch.controller` (executes remediation), `gpuwatch.archive` (Parquet archive, labels);
+`gpuwatch.schemas` holds the wire contracts. Beside them: `gpuwatch.simulator` (synthetic
+fleets), `gpuwatch.training` (train, eval, score: offline replays of the stages) and
+`gpuwatch.apps` (the command line, demo, report, fleet view, benchmarks). Code every stage
+shares (settings, the Kafka runtime, signing, metrics, the embedded stack) sits directly in
+this package; it imports no stage (tests/test_layout.py checks it).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ POLICY_FLEET_HOSTS = Gauge("gpuwatch_policy_fleet_hosts", "Hosts that sent risk 
 POLICY_ESCALATED_HOSTS = Gauge(
     "gpuwatch_policy_escalated_hosts", "Hosts escalated to a human (remediated too often), waiting for an operator."
 )
-# -- fleet reliability view (`gpuwatch fleet --serve`, gpuwatch/fleet/) ---------------------------------
+# -- fleet reliability view (`gpuwatch fleet --serve`, apps/fleet/) ---------------------------------
 FLEET_GPUS = Gauge("gpuwatch_fleet_gpus", "GPUs of the fleet view by state: total, failed (now), stale.", ["state"])
 FLEET_RATE = Gauge(
     "gpuwatch_fleet_failure_rate_per_gpu_day",
@@ -159,7 +159,7 @@ _ESTIMATES = ("value", "lower", "upper")
 
 
 def export_fleet_view(view: dict[str, Any], now: float) -> None:
-    """Set the fleet gauges from a `gpuwatch.fleet.view.fleet_view` result (series of the last view dropped)."""
+    """Set the fleet gauges from a `gpuwatch.apps.fleet.view.fleet_view` result (series of the last view dropped)."""
     for gauge in _FLEET_LABELLED:
         gauge.clear()
     fleet = view["fleet"]

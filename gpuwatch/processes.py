@@ -56,7 +56,7 @@ def start_stream_worker(
     """A `gpuwatch stream` process; its stdout (a `STATS {json}` line every `stats_interval_s`, the pace its
     caller follows progress at, whatever `settings.stream_stats_interval_s` says) is a pipe on `.proc.stdout`."""
     # -P: never import the source checkout from the current directory, only the installed package.
-    argv = [sys.executable, "-P", "-m", "gpuwatch.cli", "stream", *(extra_args or [])]
+    argv = [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "stream", *(extra_args or [])]
     env = settings_env(settings)
     env["GPUWATCH_STREAM_STATS_INTERVAL_S"] = str(stats_interval_s)
     return spawn_child(name, argv, env=env)

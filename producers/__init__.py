@@ -1,1 +1,1 @@
-"""Node agent: NVML sampler, fleet simulator, publisher."""
+"""Node agent: the NVML sampler, XID events, the spool, the publisher and the command listener: what runs on a GPU node."""

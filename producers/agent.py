@@ -71,7 +71,7 @@ class SimulatedSource:
     """A simulated fleet of `hosts` x `gpus_per_host` GPUs stepped once per tick (its clock starts now)."""
 
     def __init__(self, hosts: int, interval_s: float, *, gpus_per_host: int = 8, seed: int = 0) -> None:
-        from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+        from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 
         self.sim = FleetSimulator(FleetConfig(hosts=hosts, gpus_per_host=gpus_per_host, seed=seed,
                                               interval_s=interval_s, start_ts=time.time() - interval_s))  # fmt: skip

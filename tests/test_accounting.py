@@ -13,12 +13,12 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError, Message
 
-from gpuwatch.bench.reliability import claimed_gpus, committed_offsets, end_offsets
+from gpuwatch.apps.bench.reliability import claimed_gpus, committed_offsets, end_offsets
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer, partition_count, read_partitions_to_end
 from gpuwatch.processes import StatsFollower, start_stream_worker
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_deadletter
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 
 pytestmark = pytest.mark.slow
 

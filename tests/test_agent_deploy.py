@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gpuwatch.cli import build_parser
+from gpuwatch.apps.cli import build_parser
 from gpuwatch.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,11 +20,11 @@ from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer, free_port, start_kafka
 from gpuwatch.kafka import ensure_topics, partition_count, read_partitions_to_end
 from gpuwatch.producers.agent import Agent, MetricsServer, NvmlSource, SimulatedSource, build_agent
-from gpuwatch.producers.fake_nvml import FakeNvml
 from gpuwatch.producers.nvml import NvmlSampler
 from gpuwatch.producers.publisher import Publisher
 from gpuwatch.producers.spool import Spool
 from gpuwatch.schemas.codecs import decode_snapshot
+from gpuwatch.simulator.fake_nvml import FakeNvml
 
 
 def _read_all(settings: Settings) -> list[tuple[bytes | None, bytes | None]]:
@@ -195,7 +195,7 @@ def test_sigterm_flushes_and_exits_zero(settings: Settings, tmp_path: Path) -> N
     port = free_port()
     env = {**os.environ, "GPUWATCH_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
            "GPUWATCH_TOPIC_SAMPLES": settings.topic_samples, "GPUWATCH_AGENT_HOST": "sigterm-node"}  # fmt: skip
-    argv = [sys.executable, "-P", "-c", "import sys; from gpuwatch.cli import main; sys.exit(main())", "agent",
+    argv = [sys.executable, "-P", "-c", "import sys; from gpuwatch.apps.cli import main; sys.exit(main())", "agent",
             "--fake-nvml", "2", "--interval", "0.2", "--spool-dir", str(tmp_path / "spool"),
             "--metrics-port", str(port)]  # fmt: skip
     proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -13,17 +13,17 @@ import numpy as np
 import orjson
 import pytest
 
+from gpuwatch.apps.cli import main
 from gpuwatch.archive import labels as L
 from gpuwatch.archive.reader import ArchiveReader, is_archive
 from gpuwatch.archive.storage import Storage
 from gpuwatch.archive.tables import SAMPLES, decode_message, to_arrow
 from gpuwatch.archive.writer import PENDING, ArchiveWriter, ensure_layout, import_recording
-from gpuwatch.cli import main
-from gpuwatch.producers.simulator import simulate_to_dir
 from gpuwatch.schemas import codecs
 from gpuwatch.schemas import fields as F
 from gpuwatch.schemas.codecs import decode_snapshot, encode_snapshot
 from gpuwatch.schemas.records import Outcome as OutcomeRecord
+from gpuwatch.simulator.fleet import simulate_to_dir
 from gpuwatch.streams.window import WindowConfig, WindowStore
 from gpuwatch.training.dataset import Failures, build_sequences
 from gpuwatch.training.recording import open_recording

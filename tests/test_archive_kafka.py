@@ -19,9 +19,9 @@ from helpers import wait_for
 from gpuwatch.archive.reader import ArchiveReader
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import encode_remediation, remediation_id
 from gpuwatch.schemas.records import Remediation
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 
 GPUS = 8
 
@@ -42,7 +42,7 @@ def _env(settings: Settings, archive: Path) -> dict[str, str]:
 def _start(settings: Settings, archive: Path, log: Path) -> subprocess.Popen:
     # -P: import the installed package, not the source folder of the same name in the working directory.
     return subprocess.Popen(
-        [sys.executable, "-P", "-m", "gpuwatch.cli", "archive"],
+        [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "archive"],
         env=_env(settings, archive),
         stdout=subprocess.DEVNULL,
         stderr=open(log, "ab"),

@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gpuwatch.cli import build_parser
-from gpuwatch.producers.simulator import simulate_to_dir
+from gpuwatch.apps.cli import build_parser
+from gpuwatch.simulator.fleet import simulate_to_dir
 from gpuwatch.streams.model import load_artifact
 from gpuwatch.training.cli import train_command
 from gpuwatch.training.dataset import DeadLetterCount, RecordingError, build_sequences

@@ -19,7 +19,7 @@ from gpuwatch.schemas import redis_keys as k
 def gpuwatch(*argv: str, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("GPUWATCH_")}
     return subprocess.run(
-        [sys.executable, "-P", "-m", "gpuwatch.cli", *argv],
+        [sys.executable, "-P", "-m", "gpuwatch.apps.cli", *argv],
         env={**base, **env},
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 import gpuwatch.metrics  # noqa: F401 - registers every gpuwatch metric
-from gpuwatch.cli import build_parser
+from gpuwatch.apps.cli import build_parser
 from gpuwatch.config import Settings
 from gpuwatch.producers.agent import AgentCollector, build_agent
 

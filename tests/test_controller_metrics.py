@@ -33,7 +33,7 @@ def test_controller_counts_executed_and_duplicate_remediations(settings: Setting
         }
     )
     # -P: import the installed package, not the source folder of the same name in the working directory.
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.cli", "controller"], env=env)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.apps.cli", "controller"], env=env)
     try:
         uuid = "GPU-ctl-node-2"
         event = Remediation(id=remediation_id("ctl-node", 2, uuid, "checkpoint", 1_750_000_000.0), host="ctl-node",

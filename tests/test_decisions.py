@@ -9,9 +9,9 @@ import orjson
 import pytest
 
 from gpuwatch.config import Settings
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_risk, encode_snapshot
 from gpuwatch.schemas.records import Risk
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.streams.model import OperatingPoint, Scorer, at_prevalence, load_artifact, prevalence
 from gpuwatch.streams.processor import Inbound, RiskProcessor, chosen_for_other_settings, operating_points
 

@@ -24,7 +24,7 @@ import pytest
 import redis
 from helpers import wait_for
 
-from gpuwatch.bench.reliability import committed_offsets, end_offsets
+from gpuwatch.apps.bench.reliability import committed_offsets, end_offsets
 from gpuwatch.config import Settings
 from gpuwatch.controller.executors import Outcome
 from gpuwatch.controller.worker import run_controller
@@ -39,7 +39,6 @@ from gpuwatch.kafka import (
 from gpuwatch.processes import StatsFollower, settings_env, start_stream_worker
 from gpuwatch.producers.agent import Agent, SimulatedSource
 from gpuwatch.producers.publisher import Publisher
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.producers.spool import Spool
 from gpuwatch.schemas import redis_keys as k
 from gpuwatch.schemas.codecs import (
@@ -52,6 +51,7 @@ from gpuwatch.schemas.codecs import (
 from gpuwatch.schemas.fields import Action
 from gpuwatch.schemas.records import Outcome as OutcomeRecord
 from gpuwatch.schemas.records import Remediation, Risk
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.streams.app import RESTART_EXIT_CODE, windows_changelog_topic
 
 pytestmark = pytest.mark.slow
@@ -239,7 +239,7 @@ def test_redis_restart_the_sink_holds_the_batch_and_catches_up(settings: Setting
     settings = settings.replace(redis_url=server.url)
     ensure_topics(settings, [settings.topic_risk, settings.topic_deadletter, settings.topic_remediation])
     sink = spawn_child(
-        "faults-sink", [sys.executable, "-P", "-m", "gpuwatch.cli", "sink"], env=settings_env(settings)
+        "faults-sink", [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "sink"], env=settings_env(settings)
     )
     producer = make_producer(settings)
     gpus = [(f"node-{h}", g) for h in range(2) for g in range(8)]
@@ -332,7 +332,7 @@ def test_a_controller_killed_mid_action_neither_loses_nor_doubles_it(
     env = settings_env(settings)
 
     def controller(name: str) -> EmbeddedServer:
-        return spawn_child(name, [sys.executable, "-P", "-m", "gpuwatch.cli", "controller"], env=env)
+        return spawn_child(name, [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "controller"], env=env)
 
     def kill_mid_action(proc: EmbeddedServer, rid: str, calls: int) -> list[dict[str, Any]]:
         wait_for(lambda: len(_calls(tmp_path)) >= calls, 60, f"the executor to start on {rid}")

@@ -11,9 +11,9 @@ import numpy as np
 import orjson
 import pytest
 
-from gpuwatch.cli import main
-from gpuwatch.fleet import estimators as est
-from gpuwatch.fleet.history import (
+from gpuwatch.apps.cli import main
+from gpuwatch.apps.fleet import estimators as est
+from gpuwatch.apps.fleet.history import (
     Failure,
     FailureHistory,
     HistoryError,
@@ -22,7 +22,7 @@ from gpuwatch.fleet.history import (
     read_inventory,
     read_simulation,
 )
-from gpuwatch.fleet.view import FleetOptions, LiveRisk, fleet_view, format_view, trace_mean_repair_days
+from gpuwatch.apps.fleet.view import FleetOptions, LiveRisk, fleet_view, format_view, trace_mean_repair_days
 
 DAY = est.DAY_S
 T0 = 1_700_000_000.0
@@ -115,8 +115,8 @@ def test_job_interruption_and_spares() -> None:
 
 
 def test_default_turnaround_is_the_simulators_mean_repair_time() -> None:
-    from gpuwatch.producers import faults
-    from gpuwatch.producers.simulator import MODES
+    from gpuwatch.simulator import faults
+    from gpuwatch.simulator.fleet import MODES
 
     rng = np.random.default_rng(0)
     mix = np.array([faults.MODE_MIX[m] for m in MODES])
@@ -214,7 +214,7 @@ def test_inventory_and_times(tmp_path: Path) -> None:
 
 
 def test_simulation_folder_is_a_history_with_its_boards_and_window(tmp_path: Path) -> None:
-    from gpuwatch.producers.simulator import simulate_to_dir
+    from gpuwatch.simulator.fleet import simulate_to_dir
 
     stats = simulate_to_dir(2, 4, 0.5, tmp_path, seed=3, interval_s=600.0,
                             config_overrides={"rate_scale": 3000, "hardware": {"h200-sxm": 1.0}})  # fmt: skip
@@ -275,7 +275,7 @@ def test_view_from_live_risk_sums_the_risks_of_the_gpus_not_failed() -> None:
 
 
 def test_forecast_check_against_the_simulator_on_one_small_seed() -> None:
-    from gpuwatch.bench.forecast import check_seed
+    from gpuwatch.apps.bench.forecast import check_seed
 
     r = check_seed(11, hosts=16, gpus_per_host=8, rate_scale=100.0, history_days=14.0, forecast_days=7.0,
                    level=0.9, service_level=0.95)  # fmt: skip
@@ -308,7 +308,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_fleet_command_prints_and_writes_the_view(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], no_env: None
 ) -> None:
-    from gpuwatch.producers.simulator import simulate_to_dir
+    from gpuwatch.simulator.fleet import simulate_to_dir
 
     simulate_to_dir(
         4, 8, 2.0, tmp_path / "sim", seed=5, interval_s=1800.0, config_overrides={"rate_scale": 500}
@@ -347,7 +347,7 @@ def test_report_plots_the_fleet_view(tmp_path: Path) -> None:
     import base64
     import re
 
-    from gpuwatch.report import ReportData, render_fleet_report, render_report
+    from gpuwatch.apps.report import ReportData, render_fleet_report, render_report
 
     h = history(
         [Failure("a", 0, T0 + 2 * DAY, "memory", T0 + 3 * DAY), Failure("b", 1, T0 + 5 * DAY, "power")]
@@ -369,7 +369,7 @@ def test_report_plots_the_fleet_view(tmp_path: Path) -> None:
 
 
 def test_run_recorder_keeps_every_gpus_newest_risk_for_the_demos_fleet_view() -> None:
-    from gpuwatch.report import RunRecorder
+    from gpuwatch.apps.report import RunRecorder
     from gpuwatch.schemas.records import Risk
 
     def rec(gpu: int, ts: float, risk: float, failed: bool = False) -> Risk:
@@ -388,7 +388,7 @@ def test_run_recorder_keeps_every_gpus_newest_risk_for_the_demos_fleet_view() ->
 def test_fleet_learns_from_an_archives_label_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], no_env: None
 ) -> None:
-    from gpuwatch.producers.simulator import simulate_to_dir
+    from gpuwatch.simulator.fleet import simulate_to_dir
 
     stats = simulate_to_dir(
         2, 4, 0.5, tmp_path / "sim", seed=3, interval_s=600.0, config_overrides={"rate_scale": 3000}

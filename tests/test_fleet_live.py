@@ -17,9 +17,9 @@ import pytest
 import redis
 from helpers import scrape, wait_for
 
-from gpuwatch.cli import main
+from gpuwatch.apps.cli import main
+from gpuwatch.apps.fleet import estimators as est
 from gpuwatch.embedded import EmbeddedServer, free_port
-from gpuwatch.fleet import estimators as est
 from gpuwatch.schemas.records import Risk
 from gpuwatch.sinks.redis_writer import RiskWriter
 from gpuwatch.sinks.risk_client import RiskClient
@@ -79,7 +79,7 @@ def test_serve_waits_for_live_risk_exports_it_and_stops_on_sigterm(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GPUWATCH_")}
     env |= {"GPUWATCH_REDIS_URL": redis_server.url, "GPUWATCH_FLEET_METRICS_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.cli", "fleet", "--serve", "--every", "0.3"],
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.apps.cli", "fleet", "--serve", "--every", "0.3"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     logged: list[str] = []
     reader = threading.Thread(target=lambda: logged.extend(iter(proc.stderr.readline, "")), daemon=True)  # type: ignore[union-attr]
@@ -112,8 +112,8 @@ def test_serve_waits_for_live_risk_exports_it_and_stops_on_sigterm(
 def test_the_history_part_of_the_view_is_exported_per_group() -> None:
     from prometheus_client import generate_latest
 
-    from gpuwatch.fleet.history import Failure, FailureHistory
-    from gpuwatch.fleet.view import FleetOptions, fleet_view
+    from gpuwatch.apps.fleet.history import Failure, FailureHistory
+    from gpuwatch.apps.fleet.view import FleetOptions, fleet_view
     from gpuwatch.metrics import component_registry, export_fleet_view
 
     day = est.DAY_S

@@ -8,8 +8,8 @@ import numpy as np
 import orjson
 import pytest
 
-from gpuwatch.producers.simulator import simulate_to_dir
 from gpuwatch.schemas.fields import FAILURE_MODES
+from gpuwatch.simulator.fleet import simulate_to_dir
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import RiskProcessor
 from gpuwatch.training.fleet_replay import FleetRisk, shard_seed, simulate_and_score

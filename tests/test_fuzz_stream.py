@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer, partition_count, read_partitions_to_end
 from gpuwatch.processes import start_stream_worker
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_deadletter, decode_risk
 from gpuwatch.schemas.fields import ALL_COUNTERS
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 

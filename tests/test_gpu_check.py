@@ -10,11 +10,11 @@ import orjson
 import pytest
 
 import gpuwatch.producers.agent as agent_module
-from gpuwatch.bench import gpu
-from gpuwatch.cli import main
-from gpuwatch.producers.fake_nvml import FakeNvml
+from gpuwatch.apps.bench import gpu
+from gpuwatch.apps.cli import main
 from gpuwatch.producers.nvml import NvmlUnavailable
 from gpuwatch.schemas.codecs import decode_snapshot
+from gpuwatch.simulator.fake_nvml import FakeNvml
 
 DATA = Path(__file__).parent / "data" / "h200-healthy"
 
@@ -103,7 +103,7 @@ def test_the_shipped_model_does_not_alarm_on_the_healthy_h200(tmp_path: Path) ->
 
 
 def test_nvml_check_lists_each_query_as_read_unsupported_or_failed() -> None:
-    from gpuwatch.producers.fake_nvml import NVMLError_NoPermission
+    from gpuwatch.simulator.fake_nvml import NVMLError_NoPermission
 
     fake = FakeNvml(2)
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from gpuwatch.cli import main
+from gpuwatch.apps.cli import main
 from gpuwatch.config import ConfigError, Settings, load_settings
 from gpuwatch.pools import FLEET_POOL, OTHER_POOL, Pools, parse_maintenance_windows
 from gpuwatch.schemas import redis_keys as k

@@ -18,9 +18,9 @@ from gpuwatch import metrics
 from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.fields import ACTIONS, FailureMode
 from gpuwatch.schemas.records import Risk
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.streams.app import export_batch_metrics
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor

@@ -11,12 +11,12 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from gpuwatch.cli import main
+from gpuwatch.apps.cli import main
 from gpuwatch.producers.agent import NvmlSource
-from gpuwatch.producers.fake_nvml import FakeNvml
 from gpuwatch.producers.nvml import NvmlSampler, NvmlUnavailable
 from gpuwatch.schemas import fields as F
 from gpuwatch.schemas.codecs import decode_snapshot
+from gpuwatch.simulator.fake_nvml import FakeNvml
 
 GPU_KEYS = {"gpu_index", "uuid", "throttle_reasons", "xid", *F.ALL_NUMERIC, *F.ALL_FLAGS}
 

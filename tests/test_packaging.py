@@ -33,7 +33,7 @@ def test_wheel_namespaces_stage_packages(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"gpuwatch"}, f"generic top-level packages installed: {top - {'gpuwatch'}}"
-    for module in ("producers/simulator.py", "streams/window.py", "sinks/redis_writer.py", "schemas/codecs.py",
+    for module in ("simulator/fleet.py", "streams/window.py", "sinks/redis_writer.py", "schemas/codecs.py",
                    "controller/worker.py", "training/train.py", "schemas/samples.json", "models/default.pt"):
         assert f"gpuwatch/{module}" in names, f"{module} missing from the wheel"
 
@@ -41,7 +41,8 @@ def test_wheel_namespaces_stage_packages(wheel: Path) -> None:
 def test_wheel_ships_every_source_module(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     stages = {"producers": "producers", "streams": "streams", "sinks": "sinks", "controller": "controller",
-              "training": "training", "schemas": "schemas", "archive": "archive", "gpuwatch": ""}
+              "training": "training", "schemas": "schemas", "archive": "archive", "simulator": "simulator",
+              "apps": "apps", "gpuwatch": ""}
     missing = []
     for folder, sub in stages.items():
         for path in (ROOT / folder).rglob("*.py"):
@@ -61,7 +62,8 @@ def test_non_editable_install_imports_every_stage(wheel: Path, tmp_path: Path) -
     )
     code = (
         "import gpuwatch.producers, gpuwatch.streams.window, gpuwatch.sinks.redis_writer, gpuwatch.schemas.codecs, "
-        "gpuwatch.controller.worker, gpuwatch.training.train, gpuwatch.archive.service\n"
+        "gpuwatch.controller.worker, gpuwatch.training.train, gpuwatch.archive.service, gpuwatch.simulator.fleet, "
+        "gpuwatch.apps.cli\n"
         "from gpuwatch.streams.model import load_artifact; load_artifact()\n"
         "from gpuwatch.schemas.codecs import load_schema; load_schema('samples')\n"
         "import gpuwatch.streams as s; print(s.__file__)"

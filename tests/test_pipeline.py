@@ -15,8 +15,8 @@ from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import start_stream_worker
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_deadletter, decode_risk
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.sinks.risk_client import RiskClient
 from gpuwatch.sinks.risk_sink import run_risk_sink
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_deadletter, decode_risk
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor
 
@@ -85,7 +85,7 @@ def test_incremental_scoring_equals_a_full_forward_pass() -> None:
 
 
 def test_the_stream_bench_compares_the_worker_path_with_per_request_scoring_on_its_own_sequences() -> None:
-    from gpuwatch.bench.stream import RISK_TOLERANCE, batched_speedup
+    from gpuwatch.apps.bench.stream import RISK_TOLERANCE, batched_speedup
 
     sim = FleetSimulator(FleetConfig(hosts=2, seed=3, start_ts=1.7e9))
     msgs = [m for _ in range(70) for m in sim.step_json()]

@@ -70,8 +70,8 @@ def test_healthy_false_counts_actions_no_failure_followed() -> None:
 def test_realrate_combines_saved_runs_with_eval_reports(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from gpuwatch.cli import main
-    from gpuwatch.producers.lookalikes import LOOKALIKES
+    from gpuwatch.apps.cli import main
+    from gpuwatch.simulator.lookalikes import LOOKALIKES
 
     runs = [{"name": "plain-0", "gpu_days": 10_000.0, "false": {"lstm": {}, "threshold": {"checkpoint": 500}}}]
     runs += [{"name": f"rich-{k}", "gpu_days": 600.0, "false": {"lstm": {}, "threshold": {"migrate": 60}}}
@@ -95,7 +95,7 @@ def test_realrate_combines_saved_runs_with_eval_reports(tmp_path, capsys) -> Non
 
 
 def test_a_lookalike_that_comes_with_repairs_is_weighted_at_the_real_failure_rate() -> None:
-    from gpuwatch.producers.lookalikes import LOOKALIKES
+    from gpuwatch.simulator.lookalikes import LOOKALIKES
 
     x = LOOKALIKES["board_replace"]  # a quarter of repairs; its rich run fails 1,000 times too often
     assert x.needs["rate_scale"] == 1000.0
@@ -112,7 +112,7 @@ def test_a_lookalike_that_comes_with_repairs_is_weighted_at_the_real_failure_rat
     (["--processes", "0"], "--processes 0 must be above 0"),
 ])  # fmt: skip
 def test_realrate_bad_input_is_one_line(tmp_path, capsys, argv: list[str], said: str) -> None:  # type: ignore[no-untyped-def]
-    from gpuwatch.cli import main
+    from gpuwatch.apps.cli import main
 
     if argv[0] in ("--runs-from", "--eval"):
         (tmp_path / "in.json").write_text(argv[1])

@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpuwatch.report import FailedGpu, ReportData, ReportUnavailable, RunRecorder, lead_time_s, render_report
+from gpuwatch.apps.report import (
+    FailedGpu,
+    ReportData,
+    ReportUnavailable,
+    RunRecorder,
+    lead_time_s,
+    render_report,
+)
 from gpuwatch.schemas.records import Remediation, Risk
 
 T0 = 1_750_000_000.0
@@ -156,7 +163,7 @@ def test_run_recorder_keeps_a_bounded_series_per_gpu_and_builds_report_data() ->
 
 
 def test_eval_report_shows_each_fleets_reliability_diagram_and_policy_replay(tmp_path: Path) -> None:
-    from gpuwatch.report import render_eval_report
+    from gpuwatch.apps.report import render_eval_report
 
     bins = [{"lo": 0.0, "hi": 0.1, "count": 9000, "mean_risk": 0.01, "failure_rate": 0.012},
             {"lo": 0.6, "hi": 0.7, "count": 80, "mean_risk": 0.65, "failure_rate": 0.6}]  # fmt: skip

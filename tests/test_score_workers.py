@@ -10,8 +10,8 @@ import numpy as np
 import orjson
 import pytest
 
-from gpuwatch.cli import build_parser
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator, simulate_to_dir
+from gpuwatch.apps.cli import build_parser
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator, simulate_to_dir
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import RiskProcessor
 from gpuwatch.training.score import replay, score_command

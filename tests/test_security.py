@@ -45,7 +45,6 @@ from gpuwatch.kafka import (
     read_partitions_to_end,
 )
 from gpuwatch.processes import StatsFollower, settings_env, start_stream_worker
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas import redis_keys as k
 from gpuwatch.schemas.codecs import (
     decode_command,
@@ -57,6 +56,7 @@ from gpuwatch.schemas.codecs import (
 from gpuwatch.schemas.records import Outcome as OutcomeRecord
 from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.signing import CommandRejected, MemoryNonceStore, sign, verify
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.sinks.risk_client import RiskClient
 
 ADMIN_PW, SINK_PW, READER_PW = "admin-Secret-0x71", "sink-Secret-0x72", "reader-Secret-0x73"
@@ -99,7 +99,7 @@ def test_sink_and_controller_write_as_a_limited_acl_user_and_readers_only_read(
     settings = settings.replace(redis_url=sink_url, controller_lease_s=5.0)
     ensure_topics(settings)
     sink = spawn_child(
-        "security-sink", [sys.executable, "-P", "-m", "gpuwatch.cli", "sink"], env=settings_env(settings)
+        "security-sink", [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "sink"], env=settings_env(settings)
     )
     stop = threading.Event()
     outcomes: list[OutcomeRecord] = []

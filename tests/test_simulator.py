@@ -8,9 +8,9 @@ import numpy as np
 import orjson
 import pytest
 
-from gpuwatch.producers import faults
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator, simulate_to_dir
 from gpuwatch.schemas import fields as F
+from gpuwatch.simulator import faults
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator, simulate_to_dir
 
 # A copy of the StepFun fault trace (Apache-2.0, see its LICENSE), so this check runs everywhere.
 TRACE = Path(__file__).parent / "data" / "stepfun-fault-trace"

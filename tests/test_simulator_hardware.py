@@ -12,11 +12,11 @@ import numpy as np
 import orjson
 import pytest
 
-from gpuwatch.producers import lookalikes
-from gpuwatch.producers.hardware import LEGACY, PROFILES, REALISTIC_MIX
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator, simulate_to_dir
 from gpuwatch.schemas import fields as F
 from gpuwatch.schemas.codecs import decode_snapshot
+from gpuwatch.simulator import lookalikes
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator, simulate_to_dir
+from gpuwatch.simulator.hardware import LEGACY, PROFILES, REALISTIC_MIX
 
 T0 = 1_700_000_000.0
 RECORDING = Path(__file__).parent / "data" / "h200-healthy" / "samples.jsonl"

@@ -38,7 +38,7 @@ def test_sink_command_writes_risk_serves_metrics_and_stops_on_sigterm(
         }
     )
     # -P: import the installed package, not the source folder of the same name in the working directory.
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.cli", "sink"], env=env)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.apps.cli", "sink"], env=env)
     try:
         now = time.time()
         record = Risk(

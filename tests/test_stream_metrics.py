@@ -12,7 +12,7 @@ from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import start_stream_worker
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 
 
 def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:

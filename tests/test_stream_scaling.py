@@ -11,9 +11,9 @@ from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer
 from gpuwatch.kafka import ensure_topics, make_producer, partition_count, read_partitions_to_end
 from gpuwatch.processes import StatsFollower, start_stream_worker
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_risk
 from gpuwatch.schemas.records import Risk, StreamStats
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 
 pytestmark = pytest.mark.slow
 

@@ -136,7 +136,7 @@ def test_the_cli_prints_once(redis_server: EmbeddedServer, redis_client: redis.R
     env = {**os.environ, "GPUWATCH_REDIS_URL": redis_server.url}
     env.pop("GPUWATCH_CONFIG", None)
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "gpuwatch.cli", "top", "--once", "-n", "2"],
+        [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "top", "--once", "-n", "2"],
         env=env,
         capture_output=True,
         text=True,

@@ -11,10 +11,10 @@ import orjson
 import pytest
 import torch
 
-from gpuwatch.cli import build_parser
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator, simulate_to_dir
+from gpuwatch.apps.cli import build_parser
 from gpuwatch.schemas.codecs import decode_risk, decode_snapshot
 from gpuwatch.schemas.fields import ALL_NUMERIC
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator, simulate_to_dir
 from gpuwatch.streams.model import Scorer, load_artifact, weights_digest
 from gpuwatch.streams.processor import Inbound, RiskProcessor
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore

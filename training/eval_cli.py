@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -359,16 +360,13 @@ def evaluate_dir(
     return report
 
 
-def eval_command(args: argparse.Namespace, settings: Settings | None = None) -> int:
+def eval_command(
+    args: argparse.Namespace,
+    settings: Settings | None = None,
+    render: Callable[[dict[str, Any]], Path] | None = None,
+) -> int:
+    """Score and evaluate each `--data` recording; `render`, if given, turns the result into a report file."""
     settings = settings or Settings()
-    if getattr(args, "report", ""):
-        from gpuwatch.report import ReportUnavailable, require_matplotlib
-
-        try:
-            require_matplotlib()  # now, not after an hour of scoring
-        except ReportUnavailable as exc:
-            print(f"gpuwatch eval: --report {args.report}: {exc}", file=sys.stderr)
-            return 2
     try:
         artifact = load_artifact(args.model or None)
     except ModelError as exc:
@@ -410,10 +408,8 @@ def eval_command(args: argparse.Namespace, settings: Settings | None = None) -> 
             orjson.dumps(out, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
         )
         print(f"wrote {args.json}")
-    if getattr(args, "report", ""):
-        from gpuwatch.report import render_eval_report
-
-        print(f"wrote {render_eval_report(out, args.report)}")
+    if render is not None:
+        print(f"wrote {render(out)}")
     return 0
 
 

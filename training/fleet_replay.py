@@ -24,8 +24,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gpuwatch.producers.simulator import DAY_S, FleetConfig, FleetSimulator
 from gpuwatch.schemas.fields import FAILURE_MODES
+from gpuwatch.simulator.fleet import DAY_S, FleetConfig, FleetSimulator
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, RiskProcessor, Scored
 from gpuwatch.training.score import available_cpus, replay_messages

@@ -12,8 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpuwatch.producers.lookalikes import realistic_overrides
-from gpuwatch.producers.simulator import simulate_to_dir
+from gpuwatch.simulator.fleet import simulate_to_dir
+from gpuwatch.simulator.lookalikes import realistic_overrides
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ _VAL = {"rate_scale": 3000.0, "repair_time_scale": 0.01}
 # Hardware the model trains and is validated on: the legacy fan board and three fanless Hopper boards. A100 and
 # V100 boards are left out on purpose: heldout-hw holds them out, to see what other hardware does to the model.
 TRAIN_HARDWARE = {"h100-fan": 0.25, "h100-sxm": 0.3, "h200-sxm": 0.3, "h100-pcie": 0.15}
-# Every benign look-alike at its stated real prevalence (producers/lookalikes.py), on the training hardware.
+# Every benign look-alike at its stated real prevalence (simulator/lookalikes.py), on the training hardware.
 _REAL_LOOKALIKES = {**realistic_overrides(), "hardware": dict(TRAIN_HARDWARE)}
 # ... and several times as common, so that training sees enough of each to learn it is benign.
 _MANY_LOOKALIKES = {

@@ -4,7 +4,7 @@ A real fleet fails about 2e-4 times per GPU-day, so what the product does there 
 healthy GPUs. Bounding a false-drain rate of 0.05 per 1,000 GPU-days takes tens of thousands of healthy
 GPU-days, and the look-alikes that cause false actions are rare, so a plain healthy fleet alone would see few
 of them. So (issue 14): one plain healthy fleet (every look-alike off) gives the base rate of false actions; one
-fleet rich in each look-alike kind (producers/lookalikes.py) gives that kind's extra false actions per GPU-day
+fleet rich in each look-alike kind (simulator/lookalikes.py) gives that kind's extra false actions per GPU-day
 when it is everywhere, which its stated prevalence scales down (`Lookalike.weight`). The estimate is
 
     false per GPU-day = plain + sum over kinds of weight x max(rich - plain, 0)
@@ -129,9 +129,9 @@ def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
     from gpuwatch.schemas.fields import FAILURE_MODES
     from gpuwatch.schemas.records import Risk
+    from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
     from gpuwatch.sinks.policy import RemediationPolicy
     from gpuwatch.streams.model import Scorer, load_artifact
     from gpuwatch.streams.processor import BatchResult, RiskProcessor, Scored
@@ -258,8 +258,8 @@ def healthy_specs(plain_gpu_days: float, rich_gpu_days: float, interval_s: float
                   model: str = "") -> list[HealthySpec]:  # fmt: skip
     """The plain healthy fleet (split in `processes` shards) and one fleet rich in each look-alike, on the realistic
     hardware mix at the real failure rate; seeds from `seed` (keep them apart from every fleet used to choose)."""
-    from gpuwatch.producers.hardware import REALISTIC_MIX
-    from gpuwatch.producers.lookalikes import LOOKALIKES, QUIET, rich_overrides
+    from gpuwatch.simulator.hardware import REALISTIC_MIX
+    from gpuwatch.simulator.lookalikes import LOOKALIKES, QUIET, rich_overrides
 
     base = {"hardware": dict(REALISTIC_MIX), "rate_scale": 1.0}
     quiet = {**base, **QUIET}
@@ -282,7 +282,7 @@ def realrate_command(args: Any, settings: Any) -> int:
 
     import orjson
 
-    from gpuwatch.producers.lookalikes import LOOKALIKES
+    from gpuwatch.simulator.lookalikes import LOOKALIKES
 
     def read(flag: str, path: str, fix: str) -> Any:
         """The JSON object in `path`, or None after a one-line error naming the flag and the fix."""

@@ -13,7 +13,7 @@ import numpy as np
 def emit_us_per_record(gpus: int = 2048, repeat: int = 5, seed: int = 0) -> float:
     """Best of `repeat` timings of `RiskProcessor.emit` over `gpus` scored GPUs (µs per record); the windows are
     filled from a simulated fleet first, the scores are random (emit does not look at them)."""
-    from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+    from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
     from gpuwatch.streams.model import Scorer, load_artifact
     from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor, Scored
 

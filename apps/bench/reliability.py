@@ -67,7 +67,7 @@ import orjson
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from gpuwatch.bench.table import emit
+from gpuwatch.apps.bench.table import emit
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer, spawn_child, start_kafka, start_redis
 from gpuwatch.kafka import ensure_compacted_topic, ensure_topics, make_producer
@@ -535,9 +535,9 @@ class ReliabilityRun:
         )  # fmt: skip
         self._topics()
         self.worker = self._start_worker()
-        self.sink = spawn_child("bench-sink", [sys.executable, "-P", "-m", "gpuwatch.cli", "sink"],
+        self.sink = spawn_child("bench-sink", [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "sink"],
                                 env=settings_env(self.settings))  # fmt: skip
-        self.controller = spawn_child("bench-controller", [sys.executable, "-P", "-m", "gpuwatch.cli", "controller"],
+        self.controller = spawn_child("bench-controller", [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "controller"],
                                       env=settings_env(self.settings))  # fmt: skip
         self.tap = DeadLetterTap(self.settings, self.partitions)
         self.downstream = Downstream(self.settings, self.partitions, self.tap)

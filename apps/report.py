@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gpuwatch.fleet.view import LiveRisk, count_text, format_view
+from gpuwatch.apps.fleet.view import LiveRisk, count_text, format_view
 from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.streams.operating_point import OperatingPoint
 
@@ -66,7 +66,7 @@ class ReportData:
     fleet_alarms: int = 0  # GPUs in alarm at their latest record
     summary: list[tuple[str, str]] = field(default_factory=list)
     title: str = "gpuwatch run report"
-    fleet: dict[str, Any] | None = None  # a fleet reliability view (gpuwatch.fleet.view.fleet_view), if any
+    fleet: dict[str, Any] | None = None  # a fleet reliability view (gpuwatch.apps.fleet.view.fleet_view), if any
 
 
 def lead_time_s(gpu: FailedGpu) -> float | None:
@@ -530,7 +530,7 @@ def _plot_fleet_capacity(plt: Any, view: dict[str, Any]) -> str:
 
 
 def fleet_section(plt: Any, view: dict[str, Any]) -> str:
-    """HTML of the fleet reliability view (`gpuwatch.fleet.view.fleet_view`): its plots and what they show."""
+    """HTML of the fleet reliability view (`gpuwatch.apps.fleet.view.fleet_view`): its plots and what they show."""
 
     hist = view.get("history")
     parts = [

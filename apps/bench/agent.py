@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from gpuwatch.bench.table import emit
+from gpuwatch.apps.bench.table import emit
 from gpuwatch.config import Settings
 from gpuwatch.embedded import free_port, start_kafka
 from gpuwatch.kafka import ensure_topics, partition_count, read_partitions_to_end
@@ -81,7 +81,7 @@ def run_agent_bench(
         port = free_port()
         env = {**os.environ, "GPUWATCH_KAFKA_BOOTSTRAP": broker.url, "GPUWATCH_TOPIC_SAMPLES": settings.topic_samples,
                "GPUWATCH_AGENT_HOST": "bench-node"}  # fmt: skip
-        argv = [sys.executable, "-P", "-c", "import sys; from gpuwatch.cli import main; sys.exit(main())", "agent",
+        argv = [sys.executable, "-P", "-c", "import sys; from gpuwatch.apps.cli import main; sys.exit(main())", "agent",
                 "--interval", "1", "--spool-dir", str(work / "spool"), "--metrics-port", str(port)]  # fmt: skip
         if not real_nvml:
             argv += ["--fake-nvml", str(gpus)]
@@ -143,7 +143,7 @@ def run_agent_bench(
         "rss_budget_mb": RSS_BUDGET_MB,
         "within_budget": cpu_pct <= CPU_BUDGET_PCT and rss_max <= RSS_BUDGET_MB,
         "xids_published": xids,
-        "nvml": "real driver" if real_nvml else "stand-in (producers/fake_nvml.py): real driver call latency not included",
+        "nvml": "real driver" if real_nvml else "stand-in (simulator/fake_nvml.py): real driver call latency not included",
     }
     rows = [
         (

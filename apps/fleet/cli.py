@@ -143,7 +143,7 @@ def _write(view: dict[str, Any], args: argparse.Namespace) -> None:
             orjson.dumps(view, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)
         )
     if args.report:
-        from gpuwatch.report import render_fleet_report
+        from gpuwatch.apps.report import render_fleet_report
 
         render_fleet_report(view, args.report)
 
@@ -189,7 +189,7 @@ def fleet_command(args: argparse.Namespace, settings: Settings) -> int:
     try:
         opts = options(args, settings)
         if args.report:
-            from gpuwatch.report import ReportUnavailable, require_matplotlib
+            from gpuwatch.apps.report import ReportUnavailable, require_matplotlib
 
             try:
                 require_matplotlib()  # say so now, not after reading the inputs

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gpuwatch.apps.bench.table import emit
 from gpuwatch.archive.labels import label_archive
 from gpuwatch.archive.reader import ArchiveReader
 from gpuwatch.archive.storage import Storage
 from gpuwatch.archive.writer import ArchiveWriter, ensure_layout
-from gpuwatch.bench.table import emit
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 
 DAY_S = 86400.0
 

@@ -8,18 +8,18 @@ import sys
 
 def bench_command(args: argparse.Namespace) -> int:
     if args.what == "stream":
-        from gpuwatch.bench.stream import run_stream_bench
+        from gpuwatch.apps.bench.stream import run_stream_bench
 
         run_stream_bench(args)
         return 0
     if args.what == "agent":
-        from gpuwatch.bench.agent import run_agent_bench
+        from gpuwatch.apps.bench.agent import run_agent_bench
 
         figures = run_agent_bench(args.json_path, seconds=args.seconds or 60.0, gpus=args.gpus or 8,
                                   real_nvml=args.real_nvml)  # fmt: skip
         return 0 if figures["snapshots_invalid"] == 0 and figures["exit_code"] == 0 else 1
     if args.what == "gpu":
-        from gpuwatch.bench.gpu import GpuCheckUnavailable, run_gpu_check
+        from gpuwatch.apps.bench.gpu import GpuCheckUnavailable, run_gpu_check
 
         try:
             figures = run_gpu_check(args.json_path, seconds=args.seconds or 40.0)
@@ -29,37 +29,37 @@ def bench_command(args: argparse.Namespace) -> int:
         ok = figures["nvml"]["contract_ok"] and figures["cuda"]["threshold_side_disagreements"] == 0
         return 0 if ok and figures["agent"]["snapshots_invalid"] == 0 else 1
     if args.what == "score":
-        from gpuwatch.bench.score import run_score_bench
+        from gpuwatch.apps.bench.score import run_score_bench
 
         run_score_bench(args)
         return 0
     if args.what == "archive":
-        from gpuwatch.bench.archive import run_archive_bench
+        from gpuwatch.apps.bench.archive import run_archive_bench
 
         run_archive_bench(args)
         return 0
     if args.what == "simulate":
-        from gpuwatch.bench.table import emit
-        from gpuwatch.producers.simulator import bench_simulator
+        from gpuwatch.apps.bench.table import emit
+        from gpuwatch.simulator.fleet import bench_simulator
 
         figures = bench_simulator(hosts=max(1, (args.gpus or 512) // 8))
         emit("gpuwatch bench simulate", [(k, v, "") for k, v in figures.items()], figures, args.json_path)
         return 0
     if args.what == "decode":
-        from gpuwatch.bench.table import emit
+        from gpuwatch.apps.bench.table import emit
         from gpuwatch.schemas.bench import bench_decode
 
         figures = bench_decode()
         emit("gpuwatch bench decode", [(k, v, "") for k, v in figures.items()], figures, args.json_path)
         return 0
     if args.what == "forecast":
-        from gpuwatch.bench.forecast import run_forecast_bench
+        from gpuwatch.apps.bench.forecast import run_forecast_bench
 
         figures = run_forecast_bench(args.json_path, hosts=max(1, (args.gpus or 512) // 8))
         return 0 if figures["hits"] >= 9 else 1
     if args.what == "codecs":
-        from gpuwatch.bench.codecs import run_codecs_bench
-        from gpuwatch.bench.table import emit
+        from gpuwatch.apps.bench.codecs import run_codecs_bench
+        from gpuwatch.apps.bench.table import emit
 
         figures = run_codecs_bench()
         notes = {"risk_emit_us_per_record": "RiskProcessor.emit: the worker's per-record step, 2,048 GPUs",
@@ -73,7 +73,7 @@ def bench_command(args: argparse.Namespace) -> int:
              figures, args.json_path)
         return 0
     if args.what == "reliability":
-        from gpuwatch.bench.reliability import run_reliability_bench
+        from gpuwatch.apps.bench.reliability import run_reliability_bench
 
         figures = run_reliability_bench(args)
         closed = figures["unaccounted"] == 0 and figures["downstream_unaccounted"] == 0

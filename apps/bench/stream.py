@@ -29,17 +29,17 @@ import numpy as np
 import orjson
 import torch
 
-from gpuwatch.bench.table import emit
+from gpuwatch.apps.bench.table import emit
 from gpuwatch.config import Settings, load_settings
 from gpuwatch.embedded import embedded_stack
 from gpuwatch.kafka import ensure_topics, make_consumer, make_producer, produce
 from gpuwatch.memory import spare_startup_heap_from_gc
 from gpuwatch.processes import StatsFollower, start_stream_worker
-from gpuwatch.producers.feed import SimulatedFeed
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
 from gpuwatch.schemas.codecs import decode_risk
 from gpuwatch.schemas.fields import FAILURE_MODES
 from gpuwatch.schemas.records import Risk
+from gpuwatch.simulator.feed import SimulatedFeed
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 from gpuwatch.streams.window import FEATURE_NAMES

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from gpuwatch.apps.report import RunRecorder
 from gpuwatch.config import Settings, redact_url
 from gpuwatch.embedded import embedded_stack
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.processes import NO_STATS, StatsFollower, start_stream_worker
-from gpuwatch.report import RunRecorder
 from gpuwatch.schemas.records import Outcome, Remediation, Risk, StreamStats
 
 # Failures are placed this far into the live phase at the earliest (catching up takes a few seconds).
@@ -99,8 +99,8 @@ def _percentile(values: list[float], q: float) -> float | None:
 def run_demo(settings: Settings, opts: DemoOptions) -> int:
     """Run the demo and print its summary; returns the process exit code."""
     from gpuwatch.controller.worker import run_controller
-    from gpuwatch.producers.feed import SimulatedFeed
-    from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+    from gpuwatch.simulator.feed import SimulatedFeed
+    from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
     from gpuwatch.sinks.remediation_sink import run_remediation_sink
     from gpuwatch.sinks.risk_sink import run_risk_sink
 
@@ -223,7 +223,7 @@ def run_demo(settings: Settings, opts: DemoOptions) -> int:
 def _write_report(
     state: DemoState, summary: dict[str, Any], opts: DemoOptions, say: Any, settings: Settings
 ) -> None:
-    from gpuwatch.report import render_report
+    from gpuwatch.apps.report import render_report
 
     rows = [
         ("GPUs simulated", f"{summary['gpus']:,} ({opts.history_min:g} min of history, {opts.duration_s:g} s live)"),
@@ -235,7 +235,7 @@ def _write_report(
     data = state.recorder.report_data(state.labels, summary=rows, title="gpuwatch demo report")
     live = state.recorder.live_risk()
     if live is not None:  # the fleet view from the live risk alone: a minute of demo is no failure history
-        from gpuwatch.fleet.view import FleetOptions, fleet_view
+        from gpuwatch.apps.fleet.view import FleetOptions, fleet_view
 
         data.fleet = fleet_view(None, live, FleetOptions(
             base_rate_per_gpu_day=settings.fleet_failure_rate_per_gpu_day, job_gpus=settings.policy_job_gpus,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from confluent_kafka import Producer
 
 from gpuwatch.kafka import produce
-from gpuwatch.producers.simulator import FleetSimulator
+from gpuwatch.simulator.fleet import FleetSimulator
 
 
 class SimulatedFeed:

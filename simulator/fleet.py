@@ -2,8 +2,8 @@
 
 All state lives in numpy arrays of shape (n_gpus,) or (n_hosts,); one `step()` advances every GPU by
 `interval_s`. Ground truth never enters the samples: it leaves through `drain_labels()` only.
-Hardware profiles (`producers/hardware.py`) set each host's GPU model; benign look-alikes, each behind
-its own knob, are catalogued in `producers/lookalikes.py`.
+Hardware profiles (`simulator/hardware.py`) set each host's GPU model; benign look-alikes, each behind
+its own knob, are catalogued in `simulator/lookalikes.py`.
 See docs/simulator.md for the physics, the fault modes and how the defaults come from a real trace.
 """
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from gpuwatch.producers import faults, lookalikes
-from gpuwatch.producers.hardware import LEGACY, HardwareProfile, profile
 from gpuwatch.schemas import fields as F
+from gpuwatch.simulator import faults, lookalikes
+from gpuwatch.simulator.hardware import LEGACY, HardwareProfile, profile
 
 MODES = faults.MODES
 M_MEMORY, M_THERMAL, M_POWER, M_INTERCONNECT, M_SUDDEN = range(5)
@@ -85,9 +85,9 @@ class FleetConfig:
     # Board of the legacy profile "h100-fan" (the other profiles carry their own limit and memory).
     power_limit_w: float = 700.0
     mem_total_mib: int = 81559
-    # Hardware: a profile name or {name: share} drawn per host (hosts are homogeneous); producers/hardware.py.
+    # Hardware: a profile name or {name: share} drawn per host (hosts are homogeneous); simulator/hardware.py.
     hardware: str | dict[str, float] = LEGACY
-    # More benign look-alikes, all off by default (their real prevalence: producers/lookalikes.py).
+    # More benign look-alikes, all off by default (their real prevalence: simulator/lookalikes.py).
     power_cap_job_frac: float | None = None  # share of jobs at the power cap throughout; None: the profile's
     app_xid_per_host_day: float = 0.0  # jobs ending in an application XID (13/31/43/45), one GPU or all
     reboot_per_host_day: float = 0.0  # host reboots and driver reloads: silence, then volatile counters reset
@@ -214,7 +214,7 @@ class FleetSimulator:
         S[_ROW["pcie_link_width"]] = self._width
         S[_ROW["remap_pending"]] = rng.random(n) < c.remap_pending_frac
         S[_ROW["remapped_rows_correctable"]] += S[_ROW["remap_pending"]]
-        # GPUs born with a benign look-alike, by kind (producers/lookalikes.py names): what an evaluation needs
+        # GPUs born with a benign look-alike, by kind (simulator/lookalikes.py names): what an evaluation needs
         # to tell a false action on a look-alike from one on a plain GPU. Events (brake blips, application
         # XIDs, reboots, ...) come and go on any GPU and are not listed.
         self.static_lookalikes: dict[str, np.ndarray] = {

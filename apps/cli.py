@@ -15,7 +15,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gpuwatch.demo import DemoOptions, run_demo
+    from gpuwatch.apps.demo import DemoOptions, run_demo
 
     opts = DemoOptions(
         gpus=args.gpus,
@@ -27,7 +27,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         report=Path(args.report) if args.report else None,
     )
     if opts.report is not None:
-        from gpuwatch.report import ReportUnavailable, require_matplotlib
+        from gpuwatch.apps.report import ReportUnavailable, require_matplotlib
 
         try:
             require_matplotlib()  # say so now, not after the run
@@ -48,7 +48,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from gpuwatch.producers.simulator import simulate_to_dir
+    from gpuwatch.simulator.fleet import simulate_to_dir
 
     out = Path(args.out)
 
@@ -86,7 +86,16 @@ def cmd_score(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from gpuwatch.training.eval_cli import eval_command
 
-    return eval_command(args, _settings(args))
+    if not args.report:
+        return eval_command(args, _settings(args))
+    from gpuwatch.apps.report import ReportUnavailable, render_eval_report, require_matplotlib
+
+    try:
+        require_matplotlib()  # now, not after an hour of scoring
+    except ReportUnavailable as exc:
+        print(f"gpuwatch eval: --report {args.report}: {exc}", file=sys.stderr)
+        return 2
+    return eval_command(args, _settings(args), render=lambda out: render_eval_report(out, args.report))
 
 
 def cmd_realrate(args: argparse.Namespace) -> int:
@@ -156,7 +165,7 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet(args: argparse.Namespace) -> int:
-    from gpuwatch.fleet.cli import fleet_command
+    from gpuwatch.apps.fleet.cli import fleet_command
 
     return fleet_command(args, _settings(args))
 
@@ -177,7 +186,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     )
     nvml = None
     if args.fake_nvml:
-        from gpuwatch.producers.fake_nvml import FakeNvml
+        from gpuwatch.simulator.fake_nvml import FakeNvml
 
         nvml = FakeNvml(args.fake_nvml, live=True)
     try:
@@ -206,7 +215,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from gpuwatch.bench.cli import bench_command
+    from gpuwatch.apps.bench.cli import bench_command
 
     return bench_command(args)
 
@@ -281,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fleet", help="fleet reliability: MTBF by mode, model and host, failures expected in the "
                        "next 24 h and 7 days, job interruption, spares (--serve: to Prometheus)")
-    from gpuwatch.fleet.args import add_fleet_args
+    from gpuwatch.apps.fleet.args import add_fleet_args
 
     add_fleet_args(p)
     p.set_defaults(func=cmd_fleet)

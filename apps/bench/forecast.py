@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from gpuwatch.bench.table import emit
-from gpuwatch.fleet import estimators as est
-from gpuwatch.fleet.history import Failure, FailureHistory
-from gpuwatch.fleet.view import FleetOptions, fleet_view
-from gpuwatch.producers import faults
-from gpuwatch.producers.simulator import FleetConfig, FleetSimulator
+from gpuwatch.apps.bench.table import emit
+from gpuwatch.apps.fleet import estimators as est
+from gpuwatch.apps.fleet.history import Failure, FailureHistory
+from gpuwatch.apps.fleet.view import FleetOptions, fleet_view
+from gpuwatch.simulator import faults
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 
 START_TS = 1_700_000_000.0
 

@@ -63,7 +63,7 @@ class FleetOptions:
 def trace_mean_repair_days() -> float:
     """Mean repair time of the StepFun trace's GPU faults (days), as the simulator draws it: the mode mix over
     each mode's percentiles, interpolated in log space between them (integrated exactly)."""
-    from gpuwatch.producers import faults
+    from gpuwatch.simulator import faults
 
     total = weight = 0.0
     for mode, share in faults.MODE_MIX.items():

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gpuwatch.bench.table import emit
-from gpuwatch.producers.simulator import simulate_to_dir
+from gpuwatch.apps.bench.table import emit
 from gpuwatch.schemas.codecs import decode_risk
+from gpuwatch.simulator.fleet import simulate_to_dir
 from gpuwatch.training.score import available_cpus
 
 TARGET = 300_000  # GPU-samples/s of offline scoring wanted on the 2-core development machine
@@ -52,7 +52,7 @@ def score_command_rate(samples: Path, out: Path, workers: int) -> dict[str, Any]
     the current directory); its own summary plus the CPU time it took."""
     cpu0, t0 = _cpu_s(), time.perf_counter()
     subprocess.run(
-        [sys.executable, "-P", "-m", "gpuwatch.cli", "score", "--input", str(samples), "--output", str(out),
+        [sys.executable, "-P", "-m", "gpuwatch.apps.cli", "score", "--input", str(samples), "--output", str(out),
          "--workers", str(workers), "--json", str(out.with_suffix(".json"))],
         check=True, stdout=subprocess.DEVNULL,
     )  # fmt: skip

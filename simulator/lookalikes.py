@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gpuwatch.producers.hardware import PROFILES, REALISTIC_MIX
+from gpuwatch.simulator.hardware import PROFILES, REALISTIC_MIX
 
 # Knobs that keep everything else quiet, so a rich run shows one look-alike only (legacy noise off).
 QUIET: dict[str, float] = {

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gpuwatch.bench.table import emit
+from gpuwatch.apps.bench.table import emit
 from gpuwatch.schemas.codecs import decode_risk
 from gpuwatch.schemas.records import Risk
 
@@ -134,7 +134,7 @@ def cuda_check(gpus: int = 512, minutes: float = 15.0, devices: tuple[str, str] 
     `devices` is (reference, device under test); figures are keyed "cpu" and "cuda" whatever they are."""
     import torch
 
-    from gpuwatch.bench.stream import _messages
+    from gpuwatch.apps.bench.stream import _messages
     from gpuwatch.streams.model import Scorer, load_artifact
     from gpuwatch.streams.processor import Inbound, RiskProcessor
 
@@ -268,7 +268,7 @@ def score_published(snapshots: list[bytes]) -> dict[str, Any]:
 
 def run_gpu_check(json_path: str | None, *, seconds: float = 40.0) -> dict[str, Any]:
     """Runs every check, prints one table and writes the figures to `json_path`; returns them."""
-    from gpuwatch.bench.agent import run_agent_bench
+    from gpuwatch.apps.bench.agent import run_agent_bench
     from gpuwatch.producers.agent import load_pynvml
     from gpuwatch.producers.nvml import NvmlUnavailable
 
