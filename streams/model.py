@@ -11,6 +11,8 @@ import io
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -216,8 +218,27 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+@contextmanager
+def _without_onednn() -> Iterator[None]:
+    """Inference on the CPU without oneDNN (mkldnn). oneDNN builds and caches kernels ("primitives") for every
+    input shape it meets, up to 1,024 of them (~0.3 MB each here), and a stream worker meets a new batch size
+    almost every batch: its memory grew for hours (about 2 MB/min at 2,000 GPUs, 6.5 MB/min at 10,000) before
+    the cache would be full. PyTorch's own kernels keep nothing per shape and are as fast for this small LSTM
+    (`gpuwatch bench soak`, docs/reliability.md). The setting is process-wide, so it is switched off for the
+    call only, and left as it was."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
+
+
 class Scorer:
-    """Scores batches of sequences in one forward pass; CUDA with pinned, non-blocking copies when present."""
+    """Scores batches of sequences in one forward pass; CUDA with pinned, non-blocking copies when present.
+
+    On the CPU it scores without oneDNN (see `_without_onednn`), so that its memory does not grow with every
+    new batch size."""
 
     def __init__(self, artifact: ModelArtifact, device: str = "auto") -> None:
         self.artifact = artifact
@@ -242,14 +263,16 @@ class Scorer:
     def logits(self, seqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw (uncalibrated) risk logits (B,) and mode logits (B, n_modes)."""
         x = (self._to_device(np.ascontiguousarray(seqs, dtype=np.float32)) - self._mean) / self._std
-        risk_logit, mode_logit = self.model(x)
+        with _without_onednn():
+            risk_logit, mode_logit = self.model(x)
         return risk_logit.float().cpu().numpy(), mode_logit.float().cpu().numpy()
 
     @torch.inference_mode()
     def encode_past(self, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """LSTM state (h, c), each (B, hidden) float32, after the past rows (B, T-1, F) of each sequence."""
         x = (self._to_device(np.ascontiguousarray(past, dtype=np.float32)) - self._mean) / self._std
-        _, (h, c) = self.model.lstm(x)
+        with _without_onednn():
+            _, (h, c) = self.model.lstm(x)
         return h[0].float().cpu().numpy(), c[0].float().cpu().numpy()
 
     @torch.inference_mode()
@@ -257,7 +280,8 @@ class Scorer:
         """Like `logits` on [past..., current], from the state `encode_past` returned for the past: one LSTM step."""
         x = (self._to_device(np.ascontiguousarray(current, dtype=np.float32)) - self._mean) / self._std
         state = (torch.from_numpy(h).to(self.device), torch.from_numpy(c).to(self.device))
-        risk_logit, mode_logit = self.model.step(x, state)
+        with _without_onednn():
+            risk_logit, mode_logit = self.model.step(x, state)
         return risk_logit.float().cpu().numpy(), mode_logit.float().cpu().numpy()
 
     def score_from_state(self, h: np.ndarray, c: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -78,4 +78,8 @@ def bench_command(args: argparse.Namespace) -> int:
         figures = run_reliability_bench(args)
         closed = figures["unaccounted"] == 0 and figures["downstream_unaccounted"] == 0
         return 0 if closed and figures["faults_survived"] == figures["faults_injected"] else 1
+    if args.what == "soak":
+        from gpuwatch.apps.bench.soak import run_soak_bench
+
+        return 0 if run_soak_bench(args)["passed"] else 1
     raise SystemExit(f"gpuwatch bench: unknown benchmark {args.what!r}")
