@@ -29,6 +29,25 @@ def return_big_buffers_to_the_os() -> None:
         log.debug("no glibc mallopt: %s", exc)
 
 
+def release_free_heap() -> None:
+    """Hand the free pages inside glibc's heaps back to the OS (`malloc_trim(0)`). A long-running process that
+    frees as much as it allocates (the stream worker, every batch) leaves holes between live blocks that the
+    heap keeps; their pages stay resident and RSS creeps up although nothing is leaked (a 2,000-GPU worker's
+    free heap grew ~3 MB a minute in its first minutes). Call it now and then (the worker: every
+    TRIM_INTERVAL_S); it takes about a millisecond. A no-op where libc is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError) as exc:
+        log.debug("no glibc malloc_trim: %s", exc)
+
+
+TRIM_INTERVAL_S = 60.0
+
+
 def spare_startup_heap_from_gc() -> None:
     """Call once set-up is done. Moves every object allocated so far (torch, faust, the model: several
     hundred thousand that live as long as the process) out of the cyclic garbage collector's reach. Its

@@ -36,7 +36,12 @@ from gpuwatch.kafka import (
     produce,
     read_partitions_to_end,
 )
-from gpuwatch.memory import return_big_buffers_to_the_os, spare_startup_heap_from_gc
+from gpuwatch.memory import (
+    TRIM_INTERVAL_S,
+    release_free_heap,
+    return_big_buffers_to_the_os,
+    spare_startup_heap_from_gc,
+)
 from gpuwatch.schemas.codecs import encode_stats_line
 from gpuwatch.schemas.records import StreamStats
 from gpuwatch.streams.faust_runtime import WorkerApp, cap_fetch_wait
@@ -229,6 +234,10 @@ def create_app(
     async def _checkpoint() -> None:
         if ready.is_set():
             totals.checkpointed += await asyncio.get_running_loop().run_in_executor(None, write_checkpoint)
+
+    @app.timer(interval=TRIM_INTERVAL_S)
+    async def _trim_heap() -> None:
+        release_free_heap()  # what each batch freed leaves holes in the heap; their pages go back to the OS
 
     lag_exported: set[tuple[str, str]] = set()
 

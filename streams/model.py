@@ -226,12 +226,12 @@ def _without_onednn() -> Iterator[None]:
     the cache would be full. PyTorch's own kernels keep nothing per shape and are as fast for this small LSTM
     (`gpuwatch bench soak`, docs/reliability.md). The setting is process-wide, so it is switched off for the
     call only, and left as it was."""
-    was = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    was = bool(torch.backends.mkldnn.enabled)
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # a module property, typed as its descriptor
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = was
+        torch.backends.mkldnn.enabled = was  # type: ignore[assignment]
 
 
 class Scorer:

@@ -152,7 +152,11 @@ class SoakRun(ReliabilityRun):
                 _say(f"t={row['t_s']:6.0f} s  rss MB: worker {row['worker_rss_mb']:.1f}  sink {row['sink_rss_mb']:.1f}"
                      f"  controller {row['controller_rss_mb']:.1f}  broker {row['broker_rss_mb']:.0f}  "
                      f"lag: worker {row['worker_lag_samples']:,.0f}  sink {row['sink_lag_records']:,.0f}")  # fmt: skip
-            for name, proc in (("stream worker", self.worker), ("sink", self.sink), ("controller", self.controller)):
+            for name, proc in (
+                ("stream worker", self.worker),
+                ("sink", self.sink),
+                ("controller", self.controller),
+            ):
                 if not proc.alive():
                     raise RuntimeError(f"the {name} died:\n{proc.log_tail(30)}")
             time.sleep(0.5)
