@@ -203,7 +203,8 @@ def run_soak_bench(args: argparse.Namespace) -> dict[str, Any]:
         "sink_lag_trend_per_min": "risk records/min on the risk topic",
         "passed": f"RSS trends <= {RSS_TREND_LIMIT_MB_PER_MIN} MB/min, lags flat",
     }
-    rows = [(key, value, notes.get(key, "")) for key, value in figures.items() if key != "series"]
+    shown = {key: ("yes" if value else "NO") if isinstance(value, bool) else value for key, value in figures.items()}
+    rows = [(key, value, notes.get(key, "")) for key, value in shown.items() if key != "series"]
     emit(f"gpuwatch bench soak ({run.gpus:,} GPUs at 1 Hz, {seconds:.0f} s, no faults)", rows, figures,
          args.json_path)  # fmt: skip
     return figures
