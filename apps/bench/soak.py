@@ -10,8 +10,8 @@ resident memory of the worker, the sink, the controller and the broker, and the 
 
 The verdict is read over the steady part of the run, its last TREND_FRACTION (the last 40 minutes of an
 hour): each gpuwatch process's RSS trend (least-squares slope) must be at most RSS_TREND_LIMIT_MB_PER_MIN, and
-each lag must be flat: its slope times the window's length must stay under one second of the fleet's
-samples (`--gpus` GPU-samples), i.e. the lag grows by less than one second of data over the whole window.
+each lag must be flat: its slope times the window's length must stay under `--gpus` (one second of the
+fleet's GPU-samples; on the risk topic, where a GPU gets a record about every 5 s, about five seconds of records).
 The broker's RSS is recorded, not judged: the memory-only Tansu keeps every message.
 """
 
