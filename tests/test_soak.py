@@ -7,6 +7,7 @@ import pytest
 from gpuwatch.apps.bench.soak import (
     RSS_TREND_LIMIT_MB_PER_MIN,
     lag_is_flat,
+    rss_megabytes,
     trend,
     verdict,
 )
@@ -63,6 +64,23 @@ def test_unmeasured_lag_points_are_left_out():
     for row in rows[30:33]:
         row["worker_lag_samples"] = -1  # the broker did not answer
     assert verdict(rows, 600, gpus=1000)["worker_lag_flat"]
+
+
+def test_anonymous_memory_is_reported_beside_rss():
+    rows = _series(600, 10, worker_mb_per_min=0.0)
+    for row in rows:
+        row["worker_anon_mb"] = 200.0 + row["t_s"] / 60.0
+    out = verdict(rows, 600, gpus=1000)
+    assert out["worker_anon_trend_mb_per_min"] == pytest.approx(1.0)
+    assert out["passed"]  # judged on RSS, as the figure says
+
+
+def test_rss_is_read_from_proc():
+    import os
+
+    rss, anon = rss_megabytes(os.getpid()), rss_megabytes(os.getpid(), "RssAnon")
+    assert 0 < anon < rss
+    assert rss_megabytes(2**22 + 12345) == 0.0  # no such process
 
 
 def test_no_samples_is_not_a_pass():

@@ -43,11 +43,12 @@ JUDGED = ("worker", "sink", "controller")
 RECORDED = (*JUDGED, "broker")
 
 
-def rss_megabytes(pid: int) -> float:
-    """Resident memory of a process in MB (10^6 bytes; 0 when it is gone)."""
+def rss_megabytes(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process in MB (10^6 bytes; 0 when it is gone). `field="RssAnon"`: only its anonymous
+    pages (heaps, stacks), which the kernel cannot drop under memory pressure as it drops mapped files' pages."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024 / 1e6
     except OSError:
         pass
@@ -92,6 +93,9 @@ def verdict(series: list[dict[str, float]], seconds: float, gpus: int) -> dict[s
         tr = trend(ts, [row[f"{name}_rss_mb"] for row in series], since)
         out[f"{name}_rss_trend_mb_per_min"] = round(tr.slope_per_min, 3)
         out[f"{name}_rss_mb_window"] = [round(tr.first, 1), round(tr.last, 1)]
+        if series and f"{name}_anon_mb" in series[0]:  # recorded, not judged: RSS less the pages of mapped files
+            anon = trend(ts, [row[f"{name}_anon_mb"] for row in series], since)
+            out[f"{name}_anon_trend_mb_per_min"] = round(anon.slope_per_min, 3)
         if name in JUDGED:
             ok = tr.slope_per_min <= RSS_TREND_LIMIT_MB_PER_MIN
             out[f"{name}_rss_flat"] = ok
@@ -124,6 +128,7 @@ class SoakRun(ReliabilityRun):
         row: dict[str, float] = {"t_s": round(time.monotonic() - t0, 1)}
         for name, proc in pids.items():
             row[f"{name}_rss_mb"] = round(rss_megabytes(proc.proc.pid), 2)
+            row[f"{name}_anon_mb"] = round(rss_megabytes(proc.proc.pid, "RssAnon"), 2)
         try:
             row["worker_lag_samples"] = self.backlog()
             row["sink_lag_records"] = self.risk_lag()
