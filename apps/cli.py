@@ -217,6 +217,11 @@ def cmd_labels(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from gpuwatch.apps.bench.cli import bench_command
 
+    if args.what == "throttle":
+        from gpuwatch.apps.bench.throttle import run_throttle_bench
+
+        run_throttle_bench(args, _settings(args))
+        return 0
     return bench_command(args)
 
 
@@ -368,13 +373,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "codecs", "score", "reliability", "gpu",
-                                     "archive", "forecast"])
+                                     "archive", "forecast", "throttle"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="how long to run (0: default); score: seconds of simulated fleet time")
     p.add_argument("--real-nvml", action="store_true",
                    help="agent: sample this machine's GPUs through the driver instead of stand-in GPUs")
+    p.add_argument("--healthy-gpu-days", type=float, default=8.0,
+                   help="throttle: GPU-days of the healthy fleet that counts false throttles (--gpus: failures)")
+    p.add_argument("--seed", type=int, default=0, help="throttle: simulator seed")
     p.set_defaults(func=cmd_bench)
     return parser
 

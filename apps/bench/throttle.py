@@ -1,0 +1,34 @@
+"""`gpuwatch bench throttle`: does throttling pay? Closed-loop runs of simulated thermal and power precursors,
+drain-only against throttle-first (training/throttle_eval.py), at the real failure rate; a table and JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from gpuwatch.apps.bench.table import emit
+from gpuwatch.config import Settings
+from gpuwatch.costs import CostModel
+from gpuwatch.training.throttle_eval import ThrottleSpec, evaluate_throttle, table_rows
+
+
+def run_throttle_bench(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """Runs the evaluation with the cost model of `settings` and the throttle of its `policy_throttle_*` settings
+    (a `policy_throttle_s` of 0, throttling off, evaluates a 1800 s throttle)."""
+    if args.gpus < 0 or args.healthy_gpu_days < 0:
+        raise SystemExit("gpuwatch bench throttle: --gpus (failures) and --healthy-gpu-days must be >= 0")
+    spec = ThrottleSpec(
+        failures=max(2, args.gpus or 16),
+        healthy_gpu_days=args.healthy_gpu_days,
+        seed=args.seed,
+        throttle_s=settings.policy_throttle_s or 1800.0,
+        throttle_frac=settings.policy_throttle_frac,
+        throttle_grace_s=settings.policy_throttle_grace_s,
+    )
+    costs = CostModel.from_settings(settings)
+    out = evaluate_throttle(spec, costs, settings.fleet_failure_rate_per_gpu_day or 1.943e-4,
+                            progress=lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))  # fmt: skip
+    emit("gpuwatch bench throttle (closed loop: simulator -> model -> policy -> simulator)", table_rows(out), out,
+         args.json_path)  # fmt: skip
+    return out

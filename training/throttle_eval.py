@@ -1,0 +1,305 @@
+"""Does throttling pay? Simulated thermal and power precursors, run closed-loop with and without the throttle.
+
+A throttle changes the telemetry it is judged on (a lower power limit cools the GPU and, by the simulator's
+stated assumption, slows the precursor: docs/simulator.md), so it cannot be evaluated on a recording. Here the
+simulator, the stream's `RiskProcessor` (the shipped model) and the real `RemediationPolicy` run in one loop:
+each step's risk records go to the policy, and its throttle and restore events go back to the simulator as the
+node agent would carry them out (the limit is restored when the policy says so or when the throttle's time runs
+out). Two arms on the same fleet and seed: *drain-only* (the ladder as shipped: checkpoint, migrate) and
+*throttle* (throttle first for thermal and power alarms, then the ladder if the alarm holds).
+
+Per failure, each arm's cost to the job under the cost model (`gpuwatch.costs`): the failure's loss less what
+the checkpoint and migration before it saved, plus the cost of the true actions and of the throttle while it
+held (until the job moved or the GPU failed). A failure is *averted or delayed past the horizon* when it did
+not happen within the model's horizon after its scheduled time. Restated at the real failure rate as issue 9
+does (training/real_rate.py): the per-failure difference times the real rate of thermal and power failures, less
+the difference in false actions per healthy GPU-day, measured by the same loop on a healthy fleet with every
+look-alike at its stated prevalence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gpuwatch.costs import CostModel
+from gpuwatch.schemas.codecs import decode_risk
+from gpuwatch.simulator import faults
+from gpuwatch.simulator.fleet import DAY_S, FleetConfig, FleetSimulator
+from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
+from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.streams.processor import Inbound, RiskProcessor
+
+MODES = ("thermal", "power")
+START_TS = 1_700_000_000.0
+ARMS = ("drain_only", "throttle")
+
+
+@dataclass(frozen=True)
+class ThrottleSpec:
+    """The experiment: `failures` scheduled thermal and power failures (alternating, one per host, staggered by
+    `stagger_s`, precursor lengths and strengths drawn as the simulator draws them), then `healthy_gpu_days` of
+    a healthy fleet with every look-alike on; `interval_s` sampling; `tail_s` simulated after the last scheduled
+    failure (delays beyond it count as delays past the horizon)."""
+
+    failures: int = 16
+    stagger_s: float = 120.0
+    interval_s: float = 5.0
+    tail_s: float = 7200.0
+    healthy_gpu_days: float = 8.0
+    healthy_gpus_per_host: int = 8
+    seed: int = 0
+    model: str = ""
+    throttle_s: float = 1800.0
+    throttle_frac: float = 0.7
+    throttle_grace_s: float = 300.0
+
+
+@dataclass
+class ArmRun:
+    """What one arm did: events (action, ts, gpu code), failures (gpu code -> fail ts), throttled seconds per
+    gpu code (while its job was on it), and the simulator's clock share while throttled."""
+
+    events: list[tuple[str, float, int]] = field(default_factory=list)
+    failed: dict[int, float] = field(default_factory=dict)
+    throttled_s: dict[int, float] = field(default_factory=dict)
+    clock_share: list[float] = field(default_factory=list)
+    gpu_samples: int = 0
+
+
+def _rules(spec: ThrottleSpec, throttle: bool) -> PolicyRules:
+    # No fleet-level guard rails (the fleets fail far more often than a real one) and no blast-radius limit:
+    # every experiment stands on its own, as in `gpuwatch eval`'s replays.
+    return PolicyRules(max_concurrent_drains=10_000, throttle_s=spec.throttle_s if throttle else 0.0,
+                       throttle_frac=spec.throttle_frac, throttle_grace_s=spec.throttle_grace_s)  # fmt: skip
+
+
+def run_arm(cfg: FleetConfig, steps: int, rules: PolicyRules, scorer: Scorer,
+            schedule: Callable[[FleetSimulator], None] | None = None) -> ArmRun:  # fmt: skip
+    """Runs the fleet `cfg` for `steps` steps closed-loop through the stream's processor and `rules`' policy."""
+    sim = FleetSimulator(cfg)
+    if schedule is not None:
+        schedule(sim)
+    processor = RiskProcessor(scorer, rescore_interval_s=cfg.interval_s, stage="throttle-eval", max_age_s=None)
+    policy = RemediationPolicy(rules)
+    run = ArmRun()
+    G = sim.G
+    code = {u: i for i, u in enumerate(sim.uuids)}
+    until = np.full(sim.n, np.inf)  # when each throttle ends (the agent restores then)
+    since = np.full(sim.n, np.nan)  # when it began, while it holds and the job is still on the GPU
+
+    def stop_counting(i: int, t: float) -> None:
+        if not math.isnan(since[i]):
+            run.throttled_s[i] = run.throttled_s.get(i, 0.0) + t - since[i]
+            since[i] = np.nan
+
+    for _ in range(steps):
+        msgs = [Inbound(raw) for _, raw in sim.step_json()]
+        t = sim.now
+        result = processor.process(msgs)
+        run.gpu_samples += result.samples
+        for label in sim.drain_labels():
+            i = code[label["uuid"]]
+            run.failed.setdefault(i, float(label["fail_ts"]))
+            stop_counting(i, float(label["fail_ts"]))
+        for i in np.flatnonzero(until <= t).tolist():  # the agent's expiry
+            sim.set_power_limit(i // G, i % G, None)
+            stop_counting(i, t)
+            until[i] = np.inf
+        held = np.flatnonzero(np.isfinite(until))
+        if held.size:
+            cols = sim._cols  # noqa: SLF001
+            busy = cols["util_gpu_pct"][held] > 50
+            if busy.any():
+                run.clock_share.extend((cols["sm_clock_mhz"][held][busy] / sim._max_clk[held][busy]).tolist())  # noqa: SLF001
+        events = policy.observe([decode_risk(v) for _, v in result.risk], now=t)
+        for ev in events:
+            i = code.get(ev.uuid, -1)
+            if i < 0:
+                continue
+            run.events.append((ev.action, ev.ts, i))
+            if ev.action == "throttle" and isinstance(ev.power_limit_frac, float):
+                sim.set_power_limit(i // G, i % G, ev.power_limit_frac)
+                until[i] = t + (ev.duration_s if isinstance(ev.duration_s, float) else 0.0)
+                if math.isnan(since[i]):
+                    since[i] = t
+            elif ev.action == "restore":
+                sim.set_power_limit(i // G, i % G, None)
+                stop_counting(i, t)
+                until[i] = np.inf
+            elif ev.action == "migrate":
+                stop_counting(i, t)  # the job left: the throttle no longer slows it
+    for i in np.flatnonzero(~np.isnan(since)).tolist():
+        stop_counting(i, sim.now)
+    return run
+
+
+def _failure_fleet(spec: ThrottleSpec) -> tuple[FleetConfig, int, list[dict[str, Any]]]:
+    """The failure-rich fleet: one GPU per host, one scheduled failure each; its steps and the schedule."""
+    rng = np.random.default_rng(spec.seed)
+    plan = []
+    for k in range(spec.failures):
+        mode = MODES[k % 2]
+        lo, hi = faults.PRECURSOR_RANGE_S[mode]
+        precursor = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+        warm = 1800.0 + k * spec.stagger_s  # the model needs history before the precursor starts
+        plan.append({"host": k, "mode": mode, "precursor_s": precursor, "fail_in_s": warm + precursor,
+                     "strength": float(rng.uniform(0.25, 1.0))})  # fmt: skip
+    cfg = FleetConfig(hosts=spec.failures, gpus_per_host=1, seed=spec.seed, interval_s=spec.interval_s,
+                      start_ts=START_TS, rate_per_gpu_day=0.0)  # fmt: skip
+    last = max(p["fail_in_s"] for p in plan)
+    return cfg, int((last + spec.tail_s) / spec.interval_s), plan
+
+
+def _healthy_fleet(spec: ThrottleSpec) -> tuple[FleetConfig, int, float]:
+    g = spec.healthy_gpus_per_host
+    hosts = max(1, math.ceil(spec.healthy_gpu_days / g))
+    days = spec.healthy_gpu_days / (hosts * g)
+    cfg = FleetConfig.realistic(hosts=hosts, gpus_per_host=g, seed=spec.seed + 1, interval_s=spec.interval_s,
+                                start_ts=START_TS, rate_per_gpu_day=0.0)  # fmt: skip
+    steps = int(days * DAY_S / spec.interval_s)
+    return cfg, steps, hosts * g * steps * spec.interval_s / DAY_S
+
+
+def failure_costs(run: ArmRun, plan: list[dict[str, Any]], costs: CostModel, horizon_s: float,
+                  start_ts: float) -> list[dict[str, Any]]:  # fmt: skip
+    """Per scheduled failure: when it happened (None: not within the run), the first throttle, checkpoint and
+    migration before it, how long the throttle slowed the job, and the GPU-hours it cost the job."""
+    out = []
+    for i, p in enumerate(plan):
+        fail = run.failed.get(i)
+        end = fail if fail is not None else math.inf
+        first = {a: min((ts for a2, ts, g in run.events if g == i and a2 == a and ts < end), default=None)
+                 for a in ("throttle", "checkpoint", "migrate")}  # fmt: skip
+        held = run.throttled_s.get(i, 0.0)
+        acted = sum(costs.action_cost(a, real=True) for a in ("checkpoint", "migrate") if first[a] is not None)
+        if fail is not None:
+            lead = {a: None if first[a] is None else fail - first[a] for a in ("checkpoint", "migrate")}
+            loss = costs.failure_loss() - costs.saved(lead["checkpoint"], lead["migrate"])
+        elif first["migrate"] is None:  # not failed by the end of the run: it will, with the job still on it
+            loss = costs.failure_loss()
+        else:  # the job moved before the (later) failure: only the work since the checkpoint is lost
+            gap = None if first["checkpoint"] is None else 1.0 + first["migrate"] - first["checkpoint"]
+            loss = costs.failure_loss() - costs.saved(gap, 1.0)
+        scheduled = start_ts + p["fail_in_s"]
+        out.append({**p, "scheduled_ts": scheduled, "fail_ts": fail,
+                    "delayed_s": None if fail is None else fail - scheduled,
+                    "averted_or_delayed": fail is None or fail - scheduled > horizon_s,
+                    "throttle_ts": first["throttle"], "checkpoint_ts": first["checkpoint"],
+                    "migrate_ts": first["migrate"], "throttled_s": held,
+                    "gpu_h": loss + acted + costs.throttle_cost(held)})  # fmt: skip
+    return out
+
+
+def healthy_costs(run: ArmRun, costs: CostModel) -> dict[str, Any]:
+    """False actions on a healthy fleet (no failures: every action is false) and what they cost."""
+    counts = {a: sum(1 for a2, _, _ in run.events if a2 == a) for a in ("throttle", "checkpoint", "migrate", "reboot")}
+    cost = sum(costs.action_cost(a, real=False) * n for a, n in counts.items() if a != "throttle")
+    held = sum(run.throttled_s.values())
+    return {"events": counts, "throttled_s": held, "gpu_h": cost + costs.throttle_cost(held)}
+
+
+def evaluate_throttle(spec: ThrottleSpec, costs: CostModel, real_failures_per_gpu_day: float = faults.RATE_PER_GPU_DAY,
+                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Both arms on the failure-rich fleet and on the healthy fleet; the figures of the issue 17 report.
+
+    `costs.throttle_s` is ignored: the arms' throttles hold `spec.throttle_s` at most and cost what they held."""
+    say = progress or (lambda msg: None)
+    scorer = Scorer(load_artifact(spec.model or None))
+    horizon = scorer.artifact.horizon_s
+    cfg, steps, plan = _failure_fleet(spec)
+
+    def schedule(sim: FleetSimulator) -> None:
+        for p in plan:
+            sim.schedule_failure(p["host"], 0, p["mode"], p["fail_in_s"], p["precursor_s"], strength=p["strength"])
+
+    hcfg, hsteps, hdays = _healthy_fleet(spec)
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        rules = _rules(spec, arm == "throttle")
+        say(f"{arm}: {spec.failures} thermal/power failures, {steps} steps")
+        fail_run = run_arm(cfg, steps, rules, scorer, schedule)
+        say(f"{arm}: healthy fleet, {hdays:.1f} GPU-days")
+        healthy_run = run_arm(hcfg, hsteps, rules, scorer) if hsteps > 0 else ArmRun()
+        per_failure = failure_costs(fail_run, plan, costs, horizon, START_TS)
+        arms[arm] = {"failures": per_failure, "healthy": healthy_costs(healthy_run, costs),
+                     "clock_share_while_throttled": float(np.mean(fail_run.clock_share + healthy_run.clock_share))
+                     if fail_run.clock_share or healthy_run.clock_share else None,
+                     "gpu_samples": fail_run.gpu_samples + healthy_run.gpu_samples}  # fmt: skip
+    return summarise(arms, spec, costs, horizon, hdays, real_failures_per_gpu_day)
+
+
+def summarise(arms: dict[str, Any], spec: ThrottleSpec, costs: CostModel, horizon_s: float, healthy_gpu_days: float,
+              real_failures_per_gpu_day: float) -> dict[str, Any]:  # fmt: skip
+    """The figures: per arm and mode, share of failures averted or delayed past the horizon and GPU-hours per
+    failure; false actions per 1,000 healthy GPU-days; throttle's net GPU-hours saved against drain-only per
+    1,000 GPU-days at the real rate of thermal and power failures (issue 9's restatement)."""
+    mix = faults.MODE_MIX
+    lam = real_failures_per_gpu_day * (mix["thermal"] + mix["power"])
+    out: dict[str, Any] = {"spec": dataclasses.asdict(spec), "horizon_s": horizon_s, "healthy_gpu_days": healthy_gpu_days,
+                           "real_thermal_power_failures_per_gpu_day": lam, "cost_model": dataclasses.asdict(costs),
+                           "arms": {}}  # fmt: skip
+    for arm, res in arms.items():
+        rows = res["failures"]
+        by_mode = {}
+        for mode in MODES:
+            mine = [r for r in rows if r["mode"] == mode]
+            by_mode[mode] = {"failures": len(mine),
+                             "averted_or_delayed_past_horizon": sum(r["averted_or_delayed"] for r in mine),
+                             "share_averted_or_delayed": sum(r["averted_or_delayed"] for r in mine) / max(len(mine), 1),
+                             "migrated_before_failure": sum(r["migrate_ts"] is not None for r in mine),
+                             "gpu_h_per_failure": float(np.mean([r["gpu_h"] for r in mine])) if mine else float("nan")}
+        n = max(len(rows), 1)
+        h = res["healthy"]
+        out["arms"][arm] = {
+            "by_mode": by_mode,
+            "share_averted_or_delayed": sum(r["averted_or_delayed"] for r in rows) / n,
+            "gpu_h_per_failure": sum(r["gpu_h"] for r in rows) / n,
+            "throttled_s_per_failure": sum(r["throttled_s"] for r in rows) / n,
+            "false_per_1000_gpu_days": {a: c / max(healthy_gpu_days, 1e-9) * 1000.0 for a, c in h["events"].items()},
+            "false_gpu_h_per_1000_gpu_days": h["gpu_h"] / max(healthy_gpu_days, 1e-9) * 1000.0,
+            "healthy_throttled_s": h["throttled_s"],
+            "clock_share_while_throttled": res["clock_share_while_throttled"],
+            "gpu_samples": res["gpu_samples"],
+            "failures": rows,
+        }  # fmt: skip
+    d, t = out["arms"]["drain_only"], out["arms"]["throttle"]
+    per_failure = d["gpu_h_per_failure"] - t["gpu_h_per_failure"]  # > 0: throttling costs the job less
+    per_day = (t["false_gpu_h_per_1000_gpu_days"] - d["false_gpu_h_per_1000_gpu_days"]) / 1000.0
+    out["throttle_vs_drain_only"] = {
+        "gpu_h_saved_per_failure": per_failure,
+        "false_gpu_h_extra_per_1000_healthy_gpu_days": per_day * 1000.0,
+        "net_gpu_h_saved_per_1000_gpu_days_real": 1000.0 * (per_failure * lam - per_day),
+        "pays": 1000.0 * (per_failure * lam - per_day) > 0,
+    }
+    return out
+
+
+def table_rows(out: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """(key, value, note) rows of the figures for `gpuwatch bench throttle`."""
+    rows: list[tuple[str, Any, str]] = []
+    for arm, a in out["arms"].items():
+        for mode, m in a["by_mode"].items():
+            rows.append((f"{arm}.{mode}.share_averted_or_delayed", m["share_averted_or_delayed"],
+                         f"{m['averted_or_delayed_past_horizon']} of {m['failures']} not failed within the horizon"))
+            rows.append((f"{arm}.{mode}.gpu_h_per_failure", m["gpu_h_per_failure"],
+                         f"migrated before failing: {m['migrated_before_failure']} of {m['failures']}"))
+        rows.append((f"{arm}.throttled_s_per_failure", a["throttled_s_per_failure"], "while the job was on the GPU"))
+        rows.append((f"{arm}.false_gpu_h_per_1000_gpu_days", a["false_gpu_h_per_1000_gpu_days"],
+                     ", ".join(f"{k} {v:.1f}" for k, v in a["false_per_1000_gpu_days"].items()) + " per 1,000 GPU-days"))
+        share = a["clock_share_while_throttled"]
+        rows.append((f"{arm}.clock_share_while_throttled", share if share is not None else "-",
+                     "simulated SM clock / max on busy throttled GPUs"))
+    v = out["throttle_vs_drain_only"]
+    rows.append(("throttle_vs_drain_only.gpu_h_saved_per_failure", v["gpu_h_saved_per_failure"], "> 0: throttle cheaper"))
+    rows.append(("throttle_vs_drain_only.false_gpu_h_extra_per_1000_gpu_days",
+                 v["false_gpu_h_extra_per_1000_healthy_gpu_days"], "healthy fleet, look-alikes at prevalence"))
+    rows.append(("throttle_vs_drain_only.net_gpu_h_saved_per_1000_gpu_days_real",
+                 v["net_gpu_h_saved_per_1000_gpu_days_real"],
+                 f"at {out['real_thermal_power_failures_per_gpu_day']:.3g} thermal+power failures per GPU-day"))
+    return rows
