@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="agent: sample this machine's GPUs through the driver instead of stand-in GPUs")
     p.add_argument("--healthy-gpu-days", type=float, default=8.0,
                    help="throttle: GPU-days of the healthy fleet that counts false throttles (--gpus: failures)")
+    p.add_argument("--false-alarms-per-1000", type=float, default=None,
+                   help="throttle: false alarm episodes per 1,000 healthy GPU-days at real prevalence (gpuwatch "
+                        "realrate's lstm.false_actions.checkpoint.per_1000_gpu_days); omitted: left out, and said")
     p.add_argument("--seed", type=int, default=0, help="throttle: simulator seed")
     p.set_defaults(func=cmd_bench)
     return parser

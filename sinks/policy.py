@@ -178,7 +178,14 @@ class RemediationPolicy:
     when the GPU's uuid changes: the card was replaced, or when it fails). Within an episode, at most one
     event per action, in order: checkpoint (the record is in alarm), migrate (the drain operating point
     holds, at least `checkpoint_grace_s` after the checkpoint), reboot (the drain operating point still
-    holds `reboot_after_s` after migrate, modes in `reboot_modes` only). A failed GPU (`failed: true`) is no
+    holds `reboot_after_s` after migrate, modes in `reboot_modes` only). With `throttle_s` > 0, an episode whose
+    first alarm record names a mode in `throttle_modes` (thermal, power: the model's mode head) starts with a
+    `throttle` instead (power limit to `throttle_frac` of the default for `throttle_s`); the ladder follows when
+    the alarm still holds `throttle_grace_s` later. When such an episode ends because the risk fell (no
+    migration), a `restore` event puts the limit back; it starts no cooldown and passes no guard rail (it only
+    undoes gpuwatch's own throttle, which the agent undoes at `throttle_s` anyway). A GPU in alarm again within
+    `cooldown_s` of its restore relapsed: no second throttle, and the ladder starts at once, cooldown or not.
+    A failed GPU (`failed: true`) is no
     longer predicted: its episode ends and it gets one `repair` event per failure (drain it and ask for a
     repair) instead of the ladder. Guard rails, checked in this order: kill switch; incident (more than
     `max_unhealthy_hosts` unhealthy hosts: no action at all); for disruptive actions (`DISRUPTIVE`) the

@@ -244,3 +244,55 @@ def test_a_power_cap_cools_the_gpu_reports_the_limit_and_slows_a_thermal_precurs
     assert capped._f_fail[0] > free._f_fail[0] + 600  # noqa: SLF001 - the precursor slowed: failure later
     with pytest.raises(ValueError, match="not in"):
         capped.set_power_limit(0, 0, 1.5)
+
+
+# ---------------------------------------------------------------- the controller
+
+
+def test_the_controller_sends_throttle_and_restore_to_the_agent_signed_with_the_limit_and_duration() -> None:
+    from gpuwatch.controller.executors import CheckpointRouter
+    from gpuwatch.controller.executors import Outcome as Done
+    from gpuwatch.controller.executors.agent_command import AgentCommandExecutor, command_from_event
+    from gpuwatch.signing import sign_command, verify
+
+    class Recording:
+        def __init__(self, name: str) -> None:
+            self.name, self.seen = name, []
+
+        def execute(self, event: Remediation) -> Done:
+            self.seen.append(event.action)
+            return Done(ok=True, detail=self.name)
+
+    event = Remediation(id="abc123", host=HOST, gpu_index=1, uuid="GPU-1", action="throttle", reason="alarm",
+                        risk=0.5, ts=T0, power_limit_frac=0.7, duration_s=1800.0)  # fmt: skip
+    main, agent = Recording("main"), Recording("agent")
+    router = CheckpointRouter(main, agent)
+    for action in ("throttle", "restore", "checkpoint", "migrate"):
+        router.execute(msgspec.structs.replace(event, action=action))
+    assert (agent.seen, main.seen) == (["throttle", "restore", "checkpoint"], ["migrate"])
+    signed = msgspec.to_builtins(sign_command(command_from_event(event), KEY, now=T0))
+    verify(signed, [KEY.encode()], now=T0, seen_nonces=MemoryNonceStore())
+    assert (signed["power_limit_frac"], signed["duration_s"]) == (0.7, 1800.0)
+    # a throttle event without its limit is not sent (checked before any Kafka producer exists)
+    bare = msgspec.structs.replace(event, power_limit_frac=msgspec.UNSET)
+    done = AgentCommandExecutor(Settings(), key=KEY.encode()).execute(bare)
+    assert not done.ok and "power_limit_frac" in done.detail
+
+
+# ---------------------------------------------------------------- the evaluation's accounting
+
+
+def test_the_evaluation_prices_a_delayed_failure_and_the_throttle_that_delayed_it() -> None:
+    from gpuwatch.training.throttle_eval import ArmRun, failure_costs
+
+    costs = CostModel(throttle_slowdown=0.1)
+    plan = [{"mode": "thermal", "fail_in_s": 1000.0}, {"mode": "power", "fail_in_s": 2000.0}]
+    run = ArmRun(events=[("throttle", T0 + 500, 0), ("checkpoint", T0 + 900, 0), ("migrate", T0 + 1500, 1)],
+                 failed={0: T0 + 1000 + 4000}, throttled_s={0: 3600.0})  # fmt: skip
+    first, second = failure_costs(run, plan, costs, horizon_s=3600.0, start_ts=T0)
+    assert first["averted_or_delayed"] and first["delayed_s"] == 4000.0
+    # the checkpoint came 4,100 s before the (delayed) failure: it saved nothing; the throttle cost 1024 x 0.1 x 1 h
+    assert first["gpu_h"] == pytest.approx(costs.failure_loss() + costs.action_cost("checkpoint", real=True) + 102.4)
+    # not failed within the run, but its job moved: only the migration and the work since the last checkpoint
+    assert second["averted_or_delayed"] and second["fail_ts"] is None
+    assert second["gpu_h"] == pytest.approx(costs.action_cost("migrate", real=True) + 1024 * 0.5)

@@ -11,10 +11,17 @@ out). Two arms on the same fleet and seed: *drain-only* (the ladder as shipped: 
 Per failure, each arm's cost to the job under the cost model (`gpuwatch.costs`): the failure's loss less what
 the checkpoint and migration before it saved, plus the cost of the true actions and of the throttle while it
 held (until the job moved or the GPU failed). A failure is *averted or delayed past the horizon* when it did
-not happen within the model's horizon after its scheduled time. Restated at the real failure rate as issue 9
-does (training/real_rate.py): the per-failure difference times the real rate of thermal and power failures, less
-the difference in false actions per healthy GPU-day, measured by the same loop on a healthy fleet with every
-look-alike at its stated prevalence.
+not happen within the model's horizon after its scheduled time.
+
+False alarms: the same loop on a healthy fleet rich in the look-alikes that resemble thermal and power
+precursors (jobs at the power cap, hot boards, ambient excursions, brake blips; simulator/lookalikes.py) gives
+what throttling first changes per false alarm episode (a throttle's slowdown, less the checkpoints it spares):
+the GPU-hours of the throttle arm less those of the drain-only arm, over the drain-only arm's false episodes.
+
+Restated at the real failure rate as issue 9 does (training/real_rate.py): the per-failure difference times the
+real rate of thermal and power failures, less the per-episode difference times the false alarm episodes per
+healthy GPU-day at real prevalence (`gpuwatch realrate`'s false checkpoints: every false alarm episode starts
+with one), which the caller passes in.
 """
 
 from __future__ import annotations
@@ -23,17 +30,18 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from gpuwatch.costs import CostModel
 from gpuwatch.schemas.codecs import decode_risk
-from gpuwatch.simulator import faults
+from gpuwatch.simulator import faults, lookalikes
 from gpuwatch.simulator.fleet import DAY_S, FleetConfig, FleetSimulator
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
-from gpuwatch.streams.model import Scorer, load_artifact
-from gpuwatch.streams.processor import Inbound, RiskProcessor
+
+if TYPE_CHECKING:  # torch: imported when a run needs the model, not for the accounting
+    from gpuwatch.streams.model import Scorer
 
 MODES = ("thermal", "power")
 START_TS = 1_700_000_000.0
@@ -44,15 +52,15 @@ ARMS = ("drain_only", "throttle")
 class ThrottleSpec:
     """The experiment: `failures` scheduled thermal and power failures (alternating, one per host, staggered by
     `stagger_s`, precursor lengths and strengths drawn as the simulator draws them), then `healthy_gpu_days` of
-    a healthy fleet with every look-alike on; `interval_s` sampling; `tail_s` simulated after the last scheduled
+    a healthy fleet rich in thermal and power look-alikes; `interval_s` sampling; `tail_s` simulated after the last scheduled
     failure (delays beyond it count as delays past the horizon)."""
 
-    failures: int = 16
+    failures: int = 24
     stagger_s: float = 120.0
     interval_s: float = 5.0
     tail_s: float = 7200.0
     healthy_gpu_days: float = 8.0
-    healthy_gpus_per_host: int = 8
+    healthy_span_days: float = 0.25  # the healthy fleet runs this long (more hosts for more GPU-days)
     seed: int = 0
     model: str = ""
     throttle_s: float = 1800.0
@@ -82,6 +90,8 @@ def _rules(spec: ThrottleSpec, throttle: bool) -> PolicyRules:
 def run_arm(cfg: FleetConfig, steps: int, rules: PolicyRules, scorer: Scorer,
             schedule: Callable[[FleetSimulator], None] | None = None) -> ArmRun:  # fmt: skip
     """Runs the fleet `cfg` for `steps` steps closed-loop through the stream's processor and `rules`' policy."""
+    from gpuwatch.streams.processor import Inbound, RiskProcessor
+
     sim = FleetSimulator(cfg)
     if schedule is not None:
         schedule(sim)
@@ -156,13 +166,20 @@ def _failure_fleet(spec: ThrottleSpec) -> tuple[FleetConfig, int, list[dict[str,
     return cfg, int((last + spec.tail_s) / spec.interval_s), plan
 
 
+# Look-alikes of thermal and power precursors, each as its rich run sets it (simulator/lookalikes.py).
+HEALTHY_LOOKALIKES = ("power_cap_job", "hot_gpu", "ambient_excursion", "power_brake_blip")
+
+
 def _healthy_fleet(spec: ThrottleSpec) -> tuple[FleetConfig, int, float]:
-    g = spec.healthy_gpus_per_host
-    hosts = max(1, math.ceil(spec.healthy_gpu_days / g))
-    days = spec.healthy_gpu_days / (hosts * g)
-    cfg = FleetConfig.realistic(hosts=hosts, gpus_per_host=g, seed=spec.seed + 1, interval_s=spec.interval_s,
-                                start_ts=START_TS, rate_per_gpu_day=0.0)  # fmt: skip
-    steps = int(days * DAY_S / spec.interval_s)
+    """A healthy fleet of 8-GPU hosts rich in HEALTHY_LOOKALIKES, for `healthy_span_days`; its steps and GPU-days."""
+    g = 8
+    hosts = max(1, math.ceil(spec.healthy_gpu_days / (g * spec.healthy_span_days)))
+    rich: dict[str, Any] = {}
+    for name in HEALTHY_LOOKALIKES:
+        rich.update(lookalikes.rich_overrides(name, quiet=False))
+    cfg = FleetConfig.realistic(**{**rich, "hosts": hosts, "gpus_per_host": g, "seed": spec.seed + 1,
+                                   "interval_s": spec.interval_s, "start_ts": START_TS, "rate_per_gpu_day": 0.0})
+    steps = int(spec.healthy_span_days * DAY_S / spec.interval_s)
     return cfg, steps, hosts * g * steps * spec.interval_s / DAY_S
 
 
@@ -204,11 +221,16 @@ def healthy_costs(run: ArmRun, costs: CostModel) -> dict[str, Any]:
     return {"events": counts, "throttled_s": held, "gpu_h": cost + costs.throttle_cost(held)}
 
 
-def evaluate_throttle(spec: ThrottleSpec, costs: CostModel, real_failures_per_gpu_day: float = faults.RATE_PER_GPU_DAY,
+def evaluate_throttle(spec: ThrottleSpec, costs: CostModel, *, real_failures_per_gpu_day: float = faults.RATE_PER_GPU_DAY,
+                      false_alarms_per_1000_gpu_days: float | None = None,
                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:  # fmt: skip
     """Both arms on the failure-rich fleet and on the healthy fleet; the figures of the issue 17 report.
 
+    `false_alarms_per_1000_gpu_days`: false alarm episodes per 1,000 healthy GPU-days at real prevalence (`gpuwatch
+    realrate`'s false checkpoints); None leaves false alarms out of the real-rate figure (it says so).
     `costs.throttle_s` is ignored: the arms' throttles hold `spec.throttle_s` at most and cost what they held."""
+    from gpuwatch.streams.model import Scorer, load_artifact
+
     say = progress or (lambda msg: None)
     scorer = Scorer(load_artifact(spec.model or None))
     horizon = scorer.artifact.horizon_s
@@ -231,14 +253,14 @@ def evaluate_throttle(spec: ThrottleSpec, costs: CostModel, real_failures_per_gp
                      "clock_share_while_throttled": float(np.mean(fail_run.clock_share + healthy_run.clock_share))
                      if fail_run.clock_share or healthy_run.clock_share else None,
                      "gpu_samples": fail_run.gpu_samples + healthy_run.gpu_samples}  # fmt: skip
-    return summarise(arms, spec, costs, horizon, hdays, real_failures_per_gpu_day)
+    return summarise(arms, spec, costs, horizon, hdays, real_failures_per_gpu_day, false_alarms_per_1000_gpu_days)
 
 
 def summarise(arms: dict[str, Any], spec: ThrottleSpec, costs: CostModel, horizon_s: float, healthy_gpu_days: float,
-              real_failures_per_gpu_day: float) -> dict[str, Any]:  # fmt: skip
+              real_failures_per_gpu_day: float, false_alarms_per_1000_gpu_days: float | None) -> dict[str, Any]:  # fmt: skip
     """The figures: per arm and mode, share of failures averted or delayed past the horizon and GPU-hours per
-    failure; false actions per 1,000 healthy GPU-days; throttle's net GPU-hours saved against drain-only per
-    1,000 GPU-days at the real rate of thermal and power failures (issue 9's restatement)."""
+    failure; false actions on the rich healthy fleet and what throttling changes per false alarm episode;
+    throttle's net GPU-hours saved against drain-only per 1,000 GPU-days at the real rate (issue 9's method)."""
     mix = faults.MODE_MIX
     lam = real_failures_per_gpu_day * (mix["thermal"] + mix["power"])
     out: dict[str, Any] = {"spec": dataclasses.asdict(spec), "horizon_s": horizon_s, "healthy_gpu_days": healthy_gpu_days,
@@ -270,12 +292,34 @@ def summarise(arms: dict[str, Any], spec: ThrottleSpec, costs: CostModel, horizo
         }  # fmt: skip
     d, t = out["arms"]["drain_only"], out["arms"]["throttle"]
     per_failure = d["gpu_h_per_failure"] - t["gpu_h_per_failure"]  # > 0: throttling costs the job less
-    per_day = (t["false_gpu_h_per_1000_gpu_days"] - d["false_gpu_h_per_1000_gpu_days"]) / 1000.0
+    episodes = arms["drain_only"]["healthy"]["events"]["checkpoint"]  # every false alarm episode checkpoints
+    extra = arms["throttle"]["healthy"]["gpu_h"] - arms["drain_only"]["healthy"]["gpu_h"]
+    per_episode = extra / episodes if episodes else float("nan")
+    false_rate = 0.0 if false_alarms_per_1000_gpu_days is None else false_alarms_per_1000_gpu_days / 1000.0
+    per_day = false_rate * (0.0 if math.isnan(per_episode) else per_episode)
+    net = 1000.0 * (per_failure * lam - per_day)
+    # The same with the simulator's own slowdown (1 - clock share) instead of the cost model's: the cost is linear
+    # in it, so only the throttled seconds are re-priced.
+    share = t["clock_share_while_throttled"]
+    sim_slow = None if share is None else 1.0 - share
+    if sim_slow is not None:
+        reprice = costs.job_gpus * (sim_slow - costs.throttle_slowdown) / 3600.0
+        held_h = arms["throttle"]["healthy"]["throttled_s"] - arms["drain_only"]["healthy"]["throttled_s"]
+        per_failure_sim = per_failure - reprice * t["throttled_s_per_failure"]
+        per_day_sim = per_day + (false_rate * reprice * held_h / episodes if episodes else 0.0)
+        net_sim: float | None = 1000.0 * (per_failure_sim * lam - per_day_sim)
+    else:
+        net_sim = None
     out["throttle_vs_drain_only"] = {
+        "simulated_slowdown": sim_slow,
+        "net_gpu_h_saved_per_1000_gpu_days_real_at_simulated_slowdown": net_sim,
         "gpu_h_saved_per_failure": per_failure,
-        "false_gpu_h_extra_per_1000_healthy_gpu_days": per_day * 1000.0,
-        "net_gpu_h_saved_per_1000_gpu_days_real": 1000.0 * (per_failure * lam - per_day),
-        "pays": 1000.0 * (per_failure * lam - per_day) > 0,
+        "healthy_false_episodes": episodes,
+        "extra_gpu_h_per_false_episode": per_episode,
+        "false_alarms_per_1000_gpu_days_real": false_alarms_per_1000_gpu_days,
+        "net_gpu_h_saved_per_1000_gpu_days_real": net,
+        "false_alarms_counted": false_alarms_per_1000_gpu_days is not None and episodes > 0,
+        "pays": net > 0,
     }
     return out
 
@@ -297,9 +341,16 @@ def table_rows(out: dict[str, Any]) -> list[tuple[str, Any, str]]:
                      "simulated SM clock / max on busy throttled GPUs"))
     v = out["throttle_vs_drain_only"]
     rows.append(("throttle_vs_drain_only.gpu_h_saved_per_failure", v["gpu_h_saved_per_failure"], "> 0: throttle cheaper"))
-    rows.append(("throttle_vs_drain_only.false_gpu_h_extra_per_1000_gpu_days",
-                 v["false_gpu_h_extra_per_1000_healthy_gpu_days"], "healthy fleet, look-alikes at prevalence"))
+    rows.append(("throttle_vs_drain_only.extra_gpu_h_per_false_episode", v["extra_gpu_h_per_false_episode"],
+                 f"over {v['healthy_false_episodes']} false alarm episodes on the look-alike-rich healthy fleet"))
+    rate = v["false_alarms_per_1000_gpu_days_real"]
+    note = f"at {out['real_thermal_power_failures_per_gpu_day']:.3g} thermal+power failures per GPU-day and " + (
+        f"{rate:g} false alarm episodes per 1,000 GPU-days" if v["false_alarms_counted"]
+        else "NO false alarms counted (give --false-alarms-per-1000 and a healthy fleet with false episodes)")
     rows.append(("throttle_vs_drain_only.net_gpu_h_saved_per_1000_gpu_days_real",
-                 v["net_gpu_h_saved_per_1000_gpu_days_real"],
-                 f"at {out['real_thermal_power_failures_per_gpu_day']:.3g} thermal+power failures per GPU-day"))
+                 v["net_gpu_h_saved_per_1000_gpu_days_real"], note))
+    sim = v["net_gpu_h_saved_per_1000_gpu_days_real_at_simulated_slowdown"]
+    rows.append(("throttle_vs_drain_only.net_..._real_at_simulated_slowdown", sim if sim is not None else "-",
+                 f"the same with the simulator's slowdown ({v['simulated_slowdown'] or 0:.2f}) for "
+                 f"the cost model's ({out['cost_model']['throttle_slowdown']:.2f})"))
     return rows
