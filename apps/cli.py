@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to run (0: default); score: seconds of simulated fleet time")
     p.add_argument("--real-nvml", action="store_true",
                    help="agent: sample this machine's GPUs through the driver instead of stand-in GPUs")
-    p.add_argument("--healthy-gpu-days", type=float, default=8.0,
+    p.add_argument("--healthy-gpu-days", type=float, default=0.0,
                    help="throttle: GPU-days of the healthy fleet that counts false throttles (--gpus: failures)")
     p.add_argument("--false-alarms-per-1000", type=float, default=None,
                    help="throttle: false alarm episodes per 1,000 healthy GPU-days at real prevalence (gpuwatch "

@@ -286,7 +286,7 @@ def test_the_evaluation_prices_a_delayed_failure_and_the_throttle_that_delayed_i
     from gpuwatch.training.throttle_eval import ArmRun, failure_costs
 
     costs = CostModel(throttle_slowdown=0.1)
-    plan = [{"mode": "thermal", "fail_in_s": 1000.0}, {"mode": "power", "fail_in_s": 2000.0}]
+    plan = [{"gpu": 0, "mode": "thermal", "fail_in_s": 1000.0}, {"gpu": 1, "mode": "power", "fail_in_s": 2000.0}]
     run = ArmRun(events=[("throttle", T0 + 500, 0), ("checkpoint", T0 + 900, 0), ("migrate", T0 + 1500, 1)],
                  failed={0: T0 + 1000 + 4000}, throttled_s={0: 3600.0})  # fmt: skip
     first, second = failure_costs(run, plan, costs, horizon_s=3600.0, start_ts=T0)

@@ -56,10 +56,11 @@ class ThrottleSpec:
     failure (delays beyond it count as delays past the horizon)."""
 
     failures: int = 24
-    stagger_s: float = 120.0
+    stagger_s: float = 60.0
+    warmup_s: float = 7200.0
     interval_s: float = 5.0
-    tail_s: float = 7200.0
-    healthy_gpu_days: float = 8.0
+    tail_s: float = 3600.0
+    healthy_gpu_days: float = 0.0
     healthy_span_days: float = 0.25  # the healthy fleet runs this long (more hosts for more GPU-days)
     seed: int = 0
     model: str = ""
@@ -87,90 +88,98 @@ def _rules(spec: ThrottleSpec, throttle: bool) -> PolicyRules:
                        throttle_frac=spec.throttle_frac, throttle_grace_s=spec.throttle_grace_s)  # fmt: skip
 
 
-def run_arm(cfg: FleetConfig, steps: int, rules: PolicyRules, scorer: Scorer,
-            schedule: Callable[[FleetSimulator], None] | None = None) -> ArmRun:  # fmt: skip
-    """Runs the fleet `cfg` for `steps` steps closed-loop through the stream's processor and `rules`' policy."""
+def run_arm(sims: list[FleetSimulator], steps: int, rules: PolicyRules, scorer: Scorer) -> ArmRun:
+    """Steps `sims` together for `steps` steps, closed-loop through one stream processor and `rules`' policy.
+    GPU codes run over the simulators in order (simulator k's GPU i is the sum of the earlier sizes plus i).
+    Separate simulators keep experiments apart: a throttle changes its simulator's random draws from then on."""
     from gpuwatch.streams.processor import Inbound, RiskProcessor
 
-    sim = FleetSimulator(cfg)
-    if schedule is not None:
-        schedule(sim)
-    processor = RiskProcessor(scorer, rescore_interval_s=cfg.interval_s, stage="throttle-eval", max_age_s=None)
+    interval = sims[0].cfg.interval_s
+    processor = RiskProcessor(scorer, rescore_interval_s=interval, stage="throttle-eval", max_age_s=None)
     policy = RemediationPolicy(rules)
     run = ArmRun()
-    G = sim.G
-    code = {u: i for i, u in enumerate(sim.uuids)}
-    until = np.full(sim.n, np.inf)  # when each throttle ends (the agent restores then)
-    since = np.full(sim.n, np.nan)  # when it began, while it holds and the job is still on the GPU
+    where = [(k, i) for k, sim in enumerate(sims) for i in range(sim.n)]  # code -> (simulator, GPU)
+    code = {u: c for c, (k, i) in enumerate(where) for u in [sims[k].uuids[i]]}
+    until = np.full(len(where), np.inf)  # when each throttle ends (the agent restores then)
+    since = np.full(len(where), np.nan)  # when it began, while it holds and the job is still on the GPU
 
-    def stop_counting(i: int, t: float) -> None:
-        if not math.isnan(since[i]):
-            run.throttled_s[i] = run.throttled_s.get(i, 0.0) + t - since[i]
-            since[i] = np.nan
+    def set_limit(c: int, frac: float | None) -> None:
+        k, i = where[c]
+        sims[k].set_power_limit(i // sims[k].G, i % sims[k].G, frac)
+
+    def stop_counting(c: int, t: float) -> None:
+        if not math.isnan(since[c]):
+            run.throttled_s[c] = run.throttled_s.get(c, 0.0) + t - since[c]
+            since[c] = np.nan
 
     for _ in range(steps):
-        msgs = [Inbound(raw) for _, raw in sim.step_json()]
-        t = sim.now
+        msgs = [Inbound(raw) for sim in sims for _, raw in sim.step_json()]
+        t = sims[0].now
         result = processor.process(msgs)
         run.gpu_samples += result.samples
-        for label in sim.drain_labels():
-            i = code[label["uuid"]]
-            run.failed.setdefault(i, float(label["fail_ts"]))
-            stop_counting(i, float(label["fail_ts"]))
-        for i in np.flatnonzero(until <= t).tolist():  # the agent's expiry
-            sim.set_power_limit(i // G, i % G, None)
-            stop_counting(i, t)
-            until[i] = np.inf
-        held = np.flatnonzero(np.isfinite(until))
-        if held.size:
-            cols = sim._cols  # noqa: SLF001
-            busy = cols["util_gpu_pct"][held] > 50
-            if busy.any():
-                run.clock_share.extend((cols["sm_clock_mhz"][held][busy] / sim._max_clk[held][busy]).tolist())  # noqa: SLF001
+        for sim in sims:
+            for label in sim.drain_labels():
+                c = code[label["uuid"]]
+                run.failed.setdefault(c, float(label["fail_ts"]))
+                stop_counting(c, float(label["fail_ts"]))
+        for c in np.flatnonzero(until <= t).tolist():  # the agent's expiry
+            set_limit(c, None)
+            stop_counting(c, t)
+            until[c] = np.inf
+        for c in np.flatnonzero(np.isfinite(until)).tolist():
+            k, i = where[c]
+            cols = sims[k]._cols  # noqa: SLF001 - the evaluation reads the simulator's own state
+            if cols["util_gpu_pct"][i] > 50:
+                run.clock_share.append(float(cols["sm_clock_mhz"][i] / sims[k]._max_clk[i]))  # noqa: SLF001
         events = policy.observe([decode_risk(v) for _, v in result.risk], now=t)
         for ev in events:
-            i = code.get(ev.uuid, -1)
-            if i < 0:
+            c = code.get(ev.uuid, -1)
+            if c < 0:
                 continue
-            run.events.append((ev.action, ev.ts, i))
+            run.events.append((ev.action, ev.ts, c))
             if ev.action == "throttle" and isinstance(ev.power_limit_frac, float):
-                sim.set_power_limit(i // G, i % G, ev.power_limit_frac)
-                until[i] = t + (ev.duration_s if isinstance(ev.duration_s, float) else 0.0)
-                if math.isnan(since[i]):
-                    since[i] = t
+                set_limit(c, ev.power_limit_frac)
+                until[c] = t + (ev.duration_s if isinstance(ev.duration_s, float) else 0.0)
+                if math.isnan(since[c]):
+                    since[c] = t
             elif ev.action == "restore":
-                sim.set_power_limit(i // G, i % G, None)
-                stop_counting(i, t)
-                until[i] = np.inf
+                set_limit(c, None)
+                stop_counting(c, t)
+                until[c] = np.inf
             elif ev.action == "migrate":
-                stop_counting(i, t)  # the job left: the throttle no longer slows it
-    for i in np.flatnonzero(~np.isnan(since)).tolist():
-        stop_counting(i, sim.now)
+                stop_counting(c, t)  # the job left: the throttle no longer slows it
+    for c in np.flatnonzero(~np.isnan(since)).tolist():
+        stop_counting(c, sims[0].now)
     return run
 
 
-def _failure_fleet(spec: ThrottleSpec) -> tuple[FleetConfig, int, list[dict[str, Any]]]:
-    """The failure-rich fleet: one GPU per host, one scheduled failure each; its steps and the schedule."""
+def _failure_fleet(spec: ThrottleSpec) -> tuple[list[FleetSimulator], int, list[dict[str, Any]]]:
+    """The failure experiments: one 8-GPU host each (peers: the model compares a GPU with them), in a simulator
+    of its own, whose GPU 0 fails as planned; the simulators, their steps and the plan."""
     rng = np.random.default_rng(spec.seed)
-    plan = []
+    plan, sims = [], []
     for k in range(spec.failures):
         mode = MODES[k % 2]
         lo, hi = faults.PRECURSOR_RANGE_S[mode]
         precursor = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-        warm = 1800.0 + k * spec.stagger_s  # the model needs history before the precursor starts
-        plan.append({"host": k, "mode": mode, "precursor_s": precursor, "fail_in_s": warm + precursor,
-                     "strength": float(rng.uniform(0.25, 1.0))})  # fmt: skip
-    cfg = FleetConfig(hosts=spec.failures, gpus_per_host=1, seed=spec.seed, interval_s=spec.interval_s,
-                      start_ts=START_TS, rate_per_gpu_day=0.0)  # fmt: skip
+        warm = spec.warmup_s + k * spec.stagger_s  # history before the precursor starts, as a live GPU has
+        p = {"gpu": k * 8, "mode": mode, "precursor_s": precursor, "fail_in_s": warm + precursor,
+             "strength": float(rng.uniform(0.25, 1.0))}  # fmt: skip
+        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=8, seed=spec.seed * 1000 + k,
+                                         interval_s=spec.interval_s, start_ts=START_TS, rate_per_gpu_day=0.0,
+                                         host_prefix=f"x{k:02d}"))  # fmt: skip
+        sim.schedule_failure(0, 0, mode, p["fail_in_s"], precursor, strength=p["strength"])
+        plan.append(p)
+        sims.append(sim)
     last = max(p["fail_in_s"] for p in plan)
-    return cfg, int((last + spec.tail_s) / spec.interval_s), plan
+    return sims, int((last + spec.tail_s) / spec.interval_s), plan
 
 
 # Look-alikes of thermal and power precursors, each as its rich run sets it (simulator/lookalikes.py).
 HEALTHY_LOOKALIKES = ("power_cap_job", "hot_gpu", "ambient_excursion", "power_brake_blip")
 
 
-def _healthy_fleet(spec: ThrottleSpec) -> tuple[FleetConfig, int, float]:
+def _healthy_fleet(spec: ThrottleSpec) -> tuple[FleetConfig, int, float]:  # noqa: D103
     """A healthy fleet of 8-GPU hosts rich in HEALTHY_LOOKALIKES, for `healthy_span_days`; its steps and GPU-days."""
     g = 8
     hosts = max(1, math.ceil(spec.healthy_gpu_days / (g * spec.healthy_span_days)))
@@ -188,7 +197,8 @@ def failure_costs(run: ArmRun, plan: list[dict[str, Any]], costs: CostModel, hor
     """Per scheduled failure: when it happened (None: not within the run), the first throttle, checkpoint and
     migration before it, how long the throttle slowed the job, and the GPU-hours it cost the job."""
     out = []
-    for i, p in enumerate(plan):
+    for p in plan:
+        i = p["gpu"]
         fail = run.failed.get(i)
         end = fail if fail is not None else math.inf
         first = {a: min((ts for a2, ts, g in run.events if g == i and a2 == a and ts < end), default=None)
@@ -234,20 +244,17 @@ def evaluate_throttle(spec: ThrottleSpec, costs: CostModel, *, real_failures_per
     say = progress or (lambda msg: None)
     scorer = Scorer(load_artifact(spec.model or None))
     horizon = scorer.artifact.horizon_s
-    cfg, steps, plan = _failure_fleet(spec)
-
-    def schedule(sim: FleetSimulator) -> None:
-        for p in plan:
-            sim.schedule_failure(p["host"], 0, p["mode"], p["fail_in_s"], p["precursor_s"], strength=p["strength"])
-
-    hcfg, hsteps, hdays = _healthy_fleet(spec)
+    _, steps, plan = _failure_fleet(spec)
+    hcfg, hsteps, hdays = _healthy_fleet(spec) if spec.healthy_gpu_days > 0 else (None, 0, 0.0)
     arms: dict[str, Any] = {}
     for arm in ARMS:
         rules = _rules(spec, arm == "throttle")
         say(f"{arm}: {spec.failures} thermal/power failures, {steps} steps")
-        fail_run = run_arm(cfg, steps, rules, scorer, schedule)
-        say(f"{arm}: healthy fleet, {hdays:.1f} GPU-days")
-        healthy_run = run_arm(hcfg, hsteps, rules, scorer) if hsteps > 0 else ArmRun()
+        fail_run = run_arm(_failure_fleet(spec)[0], steps, rules, scorer)  # the same fleets afresh for each arm
+        healthy_run = ArmRun()
+        if hcfg is not None and hsteps > 0:
+            say(f"{arm}: healthy fleet, {hdays:.1f} GPU-days")
+            healthy_run = run_arm([FleetSimulator(hcfg)], hsteps, rules, scorer)
         per_failure = failure_costs(fail_run, plan, costs, horizon, START_TS)
         arms[arm] = {"failures": per_failure, "healthy": healthy_costs(healthy_run, costs),
                      "clock_share_while_throttled": float(np.mean(fail_run.clock_share + healthy_run.clock_share))
@@ -310,7 +317,16 @@ def summarise(arms: dict[str, Any], spec: ThrottleSpec, costs: CostModel, horizo
         net_sim: float | None = 1000.0 * (per_failure_sim * lam - per_day_sim)
     else:
         net_sim = None
+    # Bounds on what throttling first changes per false alarm episode, from the policy's rules alone: at best the
+    # throttle replaces the checkpoint and is undone after the shortest hold (the episode gap); at worst it holds
+    # its full time and the checkpoint still follows.
+    gap = PolicyRules().episode_gap_s
+    best = costs.throttle_cost(min(gap, spec.throttle_s)) - costs.action_cost("checkpoint", real=False)
+    worst = costs.throttle_cost(spec.throttle_s)
+    bounds = [1000.0 * (per_failure * lam - false_rate * x) for x in (worst, best)]
     out["throttle_vs_drain_only"] = {
+        "per_false_episode_bounds_gpu_h": [best, worst],
+        "net_gpu_h_saved_per_1000_gpu_days_real_bounds": bounds,
         "simulated_slowdown": sim_slow,
         "net_gpu_h_saved_per_1000_gpu_days_real_at_simulated_slowdown": net_sim,
         "gpu_h_saved_per_failure": per_failure,
@@ -349,6 +365,12 @@ def table_rows(out: dict[str, Any]) -> list[tuple[str, Any, str]]:
         else "NO false alarms counted (give --false-alarms-per-1000 and a healthy fleet with false episodes)")
     rows.append(("throttle_vs_drain_only.net_gpu_h_saved_per_1000_gpu_days_real",
                  v["net_gpu_h_saved_per_1000_gpu_days_real"], note))
+    lo, hi = v["per_false_episode_bounds_gpu_h"]
+    rows.append(("throttle_vs_drain_only.per_false_episode_bounds", f"{lo:.1f}..{hi:.1f}",
+                 "GPU-hours a throttle-first adds per false alarm episode, bounded by the policy's rules"))
+    lo, hi = v["net_gpu_h_saved_per_1000_gpu_days_real_bounds"]
+    rows.append(("throttle_vs_drain_only.net_..._real_with_bounds", f"{lo:.1f}..{hi:.1f}",
+                 "net per 1,000 GPU-days at the real rate with those bounds (false alarms from the input rate)"))
     sim = v["net_gpu_h_saved_per_1000_gpu_days_real_at_simulated_slowdown"]
     rows.append(("throttle_vs_drain_only.net_..._real_at_simulated_slowdown", sim if sim is not None else "-",
                  f"the same with the simulator's slowdown ({v['simulated_slowdown'] or 0:.2f}) for "
