@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="throttle: false alarm episodes per 1,000 healthy GPU-days at real prevalence (gpuwatch "
                         "realrate's lstm.false_actions.checkpoint.per_1000_gpu_days); omitted: left out, and said")
     p.add_argument("--seed", type=int, default=0, help="throttle: simulator seed")
+    p.add_argument("--halt-cut", type=float, default=0.3,
+                   help="throttle: the simulator's assumption: a cap cutting this share of a failing GPU's power "
+                        "halts its precursor (FleetConfig.throttle_halt_cut)")
     p.add_argument("--live", action="store_true",
                    help="archive: archive a fleet from the live pipeline (broker, stream worker, archive process) "
                    "and check that eval's replay of the archive gives the live records and figures")

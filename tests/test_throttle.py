@@ -226,14 +226,14 @@ def test_throttling_is_on_only_where_the_cost_model_favours_it() -> None:
 
 def test_a_power_cap_cools_the_gpu_reports_the_limit_and_slows_a_thermal_precursor() -> None:
     def run(cap: float | None) -> tuple[FleetSimulator, list[dict]]:
-        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=10.0, start_ts=T0,
+        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=20.0, start_ts=T0,
                                          rate_per_gpu_day=0.0, job_len_s=(1e6, 1e6), idle_len_s=(1.0, 1.0)))  # fmt: skip
         sim.schedule_failure(0, 0, "thermal", 3000.0, 2900.0, strength=1.0)
-        for _ in range(30):
+        for _ in range(15):
             sim.step()
         if cap is not None:
             assert sim.set_power_limit(0, 0, cap) == pytest.approx(700.0 * cap)
-        snaps = [sim.step()[0] for _ in range(120)]
+        snaps = [sim.step()[0] for _ in range(60)]
         return sim, snaps
 
     free, free_snaps = run(None)
@@ -296,3 +296,14 @@ def test_the_evaluation_prices_a_delayed_failure_and_the_throttle_that_delayed_i
     # not failed within the run, but its job moved: only the migration and the work since the last checkpoint
     assert second["averted_or_delayed"] and second["fail_ts"] is None
     assert second["gpu_h"] == pytest.approx(costs.action_cost("migrate", real=True) + 1024 * 0.5)
+
+
+def test_bench_throttle_refuses_bad_arguments_in_one_line() -> None:
+    import argparse
+
+    from gpuwatch.apps.bench.throttle import run_throttle_bench
+
+    args = argparse.Namespace(gpus=4, healthy_gpu_days=0.0, false_alarms_per_1000=None, seed=0, halt_cut=0.0,
+                              json_path=None)  # fmt: skip
+    with pytest.raises(SystemExit, match="--halt-cut > 0"):
+        run_throttle_bench(args, Settings())

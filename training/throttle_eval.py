@@ -67,6 +67,7 @@ class ThrottleSpec:
     throttle_s: float = 1800.0
     throttle_frac: float = 0.7
     throttle_grace_s: float = 300.0
+    halt_cut: float = 0.3  # FleetConfig.throttle_halt_cut: the simulator's assumption about what a cap does
 
 
 @dataclass
@@ -157,17 +158,18 @@ def _failure_fleet(spec: ThrottleSpec) -> tuple[list[FleetSimulator], int, list[
     """The failure experiments: one 8-GPU host each (peers: the model compares a GPU with them), in a simulator
     of its own, whose GPU 0 fails as planned; the simulators, their steps and the plan."""
     rng = np.random.default_rng(spec.seed)
-    plan, sims = [], []
+    plan: list[dict[str, Any]] = []
+    sims: list[FleetSimulator] = []
     for k in range(spec.failures):
         mode = MODES[k % 2]
         lo, hi = faults.PRECURSOR_RANGE_S[mode]
         precursor = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         warm = spec.warmup_s + k * spec.stagger_s  # history before the precursor starts, as a live GPU has
-        p = {"gpu": k * 8, "mode": mode, "precursor_s": precursor, "fail_in_s": warm + precursor,
+        p: dict[str, Any] = {"gpu": k * 8, "mode": mode, "precursor_s": precursor, "fail_in_s": warm + precursor,
              "strength": float(rng.uniform(0.25, 1.0))}  # fmt: skip
         sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=8, seed=spec.seed * 1000 + k,
                                          interval_s=spec.interval_s, start_ts=START_TS, rate_per_gpu_day=0.0,
-                                         host_prefix=f"x{k:02d}"))  # fmt: skip
+                                         host_prefix=f"x{k:02d}", throttle_halt_cut=spec.halt_cut))  # fmt: skip
         sim.schedule_failure(0, 0, mode, p["fail_in_s"], precursor, strength=p["strength"])
         plan.append(p)
         sims.append(sim)
@@ -187,7 +189,8 @@ def _healthy_fleet(spec: ThrottleSpec) -> tuple[FleetConfig, int, float]:  # noq
     for name in HEALTHY_LOOKALIKES:
         rich.update(lookalikes.rich_overrides(name, quiet=False))
     cfg = FleetConfig.realistic(**{**rich, "hosts": hosts, "gpus_per_host": g, "seed": spec.seed + 1,
-                                   "interval_s": spec.interval_s, "start_ts": START_TS, "rate_per_gpu_day": 0.0})
+                                   "interval_s": spec.interval_s, "start_ts": START_TS, "rate_per_gpu_day": 0.0,
+                                   "throttle_halt_cut": spec.halt_cut})
     steps = int(spec.healthy_span_days * DAY_S / spec.interval_s)
     return cfg, steps, hosts * g * steps * spec.interval_s / DAY_S
 
@@ -206,12 +209,13 @@ def failure_costs(run: ArmRun, plan: list[dict[str, Any]], costs: CostModel, hor
         held = run.throttled_s.get(i, 0.0)
         acted = sum(costs.action_cost(a, real=True) for a in ("checkpoint", "migrate") if first[a] is not None)
         if fail is not None:
-            lead = {a: None if first[a] is None else fail - first[a] for a in ("checkpoint", "migrate")}
-            loss = costs.failure_loss() - costs.saved(lead["checkpoint"], lead["migrate"])
-        elif first["migrate"] is None:  # not failed by the end of the run: it will, with the job still on it
+            ck, mig = first["checkpoint"], first["migrate"]
+            loss = costs.failure_loss() - costs.saved(None if ck is None else fail - ck, None if mig is None else fail - mig)
+        elif (moved := first["migrate"]) is None:  # not failed by the end of the run: it will, job still on it
             loss = costs.failure_loss()
         else:  # the job moved before the (later) failure: only the work since the checkpoint is lost
-            gap = None if first["checkpoint"] is None else 1.0 + first["migrate"] - first["checkpoint"]
+            ckpt = first["checkpoint"]
+            gap = None if ckpt is None else 1.0 + moved - ckpt
             loss = costs.failure_loss() - costs.saved(gap, 1.0)
         scheduled = start_ts + p["fail_in_s"]
         out.append({**p, "scheduled_ts": scheduled, "fail_ts": fail,

@@ -16,13 +16,14 @@ from gpuwatch.training.throttle_eval import ThrottleSpec, evaluate_throttle, tab
 def run_throttle_bench(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     """Runs the evaluation with the cost model of `settings` and the throttle of its `policy_throttle_*` settings
     (a `policy_throttle_s` of 0, throttling off, evaluates a 1800 s throttle)."""
-    if args.gpus < 0 or args.healthy_gpu_days < 0 or (args.false_alarms_per_1000 or 0) < 0:
+    if args.gpus < 0 or args.healthy_gpu_days < 0 or (args.false_alarms_per_1000 or 0) < 0 or args.halt_cut <= 0:
         raise SystemExit("gpuwatch bench throttle: --gpus (failures), --healthy-gpu-days and "
-                         "--false-alarms-per-1000 must be >= 0")
+                         "--false-alarms-per-1000 must be >= 0, --halt-cut > 0")
     spec = ThrottleSpec(
         failures=max(2, args.gpus or 24),
         healthy_gpu_days=args.healthy_gpu_days,
         seed=args.seed,
+        halt_cut=args.halt_cut,
         throttle_s=settings.policy_throttle_s or 1800.0,
         throttle_frac=settings.policy_throttle_frac,
         throttle_grace_s=settings.policy_throttle_grace_s,
