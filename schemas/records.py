@@ -46,6 +46,9 @@ Probability = Annotated[float, Meta(ge=0, le=1)]
 Count = Annotated[int, Meta(ge=0, le=MAX_INT64)]
 RemediationId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
 NonEmpty = Annotated[str, Meta(min_length=1)]
+PowerFraction = Annotated[float, Meta(gt=0, le=1, description="Share of the board's default power limit.")]
+Watts = Annotated[float, Meta(gt=0, le=100_000, description="A power limit, watts.")]
+Duration = Annotated[float, Meta(gt=0, le=7 * 86400, description="Seconds, at most a week.")]
 
 
 class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=True, gc=False):
@@ -89,6 +92,9 @@ class Remediation(Struct, tag_field="schema", tag=REMEDIATION_SCHEMA, kw_only=Tr
     reason: str
     risk: Probability
     ts: UnixTime  # when the command was issued
+    # throttle only: the power limit to set (share of the board's default limit) and for how long
+    power_limit_frac: PowerFraction | UnsetType = UNSET
+    duration_s: Duration | UnsetType = UNSET
 
 
 class Outcome(Struct, tag_field="schema", tag=OUTCOME_SCHEMA, kw_only=True, frozen=True, gc=False):
@@ -115,7 +121,9 @@ class Command(Struct, tag_field="schema", tag=COMMAND_SCHEMA, kw_only=True, froz
     """`gpuwatch.command/1`: a signed request to a node agent (topic `topic_commands`, key: host).
 
     Written by the controller's agent-command executor; `gpuwatch.signing.sign_command` fills `nonce`,
-    `issued_at`, `expires_at` and `sig` (HMAC-SHA256 over every other field). Agents take `checkpoint` only.
+    `issued_at`, `expires_at` and `sig` (HMAC-SHA256 over every other field). Agents take `checkpoint`,
+    `throttle` (power limit `power_limit_w` watts or `power_limit_frac` of the default, one of them, for
+    `duration_s`) and `restore` (put back the limit a throttle saved); they refuse other actions.
     """
 
     id: RemediationId
@@ -129,6 +137,9 @@ class Command(Struct, tag_field="schema", tag=COMMAND_SCHEMA, kw_only=True, froz
     issued_at: UnixTime
     expires_at: UnixTime
     sig: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    power_limit_w: Watts | UnsetType = UNSET  # throttle: the limit in watts, or
+    power_limit_frac: PowerFraction | UnsetType = UNSET  # throttle: share of the board's default limit
+    duration_s: Duration | UnsetType = UNSET  # throttle: how long before the agent restores the limit
 
 
 class CommandAck(Struct, tag_field="schema", tag=COMMAND_ACK_SCHEMA, kw_only=True, frozen=True, gc=False):
