@@ -23,18 +23,18 @@ from gpuwatch.schemas.records import Reason
 from .window import _B_THERMAL_R, _SIG, EWMA_TAUS_S, FEATURE_NAMES, WindowStore
 
 # The signals an explanation can name, and the failure mode whose precursor each is (None: a consequence that
-# several modes share, e.g. lower clocks). Order is the column order of `severities`.
+# several modes share: XIDs). Order is the column order of `severities`.
 SIGNALS: tuple[str, ...] = (
     "sbe_rate", "dbe", "row_remaps", "pcie_replays", "nvlink_errors", "pcie_link_width",
     "hotter_than_peers", "hotter_than_usual", "thermal_throttle",
-    "power_brake", "power_swings", "power_over_limit", "xids", "clock_deficit",
+    "power_brake", "power_swings", "power_over_limit", "clock_cut", "xids",
 )  # fmt: skip
 SIGNAL_MODE: dict[str, str | None] = {
     "sbe_rate": "memory", "dbe": "memory", "row_remaps": "memory",
     "pcie_replays": "interconnect", "nvlink_errors": "interconnect", "pcie_link_width": "interconnect",
     "hotter_than_peers": "thermal", "hotter_than_usual": "thermal", "thermal_throttle": "thermal",
-    "power_brake": "power", "power_swings": "power", "power_over_limit": "power",
-    "xids": None, "clock_deficit": None,
+    "power_brake": "power", "power_swings": "power", "power_over_limit": "power", "clock_cut": "power",
+    "xids": None,
 }  # fmt: skip
 N_REASONS = 3  # reasons carried per record
 MIN_SEVERITY = 0.5  # a signal below this is within normal and is not named
@@ -47,17 +47,19 @@ REMAPS_PER_H_AT_1 = 1.0  # one row remap (or retired page) within the hour is se
 DBE_PER_H_AT_1 = 0.05
 HOTTER_C_AT_1 = 5.0  # °C hotter than its neighbours (beyond its usual offset) at the same power
 HOTTER_OWN_C_AT_1 = 8.0  # °C hotter than its own baseline at this power (ambient swings move this one too)
-SHARE_AT_1 = 0.10  # throttled / braking 10 % more of the time than its neighbours
+SHARE_AT_1 = 0.10  # throttled for heat 10 % more of the time than usual
+BRAKE_AT_1 = 0.02  # braking 2 % of the time while its neighbours do not (a healthy GPU's is ~0: host blips cancel)
 SWINGS_RATIO_AT_1 = 2.0  # power swings between samples twice those of its neighbours
 SWINGS_FLOOR_W = 5.0
 OVER_LIMIT_AT_1 = 0.002  # mean excess over the power limit, as a share of the limit (spikes of 2-15 %)
 XIDS_PER_H_AT_1 = 2.0
-CLOCK_DEFICIT_AT_1 = 0.15  # SM clock 15 % further below its peak than its neighbours', under load
+CLOCK_CUT_AT_1 = 0.15  # SM clock 15 % further below its peak than its neighbours', under load, not hot
 
 _TEN_MIN, _HOUR = EWMA_TAUS_S.index(600.0), EWMA_TAUS_S.index(3600.0)
 _WIDTH_COL = FEATURE_NAMES.index("pcie_width_ratio")
 _TEMP_COL = FEATURE_NAMES.index("temp")
 _COL = {name: i for i, name in enumerate(SIGNALS)}
+_CHUNK = 256
 _PEERED = np.array([_SIG[n] for n in ("throttle_thermal", "power_jitter", "clock_deficit", "thermal_dev")])
 _PEERED_COOL = np.array([False, True, True, False])  # neighbours counted while they do not throttle for heat
 
@@ -77,19 +79,17 @@ def _peer_means(store: WindowStore, slots: np.ndarray, cols: np.ndarray, cool: n
     row_of_host = np.full(int(host_codes.max()) + 1, -1, dtype=np.int64)
     row_of_host[codes] = np.arange(len(slots))  # one row per wanted host (the last slot of it)
     mates = np.flatnonzero((row_of_host[host_codes] >= 0) & (store.n_seen[:n] > 0))
-    group = row_of_host[host_codes[mates]]
-    own_group = row_of_host[codes]
-    ew = store.ewma[mates, _TEN_MIN].astype(np.float64)
-    weight = np.clip(1.0 - ew[:, _SIG["throttle_thermal"]] / SHARE_AT_1, 0.0, 1.0)
-    own_ew = store.ewma[slots, _TEN_MIN].astype(np.float64)
-    own_weight = np.clip(1.0 - own_ew[:, _SIG["throttle_thermal"]] / SHARE_AT_1, 0.0, 1.0)
-    out = np.empty((len(slots), len(cols)))
-    for j, (col, c) in enumerate(zip(cols.tolist(), cool.tolist())):
-        w, w_own = (weight, own_weight) if c else (1.0, 1.0)
-        count = np.bincount(group, weights=np.broadcast_to(w, len(mates)), minlength=len(slots))[own_group] - w_own
-        total = np.bincount(group, weights=w * ew[:, col], minlength=len(slots))[own_group] - w_own * own_ew[:, col]
-        out[:, j] = np.where(count > 1e-6, total / np.maximum(count, 1e-6), np.nan)
-    return out
+    # (wanted rows) x (mates) membership: both are few (the GPUs in alarm, and their hosts' GPUs)
+    member = (row_of_host[host_codes[mates]][None, :] == row_of_host[codes][:, None]).astype(np.float64)
+    ew = store.ewma[mates, _TEN_MIN][:, cols].astype(np.float64)
+    hot = store.ewma[mates, _TEN_MIN, _SIG["throttle_thermal"]].astype(np.float64)
+    weight = np.where(cool[None, :], np.clip(1.0 - hot / SHARE_AT_1, 0.0, 1.0)[:, None], 1.0)
+    own = store.ewma[slots, _TEN_MIN][:, cols].astype(np.float64)
+    own_hot = store.ewma[slots, _TEN_MIN, _SIG["throttle_thermal"]].astype(np.float64)
+    own_weight = np.where(cool[None, :], np.clip(1.0 - own_hot / SHARE_AT_1, 0.0, 1.0)[:, None], 1.0)
+    count = member @ weight - own_weight  # less the GPU itself
+    total = member @ (weight * ew) - own_weight * own
+    return np.where(count > 1e-6, total / np.maximum(count, 1e-6), np.nan)
 
 
 def severities(store: WindowStore, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,6 +99,9 @@ def severities(store: WindowStore, slots: np.ndarray) -> tuple[np.ndarray, np.nd
     neighbours, or 0). Vectorised over `slots`; the cost is a few reads of the window state per GPU plus one
     pass over the GPUs of their hosts.
     """
+    if len(slots) > _CHUNK:  # the neighbour means hold a (GPUs) x (their hosts' GPUs) matrix: keep it small
+        parts = [severities(store, slots[i : i + _CHUNK]) for i in range(0, len(slots), _CHUNK)]
+        return tuple(np.concatenate([p[k] for p in parts]) for k in range(3))  # type: ignore[return-value]
     ew10 = store.ewma[slots, _TEN_MIN].astype(np.float64)
     ew1h = store.ewma[slots, _HOUR].astype(np.float64)
     base = store.baseline[slots].astype(np.float64)
@@ -142,7 +145,7 @@ def severities(store: WindowStore, slots: np.ndarray) -> tuple[np.ndarray, np.nd
     # are its heat's doing, not its power delivery's, so the power signals count only the time it is not.
     not_hot = np.clip(1.0 - thr / SHARE_AT_1, 0.0, 1.0)
     brake = np.maximum(ew10[:, _SIG["own_brake"]] - thr, 0.0)  # braking while the host's other GPUs do not
-    put("power_brake", brake / SHARE_AT_1, 100.0 * brake)
+    put("power_brake", brake / BRAKE_AT_1, 100.0 * brake)
     # the last minute or the last ten, whichever swings more: a power precursor grows fast near its end
     ew1m = store.ewma[slots, 0, _SIG["power_jitter"]].astype(np.float64)
     swings, swings_p = 100.0 * np.maximum(ew10[:, _SIG["power_jitter"]], ew1m), 100.0 * peers[:, 1]
@@ -151,8 +154,10 @@ def severities(store: WindowStore, slots: np.ndarray) -> tuple[np.ndarray, np.nd
     put("power_over_limit", over / OVER_LIMIT_AT_1, 100.0 * over)
     xids = 60.0 * ew1h[:, _SIG["xid"]]
     put("xids", np.log1p(xids / XIDS_PER_H_AT_1) / math.log(2.0), xids)
+    # clocks cut under load more than its neighbours', while not throttling for heat: what is left to cut them is
+    # power management (the cap, a brake), so this counts as power; a hot GPU's lower clocks are its heat's
     clk, clk_p = ew10[:, _SIG["clock_deficit"]], peers[:, 2]
-    put("clock_deficit", np.maximum((clk - clk_p) / CLOCK_DEFICIT_AT_1, 0.0), 100.0 * clk, 100.0 * clk_p)
+    put("clock_cut", not_hot * np.maximum((clk - clk_p) / CLOCK_CUT_AT_1, 0.0), 100.0 * clk, 100.0 * clk_p)
     np.nan_to_num(sev, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return sev, val, ref
 
@@ -194,8 +199,8 @@ def reason_text(signal: str, value: float, reference: float) -> str:
         return f"power over its limit: {_g(value)}% of the limit on average over 10 min"
     if signal == "xids":
         return f"XIDs {_g(value)}/h over the last hour"
-    if signal == "clock_deficit":
-        return f"SM clock {_g(value)}% below its peak under load (neighbours {_g(reference)}%)"
+    if signal == "clock_cut":
+        return f"SM clock {_g(value)}% below its peak under load, not for heat (neighbours {_g(reference)}%)"
     raise ValueError(f"unknown signal {signal!r}; expected one of {SIGNALS}")
 
 

@@ -124,8 +124,10 @@ def run(
             fail_in = warmup_s + prec + float(rng.uniform(0.0, 1800.0))
             sim.schedule_failure(h, g, mode, fail_in, prec, strength=st)
             cases.append(Case(h, g, mode, prec, st, t0 + fail_in))
-    # evaluation times: fraction f of the way through the precursor (the last sample before the failure at 1)
-    due = [(c.fail_ts - (1.0 - f) * c.precursor_s, i, f) for i, c in enumerate(cases) for f in fractions]
+    # evaluation times: fraction f of the way through the precursor, and no later than the last sample before the
+    # failure (the step whose next one reaches the failure time)
+    due = [(min(c.fail_ts - (1.0 - f) * c.precursor_s, c.fail_ts - interval_s), i, f)
+           for i, c in enumerate(cases) for f in fractions]  # fmt: skip
     due.sort()
     store = WindowStore(capacity=hosts * sim.G)
     end = max(c.fail_ts for c in cases)
@@ -142,8 +144,7 @@ def run(
         samples += len(slots)
         now = sim.now
         batch = []
-        # the last sample before the failure is the one whose next step reaches the failure time
-        while pos < len(due) and (due[pos][0] <= now or (due[pos][2] >= 1.0 and due[pos][0] < now + interval_s)):
+        while pos < len(due) and due[pos][0] <= now:
             batch.append(due[pos])
             pos += 1
         if batch:

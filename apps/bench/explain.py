@@ -81,7 +81,7 @@ def run_explain_bench(args: argparse.Namespace) -> dict[str, Any]:
             for m in explain_eval.PRECURSOR_MODES:
                 rows.append((f"  {m}", round(ev.hit_rate(fr, m), 3),
                              f"{ev.count(m)} failures; ranks first {ev.hit_rate(fr, m, within=1):.2f}"))  # fmt: skip
-        rows.append((f"{name}_severities_us_per_gpu", round(d["explain_us_per_gpu"], 1), "vectorised ranking"))
+        rows.append((f"{name}_severities_us_per_gpu", round(d["explain_us_per_gpu"], 1), "calls of 1-2 GPUs: mostly fixed cost"))
     _say("timing the worker's emit step with and without GPUs in alarm ...")
     costs = _emit_costs()
     figures.update(costs)
