@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "codecs", "score", "reliability", "gpu",
-                                     "archive", "forecast", "throttle"])
+                                     "archive", "forecast", "throttle", "explain"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
     p.add_argument("--seconds", type=float, default=0.0,

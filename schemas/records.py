@@ -51,11 +51,28 @@ Watts = Annotated[float, Meta(gt=0, le=100_000, description="A power limit, watt
 Duration = Annotated[float, Meta(gt=0, le=7 * 86400, description="Seconds, at most a week.")]
 
 
+class Reason(Struct, kw_only=True, frozen=True, gc=False):
+    """One reason a GPU is in alarm (`Risk.why`): an input signal far from what is normal for this GPU.
+
+    `signal` names it (streams/explain.py SIGNALS; new names may be added, readers show `text`), `text` says it
+    in operator words and numbers, `value` and `reference` are the numbers (the signal now, and the GPU's own
+    baseline or its neighbours' level it is compared with, in the unit of the text) and `severity` how far from
+    normal it is, on one scale for every signal (1 = clearly abnormal).
+    """
+
+    signal: NonEmpty
+    text: NonEmpty
+    value: Annotated[float, Meta(ge=-FMAX, le=FMAX)]
+    reference: Annotated[float, Meta(ge=-FMAX, le=FMAX)]
+    severity: Annotated[float, Meta(ge=0, le=FMAX)]
+
+
 class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=True, gc=False):
     """`gpuwatch.risk/1`: the model's failure risk for one GPU (topic `topic_risk`, key: host).
 
     Written by the stream worker; read by the Redis sink, the remediation sink and `gpuwatch score`. Records of
-    older workers lack the optional fields: `alarm`, `drain` and `failed` then read false, `op` "".
+    older workers lack the optional fields: `alarm`, `drain` and `failed` then read false, `op` "". `why` is
+    written only for a GPU in alarm (streams/explain.py).
     """
 
     host: Host
@@ -76,6 +93,7 @@ class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=Tru
     failed: bool = False
     failed_since: UnixTime | UnsetType = UNSET  # ts of the sample that showed the failure (when failed)
     history_s: Seconds | UnsetType = UNSET  # seconds of telemetry behind the score
+    why: list[Reason] | UnsetType = UNSET  # GPUs in alarm: the signals that drive the risk, most severe first
 
 
 class Remediation(Struct, tag_field="schema", tag=REMEDIATION_SCHEMA, kw_only=True, frozen=True, gc=False):
@@ -207,12 +225,14 @@ class StreamStats(Struct, tag_field="schema", tag=STATS_SCHEMA, kw_only=True, fr
 
 
 RECORDS: tuple[type[Struct], ...] = (Risk, Remediation, Outcome, Command, CommandAck, DeadLetter, StreamStats)
-_KINDS = {mi.StrType: "str", mi.LiteralType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool"}
+_KINDS = {mi.StrType: "str", mi.LiteralType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool",
+          mi.ListType: "json"}
 
 
 def columns(cls: type[Struct]) -> tuple[tuple[str, str], ...]:
-    """(wire name, "str" | "int" | "float" | "bool") of every field of a flat record, in order: a table's columns
-    (the archive's). Optional fields are included; the `schema` tag is not."""
+    """(wire name, "str" | "int" | "float" | "bool" | "json") of every field of a record, in order: a table's
+    columns (the archive's); a list field (`Risk.why`) is "json", its JSON text. Optional fields are included;
+    the `schema` tag is not."""
     info = mi.type_info(cls)
     assert isinstance(info, mi.StructType)
     out = []

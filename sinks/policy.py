@@ -389,7 +389,7 @@ class RemediationPolicy:
         r = self.rules
         alarm, drain = rec.alarm, rec.drain
         mode = rec.mode
-        what = f"risk {rec.risk:.3g}, mode {mode}, operating point {rec.op or '?'}"
+        what = f"risk {rec.risk:.3g}, mode {mode}, operating point {rec.op or '?'}{_why(rec)}"
         done = ep.action_ts
         if "checkpoint" not in done:
             if not (alarm or drain):
@@ -650,7 +650,13 @@ class RemediationPolicy:
             "ts": rec.ts,
             "episode_ts": episode_ts,
             "now": now,
+            "why": [r.text for r in rec.why] if isinstance(rec.why, list) else [],
         }
+
+
+def _why(rec: Risk) -> str:
+    """", why: <the record's first reason>" for a risk record that says why (`Risk.why`), else ""."""
+    return f", why: {rec.why[0].text}" if isinstance(rec.why, list) and rec.why else ""
 
 
 def remediation_count(times: Sequence[float], hold_s: float) -> int:
@@ -670,6 +676,7 @@ def _fleet_entry(now: float, decision: str, reason: str, detail: str, **extra: A
     entry: dict[str, Any] = {
         "decision": decision, "action": None, "reason": reason, "detail": detail, "id": None, "host": None,
         "gpu_index": None, "uuid": None, "risk": None, "mode": None, "ts": None, "episode_ts": None, "now": now,
+        "why": [],
     }  # fmt: skip
     entry.update(extra)
     return entry
