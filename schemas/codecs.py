@@ -49,6 +49,7 @@ from .records import (
     MAX_GPU_INDEX,
     MAX_HOST_LEN,
     MAX_INT64,
+    AuditEntry,
     Command,
     CommandAck,
     DeadLetter,
@@ -744,6 +745,7 @@ _COMMAND = _Codec(Command)
 _COMMAND_ACK = _Codec(CommandAck)
 _DEADLETTER = _Codec(DeadLetter, max_bytes=4 * MAX_MESSAGE_BYTES)
 _STATS = _Codec(StreamStats)
+_AUDIT = _Codec(AuditEntry)
 def decode_risk(raw: Raw | None) -> Risk:
     """Parses and validates one `gpuwatch.risk/1` message."""
     return _RISK.decode(raw)
@@ -763,6 +765,16 @@ def decode_remediation(raw: Raw | None) -> Remediation:
 def encode_remediation(rec: Remediation) -> bytes:
     """Serialises a remediation command; raises EncodeError if a reader would reject it."""
     return _REMEDIATION.encode(rec)
+
+
+def decode_audit(raw: Raw | None) -> AuditEntry:
+    """Parses and validates one `gpuwatch.audit/1` entry (the ``json`` field of a ``gpuwatch:audit`` entry)."""
+    return _AUDIT.decode(raw)
+
+
+def encode_audit(rec: AuditEntry) -> bytes:
+    """Serialises an audit entry; raises EncodeError if a reader would reject it."""
+    return _AUDIT.encode(rec)
 
 
 def decode_outcome(raw: Raw | None) -> Outcome:
@@ -866,15 +878,15 @@ def _schema_text(filename: str) -> str:
 # file name (without .json) -> contract tag
 SCHEMA_FILES = {"samples": SAMPLES_SCHEMA, **{name: codec.tag for name, codec in (
     ("risk", _RISK), ("remediation", _REMEDIATION), ("outcome", _OUTCOME), ("command", _COMMAND),
-    ("command_ack", _COMMAND_ACK), ("deadletter", _DEADLETTER), ("stats", _STATS))}}
+    ("command_ack", _COMMAND_ACK), ("deadletter", _DEADLETTER), ("stats", _STATS), ("audit", _AUDIT))}}
 # contract tag -> the typed record (samples: the struct `decode_snapshot` reads the usual message with)
 STRUCTS: dict[str, type[msgspec.Struct]] = {SAMPLES_SCHEMA: SamplesMessage, **{codec.tag: codec.cls for codec in (
-    _RISK, _REMEDIATION, _OUTCOME, _COMMAND, _COMMAND_ACK, _DEADLETTER, _STATS)}}
+    _RISK, _REMEDIATION, _OUTCOME, _COMMAND, _COMMAND_ACK, _DEADLETTER, _STATS, _AUDIT)}}
 
 
 def load_schema(name: str) -> dict:
     """The JSON Schema (a fresh dict) of one contract: "samples", "risk", "remediation", "outcome", "command",
-    "command_ack", "deadletter" or "stats"; "samples.json" and the tag "gpuwatch.samples/1" work too."""
+    "command_ack", "deadletter", "stats" or "audit"; "samples.json" and the tag "gpuwatch.samples/1" work too."""
     base = name.removesuffix(".json")
     base = next((k for k, tag in SCHEMA_FILES.items() if tag == base), base)
     if base not in SCHEMA_FILES:

@@ -11,12 +11,13 @@ instead (`codecs.Snapshot`); its struct is `codecs.SamplesMessage`, built from `
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec.inspect as mi
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from .fields import (
+    AUDIT_SCHEMA,
     COMMAND_ACK_SCHEMA,
     COMMAND_SCHEMA,
     DEADLETTER_SCHEMA,
@@ -242,3 +243,35 @@ def columns(cls: type[Struct]) -> tuple[tuple[str, str], ...]:
             (t,) = (x for x in t.types if not isinstance(x, mi.NoneType))
         out.append((f.encode_name, _KINDS[type(t)]))
     return tuple(out)
+
+
+AuditDecision = Literal["acted", "suppressed", "cleared", "tripped", "reset"]
+
+
+class AuditEntry(Struct, tag_field="schema", tag=AUDIT_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.audit/1`: one decision of the remediation policy, or an operator's command, in the Redis stream
+    ``gpuwatch:audit`` (field ``json``; redis_keys.AUDIT). Written by the remediation sink and `gpuwatch policy`.
+
+    `decision`: acted (an event was published), suppressed (an action was due but held: `reason` says by what),
+    cleared (an episode ended), tripped (a guard rail opened), reset (an operator closed one). The GPU fields are
+    null in an entry about the fleet (an incident, an operator's reset)."""
+
+    decision: AuditDecision
+    action: Action | None
+    reason: NonEmpty  # due, killswitch, cooldown, stale, breaker, escalation, incident, recovered, ...
+    detail: str
+    id: RemediationId | None  # the remediation event's id, when one was published
+    host: Host | None
+    gpu_index: GpuIndex | None
+    uuid: str | None
+    risk: Probability | None
+    mode: FailureMode | None
+    ts: UnixTime | None  # the risk record's sample time
+    episode_ts: UnixTime | None  # when the GPU's alarm episode began
+    now: UnixTime  # when the policy decided
+    why: list[str] = field(default_factory=list)  # the risk record's reasons (Risk.why), as their texts
+    unhealthy_hosts: Count | UnsetType = UNSET  # incident entries: hosts unhealthy at the time
+    # breaker trips: the limit that was reached (hosts), the fleet's hosts, and the window (s)
+    limit: Count | UnsetType = UNSET
+    fleet_hosts: Count | UnsetType = UNSET
+    window_s: Seconds | UnsetType = UNSET

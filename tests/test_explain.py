@@ -16,7 +16,7 @@ from gpuwatch.archive.tables import RECORD_TABLES, RISK, decode_message, record_
 from gpuwatch.metrics import FleetRiskCollector
 from gpuwatch.schemas import redis_keys as k
 from gpuwatch.schemas.codecs import DecodeError, decode_risk, decode_snapshot, encode_risk, load_schema
-from gpuwatch.schemas.records import Reason, Risk
+from gpuwatch.schemas.records import AuditEntry, Reason, Risk
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
 from gpuwatch.sinks.redis_writer import RiskWriter
@@ -117,15 +117,15 @@ def test_why_is_an_additive_optional_field_of_the_risk_record() -> None:
 
 
 def test_the_policy_reason_and_the_audit_entry_carry_the_reason() -> None:
-    audit: list[dict] = []
+    audit: list[AuditEntry] = []
     policy = RemediationPolicy(PolicyRules(), killswitch=lambda: False, audit=audit.extend)
     [event] = policy.observe([_risk(why=WHY)], now=T0)
     assert event.action == "checkpoint" and event.reason.endswith(f", why: {WHY[0].text}")
-    assert audit[-1]["why"] == [r.text for r in WHY]
-    plain_audit: list[dict] = []
+    assert audit[-1].why == [r.text for r in WHY]
+    plain_audit: list[AuditEntry] = []
     plain_policy = RemediationPolicy(PolicyRules(), killswitch=lambda: False, audit=plain_audit.extend)
     [plain] = plain_policy.observe([_risk()], now=T0)
-    assert "why" not in plain.reason and plain_audit[-1]["why"] == []
+    assert "why" not in plain.reason and plain_audit[-1].why == []
 
 
 def test_the_dashboard_metric_has_one_series_per_reason_of_a_gpu_in_alarm() -> None:

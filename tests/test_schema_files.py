@@ -105,6 +105,8 @@ def canonical(node: dict, root: dict) -> dict:
         branches = [canonical(b, root) for b in node.pop("anyOf")]
         others = [b for b in branches if b != _NULL]
         assert len(branches) == 2 and len(others) == 1, f"only 'T or null' unions are used: {branches}"
+        if "type" not in others[0]:  # an enum or null
+            return {**others[0], "enum": others[0]["enum"] | {None}, **canonical(node, root)}
         return {**others[0], "type": others[0]["type"] | {"null"}, **canonical(node, root)}
     out: dict[str, Any] = {}
     for key, value in node.items():
