@@ -157,8 +157,11 @@ def _compare(args: argparse.Namespace, settings: Settings, state: ModelControl |
     if not report["scorers"]:
         raise RegistryError(f"no risk records on {settings.topic_risk} or {settings.topic_risk_shadow} since "
                             f"{_when(since)}; are the stream workers running?")  # fmt: skip
-    print(f"records since {_when(since)}; " + ", ".join(f"{m}: {r}" for m, r in report["roles"].items()))
-    print(format_report(report))
+    print(f"records since {_when(since)}; " + ", ".join(f"{r}: {m}" for m, r in report["roles"].items()))
+    # The table's columns are 12 wide: headed by role, the versions are named on the line above.
+    shown = {f"{r}-{i}" if r == "other" else r: rep
+             for i, (m, r), rep in zip(range(99), report["roles"].items(), report["scorers"].values())}  # fmt: skip
+    print(format_report({**report, "scorers": shown}))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
@@ -181,7 +184,7 @@ def _failures(args: argparse.Namespace, settings: Settings, failures_cls: Any) -
 
 
 def _consumer(settings: Settings) -> Consumer:
-    conf = settings.kafka_client_config()
+    conf: dict[str, Any] = dict(settings.kafka_client_config())
     conf.update({"group.id": f"gpuwatch-model-{time.time_ns()}", "enable.auto.commit": False})
     return Consumer(conf)
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -119,28 +120,30 @@ def transition(
     cur = state or ModelControl(seq=1, action="stop", champion=champion, challenger=None, challenger_since=None,
                                 rollback_to=None, at=at)  # fmt: skip
     seq = cur.seq + 1 if state is not None else 1
-    base = {"seq": seq, "action": action, "at": at, "note": note}
+
+    def make(champion: ModelRef, challenger: ModelRef | None, since: float | None,
+             rollback_to: ModelRef | None) -> ModelControl:  # fmt: skip
+        return ModelControl(seq=seq, action=action, champion=champion, challenger=challenger, challenger_since=since,
+                            rollback_to=rollback_to, at=at, note=note)  # fmt: skip
+
     if action == "shadow":
         if challenger is None:
             raise RegistryError("shadow needs the challenger's artifact")
         if challenger.version == cur.champion.version:
             raise RegistryError(f"model {challenger.version} is the champion already; shadow another model")
-        return ModelControl(**base, champion=cur.champion, challenger=challenger, challenger_since=at,
-                            rollback_to=cur.rollback_to)  # fmt: skip
+        return make(cur.champion, challenger, at, cur.rollback_to)
     if action == "promote":
         if cur.challenger is None:
             raise RegistryError("no challenger to promote: start one with `gpuwatch model shadow ARTIFACT` first")
-        return ModelControl(**base, champion=cur.challenger, challenger=cur.champion,
-                            challenger_since=cur.challenger_since, rollback_to=cur.champion)  # fmt: skip
+        return make(cur.challenger, cur.champion, cur.challenger_since, cur.champion)
     if action == "rollback":
         if cur.rollback_to is None:
             raise RegistryError("nothing to roll back: no promote since the last stop (or none at all)")
-        return ModelControl(**base, champion=cur.rollback_to, challenger=cur.champion,
-                            challenger_since=cur.challenger_since or at, rollback_to=None)  # fmt: skip
+        return make(cur.rollback_to, cur.champion, cur.challenger_since or at, None)
     if action == "stop":
         if cur.challenger is None:
             raise RegistryError("no challenger is scoring; nothing to stop")
-        return ModelControl(**base, champion=cur.champion, challenger=None, challenger_since=None, rollback_to=None)
+        return make(cur.champion, None, None, None)
     raise RegistryError(f"unknown model action {action!r}; use shadow, promote, rollback or stop")
 
 
@@ -159,7 +162,8 @@ class ControlEntry:
 
 def ensure_control_topic(settings: Settings) -> None:
     """Create the control topic (one partition: its messages are ordered) if it does not exist."""
-    admin = AdminClient(settings.kafka_client_config())
+    conf: dict[str, Any] = dict(settings.kafka_client_config())
+    admin = AdminClient(conf)
     if settings.topic_model_control in admin.list_topics(timeout=10).topics:
         return
     topic = NewTopic(settings.topic_model_control, num_partitions=1, replication_factor=1,
@@ -176,7 +180,7 @@ class ControlLog:
     sees every message). Not thread-safe: one reader per instance."""
 
     def __init__(self, settings: Settings) -> None:
-        conf = settings.kafka_client_config()
+        conf: dict[str, Any] = dict(settings.kafka_client_config())
         conf.update({"group.id": f"gpuwatch-models-{time.time_ns()}", "enable.auto.commit": False,
                      "auto.offset.reset": "earliest", "fetch.wait.max.ms": 50})  # fmt: skip
         self.topic = settings.topic_model_control

@@ -144,7 +144,7 @@ class ModelState:
         self.cache_push_ts = np.zeros(0)
         self.cache_first_ts = np.zeros(0)
         # Runs while this model is the challenger, and the first_ts of the GPU each slot's run belongs to.
-        self.runs = {"alarm_run": np.zeros(0, np.int16), "alarm_since": np.zeros(0), "drain_run": np.zeros(0, np.int16),
+        self.runs: dict[str, np.ndarray] = {"alarm_run": np.zeros(0, np.int16), "alarm_since": np.zeros(0), "drain_run": np.zeros(0, np.int16),
                      "drain_since": np.zeros(0)}  # fmt: skip
         self.runs_first_ts = np.zeros(0)
 

@@ -47,11 +47,11 @@ class _Columns:
 
 
 def by_model(records: Iterable[Risk], since: float) -> dict[str, _Columns]:
-    """Each model's records at or after `since` (sample ts), as columns; records of failed GPUs are counted,
-    not kept (they are not predictions), as in eval."""
+    """Each model's records scored at or after `since` (`scored_at`, wall time), as columns; records of failed
+    GPUs are counted, not kept (they are not predictions), as in eval."""
     out: dict[str, _Columns] = {}
     for r in records:
-        if r.ts < since:
+        if r.scored_at < since:
             continue
         col = out.setdefault(r.model, _Columns())
         if r.failed or not isinstance(r.score, float):
