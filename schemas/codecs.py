@@ -296,7 +296,15 @@ def _compile(t: Any, choices: tuple[str, ...] = (), nullable: bool = False) -> _
         return partial(_check_dict, value_check=_compile(t.value_type))
     if kind is mi.StructType:
         cls = t.cls
-        return lambda v, path, depth, max_depth: _check_struct(v, cls, path, depth, max_depth)
+
+        def check_object(v: Any, path: str, depth: int, max_depth: int | None) -> dict | None:
+            if v is None and nullable:
+                return None
+            if nullable and type(v) is not dict:
+                raise _fail(path, f"expected object or null, got {_describe(v)}", "type")
+            return _check_struct(v, cls, path, depth, max_depth)
+
+        return check_object
     raise TypeError(f"no check for {t!r}: the contracts use numbers, text, flags, enums, bytes, lists and objects")
 
 

@@ -150,6 +150,23 @@ def test_a_challenger_with_other_windows_is_refused() -> None:
         proc.model_state(Scorer(other, "cpu"))
 
 
+def test_a_worker_dead_letters_a_state_it_cannot_serve_and_keeps_its_models(tmp_path: Path) -> None:
+    from gpuwatch.model_registry import ControlEntry
+    from gpuwatch.schemas.codecs import decode_deadletter, encode_model_control
+    from gpuwatch.streams.lifecycle import ModelSwitcher
+
+    proc = RiskProcessor(Scorer(CHAMPION, "cpu"))
+    switcher = ModelSwitcher(Settings(model_registry=str(tmp_path / "empty")), proc)
+    running = ModelRef(version=CHAMPION.version, artifact="", sha256="0" * 64)
+    state = transition(None, "shadow", champion=running, challenger=_ref("missing"))
+    entries = [ControlEntry(0, b"{not json", None, "not JSON"), ControlEntry(1, encode_model_control(state), state)]
+    prepared, dead = switcher.follow(entries)
+    assert prepared is None and proc.challenger is None and proc.model_version == CHAMPION.version
+    reasons = [decode_deadletter(d).error for d in dead]
+    assert "not JSON" in reasons[0] and "model missing" in reasons[1] and "does not exist" in reasons[1]
+    assert switcher.follow(entries[1:]) == (None, [])  # refused once, not again at every read
+
+
 # ---------------------------------------------------------------- compare: eval's figures per model
 
 
@@ -233,6 +250,12 @@ def test_shadow_promote_rollback_in_a_running_worker(settings: Settings, tmp_pat
     try:
         # Issued while the worker starts: it takes the state at start-up or from its next read of the topic.
         assert main(["model", "shadow", str(challenger_pt)]) == 0
+        capsys.readouterr()
+        for argv, why in ((["shadow", str(tmp_path / "nope.pt")], "does not exist"), (["rollback"], "nothing to roll"),
+                          (["compare"], "no labels")):  # fmt: skip
+            assert main(["model", *argv]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and why in err, err
         g = records_until(lambda g: len(g[settings.topic_risk_shadow]) >= 8)
         shadow = g[settings.topic_risk_shadow]
         assert {r.model for r in shadow} == {"challenger-test"} and all(r.alarm for r in shadow if not r.failed)
