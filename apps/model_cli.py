@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from gpuwatch.config import Settings
 from gpuwatch.kafka import partition_count
@@ -50,6 +50,11 @@ def model_command(args: argparse.Namespace, settings: Settings) -> int:
     except RegistryError as exc:
         print(f"{say}: {exc}", file=sys.stderr)
         return 2
+    except (KafkaException, RuntimeError) as exc:  # RuntimeError: ensure_topics' "not reachable"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        print(f"{say}: Kafka at {settings.kafka_bootstrap} failed ({first[:300]}); check kafka_bootstrap and that "
+              "the broker is up, then run the command again", file=sys.stderr)  # fmt: skip
+        return 3
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:

@@ -191,9 +191,16 @@ class ControlLog:
 
     def read_to_end(self, timeout: float = 30.0) -> list[ControlEntry]:
         """Every message not read yet, up to the topic's end now."""
-        _, high = self._consumer.get_watermark_offsets(self._tp, timeout=10)
-        out: list[ControlEntry] = []
         deadline = time.monotonic() + timeout
+        while True:
+            try:  # a topic created a moment ago may not be known to every broker's metadata yet
+                _, high = self._consumer.get_watermark_offsets(self._tp, timeout=10)
+                break
+            except KafkaException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        out: list[ControlEntry] = []
         while self.next_offset < high:
             if time.monotonic() > deadline:
                 raise RegistryError(f"reading {self.topic} did not reach its end ({high}) in {timeout:.0f} s")

@@ -252,6 +252,7 @@ def create_app(
         prepared, dead = await loop.run_in_executor(None, switcher.follow, entries)
         for value in dead:
             produce(producer, settings.topic_deadletter, None, value)
+        producer.poll(0)
         if prepared is not None:
             switcher.install(prepared)
 
@@ -271,8 +272,6 @@ def create_app(
     async def _flush(app_: faust.App, **kwargs: object) -> None:
         closing.set()
         producer.flush(10.0)
-        if control is not None:
-            control.close()
         totals.report(processor)
 
     return app

@@ -277,6 +277,11 @@ def test_shadow_promote_rollback_in_a_running_worker(settings: Settings, tmp_pat
         g = records_until(lambda g: any(r.model == "challenger-test" for r in g[settings.topic_risk])
                           and g[settings.topic_risk][-1].model == CHAMPION.version)  # fmt: skip
         assert worker.alive()
+        capsys.readouterr()
+        assert main(["model", "status"]) == 0
+        status = capsys.readouterr().out
+        assert f"rollback (seq 3): champion {CHAMPION.version}, challenger challenger-test" in status
+        assert f"newest records on {settings.topic_risk} name: {CHAMPION.version}\n" in status
         labels = tmp_path / "labels.jsonl"
         labels.write_bytes(orjson.dumps({"uuid": risk[0].uuid, "fail_ts": time.time(), "mode": "memory"}) + b"\n")
         capsys.readouterr()
