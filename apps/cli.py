@@ -214,6 +214,12 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return labels_command(args, _settings(args))
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from gpuwatch.apps.model_cli import model_command
+
+    return model_command(args, _settings(args))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gpuwatch.apps.bench.cli import bench_command
 
@@ -370,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alarms and actions this long before a failure count as about it (s)")
     p.add_argument("--archive", default="", help=archive_help)
     p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser("model", help="model lifecycle: shadow a challenger, compare, promote, rollback, stop, status")
+    from gpuwatch.apps.model_args import add_model_args
+
+    add_model_args(p)
+    p.set_defaults(func=cmd_model)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "codecs", "score", "reliability", "gpu",

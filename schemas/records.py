@@ -21,6 +21,7 @@ from .fields import (
     COMMAND_ACK_SCHEMA,
     COMMAND_SCHEMA,
     DEADLETTER_SCHEMA,
+    MODEL_CONTROL_SCHEMA,
     OUTCOME_SCHEMA,
     REMEDIATION_SCHEMA,
     RISK_SCHEMA,
@@ -225,7 +226,37 @@ class StreamStats(Struct, tag_field="schema", tag=STATS_SCHEMA, kw_only=True, fr
     state_bytes_per_gpu: Count
 
 
-RECORDS: tuple[type[Struct], ...] = (Risk, Remediation, Outcome, Command, CommandAck, DeadLetter, StreamStats)
+class ModelRef(Struct, kw_only=True, frozen=True, gc=False):
+    """A model artifact in the model registry: what risk records call it (`version`), its file in the registry
+    (relative to `model_registry`; "" for the artifact shipped in the package) and the sha256 of that file."""
+
+    version: NonEmpty  # the artifact's version: the `model` of the risk records it scores
+    artifact: str  # file name inside the registry; "" = the packaged default model
+    sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+ModelAction = Literal["shadow", "promote", "rollback", "stop"]
+
+
+class ModelControl(Struct, tag_field="schema", tag=MODEL_CONTROL_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.model_control/1`: which models the stream workers run, after one `gpuwatch model` command (topic
+    `topic_model_control`, one partition, key: "models"). Each message holds the whole state, so a worker that
+    starts reads the topic to its end and applies the last one. Written by `gpuwatch model`; read by every stream
+    worker (each reads the whole topic itself, outside its consumer group) and by `gpuwatch model status/compare`.
+    """
+
+    seq: Annotated[int, Meta(ge=1, le=MAX_INT64)]  # 1 + the previous message's; orders the commands
+    action: ModelAction  # the command that made this state
+    champion: ModelRef  # scores the risk topic: its records drive the sinks and the policy
+    challenger: ModelRef | None  # scores the same windows, its records go to the shadow topic only
+    challenger_since: UnixTime | None  # when the challenger (as a challenger) began scoring: compare's start
+    rollback_to: ModelRef | None  # the champion before the last promote, while a rollback can restore it
+    at: UnixTime  # when the command was issued
+    note: str = ""  # who issued it and why, for the record
+
+
+RECORDS: tuple[type[Struct], ...] = (Risk, Remediation, Outcome, Command, CommandAck, DeadLetter, StreamStats,
+                                     ModelControl)
 _KINDS = {mi.StrType: "str", mi.LiteralType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool",
           mi.ListType: "json"}
 
