@@ -222,8 +222,10 @@ def retrain_command(args: argparse.Namespace, settings: Settings) -> int:
         # Labels derived from telemetry do not say when a precursor began: every positive is a target then.
         train_on="visible" if counts.precursors_known else "all",
     )  # fmt: skip
-    gpus = len(set(data.uuid))
-    own_rate = counts.train_all / max(gpus * (split.split - split.start) / DAY_S, 1e-9)
+    # GPU-days observed: each kept sequence stands for `weight` sequences `sample_every` apart (GPUs down under
+    # repair are not sampled, board swaps are not counted twice).
+    gpu_days = float(data.weight.sum()) * args.sample_every / DAY_S
+    own_rate = counts.train_all / max(gpu_days, 1e-9)
     artifact = train(data, config, window=window, horizon_s=args.horizon, data_fingerprint=data_fingerprint([recording]),
                      split=split_by_gpu(data, config.val_fraction, args.seed if args.data_seed is None else args.data_seed),
                      init=parent)  # fmt: skip
