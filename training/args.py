@@ -27,11 +27,26 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, help="artifact path (.pt); the GBDT baseline goes next to it (.gbdt.txt)"
     )
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument(
+        "--archive", default="", metavar="URL_OR_DIR",
+        help="retrain on this fleet's own archive (docs/model.md, 'Retraining on your fleet'): train on its past, "
+        "choose calibration and operating points on its last --validate-days; instead of --data and --val-data",
+    )
+    p.add_argument("--labels", default="", metavar="LABELS.jsonl",
+                   help="with --archive: failure labels from this file instead of the archive's label store")
+    p.add_argument(
+        "--init", default="shipped", metavar="{shipped,PATH,scratch}",
+        help="with --archive: fine-tune the shipped model (default) or the artifact at PATH, or train anew (scratch)",
+    )
+    p.add_argument("--validate-days", type=float, default=7.0,
+                   help="with --archive: the most recent days, held out to validate on (default 7)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs (default 6; 3 when fine-tuning with --archive)")
     p.add_argument("--hidden", type=int, default=32, help="LSTM hidden size")
     p.add_argument("--mlp", type=int, default=32, help="width of the MLP after the LSTM")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 3e-3; 3e-4 when fine-tuning with --archive)")
     p.add_argument(
         "--sample-every", type=float, default=30.0, help="seconds between training sequences per GPU"
     )

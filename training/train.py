@@ -17,6 +17,9 @@ from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig
 from gpuwatch.training.dataset import SequenceSet
 from gpuwatch.training.evaluate import average_precision
 
+# Fewest positive validation sequences Platt scaling is fitted on; with fewer the logits are left as trained.
+MIN_PLATT_POSITIVES = 5
+
 
 @dataclass
 class TrainConfig:
@@ -154,6 +157,7 @@ def train(
     data_fingerprint: str = "",
     split: tuple[np.ndarray, np.ndarray] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    init: ModelArtifact | None = None,
 ) -> ModelArtifact:
     """Train on `data` (split by GPU into train/validation), calibrate, and return an artifact.
 
@@ -162,6 +166,9 @@ def train(
     into the artifact (temperature = 1 / slope, the shift added to the risk head's bias), so `Scorer`
     needs nothing new. The threshold is the best sequence-level F1 on validation; `gpuwatch train
     --val-data` replaces it with the best event-level F1 on a validation fleet.
+
+    `init`: fine-tune this artifact's weights (its normalisation and sizes are kept, `config.hidden` and
+    `config.mlp` must match it) instead of starting from random ones.
     """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
@@ -173,12 +180,14 @@ def train(
         tr = tr[~invisible[tr]]
     va_sel = va[~invisible[va]]  # model selection: can the model see what is visible?
     n_feat = data.x.shape[-1]
-    # Normalisation from a subsample of training rows (float64 sums; the full set can be large).
-    sub = tr[np.random.default_rng(config.seed).permutation(len(tr))[:50_000]]
-    flat = data.x[sub].astype(np.float64).reshape(-1, n_feat)
-    mean = flat.mean(axis=0)
-    std = flat.std(axis=0)
-    std = np.where(std < 1e-3, 1.0, std)
+    if init is not None:  # the parent's normalisation: its weights were learnt on inputs scaled so
+        mean, std = init.norm_mean.astype(np.float64), init.norm_std.astype(np.float64)
+    else:  # from a subsample of training rows (float64 sums; the full set can be large)
+        sub = tr[np.random.default_rng(config.seed).permutation(len(tr))[:50_000]]
+        flat = data.x[sub].astype(np.float64).reshape(-1, n_feat)
+        mean = flat.mean(axis=0)
+        std = flat.std(axis=0)
+        std = np.where(std < 1e-3, 1.0, std)
     xn = torch.from_numpy((data.x.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
     y = torch.from_numpy(data.y.astype(np.float32))
     w = torch.from_numpy(data.weight.astype(np.float32))
@@ -187,12 +196,19 @@ def train(
         f"({int(data.y[va].sum()):,} positive), {data.x.shape[1]} steps x {n_feat} features")  # fmt: skip
 
     model = FailureLSTM(n_feat, config.hidden, config.mlp, len(FAILURE_CLASSES)).to(device)
+    if init is not None:
+        model.load_state_dict(init.state_dict)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(tr) // config.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.epochs * steps_per_epoch)
     tr_t = torch.from_numpy(tr)
     best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, 0)
     history = []
+    if init is not None:  # the parent as it is is epoch 0: a fine-tune that does no better on validation keeps it
+        ap0 = average_precision(data.y[va_sel], _logits(model, xn, va_sel, device)) if len(va_sel) else float("nan")
+        history.append({"epoch": 0, "loss": float("nan"), "val_ap": ap0})
+        log(f"parent: validation AP {ap0:.3f}")
+        best = (ap0 if np.isfinite(ap0) else 0.0, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0)
     for epoch in range(config.epochs):
         model.train()
         perm = tr_t[torch.randperm(len(tr_t), generator=gen)]
@@ -230,7 +246,7 @@ def train(
     val_logits = _logits(model, xn, va, device)
     yv, wv = data.y[va], data.weight[va]
     # Too few validation positives to calibrate on: leave the logits as trained (and say so in the metrics).
-    a, b = fit_platt(val_logits, yv, wv) if yv.sum() >= 5 else (1.0, 0.0)
+    a, b = fit_platt(val_logits, yv, wv) if yv.sum() >= MIN_PLATT_POSITIVES else (1.0, 0.0)
     state = {k: v.clone() for k, v in best[1].items()}
     state["risk_head.bias"] = state["risk_head.bias"] + b / a  # sigmoid(a*z + b) = sigmoid((z + b/a) / (1/a))
     temperature = 1.0 / a
