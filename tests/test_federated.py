@@ -8,16 +8,14 @@ coordinator, and searches everything the sites sent.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from gpuwatch.apps.cli import main
@@ -120,41 +118,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+# The coordinator of one training round for two sites; prints what it ended with as JSON.
+COORDINATOR = """import sys, orjson
+from gpuwatch.training.federated import RoundPlan, SiteTraining, serve
+r = serve(sys.argv[1], RoundPlan(rounds=1, sites=2), SiteTraining(), lambda line: None)
+print(orjson.dumps({"best_round": r.best_round, "shapes": [a.shape for a in r.arrays],
+                    "site_sequences": r.site_sequences}).decode())
+"""
+
+
 def _gpuwatch(*argv: str) -> subprocess.Popen:
     # -P: the repository's source folders must not shadow the installed package.
     return subprocess.Popen([sys.executable, "-P", "-m", "gpuwatch.apps.cli", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})  # fmt: skip
+                            stderr=subprocess.STDOUT, env=ENV)  # fmt: skip
 
 
 def test_only_weights_and_scalar_metrics_leave_a_site(sites: list[tuple[Path, SequenceSet]]) -> None:
-    """Two sites in their own processes join a coordinator (this process) through a recording relay, over gRPC."""
+    """A coordinator and two sites, each its own process, over gRPC on loopback; the sites reach it through a relay
+    that keeps every byte they send."""
     _require_flwr()
-    from gpuwatch.training.federated import RoundPlan, SiteTraining, parameter_shapes, serve
+    from gpuwatch.training.federated import parameter_shapes
 
     port = _free_port()
     relay = Relay(port)
+    coordinator = subprocess.Popen([sys.executable, "-P", "-c", COORDINATOR, f"127.0.0.1:{port}"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=ENV)  # fmt: skip
     joined = [_gpuwatch("federated", "join", "--server", f"127.0.0.1:{relay.port}", "--data", str(path), *SITE_FLAGS)
               for path, _ in sites]  # fmt: skip
-
-    def watchdog() -> None:
-        # A site that dies would leave the coordinator waiting: stop it (Flower's handler ends serve with SystemExit).
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline and all(p.poll() in (None, 0) for p in joined):
-            if all(p.poll() == 0 for p in joined):
-                return
-            time.sleep(0.5)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watchdog, daemon=True).start()
     try:
-        result = serve(f"127.0.0.1:{port}", RoundPlan(rounds=1, sites=2), SiteTraining(), lambda line: None)
-    except SystemExit:
-        result = None
-    logs = [p.communicate(timeout=60)[0].decode(errors="replace") for p in joined]
-    relay.close()
-    assert result is not None and [p.returncode for p in joined] == [0, 0], "\n----\n".join(logs)
-    assert result.best_round == 1 and [a.shape for a in result.arrays] == parameter_shapes(32, 32)
-    assert sorted(result.site_sequences) == sorted(_Split(d).tr_count for _, d in sites)
+        out, err = coordinator.communicate(timeout=600)
+        logs = [p.communicate(timeout=60)[0].decode(errors="replace") for p in joined]
+    finally:
+        for p in [coordinator, *joined]:
+            p.kill()
+        relay.close()
+    assert [p.returncode for p in [coordinator, *joined]] == [0, 0, 0], err.decode()[-3000:] + "\n----\n".join(logs)
+    result = orjson.loads(out.splitlines()[-1])
+    assert result["best_round"] == 1 and [tuple(s) for s in result["shapes"]] == parameter_shapes(32, 32)
+    assert sorted(result["site_sequences"]) == sorted(_Split(d).tr_count for _, d in sites)
 
     wire = b"".join(bytes(b) for b in relay.upstream)
     param_bytes = sum(4 * int(np.prod(s)) for s in parameter_shapes(32, 32))
