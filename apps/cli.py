@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to run (0: default); score: seconds of simulated fleet time")
     p.add_argument("--real-nvml", action="store_true",
                    help="agent: sample this machine's GPUs through the driver instead of stand-in GPUs")
+    p.add_argument("--live", action="store_true",
+                   help="archive: archive a fleet from the live pipeline (broker, stream worker, archive process) "
+                   "and check that eval's replay of the archive gives the live records and figures")
     p.set_defaults(func=cmd_bench)
     return parser
 

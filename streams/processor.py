@@ -187,13 +187,31 @@ class RiskProcessor:
     def fold(self, snaps: list[Snapshot], sources: Sequence[Inbound] | None, result: BatchResult) -> None:
         """Fold decoded snapshots into the windows and score due GPUs (offline scoring enters here).
 
-        A snapshot holding a value beyond MAX_ABS_VALUE is dead-lettered whole instead.
+        A batch that holds a host twice (a backlog: after an outage, a restart, or a replay) is folded in
+        segments cut before each repeated host, so every GPU is scored at the same samples however its
+        snapshots were batched: live at 1 Hz, live draining a backlog, and `score`/`eval` replaying an
+        archive give the same records. A snapshot holding a value beyond MAX_ABS_VALUE is dead-lettered whole.
         """
+        start = 0
+        seen: set[str] = set()
+        for i, snap in enumerate(snaps):
+            if snap.host in seen:
+                self._fold(snaps[start:i], sources[start:i] if sources is not None else None, result)
+                start = i
+                seen.clear()
+            seen.add(snap.host)
+        if start == 0:
+            self._fold(snaps, sources, result)
+        else:
+            self._fold(snaps[start:], sources[start:] if sources is not None else None, result)
+
+    def _fold(self, snaps: list[Snapshot], sources: Sequence[Inbound] | None, result: BatchResult) -> None:
+        """`fold` of snapshots of distinct hosts."""
         numeric = np.concatenate([s.numeric for s in snaps])
         if (np.abs(numeric) > MAX_ABS_VALUE).any():  # NaN (null) compares False
             snaps, sources = self._reject_implausible(snaps, sources, result)
             if snaps:
-                self.fold(snaps, sources, result)
+                self._fold(snaps, sources, result)
             return
         counts = [len(s.uuids) for s in snaps]
         uuids = [u for s in snaps for u in s.uuids]
