@@ -139,7 +139,8 @@ def add_federated_args(p: argparse.ArgumentParser) -> None:
     """`gpuwatch federated serve|join|simulate` (docs/federated.md)."""
     sub = p.add_subparsers(dest="federated_command", required=True)
     q = sub.add_parser("serve", help="the coordinator: FedAvg over the sites that join, then the federated artifact")
-    q.add_argument("--address", default="0.0.0.0:9093", help="HOST:PORT the coordinator listens on (plain gRPC)")
+    q.add_argument("--address", default="127.0.0.1:9093",
+                   help="HOST:PORT the coordinator listens on (plain gRPC: loopback unless you name a trusted network's)")
     q.add_argument("--sites", type=int, required=True, help="how many sites take part (each round waits for all)")
     _add_coordinator_args(q)
     _add_site_args(q)
