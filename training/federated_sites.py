@@ -6,8 +6,8 @@ held-out data, scored only. The split is by time, decided before any model was t
 is its future. The coordinator owns a fourth, separate fleet (`coordinator-val`) on which every model's
 calibration map and operating points are chosen, local and federated alike.
 
-`python -m gpuwatch.training.federated_sites OUT_DIR` writes OUT_DIR/NAME/{train,test} for every site and
-OUT_DIR/coordinator-val.
+`python -m gpuwatch.training.federated_sites OUT_DIR` writes OUT_DIR/NAME/{train,test,test-6h} for every site
+(test-6h: the first 6 hours of test, what the figure scores) and OUT_DIR/coordinator-val.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from gpuwatch.training.fleets import Fleet
 
 DAYS = 1.5
 TRAIN_FRACTION = 2 / 3
+# The held-out data scored in the figure: the first 6 hours after the training period (test-6h/), to fit the machine.
+SCORED_HELD_OUT_S = 6 * 3600.0
 _FAILING = {"rate_scale": 3000.0, "repair_time_scale": 0.01}
 
 SITES: dict[str, Fleet] = {
@@ -88,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{stats['gpu_samples']:,} GPU-samples, {stats['failures']} failures {stats['by_mode']}")  # fmt: skip
         if name in SITES:
             cut = split_by_time(full, root / name / "train", root / name / "test")
+            scored = TRAIN_FRACTION + SCORED_HELD_OUT_S / (f.days * 86400.0)
+            end = split_by_time(root / name / "test", root / name / "test-6h", root / name / "test-later", fraction=scored)
             shutil.rmtree(full)
-            print(f"{name}: train before ts {cut:.0f}, held-out after")
+            shutil.rmtree(root / name / "test-later")
+            print(f"{name}: train before ts {cut:.0f}, held-out after (test-6h: up to ts {end:.0f})")
     return 0
 
 
