@@ -228,6 +228,11 @@ def cmd_labels(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from gpuwatch.apps.bench.cli import bench_command
 
+    if args.what == "throttle":
+        from gpuwatch.apps.bench.throttle import run_throttle_bench
+
+        run_throttle_bench(args, _settings(args))
+        return 0
     return bench_command(args)
 
 
@@ -383,13 +388,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "codecs", "score", "reliability", "gpu",
-                                     "archive", "forecast"])
+                                     "archive", "forecast", "throttle", "explain"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
     p.add_argument("--seconds", type=float, default=0.0,
                    help="how long to run (0: default); score: seconds of simulated fleet time")
     p.add_argument("--real-nvml", action="store_true",
                    help="agent: sample this machine's GPUs through the driver instead of stand-in GPUs")
+    p.add_argument("--interval", type=float, default=1.0,
+                   help="archive --live: seconds between a node's snapshots in the simulated fleet (default 1)")
+    p.add_argument("--healthy-gpu-days", type=float, default=0.0,
+                   help="throttle: GPU-days of the healthy fleet that counts false throttles (--gpus: failures)")
+    p.add_argument("--false-alarms-per-1000", type=float, default=None,
+                   help="throttle: false alarm episodes per 1,000 healthy GPU-days at real prevalence (gpuwatch "
+                        "realrate's lstm.false_actions.checkpoint.per_1000_gpu_days); omitted: left out, and said")
+    p.add_argument("--seed", type=int, default=0, help="throttle: simulator seed")
+    p.add_argument("--halt-cut", type=float, default=0.3,
+                   help="throttle: the simulator's assumption: a cap cutting this share of a failing GPU's power "
+                        "halts its precursor (FleetConfig.throttle_halt_cut)")
     p.add_argument("--live", action="store_true",
                    help="archive: archive a fleet from the live pipeline (broker, stream worker, archive process) "
                    "and check that eval's replay of the archive gives the live records and figures")

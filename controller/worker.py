@@ -51,8 +51,9 @@ STAGE = "controller"
 
 OnOutcome = Callable[[OutcomeRecord], None]
 # Running these again after an interrupted attempt changes nothing (a second checkpoint request, a drain of a
-# drained node); a reboot may have happened already, so it is re-run only if the executor says it is safe.
-IDEMPOTENT_ACTIONS = frozenset({"checkpoint", "migrate", "repair"})  # repair drains, as migrate
+# drained node, a throttle that keeps the saved limit and sets the same lower one, a second restore); a reboot
+# may have happened already, so it is re-run only if the executor says it is safe.
+IDEMPOTENT_ACTIONS = frozenset({"checkpoint", "migrate", "repair", "throttle", "restore"})  # repair drains
 
 
 def group_id(settings: Settings) -> str:

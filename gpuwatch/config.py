@@ -95,6 +95,10 @@ class Settings:
     policy_pool_pattern: str = field(default="", metadata={"doc": "Pools: regular expression searched in a host name; its group (or the whole match) names the host's pool, e.g. ^(node-\\d{3})\\d$ for racks of ten simulator hosts. Empty: one pool, fleet; unmatched hosts: pool other."})
     policy_pool_max_drains: int = field(default=0, metadata={"doc": "Pools: most hosts of one pool draining or rebooting at once (0: no per-pool limit; policy_max_concurrent_drains still holds fleet-wide)."})
     policy_maintenance_windows: str = field(default="", metadata={"doc": "Maintenance windows, UTC, separated by ';', each 'DAY HH:MM-HH:MM' (DAY Mon..Sun or daily) or 'YYYY-MM-DDTHH:MMZ/YYYY-MM-DDTHH:MMZ', optionally after 'POOL@' (else fleet-wide): the policy holds disruptive actions on the pool's hosts meanwhile (docs/remediation.md)."})
+    policy_throttle_s: float = field(default=0.0, metadata={"doc": "Throttle: how long a throttle lowers a GPU's power limit before the agent restores it; the policy throttles thermal and power alarms first when the cost model favours it (0 turns throttling off: it needs the agent to run as root with agent_throttle_state_file)."})
+    policy_throttle_frac: float = field(default=0.7, metadata={"doc": "Throttle: the power limit a throttle sets, as a share of the board's default limit (the agent clamps it to the board's minimum)."})
+    policy_throttle_grace_s: float = field(default=300.0, metadata={"doc": "Throttle: checkpoint (and go on down the ladder) when the alarm still holds this long after a throttle."})
+    policy_throttle_slowdown: float = field(default=0.15, metadata={"doc": "Cost model: share of the job's throughput lost while one of its GPUs is throttled (a synchronous job runs at its slowest GPU's pace)."})
     policy_job_gpus: int = field(default=1024, metadata={"doc": "Cost model: GPUs of the job a failing GPU takes down (a failure loses work on all of them)."})
     policy_job_checkpoint_interval_s: float = field(default=3600.0, metadata={"doc": "Cost model: how often jobs checkpoint on their own; a failure loses half of it on average."})
     policy_failure_overhead_s: float = field(default=1800.0, metadata={"doc": "Cost model: time an unplanned failure costs the whole job besides lost work (detection, timeouts, requeue, reload)."})
@@ -120,6 +124,7 @@ class Settings:
     controller_k8s_gpu_resource: str = field(default="nvidia.com/gpu", metadata={"doc": "Kubernetes executor: pods requesting this resource are evicted from a drained node."})
     agent_checkpoint_signal: str = field(default="SIGUSR1", metadata={"doc": "Agent: signal sent to the processes on a GPU asked to checkpoint."})
     agent_checkpoint_hook: str = field(default="", metadata={"doc": "Agent: command run instead of signalling (no shell); placeholders {host} {gpu_index} {uuid} {pids} {id}."})
+    agent_throttle_state_file: str = field(default="", metadata={"doc": "Agent: file saving a GPU's power limit before a throttle changes it, so it is restored after a restart (empty: the agent refuses throttle commands)."})
     agent_nonce_file: str = field(default="", metadata={"doc": "Agent: file remembering accepted command nonces across restarts (empty: memory only)."})
     controller_claim_ttl_s: float = field(default=604800.0, metadata={"doc": "How long a remediation id stays claimed (the de-duplication window)."})
     controller_lease_s: float = field(default=60.0, metadata={"doc": "A controller renews its claim on the event it is executing every third of this; a claim not renewed for this long (its controller died) is taken over and the event re-run if that is safe."})
@@ -278,6 +283,10 @@ ALLOWED: dict[str, Allowed] = {
     "policy_cooldown_s": _AT_LEAST_0,
     "policy_max_concurrent_drains": Allowed(lo=0, why="0 never drains"),
     "policy_drain_hold_s": _AT_LEAST_0,
+    "policy_throttle_s": Allowed(lo=0, hi=604800, why="0 turns throttling off; a command holds at most a week"),
+    "policy_throttle_frac": Allowed(lo=0, hi=1, lo_open=True, why="a share of the board's default power limit"),
+    "policy_throttle_grace_s": _AT_LEAST_0,
+    "policy_throttle_slowdown": Allowed(lo=0, hi=1, why="a share of the job's throughput"),
     "policy_breaker_share": Allowed(lo=0, hi=1, why="a share of the fleet's hosts; 0 turns the breaker off"),
     "policy_breaker_window_s": _POSITIVE,
     "policy_breaker_min_hosts": Allowed(lo=1),

@@ -9,6 +9,9 @@ the work since its last checkpoint (half an interval on average) and the time to
 requeue and reload. A checkpoint gpuwatch asks for `lead` seconds before the failure leaves only
 `min(lead, interval / 2)` of work to lose. A migration before the failure avoids the failure: the job
 restarts elsewhere from its last checkpoint, so it loses the work since then and the planned restart.
+A throttle (a lower power limit on the failing GPU) slows the whole job while it holds, since a synchronous
+job runs at its slowest GPU's pace: `job_gpus x throttle_slowdown x hours held`, whether the alarm was real
+or not.
 """
 
 from __future__ import annotations
@@ -33,11 +36,15 @@ class CostModel:
     migrate_cost_s: float = 600.0
     drain_cost_gpu_h: float = 32.0
     reboot_cost_gpu_h: float = 4.0
+    throttle_slowdown: float = 0.15  # share of the job's throughput lost while one of its GPUs is throttled
+    throttle_s: float = 0.0  # how long a throttle holds at most (0: the policy does not throttle)
 
     def __post_init__(self) -> None:
         if min(self.job_gpus, self.job_checkpoint_interval_s, self.failure_overhead_s, self.checkpoint_cost_s,
-               self.migrate_cost_s, self.drain_cost_gpu_h, self.reboot_cost_gpu_h) < 0:  # fmt: skip
+               self.migrate_cost_s, self.drain_cost_gpu_h, self.reboot_cost_gpu_h, self.throttle_s) < 0:  # fmt: skip
             raise ValueError("cost model figures must be >= 0")
+        if not 0.0 <= self.throttle_slowdown <= 1.0:
+            raise ValueError("throttle_slowdown must be in [0, 1]")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CostModel:
@@ -49,6 +56,8 @@ class CostModel:
             migrate_cost_s=settings.policy_migrate_cost_s,
             drain_cost_gpu_h=settings.policy_drain_cost_gpu_h,
             reboot_cost_gpu_h=settings.policy_reboot_cost_gpu_h,
+            throttle_slowdown=settings.policy_throttle_slowdown,
+            throttle_s=settings.policy_throttle_s,
         )
 
     def failure_loss(self) -> float:
@@ -64,7 +73,18 @@ class CostModel:
             return self.job_gpus * self.migrate_cost_s / H + (0.0 if real else self.drain_cost_gpu_h)
         if action == "reboot":
             return 0.0 if real else self.reboot_cost_gpu_h
-        return 0.0  # repair: a failed GPU is drained and repaired whatever gpuwatch does
+        if action == "throttle":
+            return self.throttle_cost(self.throttle_s)
+        return 0.0  # repair: a failed GPU is drained and repaired whatever gpuwatch does; restore costs nothing
+
+    def throttle_cost(self, held_s: float) -> float:
+        """What a throttle that held `held_s` seconds cost the job (real alarm or not: the job ran slower)."""
+        return self.job_gpus * self.throttle_slowdown * max(held_s, 0.0) / H
+
+    def throttle_favoured(self) -> bool:
+        """Whether the policy may throttle before the ladder: a throttle held its full time must cost less than
+        the drain it may spare (a migration of a GPU about to fail), else it cannot pay even when it works."""
+        return self.throttle_s > 0 and self.throttle_cost(self.throttle_s) < self.action_cost("migrate", real=True)
 
     def saved(self, checkpoint_lead_s: float | None, migrate_lead_s: float | None) -> float:
         """How much less the failure costs thanks to a checkpoint and/or a migration `*_lead_s` seconds before it

@@ -1,10 +1,11 @@
-"""The node agent's command listener: verifies signed commands for this host and asks jobs to checkpoint.
+"""The node agent's command listener: verifies signed commands for this host, asks jobs to checkpoint, throttles.
 
 `CommandListener` reads `settings.topic_commands` in a consumer group of its own (one per host), keeps
 the messages keyed by its host, and checks each with `gpuwatch.signing.verify`: unsigned, forged,
 malformed, expired and replayed commands, and commands signed for another host, are refused. An accepted
 checkpoint command runs the handler (`CheckpointHandler`: signal the processes NVML reports on that GPU,
-or run a hook). Every accepted or refused command is logged with its reason and acknowledged on
+or run a hook); `throttle` and `restore` run the power limiter (`producers/throttle.py`) when the agent has
+one (`agent_throttle_state_file` set), and are refused as unsupported_action otherwise. Every accepted or refused command is logged with its reason and acknowledged on
 `settings.topic_outcomes` as a `gpuwatch.command_ack/1` record keyed by host. Keys are never logged.
 
 Start it next to the sampler: ``threading.Thread(target=listener.run, args=(stop,), daemon=True).start()``.
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from confluent_kafka import Message
@@ -37,6 +38,9 @@ from gpuwatch.signing import (
     parse_keys,
     verify,
 )
+
+if TYPE_CHECKING:
+    from .throttle import PowerLimiter
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +139,7 @@ class CommandListener:
 
     `keys` verify signatures (current and previous keys during a rotation); `seen_nonce_store`
     remembers accepted nonces (a `FileNonceStore` survives restarts); `handler` executes accepted
-    commands; `clock` gives unix seconds.
+    checkpoint commands, `limiter` throttle and restore commands (None: refused); `clock` gives unix seconds.
     """
 
     def __init__(
@@ -146,6 +150,7 @@ class CommandListener:
         keys: Sequence[bytes],
         seen_nonce_store: NonceStore,
         handler: Handler,
+        limiter: PowerLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not keys:
@@ -155,12 +160,14 @@ class CommandListener:
         self._keys = list(keys)
         self.nonces = seen_nonce_store
         self.handler = handler
+        self.limiter = limiter
         self.clock = clock
 
     @classmethod
     def from_settings(cls, settings: Settings, host: str, nvml: Any) -> CommandListener:
         """A listener with `command_signing_key`, `agent_nonce_file` and a `CheckpointHandler` built from
-        `agent_checkpoint_signal` / `agent_checkpoint_hook`. ConfigError when no key is set."""
+        `agent_checkpoint_signal` / `agent_checkpoint_hook`, and a power limiter keeping its state in
+        `agent_throttle_state_file` (none when that is empty). ConfigError when no key is set."""
         store: NonceStore = (
             FileNonceStore(settings.agent_nonce_file) if settings.agent_nonce_file else MemoryNonceStore()
         )
@@ -171,12 +178,18 @@ class CommandListener:
             hook=settings.agent_checkpoint_hook,
             timeout_s=settings.controller_timeout_s,
         )
+        limiter = None
+        if settings.agent_throttle_state_file:
+            from .throttle import PowerLimiter, ThrottleState
+
+            limiter = PowerLimiter(nvml, ThrottleState(settings.agent_throttle_state_file))
         return cls(
             settings,
             host,
             keys=parse_keys(settings.command_signing_key),
             seen_nonce_store=store,
             handler=handler,
+            limiter=limiter,
         )
 
     def group_id(self) -> str:
@@ -203,7 +216,7 @@ class CommandListener:
             )
             return self._ack(parsed, now, accepted=False, reason=exc.reason, ok=False, detail=exc.detail)
         try:
-            done = self.handler(command)
+            done = self.handler(command) if command.action == "checkpoint" else self._limiter()(command)
         except Exception as exc:  # a handler bug must not stop the listener; it is acknowledged as failed
             log.exception("command %s: handler failed", command.id)
             done = Handled(False, f"handler raised {type(exc).__name__}: {exc}")
@@ -222,9 +235,21 @@ class CommandListener:
             raise CommandRejected("malformed", exc.reason) from None
         if command.host != self.host:
             raise CommandRejected("wrong_host", f"signed for {command.host!r}, this is {self.host}")
-        if command.action != "checkpoint":
-            raise CommandRejected("unsupported_action", f"agents only checkpoint, not {command.action!r}")
+        if command.action in ("throttle", "restore"):
+            if self.limiter is None:
+                raise CommandRejected("unsupported_action", f"this agent cannot {command.action}: set "
+                                      "'agent_throttle_state_file' (where it saves the limit it changes)")  # fmt: skip
+            if command.action == "throttle":
+                _check_throttle(command)
+        elif command.action != "checkpoint":
+            raise CommandRejected(
+                "unsupported_action", f"agents checkpoint, throttle and restore, not {command.action!r}"
+            )
         return command
+
+    def _limiter(self) -> PowerLimiter:
+        assert self.limiter is not None  # _checked refused throttle and restore without one
+        return self.limiter
 
     def _ack(
         self,
@@ -267,11 +292,26 @@ class CommandListener:
         """Consumes `topic_commands` until `stop` is set, acknowledging each command on `topic_outcomes`; a
         command's offset is committed once Kafka has its ack (`BatchLoop`)."""
         ensure_topics(self.settings, [self.settings.topic_commands, self.settings.topic_outcomes])
+        if self.limiter is not None:  # a throttle still in the state file outlived the agent that set it
+            self.limiter.restore_all("agent start")
+            expiry = threading.Thread(target=self.limiter.run_expiry, args=(stop,), name="gpuwatch-throttle",
+                                      daemon=True)  # fmt: skip
+            expiry.start()
         log.info("listening for signed commands for %s on %s", self.host, self.settings.topic_commands)
         loop = BatchLoop(self.settings, name="agent-commands", group=self.group_id(),
                          topics=[self.settings.topic_commands], process=self.acks, max_batch=100,
                          poll_timeout_s=poll_timeout_s, batch_metrics=False, lag_metrics=False)  # fmt: skip
         loop.run(stop)
+
+
+def _check_throttle(command: Command) -> None:
+    """A throttle names one limit (watts or a share of the default) and a duration, or it is malformed."""
+    limits = [f for f in ("power_limit_w", "power_limit_frac") if isinstance(getattr(command, f), float)]
+    if len(limits) != 1:
+        raise CommandRejected("malformed", f"a throttle command needs exactly one of power_limit_w and "
+                              f"power_limit_frac, got {', '.join(limits) or 'neither'}")  # fmt: skip
+    if not isinstance(command.duration_s, float):
+        raise CommandRejected("malformed", "a throttle command needs duration_s")
 
 
 def _field(command: Any, name: str) -> Any:

@@ -94,10 +94,13 @@ XID_APPLICATION = frozenset({13, 31, 43, 45, 68, 109})
 FailureMode = Literal["none", "memory", "thermal", "power", "interconnect", "sudden"]
 FAILURE_MODES: tuple[FailureMode, ...] = get_args(FailureMode)
 # repair: the GPU has failed; drain its node and ask for a repair (not a prediction, no escalation).
-Action = Literal["checkpoint", "migrate", "reboot", "repair"]
+# throttle: lower the GPU's power limit for a while (thermal and power precursors); restore: undo it (risk fell).
+Action = Literal["checkpoint", "migrate", "reboot", "repair", "throttle", "restore"]
 ACTIONS: tuple[Action, ...] = get_args(Action)
 # Drains or reboots a node (what the blast-radius limit and the evaluation's false drains count).
 DISRUPTIVE_ACTIONS: tuple[str, ...] = ("migrate", "reboot")
+# Actions the node agent carries out itself (signed `gpuwatch.command/1`); the rest go to the scheduler.
+AGENT_ACTIONS: tuple[str, ...] = ("checkpoint", "throttle", "restore")
 
 # A failure label, one line of labels.jsonl (`gpuwatch simulate` writes them; training.dataset.Failures reads
 # them): uuid, fail_ts and mode are required; precursor_start_ts and repair_end_ts may be null.

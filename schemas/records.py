@@ -46,13 +46,33 @@ Probability = Annotated[float, Meta(ge=0, le=1)]
 Count = Annotated[int, Meta(ge=0, le=MAX_INT64)]
 RemediationId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
 NonEmpty = Annotated[str, Meta(min_length=1)]
+PowerFraction = Annotated[float, Meta(gt=0, le=1, description="Share of the board's default power limit.")]
+Watts = Annotated[float, Meta(gt=0, le=100_000, description="A power limit, watts.")]
+Duration = Annotated[float, Meta(gt=0, le=7 * 86400, description="Seconds, at most a week.")]
+
+
+class Reason(Struct, kw_only=True, frozen=True, gc=False):
+    """One reason a GPU is in alarm (`Risk.why`): an input signal far from what is normal for this GPU.
+
+    `signal` names it (streams/explain.py SIGNALS; new names may be added, readers show `text`), `text` says it
+    in operator words and numbers, `value` and `reference` are the numbers (the signal now, and the GPU's own
+    baseline or its neighbours' level it is compared with, in the unit of the text) and `severity` how far from
+    normal it is, on one scale for every signal (1 = clearly abnormal).
+    """
+
+    signal: NonEmpty
+    text: NonEmpty
+    value: Annotated[float, Meta(ge=-FMAX, le=FMAX)]
+    reference: Annotated[float, Meta(ge=-FMAX, le=FMAX)]
+    severity: Annotated[float, Meta(ge=0, le=FMAX)]
 
 
 class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=True, gc=False):
     """`gpuwatch.risk/1`: the model's failure risk for one GPU (topic `topic_risk`, key: host).
 
     Written by the stream worker; read by the Redis sink, the remediation sink and `gpuwatch score`. Records of
-    older workers lack the optional fields: `alarm`, `drain` and `failed` then read false, `op` "".
+    older workers lack the optional fields: `alarm`, `drain` and `failed` then read false, `op` "". `why` is
+    written only for a GPU in alarm (streams/explain.py).
     """
 
     host: Host
@@ -73,6 +93,7 @@ class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=Tru
     failed: bool = False
     failed_since: UnixTime | UnsetType = UNSET  # ts of the sample that showed the failure (when failed)
     history_s: Seconds | UnsetType = UNSET  # seconds of telemetry behind the score
+    why: list[Reason] | UnsetType = UNSET  # GPUs in alarm: the signals that drive the risk, most severe first
 
 
 class Remediation(Struct, tag_field="schema", tag=REMEDIATION_SCHEMA, kw_only=True, frozen=True, gc=False):
@@ -89,6 +110,9 @@ class Remediation(Struct, tag_field="schema", tag=REMEDIATION_SCHEMA, kw_only=Tr
     reason: str
     risk: Probability
     ts: UnixTime  # when the command was issued
+    # throttle only: the power limit to set (share of the board's default limit) and for how long
+    power_limit_frac: PowerFraction | UnsetType = UNSET
+    duration_s: Duration | UnsetType = UNSET
 
 
 class Outcome(Struct, tag_field="schema", tag=OUTCOME_SCHEMA, kw_only=True, frozen=True, gc=False):
@@ -115,7 +139,9 @@ class Command(Struct, tag_field="schema", tag=COMMAND_SCHEMA, kw_only=True, froz
     """`gpuwatch.command/1`: a signed request to a node agent (topic `topic_commands`, key: host).
 
     Written by the controller's agent-command executor; `gpuwatch.signing.sign_command` fills `nonce`,
-    `issued_at`, `expires_at` and `sig` (HMAC-SHA256 over every other field). Agents take `checkpoint` only.
+    `issued_at`, `expires_at` and `sig` (HMAC-SHA256 over every other field). Agents take `checkpoint`,
+    `throttle` (power limit `power_limit_w` watts or `power_limit_frac` of the default, one of them, for
+    `duration_s`) and `restore` (put back the limit a throttle saved); they refuse other actions.
     """
 
     id: RemediationId
@@ -129,6 +155,9 @@ class Command(Struct, tag_field="schema", tag=COMMAND_SCHEMA, kw_only=True, froz
     issued_at: UnixTime
     expires_at: UnixTime
     sig: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    power_limit_w: Watts | UnsetType = UNSET  # throttle: the limit in watts, or
+    power_limit_frac: PowerFraction | UnsetType = UNSET  # throttle: share of the board's default limit
+    duration_s: Duration | UnsetType = UNSET  # throttle: how long before the agent restores the limit
 
 
 class CommandAck(Struct, tag_field="schema", tag=COMMAND_ACK_SCHEMA, kw_only=True, frozen=True, gc=False):
@@ -196,12 +225,14 @@ class StreamStats(Struct, tag_field="schema", tag=STATS_SCHEMA, kw_only=True, fr
 
 
 RECORDS: tuple[type[Struct], ...] = (Risk, Remediation, Outcome, Command, CommandAck, DeadLetter, StreamStats)
-_KINDS = {mi.StrType: "str", mi.LiteralType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool"}
+_KINDS = {mi.StrType: "str", mi.LiteralType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool",
+          mi.ListType: "json"}
 
 
 def columns(cls: type[Struct]) -> tuple[tuple[str, str], ...]:
-    """(wire name, "str" | "int" | "float" | "bool") of every field of a flat record, in order: a table's columns
-    (the archive's). Optional fields are included; the `schema` tag is not."""
+    """(wire name, "str" | "int" | "float" | "bool" | "json") of every field of a record, in order: a table's
+    columns (the archive's); a list field (`Risk.why`) is "json", its JSON text. Optional fields are included;
+    the `schema` tag is not."""
     info = mi.type_info(cls)
     assert isinstance(info, mi.StructType)
     out = []

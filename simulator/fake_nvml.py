@@ -5,7 +5,11 @@ return shapes (ints, objects with the struct's attribute names, field-value reco
 (`NVMLError` whose `.value` is the NVML return code, and one subclass per code named as pynvml names them:
 `NVMLError_NotSupported`, `NVMLError_GpuIsLost`, `NVMLError_Unknown`, `NVMLError_LibraryNotFound`,
 `NVMLError_Timeout`, ...). Tests change a board through `fake.gpus[i]` and inject XID events with
-`fake.inject_xid(i, code)`. Constants are pynvml's values (nvidia-ml-py 13.x).
+`fake.inject_xid(i, code)`. Constants are pynvml's values (nvidia-ml-py 13.x). Power limits follow NVML's
+rules: nvmlDeviceSetPowerManagementLimit raises NVMLError_NoPermission unless the caller is privileged
+(`FakeNvml(privileged=False)` stands for an agent not running as root) and NVMLError_InvalidArgument for a limit
+outside the board's constraints (`power_limit_min_mw`..`power_limit_max_mw`); the enforced limit the sampler
+reads is the one set.
 """
 
 from __future__ import annotations
@@ -154,7 +158,10 @@ class FakeGpu:
     uuid: str
     temp_c: int = 45
     power_mw: int = 310_000
-    power_limit_mw: int = 700_000
+    power_limit_mw: int = 700_000  # the limit in force (nvmlDeviceGetPowerManagementLimit, ...EnforcedPowerLimit)
+    power_limit_default_mw: int = 700_000
+    power_limit_min_mw: int = 200_000
+    power_limit_max_mw: int = 700_000
     mem_total: int = 81559 << 20
     mem_used: int = 61234 << 20
     util_gpu: int = 97
@@ -228,13 +235,14 @@ class FakeNvml:
     `library_missing=True` makes nvmlInit raise NVMLError_LibraryNotFound; `field_values=False` makes
     nvmlDeviceGetFieldValues raise NotSupported (old driver), exercising the one-call-per-counter path;
     `unknown_field_ids` come back per field with NVML_ERROR_INVALID_ARGUMENT; `events=False` makes
-    nvmlEventSetCreate raise NotSupported; `live=True` makes gauges drift with time (for the benchmark).
+    nvmlEventSetCreate raise NotSupported; `live=True` makes gauges drift with time (for the benchmark);
+    `privileged=False` makes setting a power limit raise NoPermission, as for a process that is not root.
     `calls` counts calls by function name.
     """
 
     def __init__(self, n_gpus: int = 8, *, library_missing: bool = False, field_values: bool = True,
                  unknown_field_ids: set[int] | None = None, events: bool = True, live: bool = False,
-                 seed: int = 0) -> None:  # fmt: skip
+                 seed: int = 0, privileged: bool = True) -> None:  # fmt: skip
         self.__dict__.update(_EXPORTED)
         self.gpus = [FakeGpu(i, f"GPU-{seed:08x}-{i:04x}-4000-8000-{i:012x}") for i in range(n_gpus)]
         self._handles = [FakeHandle(i) for i in range(n_gpus)]
@@ -243,6 +251,7 @@ class FakeNvml:
         self.unknown_field_ids = set(unknown_field_ids or ())
         self.events = events
         self.live = live
+        self.privileged = privileged
         self.initialized = 0
         self.calls: Counter[str] = Counter()
         self._sets: list[FakeEventSet] = []
@@ -369,6 +378,30 @@ class FakeNvml:
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:
         self.calls["nvmlDeviceGetEnforcedPowerLimit"] += 1
         return self._gpu(handle, "power").power_limit_mw
+
+    def nvmlDeviceGetPowerManagementLimit(self, handle: FakeHandle) -> int:
+        self.calls["nvmlDeviceGetPowerManagementLimit"] += 1
+        return self._gpu(handle, "power").power_limit_mw
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: FakeHandle) -> int:
+        self.calls["nvmlDeviceGetPowerManagementDefaultLimit"] += 1
+        return self._gpu(handle, "power").power_limit_default_mw
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: FakeHandle) -> list[int]:
+        """[min, max] milliwatts, as pynvml returns them."""
+        self.calls["nvmlDeviceGetPowerManagementLimitConstraints"] += 1
+        g = self._gpu(handle, "power")
+        return [g.power_limit_min_mw, g.power_limit_max_mw]
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle: FakeHandle, limit: int) -> None:
+        """Sets the limit (milliwatts): NoPermission unless privileged, InvalidArgument outside the constraints."""
+        self.calls["nvmlDeviceSetPowerManagementLimit"] += 1
+        g = self._gpu(handle, "power")
+        if not self.privileged:
+            raise NVMLError_NoPermission()
+        if not g.power_limit_min_mw <= int(limit) <= g.power_limit_max_mw:
+            raise NVMLError_InvalidArgument()
+        g.power_limit_mw = int(limit)
 
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> _Struct:
         self.calls["nvmlDeviceGetMemoryInfo"] += 1

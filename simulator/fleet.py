@@ -96,6 +96,9 @@ class FleetConfig:
     board_replace_frac: float = 0.0  # share of repairs after which the GPU is a new board
     sbe_burst_per_gpu_day: float = 0.0  # one-off SBE bursts (sometimes a row remap) that never recur
     ambient_excursion_per_host_day: float = 0.0  # a host's inlet air warms 4-12 °C for up to two hours
+    # What a power cap does to a thermal or power precursor (an assumption, docs/simulator.md): while the cap
+    # cuts the power the GPU would draw by a share c, the precursor advances at max(0, 1 - c / this) of its pace.
+    throttle_halt_cut: float = 0.3
 
     @classmethod
     def realistic(cls, **overrides: object) -> FleetConfig:
@@ -679,6 +682,7 @@ class FleetSimulator:
             capped, np.clip((lim - self._idle_w) / np.maximum(p_dem - self._idle_w, 1.0), 0, 1), 1.0
         )
         if pre.size:
+            self._slow_precursors(pre, p_dem, lim)
             # transient excursions past the limit, each followed by a brake
             exc = (pm == M_POWER) & (rng.random(pre.size) < st * 0.02 * ramp)
             if exc.any():
@@ -840,6 +844,33 @@ class FleetSimulator:
         for i in gpus.tolist():
             self._prefix[i] = self._make_prefix(i)
             self._S_prev[:, i] = -1
+
+    def set_power_limit(self, host_idx: int, gpu_idx: int, frac: float | None) -> float:
+        """Sets GPU (host_idx, gpu_idx)'s power limit to `frac` of its default (None: back to the default), as
+        the node agent's throttle does; returns the limit in watts. Samples report it in power_limit_w, the
+        power the GPU draws is capped at it, and a thermal or power precursor slows while the cap bites."""
+        if not (0 <= host_idx < self.H and 0 <= gpu_idx < self.G):
+            raise ValueError(f"no GPU ({host_idx}, {gpu_idx}) in a {self.H}x{self.G} fleet")
+        if frac is not None and not 0.0 < frac <= 1.0:
+            raise ValueError(f"power limit share {frac!r} is not in (0, 1]")
+        i = host_idx * self.G + gpu_idx
+        self._lim[i] = self._lim0[i] if frac is None else max(float(self._lim0[i]) * frac, 100.0)
+        self._prefix[i] = self._make_prefix(i)
+        self._S_prev[:, i] = -1
+        return float(self._lim[i])
+
+    def _slow_precursors(self, pre: np.ndarray, p_dem: np.ndarray, lim: np.ndarray) -> None:
+        """A cap that cuts a thermal or power precursor GPU's power by a share c slows its precursor to
+        max(0, 1 - c / throttle_halt_cut) of its pace: the precursor window and the failure move later."""
+        pm = self._f_mode[pre]
+        sel = pre[((pm == M_THERMAL) | (pm == M_POWER)) & (lim[pre] < self._lim0[pre])]
+        if not sel.size:
+            return
+        cut = 1.0 - np.minimum(lim[sel] / np.maximum(p_dem[sel], 1.0), 1.0)
+        pace = np.clip(1.0 - cut / max(self.cfg.throttle_halt_cut, 1e-9), 0.0, 1.0)
+        delay = self.dt * (1.0 - pace)
+        self._f_fail[sel] += delay
+        self._f_pstart[sel] += delay
 
     def _app_crash(self, h: int, t: float) -> None:
         """The job on host h dies of its own fault (XID 13/31/43 on one GPU) or is killed (XID 45 on all)."""

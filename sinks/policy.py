@@ -1,4 +1,4 @@
-"""Turns the stream's alarms into remediation events (checkpoint -> migrate -> reboot), with guard rails.
+"""Turns the stream's alarms into remediation events ([throttle ->] checkpoint -> migrate -> reboot), with guard rails.
 
 `RemediationPolicy` is a plain in-memory state machine: feed it decoded risk records with `observe` and
 it returns `gpuwatch.remediation/1` events. It holds no thresholds: each risk record says whether its GPU
@@ -32,6 +32,7 @@ import orjson
 import redis
 
 from gpuwatch.config import Settings
+from gpuwatch.costs import CostModel
 from gpuwatch.metrics import POLICY_GUARDS
 from gpuwatch.pools import MaintenanceWindow, Pools, active_window, parse_maintenance_windows
 
@@ -75,6 +76,12 @@ class PolicyRules:
     pool_pattern: str = ""  # host name -> pool (gpuwatch.pools)
     pool_max_drains: int = 0  # hosts of one pool draining or rebooting at once; 0: no per-pool limit
     maintenance: tuple[MaintenanceWindow, ...] = ()  # disruptive actions held on a pool's hosts meanwhile
+    # Throttle first (thermal and power modes): lower the power limit to throttle_frac of the default for
+    # throttle_s; checkpoint when the alarm still holds throttle_grace_s later. 0 s: never throttle.
+    throttle_s: float = 0.0
+    throttle_frac: float = 0.7
+    throttle_grace_s: float = 300.0
+    throttle_modes: tuple[str, ...] = ("thermal", "power")  # what a lower power limit can relieve
 
     def __post_init__(self) -> None:
         limits = (
@@ -85,8 +92,11 @@ class PolicyRules:
         )
         if min(limits) < 0:
             raise ValueError("policy limits must be >= 0")
-        if min(self.episode_gap_s, self.checkpoint_grace_s, self.reboot_after_s, self.cooldown_s) < 0:
+        if min(self.episode_gap_s, self.checkpoint_grace_s, self.reboot_after_s, self.cooldown_s,
+               self.throttle_s, self.throttle_grace_s) < 0:  # fmt: skip
             raise ValueError("policy times must be >= 0")
+        if not 0.0 < self.throttle_frac <= 1.0:
+            raise ValueError("throttle_frac must be in (0, 1]")
         if not 0.0 <= self.breaker_share <= 1.0 or self.breaker_min_hosts < 1:
             raise ValueError("breaker_share must be in [0, 1] and breaker_min_hosts >= 1")
         if min(self.breaker_window_s, self.escalate_window_s) <= 0:
@@ -100,7 +110,16 @@ class PolicyRules:
         `fleet_guards=False` leaves the fleet-level guard rails (breaker, escalation, incident, pools, maintenance)
         off, as the offline replays of simulated fleets do: those fleets fail about a thousand times as often as
         a real one by construction, so the guard rails would trip on that, and the replay measures the model.
+        Throttling (`policy_throttle_s`) is left off, with a warning, when the cost model does not favour it
+        (`CostModel.throttle_favoured`).
         """
+        costs = CostModel.from_settings(settings)
+        throttle_s = settings.policy_throttle_s
+        if throttle_s > 0 and not costs.throttle_favoured():
+            log.warning("policy_throttle_s is %g s, but a throttle that long costs %.0f GPU-hours, no less than the "
+                        "drain it may spare (%.0f): the policy does not throttle", throttle_s,
+                        costs.throttle_cost(throttle_s), costs.action_cost("migrate", real=True))  # fmt: skip
+            throttle_s = 0.0
         rules = cls(
             episode_gap_s=settings.policy_episode_gap_s,
             checkpoint_grace_s=settings.policy_checkpoint_grace_s,
@@ -109,6 +128,9 @@ class PolicyRules:
             max_concurrent_drains=settings.policy_max_concurrent_drains,
             drain_hold_s=settings.policy_drain_hold_s,
             stale_after_s=settings.stale_after_s,
+            throttle_s=throttle_s,
+            throttle_frac=settings.policy_throttle_frac,
+            throttle_grace_s=settings.policy_throttle_grace_s,
         )
         if not fleet_guards:
             return rules
@@ -146,6 +168,7 @@ class _Gpu:
     episode: _Episode | None = None
     repaired_failure: float | None = None  # failed_since of the failure a repair was asked for
     repair_audited: set[tuple[float, str]] = field(default_factory=set)  # (failed_since, reason) audited
+    restored_ts: float | None = None  # record ts a throttle of this GPU was undone because its risk fell
 
 
 class RemediationPolicy:
@@ -155,7 +178,14 @@ class RemediationPolicy:
     when the GPU's uuid changes: the card was replaced, or when it fails). Within an episode, at most one
     event per action, in order: checkpoint (the record is in alarm), migrate (the drain operating point
     holds, at least `checkpoint_grace_s` after the checkpoint), reboot (the drain operating point still
-    holds `reboot_after_s` after migrate, modes in `reboot_modes` only). A failed GPU (`failed: true`) is no
+    holds `reboot_after_s` after migrate, modes in `reboot_modes` only). With `throttle_s` > 0, an episode whose
+    first alarm record names a mode in `throttle_modes` (thermal, power: the model's mode head) starts with a
+    `throttle` instead (power limit to `throttle_frac` of the default for `throttle_s`); the ladder follows when
+    the alarm still holds `throttle_grace_s` later. When such an episode ends because the risk fell (no
+    migration), a `restore` event puts the limit back; it starts no cooldown and passes no guard rail (it only
+    undoes gpuwatch's own throttle, which the agent undoes at `throttle_s` anyway). A GPU in alarm again within
+    `cooldown_s` of its restore relapsed: no second throttle, and the ladder starts at once, cooldown or not.
+    A failed GPU (`failed: true`) is no
     longer predicted: its episode ends and it gets one `repair` event per failure (drain it and ask for a
     repair) instead of the ladder. Guard rails, checked in this order: kill switch; incident (more than
     `max_unhealthy_hosts` unhealthy hosts: no action at all); for disruptive actions (`DISRUPTIVE`) the
@@ -279,7 +309,12 @@ class RemediationPolicy:
             self._end_episode(m, rec, now, "replaced", audits)
             ep = None
         if ep is not None and not alarm and ts - ep.last_alarm_ts >= r.episode_gap_s:
+            throttled = "throttle" in ep.action_ts and "migrate" not in ep.action_ts
             self._end_episode(m, rec, now, "recovered", audits)
+            if throttled:  # risk fell: the agent puts the power limit back (it would at the throttle's end anyway)
+                detail = f"risk fell ({rec.risk:.3g}, no alarm for {ts - ep.last_alarm_ts:.0f} s): power limit back"
+                self._emit(m, gpu, rec, now, "restore", detail, ep.start_ts, events, audits, acting=False)
+                gpu.restored_ts = ts
             ep = None
         if ep is None:
             if not alarm:
@@ -289,7 +324,7 @@ class RemediationPolicy:
             ep = gpu.episode = _Episode(start_ts=ts, uuid=rec.uuid, last_alarm_ts=ts)
         if alarm:
             ep.last_alarm_ts = ts
-        due = self._due(ep, rec, ts)
+        due = self._due(ep, rec, ts, gpu)
         if due is None:
             return
         action, detail = due
@@ -332,26 +367,42 @@ class RemediationPolicy:
 
     def _emit(
         self, m: str, gpu: _Gpu, rec: Risk, now: float, action: Action, detail: str, episode_ts: float,
-        events: list[Remediation], audits: list[dict[str, Any]],
+        events: list[Remediation], audits: list[dict[str, Any]], *, acting: bool = True,
     ) -> None:  # fmt: skip
+        """Appends the event and its audit entry; `acting=False` (a restore, which only undoes gpuwatch's own
+        throttle) starts no cooldown."""
+        params: dict[str, Any] = {}
+        if action == "throttle":
+            params = {"power_limit_frac": self.rules.throttle_frac, "duration_s": self.rules.throttle_s}
         event = Remediation(id=remediation_id(rec.host, rec.gpu_index, rec.uuid, action, episode_ts), host=rec.host,
                             gpu_index=rec.gpu_index, uuid=rec.uuid, action=action, reason=detail, risk=rec.risk,
-                            ts=rec.ts)  # fmt: skip
-        gpu.last_action_ts = rec.ts
+                            ts=rec.ts, **params)  # fmt: skip
+        if acting:
+            gpu.last_action_ts = rec.ts
         if action in ("migrate", "reboot"):
             self._drains.setdefault(rec.host, {}).setdefault(m, now)
         events.append(event)
         audits.append(self._entry(rec, now, action, "acted", "due", detail, gpu, event.id, episode_ts))
 
-    def _due(self, ep: _Episode, rec: Risk, ts: float) -> tuple[Action, str] | None:
+    def _due(self, ep: _Episode, rec: Risk, ts: float, gpu: _Gpu) -> tuple[Action, str] | None:
         """The next action of the episode if its condition holds now, with a reason for humans."""
         r = self.rules
         alarm, drain = rec.alarm, rec.drain
         mode = rec.mode
-        what = f"risk {rec.risk:.3g}, mode {mode}, operating point {rec.op or '?'}"
+        what = f"risk {rec.risk:.3g}, mode {mode}, operating point {rec.op or '?'}{_why(rec)}"
         done = ep.action_ts
         if "checkpoint" not in done:
-            return ("checkpoint", f"alarm: {what}") if alarm or drain else None
+            if not (alarm or drain):
+                return None
+            if "throttle" in done:
+                since = ts - done["throttle"]
+                if since < r.throttle_grace_s:
+                    return None
+                return "checkpoint", f"alarm still holds {since:.0f} s after throttle: {what}"
+            if self._throttles(rec, gpu):
+                return "throttle", (f"alarm: {what}: power limit to {r.throttle_frac:.0%} of default for "
+                                    f"{r.throttle_s:g} s")  # fmt: skip
+            return "checkpoint", f"alarm: {what}"
         if not drain:
             return None
         if "migrate" not in done:
@@ -365,6 +416,16 @@ class RemediationPolicy:
                 return "reboot", f"drain operating point still holds {since:.0f} s after migrate: {what}"
         return None
 
+    def _throttles(self, rec: Risk, gpu: _Gpu) -> bool:
+        """Whether an episode of this GPU starts with a throttle: throttling is on, the mode is one a lower power
+        limit relieves, and the GPU is not relapsing after a throttle that was undone within the cooldown."""
+        r = self.rules
+        return r.throttle_s > 0 and rec.mode in r.throttle_modes and not self._relapsed(rec, gpu)
+
+    def _relapsed(self, rec: Risk, gpu: _Gpu) -> bool:
+        """In alarm again within the cooldown after its throttle was undone: the throttle did not hold."""
+        return gpu.restored_ts is not None and rec.ts - gpu.restored_ts < self.rules.cooldown_s
+
     def _guard(
         self, action: str, rec: Risk, gpu: _Gpu, ep: _Episode, now: float, kill: bool
     ) -> tuple[str, str] | None:
@@ -374,7 +435,9 @@ class RemediationPolicy:
         if fleet is not None:
             return fleet
         first = not ep.action_ts
-        if first and gpu.last_action_ts is not None and rec.ts - gpu.last_action_ts < r.cooldown_s:
+        # A relapse after a throttle goes down the ladder at once: the cooldown would let it fail unwarned.
+        if first and not self._relapsed(rec, gpu) and gpu.last_action_ts is not None \
+                and rec.ts - gpu.last_action_ts < r.cooldown_s:  # fmt: skip
             ago = rec.ts - gpu.last_action_ts
             return "cooldown", f"last action on this GPU {ago:.0f} s ago (cooldown {r.cooldown_s:g} s)"
         if action == "reboot" and rec.mode not in r.reboot_modes:
@@ -587,7 +650,13 @@ class RemediationPolicy:
             "ts": rec.ts,
             "episode_ts": episode_ts,
             "now": now,
+            "why": [r.text for r in rec.why] if isinstance(rec.why, list) else [],
         }
+
+
+def _why(rec: Risk) -> str:
+    """", why: <the record's first reason>" for a risk record that says why (`Risk.why`), else ""."""
+    return f", why: {rec.why[0].text}" if isinstance(rec.why, list) and rec.why else ""
 
 
 def remediation_count(times: Sequence[float], hold_s: float) -> int:
@@ -607,6 +676,7 @@ def _fleet_entry(now: float, decision: str, reason: str, detail: str, **extra: A
     entry: dict[str, Any] = {
         "decision": decision, "action": None, "reason": reason, "detail": detail, "id": None, "host": None,
         "gpu_index": None, "uuid": None, "risk": None, "mode": None, "ts": None, "episode_ts": None, "now": now,
+        "why": [],
     }  # fmt: skip
     entry.update(extra)
     return entry

@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 import orjson
+from msgspec import UNSET
 
 from gpuwatch.config import Settings
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, encode_risk, make_deadletter
 from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES
 from gpuwatch.schemas.records import Risk
+from gpuwatch.streams.explain import explain
 from gpuwatch.streams.model import ModelArtifact, Scorer
 from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
@@ -305,6 +307,9 @@ class RiskProcessor:
         live_at = (np.cumsum(~failed) - 1).tolist()
         risk_l, score_l, mode_l = scored.risk.tolist(), scored.score.tolist(), scored.mode.tolist()
         alarm_l, drain_l = scored.alarm.tolist(), scored.drain.tolist()
+        # Why: only for the GPUs in alarm (few), one vectorised pass; the others' records carry no `why`.
+        in_alarm = np.flatnonzero(scored.alarm | scored.drain)
+        why = dict(zip(in_alarm.tolist(), explain(store, slots[~failed][in_alarm]))) if len(in_alarm) else {}
         idx_l, ts_l = store.gpu_index[slots].tolist(), store.last_ts[slots].tolist()
         hist_l = (store.last_ts[slots] - store.first_ts[slots]).tolist()
         for i, (sl, is_failed) in enumerate(zip(slots.tolist(), failed.tolist())):
@@ -318,7 +323,8 @@ class RiskProcessor:
                 j = live_at[i]
                 rec = Risk(host=host, gpu_index=idx_l[i], uuid=uuids[sl], ts=ts_l[i], risk=risk_l[j], horizon_s=horizon,
                            mode=_MODES[mode_l[j]], model=model, scored_at=scored_at, op=op, score=score_l[j],
-                           alarm=alarm_l[j], drain=drain_l[j], history_s=hist_l[i])  # fmt: skip
+                           alarm=alarm_l[j], drain=drain_l[j], history_s=hist_l[i],
+                           why=why.get(j, UNSET))  # fmt: skip
             # Not validated per record (the hot path): the values come from decoded samples and the model.
             out.append((host.encode(), encode_risk(rec, validate=False)))
 

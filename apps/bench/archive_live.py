@@ -121,16 +121,22 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def bench_archive_live(gpus: int = 64, seconds: float = DAY_S, seed: int = 31, folder: str = "") -> dict[str, Any]:
+def bench_archive_live(
+    gpus: int = 64, seconds: float = DAY_S, interval_s: float = 1.0, seed: int = 31, folder: str = ""
+) -> dict[str, Any]:
     """Runs the check; returns the figures (see the module docstring)."""
     hosts = max(1, gpus // 8)
     base = load_settings(env={})
     artifact = load_artifact()
     with tempfile.TemporaryDirectory(prefix="gpuwatch-bench-archive-live-", dir=folder or None) as tmp:
         fleet = Path(tmp, "fleet")
-        _say(f"simulating {hosts * 8} GPUs x {seconds:,.0f} s at 1 Hz")
+        _say(f"simulating {hosts * 8} GPUs x {seconds:,.0f} s, a snapshot every {interval_s:g} s")
         start_ts = time.time() - seconds - 120.0  # ends just before now: inside the worker's max_age_s
-        sim = simulate_to_dir(hosts, 8, seconds / DAY_S, fleet, seed=seed, config_overrides={"start_ts": start_ts})
+        # Failures at 1,000x the real rate (about 0.19 per GPU-day) and short repairs, so that a day of a small
+        # fleet holds failures and alarms to compare; at the real rate it would hold none.
+        overrides = {"start_ts": start_ts, "rate_scale": 1000.0, "repair_time_scale": 0.01}
+        sim = simulate_to_dir(hosts, 8, seconds / DAY_S, fleet, seed=seed, interval_s=interval_s,
+                              config_overrides=overrides)  # fmt: skip
         own_rate = fleet_failure_rate(open_recording(fleet))
         url = str(Path(tmp, "archive"))
         with embedded_stack(base) as stack:
@@ -191,7 +197,7 @@ def bench_archive_live(gpus: int = 64, seconds: float = DAY_S, seed: int = 31, f
                                          {"lstm": alarm_op.records}, {"lstm": alarm_op.for_s})  # fmt: skip
         figures_equal = {k: _same(reports["live"][k], reports["replay"][k]) for k in COMPARED}
     return {
-        "gpus": hosts * 8, "fleet_seconds": seconds, "gpu_days": round(hosts * 8 * seconds / DAY_S, 2),
+        "gpus": hosts * 8, "fleet_seconds": seconds, "interval_s": interval_s, "gpu_days": round(hosts * 8 * seconds / DAY_S, 2),
         "failures": sim["failures"], "gpu_samples_sent": sent, "worker_gpu_samples": s.samples,
         "worker_rejected": s.rejected_samples, "worker_records": s.scored,
         "live_records": len(live), "live_failed_records": live_failed, "replay_records": len(offline),
@@ -207,9 +213,9 @@ def bench_archive_live(gpus: int = 64, seconds: float = DAY_S, seed: int = 31, f
 
 
 def run_archive_live_bench(args: argparse.Namespace) -> dict[str, Any]:
-    f = bench_archive_live(gpus=args.gpus or 64, seconds=args.seconds or DAY_S)
+    f = bench_archive_live(gpus=args.gpus or 64, seconds=args.seconds or DAY_S, interval_s=args.interval)
     rows: list[tuple[str, Any, str]] = [
-        ("fleet", f"{f['gpus']} GPUs x {f['fleet_seconds']:,.0f} s at 1 Hz", f"{f['gpu_days']} GPU-days, "
+        ("fleet", f"{f['gpus']} GPUs x {f['fleet_seconds']:,.0f} s, every {f['interval_s']:g} s", f"{f['gpu_days']} GPU-days, "
          f"{f['failures']} failures"),
         ("GPU-samples through the live worker", f["worker_gpu_samples"], f"{f['worker_rejected']} rejected"),
         ("risk records, live (archived)", f["live_records"], f"plus {f['live_failed_records']} of failed GPUs"),

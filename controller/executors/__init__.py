@@ -1,5 +1,5 @@
 """Executors carry out remediation events; one module per kind: dry_run, command, webhook, slurm,
-kubernetes, and agent_command (checkpoint requests signed for the node agent). The controller owns
+kubernetes, and agent_command (checkpoint, throttle and restore requests signed for the node agent). The controller owns
 de-duplication, timing and recording; an executor only acts. docs/remediation.md is the operator's guide.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from gpuwatch.config import EXECUTORS, ConfigError, Settings
-from gpuwatch.schemas.fields import ACTIONS
+from gpuwatch.schemas.fields import ACTIONS, AGENT_ACTIONS
 from gpuwatch.schemas.records import Remediation
 
 # RFC 1123 host names: letters, digits, '-' inside labels, '.' between labels; no leading '-' (not an option)
@@ -33,7 +33,8 @@ class Outcome:
 
 @runtime_checkable
 class Executor(Protocol):
-    """Carries out a decoded `gpuwatch.remediation/1` event (action checkpoint, migrate, reboot or repair).
+    """Carries out a decoded `gpuwatch.remediation/1` event (action checkpoint, migrate, reboot, repair, throttle or
+    restore).
 
     `execute` should return a failed Outcome rather than raise; an exception is recorded as a failure too.
     It runs on the controller's thread: long operations block the next event.
@@ -52,7 +53,7 @@ def target_values(event: Remediation) -> dict[str, str]:
     """The event's host, gpu_index, action, id, uuid and risk as checked strings.
 
     Raises UnsafeTarget unless host is an RFC 1123 host name, gpu_index a non-negative int, action one of
-    checkpoint/migrate/reboot/repair, id and uuid plain tokens ([A-Za-z0-9._-], not starting with '-'), risk in 0..1.
+    one of ACTIONS, id and uuid plain tokens ([A-Za-z0-9._-], not starting with '-'), risk in 0..1.
     """
     host, gpu, action = event.host, event.gpu_index, event.action
     if not isinstance(host, str) or not _HOST_RE.fullmatch(host):
@@ -88,7 +89,8 @@ def short_reason(event: Remediation, limit: int = 160) -> str:
 
 
 class CheckpointRouter:
-    """Sends checkpoint events to `checkpoint` and migrate/reboot/repair events to `main`."""
+    """Sends the node agent's events (checkpoint, throttle, restore: `AGENT_ACTIONS`) to `checkpoint` and
+    migrate/reboot/repair events to `main`."""
 
     def __init__(self, main: Executor, checkpoint: Executor) -> None:
         self.main = main
@@ -96,13 +98,13 @@ class CheckpointRouter:
         self.name = f"{main.name}+{checkpoint.name}"
 
     def execute(self, event: Remediation) -> Outcome:
-        return (self.checkpoint if event.action == "checkpoint" else self.main).execute(event)
+        return (self.checkpoint if event.action in AGENT_ACTIONS else self.main).execute(event)
 
 
 def make_executor(settings: Settings) -> Executor:
     """The executor named by `settings.controller_executor` (dry-run, command, webhook, slurm, kubernetes).
 
-    Checkpoint events go to the node agent as signed commands (`agent_command`) when
+    Checkpoint, throttle and restore events go to the node agent as signed commands (`agent_command`) when
     `command_signing_key` is set. Without a key, the command and webhook executors get them like any
     other action, while slurm and kubernetes (which have no checkpoint) only log them (dry run).
     The dry-run executor never acts, key or not. Raises ConfigError naming the setting to fix.

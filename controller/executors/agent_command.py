@@ -1,7 +1,8 @@
-"""Checkpoint requests for the node agent: a signed `gpuwatch.command/1` message on `topic_commands`,
+"""Checkpoint, throttle and restore requests for the node agent: a signed `gpuwatch.command/1` message on `topic_commands`,
 keyed by host. The agent (`gpuwatch.producers.commands.CommandListener`) verifies it and signals the
-processes on that GPU; its acknowledgement arrives later on `topic_outcomes` (`gpuwatch.command_ack/1`).
-Success here means Kafka accepted the command, not that the job has checkpointed.
+processes on that GPU, or sets / puts back its power limit; its acknowledgement arrives later on
+`topic_outcomes` (`gpuwatch.command_ack/1`). Success here means Kafka accepted the command, not that the job
+has checkpointed or the limit changed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from confluent_kafka import Producer
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.schemas.codecs import encode_command
+from gpuwatch.schemas.fields import AGENT_ACTIONS
 from gpuwatch.schemas.records import Command, Remediation
 from gpuwatch.signing import sign_command
 
@@ -23,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def command_from_event(event: Remediation) -> Command:
-    """The agent command for a remediation event (same id, host, GPU, uuid, action, reason, risk), not yet signed:
-    `sign_command` fills nonce, issued_at, expires_at and sig."""
+    """The agent command for a remediation event (same id, host, GPU, uuid, action, reason, risk, and a throttle's
+    power_limit_frac and duration_s), not yet signed: `sign_command` fills nonce, issued_at, expires_at and sig."""
     return Command(
         id=event.id,
         host=event.host,
@@ -37,11 +39,14 @@ def command_from_event(event: Remediation) -> Command:
         issued_at=0.0,
         expires_at=0.0,
         sig="",
+        power_limit_frac=event.power_limit_frac,
+        duration_s=event.duration_s,
     )
 
 
 class AgentCommandExecutor:
-    """Publishes checkpoint events as commands signed with `key`, valid for `settings.command_ttl_s`."""
+    """Publishes checkpoint, throttle and restore events as commands signed with `key`, valid for
+    `settings.command_ttl_s`."""
 
     name = "agent-command"
 
@@ -65,8 +70,12 @@ class AgentCommandExecutor:
         except UnsafeTarget as exc:
             log.warning("remediation %s refused: %s", event.id, exc)
             return Outcome(ok=False, detail=f"refused: {exc}")
-        if event.action != "checkpoint":
-            return Outcome(ok=False, detail=f"node agents only take checkpoint commands, not {event.action}")
+        if event.action not in AGENT_ACTIONS:
+            return Outcome(ok=False, detail=f"node agents take {', '.join(AGENT_ACTIONS)} commands, not {event.action}")
+        if event.action == "throttle" and not (
+            isinstance(event.power_limit_frac, float) and isinstance(event.duration_s, float)
+        ):
+            return Outcome(ok=False, detail="a throttle event needs power_limit_frac and duration_s; not sent")
         command = sign_command(command_from_event(event), self._key, ttl_s=self.settings.command_ttl_s)
         producer = self._ensure()
         errors: list[str] = []
@@ -81,9 +90,9 @@ class AgentCommandExecutor:
         left = producer.flush(self.settings.controller_timeout_s)
         if left or errors:
             why = errors[0] if errors else f"not acknowledged within {self.settings.controller_timeout_s:g} s"
-            return Outcome(ok=False, detail=f"checkpoint command for {event.host} not delivered: {why}")
+            return Outcome(ok=False, detail=f"{event.action} command for {event.host} not delivered: {why}")
         detail = (
-            f"checkpoint command sent to the agent on {event.host} (GPU {event.gpu_index}, "
+            f"{event.action} command sent to the agent on {event.host} (GPU {event.gpu_index}, "
             f"nonce {command.nonce}, expires in {self.settings.command_ttl_s:g} s)"
         )
         log.info("remediation %s: %s", event.id, detail)

@@ -1,0 +1,309 @@
+"""Throttle before you drain (issue 17): the agent's power limiter on the NVML stand-in, the signed throttle and
+restore commands, the policy's throttle step and the simulator's power cap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import orjson
+import pytest
+
+from gpuwatch.config import Settings
+from gpuwatch.costs import CostModel
+from gpuwatch.producers.commands import CommandListener, Handled
+from gpuwatch.producers.throttle import PowerLimiter, ThrottleState
+from gpuwatch.schemas.codecs import decode_remediation, encode_remediation
+from gpuwatch.schemas.records import Command, Remediation, Risk
+from gpuwatch.signing import MemoryNonceStore, sign
+from gpuwatch.simulator.fake_nvml import FakeNvml
+from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
+from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
+
+HOST = "node-0003"
+KEY = "controller-key-7f3a9c1e5b"
+T0 = 1_750_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def nvml(privileged: bool = True) -> FakeNvml:
+    fake = FakeNvml(2, privileged=privileged)
+    fake.nvmlInit()
+    return fake
+
+
+def throttle(gpu: int, uuid: str, *, frac: float | None = 0.7, watts: float | None = None,
+             duration_s: float = 600.0, action: str = "throttle") -> Command:  # fmt: skip
+    extra = {"power_limit_frac": frac} if frac is not None else {}
+    if watts is not None:
+        extra = {"power_limit_w": watts}
+    return Command(id="t1", host=HOST, gpu_index=gpu, uuid=uuid, action=action, reason="test", risk=0.9,  # type: ignore[arg-type]
+                   nonce="0" * 32, issued_at=1.0, expires_at=2.0, sig="0" * 64,
+                   duration_s=duration_s if action == "throttle" else msgspec.UNSET, **extra)  # fmt: skip
+
+
+def limiter(tmp_path: Path, fake: FakeNvml, clock: Clock) -> PowerLimiter:
+    return PowerLimiter(fake, ThrottleState(tmp_path / "throttle.json"), clock=clock)
+
+
+def limit_w(fake: FakeNvml, gpu: int) -> float:
+    return fake.nvmlDeviceGetEnforcedPowerLimit(fake.nvmlDeviceGetHandleByIndex(gpu)) / 1000
+
+
+# ---------------------------------------------------------------- the agent's power limiter
+
+
+def test_throttle_saves_the_limit_before_changing_it_and_restores_it_when_its_time_runs_out(tmp_path: Path) -> None:
+    fake, clock = nvml(), Clock()
+    seen: list[object] = []
+    real_set = fake.nvmlDeviceSetPowerManagementLimit
+
+    def set_limit(handle: object, mw: int) -> None:  # what the state file holds at the moment NVML changes
+        seen.append(orjson.loads((tmp_path / "throttle.json").read_bytes()))
+        real_set(handle, mw)
+
+    fake.nvmlDeviceSetPowerManagementLimit = set_limit  # type: ignore[method-assign]
+    lim = limiter(tmp_path, fake, clock)
+    done = lim(throttle(1, fake.gpus[1].uuid, frac=0.7, duration_s=600.0))
+    assert done.ok and limit_w(fake, 1) == 490.0 and limit_w(fake, 0) == 700.0
+    assert seen[0][0]["original_mw"] == 700_000 and seen[0][0]["limit_mw"] == 490_000
+    # a second throttle keeps the saved original and moves the end of the hold
+    fake.gpus[1].power_limit_mw = 490_000
+    clock.now += 300
+    assert lim(throttle(1, fake.gpus[1].uuid, watts=400.0, duration_s=600.0)).ok and limit_w(fake, 1) == 400.0
+    clock.now += 400  # 700 s after the first throttle, 400 s after the second: still held
+    assert lim.restore_due() == [] and limit_w(fake, 1) == 400.0
+    clock.now += 200
+    restored = lim.restore_due()
+    assert [h.ok for h in restored] == [True] and limit_w(fake, 1) == 700.0
+    assert ThrottleState(tmp_path / "throttle.json").load() == {}
+
+
+def test_throttle_is_clamped_to_the_boards_constraints_and_the_stand_in_refuses_a_limit_outside_them(
+    tmp_path: Path,
+) -> None:
+    fake = nvml()
+    done = limiter(tmp_path, fake, Clock())(throttle(0, fake.gpus[0].uuid, frac=0.1))
+    assert done.ok and limit_w(fake, 0) == 200.0 and "the board allows 200..700 W" in done.detail
+    with pytest.raises(Exception, match="Invalid Argument|InvalidArgument"):
+        fake.nvmlDeviceSetPowerManagementLimit(fake.nvmlDeviceGetHandleByIndex(0), 150_000)
+
+
+def test_without_permission_the_throttle_fails_says_what_the_agent_needs_and_leaves_no_state(tmp_path: Path) -> None:
+    fake = nvml(privileged=False)
+    done = limiter(tmp_path, fake, Clock())(throttle(0, fake.gpus[0].uuid))
+    assert not done.ok and "not permitted" in done.detail and "root" in done.detail
+    assert limit_w(fake, 0) == 700.0 and ThrottleState(tmp_path / "throttle.json").load() == {}
+
+
+def test_restore_command_and_agent_start_put_the_saved_limit_back(tmp_path: Path) -> None:
+    fake, clock = nvml(), Clock()
+    lim = limiter(tmp_path, fake, clock)
+    uuid0, uuid1 = fake.gpus[0].uuid, fake.gpus[1].uuid
+    assert lim(throttle(0, uuid0, duration_s=3600.0)).ok and lim(throttle(1, uuid1, duration_s=3600.0)).ok
+    assert lim(throttle(0, uuid0, action="restore")).ok and limit_w(fake, 0) == 700.0
+    assert lim(throttle(0, uuid0, action="restore")).detail.startswith("GPU 0 is not throttled")
+    # the agent stops with GPU 1 throttled; a new one (a new limiter on the same file) restores it at start
+    restarted = limiter(tmp_path, fake, clock)
+    assert [h.ok for h in restarted.restore_all()] == [True] and limit_w(fake, 1) == 700.0
+    assert ThrottleState(tmp_path / "throttle.json").load() == {}
+
+
+def test_a_board_replaced_while_throttled_is_forgotten_not_restored(tmp_path: Path) -> None:
+    fake, clock = nvml(), Clock()
+    lim = limiter(tmp_path, fake, clock)
+    assert lim(throttle(0, fake.gpus[0].uuid)).ok
+    fake.gpus[0].uuid, fake.gpus[0].power_limit_mw = "GPU-new-board", 650_000
+    done = lim.restore_all()
+    assert done[0].ok and "forgotten" in done[0].detail and limit_w(fake, 0) == 650.0
+
+
+def test_an_unreadable_state_file_is_named_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "throttle.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"throttle state file .*throttle.json is unreadable.*delete it"):
+        ThrottleState(tmp_path / "throttle.json").load()
+
+
+# ---------------------------------------------------------------- signed commands through the listener
+
+
+def _listener(tmp_path: Path, fake: FakeNvml, with_limiter: bool = True) -> CommandListener:
+    lim = limiter(tmp_path, fake, Clock()) if with_limiter else None
+    return CommandListener(Settings(), HOST, keys=[KEY.encode()], seen_nonce_store=MemoryNonceStore(),
+                           handler=lambda c: Handled(True, "checkpointed"), limiter=lim,
+                           clock=lambda: T0)  # fmt: skip
+
+
+def _signed(fake: FakeNvml, **fields: object) -> bytes:
+    base = {"schema": "gpuwatch.command/1", "id": "r1", "host": HOST, "gpu_index": 1, "uuid": fake.gpus[1].uuid,
+            "action": "throttle", "reason": "alarm", "risk": 0.9, **fields}  # fmt: skip
+    return orjson.dumps(sign(base, KEY, now=T0))
+
+
+def test_the_listener_runs_a_signed_throttle_and_refuses_a_malformed_or_unsupported_one(tmp_path: Path) -> None:
+    fake = nvml()
+    listener = _listener(tmp_path, fake)
+    ack = listener.process(HOST, _signed(fake, power_limit_frac=0.6, duration_s=900))  # an int duration is fine
+    assert ack is not None and ack.accepted and ack.ok and limit_w(fake, 1) == 420.0
+    bad = listener.process(HOST, _signed(fake, power_limit_frac=0.6, power_limit_w=400.0, duration_s=900.0))
+    assert bad is not None and (bad.accepted, bad.reason) == (False, "malformed") and "exactly one" in bad.detail
+    no_time = listener.process(HOST, _signed(fake, power_limit_w=400.0))
+    assert no_time is not None and no_time.reason == "malformed" and "duration_s" in no_time.detail
+    out_of_range = listener.process(HOST, _signed(fake, power_limit_frac=1.5, duration_s=60.0))
+    assert out_of_range is not None and out_of_range.reason == "malformed" and "power_limit_frac" in out_of_range.detail
+    plain = _listener(tmp_path / "other", fake, with_limiter=False)
+    refused = plain.process(HOST, _signed(fake, power_limit_frac=0.6, duration_s=60.0))
+    assert refused is not None and refused.reason == "unsupported_action" and "agent_throttle_state_file" in refused.detail
+
+
+def test_listener_from_settings_has_a_limiter_only_with_a_state_file(tmp_path: Path) -> None:
+    settings = Settings(command_signing_key=KEY)
+    assert CommandListener.from_settings(settings, HOST, nvml()).limiter is None
+    listener = CommandListener.from_settings(
+        settings.replace(agent_throttle_state_file=str(tmp_path / "t.json")), HOST, nvml()
+    )
+    assert listener.limiter is not None and listener.limiter.state.path == tmp_path / "t.json"
+
+
+# ---------------------------------------------------------------- the policy
+
+
+def risk(ts: float, *, alarm: bool, drain: bool = False, mode: str = "thermal") -> Risk:
+    return Risk(host=HOST, gpu_index=1, uuid="GPU-1", ts=ts, risk=0.5 if alarm else 0.01, horizon_s=3600.0,
+                mode=mode, model="m", scored_at=ts, score=0.99 if alarm else 0.1, alarm=alarm, drain=drain,  # type: ignore[arg-type]
+                op="model:0.9x1/10s")  # fmt: skip
+
+
+def actions(policy: RemediationPolicy, records: list[Risk]) -> list[Remediation]:
+    out = []
+    for rec in records:
+        out += policy.observe([rec], now=rec.ts)
+    return out
+
+
+def test_policy_throttles_a_thermal_alarm_first_and_restores_when_risk_falls() -> None:
+    policy = RemediationPolicy(throttle_s=1800.0, throttle_frac=0.7, throttle_grace_s=300.0, episode_gap_s=600.0)
+    events = actions(policy, [risk(T0, alarm=True), risk(T0 + 100, alarm=True), risk(T0 + 200, alarm=False),
+                              risk(T0 + 900, alarm=False)])  # fmt: skip
+    assert [e.action for e in events] == ["throttle", "restore"]
+    first = events[0]
+    assert (first.power_limit_frac, first.duration_s) == (0.7, 1800.0)
+    assert decode_remediation(encode_remediation(first)) == first
+    # the alarm comes back within the cooldown: the throttle did not hold, the ladder starts at once
+    again = actions(policy, [risk(T0 + 1000, alarm=True, drain=True), risk(T0 + 1100, alarm=True, drain=True)])
+    assert [e.action for e in again] == ["checkpoint", "migrate"]
+
+
+def test_policy_goes_down_the_ladder_when_the_alarm_holds_after_the_throttle_and_never_throttles_memory() -> None:
+    policy = RemediationPolicy(throttle_s=1800.0, throttle_grace_s=300.0)
+    held = [risk(T0 + s, alarm=True, drain=True, mode="power") for s in (0, 100, 299, 300, 400)]
+    assert [(e.action, e.ts - T0) for e in actions(policy, held)] == [
+        ("throttle", 0), ("checkpoint", 300), ("migrate", 400)]  # fmt: skip
+    memory = RemediationPolicy(throttle_s=1800.0)
+    assert [e.action for e in actions(memory, [risk(T0, alarm=True, mode="memory")])] == ["checkpoint"]
+    off = RemediationPolicy()  # throttle_s 0: the ladder as before
+    assert [e.action for e in actions(off, [risk(T0, alarm=True)])] == ["checkpoint"]
+
+
+def test_throttling_is_on_only_where_the_cost_model_favours_it() -> None:
+    costs = CostModel(throttle_s=1800.0, throttle_slowdown=0.15)
+    assert costs.throttle_cost(1800.0) == pytest.approx(1024 * 0.15 * 0.5)
+    assert costs.throttle_favoured() and not CostModel(throttle_s=1800.0, throttle_slowdown=0.5).throttle_favoured()
+    on = Settings(policy_throttle_s=1800.0)
+    assert PolicyRules.from_settings(on).throttle_s == 1800.0
+    assert PolicyRules.from_settings(on.replace(policy_throttle_slowdown=0.5)).throttle_s == 0.0
+
+
+# ---------------------------------------------------------------- the simulator
+
+
+def test_a_power_cap_cools_the_gpu_reports_the_limit_and_slows_a_thermal_precursor() -> None:
+    def run(cap: float | None) -> tuple[FleetSimulator, list[dict]]:
+        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=20.0, start_ts=T0,
+                                         rate_per_gpu_day=0.0, job_len_s=(1e6, 1e6), idle_len_s=(1.0, 1.0)))  # fmt: skip
+        sim.schedule_failure(0, 0, "thermal", 3000.0, 2900.0, strength=1.0)
+        for _ in range(15):
+            sim.step()
+        if cap is not None:
+            assert sim.set_power_limit(0, 0, cap) == pytest.approx(700.0 * cap)
+        snaps = [sim.step()[0] for _ in range(60)]
+        return sim, snaps
+
+    free, free_snaps = run(None)
+    capped, capped_snaps = run(0.6)
+    assert capped_snaps[-1]["gpus"][0]["power_limit_w"] == pytest.approx(420.0)
+    assert capped_snaps[-1]["gpus"][1]["power_limit_w"] == pytest.approx(700.0)
+    assert capped_snaps[-1]["gpus"][0]["temp_c"] < free_snaps[-1]["gpus"][0]["temp_c"] - 5
+    assert capped._f_fail[0] > free._f_fail[0] + 600  # noqa: SLF001 - the precursor slowed: failure later
+    with pytest.raises(ValueError, match="not in"):
+        capped.set_power_limit(0, 0, 1.5)
+
+
+# ---------------------------------------------------------------- the controller
+
+
+def test_the_controller_sends_throttle_and_restore_to_the_agent_signed_with_the_limit_and_duration() -> None:
+    from gpuwatch.controller.executors import CheckpointRouter
+    from gpuwatch.controller.executors import Outcome as Done
+    from gpuwatch.controller.executors.agent_command import AgentCommandExecutor, command_from_event
+    from gpuwatch.signing import sign_command, verify
+
+    class Recording:
+        def __init__(self, name: str) -> None:
+            self.name, self.seen = name, []
+
+        def execute(self, event: Remediation) -> Done:
+            self.seen.append(event.action)
+            return Done(ok=True, detail=self.name)
+
+    event = Remediation(id="abc123", host=HOST, gpu_index=1, uuid="GPU-1", action="throttle", reason="alarm",
+                        risk=0.5, ts=T0, power_limit_frac=0.7, duration_s=1800.0)  # fmt: skip
+    main, agent = Recording("main"), Recording("agent")
+    router = CheckpointRouter(main, agent)
+    for action in ("throttle", "restore", "checkpoint", "migrate"):
+        router.execute(msgspec.structs.replace(event, action=action))
+    assert (agent.seen, main.seen) == (["throttle", "restore", "checkpoint"], ["migrate"])
+    signed = msgspec.to_builtins(sign_command(command_from_event(event), KEY, now=T0))
+    verify(signed, [KEY.encode()], now=T0, seen_nonces=MemoryNonceStore())
+    assert (signed["power_limit_frac"], signed["duration_s"]) == (0.7, 1800.0)
+    # a throttle event without its limit is not sent (checked before any Kafka producer exists)
+    bare = msgspec.structs.replace(event, power_limit_frac=msgspec.UNSET)
+    done = AgentCommandExecutor(Settings(), key=KEY.encode()).execute(bare)
+    assert not done.ok and "power_limit_frac" in done.detail
+
+
+# ---------------------------------------------------------------- the evaluation's accounting
+
+
+def test_the_evaluation_prices_a_delayed_failure_and_the_throttle_that_delayed_it() -> None:
+    from gpuwatch.training.throttle_eval import ArmRun, failure_costs
+
+    costs = CostModel(throttle_slowdown=0.1)
+    plan = [{"gpu": 0, "mode": "thermal", "fail_in_s": 1000.0}, {"gpu": 1, "mode": "power", "fail_in_s": 2000.0}]
+    run = ArmRun(events=[("throttle", T0 + 500, 0), ("checkpoint", T0 + 900, 0), ("migrate", T0 + 1500, 1)],
+                 failed={0: T0 + 1000 + 4000}, throttled_s={0: 3600.0})  # fmt: skip
+    first, second = failure_costs(run, plan, costs, horizon_s=3600.0, start_ts=T0)
+    assert first["averted_or_delayed"] and first["delayed_s"] == 4000.0
+    # the checkpoint came 4,100 s before the (delayed) failure: it saved nothing; the throttle cost 1024 x 0.1 x 1 h
+    assert first["gpu_h"] == pytest.approx(costs.failure_loss() + costs.action_cost("checkpoint", real=True) + 102.4)
+    # not failed within the run, but its job moved: only the migration and the work since the last checkpoint
+    assert second["averted_or_delayed"] and second["fail_ts"] is None
+    assert second["gpu_h"] == pytest.approx(costs.action_cost("migrate", real=True) + 1024 * 0.5)
+
+
+def test_bench_throttle_refuses_bad_arguments_in_one_line() -> None:
+    import argparse
+
+    from gpuwatch.apps.bench.throttle import run_throttle_bench
+
+    args = argparse.Namespace(gpus=4, healthy_gpu_days=0.0, false_alarms_per_1000=None, seed=0, halt_cut=0.0,
+                              json_path=None)  # fmt: skip
+    with pytest.raises(SystemExit, match="--halt-cut > 0"):
+        run_throttle_bench(args, Settings())
