@@ -75,6 +75,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(args, _settings(args))
 
 
+def cmd_federated(args: argparse.Namespace) -> int:
+    from gpuwatch.training.federated import FederatedError, join_command, serve_command, simulate_command
+
+    run = {"serve": serve_command, "join": join_command, "simulate": simulate_command}[args.federated_command]
+    try:
+        return run(args) if run is join_command else run(args, _settings(args))
+    except FederatedError as exc:
+        print(f"gpuwatch federated {args.federated_command}: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from gpuwatch.memory import spare_startup_heap_from_gc
     from gpuwatch.training.score import score_command
@@ -269,11 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_simulate)
 
-    from gpuwatch.training.args import add_eval_args, add_score_args, add_train_args
+    from gpuwatch.training.args import add_eval_args, add_federated_args, add_score_args, add_train_args
 
     p = sub.add_parser("train", help="train a model artifact from recorded samples + labels")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("federated", help="train across sites that share only weights (Flower; docs/federated.md)")
+    add_federated_args(p)
+    p.set_defaults(func=cmd_federated)
 
     p = sub.add_parser("score", help="score recorded samples offline with the stream's features and model")
     add_score_args(p)

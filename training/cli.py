@@ -190,7 +190,7 @@ def _train(args: argparse.Namespace, settings: Settings | None = None) -> int:
         gbdt = GbdtBaseline.fit(data, split[0], split[1], artifact)
         print(f"gbdt baseline trained in {time.time() - t2:.0f} s", file=sys.stderr)
     del data
-    return _choose_and_save(artifact, gbdt, args, t0, settings)
+    return choose_and_save(artifact, gbdt, args, t0, settings)
 
 
 def operating_point_command(args: argparse.Namespace, t0: float, settings: Settings) -> int:
@@ -202,10 +202,10 @@ def operating_point_command(args: argparse.Namespace, t0: float, settings: Setti
     sibling = Path(args.operating_point_of).with_suffix(".gbdt.txt")
     gbdt = GbdtBaseline.load(sibling, artifact) if sibling.exists() and not args.no_gbdt else None
     artifact.metrics["operating_point_of"] = str(args.operating_point_of)
-    return _choose_and_save(artifact, gbdt, args, t0, settings)
+    return choose_and_save(artifact, gbdt, args, t0, settings)
 
 
-def _choose_and_save(
+def choose_and_save(
     artifact: ModelArtifact, gbdt: GbdtBaseline | None, args: argparse.Namespace, t0: float, settings: Settings,
     val_recordings: list[Recording] | None = None, own_fleet: bool = False,
 ) -> int:  # fmt: skip

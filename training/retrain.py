@@ -185,7 +185,7 @@ def _open(args: argparse.Namespace) -> Recording:
 
 def retrain_command(args: argparse.Namespace, settings: Settings) -> int:
     """`gpuwatch train --archive`: see the module docstring. Writes args.out and its JSON report (.json)."""
-    from gpuwatch.training.cli import _choose_and_save, data_fingerprint
+    from gpuwatch.training.cli import choose_and_save, data_fingerprint
 
     t0 = time.time()
     if args.data or args.val_data or args.operating_point_of:
@@ -241,7 +241,7 @@ def retrain_command(args: argparse.Namespace, settings: Settings) -> int:
     artifact.metrics["retrained"] = about
     # Calibration and operating points at the fleet's own failure rate, on the validation window only.
     fleet = dataclasses.replace(settings, fleet_failure_rate_per_gpu_day=own_rate)
-    _choose_and_save(artifact, None, args, t0, fleet, val_recordings=[validation], own_fleet=True)
+    choose_and_save(artifact, None, args, t0, fleet, val_recordings=[validation], own_fleet=True)
     report = {**about, "model": artifact.version, "out": str(args.out),
               "calibration_prevalence": artifact.calibration_prevalence,
               "alarm": {"threshold": artifact.threshold, "for_s": artifact.alarm_for_s},
