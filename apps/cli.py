@@ -75,6 +75,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_command(args, _settings(args))
 
 
+def cmd_federated(args: argparse.Namespace) -> int:
+    from gpuwatch.training.federated import FederatedError, join_command, serve_command, simulate_command
+
+    run = {"serve": serve_command, "join": join_command, "simulate": simulate_command}[args.federated_command]
+    try:
+        return run(args) if run is join_command else run(args, _settings(args))
+    except FederatedError as exc:
+        print(f"gpuwatch federated {args.federated_command}: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from gpuwatch.memory import spare_startup_heap_from_gc
     from gpuwatch.training.score import score_command
@@ -214,6 +225,12 @@ def cmd_labels(args: argparse.Namespace) -> int:
     return labels_command(args, _settings(args))
 
 
+def cmd_model(args: argparse.Namespace) -> int:
+    from gpuwatch.apps.model_cli import model_command
+
+    return model_command(args, _settings(args))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from gpuwatch.apps.bench.cli import bench_command
 
@@ -263,11 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_simulate)
 
-    from gpuwatch.training.args import add_eval_args, add_score_args, add_train_args
+    from gpuwatch.training.args import add_eval_args, add_federated_args, add_score_args, add_train_args
 
     p = sub.add_parser("train", help="train a model artifact from recorded samples + labels")
     add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("federated", help="train across sites that share only weights (Flower; docs/federated.md)")
+    add_federated_args(p)
+    p.set_defaults(func=cmd_federated)
 
     p = sub.add_parser("score", help="score recorded samples offline with the stream's features and model")
     add_score_args(p)
@@ -371,9 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", default="", help=archive_help)
     p.set_defaults(func=cmd_labels)
 
+    p = sub.add_parser("model", help="model lifecycle: shadow a challenger, compare, promote, rollback, stop, status")
+    from gpuwatch.apps.model_args import add_model_args
+
+    add_model_args(p)
+    p.set_defaults(func=cmd_model)
+
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["stream", "agent", "simulate", "decode", "codecs", "score", "reliability", "gpu",
-                                     "archive", "forecast", "throttle", "soak"])
+                                     "archive", "forecast", "throttle", "explain", "soak"])
     p.add_argument("--json", dest="json_path", help="write the figures here")
     p.add_argument("--gpus", type=int, default=0, help="fleet size (0: the benchmark's default)")
     p.add_argument("--seconds", type=float, default=0.0,

@@ -124,7 +124,8 @@ class ArchiveReader:
         for rel in self.files(table):
             by_day.setdefault(rel.split("/")[1], []).append(rel)
         for day in sorted(by_day):
-            data = pa.concat_tables([self.read(rel) for rel in by_day[day]])
+            # promote: a day may hold files written before a field was added (its column is null there)
+            data = pa.concat_tables([self.read(rel) for rel in by_day[day]], promote_options="default")
             if self.since is not None or self.until is not None:
                 t = data[spec.day_field].to_numpy()
                 keep = (t >= (self.since if self.since is not None else -1.0)) & (

@@ -29,7 +29,7 @@ from gpuwatch.schemas.records import Outcome, Remediation, Risk, columns
 
 SAMPLES, RISK, REMEDIATION, OUTCOMES, DEADLETTER = "samples", "risk", "remediation", "outcomes", "deadletter"
 TABLES: tuple[str, ...] = (SAMPLES, RISK, REMEDIATION, OUTCOMES, DEADLETTER)
-_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+_ARROW = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "json": pa.string()}
 _SOURCE = [pa.field("kafka_partition", pa.int32()), pa.field("kafka_offset", pa.int64())]
 
 SAMPLES_SCHEMA = pa.schema(
@@ -139,7 +139,9 @@ def to_arrow(table: str, rows: list[Row]) -> pa.Table:
     spec = RECORD_TABLES[table]
     known = {name for name, _ in spec.fields} | {"schema"}
     rows = sorted(rows, key=lambda r: (float(r.value[spec.day_field]), r.offset))
-    cols = {name: [r.value.get(name) for r in rows] for name, _ in spec.fields}
+    cols = {name: [r.value.get(name) for r in rows] for name, kind in spec.fields if kind != "json"}
+    for name in (name for name, kind in spec.fields if kind == "json"):  # a list field is kept as its JSON text
+        cols[name] = [None if (v := r.value.get(name)) is None else orjson.dumps(v).decode() for r in rows]
     extras = [{k: v for k, v in r.value.items() if k not in known} for r in rows]
     cols["extra"] = [orjson.dumps(e).decode() if e else None for e in extras]
     cols["kafka_partition"] = [r.partition for r in rows]
@@ -207,10 +209,13 @@ def record_dicts(table: pa.Table, spec: RecordTable) -> list[dict]:
     """The records of a risk, remediation or outcome table as their JSON objects, as they came (absent optional
     fields left out, unknown fields back from `extra`), in row order."""
     names = [name for name, _ in spec.fields]
+    as_json = {name for name, kind in spec.fields if kind == "json"}
     tag = {RISK: F.RISK_SCHEMA, REMEDIATION: F.REMEDIATION_SCHEMA, OUTCOMES: F.OUTCOME_SCHEMA}[spec.name]
     out = []
-    for row in zip(*(table[n].to_pylist() for n in names), table["extra"].to_pylist()):
-        rec = {"schema": tag, **{n: v for n, v in zip(names, row) if v is not None}}
+    # a file written before a field was added lacks its column: the field reads as absent
+    present = [table[n].to_pylist() if n in table.column_names else [None] * len(table) for n in names]
+    for row in zip(*present, table["extra"].to_pylist()):
+        rec = {"schema": tag, **{n: orjson.loads(v) if n in as_json else v for n, v in zip(names, row) if v is not None}}
         if row[-1]:
             rec.update(orjson.loads(row[-1]))
         out.append(rec)

@@ -44,6 +44,8 @@ class Settings:
     topic_deadletter: str = field(default="gpuwatch.deadletter", metadata={"doc": "Messages that failed to decode or validate."})
     topic_outcomes: str = field(default="gpuwatch.remediation.outcomes", metadata={"doc": "Outcomes of executed remediations (future training labels), keyed by host."})
     topic_commands: str = field(default="gpuwatch.commands", metadata={"doc": "Signed commands to node agents (checkpoint requests), keyed by host."})
+    topic_risk_shadow: str = field(default="gpuwatch.risk.shadow", metadata={"doc": "Risk records of the challenger model (`gpuwatch model shadow`), keyed by host: no sink reads it, so nothing acts on them; `gpuwatch model compare` does."})
+    topic_model_control: str = field(default="gpuwatch.model.control", metadata={"doc": "Model lifecycle commands (`gpuwatch model shadow/promote/rollback/stop`), one partition; every stream worker follows it (docs/lifecycle.md)."})
     partitions: int = field(default=8, metadata={"doc": "Partitions for topics gpuwatch creates (bounds stream parallelism)."})
     kafka_delivery_timeout_s: float = field(default=15.0, metadata={"doc": "Stream worker, sinks and controller: a message Kafka has not acknowledged within this long is resent by a fresh producer; the input's offsets wait for it however long the outage lasts."})
 
@@ -70,6 +72,8 @@ class Settings:
         default=30.0, metadata={"doc": "Seconds between window checkpoints to the stream's changelog topic."}
     )
     model_path: str = field(default="", metadata={"doc": "Model artifact; empty uses the one shipped in the package."})
+    model_registry: str = field(default="", metadata={"doc": "Folder of model artifacts `gpuwatch model shadow` registers and stream workers load challengers and promoted models from (a volume every worker mounts at this path); empty: model lifecycle commands are refused."})
+    model_control_poll_s: float = field(default=1.0, metadata={"doc": "Seconds between two reads of topic_model_control by a stream worker (how soon a promote or rollback takes effect)."})
     device: str = field(default="auto", metadata={"doc": "Inference device: auto (CUDA when present), cpu or cuda."})
 
     fleet_failure_rate_per_gpu_day: float = field(default=1.943e-4, metadata={"doc": "Failures per GPU-day of the fleet gpuwatch runs on (default: the StepFun trace's 1.943e-4); `risk` in risk records is a probability at this base rate."})
@@ -265,6 +269,7 @@ ALLOWED: dict[str, Allowed] = {
     "torch_threads": Allowed(lo=1),
     "stream_stats_interval_s": _POSITIVE,
     "checkpoint_interval_s": _POSITIVE,
+    "model_control_poll_s": _POSITIVE,
     "fleet_failure_rate_per_gpu_day": Allowed(lo=0, hi=1, hi_open=True,
                                               why="failures per GPU-day; the StepFun trace's is 1.943e-4"),
     "alarm_threshold": Allowed(lo=0, hi=1, why="a calibrated score; 0 keeps the model's"),

@@ -304,12 +304,16 @@ class _GpuRisk:
     alarm: bool = False
     failed: bool = False
     op: str = ""
+    why: tuple[tuple[str, str, float], ...] = ()  # (signal, text, severity) of a GPU in alarm
 
 
 class FleetRiskCollector(Collector):
     """Per-GPU `gpuwatch_failure_risk{host,gpu,uuid,mode}`, `gpuwatch_gpu_alarm{host,gpu,uuid,mode,op}` (1 while
     the model's operating point holds: what the alerts and the policy act on), `gpuwatch_gpu_failed{host,gpu,uuid}`
     and `gpuwatch_gpu_last_risk_timestamp_seconds`. A failed GPU has no risk series: it is not a prediction.
+    A GPU in alarm whose record says why (`Risk.why`) also has `gpuwatch_gpu_alarm_reason{host,gpu,uuid,rank,signal,
+    reason}` = the reason's severity, one series per reason (at most 3 per GPU in alarm; `reason` is the text, so
+    the series change as its numbers do: only the few GPUs in alarm have them).
 
     The sink calls `update(records)` once per batch; a scrape reads the newest record per GPU. Risk is
     exported only while fresh (received within `fresh_for_s`), so a GPU that went silent or moved to another
@@ -337,7 +341,8 @@ class FleetRiskCollector(Collector):
                 ts = min(r.ts, wall)  # a ts from a fast node clock would hide a silent GPU, as in Redis
                 old = latest.get(key)
                 if old is None or ts >= old.ts:
-                    latest[key] = _GpuRisk(r.uuid, r.mode, r.risk, ts, now, r.alarm, r.failed, r.op)
+                    why = tuple((w.signal, w.text, w.severity) for w in r.why) if isinstance(r.why, list) else ()
+                    latest[key] = _GpuRisk(r.uuid, r.mode, r.risk, ts, now, r.alarm, r.failed, r.op, why)
 
     def clear(self) -> None:
         with self._lock:
@@ -364,6 +369,12 @@ class FleetRiskCollector(Collector):
             "Sample time of the GPU's newest risk record (a GPU silent for long has an old value).",
             labels=["host", "gpu", "uuid"],
         )
+        reason = GaugeMetricFamily(
+            "gpuwatch_gpu_alarm_reason",
+            "Why a GPU in alarm is at risk: one series per reason (rank 1 first), the text in `reason`; value is the "
+            "reason's severity (1 = clearly abnormal).",
+            labels=["host", "gpu", "uuid", "rank", "signal", "reason"],
+        )
         with self._lock:
             for key in [k for k, v in self._latest.items() if now - v.received > self.forget_after_s]:
                 del self._latest[key]
@@ -373,10 +384,14 @@ class FleetRiskCollector(Collector):
                 if not v.failed:
                     risk.add_metric([host, str(gpu), v.uuid, v.mode], v.risk)
                 alarm.add_metric([host, str(gpu), v.uuid, v.mode, v.op], float(v.alarm))
+                if v.alarm:
+                    for rank, (signal, text, severity) in enumerate(v.why, 1):
+                        reason.add_metric([host, str(gpu), v.uuid, str(rank), signal, text], severity)
                 failed.add_metric([host, str(gpu), v.uuid], float(v.failed))
             seen.add_metric([host, str(gpu), v.uuid], v.ts)
         yield risk
         yield alarm
+        yield reason
         yield failed
         yield seen
 

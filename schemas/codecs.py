@@ -49,9 +49,11 @@ from .records import (
     MAX_GPU_INDEX,
     MAX_HOST_LEN,
     MAX_INT64,
+    AuditEntry,
     Command,
     CommandAck,
     DeadLetter,
+    ModelControl,
     Outcome,
     Remediation,
     Risk,
@@ -295,7 +297,15 @@ def _compile(t: Any, choices: tuple[str, ...] = (), nullable: bool = False) -> _
         return partial(_check_dict, value_check=_compile(t.value_type))
     if kind is mi.StructType:
         cls = t.cls
-        return lambda v, path, depth, max_depth: _check_struct(v, cls, path, depth, max_depth)
+
+        def check_object(v: Any, path: str, depth: int, max_depth: int | None) -> dict | None:
+            if v is None and nullable:
+                return None
+            if nullable and type(v) is not dict:
+                raise _fail(path, f"expected object or null, got {_describe(v)}", "type")
+            return _check_struct(v, cls, path, depth, max_depth)
+
+        return check_object
     raise TypeError(f"no check for {t!r}: the contracts use numbers, text, flags, enums, bytes, lists and objects")
 
 
@@ -744,6 +754,8 @@ _COMMAND = _Codec(Command)
 _COMMAND_ACK = _Codec(CommandAck)
 _DEADLETTER = _Codec(DeadLetter, max_bytes=4 * MAX_MESSAGE_BYTES)
 _STATS = _Codec(StreamStats)
+_AUDIT = _Codec(AuditEntry)
+_MODEL_CONTROL = _Codec(ModelControl)
 def decode_risk(raw: Raw | None) -> Risk:
     """Parses and validates one `gpuwatch.risk/1` message."""
     return _RISK.decode(raw)
@@ -763,6 +775,16 @@ def decode_remediation(raw: Raw | None) -> Remediation:
 def encode_remediation(rec: Remediation) -> bytes:
     """Serialises a remediation command; raises EncodeError if a reader would reject it."""
     return _REMEDIATION.encode(rec)
+
+
+def decode_audit(raw: Raw | None) -> AuditEntry:
+    """Parses and validates one `gpuwatch.audit/1` entry (the ``json`` field of a ``gpuwatch:audit`` entry)."""
+    return _AUDIT.decode(raw)
+
+
+def encode_audit(rec: AuditEntry) -> bytes:
+    """Serialises an audit entry; raises EncodeError if a reader would reject it."""
+    return _AUDIT.encode(rec)
 
 
 def decode_outcome(raw: Raw | None) -> Outcome:
@@ -853,6 +875,16 @@ def _printable(text: object) -> str:
     return str(text).encode("utf-8", "replace").decode("utf-8")
 
 
+def decode_model_control(raw: Raw | None) -> ModelControl:
+    """Parses and validates one `gpuwatch.model_control/1` message."""
+    return _MODEL_CONTROL.decode(raw)
+
+
+def encode_model_control(rec: ModelControl) -> bytes:
+    """Serialises a model control message; raises EncodeError if a reader would reject it."""
+    return _MODEL_CONTROL.encode(rec)
+
+
 def decode_deadletter(raw: Raw | None) -> DeadLetter:
     """Parses and validates one `gpuwatch.deadletter/1` message; `.original` holds the original bytes."""
     return _DEADLETTER.decode(raw)
@@ -866,15 +898,17 @@ def _schema_text(filename: str) -> str:
 # file name (without .json) -> contract tag
 SCHEMA_FILES = {"samples": SAMPLES_SCHEMA, **{name: codec.tag for name, codec in (
     ("risk", _RISK), ("remediation", _REMEDIATION), ("outcome", _OUTCOME), ("command", _COMMAND),
-    ("command_ack", _COMMAND_ACK), ("deadletter", _DEADLETTER), ("stats", _STATS))}}
+    ("command_ack", _COMMAND_ACK), ("deadletter", _DEADLETTER), ("stats", _STATS), ("audit", _AUDIT),
+    ("model_control", _MODEL_CONTROL))}}
 # contract tag -> the typed record (samples: the struct `decode_snapshot` reads the usual message with)
 STRUCTS: dict[str, type[msgspec.Struct]] = {SAMPLES_SCHEMA: SamplesMessage, **{codec.tag: codec.cls for codec in (
-    _RISK, _REMEDIATION, _OUTCOME, _COMMAND, _COMMAND_ACK, _DEADLETTER, _STATS)}}
+    _RISK, _REMEDIATION, _OUTCOME, _COMMAND, _COMMAND_ACK, _DEADLETTER, _STATS, _AUDIT, _MODEL_CONTROL)}}
 
 
 def load_schema(name: str) -> dict:
     """The JSON Schema (a fresh dict) of one contract: "samples", "risk", "remediation", "outcome", "command",
-    "command_ack", "deadletter" or "stats"; "samples.json" and the tag "gpuwatch.samples/1" work too."""
+    "command_ack", "deadletter", "stats", "audit" or "model_control"; "samples.json" and the tag
+    "gpuwatch.samples/1" work too."""
     base = name.removesuffix(".json")
     base = next((k for k, tag in SCHEMA_FILES.items() if tag == base), base)
     if base not in SCHEMA_FILES:

@@ -17,6 +17,8 @@ COMMAND_SCHEMA = "gpuwatch.command/1"
 COMMAND_ACK_SCHEMA = "gpuwatch.command_ack/1"
 DEADLETTER_SCHEMA = "gpuwatch.deadletter/1"
 STATS_SCHEMA = "gpuwatch.stats/1"
+AUDIT_SCHEMA = "gpuwatch.audit/1"
+MODEL_CONTROL_SCHEMA = "gpuwatch.model_control/1"
 
 # Gauges: a number, or null where the GPU does not support it (fan_pct on passively cooled boards).
 GAUGES: tuple[str, ...] = (

@@ -11,15 +11,17 @@ instead (`codecs.Snapshot`); its struct is `codecs.SamplesMessage`, built from `
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec.inspect as mi
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from .fields import (
+    AUDIT_SCHEMA,
     COMMAND_ACK_SCHEMA,
     COMMAND_SCHEMA,
     DEADLETTER_SCHEMA,
+    MODEL_CONTROL_SCHEMA,
     OUTCOME_SCHEMA,
     REMEDIATION_SCHEMA,
     RISK_SCHEMA,
@@ -51,11 +53,28 @@ Watts = Annotated[float, Meta(gt=0, le=100_000, description="A power limit, watt
 Duration = Annotated[float, Meta(gt=0, le=7 * 86400, description="Seconds, at most a week.")]
 
 
+class Reason(Struct, kw_only=True, frozen=True, gc=False):
+    """One reason a GPU is in alarm (`Risk.why`): an input signal far from what is normal for this GPU.
+
+    `signal` names it (streams/explain.py SIGNALS; new names may be added, readers show `text`), `text` says it
+    in operator words and numbers, `value` and `reference` are the numbers (the signal now, and the GPU's own
+    baseline or its neighbours' level it is compared with, in the unit of the text) and `severity` how far from
+    normal it is, on one scale for every signal (1 = clearly abnormal).
+    """
+
+    signal: NonEmpty
+    text: NonEmpty
+    value: Annotated[float, Meta(ge=-FMAX, le=FMAX)]
+    reference: Annotated[float, Meta(ge=-FMAX, le=FMAX)]
+    severity: Annotated[float, Meta(ge=0, le=FMAX)]
+
+
 class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=True, gc=False):
     """`gpuwatch.risk/1`: the model's failure risk for one GPU (topic `topic_risk`, key: host).
 
     Written by the stream worker; read by the Redis sink, the remediation sink and `gpuwatch score`. Records of
-    older workers lack the optional fields: `alarm`, `drain` and `failed` then read false, `op` "".
+    older workers lack the optional fields: `alarm`, `drain` and `failed` then read false, `op` "". `why` is
+    written only for a GPU in alarm (streams/explain.py).
     """
 
     host: Host
@@ -76,6 +95,7 @@ class Risk(Struct, tag_field="schema", tag=RISK_SCHEMA, kw_only=True, frozen=Tru
     failed: bool = False
     failed_since: UnixTime | UnsetType = UNSET  # ts of the sample that showed the failure (when failed)
     history_s: Seconds | UnsetType = UNSET  # seconds of telemetry behind the score
+    why: list[Reason] | UnsetType = UNSET  # GPUs in alarm: the signals that drive the risk, most severe first
 
 
 class Remediation(Struct, tag_field="schema", tag=REMEDIATION_SCHEMA, kw_only=True, frozen=True, gc=False):
@@ -206,13 +226,45 @@ class StreamStats(Struct, tag_field="schema", tag=STATS_SCHEMA, kw_only=True, fr
     state_bytes_per_gpu: Count
 
 
-RECORDS: tuple[type[Struct], ...] = (Risk, Remediation, Outcome, Command, CommandAck, DeadLetter, StreamStats)
-_KINDS = {mi.StrType: "str", mi.LiteralType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool"}
+class ModelRef(Struct, kw_only=True, frozen=True, gc=False):
+    """A model artifact in the model registry: what risk records call it (`version`), its file in the registry
+    (relative to `model_registry`; "" for the artifact shipped in the package) and the sha256 of that file."""
+
+    version: NonEmpty  # the artifact's version: the `model` of the risk records it scores
+    artifact: str  # file name inside the registry; "" = the packaged default model
+    sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+
+
+ModelAction = Literal["shadow", "promote", "rollback", "stop"]
+
+
+class ModelControl(Struct, tag_field="schema", tag=MODEL_CONTROL_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.model_control/1`: which models the stream workers run, after one `gpuwatch model` command (topic
+    `topic_model_control`, one partition, key: "models"). Each message holds the whole state, so a worker that
+    starts reads the topic to its end and applies the last one. Written by `gpuwatch model`; read by every stream
+    worker (each reads the whole topic itself, outside its consumer group) and by `gpuwatch model status/compare`.
+    """
+
+    seq: Annotated[int, Meta(ge=1, le=MAX_INT64)]  # 1 + the previous message's; orders the commands
+    action: ModelAction  # the command that made this state
+    champion: ModelRef  # scores the risk topic: its records drive the sinks and the policy
+    challenger: ModelRef | None  # scores the same windows, its records go to the shadow topic only
+    challenger_since: UnixTime | None  # when the challenger (as a challenger) began scoring: compare's start
+    rollback_to: ModelRef | None  # the champion before the last promote, while a rollback can restore it
+    at: UnixTime  # when the command was issued
+    note: str = ""  # who issued it and why, for the record
+
+
+RECORDS: tuple[type[Struct], ...] = (Risk, Remediation, Outcome, Command, CommandAck, DeadLetter, StreamStats,
+                                     ModelControl)
+_KINDS = {mi.StrType: "str", mi.LiteralType: "str", mi.IntType: "int", mi.FloatType: "float", mi.BoolType: "bool",
+          mi.ListType: "json"}
 
 
 def columns(cls: type[Struct]) -> tuple[tuple[str, str], ...]:
-    """(wire name, "str" | "int" | "float" | "bool") of every field of a flat record, in order: a table's columns
-    (the archive's). Optional fields are included; the `schema` tag is not."""
+    """(wire name, "str" | "int" | "float" | "bool" | "json") of every field of a record, in order: a table's
+    columns (the archive's); a list field (`Risk.why`) is "json", its JSON text. Optional fields are included;
+    the `schema` tag is not."""
     info = mi.type_info(cls)
     assert isinstance(info, mi.StructType)
     out = []
@@ -222,3 +274,35 @@ def columns(cls: type[Struct]) -> tuple[tuple[str, str], ...]:
             (t,) = (x for x in t.types if not isinstance(x, mi.NoneType))
         out.append((f.encode_name, _KINDS[type(t)]))
     return tuple(out)
+
+
+AuditDecision = Literal["acted", "suppressed", "cleared", "tripped", "reset"]
+
+
+class AuditEntry(Struct, tag_field="schema", tag=AUDIT_SCHEMA, kw_only=True, frozen=True, gc=False):
+    """`gpuwatch.audit/1`: one decision of the remediation policy, or an operator's command, in the Redis stream
+    ``gpuwatch:audit`` (field ``json``; redis_keys.AUDIT). Written by the remediation sink and `gpuwatch policy`.
+
+    `decision`: acted (an event was published), suppressed (an action was due but held: `reason` says by what),
+    cleared (an episode ended), tripped (a guard rail opened), reset (an operator closed one). The GPU fields are
+    null in an entry about the fleet (an incident, an operator's reset)."""
+
+    decision: AuditDecision
+    action: Action | None
+    reason: NonEmpty  # due, killswitch, cooldown, stale, breaker, escalation, incident, recovered, ...
+    detail: str
+    id: RemediationId | None  # the remediation event's id, when one was published
+    host: Host | None
+    gpu_index: GpuIndex | None
+    uuid: str | None
+    risk: Probability | None
+    mode: FailureMode | None
+    ts: UnixTime | None  # the risk record's sample time
+    episode_ts: UnixTime | None  # when the GPU's alarm episode began
+    now: UnixTime  # when the policy decided
+    why: list[str] = field(default_factory=list)  # the risk record's reasons (Risk.why), as their texts
+    unhealthy_hosts: Count | UnsetType = UNSET  # incident entries: hosts unhealthy at the time
+    # breaker trips: the limit that was reached (hosts), the fleet's hosts, and the window (s)
+    limit: Count | UnsetType = UNSET
+    fleet_hosts: Count | UnsetType = UNSET
+    window_s: Seconds | UnsetType = UNSET

@@ -11,7 +11,9 @@ needs a single Redis (or one Redis Cluster shard), not a cluster spread over slo
 Per GPU (expire `expire_after_s` after the last write, so GPUs gone for good disappear):
   ``gpuwatch:gpu:{host}:{gpu}``      hash: host, gpu_index, uuid, risk, mode, model, ts (newest sample the
                                      score used), scored_at, written_at (wall clock of the sink), alarm,
-                                     drain, failed ("1" or "0"), op (the alarm operating point)
+                                     drain, failed ("1" or "0"), op (the alarm operating point), why (a GPU
+                                     in alarm: the texts of its `why` reasons, most severe first, joined by
+                                     "; "; "" otherwise)
   ``gpuwatch:hist:{host}:{gpu}``     list: the last N risk records (`gpuwatch.risk/1` JSON as the sink read
                                      them, fields it does not know left out), newest first
 Per host:
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .records import Outcome
+from .records import Outcome, Reason
 
 PREFIX = "gpuwatch:"
 
@@ -133,7 +135,9 @@ GPU_FIELDS: tuple[str, ...] = (
     "drain",
     "failed",
     "op",
+    "why",
 )
+WHY_SEPARATOR = "; "
 HOST_FIELDS: tuple[str, ...] = (
     "host",
     "max_risk",
@@ -146,6 +150,12 @@ HOST_FIELDS: tuple[str, ...] = (
     "newest_ts",
     "written_at",
 )
+
+
+def why_text(why: list[Reason] | msgspec.UnsetType) -> str:
+    """The ``why`` hash field of a risk record: its reasons' texts, most severe first, joined by WHY_SEPARATOR
+    ("" when it has none)."""
+    return WHY_SEPARATOR.join(r.text for r in why) if isinstance(why, list) else ""
 
 
 def outcome_fields(outcome: Outcome) -> dict[str, str]:

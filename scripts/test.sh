@@ -3,6 +3,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup-venv.sh
+# tests/test_federated.py needs the federated extra (Flower, ~240 MB with what it pulls): installed here, not in
+# setup-venv.sh, so that a development venv stays quick to make. The pin is read from pyproject.toml.
+if ! .venv/bin/python -c "import flwr" 2>/dev/null; then
+  echo "[setup] installing the federated extra (Flower)" >&2
+  .venv/bin/python -m pip install -q $(.venv/bin/python -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['federated']))") \
+    || echo "[setup] could not install Flower; tests/test_federated.py will fail with instructions" >&2
+fi
 # The alert-rule and Prometheus tests need Debian's prometheus package (promtool + server).
 if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "[setup] installing Debian's prometheus package (promtool, prometheus)" >&2

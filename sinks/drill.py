@@ -26,7 +26,7 @@ from typing import Any
 
 from msgspec import UNSET
 
-from ..schemas.records import Remediation, Risk
+from ..schemas.records import AuditEntry, Remediation, Risk
 from .guard_state import GuardState, MemoryGuardState
 from .policy import DISRUPTIVE, PolicyRules, RemediationPolicy
 
@@ -135,7 +135,7 @@ def run_scenario(
     if fleet_hosts < 1 or gpus_per_host < 1 or not 1 <= rack_hosts <= fleet_hosts:
         raise ValueError("need fleet_hosts >= 1, gpus_per_host >= 1 and 1 <= rack_hosts <= fleet_hosts")
     state, hit = scenario_states(name, fleet_hosts, rack_hosts, gpus_per_host)
-    audit: list[dict[str, Any]] = []
+    audit: list[AuditEntry] = []
     policy = RemediationPolicy(
         dataclasses.replace(rules, maintenance=()), audit=audit.extend, guards=guards or MemoryGuardState()
     )
@@ -147,11 +147,11 @@ def run_scenario(
             events.append(event)
             if event.action in DISRUPTIVE and opened_at is None:
                 disrupted_before.add(event.host)
-        if opened_at is None and any(a["decision"] == "tripped" and a["reason"] == "breaker" for a in audit):
+        if opened_at is None and any(a.decision == "tripped" and a.reason == "breaker" for a in audit):
             opened_at = now - T0
     disrupted = {e.host for e in events if e.action in DISRUPTIVE}
-    tripped = Counter(a["reason"] for a in audit if a["decision"] == "tripped")
-    suppressed = Counter(a["reason"] for a in audit if a["decision"] == "suppressed")
+    tripped = Counter(a.reason for a in audit if a.decision == "tripped")
+    suppressed = Counter(a.reason for a in audit if a.decision == "suppressed")
     limit = rules.breaker_limit(fleet_hosts)
     return {
         "scenario": name,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+import msgspec
 import redis
 
 from gpuwatch.config import Settings
@@ -37,14 +37,14 @@ from gpuwatch.metrics import POLICY_GUARDS
 from gpuwatch.pools import MaintenanceWindow, Pools, active_window, parse_maintenance_windows
 
 from ..schemas import redis_keys as k
-from ..schemas.codecs import remediation_id
+from ..schemas.codecs import DecodeError, decode_audit, encode_audit, remediation_id
 from ..schemas.fields import Action
-from ..schemas.records import Remediation, Risk
+from ..schemas.records import AuditDecision, AuditEntry, Remediation, Risk
 from .guard_state import ADMITTED, OPEN, TRIPPED, GuardState, GuardView, MemoryGuardState
 
 log = logging.getLogger(__name__)
 
-AuditSink = Callable[[list[dict[str, Any]]], None]
+AuditSink = Callable[[list[AuditEntry]], None]
 TripSink = Callable[[str], None]
 
 # Actions that take a node out of service; a checkpoint only asks a job to save its state.
@@ -263,7 +263,7 @@ class RemediationPolicy:
         """
         kill = bool(self._killswitch())
         events: list[Remediation] = []
-        audits: list[dict[str, Any]] = []
+        audits: list[AuditEntry] = []
         if self._fleet_guards:
             self._sync_guards(records, now, audits)
         for rec in records:
@@ -278,7 +278,7 @@ class RemediationPolicy:
         now: float,
         kill: bool,
         events: list[Remediation],
-        audits: list[dict[str, Any]],
+        audits: list[AuditEntry],
     ) -> None:
         r = self.rules
         m = k.member(rec.host, rec.gpu_index)
@@ -343,7 +343,7 @@ class RemediationPolicy:
 
     def _failed(
         self, m: str, gpu: _Gpu, rec: Risk, now: float, kill: bool,
-        events: list[Remediation], audits: list[dict[str, Any]],
+        events: list[Remediation], audits: list[AuditEntry],
     ) -> None:  # fmt: skip
         """A failed GPU leaves the ladder: its episode ends, and one repair is asked for per failure."""
         migrated = gpu.episode is not None and "migrate" in gpu.episode.action_ts  # the host drained already
@@ -367,7 +367,7 @@ class RemediationPolicy:
 
     def _emit(
         self, m: str, gpu: _Gpu, rec: Risk, now: float, action: Action, detail: str, episode_ts: float,
-        events: list[Remediation], audits: list[dict[str, Any]], *, acting: bool = True,
+        events: list[Remediation], audits: list[AuditEntry], *, acting: bool = True,
     ) -> None:  # fmt: skip
         """Appends the event and its audit entry; `acting=False` (a restore, which only undoes gpuwatch's own
         throttle) starts no cooldown."""
@@ -389,7 +389,7 @@ class RemediationPolicy:
         r = self.rules
         alarm, drain = rec.alarm, rec.drain
         mode = rec.mode
-        what = f"risk {rec.risk:.3g}, mode {mode}, operating point {rec.op or '?'}"
+        what = f"risk {rec.risk:.3g}, mode {mode}, operating point {rec.op or '?'}{_why(rec)}"
         done = ep.action_ts
         if "checkpoint" not in done:
             if not (alarm or drain):
@@ -492,7 +492,7 @@ class RemediationPolicy:
 
     def _admit(
         self, action: str, rec: Risk, now: float, starts_remediation: bool, gpu: _Gpu,
-        audits: list[dict[str, Any]],
+        audits: list[AuditEntry],
     ) -> tuple[str, str] | None:  # fmt: skip
         """The last checks of a disruptive action, which count what they let through: escalation of a host
         remediated too often (when `starts_remediation`), then the breaker's admission. (reason, detail) if held."""
@@ -512,10 +512,11 @@ class RemediationPolicy:
                     f"`gpuwatch policy clear-escalation {host}` once it is dealt with"
                 )
                 entry = self._entry(rec, now, action, "tripped", "escalation", detail, gpu)
-                if self._guards.escalate(host, entry):
+                record = msgspec.to_builtins(entry)  # the guard's state: the trip's audit entry as stored
+                if self._guards.escalate(host, record):
                     audits.append(entry)
                     self._trip("escalation")
-                self._view.escalated[host] = entry
+                self._view.escalated[host] = record
                 return "escalated", detail
         if r.breaker_share:
             fleet = self._view.fleet_hosts
@@ -526,15 +527,16 @@ class RemediationPolicy:
                 f"{r.breaker_min_hosts}); {action} on {host} would have been one more. No disruptive action "
                 "until `gpuwatch policy reset-breaker`"
             )
-            trip = self._entry(rec, now, action, "tripped", "breaker", detail, gpu)
-            trip.update(limit=limit, fleet_hosts=fleet, window_s=r.breaker_window_s)
-            answer = self._guards.admit(host, now, r.breaker_window_s, limit, trip)
+            trip = msgspec.structs.replace(self._entry(rec, now, action, "tripped", "breaker", detail, gpu),
+                                           limit=limit, fleet_hosts=fleet, window_s=r.breaker_window_s)  # fmt: skip
+            record = msgspec.to_builtins(trip)
+            answer = self._guards.admit(host, now, r.breaker_window_s, limit, record)
             if answer == TRIPPED:
                 audits.append(trip)
                 self._trip("breaker")
             if answer in (TRIPPED, OPEN):
                 opened_elsewhere = {"now": now, "detail": "opened by another remediation sink"}
-                self._view.breaker = self._view.breaker or (trip if answer == TRIPPED else opened_elsewhere)
+                self._view.breaker = self._view.breaker or (record if answer == TRIPPED else opened_elsewhere)
                 return self._fleet_guard(action, host, now, False)
             if answer != ADMITTED:
                 self._view.available = False
@@ -551,7 +553,7 @@ class RemediationPolicy:
         self._on_trip(guard)
 
     def _sync_guards(
-        self, records: Sequence[Risk], now: float, audits: list[dict[str, Any]]
+        self, records: Sequence[Risk], now: float, audits: list[AuditEntry]
     ) -> None:
         """Tells the guard state which hosts this batch saw and which are unhealthy; reads it back; opens or
         closes the incident. A host is unhealthy while one of its GPUs is in alarm or failed within the
@@ -592,10 +594,11 @@ class RemediationPolicy:
                 "takes no action until they are fewer"
             )
             entry = _fleet_entry(now, "tripped", "incident", detail, unhealthy_hosts=view.unhealthy_hosts)
-            if self._guards.set_incident(entry):
+            record = msgspec.to_builtins(entry)
+            if self._guards.set_incident(record):
                 audits.append(entry)
                 self._trip("incident")
-            view.incident = entry
+            view.incident = record
         elif not incident and view.incident is not None:
             if self._guards.set_incident(None):
                 detail = (
@@ -608,7 +611,7 @@ class RemediationPolicy:
             view.incident = None
 
     def _end_episode(
-        self, m: str, rec: Risk, now: float, why: str, audits: list[dict[str, Any]]
+        self, m: str, rec: Risk, now: float, why: str, audits: list[AuditEntry]
     ) -> None:
         gpu = self._gpus[m]
         ep = gpu.episode
@@ -627,30 +630,25 @@ class RemediationPolicy:
         rec: Risk,
         now: float,
         action: str | None,
-        decision: str,
+        decision: AuditDecision,
         reason: str,
         detail: str,
         gpu: _Gpu | None,
         event_id: str | None = None,
         episode_ts: float | None = None,
-    ) -> dict[str, Any]:
+    ) -> AuditEntry:
         if episode_ts is None and gpu is not None and gpu.episode is not None:
             episode_ts = gpu.episode.start_ts
-        return {
-            "decision": decision,  # acted, suppressed or cleared
-            "action": action,
-            "reason": reason,
-            "detail": detail,
-            "id": event_id,
-            "host": rec.host,
-            "gpu_index": rec.gpu_index,
-            "uuid": rec.uuid,
-            "risk": rec.risk,
-            "mode": rec.mode,
-            "ts": rec.ts,
-            "episode_ts": episode_ts,
-            "now": now,
-        }
+        return AuditEntry(
+            decision=decision, action=action, reason=reason, detail=detail, id=event_id, host=rec.host,
+            gpu_index=rec.gpu_index, uuid=rec.uuid, risk=rec.risk, mode=rec.mode, ts=rec.ts, episode_ts=episode_ts,
+            now=now, why=[r.text for r in rec.why] if isinstance(rec.why, list) else [],
+        )  # fmt: skip
+
+
+def _why(rec: Risk) -> str:
+    """", why: <the record's first reason>" for a risk record that says why (`Risk.why`), else ""."""
+    return f", why: {rec.why[0].text}" if isinstance(rec.why, list) and rec.why else ""
 
 
 def remediation_count(times: Sequence[float], hold_s: float) -> int:
@@ -665,17 +663,14 @@ def remediation_count(times: Sequence[float], hold_s: float) -> int:
     return count
 
 
-def _fleet_entry(now: float, decision: str, reason: str, detail: str, **extra: Any) -> dict[str, Any]:
+def _fleet_entry(now: float, decision: AuditDecision, reason: str, detail: str, **extra: Any) -> AuditEntry:
     """An audit entry about the fleet, not one GPU (an incident, an operator's reset): the GPU fields are null."""
-    entry: dict[str, Any] = {
-        "decision": decision, "action": None, "reason": reason, "detail": detail, "id": None, "host": None,
-        "gpu_index": None, "uuid": None, "risk": None, "mode": None, "ts": None, "episode_ts": None, "now": now,
-    }  # fmt: skip
-    entry.update(extra)
-    return entry
+    fields: dict[str, Any] = {"action": None, "id": None, "host": None, "gpu_index": None, "uuid": None, "risk": None,
+                              "mode": None, "ts": None, "episode_ts": None}  # fmt: skip
+    return AuditEntry(decision=decision, reason=reason, detail=detail, now=now, **{**fields, **extra})
 
 
-def operator_entry(now: float, reason: str, detail: str, host: str | None = None) -> dict[str, Any]:
+def operator_entry(now: float, reason: str, detail: str, host: str | None = None) -> AuditEntry:
     """The audit entry of an operator's command (`gpuwatch policy reset-breaker`, `clear-escalation`)."""
     return _fleet_entry(now, "reset", reason, detail, host=host)
 
@@ -720,24 +715,27 @@ class RedisAuditLog:
         self._redis = redis_client
         self._maxlen = maxlen
 
-    def __call__(self, entries: list[dict[str, Any]]) -> None:
+    def __call__(self, entries: list[AuditEntry]) -> None:
         for e in entries:
-            if e["decision"] == "acted":
-                log.info("remediation %s %s GPU %s: %s", e["action"], e["host"], e["gpu_index"], e["detail"])
+            if e.decision == "acted":
+                log.info("remediation %s %s GPU %s: %s", e.action, e.host, e.gpu_index, e.detail)
         pipe = self._redis.pipeline(transaction=False)
         for e in entries:
-            pipe.xadd(k.AUDIT, {"json": orjson.dumps(e)}, maxlen=self._maxlen, approximate=True)
+            pipe.xadd(k.AUDIT, {"json": encode_audit(e)}, maxlen=self._maxlen, approximate=True)
         try:
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("audit log: %d entries not written to Redis (%s): %s", len(entries), exc, entries)
 
 
-def read_audit(redis_client: redis.Redis, count: int = 100) -> list[dict[str, Any]]:
-    """The newest `count` audit entries from Redis, newest first."""
-    out: list[dict[str, Any]] = []
-    for _, fields in redis_client.xrevrange(k.AUDIT, count=count) or []:
+def read_audit(redis_client: redis.Redis, count: int = 100) -> list[AuditEntry]:
+    """The newest `count` audit entries from Redis, newest first (`gpuwatch.audit/1`). An entry that is not one
+    (written by another tool, or by hand) is left out and logged with its stream id and the reason."""
+    out: list[AuditEntry] = []
+    for entry_id, fields in redis_client.xrevrange(k.AUDIT, count=count) or []:
         raw = (fields or {}).get(b"json") or (fields or {}).get("json")
-        if raw:
-            out.append(orjson.loads(raw))
+        try:
+            out.append(decode_audit(raw))
+        except DecodeError as exc:
+            log.warning("audit entry %r is not a gpuwatch.audit/1 record (%s); left out", entry_id, exc)
     return out

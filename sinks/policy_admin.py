@@ -26,6 +26,7 @@ from gpuwatch.config import ConfigError, Settings, redact_url
 from gpuwatch.pools import Pools
 
 from ..schemas import redis_keys as k
+from ..schemas.codecs import encode_audit
 from .guard_state import parse_record, read_guards
 from .policy import FLEET_KEEP_S, PolicyRules, operator_entry
 
@@ -89,7 +90,7 @@ def _reset_breaker(client: redis.Redis, note: str, maxlen: int) -> int:
                   f"{breaker.get('detail', '')}")  # fmt: skip
         pipe.multi()
         pipe.delete(k.POLICY_BREAKER, k.POLICY_DISRUPTED)
-        pipe.xadd(k.AUDIT, {"json": orjson.dumps(operator_entry(now, "breaker", detail))}, maxlen=maxlen,
+        pipe.xadd(k.AUDIT, {"json": encode_audit(operator_entry(now, "breaker", detail))}, maxlen=maxlen,
                   approximate=True)  # fmt: skip
         return breaker
 
@@ -118,7 +119,7 @@ def _clear_escalation(client: redis.Redis, host: str, note: str, maxlen: int) ->
         pipe.multi()
         pipe.hdel(k.POLICY_ESCALATIONS, host)
         pipe.delete(k.remediated_key(host))
-        pipe.xadd(k.AUDIT, {"json": orjson.dumps(operator_entry(now, "escalation", detail, host))}, maxlen=maxlen,
+        pipe.xadd(k.AUDIT, {"json": encode_audit(operator_entry(now, "escalation", detail, host))}, maxlen=maxlen,
                   approximate=True)  # fmt: skip
         return record
 

@@ -19,7 +19,7 @@ from ..schemas import redis_keys as k
 from ..schemas.codecs import encode_risk
 from ..schemas.records import Risk
 
-_FIELDS_PER_RECORD = 13
+_FIELDS_PER_RECORD = 14
 
 # Shared by both scripts: recompute host's rollup from its per-host sorted set (<= a few dozen GPUs).
 _ROLLUP_LUA = f"""
@@ -64,7 +64,7 @@ end
 """
 
 # ARGV: written_at, history_len, expire_ms, then 13 fields per record:
-# host, gpu, uuid, ts, risk, mode, model, scored_at, json, alarm, drain, failed (each "1" or "0"), op.
+# host, gpu, uuid, ts, risk, mode, model, scored_at, json, alarm, drain, failed (each "1" or "0"), op, why.
 # Returns how many records were applied.
 _WRITE_LUA = (
     _ROLLUP_LUA
@@ -80,7 +80,8 @@ for b = 4, #ARGV, {_FIELDS_PER_RECORD} do
     local risk = ARGV[b + 4]
     redis.call('HSET', gkey, 'host', host, 'gpu_index', gpu, 'uuid', ARGV[b + 2], 'ts', ts, 'risk', risk,
                'mode', ARGV[b + 5], 'model', ARGV[b + 6], 'scored_at', ARGV[b + 7], 'written_at', written_at,
-               'alarm', ARGV[b + 9], 'drain', ARGV[b + 10], 'failed', ARGV[b + 11], 'op', ARGV[b + 12])
+               'alarm', ARGV[b + 9], 'drain', ARGV[b + 10], 'failed', ARGV[b + 11], 'op', ARGV[b + 12],
+               'why', ARGV[b + 13])
     if ARGV[b + 9] == '1' then redis.call('ZADD', '{k.FLEET_ALARM}', ts, m) else redis.call('ZREM', '{k.FLEET_ALARM}', m) end
     if ARGV[b + 11] == '1' then redis.call('ZADD', '{k.FLEET_FAILED}', ts, m) else redis.call('ZREM', '{k.FLEET_FAILED}', m) end
     redis.call('PEXPIRE', gkey, expire_ms)
@@ -213,6 +214,7 @@ class RiskWriter:
                     "1" if rec.drain else "0",
                     "1" if rec.failed else "0",
                     rec.op,
+                    k.why_text(rec.why),
                 ]
             calls.append(args)
         return sum(int(n) for n in self._evalsha_all("write", calls))

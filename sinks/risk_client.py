@@ -94,6 +94,8 @@ class RiskClient:
         out["gpu_index"] = gpu  # the key names it; a hash's own field could be missing
         for name in _GPU_FLAGS:
             out[name] = out.get(name) == "1"
+        why = out.get("why")
+        out["why"] = why.split(k.WHY_SEPARATOR) if why else []
         out["age_s"] = None if out["ts"] is None else now - out["ts"]
         out["stale"] = self._is_stale(out["ts"], now)
         return out
@@ -116,8 +118,9 @@ class RiskClient:
         """The newest risk of one GPU, or None if Redis knows nothing about it.
 
         Keys: host, gpu_index, uuid, risk, mode, model, ts, scored_at, written_at, alarm, drain, failed, op,
-        age_s, stale. `alarm` is the model's own call (its evaluated operating point); `failed` means the GPU
-        has failed and `risk` is then 1.
+        why, age_s, stale. `alarm` is the model's own call (its evaluated operating point); `failed` means the GPU
+        has failed and `risk` is then 1. `why` (a GPU in alarm) lists the reasons in operator words, most severe
+        first, e.g. ["SBE rate 40/h, 12x its own baseline (3.3/h)"]; [] otherwise.
         """
         return self._gpu(self._redis.hgetall(k.gpu_key(host, gpu)), self._clock(), host, gpu)
 

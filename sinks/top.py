@@ -23,6 +23,7 @@ _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 _HIDE, _SHOW = "\x1b[?25l", "\x1b[?25h"
 _RED, _DIM, _BOLD, _RESET = "\x1b[31;1m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 _MAX_GPU_CHARS = 40
+_MAX_WHY_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def state(row: dict[str, Any]) -> str:
 
 
 def render(frame: Frame, *, n: int, color: bool = False) -> str:
-    """The table for `frame`: rank, GPU (host:index), risk, state, mode, age, stale, model; a header line first.
+    """The table for `frame`: rank, GPU (host:index), risk, state, mode, age, stale, model, why (the first reason
+    of a GPU in alarm, cut to fit); a header line first.
 
     Risk is the probability of failing within the hour at the fleet's failure rate, so most read 1e-05 or
     less. State is the stream's call at the model's operating points (what the policy and the alerts act on).
@@ -94,13 +96,15 @@ def render(frame: Frame, *, n: int, color: bool = False) -> str:
         lines.append("no risk recorded yet: is `gpuwatch sink` running and writing to this Redis?")
         return "\n".join(lines) + "\n"
     names = [_gpu_name(r) for r in frame.rows]
+    model_w = max(5, *(len(_printable(r.get("model", ""))) for r in frame.rows))
     width = max(3, *(len(x) for x in names))
-    lines.append(f"{'#':>3}  {'GPU':<{width}}  {'RISK':>7}  {'STATE':<6}  {'MODE':<12}  {'AGE':>7}  {'STALE':<5}  MODEL")
+    lines.append(f"{'#':>3}  {'GPU':<{width}}  {'RISK':>7}  {'STATE':<6}  {'MODE':<12}  {'AGE':>7}  {'STALE':<5}  {'MODEL':<{model_w}}  WHY")
     for rank, (row, name) in enumerate(zip(frame.rows, names, strict=True), 1):
         flag = state(row)
         line = (
             f"{rank:>3}  {name:<{width}}  {_risk(row['risk'])}  {flag:<6}  {_printable(row.get('mode', '')):<12}  "
-            f"{age(row['age_s']):>7}  {'STALE' if row['stale'] else '':<5}  {_printable(row.get('model', ''))}"
+            f"{age(row['age_s']):>7}  {'STALE' if row['stale'] else '':<5}  {_printable(row.get('model', '')):<{model_w}}  "
+            f"{_why(row)}"
         ).rstrip()
         if color and row["stale"]:
             line = f"{_DIM}{line}{_RESET}"
@@ -108,6 +112,12 @@ def render(frame: Frame, *, n: int, color: bool = False) -> str:
             line = f"{_RED}{line}{_RESET}"
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _why(row: dict[str, Any]) -> str:
+    why = row.get("why") or []
+    text = _printable(why[0]) if why else ""
+    return text if len(text) <= _MAX_WHY_CHARS else text[: _MAX_WHY_CHARS - 3] + "..."
 
 
 def _risk(risk: float | None) -> str:

@@ -45,6 +45,7 @@ from gpuwatch.memory import (
 from gpuwatch.schemas.codecs import encode_stats_line
 from gpuwatch.schemas.records import StreamStats
 from gpuwatch.streams.faust_runtime import WorkerApp, cap_fetch_wait
+from gpuwatch.streams.lifecycle import ModelSwitcher, open_control_log
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor, chosen_for_other_settings
 
@@ -101,8 +102,18 @@ def create_app(
     mismatch = chosen_for_other_settings(scorer.artifact, settings)
     if mismatch:
         log.warning("%s", mismatch)
+    # The model lifecycle (docs/lifecycle.md): the last state on the control topic is what this worker runs.
+    switcher = ModelSwitcher(settings, processor)
+    control = open_control_log(settings) if not decode_only else None
+    startup_deadletters: list[bytes] = []
+    if control is not None:
+        prepared, startup_deadletters = switcher.follow(control.read_to_end())
+        if prepared is not None:
+            switcher.install(prepared)
     # Keeps and resends what Kafka did not acknowledge (e.g. a restarted broker that forgot our producer id).
     producer = ReliableProducer(settings, **{"linger.ms": 2})
+    for value in startup_deadletters:
+        produce(producer, settings.topic_deadletter, None, value)
     closing = app.stopping
     app.gpuwatch_processor = processor  # type: ignore[attr-defined]
     metrics.register_gpu_telemetry(processor.telemetry)
@@ -192,6 +203,8 @@ def create_app(
             result = processor.process(batch, now=time.time())
             for key, value in result.risk:
                 produce(producer, settings.topic_risk, key, value)
+            for key, value in result.shadow:
+                produce(producer, settings.topic_risk_shadow, key, value)
             for value in result.deadletters:
                 produce(producer, settings.topic_deadletter, None, value)
             producer.poll(0)
@@ -227,8 +240,26 @@ def create_app(
         if result.risk:
             for key, value in result.risk:
                 produce(producer, settings.topic_risk, key, value)
+            for key, value in result.shadow:
+                produce(producer, settings.topic_risk_shadow, key, value)
             await asyncio.get_running_loop().run_in_executor(None, producer.flush, 30.0)
             totals.refreshed += result.scored
+
+    @app.timer(interval=settings.model_control_poll_s)
+    async def _follow_models() -> None:
+        if control is None:
+            return
+        loop = asyncio.get_running_loop()
+        entries = await loop.run_in_executor(None, control.poll, 0.0)
+        if not entries:
+            return
+        # Loading artifacts is slow: off the loop. The swap itself runs on the loop, so never inside a batch.
+        prepared, dead = await loop.run_in_executor(None, switcher.follow, entries)
+        for value in dead:
+            produce(producer, settings.topic_deadletter, None, value)
+        producer.poll(0)
+        if prepared is not None:
+            switcher.install(prepared)
 
     @app.timer(interval=settings.checkpoint_interval_s)
     async def _checkpoint() -> None:
@@ -355,7 +386,9 @@ def run_worker(settings: Settings, *, loglevel: str = "warning", decode_only: bo
     """Run one stream worker until SIGTERM/SIGINT (the `gpuwatch stream` command)."""
     torch.set_num_threads(settings.torch_threads)
     return_big_buffers_to_the_os()
-    ensure_topics(settings, [settings.topic_samples, settings.topic_risk, settings.topic_deadletter])
+    ensure_topics(
+        settings, [settings.topic_samples, settings.topic_risk, settings.topic_risk_shadow, settings.topic_deadletter]
+    )
     ensure_compacted_topic(
         settings, windows_changelog_topic(settings), partition_count(settings, settings.topic_samples)
     )

@@ -13,11 +13,13 @@ from typing import Any
 
 import numpy as np
 import orjson
+from msgspec import UNSET
 
 from gpuwatch.config import Settings
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, encode_risk, make_deadletter
 from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES
 from gpuwatch.schemas.records import Risk
+from gpuwatch.streams.explain import explain
 from gpuwatch.streams.model import ModelArtifact, Scorer
 from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
@@ -89,9 +91,11 @@ class Scored:
 
 @dataclass
 class BatchResult:
-    """What one batch produced: risk records (key, value) and dead letters, plus counts."""
+    """What one batch produced: risk records (key, value), the challenger's (if any) and dead letters, plus
+    counts."""
 
     risk: list[tuple[bytes, bytes]] = field(default_factory=list)
+    shadow: list[tuple[bytes, bytes]] = field(default_factory=list)  # the challenger's records (shadow topic)
     deadletters: list[bytes] = field(default_factory=list)
     samples: int = 0  # GPU-samples folded into windows
     rejected_samples: int = 0  # GPU-samples sent to the dead-letter topic
@@ -111,8 +115,86 @@ def _check_plausible(snap: Snapshot) -> None:
         raise DecodeError(reason, path=path, kind="range")
 
 
+RUN_FIELDS = ("alarm_run", "alarm_since", "drain_run", "drain_since")  # a model's runs at its operating points
+
+
+class ModelState:
+    """One model's scoring state over the shared windows: scorer, operating points, base rates, and per slot the
+    cached LSTM state (valid while the ring's last push and the GPU's first sample are what they were).
+
+    The champion's runs of scorings at its operating points live in the window store (checkpointed with the
+    windows); a challenger keeps its own (`runs`, not checkpointed), and promotion exchanges the two.
+    """
+
+    def __init__(
+        self, scorer: Scorer, alarm_op: OperatingPoint | None = None, drain_op: OperatingPoint | None = None,
+        failures_per_gpu_day: float | None = None,
+    ) -> None:  # fmt: skip
+        artifact = scorer.artifact
+        self.scorer = scorer
+        self.version = scorer.version
+        self.horizon_s = artifact.horizon_s
+        self.alarm_op = alarm_op or artifact.alarm_op
+        self.drain_op = drain_op if drain_op is not None else artifact.migrate_op
+        self.calibrated_at = artifact.calibration_prevalence
+        self.deployed_at = (
+            self.calibrated_at if failures_per_gpu_day is None else prevalence(failures_per_gpu_day, self.horizon_s)
+        )
+        hidden = artifact.hidden
+        self.h = np.zeros((0, hidden), dtype=np.float32)
+        self.c = np.zeros((0, hidden), dtype=np.float32)
+        self.cache_push_ts = np.zeros(0)
+        self.cache_first_ts = np.zeros(0)
+        # Runs while this model is the challenger, and the first_ts of the GPU each slot's run belongs to.
+        self.runs: dict[str, np.ndarray] = {"alarm_run": np.zeros(0, np.int16), "alarm_since": np.zeros(0), "drain_run": np.zeros(0, np.int16),
+                     "drain_since": np.zeros(0)}  # fmt: skip
+        self.runs_first_ts = np.zeros(0)
+
+    def grow(self, size: int) -> None:
+        """Size the per-slot arrays to `size` slots (new slots: no cached state, no run)."""
+        have = len(self.cache_push_ts)
+        if have >= size:
+            return
+
+        def grown(a: np.ndarray, fill: float) -> np.ndarray:
+            out = np.full((size, *a.shape[1:]), fill, dtype=a.dtype)
+            out[:have] = a
+            return out
+
+        self.h, self.c = grown(self.h, 0.0), grown(self.c, 0.0)
+        self.cache_push_ts, self.cache_first_ts = grown(self.cache_push_ts, np.nan), grown(self.cache_first_ts, np.nan)
+        self.runs = {k: grown(v, 0) for k, v in self.runs.items()}
+        self.runs_first_ts = grown(self.runs_first_ts, np.nan)
+
+    def scores(self, store: WindowStore, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated score and mode index of the `live` slots: one LSTM step from the cached state, after
+        encoding the past of the slots whose ring moved on."""
+        if not len(live):
+            return np.zeros(0), np.zeros(0, dtype=np.int64)
+        key = (store.last_push_ts[live], store.first_ts[live])
+        stale = (self.cache_push_ts[live] != key[0]) | (self.cache_first_ts[live] != key[1])
+        stale |= store.ring_count[live] == 0  # no past yet: the padding copies the (changing) current row
+        miss = live[stale]
+        if len(miss):
+            h, c = self.scorer.encode_past(store.sequences(miss)[:, :-1])
+            self.h[miss], self.c[miss] = h, c
+            self.cache_push_ts[miss] = store.last_push_ts[miss]
+            self.cache_first_ts[miss] = store.first_ts[miss]
+        return self.scorer.score_from_state(self.h[live], self.c[live], store.current[live])
+
+    def own_runs(self, store: WindowStore, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """This model's run arrays as a challenger, reset for `slots` now held by another GPU than their run's."""
+        moved = slots[self.runs_first_ts[slots] != store.first_ts[slots]]
+        if len(moved):
+            for a in self.runs.values():
+                a[moved] = 0
+            self.runs_first_ts[moved] = store.first_ts[moved]
+        return self.runs
+
+
 class RiskProcessor:
-    """Windows + model for the GPUs of the partitions this worker owns."""
+    """Windows + model for the GPUs of the partitions this worker owns; optionally a challenger model scoring the
+    same windows in the shadow (`set_challenger`, `install`)."""
 
     def __init__(
         self,
@@ -129,29 +211,59 @@ class RiskProcessor:
     ) -> None:
         """`alarm_op` / `drain_op` default to the artifact's; `failures_per_gpu_day` is the fleet's failure
         rate, at which `risk` is stated (None: the model's calibration base rate, so risk equals score)."""
-        self.scorer = scorer
         self.store = WindowStore(scorer.artifact.window, capacity=capacity)
         self.rescore_interval_s = rescore_interval_s
         self.stage = stage
         self.max_future_s = max_future_s
         self.max_age_s = max_age_s or None
-        self.horizon_s = scorer.artifact.horizon_s
-        self.model_version = scorer.version
-        artifact = scorer.artifact
-        self.alarm_op = alarm_op or artifact.alarm_op
-        self.drain_op = drain_op if drain_op is not None else artifact.migrate_op
-        self.calibrated_at = artifact.calibration_prevalence
-        self.deployed_at = (
-            self.calibrated_at if failures_per_gpu_day is None else prevalence(failures_per_gpu_day, self.horizon_s)
-        )
-        # Per slot: wall time of the last risk record, and the LSTM state after the past ring rows
-        # (valid while the ring's last push and the GPU's first sample are what they were).
-        hidden = scorer.artifact.hidden
-        self._scored_wall = np.zeros(0)
-        self._h = np.zeros((0, hidden), dtype=np.float32)
-        self._c = np.zeros((0, hidden), dtype=np.float32)
-        self._cache_push_ts = np.zeros(0)
-        self._cache_first_ts = np.zeros(0)
+        self.failures_per_gpu_day = failures_per_gpu_day
+        self.model = ModelState(scorer, alarm_op, drain_op, failures_per_gpu_day)
+        self.challenger: ModelState | None = None
+        self._scored_wall = np.zeros(0)  # per slot: wall time of the last risk record
+
+    # The champion's figures, as records and callers name them.
+    scorer = property(lambda self: self.model.scorer)
+    model_version = property(lambda self: self.model.version)
+    horizon_s = property(lambda self: self.model.horizon_s)
+    alarm_op = property(lambda self: self.model.alarm_op)
+    drain_op = property(lambda self: self.model.drain_op)
+    calibrated_at = property(lambda self: self.model.calibrated_at)
+    deployed_at = property(lambda self: self.model.deployed_at)
+    _cache_push_ts = property(lambda self: self.model.cache_push_ts)
+
+    def model_state(self, scorer: Scorer, settings: Settings | None = None) -> ModelState:
+        """A ModelState for `scorer` that fits these windows, with the operating points `settings` give it (the
+        artifact's when None) and this processor's fleet failure rate. ValueError when its window differs."""
+        if scorer.artifact.window != self.store.config:
+            w, mine = scorer.artifact.window, self.store.config
+            raise ValueError(f"model {scorer.version} needs windows of {w.seq_len} rows every {w.stride_s:g} s, "
+                             f"these hold {mine.seq_len} every {mine.stride_s:g} s; it cannot share them")  # fmt: skip
+        alarm, drain = operating_points(scorer.artifact, settings) if settings is not None else (None, None)
+        return ModelState(scorer, alarm, drain, self.failures_per_gpu_day)
+
+    def install(self, champion: ModelState, challenger: ModelState | None) -> None:
+        """Make `champion` score for the risk topic and `challenger` (or none) in the shadow, between batches.
+
+        Windows are kept. A model that was the challenger and becomes the champion brings its runs of scorings
+        into the window store (and the champion it replaces takes the store's, if it stays as the challenger);
+        a model new to this processor starts with no runs and encodes every GPU's past afresh."""
+        store, n = self.store, len(self.store.uuids)
+        old = self.model
+        for m in (champion, challenger):
+            if m is not None:
+                m.grow(max(n, len(self._scored_wall)))
+        if champion is not old:
+            incoming = champion.runs if champion is self.challenger else None
+            for name in RUN_FIELDS:
+                held = getattr(store, name)[:n].copy()
+                getattr(store, name)[:n] = incoming[name][:n] if incoming is not None else 0
+                if challenger is old:
+                    old.runs[name][:n] = held
+            if challenger is old:
+                old.runs_first_ts[:n] = store.first_ts[:n]
+            store.dirty[:n] = True  # the next checkpoint carries the new champion's runs
+        self.model = champion
+        self.challenger = challenger
 
     @classmethod
     def from_settings(cls, scorer: Scorer, settings: Settings, **kwargs: Any) -> RiskProcessor:
@@ -243,7 +355,8 @@ class RiskProcessor:
             self.score_slots(due, result)
 
     def score_slots(self, slots: np.ndarray, result: BatchResult) -> None:
-        """Score `slots` in one batched pass and append their risk records to `result`.
+        """Score `slots` in one batched pass and append their risk records to `result` (and, with a challenger,
+        its records of the very same windows to `result.shadow`).
 
         Incremental and exact: the LSTM state after a GPU's past ring rows is cached until the ring
         advances (every `stride_s`), so a rescoring runs one LSTM step over the current row. A GPU that has
@@ -251,44 +364,50 @@ class RiskProcessor:
         """
         store = self.store
         self._grow(len(store.uuids))
-        t0 = time.perf_counter()
         failed = store.failed[slots]
         live = slots[~failed]
-        score = np.zeros(0)
-        mode = np.zeros(0, dtype=np.int64)
-        if len(live):
-            key = (store.last_push_ts[live], store.first_ts[live])
-            stale = (self._cache_push_ts[live] != key[0]) | (self._cache_first_ts[live] != key[1])
-            stale |= store.ring_count[live] == 0  # no past yet: the padding copies the (changing) current row
-            miss = live[stale]
-            if len(miss):
-                h, c = self.scorer.encode_past(store.sequences(miss)[:, :-1])
-                self._h[miss], self._c[miss] = h, c
-                self._cache_push_ts[miss] = store.last_push_ts[miss]
-                self._cache_first_ts[miss] = store.first_ts[miss]
-            score, mode = self.scorer.score_from_state(self._h[live], self._c[live], store.current[live])
-        result.inference_s += time.perf_counter() - t0
-        new_sample = store.last_ts[live] > store.last_scored_ts[live]
-        gap = store.last_ts[live] - store.last_scored_ts[live]
-        interval = store.dt_ewma[live].astype(np.float64)
-        ts = store.last_ts[live]
-        alarm = self._run(store.alarm_run, store.alarm_since, live, score, self.alarm_op, new_sample, gap, interval, ts)
-        # The drain operating point is the stricter one: a GPU is never drained without being in alarm.
-        drain = (
-            self._run(store.drain_run, store.drain_since, live, score, self.drain_op, new_sample, gap, interval, ts)
-            & alarm
-            if self.drain_op is not None
-            else np.zeros(len(live), dtype=bool)
-        )
         dead = slots[failed]
+        runs = {name: getattr(store, name) for name in RUN_FIELDS}
+        t0 = time.perf_counter()
+        scored = self._decide(self.model, slots, failed, live, runs)
+        shadow = None
+        if self.challenger is not None:
+            own = self.challenger.own_runs(store, slots)
+            shadow = self._decide(self.challenger, slots, failed, live, own)
+            own["alarm_run"][dead] = 0
+            own["drain_run"][dead] = 0
+        result.inference_s += time.perf_counter() - t0
         store.alarm_run[dead] = 0
         store.drain_run[dead] = 0
         store.last_scored_ts[slots] = store.last_ts[slots]
         scored_at = time.time()
         self._scored_wall[slots] = scored_at
-        risk = at_prevalence(score, self.calibrated_at, self.deployed_at)
-        self.emit(Scored(slots, failed, risk, score, mode, alarm, drain), scored_at, result)
+        self.emit(scored, scored_at, result)
+        if shadow is not None and self.challenger is not None:
+            self.render(shadow, scored_at, result.shadow, self.challenger)
         result.scored += len(slots)
+
+    def _decide(
+        self, model: ModelState, slots: np.ndarray, failed: np.ndarray, live: np.ndarray, runs: dict[str, np.ndarray]
+    ) -> Scored:
+        """One model's scores of the live slots and its operating points' calls, advancing its `runs`."""
+        store = self.store
+        score, mode = model.scores(store, live)
+        new_sample = store.last_ts[live] > store.last_scored_ts[live]
+        gap = store.last_ts[live] - store.last_scored_ts[live]
+        interval = store.dt_ewma[live].astype(np.float64)
+        ts = store.last_ts[live]
+        alarm = self._run(runs["alarm_run"], runs["alarm_since"], live, score, model.alarm_op, new_sample, gap,
+                          interval, ts)  # fmt: skip
+        # The drain operating point is the stricter one: a GPU is never drained without being in alarm.
+        drain = (
+            self._run(runs["drain_run"], runs["drain_since"], live, score, model.drain_op, new_sample, gap, interval, ts)
+            & alarm
+            if model.drain_op is not None
+            else np.zeros(len(live), dtype=bool)
+        )
+        risk = at_prevalence(score, model.calibrated_at, model.deployed_at)
+        return Scored(slots, failed, risk, score, mode, alarm, drain)
 
     def emit(self, scored: Scored, scored_at: float, result: BatchResult) -> None:
         """Append one `gpuwatch.risk/1` record per scored slot to `result.risk`, in slot order (the evaluation's
@@ -297,14 +416,20 @@ class RiskProcessor:
         Called by `score_slots` after each batched pass; an offline caller that wants columns instead of JSON
         (training.fleet_replay) overrides this and nothing else, so the decisions are computed once.
         """
+        self.render(scored, scored_at, result.risk, self.model)
+
+    def render(self, scored: Scored, scored_at: float, out: list[tuple[bytes, bytes]], model: ModelState) -> None:
+        """Append (key, value) of one `gpuwatch.risk/1` record per scored slot, named after `model`, to `out`."""
         store = self.store
-        out = result.risk
         hosts, uuids = store.hosts, store.uuids
-        op, horizon, model = self.alarm_op.name, self.horizon_s, self.model_version
+        op, horizon, version = model.alarm_op.name, model.horizon_s, model.version
         slots, failed = scored.slots, scored.failed
         live_at = (np.cumsum(~failed) - 1).tolist()
         risk_l, score_l, mode_l = scored.risk.tolist(), scored.score.tolist(), scored.mode.tolist()
         alarm_l, drain_l = scored.alarm.tolist(), scored.drain.tolist()
+        # Why: only for the GPUs in alarm (few), one vectorised pass; the others' records carry no `why`.
+        in_alarm = np.flatnonzero(scored.alarm | scored.drain)
+        why = dict(zip(in_alarm.tolist(), explain(store, slots[~failed][in_alarm]))) if len(in_alarm) else {}
         idx_l, ts_l = store.gpu_index[slots].tolist(), store.last_ts[slots].tolist()
         hist_l = (store.last_ts[slots] - store.first_ts[slots]).tolist()
         for i, (sl, is_failed) in enumerate(zip(slots.tolist(), failed.tolist())):
@@ -312,13 +437,14 @@ class RiskProcessor:
             if is_failed:
                 mode_name = _MODES[_MEMORY] if store.failed_memory[sl] else "none"
                 rec = Risk(host=host, gpu_index=idx_l[i], uuid=uuids[sl], ts=ts_l[i], risk=1.0, horizon_s=horizon,
-                           mode=mode_name, model=model, scored_at=scored_at, op=op, failed=True,
+                           mode=mode_name, model=version, scored_at=scored_at, op=op, failed=True,
                            failed_since=float(store.failed_since[sl]), history_s=hist_l[i])  # fmt: skip
             else:
                 j = live_at[i]
                 rec = Risk(host=host, gpu_index=idx_l[i], uuid=uuids[sl], ts=ts_l[i], risk=risk_l[j], horizon_s=horizon,
-                           mode=_MODES[mode_l[j]], model=model, scored_at=scored_at, op=op, score=score_l[j],
-                           alarm=alarm_l[j], drain=drain_l[j], history_s=hist_l[i])  # fmt: skip
+                           mode=_MODES[mode_l[j]], model=version, scored_at=scored_at, op=op, score=score_l[j],
+                           alarm=alarm_l[j], drain=drain_l[j], history_s=hist_l[i],
+                           why=why.get(j, UNSET))  # fmt: skip
             # Not validated per record (the hot path): the values come from decoded samples and the model.
             out.append((host.encode(), encode_risk(rec, validate=False)))
 
@@ -428,31 +554,32 @@ class RiskProcessor:
         for key, value in records:
             if key is not None and value is not None:
                 latest[key.decode()] = value
-        self._cache_push_ts[:] = np.nan  # restored rings: encode their past afresh
+        for model in (self.model, self.challenger):
+            if model is not None:
+                model.cache_push_ts[:] = np.nan  # restored rings: encode their past afresh
         return self.store.import_state(list(latest.items()))
 
     def _grow(self, n: int) -> None:
-        """Size the per-slot scoring state (wall time of the last record, cached LSTM state) to `n` slots."""
+        """Size the per-slot scoring state (wall time of the last record, each model's cached state) to `n` slots."""
         have = len(self._scored_wall)
         if have >= n:
             return
         size = max(n, 2 * have, 64)
-        hidden = self.scorer.artifact.hidden
-
-        def grow(a: np.ndarray, shape: tuple[int, ...], fill: float) -> np.ndarray:
-            out = np.full((size, *shape), fill, dtype=a.dtype)
-            out[:have] = a
-            return out
-
-        self._scored_wall = grow(self._scored_wall, (), 0.0)
-        self._h = grow(self._h, (hidden,), 0.0)
-        self._c = grow(self._c, (hidden,), 0.0)
-        self._cache_push_ts = grow(self._cache_push_ts, (), np.nan)
-        self._cache_first_ts = grow(self._cache_first_ts, (), np.nan)
+        grown = np.zeros(size)
+        grown[:have] = self._scored_wall
+        self._scored_wall = grown
+        for model in (self.model, self.challenger):
+            if model is not None:
+                model.grow(size)
 
     def state_bytes_per_gpu(self) -> int:
-        """Window state plus the cached LSTM state, per tracked GPU."""
-        extra = self._h.itemsize * self.scorer.artifact.hidden * 2 + 8 * 3  # h, c, cache keys, last record time
+        """Window state plus each model's cached LSTM state (and a challenger's runs), per tracked GPU."""
+        extra = 8  # last record time
+        for model in (self.model, self.challenger):
+            if model is not None:
+                extra += model.h.itemsize * model.scorer.artifact.hidden * 2 + 8 * 2  # h, c, cache keys
+        if self.challenger is not None:
+            extra += sum(a.itemsize for a in self.challenger.runs.values()) + 8
         return self.store.state_bytes_per_gpu() + extra
 
     def stats(self) -> dict[str, Any]:

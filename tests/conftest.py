@@ -58,6 +58,8 @@ def settings(
         topic_deadletter=f"deadletter.{suffix}",
         topic_outcomes=f"outcomes.{suffix}",
         topic_commands=f"commands.{suffix}",
+        topic_risk_shadow=f"risk-shadow.{suffix}",
+        topic_model_control=f"model-control.{suffix}",
         stream_app_id=f"stream-{suffix}",
         partitions=4,
     )

@@ -291,6 +291,7 @@ def test_calibration_map_is_increasing_and_follows_the_observed_rates() -> None:
     y = rng.uniform(0, 1, len(score)) < truth
     xs, ys = fit_map(score, y)
     assert list(xs) == sorted(set(xs)) and list(ys) == sorted(set(ys))  # strictly increasing: ranks are kept
+    assert ys[0] == 0.0 and ys[-1] == 1.0  # a probability, even where the top bins always failed
     for s in (0.2, 0.5, 0.7, 0.9):
         assert np.interp(s, xs, ys) == pytest.approx(min(s * 1.4, 1.0) ** 1.5, abs=0.03)
     with pytest.raises(ValueError, match="too few records"):

@@ -18,7 +18,7 @@ from gpuwatch.apps.cli import main
 from gpuwatch.config import ConfigError, Settings, load_settings
 from gpuwatch.pools import FLEET_POOL, OTHER_POOL, Pools, parse_maintenance_windows
 from gpuwatch.schemas import redis_keys as k
-from gpuwatch.schemas.records import Remediation, Risk
+from gpuwatch.schemas.records import AuditEntry, Remediation, Risk
 from gpuwatch.sinks.drill import T0, risk_record, run_scenario
 from gpuwatch.sinks.guard_state import ADMITTED, OPEN, TRIPPED, MemoryGuardState, RedisGuardState
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy, read_audit, remediation_count
@@ -45,7 +45,7 @@ class Fleet:
     """A policy fed at 10 s steps with now = record time; `hosts` quiet hosts make up the fleet."""
 
     def __init__(self, hosts: int = 100, guards: Any = None, **rules: Any) -> None:
-        self.audit: list[dict] = []
+        self.audit: list[AuditEntry] = []
         self.trips: list[str] = []
         self.events: list[Remediation] = []
         self.policy = RemediationPolicy(
@@ -69,7 +69,7 @@ class Fleet:
         return out
 
     def decisions(self, decision: str) -> list[tuple[Any, Any]]:
-        return [(a["reason"], a["host"]) for a in self.audit if a["decision"] == decision]
+        return [(a.reason, a.host) for a in self.audit if a.decision == decision]
 
 
 def disrupted(events: list[Remediation]) -> set[str]:
@@ -123,7 +123,7 @@ def test_an_open_breaker_holds_repairs_but_not_checkpoints_and_stays_open() -> N
     # A day later: a failure on a third host is held, an alarm on a fourth is still checkpointed.
     later = f.run(DAY, DAY + 60, lambda t: [failed(f.hosts[2], 1, t, DAY), drain(f.hosts[3], 0, t)])
     assert [(e.action, e.host) for e in later] == [("checkpoint", f.hosts[3])]
-    held = {(a["action"], a["reason"]) for a in f.audit if a["decision"] == "suppressed"}
+    held = {(a.action, a.reason) for a in f.audit if a.decision == "suppressed"}
     assert {("repair", "breaker"), ("migrate", "breaker")} <= held
 
 
@@ -314,7 +314,7 @@ def test_replicas_share_the_breaker_and_a_restarted_sink_finds_it_open(
             events += replica.observe(records, base + t)
     assert len(disrupted(events)) == 3  # three hosts in all, not three per replica
     audit = read_audit(redis_client)
-    assert [a["reason"] for a in audit if a["decision"] == "tripped"] == ["breaker"]  # one trip, one record
+    assert [a.reason for a in audit if a.decision == "tripped"] == ["breaker"]  # one trip, one record
     assert REGISTRY.get_sample_value("gpuwatch_policy_trips_total", {"guard": "breaker"}) == before + 1
     export_guards(replicas[1])
     assert REGISTRY.get_sample_value("gpuwatch_policy_breaker_open") == 1.0
@@ -326,7 +326,7 @@ def test_replicas_share_the_breaker_and_a_restarted_sink_finds_it_open(
     ]
     assert restarted.observe([drain(hosts[50], 0, 370, base)], base + 370) == []  # its migrate is held
     assert restarted.guard_view.breaker is not None
-    assert (read_audit(redis_client, count=1)[0]["reason"], read_audit(redis_client, count=1)[0]["host"]) == (
+    assert (read_audit(redis_client, count=1)[0].reason, read_audit(redis_client, count=1)[0].host) == (
         "breaker", hosts[50]
     )  # fmt: skip
 
@@ -341,10 +341,10 @@ def test_replicas_share_the_breaker_and_a_restarted_sink_finds_it_open(
     assert main(["policy", "status"]) == 0 and "circuit breaker   OPEN since" in capsys.readouterr().out
     assert main(["policy", "reset-breaker", "--note", "alice: rack 1 cooling fixed"]) == 0
     reset = read_audit(redis_client, count=1)[0]
-    assert (reset["decision"], reset["reason"]) == (
+    assert (reset.decision, reset.reason) == (
         "reset",
         "breaker",
-    ) and "alice: rack 1 cooling fixed" in reset["detail"]
+    ) and "alice: rack 1 cooling fixed" in reset.detail
     assert not redis_client.exists(k.POLICY_BREAKER, k.POLICY_DISRUPTED)
     # Closed and its window emptied: the migrate still due goes out on the next fresh record.
     assert [e.action for e in restarted.observe([drain(hosts[50], 0, 400, base)], base + 400)] == [
@@ -374,7 +374,7 @@ def test_escalations_live_in_redis_until_an_operator_clears_them(
     assert main(["policy", "clear-escalation", host, "--note", "bob: replaced the board"]) == 0
     assert not redis_client.exists(k.POLICY_ESCALATIONS, k.remediated_key(host))
     cleared = read_audit(redis_client, count=1)[0]
-    assert (cleared["decision"], cleared["reason"], cleared["host"]) == ("reset", "escalation", host)
+    assert (cleared.decision, cleared.reason, cleared.host) == ("reset", "escalation", host)
 
 
 @pytest.mark.parametrize(

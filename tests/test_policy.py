@@ -17,7 +17,7 @@ from redis.retry import Retry
 from gpuwatch.config import Settings
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.schemas.codecs import decode_remediation, encode_remediation, encode_risk, remediation_id
-from gpuwatch.schemas.records import Remediation, Risk
+from gpuwatch.schemas.records import AuditEntry, Remediation, Risk
 from gpuwatch.sinks.policy import (
     PolicyRules,
     RedisAuditLog,
@@ -55,7 +55,7 @@ class Harness:
     """A policy fed one record stream at 10 s steps, with `now` equal to the record time (fresh data)."""
 
     def __init__(self, **overrides: Any) -> None:
-        self.audit: list[dict] = []
+        self.audit: list[AuditEntry] = []
         self.kill = False
         self.policy = RemediationPolicy(
             RULES, killswitch=lambda: self.kill, audit=self.audit.extend, **overrides
@@ -93,7 +93,7 @@ def test_an_episode_outlives_gaps_shorter_than_episode_gap_s() -> None:
     h = Harness(cooldown_s=0)
     h.run(0, 0, ALARM)
     h.run(10, 600, QUIET)  # 600 s without an alarm: the episode ends
-    assert [(a["decision"], a["reason"]) for a in h.audit][-1] == ("cleared", "recovered")
+    assert [(a.decision, a.reason) for a in h.audit][-1] == ("cleared", "recovered")
     assert actions(h.run(610, 610, ALARM)) == [("checkpoint", 610)]  # a new episode
 
 
@@ -102,7 +102,7 @@ def test_escalation_goes_checkpoint_then_migrate_then_reboot_on_the_drain_operat
     events = h.run(0, 2000, DRAIN, mode="sudden")
     assert actions(events) == [("checkpoint", 0), ("migrate", 60), ("reboot", 660)]
     assert len({e.id for e in events}) == 3
-    assert [a["decision"] for a in h.audit] == ["acted"] * 3
+    assert [a.decision for a in h.audit] == ["acted"] * 3
 
 
 def test_an_alarm_alone_never_drains() -> None:
@@ -114,8 +114,8 @@ def test_an_alarm_alone_never_drains() -> None:
 def test_reboot_is_skipped_for_modes_a_reboot_cannot_fix() -> None:
     h = Harness()
     assert [a for a, _ in actions(h.run(0, 2000, DRAIN, mode="power"))] == ["checkpoint", "migrate"]
-    [suppressed] = [a for a in h.audit if a["decision"] == "suppressed"]
-    assert (suppressed["action"], suppressed["reason"]) == ("reboot", "reboot_not_useful")
+    [suppressed] = [a for a in h.audit if a.decision == "suppressed"]
+    assert (suppressed.action, suppressed.reason) == ("reboot", "reboot_not_useful")
 
 
 def test_replaying_the_same_records_gives_the_same_ids() -> None:
@@ -128,16 +128,16 @@ def test_cooldown_blocks_a_new_episode_soon_after_an_action() -> None:
     h.run(0, 0, ALARM)  # checkpoint at 0
     h.run(10, 610, QUIET)  # the episode ends at 610
     assert h.run(620, 1000, ALARM) == []  # a new episode, but the cooldown runs to 3600
-    assert [(a["decision"], a["reason"]) for a in h.audit][-2:] == [("cleared", "recovered"), ("suppressed", "cooldown")]
+    assert [(a.decision, a.reason) for a in h.audit][-2:] == [("cleared", "recovered"), ("suppressed", "cooldown")]
     assert actions(h.run(1010, 3600, ALARM)) == [("checkpoint", 3600)]
-    assert sum(a["reason"] == "cooldown" for a in h.audit) == 1  # a suppression is audited once per episode
+    assert sum(a.reason == "cooldown" for a in h.audit) == 1  # a suppression is audited once per episode
 
 
 def test_kill_switch_stops_actions_but_not_observation() -> None:
     h = Harness()
     h.kill = True
     assert h.run(0, 500, ALARM) == []
-    assert [(a["decision"], a["action"], a["reason"]) for a in h.audit] == [("suppressed", "checkpoint", "killswitch")]
+    assert [(a.decision, a.action, a.reason) for a in h.audit] == [("suppressed", "checkpoint", "killswitch")]
     h.kill = False
     assert actions(h.run(510, 510, ALARM)) == [("checkpoint", 510)]
 
@@ -147,7 +147,7 @@ def test_stale_duplicate_and_out_of_order_records_are_never_acted_on() -> None:
     # a backlog of alarm records, all older than stale_after_s: nothing, one audit entry
     for t in range(0, 1000, 10):
         assert h.policy.observe([rec(T0 + t, DRAIN)], now=T0 + 2000) == []
-    assert [(a["decision"], a["reason"]) for a in h.audit] == [("suppressed", "stale")]
+    assert [(a.decision, a.reason) for a in h.audit] == [("suppressed", "stale")]
 
     h = Harness()
     assert actions(h.run(0, 290, ALARM)) == [("checkpoint", 0)]
@@ -168,7 +168,7 @@ def test_a_replaced_gpu_starts_a_new_episode() -> None:
     h.run(0, 0, ALARM)
     [event] = h.run(10, 20, ALARM, uuid="GPU-new")
     assert (event.uuid, event.ts) == ("GPU-new", T0 + 10)
-    assert [(a["decision"], a["reason"]) for a in h.audit if a["decision"] == "cleared"] == [("cleared", "replaced")]
+    assert [(a.decision, a.reason) for a in h.audit if a.decision == "cleared"] == [("cleared", "replaced")]
 
 
 def test_a_failed_gpu_gets_one_repair_and_no_more_predictions() -> None:
@@ -176,7 +176,7 @@ def test_a_failed_gpu_gets_one_repair_and_no_more_predictions() -> None:
     events = h.run(0, 100, DRAIN) + h.run(110, 2000, FAILED, failed_since=T0 + 110)
     assert actions(events) == [("checkpoint", 0), ("migrate", 60), ("repair", 110)]
     assert events[-1].id == remediation_id("node-0001", 3, "GPU-node-0001-3", "repair", T0 + 110)
-    assert ("cleared", "failed") in [(a["decision"], a["reason"]) for a in h.audit]
+    assert ("cleared", "failed") in [(a.decision, a.reason) for a in h.audit]
     # repaired, then failed again later: a second repair for the second failure only
     more = h.run(2010, 2100, QUIET) + h.run(2110, 2200, FAILED, failed_since=T0 + 2110)
     assert actions(more) == [("repair", 2110)]
@@ -188,13 +188,13 @@ def test_repairs_are_held_by_the_kill_switch_not_by_the_blast_radius() -> None:
     h = Harness()
     h.kill = True
     assert h.run(0, 50, FAILED, failed_since=T0) == []
-    assert [(a["action"], a["reason"]) for a in h.audit] == [("repair", "killswitch")]  # audited once
+    assert [(a.action, a.reason) for a in h.audit] == [("repair", "killswitch")]  # audited once
     h.kill = False
     assert actions(h.run(60, 70, FAILED, failed_since=T0)) == [("repair", 60)]
 
 
 def test_blast_radius_holds_when_100_gpus_go_high_at_once() -> None:
-    audit: list[dict] = []
+    audit: list[AuditEntry] = []
     policy = RemediationPolicy(RULES, audit=audit.extend)
     gpus = [(f"node-{i:04d}", i % 8) for i in range(100)]
     events: list[dict] = []
@@ -206,7 +206,7 @@ def test_blast_radius_holds_when_100_gpus_go_high_at_once() -> None:
     assert len(by_action["migrate"]) == 2
     assert {e.host for e in by_action["reboot"]} == {e.host for e in by_action["migrate"]}
     assert len(policy.active_drains(T0 + 2000)) == 2
-    assert sum(a["reason"] == "blast_radius" for a in audit) == 98  # once per suppressed GPU
+    assert sum(a.reason == "blast_radius" for a in audit) == 98  # once per suppressed GPU
 
     # a drained GPU's episode ends: its slot goes to the next one
     drained = by_action["migrate"][0]
@@ -251,8 +251,8 @@ def test_kill_switch_and_audit_stream_in_redis(redis_client: redis.Redis) -> Non
     for t in range(0, 2000, 10):
         policy.observe([rec(T0 + t, DRAIN)], now=T0 + t)
     entries = read_audit(redis_client)
-    assert [e["action"] for e in entries] == ["reboot", "migrate", "checkpoint"]
-    assert entries[0]["id"] and entries[0]["risk"] == 0.05 and entries[0]["decision"] == "acted"
+    assert [e.action for e in entries] == ["reboot", "migrate", "checkpoint"]
+    assert entries[0].id and entries[0].risk == 0.05 and entries[0].decision == "acted"
 
 
 def test_kill_switch_fails_closed_when_redis_is_unreachable() -> None:
@@ -304,4 +304,4 @@ def test_remediation_sink_publishes_events_for_sustained_risk(
     consumer.close()
     assert got is not None and got.key() == b"node-0001"
     assert decode_remediation(got.value()).id == seen[0].id
-    assert read_audit(redis_client)[0]["id"] == seen[0].id
+    assert read_audit(redis_client)[0].id == seen[0].id

@@ -105,6 +105,8 @@ def canonical(node: dict, root: dict) -> dict:
         branches = [canonical(b, root) for b in node.pop("anyOf")]
         others = [b for b in branches if b != _NULL]
         assert len(branches) == 2 and len(others) == 1, f"only 'T or null' unions are used: {branches}"
+        if "type" not in others[0]:  # an enum or null
+            return {**others[0], "enum": others[0]["enum"] | {None}, **canonical(node, root)}
         return {**others[0], "type": others[0]["type"] | {"null"}, **canonical(node, root)}
     out: dict[str, Any] = {}
     for key, value in node.items():
@@ -220,7 +222,7 @@ def valid(t: Any) -> st.SearchStrategy:
         lo = t.ge if t.ge is not None else t.gt
         floats = st.floats(min_value=lo, max_value=t.le, exclude_min=t.gt is not None, allow_nan=False,
                            allow_infinity=False)
-        int_lo = -(2**63) if lo is None else math.ceil(lo) if t.gt is None else math.floor(lo) + 1
+        int_lo = max(-(2**63), -(2**63) if lo is None else math.ceil(lo) if t.gt is None else math.floor(lo) + 1)
         int_hi = 2**63 if t.le is None else min(math.floor(t.le), 2**63)
         return st.one_of(floats, st.integers(int_lo, int_hi))  # a JSON number may be written without a fraction
     if kind is mi.StrType:

@@ -57,4 +57,9 @@ def fit_map(score: np.ndarray, y: np.ndarray, bins: int = 400, min_count: int = 
     for i in range(1, len(xs)):
         xs[i] = max(xs[i], xs[i - 1] + eps)
         ys[i] = max(ys[i], ys[i - 1] + eps)
+    # ... within [0, 1]: a top block that always failed (rate 1.0) pushed the 1.0 anchor past 1, and a risk record
+    # scored above 1 is refused by its codec.
+    ys[-1] = 1.0
+    for i in range(len(ys) - 2, 0, -1):
+        ys[i] = min(ys[i], ys[i + 1] - eps)
     return tuple(xs), tuple(ys)

@@ -96,11 +96,13 @@ def _data_seed(args: argparse.Namespace) -> int:
 
 def choose_thresholds(
     val_dirs: list[Recording], scorer: Scorer, gbdt: GbdtBaseline | None, args: argparse.Namespace,
-    settings: Settings | None = None,
+    settings: Settings | None = None, own_fleet: bool = False,
 ) -> dict[str, dict]:  # fmt: skip
     """Operating points on the validation fleets pooled. The model's alarm and drain operating points: the most
     net GPU-hours at the real failure rate under the settings' cost model (`training/operating_points.py`).
-    The GBDT baseline's: the best event-level F1 (threshold, and how many scorings in a row an alarm needs)."""
+    The GBDT baseline's: the best event-level F1 (threshold, and how many scorings in a row an alarm needs).
+    `own_fleet`: the validation data is the deployment's own fleet (`gpuwatch train --archive`), so the
+    calibration map is fitted on all of it, whatever its failure rate: its base rate is the one that matters."""
     from gpuwatch.training.calibration import fit_map
     from gpuwatch.training.eval_cli import as_recording, collect_cached, fleet_failure_rate
     from gpuwatch.training.operating_points import choose, describe
@@ -114,7 +116,7 @@ def choose_thresholds(
         table = collect_cached(val_dir, raw_scorer, others, args.rescore_interval)
         labs.append(join_labels(table, as_recording(val_dir).failures(), scorer.artifact.horizon_s))
         uuids += table.uuids
-        rich.append((fleet_failure_rate(val_dir) or 0.0) >= 0.01)
+        rich.append(own_fleet or (fleet_failure_rate(val_dir) or 0.0) >= 0.01)
     # Recalibrate on the failure-rich validation fleets' records (the healthy one fails too rarely to say
     # anything about calibration): a monotone map on top of the model's score, and the base rate it holds at.
     calibration = None
@@ -158,6 +160,10 @@ def train_command(args: argparse.Namespace, settings: Settings | None = None) ->
 def _train(args: argparse.Namespace, settings: Settings | None = None) -> int:
     t0 = time.time()
     settings = settings or Settings()
+    if args.archive:
+        from gpuwatch.training.retrain import retrain_command
+
+        return retrain_command(args, settings)
     if args.operating_point_of:
         return operating_point_command(args, t0, settings)
     if not args.data:
@@ -167,7 +173,8 @@ def _train(args: argparse.Namespace, settings: Settings | None = None) -> int:
     print(f"built {len(data.y):,} sequences ({int(data.y.sum()):,} positive) in {time.time() - t0:.0f} s",
           file=sys.stderr)  # fmt: skip
     config = TrainConfig(
-        epochs=args.epochs, hidden=args.hidden, mlp=args.mlp, batch_size=args.batch_size, lr=args.lr,
+        epochs=args.epochs or TrainConfig.epochs, hidden=args.hidden, mlp=args.mlp, batch_size=args.batch_size,
+        lr=args.lr or TrainConfig.lr,
         device=str(_device(args.device)), seed=args.seed,
     )  # fmt: skip
     split = split_by_gpu(data, config.val_fraction, _data_seed(args))
@@ -183,7 +190,7 @@ def _train(args: argparse.Namespace, settings: Settings | None = None) -> int:
         gbdt = GbdtBaseline.fit(data, split[0], split[1], artifact)
         print(f"gbdt baseline trained in {time.time() - t2:.0f} s", file=sys.stderr)
     del data
-    return _choose_and_save(artifact, gbdt, args, t0, settings)
+    return choose_and_save(artifact, gbdt, args, t0, settings)
 
 
 def operating_point_command(args: argparse.Namespace, t0: float, settings: Settings) -> int:
@@ -195,19 +202,21 @@ def operating_point_command(args: argparse.Namespace, t0: float, settings: Setti
     sibling = Path(args.operating_point_of).with_suffix(".gbdt.txt")
     gbdt = GbdtBaseline.load(sibling, artifact) if sibling.exists() and not args.no_gbdt else None
     artifact.metrics["operating_point_of"] = str(args.operating_point_of)
-    return _choose_and_save(artifact, gbdt, args, t0, settings)
+    return choose_and_save(artifact, gbdt, args, t0, settings)
 
 
-def _choose_and_save(
-    artifact: ModelArtifact, gbdt: GbdtBaseline | None, args: argparse.Namespace, t0: float, settings: Settings
-) -> int:
-    """Pick the operating points (on --val-data when given) and write the artifact and the GBDT baseline."""
-    if args.val_data:
+def choose_and_save(
+    artifact: ModelArtifact, gbdt: GbdtBaseline | None, args: argparse.Namespace, t0: float, settings: Settings,
+    val_recordings: list[Recording] | None = None, own_fleet: bool = False,
+) -> int:  # fmt: skip
+    """Pick the operating points (on `val_recordings`, else on --val-data when given) and write the artifact and the
+    GBDT baseline. `own_fleet`: see `choose_thresholds`."""
+    if val_recordings or args.val_data:
         try:
-            val_dirs = [open_recording(d) for d in args.val_data]
+            val_dirs = val_recordings or [open_recording(d) for d in args.val_data]
         except RecordingError as exc:
             raise SystemExit(f"gpuwatch train: --val-data: {exc}") from None
-        chosen = choose_thresholds(val_dirs, Scorer(artifact, device="cpu"), gbdt, args, settings)
+        chosen = choose_thresholds(val_dirs, Scorer(artifact, device="cpu"), gbdt, args, settings, own_fleet)
         if chosen["calibration"] is not None:
             artifact.calibration_map = chosen["calibration"]["map"]
             artifact.calibration_prevalence = chosen["calibration"]["prevalence"]

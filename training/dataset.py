@@ -94,6 +94,15 @@ class Failures:
             by_uuid[uuid] = (a[:, 0], a[:, 1].astype(np.int64), a[:, 2], a[:, 3].astype(bool), a[:, 4])
         return cls(by_uuid)
 
+    def before(self, ts: float) -> Failures:
+        """Only the failures before `ts` (what was known then)."""
+        out = {}
+        for uuid, cols in self.by_uuid.items():
+            keep = cols[0] < ts
+            if keep.any():
+                out[uuid] = tuple(c[keep] for c in cols)
+        return Failures(out)  # type: ignore[arg-type]
+
     def label(self, uuid: str, ts: float, horizon_s: float) -> tuple[int, int, float, bool, bool]:
         """(fails within horizon, mode index, seconds to that failure, its precursor has started by `ts`,
         GPU is in a failed state)."""

@@ -30,6 +30,11 @@ class Recording:
     meta_path: Path | None = None
     archive_url: str = ""
     cache_dir: Path | None = None
+    # A time window of an archive (`gpuwatch train --archive` splits one by time): samples with since <= ts < until,
+    # and only the failures before `labels_before` (None: no bound).
+    since: float | None = None
+    until: float | None = None
+    labels_before: float | None = None
 
     def messages(self) -> Iterator[tuple[int, bytes]]:
         """(line number or ordinal, raw snapshot message), in the recording's order."""
@@ -39,10 +44,15 @@ class Recording:
             return file_messages(self.samples_path)
         from gpuwatch.archive.reader import ArchiveReader
 
-        return ArchiveReader(self.archive_url).snapshot_messages()
+        return ArchiveReader(self.archive_url, since=self.since, until=self.until).snapshot_messages()
 
     def failures(self) -> Failures:
-        """The failure labels; RecordingError names a bad line or missing labels and the fix."""
+        """The failure labels (those before `labels_before`); RecordingError names a bad line or missing labels and
+        the fix."""
+        found = self._all_failures()
+        return found if self.labels_before is None else found.before(self.labels_before)
+
+    def _all_failures(self) -> Failures:
         if self.labels_path is not None:
             return Failures.load(self.labels_path)
         from gpuwatch.archive.labels import LabelStore, LabelStoreError
@@ -66,7 +76,8 @@ class Recording:
             return self.samples_path.stat().st_size
         from gpuwatch.archive.reader import ArchiveReader
 
-        return ArchiveReader(self.archive_url).files("samples")
+        files = ArchiveReader(self.archive_url, since=self.since, until=self.until).files("samples")
+        return files if self.since is None and self.until is None else [self.since, self.until, files]
 
     def label_version(self) -> int | None:
         """The label store version the labels come from (None for a labels.jsonl file)."""

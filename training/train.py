@@ -17,6 +17,9 @@ from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig
 from gpuwatch.training.dataset import SequenceSet
 from gpuwatch.training.evaluate import average_precision
 
+# Fewest positive validation sequences Platt scaling is fitted on; with fewer the logits are left as trained.
+MIN_PLATT_POSITIVES = 5
+
 
 @dataclass
 class TrainConfig:
@@ -139,10 +142,77 @@ def _progress(prefix: str, done: int, total: int, extra: str = "") -> None:
 
 
 @torch.inference_mode()
-def _logits(model: FailureLSTM, xn: torch.Tensor, rows: np.ndarray, device: torch.device) -> np.ndarray:
+def logits_of(model: FailureLSTM, xn: torch.Tensor, rows: np.ndarray, device: torch.device) -> np.ndarray:
     model.eval()
     out = [model(xn[rows[i : i + 4096]].to(device))[0].cpu() for i in range(0, len(rows), 4096)]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+def feature_moments(data: SequenceSet, rows: np.ndarray, seed: int, limit: int = 50_000) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-feature mean and mean of squares (float64) over the time steps of a random `limit` of `rows`, and how many
+    steps they average: the normalisation's sufficient statistics (a federation averages them over its sites)."""
+    sub = rows[np.random.default_rng(seed).permutation(len(rows))[:limit]]
+    flat = data.x[sub].astype(np.float64).reshape(-1, data.x.shape[-1])
+    return flat.mean(axis=0), (flat**2).mean(axis=0), len(flat)
+
+
+def std_from_moments(mean: np.ndarray, mean_sq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) for normalising inputs; a feature that barely varies keeps its scale (std 1)."""
+    std = np.sqrt(np.maximum(mean_sq - mean**2, 0.0))
+    return mean, np.where(std < 1e-3, 1.0, std)
+
+
+@dataclass
+class Batches:
+    """A SequenceSet as training tensors: normalised inputs, targets, weights and mode targets."""
+
+    xn: torch.Tensor
+    y: torch.Tensor
+    w: torch.Tensor
+    mode_target: torch.Tensor
+
+    @classmethod
+    def of(cls, data: SequenceSet, mean: np.ndarray, std: np.ndarray) -> Batches:
+        xn = torch.from_numpy((data.x.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
+        return cls(
+            xn=xn, y=torch.from_numpy(data.y.astype(np.float32)), w=torch.from_numpy(data.weight.astype(np.float32)),
+            mode_target=torch.from_numpy(np.maximum(data.mode - 1, 0)),  # index into FAILURE_CLASSES
+        )  # fmt: skip
+
+
+def train_epoch(
+    model: FailureLSTM, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler | None,
+    batches: Batches, rows: torch.Tensor, config: TrainConfig, gen: torch.Generator, label: str,
+) -> float:  # fmt: skip
+    """One pass over `rows` in random order (focal loss, mode head on positives, augmentation); the mean loss.
+    `gpuwatch train` runs it per epoch, a federated site per local epoch."""
+    device = next(model.parameters()).device
+    model.train()
+    steps = max(1, len(rows) // config.batch_size)
+    perm = rows[torch.randperm(len(rows), generator=gen)]
+    t0 = time.time()
+    total = 0.0
+    for step in range(steps):
+        idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
+        xb = time_warp(batches.xn[idx], config.time_warp, gen)
+        xb = xb + config.noise_std * torch.randn(xb.shape, generator=gen)
+        yb = batches.y[idx].to(device)
+        risk_logit, mode_logit = model(xb.to(device))
+        loss = focal_loss(risk_logit, yb, config.focal_alpha, config.focal_gamma, batches.w[idx].to(device))
+        pos = batches.y[idx] > 0.5
+        if pos.any():
+            target = batches.mode_target[idx][pos].to(device)
+            loss = loss + config.mode_weight * nn.functional.cross_entropy(mode_logit[pos.to(device)], target)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        total += loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            _progress(label, step + 1, steps, f"loss {total / (step + 1):.4f} {time.time() - t0:.0f}s")
+    return total / steps
 
 
 def train(
@@ -154,6 +224,7 @@ def train(
     data_fingerprint: str = "",
     split: tuple[np.ndarray, np.ndarray] | None = None,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+    init: ModelArtifact | None = None,
 ) -> ModelArtifact:
     """Train on `data` (split by GPU into train/validation), calibrate, and return an artifact.
 
@@ -162,6 +233,9 @@ def train(
     into the artifact (temperature = 1 / slope, the shift added to the risk head's bias), so `Scorer`
     needs nothing new. The threshold is the best sequence-level F1 on validation; `gpuwatch train
     --val-data` replaces it with the best event-level F1 on a validation fleet.
+
+    `init`: fine-tune this artifact's weights (its normalisation and sizes are kept, `config.hidden` and
+    `config.mlp` must match it) instead of starting from random ones.
     """
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)
@@ -173,64 +247,44 @@ def train(
         tr = tr[~invisible[tr]]
     va_sel = va[~invisible[va]]  # model selection: can the model see what is visible?
     n_feat = data.x.shape[-1]
-    # Normalisation from a subsample of training rows (float64 sums; the full set can be large).
-    sub = tr[np.random.default_rng(config.seed).permutation(len(tr))[:50_000]]
-    flat = data.x[sub].astype(np.float64).reshape(-1, n_feat)
-    mean = flat.mean(axis=0)
-    std = flat.std(axis=0)
-    std = np.where(std < 1e-3, 1.0, std)
-    xn = torch.from_numpy((data.x.astype(np.float32) - mean.astype(np.float32)) / std.astype(np.float32))
-    y = torch.from_numpy(data.y.astype(np.float32))
-    w = torch.from_numpy(data.weight.astype(np.float32))
-    mode_target = torch.from_numpy(np.maximum(data.mode - 1, 0))  # index into FAILURE_CLASSES
+    if init is not None:  # the parent's normalisation: its weights were learnt on inputs scaled so
+        mean, std = init.norm_mean.astype(np.float64), init.norm_std.astype(np.float64)
+    else:  # from a subsample of training rows (float64 sums; the full set can be large)
+        mean, mean_sq, _ = feature_moments(data, tr, config.seed)
+        mean, std = std_from_moments(mean, mean_sq)
+    batches = Batches.of(data, mean, std)
     log(f"train: {len(tr):,} sequences ({int(data.y[tr].sum()):,} positive), validation: {len(va):,} "
         f"({int(data.y[va].sum()):,} positive), {data.x.shape[1]} steps x {n_feat} features")  # fmt: skip
 
     model = FailureLSTM(n_feat, config.hidden, config.mlp, len(FAILURE_CLASSES)).to(device)
+    if init is not None:
+        model.load_state_dict(init.state_dict)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(tr) // config.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, config.lr, total_steps=config.epochs * steps_per_epoch)
     tr_t = torch.from_numpy(tr)
     best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, 0)
     history = []
+    if init is not None:  # the parent as it is is epoch 0: a fine-tune that does no better on validation keeps it
+        ap0 = average_precision(data.y[va_sel], logits_of(model, batches.xn, va_sel, device)) if len(va_sel) else float("nan")
+        history.append({"epoch": 0, "loss": float("nan"), "val_ap": ap0})
+        log(f"parent: validation AP {ap0:.3f}")
+        best = (ap0 if np.isfinite(ap0) else 0.0, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, 0)
     for epoch in range(config.epochs):
-        model.train()
-        perm = tr_t[torch.randperm(len(tr_t), generator=gen)]
-        t0 = time.time()
-        total = 0.0
-        for step in range(steps_per_epoch):
-            idx = perm[step * config.batch_size : (step + 1) * config.batch_size]
-            xb = time_warp(xn[idx], config.time_warp, gen)
-            xb = xb + config.noise_std * torch.randn(xb.shape, generator=gen)
-            yb = y[idx].to(device)
-            risk_logit, mode_logit = model(xb.to(device))
-            loss = focal_loss(risk_logit, yb, config.focal_alpha, config.focal_gamma, w[idx].to(device))
-            pos = y[idx] > 0.5
-            if pos.any():
-                ce = nn.functional.cross_entropy(mode_logit[pos.to(device)], mode_target[idx][pos].to(device))
-                loss = loss + config.mode_weight * ce
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total += loss.item()
-            if step % 50 == 0 or step == steps_per_epoch - 1:
-                _progress(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch,
-                          f"loss {total / (step + 1):.4f} {time.time() - t0:.0f}s")  # fmt: skip
-        val_logits = _logits(model, xn, va_sel, device)
+        loss = train_epoch(model, opt, sched, batches, tr_t, config, gen, f"epoch {epoch + 1}/{config.epochs}")
+        val_logits = logits_of(model, batches.xn, va_sel, device)
         ap = average_precision(data.y[va_sel], val_logits) if len(va_sel) else float("nan")
-        history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch, "val_ap": ap})
+        history.append({"epoch": epoch + 1, "loss": loss, "val_ap": ap})
         sys.stderr.write(f"  validation AP {ap:.3f}\n")
         score = ap if np.isfinite(ap) else 0.0  # no validation positives: every epoch ties, the latest wins
         if score > best[0] or not np.isfinite(ap):
             best = (score, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, epoch + 1)
 
     model.load_state_dict(best[1])
-    val_logits = _logits(model, xn, va, device)
+    val_logits = logits_of(model, batches.xn, va, device)
     yv, wv = data.y[va], data.weight[va]
     # Too few validation positives to calibrate on: leave the logits as trained (and say so in the metrics).
-    a, b = fit_platt(val_logits, yv, wv) if yv.sum() >= 5 else (1.0, 0.0)
+    a, b = fit_platt(val_logits, yv, wv) if yv.sum() >= MIN_PLATT_POSITIVES else (1.0, 0.0)
     state = {k: v.clone() for k, v in best[1].items()}
     state["risk_head.bias"] = state["risk_head.bias"] + b / a  # sigmoid(a*z + b) = sigmoid((z + b/a) / (1/a))
     temperature = 1.0 / a

@@ -6,8 +6,11 @@ process archives samples and risk as Parquet. Then the archive's samples are rep
 replays them (the stream's own code, `training.eval_cli.collect`) with the simulator's ground-truth labels, and
 compared with the risk records the live worker wrote:
 
-* record for record: every (GPU, sample ts) scored live is scored offline, and the risk is the same;
-* figure for figure: the eval report built from the live records equals the one built from the replay.
+* record for record: every (GPU, sample ts) scored live is scored offline, and the risk is the same (bit for
+  bit, or within float32 rounding: the LSTM's batched matrix products round differently when a GPU is scored
+  beside other GPUs live than in the replay, by at most a few 1e-8);
+* figure for figure: the eval report built from the live records equals the one built from the replay (event
+  figures exactly; ECE and Brier, sums over every record, within 1e-6 relative).
 
 Prints a table and writes JSON; exits non-zero when a record or a figure differs.
 """
@@ -47,6 +50,8 @@ MERGE_GAP_S = 1800.0  # `gpuwatch eval`'s default episode merge gap
 COMPARED = ("precision", "recall", "f1", "pr_auc", "median_lead_min", "p10_lead_min",
             "false_alarms_per_1000_gpu_days", "ece", "brier")  # fmt: skip
 _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
+RISK_TOLERANCE = 1e-6  # float32 rounding of differently composed batches (measured: at most 9e-8)
+EXACT = ("precision", "recall", "f1", "pr_auc", "median_lead_min", "p10_lead_min", "false_alarms_per_1000_gpu_days")
 
 
 def _say(msg: str) -> None:
@@ -115,10 +120,12 @@ def _live_table(reader: ArchiveReader) -> tuple[dict[tuple[str, float], float], 
     return by_key, table, failed
 
 
-def _same(a: Any, b: Any) -> bool:
+def _same(name: str, a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return bool(a == b)
+    if name in EXACT or not isinstance(a, float) or not isinstance(b, float):
+        return bool(a == b)
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
 
 
 def bench_archive_live(
@@ -195,7 +202,7 @@ def bench_archive_live(
             lab = join_labels(tab, failures, artifact.horizon_s)
             reports[name] = build_report(lab, {"lstm": alarm_op.threshold}, MERGE_GAP_S, {"name": name},
                                          {"lstm": alarm_op.records}, {"lstm": alarm_op.for_s})  # fmt: skip
-        figures_equal = {k: _same(reports["live"][k], reports["replay"][k]) for k in COMPARED}
+        figures_equal = {k: _same(k, reports["live"][k], reports["replay"][k]) for k in COMPARED}
     return {
         "gpus": hosts * 8, "fleet_seconds": seconds, "interval_s": interval_s, "gpu_days": round(hosts * 8 * seconds / DAY_S, 2),
         "failures": sim["failures"], "gpu_samples_sent": sent, "worker_gpu_samples": s.samples,
@@ -204,6 +211,7 @@ def bench_archive_live(
         "missing_in_replay": missing_offline, "missing_in_live": missing_live,
         "max_abs_risk_diff": max(diffs) if diffs else None,
         "records_differing": sum(1 for d in diffs if d != 0.0),
+        "records_beyond_tolerance": sum(1 for d in diffs if d > RISK_TOLERANCE), "risk_tolerance": RISK_TOLERANCE,
         "figures_equal": figures_equal, "figures_live": {k: reports["live"][k] for k in COMPARED},
         "figures_replay": {k: reports["replay"][k] for k in COMPARED},
         "publish_seconds": round(publish_s, 1), "worker_seconds": round(worker_s, 1),
@@ -222,7 +230,8 @@ def run_archive_live_bench(args: argparse.Namespace) -> dict[str, Any]:
         ("risk records, eval's replay of the archive", f["replay_records"], ""),
         ("live records missing in the replay", f["missing_in_replay"], "must be 0"),
         ("replay records missing live", f["missing_in_live"], "must be 0"),
-        ("records whose risk differs", f["records_differing"], f"max |diff| {f['max_abs_risk_diff']}"),
+        ("records whose risk differs at all", f["records_differing"], f"max |diff| {f['max_abs_risk_diff']}"),
+        (f"records whose risk differs by > {RISK_TOLERANCE:g}", f["records_beyond_tolerance"], "must be 0"),
     ]  # fmt: skip
     for k in COMPARED:
         rows.append((f"eval {k}: live / replay", f"{f['figures_live'][k]} / {f['figures_replay'][k]}",
@@ -234,6 +243,6 @@ def run_archive_live_bench(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def archive_live_ok(f: dict[str, Any]) -> bool:
-    """Record-for-record and figure-for-figure equality."""
-    return (f["missing_in_replay"] == 0 and f["missing_in_live"] == 0 and f["records_differing"] == 0
+    """Record-for-record (within float32 rounding) and figure-for-figure equality."""
+    return (f["missing_in_replay"] == 0 and f["missing_in_live"] == 0 and f["records_beyond_tolerance"] == 0
             and all(f["figures_equal"].values()))  # fmt: skip

@@ -76,6 +76,11 @@ def bench_command(args: argparse.Namespace) -> int:
         emit("gpuwatch bench codecs (best of 5, one core)", [(k, v, notes.get(k, "")) for k, v in figures.items()],
              figures, args.json_path)
         return 0
+    if args.what == "explain":
+        from gpuwatch.apps.bench.explain import run_explain_bench
+
+        run_explain_bench(args)
+        return 0
     if args.what == "reliability":
         from gpuwatch.apps.bench.reliability import run_reliability_bench
 

@@ -6,7 +6,9 @@
    messages from the same broker doing nothing but orjson-decode (`gpuwatch stream --decode-only`);
    ratio_vs_raw = 1 / 2. For context, confluent_raw_loop_samples_per_s is a bare confluent-kafka
    consume + decode loop (a faster client than faust's aiokafka).
-3. worker_replay_samples_per_s: the worker's batch step on the same messages in-process (no broker).
+3. worker_replay_samples_per_s: the worker's batch step on the same messages in-process (no broker);
+   worker_replay_with_challenger_samples_per_s: the same with a challenger model scoring the same windows in the
+   shadow (`gpuwatch model shadow`), and challenger_step_cost, how many times longer the step takes with it.
 4. batched_vs_per_sample_speedup: measured on the replay's own batches (3.): the worker's scoring path as
    it runs (`RiskProcessor.score_slots`: one batched pass, incremental LSTM state, risk records) versus,
    for every record it scored, one full-window forward pass of batch size 1 on the same sequence (a
@@ -20,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import threading
 import time
@@ -100,9 +103,13 @@ def worker_drain(settings: Settings, expected_samples: int, decode_only: bool = 
         worker.stop()
 
 
-def replay(msgs: list[tuple[str, bytes]], batch: int, rescore_s: float) -> dict[str, Any]:
-    """The worker's batch step in-process on the same messages (decode to risk bytes)."""
+def replay(msgs: list[tuple[str, bytes]], batch: int, rescore_s: float, challenger: bool = False) -> dict[str, Any]:
+    """The worker's batch step in-process on the same messages (decode to risk bytes); with `challenger`, a
+    second model of the same size scores the same windows in the shadow, as `gpuwatch model shadow` makes it."""
     processor = RiskProcessor(Scorer(load_artifact(), device="cpu"), rescore_interval_s=rescore_s)
+    if challenger:
+        other = dataclasses.replace(load_artifact(), version="bench-challenger")
+        processor.install(processor.model, processor.model_state(Scorer(other, device="cpu")))
     spare_startup_heap_from_gc()  # as the worker process does
     inbound = [Inbound(v, "bench", 0, i) for i, (_, v) in enumerate(msgs)]
     t0 = time.perf_counter()
@@ -302,6 +309,8 @@ def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
         worker = worker_drain(s_worker, n_samples)
         _say("in-process replay")
         rep = replay(msgs, settings.stream_batch_size, settings.rescore_interval_s)
+        _say("in-process replay with a challenger scoring in the shadow")
+        rep_shadow = replay(msgs, settings.stream_batch_size, settings.rescore_interval_s, challenger=True)
         _say("batched versus per-sample inference")
         speed = batched_speedup(msgs, settings.stream_batch_size, settings.rescore_interval_s)
         s_live = settings.replace(
@@ -316,6 +325,8 @@ def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_vs_raw": worker["samples_per_s"] / raw_samples_per_s,
         "confluent_raw_loop_samples_per_s": confluent_msgs_per_s * 8,
         "worker_replay_samples_per_s": rep["samples_per_s"],
+        "worker_replay_with_challenger_samples_per_s": rep_shadow["samples_per_s"],
+        "challenger_step_cost": rep["samples_per_s"] / rep_shadow["samples_per_s"],
         "batched_vs_per_sample_speedup": speed["speedup"],
         "batched_vs_per_sample_inference_speedup": speed["inference_speedup"],
         "batching_only_speedup": speed["batching_only_speedup"],
