@@ -112,3 +112,14 @@ def test_the_scorer_runs_its_model_without_onednn_and_gives_the_same_risk():
         risk_logit, _ = scorer.model(x)
     np.testing.assert_allclose(scorer.logits(seqs)[0], risk_logit.numpy(), rtol=1e-4, atol=1e-5)
     assert h.shape == (5, hidden)
+
+
+@pytest.mark.parametrize("gpus, seconds", [(-5, 600.0), (2000, -1.0), (2000, 30.0)])
+def test_a_run_too_small_to_judge_is_refused_in_one_line(gpus, seconds):
+    import argparse
+
+    from gpuwatch.apps.bench.soak import run_soak_bench
+
+    with pytest.raises(SystemExit) as exc:
+        run_soak_bench(argparse.Namespace(gpus=gpus, seconds=seconds, json_path=None))
+    assert "too small to judge" in str(exc.value) and "\n" not in str(exc.value)

@@ -180,6 +180,9 @@ def run_soak_bench(args: argparse.Namespace) -> dict[str, Any]:
     `args.json_path`; `figures["passed"]` is the verdict."""
     gpus = args.gpus or 10_000
     seconds = args.seconds or 3600.0
+    if gpus < GPUS_PER_HOST or seconds < 6 * SAMPLE_EVERY_S:
+        raise SystemExit(f"gpuwatch bench soak: --gpus {gpus} --seconds {seconds:g} is too small to judge; give at "
+                         f"least --gpus {GPUS_PER_HOST} and --seconds {6 * SAMPLE_EVERY_S:g} (an hour: 3600)")  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-bench-soak-"))
     run = SoakRun(gpus, seconds, workdir)
     load_before = load_average()
