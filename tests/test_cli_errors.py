@@ -105,3 +105,11 @@ def test_eval_of_a_model_that_cannot_be_read(tmp_path: Path, model: str) -> None
                        "loads"}[model]  # fmt: skip
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--interval", "0"], ["--interval", "nan"], ["--seconds", "5"]])
+def test_bench_archive_live_with_a_fleet_it_cannot_simulate(argv: list[str]) -> None:
+    done = gpuwatch("bench", "archive", "--live", *argv)
+    assert done.returncode == 2
+    line = one_line(done)
+    assert line.startswith("gpuwatch bench archive --live: --") and "give" in line

@@ -220,6 +220,18 @@ def bench_archive_live(
     }  # fmt: skip
 
 
+def bad_args(args: argparse.Namespace) -> str:
+    """Why `args` cannot run the check ("" when they can)."""
+    seconds = args.seconds or DAY_S
+    if not (args.interval > 0 and math.isfinite(args.interval)):
+        return f"--interval {args.interval:g}: give the seconds between a node's snapshots, more than 0 (default 1)"
+    if args.gpus < 0:
+        return f"--gpus {args.gpus}: give a fleet size of at least 8 (default 64)"
+    if not (math.isfinite(seconds) and seconds >= 10 * args.interval):
+        return f"--seconds {seconds:g}: give at least 10 snapshots' worth (10 x --interval), e.g. 600 (default 86400)"
+    return ""
+
+
 def run_archive_live_bench(args: argparse.Namespace) -> dict[str, Any]:
     f = bench_archive_live(gpus=args.gpus or 64, seconds=args.seconds or DAY_S, interval_s=args.interval)
     rows: list[tuple[str, Any, str]] = [

@@ -34,8 +34,11 @@ def bench_command(args: argparse.Namespace) -> int:
         run_score_bench(args)
         return 0
     if args.what == "archive" and args.live:
-        from gpuwatch.apps.bench.archive_live import archive_live_ok, run_archive_live_bench
+        from gpuwatch.apps.bench.archive_live import archive_live_ok, bad_args, run_archive_live_bench
 
+        if bad := bad_args(args):
+            print(f"gpuwatch bench archive --live: {bad}", file=sys.stderr)
+            return 2
         return 0 if archive_live_ok(run_archive_live_bench(args)) else 1
     if args.what == "archive":
         from gpuwatch.apps.bench.archive import run_archive_bench
