@@ -113,3 +113,10 @@ def test_bench_archive_live_with_a_fleet_it_cannot_simulate(argv: list[str]) -> 
     assert done.returncode == 2
     line = one_line(done)
     assert line.startswith("gpuwatch bench archive --live: --") and "give" in line
+
+
+@pytest.mark.parametrize("what", ["explain", "score", "forecast"])
+def test_bench_with_a_negative_fleet_size(what: str) -> None:
+    done = gpuwatch("bench", what, "--gpus", "-1")
+    assert done.returncode == 2
+    assert one_line(done).startswith(f"gpuwatch bench {what}: --gpus -1")

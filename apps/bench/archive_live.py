@@ -225,8 +225,6 @@ def bad_args(args: argparse.Namespace) -> str:
     seconds = args.seconds or DAY_S
     if not (args.interval > 0 and math.isfinite(args.interval)):
         return f"--interval {args.interval:g}: give the seconds between a node's snapshots, more than 0 (default 1)"
-    if args.gpus < 0:
-        return f"--gpus {args.gpus}: give a fleet size of at least 8 (default 64)"
     if not (math.isfinite(seconds) and seconds >= 10 * args.interval):
         return f"--seconds {seconds:g}: give at least 10 snapshots' worth (10 x --interval), e.g. 600 (default 86400)"
     return ""

@@ -7,6 +7,10 @@ import sys
 
 
 def bench_command(args: argparse.Namespace) -> int:
+    if args.gpus < 0 or not args.seconds >= 0:  # 0: the benchmark's default
+        print(f"gpuwatch bench {args.what}: --gpus {args.gpus} --seconds {args.seconds:g}: give a fleet size and a "
+              "duration of 0 or more (0: the benchmark's default)", file=sys.stderr)  # fmt: skip
+        return 2
     if args.what == "stream":
         from gpuwatch.apps.bench.stream import run_stream_bench
 
