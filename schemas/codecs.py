@@ -49,6 +49,7 @@ from .records import (
     MAX_GPU_INDEX,
     MAX_HOST_LEN,
     MAX_INT64,
+    REDIS_RECORDS,
     AuditEntry,
     Command,
     CommandAck,
@@ -908,9 +909,10 @@ STRUCTS: dict[str, type[msgspec.Struct]] = {SAMPLES_SCHEMA: SamplesMessage, **{c
 def load_schema(name: str) -> dict:
     """The JSON Schema (a fresh dict) of one contract: "samples", "risk", "remediation", "outcome", "command",
     "command_ack", "deadletter", "stats", "audit" or "model_control"; "samples.json" and the tag
-    "gpuwatch.samples/1" work too."""
+    "gpuwatch.samples/1" work too. The Redis records (records.REDIS_RECORDS, untagged) by file name: "gpu_risk",
+    "host_risk", "fleet_gpu", "claim"."""
     base = name.removesuffix(".json")
     base = next((k for k, tag in SCHEMA_FILES.items() if tag == base), base)
-    if base not in SCHEMA_FILES:
-        raise ValueError(f"unknown schema {name!r}; expected one of {', '.join(SCHEMA_FILES)}")
+    if base not in SCHEMA_FILES and base not in REDIS_RECORDS:
+        raise ValueError(f"unknown schema {name!r}; expected one of {', '.join([*SCHEMA_FILES, *REDIS_RECORDS])}")
     return json.loads(_schema_text(base + ".json"))

@@ -306,3 +306,80 @@ class AuditEntry(Struct, tag_field="schema", tag=AUDIT_SCHEMA, kw_only=True, fro
     limit: Count | UnsetType = UNSET
     fleet_hosts: Count | UnsetType = UNSET
     window_s: Seconds | UnsetType = UNSET
+
+
+# ---------------------------------------------------------------- Redis records
+# Not messages: the fields of a Redis hash or the value of a Redis key (redis_keys.py names them and decodes them),
+# so they carry no `schema` tag. Each has a JSON Schema file of its name (REDIS_RECORDS) checked against it in tests.
+
+
+class GpuRisk(Struct, kw_only=True, frozen=True, gc=False):
+    """The newest risk of one GPU as a reader sees it: the hash ``gpuwatch:gpu:{host}:{gpu}`` (written by the Redis
+    sink from the GPU's newest `Risk`) plus its age and staleness at the reader's clock (`RiskClient.risk`, `top`;
+    `redis_keys.decode_gpu_hash`). A number the hash lacks or cannot be read reads as None, a text field as ""."""
+
+    host: str
+    gpu_index: int  # from the key (the hash's own field could be missing)
+    uuid: str
+    risk: float | None  # P(failure within the horizon) at the fleet's failure rate; 1 for a failed GPU
+    mode: str  # the failure mode the model expects (fields.FAILURE_MODES)
+    model: str  # the version of the model that scored
+    ts: float | None  # unix time of the newest sample the score used; None: unknown (the GPU is then stale)
+    scored_at: float | None
+    written_at: float | None  # the Redis sink's clock when it wrote the hash
+    alarm: bool  # the model's own call at its alarm operating point
+    drain: bool
+    failed: bool  # the GPU has failed (risk is then 1)
+    op: str  # the alarm operating point, e.g. model:0.979x1/10s
+    why: list[str]  # a GPU in alarm: its reasons in operator words, most severe first; [] otherwise
+    age_s: float | None  # reader's clock - ts; None when ts is unknown
+    stale: bool  # ts is unknown or older than the reader's stale_after_s
+
+
+class HostRisk(Struct, kw_only=True, frozen=True, gc=False):
+    """The rollup of one host as a reader sees it: the hash ``gpuwatch:host:{host}`` plus its staleness at the
+    reader's clock (`RiskClient.host_risk`; `redis_keys.decode_host_hash`). An unreadable count reads as 0, any
+    other unreadable number as None."""
+
+    host: str
+    max_risk: float | None  # the risk of its riskiest GPU
+    max_gpu: int | None  # the index of its riskiest GPU
+    max_mode: str
+    gpus: int  # GPUs of the host with a risk in Redis
+    alarms: int  # of those, in alarm
+    failed: int  # of those, failed
+    oldest_ts: float | None  # min ts over its GPUs: a host is as fresh as its least recently reported GPU
+    newest_ts: float | None
+    written_at: float | None
+    stale: bool  # oldest_ts is unknown or older than the reader's stale_after_s
+
+
+class FleetGpu(Struct, kw_only=True, frozen=True, gc=False):
+    """One GPU of `RiskClient.fleet()`: its risk and state from the fleet-wide sorted sets (``gpuwatch:fleet:risk``,
+    ``:fleet:failed``, ``:lastseen``), read for the whole fleet in one round-trip."""
+
+    host: str
+    gpu_index: int
+    risk: float
+    failed: bool
+    ts: float | None  # its newest record's ts (None: not in lastseen)
+    stale: bool
+
+
+class ClaimInfo(Struct, kw_only=True, frozen=True, gc=False):
+    """The value of ``gpuwatch:claim:{id}`` (JSON; `redis_keys.encode_claim` / `decode_claim`): which controller
+    holds remediation `id` (``{hostname}:{pid}:{token}``), which attempt, since when, until when its lease runs
+    and whether its outcome is recorded. The controller writes every field; a reader takes an absent or null
+    field as its default, so `lease_until` None is a claim of an older version (held `lease_s` from
+    `claimed_at`)."""
+
+    owner: str = ""
+    attempt: Annotated[int, Meta(ge=1, le=MAX_INT64)] = 1  # > 1: taken over from an interrupted attempt
+    claimed_at: UnixTime = 0.0  # when this attempt began
+    lease_until: UnixTime | None = None  # the holder renews it every third of the lease while it runs
+    done: bool = False  # its outcome (gpuwatch:outcome:{id}) is recorded
+
+
+# JSON Schema file name (without .json) -> Redis record
+REDIS_RECORDS: dict[str, type[Struct]] = {"gpu_risk": GpuRisk, "host_risk": HostRisk, "fleet_gpu": FleetGpu,
+                                          "claim": ClaimInfo}

@@ -39,16 +39,26 @@ Remediation:
   ``gpuwatch:policy:hosts``          sorted set: member host, score wall time the policy last saw it (the fleet)
   ``gpuwatch:policy:unhealthy``      sorted set: member host, score wall time it was last seen unhealthy
   ``gpuwatch:policy:incident``       string (JSON) while more hosts are unhealthy than the policy acts on
-  ``gpuwatch:claim:{id}``            string (SET NX EX): a controller claimed remediation `id`
+  ``gpuwatch:claim:{id}``            string (SET NX PX): JSON of the controller's claim on remediation `id`
+                                     (`ClaimInfo`: owner, attempt, claimed_at, lease_until, done)
   ``gpuwatch:outcome:{id}``          hash: how executing remediation `id` went: the fields of its
                                      `gpuwatch.outcome/1` record as text (`outcome_fields`)
+
+Readers decode the hashes into typed records (records.py): `decode_gpu_hash` -> `GpuRisk`, `decode_host_hash` ->
+`HostRisk`; the claim's value is `ClaimInfo`, written by `encode_claim` and read by `decode_claim`.
 """
 
 from __future__ import annotations
 
-import msgspec
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
 
-from .records import Outcome, Reason
+import msgspec
+import msgspec.inspect as mi
+
+from .records import ClaimInfo, GpuRisk, HostRisk, Outcome, Reason
 
 PREFIX = "gpuwatch:"
 
@@ -165,3 +175,135 @@ def outcome_fields(outcome: Outcome) -> dict[str, str]:
         name: ("true" if value else "false") if isinstance(value, bool) else str(value)
         for name, value in msgspec.to_builtins(outcome).items()
     }
+
+
+# ---------------------------------------------------------------- reading the hashes
+
+
+def text(value: Any) -> str:
+    """A Redis reply as text, from either `decode_responses` setting."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def number(value: Any) -> float | None:
+    """A finite number stored as text, or None when it is missing or unreadable."""
+    try:
+        x = float(text(value)) if value is not None else math.nan
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def count(value: Any) -> int:
+    """A whole count stored as text (0 when missing or unreadable)."""
+    x = number(value)
+    return int(x) if x is not None else 0
+
+
+def is_stale(ts: float | None, now: float, stale_after_s: float) -> bool:
+    """Whether data whose newest sample is from `ts` is stale at `now`: unknown (None) is never fresh."""
+    return ts is None or now - ts > stale_after_s
+
+
+def decode_gpu_hash(raw: Mapping[Any, Any], host: str, gpu: int, *, now: float, stale_after_s: float) -> GpuRisk | None:
+    """The `GpuRisk` of the hash ``gpuwatch:gpu:{host}:{gpu}`` as HGETALL returned it (None for an empty one: Redis
+    knows nothing of the GPU), with its age and staleness at `now`."""
+    if not raw:
+        return None
+    f = {text(key): text(val) for key, val in raw.items()}
+    ts = number(f.get("ts"))
+    why = f.get("why")
+    return GpuRisk(
+        host=f.get("host", host), gpu_index=gpu, uuid=f.get("uuid", ""), risk=number(f.get("risk")),
+        mode=f.get("mode", ""), model=f.get("model", ""), ts=ts, scored_at=number(f.get("scored_at")),
+        written_at=number(f.get("written_at")), alarm=f.get("alarm") == "1", drain=f.get("drain") == "1",
+        failed=f.get("failed") == "1", op=f.get("op", ""), why=why.split(WHY_SEPARATOR) if why else [],
+        age_s=None if ts is None else now - ts, stale=is_stale(ts, now, stale_after_s),
+    )  # fmt: skip
+
+
+def decode_host_hash(raw: Mapping[Any, Any], host: str, *, now: float, stale_after_s: float) -> HostRisk | None:
+    """The `HostRisk` of the hash ``gpuwatch:host:{host}`` as HGETALL returned it (None for an empty one), stale
+    when its least recently reported GPU is (a silent GPU makes its host not-known-healthy)."""
+    if not raw:
+        return None
+    f = {text(key): text(val) for key, val in raw.items()}
+    oldest = number(f.get("oldest_ts"))
+    max_gpu = number(f.get("max_gpu"))
+    return HostRisk(
+        host=f.get("host", host), max_risk=number(f.get("max_risk")), max_gpu=None if max_gpu is None else int(max_gpu),
+        max_mode=f.get("max_mode", ""), gpus=count(f.get("gpus")), alarms=count(f.get("alarms")),
+        failed=count(f.get("failed")), oldest_ts=oldest, newest_ts=number(f.get("newest_ts")),
+        written_at=number(f.get("written_at")), stale=is_stale(oldest, now, stale_after_s),
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- the claim
+
+
+class CorruptClaim(ValueError):
+    """A claim in Redis that cannot be read; the message names the key and the field."""
+
+
+_CLAIM_DECODER = msgspec.json.Decoder(ClaimInfo)
+_NOUNS: dict[type, str] = {mi.IntType: "a whole number", mi.FloatType: "a number", mi.BoolType: "true or false",
+                          mi.StrType: "text"}
+
+
+def _kind(t: Any) -> type:
+    t = t.type if isinstance(t, mi.Metadata) else t
+    if isinstance(t, mi.UnionType):
+        (t,) = (x for x in t.types if not isinstance(x, mi.NoneType))
+        t = t.type if isinstance(t, mi.Metadata) else t
+    return type(t)
+
+
+_CLAIM_FIELDS = tuple((f.encode_name, _kind(f.type)) for f in mi.type_info(ClaimInfo).fields)  # type: ignore[attr-defined]
+
+
+def _claim_field(key: str, name: str, kind: type, value: Any) -> Any:
+    """`value` if it is of the field's kind (an int is a number too, a bool neither)."""
+    if kind is mi.FloatType:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif kind is mi.IntType:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is mi.BoolType:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, str):
+        return value
+    raise CorruptClaim(f"claim {key} in Redis is unreadable: {name} is {json.dumps(value)}, not {_NOUNS[kind]}")
+
+
+def encode_claim(claim: ClaimInfo) -> str:
+    """The value of ``gpuwatch:claim:{id}``: the claim as JSON, every field written, keys sorted (the controller
+    compares values as strings to renew and finish it)."""
+    return json.dumps(msgspec.to_builtins(claim), sort_keys=True)
+
+
+def decode_claim(key: str, raw: bytes | str) -> ClaimInfo:
+    """The claim stored under `key`. An absent or null field reads as its default and an attempt below 1 as 1; a
+    value of older gpuwatch versions (``"host:pid unix-time"``) reads as a claim from that time without a lease.
+    Raises CorruptClaim when it is JSON with a field of the wrong type (nobody can tell whether its holder lives)."""
+    try:
+        return _CLAIM_DECODER.decode(raw)
+    except msgspec.DecodeError:  # a null, a number out of range, a wrong type, or not JSON: the checks below say
+        pass
+    value_text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    try:
+        value = json.loads(value_text)
+    except ValueError:
+        value = None
+    if isinstance(value, dict):
+        fields = {name: _claim_field(key, name, kind, value[name]) for name, kind in _CLAIM_FIELDS
+                  if value.get(name) is not None}  # fmt: skip
+        fields["attempt"] = max(1, fields.get("attempt", 1))
+        return ClaimInfo(**fields)
+    owner, _, when = value_text.partition(" ")  # the pre-lease format: "host:pid unix-time"
+    try:
+        claimed_at = float(when)
+    except ValueError:
+        claimed_at = 0.0
+    return ClaimInfo(owner=owner, claimed_at=claimed_at)
