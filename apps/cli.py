@@ -134,7 +134,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 
 def cmd_risk(args: argparse.Namespace) -> int:
-    import orjson
+    import msgspec
 
     from gpuwatch.sinks.risk_client import RiskClient
 
@@ -162,7 +162,7 @@ def cmd_risk(args: argparse.Namespace) -> int:
     if answer is None:
         print(f"no risk recorded for {args.target}", file=sys.stderr)
         return 1
-    print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
+    print(msgspec.json.format(msgspec.json.encode(answer), indent=2).decode())
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from gpuwatch.apps.fleet.view import LiveRisk, count_text, format_view
-from gpuwatch.schemas.records import Remediation, Risk
+from gpuwatch.schemas.records import FleetGpu, Remediation, Risk
 from gpuwatch.streams.operating_point import OperatingPoint
 
 INSTALL_HINT = "the report needs matplotlib: pip install 'gpuwatch[report]' (or pip install matplotlib)"
@@ -586,7 +586,7 @@ class RunRecorder:
         self.latest: dict[str, tuple[float, bool]] = {}
         self.events: list[dict[str, Any]] = []
         self.op = ""
-        self.risk_now: dict[tuple[str, int], tuple[float, bool]] = {}  # (risk, failed) of every GPU, for the fleet view
+        self.risk_now: dict[tuple[str, int], FleetGpu] = {}  # the newest risk of every GPU, for the fleet view
         self.horizon_s = 3600.0
 
     def add_risk(self, records: Sequence[Risk]) -> None:
@@ -595,7 +595,8 @@ class RunRecorder:
         series, latest, cap = self.series, self.latest, self.max_points
         for r in records:
             key = f"{r.host}:{r.gpu_index}"
-            self.risk_now[(r.host, r.gpu_index)] = (r.risk, r.failed)
+            self.risk_now[(r.host, r.gpu_index)] = FleetGpu(host=r.host, gpu_index=r.gpu_index, risk=r.risk,
+                                                            failed=r.failed, ts=r.ts, stale=False)  # fmt: skip
             self.horizon_s = r.horizon_s
             if r.failed:
                 latest.pop(key, None)
@@ -612,8 +613,7 @@ class RunRecorder:
         """The newest risk of every GPU seen, as the fleet view takes it (None before any record)."""
         if not self.risk_now:
             return None
-        records = [{"host": h, "gpu_index": g, "risk": r, "failed": f} for (h, g), (r, f) in self.risk_now.items()]
-        return LiveRisk.from_records(records, self.horizon_s)
+        return LiveRisk.from_records(list(self.risk_now.values()), self.horizon_s)
 
     def add_event(self, event: Remediation) -> None:
         """Record a remediation event (``ts``, ``host``, ``gpu_index``, ``action``, ``risk``)."""

@@ -10,13 +10,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TextIO
 
 import redis
 
 from gpuwatch.config import Settings
 
 from ..schemas import redis_keys as k
+from ..schemas.records import GpuRisk
 from .risk_client import RiskClient
 
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
@@ -30,7 +31,7 @@ _MAX_WHY_CHARS = 80
 class Frame:
     """One refresh: the riskiest GPUs (as `RiskClient.top` answers) and fleet-wide counts."""
 
-    rows: list[dict[str, Any]]
+    rows: list[GpuRisk]
     total: int  # GPUs with a risk in Redis
     stale: int  # of those, how many have not reported for stale_after_s
     alarms: int  # GPUs in alarm at the model's operating point
@@ -72,9 +73,9 @@ def age(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def state(row: dict[str, Any]) -> str:
+def state(row: GpuRisk) -> str:
     """FAILED, DRAIN (the drain operating point holds), ALARM (the model's alarm operating point holds) or -."""
-    return "FAILED" if row.get("failed") else "DRAIN" if row.get("drain") else "ALARM" if row.get("alarm") else "-"
+    return "FAILED" if row.failed else "DRAIN" if row.drain else "ALARM" if row.alarm else "-"
 
 
 def render(frame: Frame, *, n: int, color: bool = False) -> str:
@@ -96,17 +97,17 @@ def render(frame: Frame, *, n: int, color: bool = False) -> str:
         lines.append("no risk recorded yet: is `gpuwatch sink` running and writing to this Redis?")
         return "\n".join(lines) + "\n"
     names = [_gpu_name(r) for r in frame.rows]
-    model_w = max(5, *(len(_printable(r.get("model", ""))) for r in frame.rows))
+    model_w = max(5, *(len(_printable(r.model)) for r in frame.rows))
     width = max(3, *(len(x) for x in names))
     lines.append(f"{'#':>3}  {'GPU':<{width}}  {'RISK':>7}  {'STATE':<6}  {'MODE':<12}  {'AGE':>7}  {'STALE':<5}  {'MODEL':<{model_w}}  WHY")
     for rank, (row, name) in enumerate(zip(frame.rows, names, strict=True), 1):
         flag = state(row)
         line = (
-            f"{rank:>3}  {name:<{width}}  {_risk(row['risk'])}  {flag:<6}  {_printable(row.get('mode', '')):<12}  "
-            f"{age(row['age_s']):>7}  {'STALE' if row['stale'] else '':<5}  {_printable(row.get('model', '')):<{model_w}}  "
+            f"{rank:>3}  {name:<{width}}  {_risk(row.risk)}  {flag:<6}  {_printable(row.mode):<12}  "
+            f"{age(row.age_s):>7}  {'STALE' if row.stale else '':<5}  {_printable(row.model):<{model_w}}  "
             f"{_why(row)}"
         ).rstrip()
-        if color and row["stale"]:
+        if color and row.stale:
             line = f"{_DIM}{line}{_RESET}"
         elif color and flag != "-":
             line = f"{_RED}{line}{_RESET}"
@@ -114,9 +115,8 @@ def render(frame: Frame, *, n: int, color: bool = False) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _why(row: dict[str, Any]) -> str:
-    why = row.get("why") or []
-    text = _printable(why[0]) if why else ""
+def _why(row: GpuRisk) -> str:
+    text = _printable(row.why[0]) if row.why else ""
     return text if len(text) <= _MAX_WHY_CHARS else text[: _MAX_WHY_CHARS - 3] + "..."
 
 
@@ -129,8 +129,8 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
-def _gpu_name(row: dict[str, Any]) -> str:
-    name = _printable(k.member(row["host"], row["gpu_index"]))
+def _gpu_name(row: GpuRisk) -> str:
+    name = _printable(k.member(row.host, row.gpu_index))
     return name if len(name) <= _MAX_GPU_CHARS else name[: _MAX_GPU_CHARS - 3] + "..."
 
 

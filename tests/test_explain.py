@@ -150,8 +150,8 @@ def test_redis_risk_and_top_show_why(redis_client: redis.Redis) -> None:
     RiskWriter(redis_client).write_batch([_risk(why=WHY), Risk(**{**msgspec.structs.asdict(_risk()), "gpu_index": 4,
                                                                    "risk": 1e-6, "alarm": False})], written_at=T0)
     client = RiskClient(redis_client, clock=lambda: T0)
-    assert client.risk("node-0001", 3)["why"] == [r.text for r in WHY]  # type: ignore[index]
-    assert client.risk("node-0001", 4)["why"] == []  # type: ignore[index]
+    assert client.risk("node-0001", 3).why == [r.text for r in WHY]  # type: ignore[union-attr]
+    assert client.risk("node-0001", 4).why == []  # type: ignore[union-attr]
     assert redis_client.hget(k.gpu_key("node-0001", 3), "why") == k.why_text(WHY).encode()
     table = render(Frame(client.top(2), 2, 0, 1, 0, None, T0), n=2)
     assert "WHY" in table.splitlines()[2] and WHY[0].text in table.splitlines()[3]

@@ -45,11 +45,11 @@ def fill(client: redis.Redis, now: float) -> np.ndarray:
 def test_risk_client_reads_the_whole_fleet_in_one_round_trip(redis_client: redis.Redis) -> None:
     fill(redis_client, time.time())
     client = RiskClient(redis_client, stale_after_s=60.0)
-    fleet = {(g["host"], g["gpu_index"]): g for g in client.fleet()}
+    fleet = {(g.host, g.gpu_index): g for g in client.fleet()}
     assert len(fleet) == HOSTS * GPUS
-    assert [k for k, g in fleet.items() if g["failed"]] == [("node-1", 1)]
-    assert [k for k, g in fleet.items() if g["stale"]] == [("node-2", 4)]
-    assert fleet[("node-0", 3)]["risk"] == pytest.approx(0.4)
+    assert [k for k, g in fleet.items() if g.failed] == [("node-1", 1)]
+    assert [k for k, g in fleet.items() if g.stale] == [("node-2", 4)]
+    assert fleet[("node-0", 3)].risk == pytest.approx(0.4)
     assert client.horizon_s() == 3600.0
 
 

@@ -262,7 +262,7 @@ def test_shadow_promote_rollback_in_a_running_worker(settings: Settings, tmp_pat
         assert {r.model for r in g[settings.topic_risk]} == {CHAMPION.version}
         client = RiskClient(redis.Redis.from_url(settings.redis_url))
         in_redis = wait_for(lambda: client.top(100), 20, "risk in Redis")
-        assert {r["model"] for r in in_redis} == {CHAMPION.version}  # the sink never saw a shadow record
+        assert {r.model for r in in_redis} == {CHAMPION.version}  # the sink never saw a shadow record
 
         assert main(["model", "promote"]) == 0
         g = records_until(lambda g: any(r.model == "challenger-test" for r in g[settings.topic_risk]))

@@ -60,7 +60,7 @@ def test_snapshots_become_risk_on_topic_and_in_redis(settings: Settings, worker:
     top = client.top(100)
     assert len(top) == 16
     newest = max(r.ts for r in records if r.host == sim.hosts[0] and r.gpu_index == 0)
-    assert client.risk(sim.hosts[0], 0)["ts"] == pytest.approx(newest)
+    assert client.risk(sim.hosts[0], 0).ts == pytest.approx(newest)  # type: ignore[union-attr]
 
 
 def test_malformed_message_is_dead_lettered_and_worker_keeps_going(settings: Settings, worker: EmbeddedServer) -> None:

@@ -7,6 +7,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import jsonschema
+import msgspec
 import orjson
 import pytest
 import redis
@@ -18,7 +20,7 @@ from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer, start_redis
 from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.schemas import redis_keys as k
-from gpuwatch.schemas.codecs import decode_deadletter, encode_risk
+from gpuwatch.schemas.codecs import decode_deadletter, encode_risk, load_schema
 from gpuwatch.schemas.fields import FailureMode
 from gpuwatch.schemas.records import Risk
 from gpuwatch.sinks.redis_writer import RiskWriter
@@ -32,6 +34,12 @@ NOW = 1_750_000_000.0
 def rec(host: str, gpu: int, ts: float, risk: float, mode: FailureMode = "none", **optional: Any) -> Risk:
     return Risk(host=host, gpu_index=gpu, uuid=f"GPU-{host}-{gpu}", ts=ts, risk=risk, horizon_s=3600.0, mode=mode,
                 model="test-model", scored_at=ts + 0.5, **optional)
+
+
+def assert_follows_schema(name: str, answer: msgspec.Struct | None) -> None:
+    """A RiskClient answer is the JSON object its schema file (schemas/{name}.json) describes."""
+    assert answer is not None
+    jsonschema.Draft202012Validator(load_schema(name)).validate(msgspec.to_builtins(answer))
 
 
 @pytest.fixture()
@@ -55,10 +63,10 @@ def test_out_of_order_and_duplicate_records_leave_the_newest(writer: RiskWriter,
 
     gpu0 = client.risk("n1", 0)
     assert gpu0 is not None
-    assert (gpu0["risk"], gpu0["mode"], gpu0["ts"]) == (0.9, "memory", NOW)
-    assert client.risk("n1", 1)["risk"] == 0.3  # type: ignore[index]
+    assert (gpu0.risk, gpu0.mode, gpu0.ts) == (0.9, "memory", NOW)
+    assert client.risk("n1", 1).risk == 0.3  # type: ignore[union-attr]
     assert [r.risk for r in client.history("n1", 0)] == [0.9, 0.5]  # only applied records, newest first
-    assert client.host_risk("n1")["max_risk"] == 0.9  # type: ignore[index]
+    assert client.host_risk("n1").max_risk == 0.9  # type: ignore[union-attr]
 
 
 def test_a_record_stamped_ahead_of_the_sink_is_stored_at_the_sink_clock_and_holds_nothing_back(
@@ -67,13 +75,13 @@ def test_a_record_stamped_ahead_of_the_sink_is_stored_at_the_sink_clock_and_hold
     # A node clock 120 s fast: its ts would read as fresh (negative age) and block the real records after it.
     assert writer.write_batch([rec("n1", 0, NOW + 120, 0.4)], written_at=NOW) == 1
     gpu = RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 1).risk("n1", 0)
-    assert gpu is not None and gpu["ts"] == NOW and gpu["age_s"] == pytest.approx(1.0)
+    assert gpu is not None and gpu.ts == NOW and gpu.age_s == pytest.approx(1.0)
     assert redis_client.zscore(k.LASTSEEN, "n1:0") == NOW
     # The next record on the right clock is applied; without any, the GPU goes stale as a silent one should.
     assert writer.write_batch([rec("n1", 0, NOW + 1, 0.5)], written_at=NOW + 1.5) == 1
-    assert RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 2).risk("n1", 0)["risk"] == 0.5  # type: ignore[index]
+    assert RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 2).risk("n1", 0).risk == 0.5  # type: ignore[union-attr]
     later = RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 100).risk("n1", 0)
-    assert later is not None and later["stale"] is True
+    assert later is not None and later.stale is True
 
 
 def test_host_rollup_goes_down_when_the_riskiest_gpu_recovers(writer: RiskWriter, client: RiskClient) -> None:
@@ -81,14 +89,14 @@ def test_host_rollup_goes_down_when_the_riskiest_gpu_recovers(writer: RiskWriter
     writer.write_batch([rec("n1", 5, NOW - 10, 0.97, "thermal")])
     host = client.host_risk("n1")
     assert host is not None
-    assert (host["max_risk"], host["max_gpu"], host["max_mode"], host["gpus"]) == (0.97, 5, "thermal", 8)
+    assert (host.max_risk, host.max_gpu, host.max_mode, host.gpus) == (0.97, 5, "thermal", 8)
 
     writer.write_batch([rec("n1", 5, NOW, 0.05)])
     host = client.host_risk("n1")
     assert host is not None
-    assert (host["max_risk"], host["max_gpu"]) == (pytest.approx(0.7), 7)
-    assert client.top(1)[0]["gpu_index"] == 7
-    assert (host["oldest_ts"], host["newest_ts"]) == (NOW - 20, NOW)
+    assert (host.max_risk, host.max_gpu) == (pytest.approx(0.7), 7)
+    assert client.top(1)[0].gpu_index == 7
+    assert (host.oldest_ts, host.newest_ts) == (NOW - 20, NOW)
 
 
 def test_history_is_capped_and_keys_expire(writer: RiskWriter, redis_client: redis.Redis) -> None:
@@ -102,8 +110,8 @@ def test_prune_forgets_gpus_gone_for_good(writer: RiskWriter, client: RiskClient
     writer.write_batch([rec("n1", 0, NOW - 4000, 0.9), rec("n1", 1, NOW, 0.2), rec("n2", 0, NOW - 5000, 0.5)])
     assert writer.prune(NOW) == 2
     assert client.risk("n1", 0) is None and client.host_risk("n2") is None
-    assert client.host_risk("n1")["max_risk"] == 0.2  # type: ignore[index]
-    assert [g["host"] for g in client.top(10)] == ["n1"]
+    assert client.host_risk("n1").max_risk == 0.2  # type: ignore[union-attr]
+    assert [g.host for g in client.top(10)] == ["n1"]
     assert client.healthy_hosts(0.5) == ["n1"]
 
 
@@ -122,7 +130,7 @@ def test_big_batches_are_split_and_survive_a_script_flush(
     assert writer.write_batch(batch) == 80
     redis_client.script_flush()
     assert writer.write_batch([rec("n0", 0, NOW + 1, 0.5)]) == 1
-    assert client.top(1)[0]["risk"] == 0.5
+    assert client.top(1)[0].risk == 0.5
 
 
 # ------------------------------------------------------------------------------------------ RiskClient
@@ -141,24 +149,27 @@ def test_risk_client_answers_and_marks_stale_data(writer: RiskWriter, redis_clie
     gpu = client.risk("b", 3)
     assert gpu is not None
     assert (
-        gpu["risk"] == 0.95
-        and gpu["mode"] == "memory"
-        and gpu["uuid"] == "GPU-b-3"
-        and gpu["model"] == "test-model"
+        gpu.risk == 0.95
+        and gpu.mode == "memory"
+        and gpu.uuid == "GPU-b-3"
+        and gpu.model == "test-model"
     )
-    assert gpu["stale"] is False and gpu["age_s"] == pytest.approx(4.0)
-    assert isinstance(gpu["gpu_index"], int) and isinstance(gpu["written_at"], float)
+    assert gpu.stale is False and gpu.age_s == pytest.approx(4.0)
+    assert isinstance(gpu.gpu_index, int) and isinstance(gpu.written_at, float)
     assert client.risk("b", 9) is None and client.host_risk("zzz") is None
+    assert_follows_schema("gpu_risk", gpu)
+    assert_follows_schema("host_risk", client.host_risk("c"))
+    assert_follows_schema("fleet_gpu", client.fleet()[0])
 
-    assert client.host_risk("c")["stale"] is True  # type: ignore[index]
-    assert client.host_risk("a")["stale"] is False  # type: ignore[index]
-    assert [(g["host"], g["gpu_index"]) for g in client.top(2)] == [("b", 3), ("c", 7)]
+    assert client.host_risk("c").stale is True  # type: ignore[union-attr]
+    assert client.host_risk("a").stale is False  # type: ignore[union-attr]
+    assert [(g.host, g.gpu_index) for g in client.top(2)] == [("b", 3), ("c", 7)]
     assert client.healthy_hosts(0.5) == ["a"]  # b is too risky, c is stale
     assert client.healthy_hosts(0.99) == ["a", "b"]
     assert client.stale_gpus() == ["c:6"]
 
     later = RiskClient(redis_client, stale_after_s=60.0, clock=lambda: NOW + 120)
-    assert later.risk("b", 3)["stale"] is True  # type: ignore[index]
+    assert later.risk("b", 3).stale is True  # type: ignore[union-attr]
     assert later.healthy_hosts(1.0) == []
 
 
@@ -172,17 +183,19 @@ def test_a_gpu_hash_without_a_readable_ts_reads_as_stale_not_as_an_error(
 
     gpu = client.risk("a", 0)
     assert gpu is not None
-    assert (gpu["ts"], gpu["age_s"], gpu["stale"], gpu["gpu_index"], gpu["risk"]) == (None, None, True, 0, 0.9)
+    assert (gpu.ts, gpu.age_s, gpu.stale, gpu.gpu_index, gpu.risk) == (None, None, True, 0, 0.9)
     odd = client.risk("a", 1)
-    assert odd is not None and (odd["ts"], odd["risk"], odd["stale"]) == (None, None, True)
-    assert [(g["host"], g["gpu_index"], g["stale"]) for g in client.top(3)] == [
+    assert odd is not None and (odd.ts, odd.risk, odd.stale) == (None, None, True)
+    assert [(g.host, g.gpu_index, g.stale) for g in client.top(3)] == [
         ("a", 0, True), ("a", 1, True), ("b", 0, False)
     ]
     host = client.host_risk("b")
-    assert host is not None and (host["oldest_ts"], host["max_gpu"], host["alarms"], host["stale"]) == (
+    assert host is not None and (host.oldest_ts, host.max_gpu, host.alarms, host.stale) == (
         None, None, 0, True
     )  # fmt: skip
     assert client.healthy_hosts() == ["a"]  # b's rollup has no readable oldest_ts: unknown, so not healthy
+    assert_follows_schema("gpu_risk", odd)
+    assert_follows_schema("host_risk", host)
     table = render(Frame(client.top(3), 3, 2, 0, 0, None, NOW), n=3)
     assert "a:1        ?  -" in table and "STALE" in table
 
@@ -193,10 +206,10 @@ def test_alarms_and_failures_are_kept_per_gpu_per_host_and_fleet_wide(writer: Ri
     quiet = [rec(h, 0, NOW, 1e-6) for h in ("a", "b", "c")]
     writer.write_batch([alarm, failed, *quiet])
     gpu = client.risk("a", 1)
-    assert gpu is not None and (gpu["alarm"], gpu["drain"], gpu["failed"], gpu["op"]) == (True, False, False, "model:0.66x2")
-    assert client.risk("b", 2)["failed"] is True  # type: ignore[index]
+    assert gpu is not None and (gpu.alarm, gpu.drain, gpu.failed, gpu.op) == (True, False, False, "model:0.66x2")
+    assert client.risk("b", 2).failed is True  # type: ignore[union-attr]
     assert (client.alarms(), client.failed()) == (["a:1"], ["b:2"])
-    assert [(h["alarms"], h["failed"]) for h in map(client.host_risk, "abc")] == [(1, 0), (0, 1), (0, 0)]  # type: ignore[index]
+    assert [(h.alarms, h.failed) for h in map(client.host_risk, "abc")] == [(1, 0), (0, 1), (0, 0)]  # type: ignore[union-attr]
     assert client.healthy_hosts() == ["c"]  # a has a GPU in alarm, b a failed one, whatever their risk
     # the alarm clears and the failed GPU is repaired: both hosts are healthy again
     writer.write_batch([replace(alarm, ts=NOW + 5, alarm=False), replace(failed, ts=NOW + 5, failed=False, risk=1e-6)])
@@ -207,9 +220,9 @@ def test_alarms_and_failures_are_kept_per_gpu_per_host_and_fleet_wide(writer: Ri
 def test_risk_client_from_a_url_and_a_bytes_client(writer: RiskWriter, redis_server: EmbeddedServer) -> None:
     writer.write_batch([rec("n1", 2, NOW, 0.4)])
     with RiskClient(redis_server.url, clock=lambda: NOW) as by_url:
-        assert by_url.risk("n1", 2)["risk"] == 0.4  # type: ignore[index]
+        assert by_url.risk("n1", 2).risk == 0.4  # type: ignore[union-attr]
     raw = redis.Redis.from_url(redis_server.url)  # decode_responses=False
-    assert RiskClient(raw, clock=lambda: NOW).top(1)[0]["host"] == "n1"
+    assert RiskClient(raw, clock=lambda: NOW).top(1)[0].host == "n1"
     raw.close()
 
 
@@ -270,7 +283,7 @@ def test_sink_writes_records_dead_letters_garbage_and_commits(
 
     wait_for(lambda: len(written) == 24, what="24 records in Redis")
     client = RiskClient(redis_client)
-    assert client.host_risk("h2")["max_risk"] == 0.7  # type: ignore[index]
+    assert client.host_risk("h2").max_risk == 0.7  # type: ignore[union-attr]
     assert len(client.top(100)) == 24
 
     [dead] = read_all(settings, settings.topic_deadletter, 1)
@@ -307,7 +320,7 @@ def test_sink_waits_out_a_redis_outage(
     try:
         wait_for(lambda: len(written) == 2, what="the record held during the outage")
         fresh = redis.Redis.from_url(restarted.url)
-        assert RiskClient(fresh).risk("h0", 1)["risk"] == 0.6  # type: ignore[index]
+        assert RiskClient(fresh).risk("h0", 1).risk == 0.6  # type: ignore[union-attr]
         fresh.close()
     finally:
         restarted.stop()

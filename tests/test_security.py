@@ -117,7 +117,7 @@ def test_sink_and_controller_write_as_a_limited_acl_user_and_readers_only_read(
         assert producer.flush(10) == 0
         reader = RiskClient(reader_url)
         answer = wait_for(lambda: reader.risk("node-0001", 3), 60, "the sink's write, read as the reader")
-        assert answer["risk"] == pytest.approx(0.3) and reader.host_risk("node-0001")["gpus"] == 4  # type: ignore[index]
+        assert answer.risk == pytest.approx(0.3) and reader.host_risk("node-0001").gpus == 4  # type: ignore[union-attr]
         wait_for(lambda: outcomes, 60, "the controller's outcome, stored as the sink user")
     finally:
         stop.set()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from gpuwatch.schemas.fields import FAILURE_MODES
+from gpuwatch.schemas.records import FleetGpu
 
 from . import estimators as est
 from .history import UNKNOWN, FailureHistory
@@ -36,12 +37,12 @@ class LiveRisk:
     horizon_s: float
 
     @classmethod
-    def from_records(cls, records: Sequence[dict[str, Any]], horizon_s: float) -> LiveRisk:
+    def from_records(cls, records: Sequence[FleetGpu], horizon_s: float) -> LiveRisk:
         return cls(
-            gpus=tuple((str(r["host"]), int(r["gpu_index"])) for r in records),
-            risk=np.array([float(r["risk"]) for r in records], dtype=np.float64),
-            failed=np.array([bool(r["failed"]) for r in records], dtype=bool),
-            stale=np.array([bool(r.get("stale")) for r in records], dtype=bool),
+            gpus=tuple((r.host, r.gpu_index) for r in records),
+            risk=np.array([r.risk for r in records], dtype=np.float64),
+            failed=np.array([r.failed for r in records], dtype=bool),
+            stale=np.array([r.stale for r in records], dtype=bool),
             horizon_s=float(horizon_s),
         )
 
