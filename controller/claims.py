@@ -1,20 +1,19 @@
 """Leased claims on remediation ids in Redis: each event runs to completion once, and none is dropped silently.
 
-``gpuwatch:claim:{id}`` holds a JSON value ``{"owner", "attempt", "claimed_at", "lease_until", "done"}``. A
+``gpuwatch:claim:{id}`` holds a JSON value ``{"owner", "attempt", "claimed_at", "lease_until", "done"}`` (the
+record `ClaimInfo`, written and read by `redis_keys.encode_claim` / `decode_claim`; docs/contracts.md). A
 controller takes a free id with SET NX, renews its lease every third of `lease_s` while the executor runs,
 and finishes by writing ``gpuwatch:outcome:{id}`` and ``done: true`` in one script, only if the claim is still
 its own. A claim whose lease ran out, or whose owner is a dead process of this host (or an earlier process
 that had our host name and pid, as after a container restart), was interrupted: the next controller to see the
 event takes it over with a compare-and-set and decides, in the controller, whether running it again is safe.
 Claims written by older gpuwatch versions (``"host:pid unix-time"``) are read as leases from that time. A JSON
-claim whose fields have the wrong type (``"lease_until": "soon"``) raises `CorruptClaim`: nobody can tell
+claim whose fields have the wrong type (``"lease_until": "soon"``) raises `redis_keys.CorruptClaim`: nobody can tell
 whether its holder is alive, so the caller sets the event aside instead of acting on a guess.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import secrets
 import socket
@@ -28,6 +27,7 @@ from typing import Any, Literal
 import redis
 
 from ..schemas import redis_keys as k
+from ..schemas.records import ClaimInfo
 
 _CAS = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -64,62 +64,6 @@ class ClaimState:
     holder: str = ""
 
 
-class CorruptClaim(ValueError):
-    """A claim in Redis that cannot be read; the message names the key and the field."""
-
-
-@dataclass(frozen=True)
-class ClaimInfo:
-    """A claim's value as stored: who holds it, which attempt, since when, until when (None: a pre-lease claim,
-    held `lease_s` from `claimed_at`), and whether its outcome is recorded."""
-
-    owner: str
-    attempt: int
-    claimed_at: float
-    lease_until: float | None
-    done: bool
-
-
-_NOUNS = {int: "a whole number", float: "a number", bool: "true or false"}
-
-
-def _field(key: str, info: dict[str, Any], name: str, kind: type, default: Any) -> Any:
-    """`info[name]` if it is a `kind` (an int is a number too, a bool neither); `default` if absent or null."""
-    value = info.get(name)
-    if value is None:
-        return default
-    if kind is float:
-        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return value
-    elif isinstance(value, kind) and isinstance(value, bool) == (kind is bool):
-        return value
-    raise CorruptClaim(f"claim {key} in Redis is unreadable: {name} is {json.dumps(value)}, not {_NOUNS[kind]}")
-
-
-def _parse(key: str, raw: bytes | str) -> ClaimInfo:
-    """The claim stored under `key`; CorruptClaim when it is JSON with a field of the wrong type."""
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if isinstance(value, dict):
-        lease_until = _field(key, value, "lease_until", float, None)
-        return ClaimInfo(
-            owner=str(value.get("owner", "")),
-            attempt=max(1, _field(key, value, "attempt", int, 1)),
-            claimed_at=float(_field(key, value, "claimed_at", float, 0.0)),
-            lease_until=None if lease_until is None else float(lease_until),
-            done=_field(key, value, "done", bool, False),
-        )
-    owner, _, when = text.partition(" ")  # the pre-lease format: "host:pid unix-time"
-    try:
-        claimed_at = float(when)
-    except ValueError:
-        claimed_at = 0.0
-    return ClaimInfo(owner=owner, attempt=1, claimed_at=claimed_at, lease_until=None, done=False)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -145,9 +89,8 @@ class ClaimStore:
         self._finish = client.register_script(_FINISH)
 
     def _value(self, attempt: int, claimed_at: float, *, done: bool = False) -> str:
-        info = {"owner": self.owner, "attempt": attempt, "claimed_at": round(claimed_at, 3),
-                "lease_until": round(self.clock() + self.lease_s, 3), "done": done}  # fmt: skip
-        return json.dumps(info, sort_keys=True)
+        return k.encode_claim(ClaimInfo(owner=self.owner, attempt=attempt, claimed_at=round(claimed_at, 3),
+                                        lease_until=round(self.clock() + self.lease_s, 3), done=done))  # fmt: skip
 
     def interrupted(self, info: ClaimInfo) -> bool:
         """Whether a claim's holder is gone: its lease ran out, or it was a process of this host that is dead."""
@@ -179,7 +122,7 @@ class ClaimStore:
             current = self.client.get(key)
             if current is None:
                 continue
-            info = _parse(key, current)
+            info = k.decode_claim(key, current)
             if info.done:
                 return ClaimState("done")
             if not self.interrupted(info):
@@ -191,8 +134,7 @@ class ClaimStore:
 
     def renew(self, claim: Claim) -> bool:
         """Extends the lease; False if the claim is no longer ours (taken over after our lease ran out)."""
-        info = json.loads(claim.value)
-        value = self._value(claim.attempt, info["claimed_at"])
+        value = self._value(claim.attempt, k.decode_claim(k.claim_key(claim.id), claim.value).claimed_at)
         if self._cas(keys=[k.claim_key(claim.id)], args=[claim.value, value, self.ttl_ms]):
             claim.value = value
             return True
@@ -200,8 +142,8 @@ class ClaimStore:
 
     def finish(self, claim: Claim, fields: dict[str, str]) -> bool:
         """Stores the outcome hash and marks the claim done, atomically and only if the claim is still ours."""
-        info = json.loads(claim.value)
-        done = self._value(claim.attempt, info["claimed_at"], done=True)
+        claimed_at = k.decode_claim(k.claim_key(claim.id), claim.value).claimed_at
+        done = self._value(claim.attempt, claimed_at, done=True)
         pairs = [x for item in fields.items() for x in item]
         keys = [k.claim_key(claim.id), k.outcome_key(claim.id)]
         return bool(self._finish(keys=keys, args=[claim.value, done, self.ttl_ms, *pairs]))

@@ -42,7 +42,7 @@ from ..schemas import redis_keys as k
 from ..schemas.codecs import decode_remediation, encode_outcome, make_deadletter
 from ..schemas.records import Outcome as OutcomeRecord
 from ..schemas.records import Remediation
-from .claims import Claim, ClaimStore, CorruptClaim
+from .claims import Claim, ClaimStore
 from .executors import Executor, Outcome, make_executor
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class _Controller:
             return self.deadletter(msg, str(exc))
         try:
             claim = self.claim(event)
-        except CorruptClaim as exc:
+        except k.CorruptClaim as exc:
             # Whether its holder still runs it cannot be told: set the event aside, go on with the next.
             reason = f"{exc}; not executed: delete the key (or fix it) and replay the event from the dead letter"
             log.error("remediation %s (%s %s GPU %s) dead-lettered: %s",

@@ -17,7 +17,6 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from helpers import wait_for
 
 from gpuwatch.config import ConfigError, Settings
-from gpuwatch.controller.claims import ClaimInfo, CorruptClaim, _parse
 from gpuwatch.controller.executors import Executor, Outcome, make_executor
 from gpuwatch.controller.executors.dry_run import DryRunExecutor
 from gpuwatch.controller.worker import run_controller
@@ -25,8 +24,9 @@ from gpuwatch.kafka import ensure_topics, make_producer
 from gpuwatch.schemas import redis_keys as k
 from gpuwatch.schemas.codecs import decode_deadletter, decode_outcome, encode_remediation, remediation_id
 from gpuwatch.schemas.fields import Action
+from gpuwatch.schemas.records import ClaimInfo, Remediation
 from gpuwatch.schemas.records import Outcome as OutcomeRecord
-from gpuwatch.schemas.records import Remediation
+from gpuwatch.schemas.redis_keys import CorruptClaim, decode_claim, encode_claim
 from gpuwatch.sinks.policy import set_killswitch
 
 
@@ -193,14 +193,25 @@ def test_an_event_whose_claim_in_redis_is_corrupt_is_dead_lettered_and_the_contr
 )
 def test_a_claim_field_of_the_wrong_type_is_corrupt(value: str, error: str) -> None:
     with pytest.raises(CorruptClaim, match=f"^claim K in Redis is unreadable: {error}$"):
-        _parse("K", value)
+        decode_claim("K", value)
 
 
 def test_claims_of_older_versions_and_null_fields_still_read() -> None:
-    assert _parse("K", b"h:1 12.5") == ClaimInfo("h:1", 1, 12.5, None, False)
-    assert _parse("K", '{"owner": "h:1:t", "claimed_at": null, "lease_until": 20}') == ClaimInfo(
-        "h:1:t", 1, 0.0, 20.0, False
+    assert decode_claim("K", b"h:1 12.5") == ClaimInfo(owner="h:1", claimed_at=12.5)
+    assert decode_claim("K", '{"owner": "h:1:t", "claimed_at": null, "lease_until": 20}') == ClaimInfo(
+        owner="h:1:t", lease_until=20.0
     )
+    assert decode_claim("K", '{"owner": "h:1:t", "attempt": 0, "claimed_at": -5}') == ClaimInfo(
+        owner="h:1:t", claimed_at=-5.0
+    )  # out of the writer's range but not of the wrong type: read as before
+
+
+def test_a_claim_reads_back_as_written() -> None:
+    claim = ClaimInfo(owner="h:1:t", attempt=2, claimed_at=10.5, lease_until=70.5, done=True)
+    value = encode_claim(claim)
+    assert json.loads(value) == {"owner": "h:1:t", "attempt": 2, "claimed_at": 10.5, "lease_until": 70.5,
+                                 "done": True}  # fmt: skip
+    assert decode_claim("K", value) == decode_claim("K", value.encode()) == claim
 
 
 def test_dry_run_is_the_default_executor(caplog: pytest.LogCaptureFixture) -> None:
