@@ -189,6 +189,7 @@ def test_an_event_whose_claim_in_redis_is_corrupt_is_dead_lettered_and_the_contr
         ('{"owner": "h:1:t", "done": "yes"}', 'done is "yes", not true or false'),
         ('{"owner": "h:1:t", "attempt": true}', "attempt is true, not a whole number"),
         ('{"owner": "h:1:t", "claimed_at": "10"}', 'claimed_at is "10", not a number'),
+        ('{"owner": 5, "attempt": 1}', "owner is 5, not text"),
     ],
 )
 def test_a_claim_field_of_the_wrong_type_is_corrupt(value: str, error: str) -> None:
