@@ -557,7 +557,7 @@ class RiskProcessor:
         for model in (self.model, self.challenger):
             if model is not None:
                 model.cache_push_ts[:] = np.nan  # restored rings: encode their past afresh
-        return self.store.import_state(list(latest.items()))
+        return len(self.store.import_state(list(latest.items())))
 
     def _grow(self, n: int) -> None:
         """Size the per-slot scoring state (wall time of the last record, each model's cached state) to `n` slots."""
