@@ -26,7 +26,7 @@ from gpuwatch.schemas.records import ModelRef, Risk
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.sinks.risk_client import RiskClient
 from gpuwatch.sinks.risk_sink import run_risk_sink
-from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.streams.model import ModelArtifact, Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor
 from gpuwatch.training.compare import compare
 from gpuwatch.training.dataset import Failures
@@ -141,6 +141,62 @@ def test_promote_keeps_windows_and_brings_the_challengers_runs_rollback_swaps_ba
     proc.install(old, new)  # rollback
     back = proc.process(next(_messages(sim, 1)))
     assert {decode_risk(v).model for _, v in back.risk} == {CHAMPION.version}
+
+
+# A challenger whose alarm needs a run: 4 scorings over 3 s at or above its (any) score.
+PERSISTENT = dataclasses.replace(CHALLENGER, alarm_records=4, alarm_for_s=3.0)
+
+
+def _shadowing(champion: ModelArtifact, challenger: ModelArtifact | None) -> RiskProcessor:
+    proc = RiskProcessor(Scorer(champion, "cpu"), rescore_interval_s=1.0)
+    if challenger is not None:
+        proc.install(proc.model, proc.model_state(Scorer(challenger, "cpu")))
+    return proc
+
+
+def _decisions(records: list[tuple[bytes, bytes]]) -> list[tuple[str, str, float, bool | None, bool | None]]:
+    return [(r.model, r.uuid, r.ts, r.alarm, r.drain) for r in (decode_risk(v) for _, v in records)]
+
+
+CASES = ["same models", "promoted meanwhile", "another challenger", "checkpoint without one"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_restored_worker_gives_each_model_its_runs_back(case: str) -> None:
+    """Checkpoint mid-run, restore into a fresh processor, go on: its alarms (risk and shadow) are those of a
+    processor never stopped that installed the restored one's models at the checkpoint. Runs go to the model
+    that counted them; a challenger the checkpoint did not count for starts its runs afresh."""
+    other = dataclasses.replace(PERSISTENT, version="challenger-other")
+    before, after = {
+        "same models": ((CHAMPION, PERSISTENT), (CHAMPION, PERSISTENT)),
+        "promoted meanwhile": ((CHAMPION, PERSISTENT), (PERSISTENT, CHAMPION)),
+        "another challenger": ((CHAMPION, PERSISTENT), (CHAMPION, other)),
+        "checkpoint without one": ((CHAMPION, None), (CHAMPION, PERSISTENT)),
+    }[case]
+    msgs = list(_messages(FleetSimulator(FleetConfig(hosts=1, gpus_per_host=4, seed=9, start_ts=1.7e9)), 30))
+    steady, stopped = _shadowing(*before), _shadowing(*before)
+    for batch in msgs[:15]:
+        steady.process(batch)
+        stopped.process(batch)
+    changelog = stopped.checkpoint()
+    if case == "checkpoint without one":  # byte for byte the layout that workers before this one read
+        size = stopped.store._record_dtype().itemsize
+        assert {len(v) for _, _, v in changelog} == {2 + len("node-0000") + size}
+    running = {m.version: m for m in (steady.model, steady.challenger) if m is not None}
+    new = [running.get(a.version) or steady.model_state(Scorer(a, "cpu")) for a in after]  # type: ignore[union-attr]
+    steady.install(*new)
+    restored = _shadowing(*after)
+    assert restored.restore([(k, v) for _, k, v in changelog]) == 4
+    for i, batch in enumerate(msgs[15:]):
+        want, got = steady.process(batch), restored.process(batch)
+        assert _decisions(got.risk) == _decisions(want.risk)
+        assert _decisions(got.shadow) == _decisions(want.shadow)
+        np.testing.assert_allclose([decode_risk(v).risk for _, v in got.shadow + got.risk],
+                                   [decode_risk(v).risk for _, v in want.shadow + want.risk], atol=1e-5)  # fmt: skip
+        if i == 0:  # the runs were carried over, or really started afresh (not in alarm at the first scoring)
+            carried = case in ("same models", "promoted meanwhile")
+            persistent = got.shadow if after[1] is not CHAMPION else got.risk
+            assert all(alarm == carried for _, _, _, alarm, _ in _decisions(persistent)), case
 
 
 def test_a_challenger_with_other_windows_is_refused() -> None:
