@@ -581,14 +581,17 @@ class RiskProcessor:
 
     def _challenger_runs(self, slots: np.ndarray) -> list[bytes] | None:
         """Per slot, the challenger's runs as a checkpoint extension (None without a challenger)."""
-        if self.challenger is None:
+        challenger, store = self.challenger, self.store
+        if challenger is None:
             return None
-        self._grow(len(self.store.uuids))
-        runs = self.challenger.own_runs(self.store, slots)
+        # Read only: a slot now held by another GPU than its run's has no run (what `own_runs` makes of it).
+        known = slots < len(challenger.runs_first_ts)
+        at = np.where(known, slots, 0)
+        held = known & (challenger.runs_first_ts[at] == store.first_ts[slots])
         rec = np.zeros(len(slots), dtype=_RUNS_DTYPE)
         for name in RUN_FIELDS:
-            rec[name] = runs[name][slots]
-        versions = _version_tag(self.model.version) + _version_tag(self.challenger.version)
+            rec[name] = np.where(held, challenger.runs[name][at], 0)
+        versions = _version_tag(self.model.version) + _version_tag(challenger.version)
         head = bytes([RUNS_CHECKPOINT_FORMAT]) + versions
         return [head + r.tobytes() for r in rec]
 
