@@ -123,8 +123,9 @@ def create_app(
     # Cleared while a rebalance restores windows, so no batch is folded into a half-restored store.
     ready = asyncio.Event()
 
-    def write_checkpoint(everything: bool = False) -> int:
-        records = processor.checkpoint(everything)
+    # `processor.checkpoint` runs on the event loop, between batches, so that each record is one GPU's state
+    # at one moment (windows, both models' runs and their versions); only producing it runs off the loop.
+    def write_checkpoint(records: list[tuple[int, bytes, bytes]]) -> int:
         for part, key, value in records:
             produce(producer, windows_topic, key, value, partition=part)
         producer.flush(30.0)
@@ -142,13 +143,13 @@ def create_app(
             return None
         return now_id if now_id != expected_id else None
 
-    def hand_over_and_exit(new_id: str) -> None:
+    def hand_over_and_exit(new_id: str, records: list[tuple[int, bytes, bytes]]) -> None:
         log.error("the samples topic %s was recreated (id %s, now %s): the broker lost its state. Handing the "
                   "windows of %d GPUs to the new changelog and exiting with code %d to restart clean from the "
                   "new topic's start", settings.topic_samples, expected_id, new_id, len(processor.store),
                   RESTART_EXIT_CODE)  # fmt: skip
         ensure_compacted_topic(settings, windows_topic, partition_count(settings, settings.topic_samples))
-        totals.checkpointed += write_checkpoint(everything=True)
+        totals.checkpointed += write_checkpoint(records)
         flush_until_acknowledged(producer, closing, "the handover")  # in Kafka before we go
         totals.report(processor)
         sys.stdout.flush()
@@ -160,13 +161,14 @@ def create_app(
         if new_id is not None:
             ready.clear()
             app.forbid_commits()
-            await asyncio.get_running_loop().run_in_executor(None, hand_over_and_exit, new_id)
+            records = processor.checkpoint(everything=True)
+            await asyncio.get_running_loop().run_in_executor(None, hand_over_and_exit, new_id, records)
 
     @app.on_partitions_revoked.connect  # type: ignore[misc]
     async def _revoked(app_: faust.App, revoked: set, **kwargs: object) -> None:
         ready.clear()
         # Hand over fresh windows: whoever gets these partitions restores from this checkpoint.
-        await asyncio.get_running_loop().run_in_executor(None, write_checkpoint)
+        await asyncio.get_running_loop().run_in_executor(None, write_checkpoint, processor.checkpoint())
 
     @app.on_partitions_assigned.connect  # type: ignore[misc]
     async def _assigned(app_: faust.App, assigned: set, **kwargs: object) -> None:
@@ -264,7 +266,8 @@ def create_app(
     @app.timer(interval=settings.checkpoint_interval_s)
     async def _checkpoint() -> None:
         if ready.is_set():
-            totals.checkpointed += await asyncio.get_running_loop().run_in_executor(None, write_checkpoint)
+            loop, records = asyncio.get_running_loop(), processor.checkpoint()
+            totals.checkpointed += await loop.run_in_executor(None, write_checkpoint, records)
 
     @app.timer(interval=TRIM_INTERVAL_S)
     async def _trim_heap() -> None:

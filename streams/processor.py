@@ -116,14 +116,42 @@ def _check_plausible(snap: Snapshot) -> None:
 
 
 RUN_FIELDS = ("alarm_run", "alarm_since", "drain_run", "drain_since")  # a model's runs at its operating points
+# A challenger's runs in a window checkpoint (docs/architecture.md, "Window checkpoints"): this format byte, the
+# champion's and the challenger's versions (u16 length + UTF-8 each), then the runs as one record of this dtype.
+RUNS_CHECKPOINT_FORMAT = 1
+_RUNS_DTYPE = np.dtype([(name, "<i2" if name.endswith("_run") else "<f8") for name in RUN_FIELDS])
+
+
+def _version_tag(version: str) -> bytes:
+    raw = version.encode()
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def decode_runs_checkpoint(ext: bytes) -> tuple[str, str, np.void] | None:
+    """(champion version, challenger version, challenger's runs) from a window checkpoint's extension, or None
+    when it has none or one this code cannot read (the challenger then starts its runs afresh)."""
+    if not ext or ext[0] != RUNS_CHECKPOINT_FORMAT:
+        return None
+    pos, versions = 1, []
+    for _ in range(2):
+        n = int.from_bytes(ext[pos : pos + 2], "big")
+        try:
+            versions.append(ext[pos + 2 : pos + 2 + n].decode())
+        except UnicodeDecodeError:
+            return None
+        pos += 2 + n
+    if len(ext) - pos != _RUNS_DTYPE.itemsize:
+        return None
+    return versions[0], versions[1], np.frombuffer(ext[pos:], dtype=_RUNS_DTYPE)[0]
 
 
 class ModelState:
     """One model's scoring state over the shared windows: scorer, operating points, base rates, and per slot the
     cached LSTM state (valid while the ring's last push and the GPU's first sample are what they were).
 
-    The champion's runs of scorings at its operating points live in the window store (checkpointed with the
-    windows); a challenger keeps its own (`runs`, not checkpointed), and promotion exchanges the two.
+    The champion's runs of scorings at its operating points live in the window store; a challenger keeps its
+    own (`runs`), and promotion exchanges the two. Both are checkpointed with the windows, each tagged with its
+    model's version (`RiskProcessor.checkpoint`).
     """
 
     def __init__(
@@ -261,7 +289,9 @@ class RiskProcessor:
                     old.runs[name][:n] = held
             if challenger is old:
                 old.runs_first_ts[:n] = store.first_ts[:n]
-            store.dirty[:n] = True  # the next checkpoint carries the new champion's runs
+        if champion is not old or challenger is not self.challenger:
+            # The next checkpoint rewrites every GPU with these models' runs (and none of a challenger gone).
+            store.dirty[:n] = True
         self.model = champion
         self.challenger = challenger
 
@@ -538,18 +568,40 @@ class RiskProcessor:
 
     def checkpoint(self, everything: bool = False) -> list[tuple[int, bytes, bytes]]:
         """(partition, key, value) changelog records for every GPU changed since the last checkpoint, or for
-        every GPU tracked (`everything`: a handover to an empty changelog)."""
+        every GPU tracked (`everything`: a handover to an empty changelog). With a challenger, each record also
+        carries its runs, tagged with both models' versions."""
         store = self.store
         slots = np.arange(len(store.uuids)) if everything else store.dirty_slots()
         slots = slots[store.partition[slots] >= 0]
         if not len(slots):
             return []
-        items = store.export_state(slots)
+        items = store.export_state(slots, self._challenger_runs(slots))
         store.clear_dirty(slots)
         return [(int(p), u.encode(), blob) for p, (u, blob) in zip(store.partition[slots].tolist(), items)]
 
+    def _challenger_runs(self, slots: np.ndarray) -> list[bytes] | None:
+        """Per slot, the challenger's runs as a checkpoint extension (None without a challenger)."""
+        challenger, store = self.challenger, self.store
+        if challenger is None:
+            return None
+        # Read only: a slot now held by another GPU than its run's has no run (what `own_runs` makes of it).
+        known = slots < len(challenger.runs_first_ts)
+        at = np.where(known, slots, 0)
+        held = known & (challenger.runs_first_ts[at] == store.first_ts[slots])
+        rec = np.zeros(len(slots), dtype=_RUNS_DTYPE)
+        for name in RUN_FIELDS:
+            rec[name] = np.where(held, challenger.runs[name][at], 0)
+        versions = _version_tag(self.model.version) + _version_tag(challenger.version)
+        head = bytes([RUNS_CHECKPOINT_FORMAT]) + versions
+        return [head + r.tobytes() for r in rec]
+
     def restore(self, records: list[tuple[bytes | None, bytes | None]]) -> int:
-        """Apply changelog records (oldest first; the last per GPU wins); returns GPUs restored."""
+        """Apply changelog records (oldest first; the last per GPU wins); returns GPUs restored.
+
+        Runs go to the model they were counted for, by version: the challenger's only to a challenger of the
+        same version (another challenger starts its runs afresh), and where a promote or rollback came after the
+        checkpoint, each model gets its own back. The champion keeps the window's runs unless the checkpoint
+        names its version as the challenger's."""
         latest: dict[str, bytes] = {}
         for key, value in records:
             if key is not None and value is not None:
@@ -557,7 +609,25 @@ class RiskProcessor:
         for model in (self.model, self.challenger):
             if model is not None:
                 model.cache_push_ts[:] = np.nan  # restored rings: encode their past afresh
-        return self.store.import_state(list(latest.items()))
+        applied = self.store.import_state(list(latest.items()))
+        self._grow(len(self.store.uuids))
+        store, champion, challenger = self.store, self.model, self.challenger
+        for s, ext in applied:
+            counted: dict[str, Any] = {}  # version -> its runs (a record with RUN_FIELDS)
+            decoded = decode_runs_checkpoint(ext)
+            if decoded is not None:
+                was_champion, was_challenger, their_runs = decoded
+                counted[was_champion] = {name: getattr(store, name)[s].copy() for name in RUN_FIELDS}
+                counted[was_challenger] = their_runs
+            if champion.version in counted:
+                for name in RUN_FIELDS:
+                    getattr(store, name)[s] = counted[champion.version][name]
+            if challenger is not None:
+                mine = counted.get(challenger.version)
+                for name in RUN_FIELDS:
+                    challenger.runs[name][s] = mine[name] if mine is not None else 0
+                challenger.runs_first_ts[s] = store.first_ts[s]
+        return len(applied)
 
     def _grow(self, n: int) -> None:
         """Size the per-slot scoring state (wall time of the last record, each model's cached state) to `n` slots."""

@@ -121,11 +121,25 @@ _NO_XID_MIN = 24 * 60.0  # "never seen an XID" reads as a day ago
 # snapshot was stamped ahead. Such a GPU's window is moved back in time instead of refusing its samples
 # until the clock catches up. A resend or an older snapshot never has a seq after the last one.
 MAX_SEQ_STEP = 64
+# Marks bytes a caller framed after a checkpointed window (`export_state(extensions=...)`): magic, u16 length.
+EXTENSION_MAGIC = b"GWX1"
 # Every per-GPU time of the window (sample time), moved together so that time differences stay what they were.
 # failed_since is left alone: it names the failure (the repair event's id is built from it).
 _TIME_FIELDS = (
     "first_ts", "last_ts", "last_push_ts", "last_xid_ts", "last_scored_ts", "state_since", "alarm_since", "drain_since",
 )  # fmt: skip
+
+
+def _unframe(rest: bytes) -> bytes | None:
+    """The extension framed in `rest` (what follows a window record; b"" when nothing does), or None when `rest`
+    is no framed extension (the blob has another window layout)."""
+    if not rest:
+        return b""
+    head = len(EXTENSION_MAGIC) + 2
+    if len(rest) <= head or rest[: len(EXTENSION_MAGIC)] != EXTENSION_MAGIC:
+        return None
+    declared = int.from_bytes(rest[len(EXTENSION_MAGIC) : head], "big")
+    return rest[head:] if declared == len(rest) - head else None
 
 
 def _peer_means(group: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -267,27 +281,36 @@ class WindowStore:
     def _record_dtype(self) -> np.dtype:
         return np.dtype([(name, dtype, shape) for name, (shape, dtype) in self._shapes().items()])
 
-    def export_state(self, slots: np.ndarray) -> list[tuple[str, bytes]]:
-        """(uuid, blob) per slot: a host header plus the slot's arrays, for a changelog topic."""
+    def export_state(
+        self, slots: np.ndarray, extensions: list[bytes] | None = None
+    ) -> list[tuple[str, bytes]]:
+        """(uuid, blob) per slot: a host header plus the slot's arrays, for a changelog topic (format in
+        docs/architecture.md, "Window checkpoints"). `extensions`: per slot, bytes the caller wants back with the
+        window on restore (b"": none), framed after the arrays."""
         rec = np.zeros(len(slots), dtype=self._record_dtype())
         for name in self._shapes():
             rec[name] = getattr(self, name)[slots]
         out = []
         for i, s in enumerate(slots.tolist()):
             host = self.hosts[s].encode()
-            out.append((self.uuids[s], len(host).to_bytes(2, "big") + host + rec[i].tobytes()))
+            ext = extensions[i] if extensions is not None else b""
+            framed = EXTENSION_MAGIC + len(ext).to_bytes(2, "big") + ext if ext else b""
+            out.append((self.uuids[s], len(host).to_bytes(2, "big") + host + rec[i].tobytes() + framed))
         return out
 
-    def import_state(self, items: list[tuple[str, bytes]]) -> int:
-        """Restore GPUs from `export_state` blobs (newest wins over what is held); returns how many applied."""
+    def import_state(self, items: list[tuple[str, bytes]]) -> list[tuple[int, bytes]]:
+        """Restore GPUs from `export_state` blobs (newest wins over what is held); returns (slot, extension)
+        of each GPU applied (b"": the blob had none)."""
         dtype = self._record_dtype()
-        applied = 0
+        size = dtype.itemsize
+        applied = []
         for uuid, blob in items:
             n = int.from_bytes(blob[:2], "big")
             body = blob[2 + n :]
-            if len(body) != dtype.itemsize:
+            ext = _unframe(body[size:])
+            if len(body) < size or ext is None:
                 continue  # written by a different window layout: start that GPU fresh instead
-            rec = np.frombuffer(body, dtype=dtype)[0]
+            rec = np.frombuffer(body[:size], dtype=dtype)[0]
             s = self.slot_of.get(uuid)
             if s is not None and self.last_ts[s] >= rec["last_ts"]:
                 continue
@@ -297,7 +320,7 @@ class WindowStore:
                 getattr(self, name)[s] = rec[name]
             self.last_seq[s] = -1
             self.dirty[s] = False
-            applied += 1
+            applied.append((s, ext))
         return applied
 
     def forget(self, keep: Callable[[int], bool]) -> int:

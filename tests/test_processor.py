@@ -169,3 +169,15 @@ def test_a_node_clock_stepped_back_keeps_its_window_and_scores_as_before() -> No
     np.testing.assert_allclose(
         stepped.store.last_ts[:8] - stepped.store.first_ts[:8], steady.store.last_ts[:8] - steady.store.first_ts[:8]
     )
+
+
+def test_a_window_checkpoint_brings_back_what_was_framed_after_it_and_refuses_another_layout() -> None:
+    sim = FleetSimulator(FleetConfig(hosts=1, seed=2, start_ts=1.7e9))
+    proc = _processor()
+    proc.process(_feed(sim, 3))
+    slots = np.arange(8)
+    extensions = [b"runs of GPU %d" % i for i in range(8)]
+    assert _processor().store.import_state(proc.store.export_state(slots, extensions)) == list(enumerate(extensions))
+    assert _processor().store.import_state(proc.store.export_state(slots)) == [(i, b"") for i in range(8)]
+    longer = [(u, blob + bytes(9)) for u, blob in proc.store.export_state(slots)]  # another window layout
+    assert _processor().store.import_state(longer) == []
