@@ -9,7 +9,7 @@ import msgspec
 import orjson
 import pytest
 
-from gpuwatch.config import Settings
+from gpuwatch.config import ConfigError, Settings, load_settings
 from gpuwatch.costs import CostModel
 from gpuwatch.producers.commands import CommandListener, Handled
 from gpuwatch.producers.throttle import PowerLimiter, Saved, ThrottleState
@@ -319,6 +319,24 @@ def test_policy_goes_down_the_ladder_when_the_alarm_holds_after_the_throttle_and
     assert [e.action for e in actions(memory, [risk(T0, alarm=True, mode="memory")])] == ["checkpoint"]
     off = RemediationPolicy()  # throttle_s 0: the ladder as before
     assert [e.action for e in actions(off, [risk(T0, alarm=True)])] == ["checkpoint"]
+
+
+def test_policy_with_throttle_kind_clocks_locks_clocks_instead_and_settings_check_the_kind() -> None:
+    policy = RemediationPolicy(throttle_s=1800.0, throttle_kind="clocks", throttle_clock_frac=0.6,
+                               throttle_grace_s=300.0, episode_gap_s=600.0)  # fmt: skip
+    events = actions(policy, [risk(T0, alarm=True), risk(T0 + 200, alarm=False), risk(T0 + 900, alarm=False)])
+    assert [e.action for e in events] == ["throttle", "restore"]
+    first = events[0]
+    assert (first.sm_clock_frac, first.power_limit_frac, first.duration_s) == (0.6, msgspec.UNSET, 1800.0)
+    assert "SM clock" in events[0].reason and "clocks unlocked" in events[1].reason
+    assert decode_remediation(encode_remediation(events[0])) == events[0]
+    rules = PolicyRules.from_settings(Settings(policy_throttle_s=1800.0, policy_throttle_kind="clocks"))
+    assert (rules.throttle_kind, rules.throttle_clock_frac) == ("clocks", 0.7)
+    assert Settings().policy_throttle_kind == "power"  # nothing changes by default
+    with pytest.raises(ConfigError, match=r"THROTTLE_KIND=fans: must be one of .*power.*clocks"):
+        load_settings(env={"GPUWATCH_POLICY_THROTTLE_KIND": "fans"})
+    with pytest.raises(ConfigError, match=r"policy_throttle_clock_frac = 1.5: must be"):
+        load_settings(env={}, policy_throttle_clock_frac=1.5)
 
 
 def test_throttling_is_on_only_where_the_cost_model_favours_it() -> None:
