@@ -373,6 +373,28 @@ def test_a_power_cap_cools_the_gpu_reports_the_limit_and_slows_a_thermal_precurs
         capped.set_power_limit(0, 0, 1.5)
 
 
+def test_a_clock_lock_lowers_the_reported_clock_and_the_power_that_follows_it_and_slows_a_precursor() -> None:
+    def run(lock: float | None) -> tuple[FleetSimulator, list[dict]]:
+        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=20.0, start_ts=T0,
+                                         rate_per_gpu_day=0.0, job_len_s=(1e6, 1e6), idle_len_s=(1.0, 1.0)))  # fmt: skip
+        sim.schedule_failure(0, 0, "thermal", 3000.0, 2900.0, strength=1.0)
+        for _ in range(15):
+            sim.step()
+        if lock is not None:
+            assert sim.lock_clocks(0, 0, lock) == pytest.approx(1980.0 * lock)
+        return sim, [sim.step()[0] for _ in range(60)]
+
+    free, free_snaps = run(None)
+    locked, locked_snaps = run(0.6)
+    gpu, other, was = locked_snaps[-1]["gpus"][0], locked_snaps[-1]["gpus"][1], free_snaps[-1]["gpus"][0]
+    assert gpu["sm_clock_mhz"] <= 1188 < was["sm_clock_mhz"] and other["sm_clock_mhz"] > 1188
+    assert gpu["power_limit_w"] == pytest.approx(700.0) and gpu["power_w"] < was["power_w"] - 100
+    assert gpu["temp_c"] < was["temp_c"] - 5
+    assert locked._f_fail[0] > free._f_fail[0] + 600  # noqa: SLF001 - the precursor slowed: failure later
+    with pytest.raises(ValueError, match="not in"):
+        locked.lock_clocks(0, 0, 0.0)
+
+
 # ---------------------------------------------------------------- the controller
 
 
