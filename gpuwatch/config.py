@@ -101,6 +101,8 @@ class Settings:
     policy_maintenance_windows: str = field(default="", metadata={"doc": "Maintenance windows, UTC, separated by ';', each 'DAY HH:MM-HH:MM' (DAY Mon..Sun or daily) or 'YYYY-MM-DDTHH:MMZ/YYYY-MM-DDTHH:MMZ', optionally after 'POOL@' (else fleet-wide): the policy holds disruptive actions on the pool's hosts meanwhile (docs/remediation.md)."})
     policy_throttle_s: float = field(default=0.0, metadata={"doc": "Throttle: how long a throttle lowers a GPU's power limit before the agent restores it; the policy throttles thermal and power alarms first when the cost model favours it (0 turns throttling off: it needs the agent to run as root with agent_throttle_state_file)."})
     policy_throttle_frac: float = field(default=0.7, metadata={"doc": "Throttle: the power limit a throttle sets, as a share of the board's default limit (the agent clamps it to the board's minimum)."})
+    policy_throttle_kind: str = field(default="power", metadata={"doc": "Throttle: what a throttle lowers: \"power\" sets the power limit to policy_throttle_frac of the board's default; \"clocks\" locks the SM clock at most policy_throttle_clock_frac of the board's maximum (nvmlDeviceSetGpuLockedClocks: root and a Volta or newer board)."})
+    policy_throttle_clock_frac: float = field(default=0.7, metadata={"doc": "Throttle: with policy_throttle_kind \"clocks\", the SM clock ceiling a throttle locks, as a share of the board's maximum graphics clock (the agent clamps it to the board's supported clocks)."})
     policy_throttle_grace_s: float = field(default=300.0, metadata={"doc": "Throttle: checkpoint (and go on down the ladder) when the alarm still holds this long after a throttle."})
     policy_throttle_slowdown: float = field(default=0.15, metadata={"doc": "Cost model: share of the job's throughput lost while one of its GPUs is throttled (a synchronous job runs at its slowest GPU's pace)."})
     policy_job_gpus: int = field(default=1024, metadata={"doc": "Cost model: GPUs of the job a failing GPU takes down (a failure loses work on all of them)."})
@@ -245,6 +247,7 @@ def _num(x: float) -> str:
 
 EXECUTORS = ("dry-run", "command", "webhook", "slurm", "kubernetes")
 FSYNC_POLICIES = ("always", "interval", "never")
+THROTTLE_KINDS = ("power", "clocks")
 COMMAND_MAX_TTL_S = 3600.0  # a longer validity would force agents to remember nonces for longer
 
 _ANY = Allowed()
@@ -290,6 +293,8 @@ ALLOWED: dict[str, Allowed] = {
     "policy_drain_hold_s": _AT_LEAST_0,
     "policy_throttle_s": Allowed(lo=0, hi=604800, why="0 turns throttling off; a command holds at most a week"),
     "policy_throttle_frac": Allowed(lo=0, hi=1, lo_open=True, why="a share of the board's default power limit"),
+    "policy_throttle_kind": Allowed(choices=THROTTLE_KINDS),
+    "policy_throttle_clock_frac": Allowed(lo=0, hi=1, lo_open=True, why="a share of the board's maximum SM clock"),
     "policy_throttle_grace_s": _AT_LEAST_0,
     "policy_throttle_slowdown": Allowed(lo=0, hi=1, why="a share of the job's throughput"),
     "policy_breaker_share": Allowed(lo=0, hi=1, why="a share of the fleet's hosts; 0 turns the breaker off"),

@@ -4,8 +4,9 @@
 the messages keyed by its host, and checks each with `gpuwatch.signing.verify`: unsigned, forged,
 malformed, expired and replayed commands, and commands signed for another host, are refused. An accepted
 checkpoint command runs the handler (`CheckpointHandler`: signal the processes NVML reports on that GPU,
-or run a hook); `throttle` and `restore` run the power limiter (`producers/throttle.py`) when the agent has
-one (`agent_throttle_state_file` set), and are refused as unsupported_action otherwise. Every accepted or refused command is logged with its reason and acknowledged on
+or run a hook); `throttle` and `restore` run the power limiter (`producers/throttle.py`: a power limit or
+locked clocks) when the agent has one (`agent_throttle_state_file` set), and are refused as
+unsupported_action otherwise. Every accepted or refused command is logged with its reason and acknowledged on
 `settings.topic_outcomes` as a `gpuwatch.command_ack/1` record keyed by host. Keys are never logged.
 
 Start it next to the sampler: ``threading.Thread(target=listener.run, args=(stop,), daemon=True).start()``.
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import orjson
 from confluent_kafka import Message
 
@@ -304,12 +306,16 @@ class CommandListener:
         loop.run(stop)
 
 
+THROTTLE_LIMITS = ("power_limit_w", "power_limit_frac", "sm_clock_max_mhz", "sm_clock_frac")
+
+
 def _check_throttle(command: Command) -> None:
-    """A throttle names one limit (watts or a share of the default) and a duration, or it is malformed."""
-    limits = [f for f in ("power_limit_w", "power_limit_frac") if isinstance(getattr(command, f), float)]
+    """A throttle names one limit (a power limit in watts or as a share of the default, or a clock ceiling in MHz
+    or as a share of the maximum clock) and a duration, or it is malformed."""
+    limits = [f for f in THROTTLE_LIMITS if getattr(command, f) is not msgspec.UNSET]
     if len(limits) != 1:
-        raise CommandRejected("malformed", f"a throttle command needs exactly one of power_limit_w and "
-                              f"power_limit_frac, got {', '.join(limits) or 'neither'}")  # fmt: skip
+        raise CommandRejected("malformed", f"a throttle command needs exactly one of {', '.join(THROTTLE_LIMITS)}, "
+                              f"got {', '.join(limits) or 'none'}")  # fmt: skip
     if not isinstance(command.duration_s, float):
         raise CommandRejected("malformed", "a throttle command needs duration_s")
 

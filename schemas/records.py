@@ -51,6 +51,8 @@ NonEmpty = Annotated[str, Meta(min_length=1)]
 PowerFraction = Annotated[float, Meta(gt=0, le=1, description="Share of the board's default power limit.")]
 Watts = Annotated[float, Meta(gt=0, le=100_000, description="A power limit, watts.")]
 Duration = Annotated[float, Meta(gt=0, le=7 * 86400, description="Seconds, at most a week.")]
+ClockFraction = Annotated[float, Meta(gt=0, le=1, description="Share of the board's maximum SM clock.")]
+MHz = Annotated[int, Meta(ge=1, le=100_000, description="A clock, MHz.")]
 
 
 class Reason(Struct, kw_only=True, frozen=True, gc=False):
@@ -112,9 +114,11 @@ class Remediation(Struct, tag_field="schema", tag=REMEDIATION_SCHEMA, kw_only=Tr
     reason: str
     risk: Probability
     ts: UnixTime  # when the command was issued
-    # throttle only: the power limit to set (share of the board's default limit) and for how long
+    # throttle only: the power limit to set (share of the board's default limit) or the SM clock ceiling to lock
+    # (share of the board's maximum clock), one of them, and for how long
     power_limit_frac: PowerFraction | UnsetType = UNSET
     duration_s: Duration | UnsetType = UNSET
+    sm_clock_frac: ClockFraction | UnsetType = UNSET
 
 
 class Outcome(Struct, tag_field="schema", tag=OUTCOME_SCHEMA, kw_only=True, frozen=True, gc=False):
@@ -142,8 +146,9 @@ class Command(Struct, tag_field="schema", tag=COMMAND_SCHEMA, kw_only=True, froz
 
     Written by the controller's agent-command executor; `gpuwatch.signing.sign_command` fills `nonce`,
     `issued_at`, `expires_at` and `sig` (HMAC-SHA256 over every other field). Agents take `checkpoint`,
-    `throttle` (power limit `power_limit_w` watts or `power_limit_frac` of the default, one of them, for
-    `duration_s`) and `restore` (put back the limit a throttle saved); they refuse other actions.
+    `throttle` (power limit `power_limit_w` watts or `power_limit_frac` of the default, or SM clocks locked
+    below `sm_clock_max_mhz` or `sm_clock_frac` of the board's maximum: exactly one of the four, for
+    `duration_s`) and `restore` (put back what a throttle changed); they refuse other actions.
     """
 
     id: RemediationId
@@ -160,6 +165,8 @@ class Command(Struct, tag_field="schema", tag=COMMAND_SCHEMA, kw_only=True, froz
     power_limit_w: Watts | UnsetType = UNSET  # throttle: the limit in watts, or
     power_limit_frac: PowerFraction | UnsetType = UNSET  # throttle: share of the board's default limit
     duration_s: Duration | UnsetType = UNSET  # throttle: how long before the agent restores the limit
+    sm_clock_max_mhz: MHz | UnsetType = UNSET  # throttle: lock the SM clock at most this high, or
+    sm_clock_frac: ClockFraction | UnsetType = UNSET  # throttle: or this share of the board's maximum clock
 
 
 class CommandAck(Struct, tag_field="schema", tag=COMMAND_ACK_SCHEMA, kw_only=True, frozen=True, gc=False):

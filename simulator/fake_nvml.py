@@ -9,7 +9,11 @@ return shapes (ints, objects with the struct's attribute names, field-value reco
 rules: nvmlDeviceSetPowerManagementLimit raises NVMLError_NoPermission unless the caller is privileged
 (`FakeNvml(privileged=False)` stands for an agent not running as root) and NVMLError_InvalidArgument for a limit
 outside the board's constraints (`power_limit_min_mw`..`power_limit_max_mw`); the enforced limit the sampler
-reads is the one set.
+reads is the one set. Clock locks likewise: nvmlDeviceSetGpuLockedClocks and nvmlDeviceResetGpuLockedClocks
+raise NVMLError_NoPermission unless privileged, NVMLError_NotSupported on a board without clock locking
+(`fake.gpus[i].unsupported = {"clock_lock"}`, as pre-Volta boards answer) and NVMLError_InvalidArgument for a
+range outside the supported graphics clocks (`sm_clock_min_mhz`..`sm_clock_max_mhz` in 15 MHz steps); the SM
+clock the sampler reads is held inside the locked range.
 """
 
 from __future__ import annotations
@@ -166,8 +170,11 @@ class FakeGpu:
     mem_used: int = 61234 << 20
     util_gpu: int = 97
     util_mem: int = 41
-    sm_clock: int = 1980
+    sm_clock: int = 1980  # what the board would run at; nvmlDeviceGetClockInfo holds it inside a clock lock
     mem_clock: int = 2619
+    sm_clock_max_mhz: int = 1980  # nvmlDeviceGetMaxClockInfo; supported: this down to the min, 15 MHz apart
+    sm_clock_min_mhz: int = 345
+    locked_clocks: tuple[int, int] | None = None  # (min, max) MHz set by nvmlDeviceSetGpuLockedClocks
     fan_pct: int | None = None  # None: passively cooled, NVML says NotSupported
     ecc_sbe_vol: int = 0
     ecc_dbe_vol: int = 0
@@ -197,7 +204,7 @@ class FakeGpu:
 
 # feature name -> what it covers, for FakeGpu.unsupported
 _FEATURES = ("temp", "power", "memory", "util", "clocks", "fan", "ecc", "retired", "remap", "pcie_replay",
-             "pcie_link", "nvlink", "throttle", "violation")  # fmt: skip
+             "pcie_link", "nvlink", "throttle", "violation", "clock_lock")  # fmt: skip
 
 
 class FakeHandle:
@@ -236,7 +243,8 @@ class FakeNvml:
     nvmlDeviceGetFieldValues raise NotSupported (old driver), exercising the one-call-per-counter path;
     `unknown_field_ids` come back per field with NVML_ERROR_INVALID_ARGUMENT; `events=False` makes
     nvmlEventSetCreate raise NotSupported; `live=True` makes gauges drift with time (for the benchmark);
-    `privileged=False` makes setting a power limit raise NoPermission, as for a process that is not root.
+    `privileged=False` makes setting a power limit or locking clocks raise NoPermission, as for a process that is
+    not root.
     `calls` counts calls by function name.
     """
 
@@ -416,7 +424,48 @@ class FakeNvml:
     def nvmlDeviceGetClockInfo(self, handle: FakeHandle, type: int) -> int:  # noqa: A002 - pynvml's name
         self.calls["nvmlDeviceGetClockInfo"] += 1
         g = self._gpu(handle, "clocks")
-        return {NVML_CLOCK_SM: g.sm_clock, NVML_CLOCK_GRAPHICS: g.sm_clock, NVML_CLOCK_MEM: g.mem_clock}[type]
+        lo, hi = g.locked_clocks or (0, g.sm_clock)
+        sm = min(max(g.sm_clock, lo), hi)
+        return {NVML_CLOCK_SM: sm, NVML_CLOCK_GRAPHICS: sm, NVML_CLOCK_MEM: g.mem_clock}[type]
+
+    def nvmlDeviceGetMaxClockInfo(self, handle: FakeHandle, type: int) -> int:  # noqa: A002 - pynvml's name
+        self.calls["nvmlDeviceGetMaxClockInfo"] += 1
+        g = self._gpu(handle, "clocks")
+        return {NVML_CLOCK_SM: g.sm_clock_max_mhz, NVML_CLOCK_GRAPHICS: g.sm_clock_max_mhz,
+                NVML_CLOCK_MEM: g.mem_clock}[type]  # fmt: skip
+
+    def nvmlDeviceGetSupportedMemoryClocks(self, handle: FakeHandle) -> list[int]:
+        self.calls["nvmlDeviceGetSupportedMemoryClocks"] += 1
+        return [self._gpu(handle, "clocks").mem_clock]
+
+    def nvmlDeviceGetSupportedGraphicsClocks(self, handle: FakeHandle, memoryClockMHz: int) -> list[int]:  # noqa: N803
+        """Highest first, as NVML lists them; NotFound for a memory clock the board does not support."""
+        self.calls["nvmlDeviceGetSupportedGraphicsClocks"] += 1
+        g = self._gpu(handle, "clocks")
+        if memoryClockMHz != g.mem_clock:
+            raise NVMLError_NotFound()
+        return list(range(g.sm_clock_max_mhz, g.sm_clock_min_mhz - 1, -15))
+
+    def nvmlDeviceSetGpuLockedClocks(self, handle: FakeHandle, minGpuClockMHz: int, maxGpuClockMHz: int) -> None:  # noqa: N803 # fmt: skip
+        """Locks the graphics clock to [min, max] MHz: NotSupported without clock locking, NoPermission unless
+        privileged, InvalidArgument for a range that is empty or outside the supported clocks."""
+        self.calls["nvmlDeviceSetGpuLockedClocks"] += 1
+        g = self._gpu(handle, "clock_lock")
+        if not self.privileged:
+            raise NVMLError_NoPermission()
+        lo, hi = int(minGpuClockMHz), int(maxGpuClockMHz)
+        if not g.sm_clock_min_mhz <= lo <= hi <= g.sm_clock_max_mhz:
+            raise NVMLError_InvalidArgument()
+        g.locked_clocks = (lo, hi)
+
+    def nvmlDeviceResetGpuLockedClocks(self, handle: FakeHandle) -> None:
+        """Undoes a clock lock (harmless when none is set): NotSupported without clock locking, NoPermission
+        unless privileged."""
+        self.calls["nvmlDeviceResetGpuLockedClocks"] += 1
+        g = self._gpu(handle, "clock_lock")
+        if not self.privileged:
+            raise NVMLError_NoPermission()
+        g.locked_clocks = None
 
     def nvmlDeviceGetFanSpeed(self, handle: FakeHandle) -> int:
         self.calls["nvmlDeviceGetFanSpeed"] += 1

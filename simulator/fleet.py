@@ -304,6 +304,7 @@ class FleetSimulator:
         self._lim = self._lim0.copy()  # the power limit now (an operator may lower it for a while)
         self._mem_total = np.where(legacy, int(c.mem_total_mib), col(lambda p: p.mem_total_mib))
         self._max_clk = col(lambda p: float(p.max_clock_mhz))
+        self._clk_cap = np.ones(self.n)  # a clock lock's ceiling, share of the maximum clock (1: not locked)
         self._idle_clk = col(lambda p: float(p.idle_clock_mhz))
         self._mem_clk = col(lambda p: p.mem_clock_mhz)
         self._gen_max = col(lambda p: p.pcie_gen_max)
@@ -674,7 +675,10 @@ class FleetSimulator:
         cf = (1.0 - 0.15 * sw_th - 0.30 * hw_th) * np.where(braking, 0.35, 1.0)
         load = util / 100.0 * self._intensity[hidx]
         dyn = self._dyn_w * load * cf**1.3
-        p_dem = self._idle_w + dyn + p_noise * z[1]
+        p_dem = p_free = self._idle_w + dyn + p_noise * z[1]
+        if self._clk_cap.min() < 1.0:  # a clock lock caps the clocks first; the power they need follows
+            cf = np.minimum(cf, self._clk_cap)
+            p_dem = self._idle_w + self._dyn_w * load * cf**1.3 + p_noise * z[1]
         lim = self._lim
         capped = p_dem > lim
         power = np.where(capped, lim - self._cap_margin - np.abs(z[2]) * 3.0, np.maximum(p_dem, 20.0))
@@ -682,7 +686,7 @@ class FleetSimulator:
             capped, np.clip((lim - self._idle_w) / np.maximum(p_dem - self._idle_w, 1.0), 0, 1), 1.0
         )
         if pre.size:
-            self._slow_precursors(pre, p_dem, lim)
+            self._slow_precursors(pre, p_free, np.minimum(p_dem, lim))
             # transient excursions past the limit, each followed by a brake
             exc = (pm == M_POWER) & (rng.random(pre.size) < st * 0.02 * ramp)
             if exc.any():
@@ -708,6 +712,9 @@ class FleetSimulator:
 
         active = busy & ~down
         sm = np.where(active, np.rint(self._max_clk * cf / 15.0) * 15.0, self._idle_clk)
+        if self._clk_cap.min() < 1.0:  # a locked ceiling is never exceeded by the rounding to 15 MHz steps
+            ceiling = np.floor(self._max_clk * self._clk_cap / 15.0) * 15.0
+            sm = np.minimum(sm, np.maximum(ceiling, self._idle_clk))
         mem_ramp = np.minimum((t - self._job_start[hidx]) / WARMUP_S, 1.0)
         mem_used = np.where(
             active, self._mem_frac[hidx] * self._mem_total * mem_ramp + self._mem_off, self._idle_mem
@@ -859,14 +866,29 @@ class FleetSimulator:
         self._S_prev[:, i] = -1
         return float(self._lim[i])
 
-    def _slow_precursors(self, pre: np.ndarray, p_dem: np.ndarray, lim: np.ndarray) -> None:
-        """A cap that cuts a thermal or power precursor GPU's power by a share c slows its precursor to
-        max(0, 1 - c / throttle_halt_cut) of its pace: the precursor window and the failure move later."""
+    def lock_clocks(self, host_idx: int, gpu_idx: int, frac: float | None) -> float:
+        """Locks GPU (host_idx, gpu_idx)'s SM clock at most `frac` of its maximum (None: unlocked), as the node
+        agent's clock throttle does; returns the ceiling in MHz. Samples report the lower clock when it binds; the
+        power the GPU draws follows its clock (dynamic power ~ clock^1.3, the simulator's law for every slowdown),
+        so it runs cooler, and a thermal or power precursor slows as under a power cap of the same saving."""
+        if not (0 <= host_idx < self.H and 0 <= gpu_idx < self.G):
+            raise ValueError(f"no GPU ({host_idx}, {gpu_idx}) in a {self.H}x{self.G} fleet")
+        if frac is not None and not 0.0 < frac <= 1.0:
+            raise ValueError(f"clock share {frac!r} is not in (0, 1]")
+        i = host_idx * self.G + gpu_idx
+        self._clk_cap[i] = 1.0 if frac is None else frac
+        return float(self._max_clk[i] * self._clk_cap[i])
+
+    def _slow_precursors(self, pre: np.ndarray, p_free: np.ndarray, p_held: np.ndarray) -> None:
+        """A power cap or clock lock that cuts a thermal or power precursor GPU's power by a share c (from what it
+        would draw, `p_free`, to `p_held`) slows its precursor to max(0, 1 - c / throttle_halt_cut) of its pace:
+        the precursor window and the failure move later."""
         pm = self._f_mode[pre]
-        sel = pre[((pm == M_THERMAL) | (pm == M_POWER)) & (lim[pre] < self._lim0[pre])]
+        held = (self._lim[pre] < self._lim0[pre]) | (self._clk_cap[pre] < 1.0)
+        sel = pre[((pm == M_THERMAL) | (pm == M_POWER)) & held]
         if not sel.size:
             return
-        cut = 1.0 - np.minimum(lim[sel] / np.maximum(p_dem[sel], 1.0), 1.0)
+        cut = 1.0 - np.minimum(p_held[sel] / np.maximum(p_free[sel], 1.0), 1.0)
         pace = np.clip(1.0 - cut / max(self.cfg.throttle_halt_cut, 1e-9), 0.0, 1.0)
         delay = self.dt * (1.0 - pace)
         self._f_fail[sel] += delay

@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 import redis
 
-from gpuwatch.config import Settings
+from gpuwatch.config import THROTTLE_KINDS, Settings
 from gpuwatch.costs import CostModel
 from gpuwatch.metrics import POLICY_GUARDS
 from gpuwatch.pools import MaintenanceWindow, Pools, active_window, parse_maintenance_windows
@@ -76,10 +76,13 @@ class PolicyRules:
     pool_pattern: str = ""  # host name -> pool (gpuwatch.pools)
     pool_max_drains: int = 0  # hosts of one pool draining or rebooting at once; 0: no per-pool limit
     maintenance: tuple[MaintenanceWindow, ...] = ()  # disruptive actions held on a pool's hosts meanwhile
-    # Throttle first (thermal and power modes): lower the power limit to throttle_frac of the default for
-    # throttle_s; checkpoint when the alarm still holds throttle_grace_s later. 0 s: never throttle.
+    # Throttle first (thermal and power modes): lower the power limit to throttle_frac of the default (kind
+    # "power") or lock the SM clock at most throttle_clock_frac of the maximum (kind "clocks") for throttle_s;
+    # checkpoint when the alarm still holds throttle_grace_s later. 0 s: never throttle.
     throttle_s: float = 0.0
     throttle_frac: float = 0.7
+    throttle_kind: str = "power"
+    throttle_clock_frac: float = 0.7
     throttle_grace_s: float = 300.0
     throttle_modes: tuple[str, ...] = ("thermal", "power")  # what a lower power limit can relieve
 
@@ -95,8 +98,10 @@ class PolicyRules:
         if min(self.episode_gap_s, self.checkpoint_grace_s, self.reboot_after_s, self.cooldown_s,
                self.throttle_s, self.throttle_grace_s) < 0:  # fmt: skip
             raise ValueError("policy times must be >= 0")
-        if not 0.0 < self.throttle_frac <= 1.0:
-            raise ValueError("throttle_frac must be in (0, 1]")
+        if not (0.0 < self.throttle_frac <= 1.0 and 0.0 < self.throttle_clock_frac <= 1.0):
+            raise ValueError("throttle_frac and throttle_clock_frac must be in (0, 1]")
+        if self.throttle_kind not in THROTTLE_KINDS:
+            raise ValueError(f"throttle_kind must be one of {', '.join(THROTTLE_KINDS)}")
         if not 0.0 <= self.breaker_share <= 1.0 or self.breaker_min_hosts < 1:
             raise ValueError("breaker_share must be in [0, 1] and breaker_min_hosts >= 1")
         if min(self.breaker_window_s, self.escalate_window_s) <= 0:
@@ -130,6 +135,8 @@ class PolicyRules:
             stale_after_s=settings.stale_after_s,
             throttle_s=throttle_s,
             throttle_frac=settings.policy_throttle_frac,
+            throttle_kind=settings.policy_throttle_kind,
+            throttle_clock_frac=settings.policy_throttle_clock_frac,
             throttle_grace_s=settings.policy_throttle_grace_s,
         )
         if not fleet_guards:
@@ -180,7 +187,8 @@ class RemediationPolicy:
     holds, at least `checkpoint_grace_s` after the checkpoint), reboot (the drain operating point still
     holds `reboot_after_s` after migrate, modes in `reboot_modes` only). With `throttle_s` > 0, an episode whose
     first alarm record names a mode in `throttle_modes` (thermal, power: the model's mode head) starts with a
-    `throttle` instead (power limit to `throttle_frac` of the default for `throttle_s`); the ladder follows when
+    `throttle` instead (power limit to `throttle_frac` of the default, or with `throttle_kind` "clocks" the SM
+    clock locked at most `throttle_clock_frac` of the maximum, for `throttle_s`); the ladder follows when
     the alarm still holds `throttle_grace_s` later. When such an episode ends because the risk fell (no
     migration), a `restore` event puts the limit back; it starts no cooldown and passes no guard rail (it only
     undoes gpuwatch's own throttle, which the agent undoes at `throttle_s` anyway). A GPU in alarm again within
@@ -311,8 +319,9 @@ class RemediationPolicy:
         if ep is not None and not alarm and ts - ep.last_alarm_ts >= r.episode_gap_s:
             throttled = "throttle" in ep.action_ts and "migrate" not in ep.action_ts
             self._end_episode(m, rec, now, "recovered", audits)
-            if throttled:  # risk fell: the agent puts the power limit back (it would at the throttle's end anyway)
-                detail = f"risk fell ({rec.risk:.3g}, no alarm for {ts - ep.last_alarm_ts:.0f} s): power limit back"
+            if throttled:  # risk fell: the agent undoes the throttle (it would at the throttle's end anyway)
+                back = "clocks unlocked" if r.throttle_kind == "clocks" else "power limit back"
+                detail = f"risk fell ({rec.risk:.3g}, no alarm for {ts - ep.last_alarm_ts:.0f} s): {back}"
                 self._emit(m, gpu, rec, now, "restore", detail, ep.start_ts, events, audits, acting=False)
                 gpu.restored_ts = ts
             ep = None
@@ -373,7 +382,11 @@ class RemediationPolicy:
         throttle) starts no cooldown."""
         params: dict[str, Any] = {}
         if action == "throttle":
-            params = {"power_limit_frac": self.rules.throttle_frac, "duration_s": self.rules.throttle_s}
+            r = self.rules
+            if r.throttle_kind == "clocks":
+                params = {"sm_clock_frac": r.throttle_clock_frac, "duration_s": r.throttle_s}
+            else:
+                params = {"power_limit_frac": r.throttle_frac, "duration_s": r.throttle_s}
         event = Remediation(id=remediation_id(rec.host, rec.gpu_index, rec.uuid, action, episode_ts), host=rec.host,
                             gpu_index=rec.gpu_index, uuid=rec.uuid, action=action, reason=detail, risk=rec.risk,
                             ts=rec.ts, **params)  # fmt: skip
@@ -400,8 +413,9 @@ class RemediationPolicy:
                     return None
                 return "checkpoint", f"alarm still holds {since:.0f} s after throttle: {what}"
             if self._throttles(rec, gpu):
-                return "throttle", (f"alarm: {what}: power limit to {r.throttle_frac:.0%} of default for "
-                                    f"{r.throttle_s:g} s")  # fmt: skip
+                limit = (f"SM clock locked at most {r.throttle_clock_frac:.0%} of maximum" if r.throttle_kind == "clocks"
+                         else f"power limit to {r.throttle_frac:.0%} of default")  # fmt: skip
+                return "throttle", f"alarm: {what}: {limit} for {r.throttle_s:g} s"
             return "checkpoint", f"alarm: {what}"
         if not drain:
             return None

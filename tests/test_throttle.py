@@ -9,10 +9,10 @@ import msgspec
 import orjson
 import pytest
 
-from gpuwatch.config import Settings
+from gpuwatch.config import ConfigError, Settings, load_settings
 from gpuwatch.costs import CostModel
 from gpuwatch.producers.commands import CommandListener, Handled
-from gpuwatch.producers.throttle import PowerLimiter, ThrottleState
+from gpuwatch.producers.throttle import PowerLimiter, Saved, ThrottleState
 from gpuwatch.schemas.codecs import decode_remediation, encode_remediation
 from gpuwatch.schemas.records import Command, Remediation, Risk
 from gpuwatch.signing import MemoryNonceStore, sign
@@ -40,10 +40,15 @@ def nvml(privileged: bool = True) -> FakeNvml:
 
 
 def throttle(gpu: int, uuid: str, *, frac: float | None = 0.7, watts: float | None = None,
-             duration_s: float = 600.0, action: str = "throttle") -> Command:  # fmt: skip
-    extra = {"power_limit_frac": frac} if frac is not None else {}
+             mhz: int | None = None, clock_frac: float | None = None, duration_s: float = 600.0,
+             action: str = "throttle") -> Command:  # fmt: skip
+    extra: dict[str, object] = {"power_limit_frac": frac} if frac is not None else {}
     if watts is not None:
         extra = {"power_limit_w": watts}
+    if mhz is not None:
+        extra = {"sm_clock_max_mhz": mhz}
+    if clock_frac is not None:
+        extra = {"sm_clock_frac": clock_frac}
     return Command(id="t1", host=HOST, gpu_index=gpu, uuid=uuid, action=action, reason="test", risk=0.9,  # type: ignore[arg-type]
                    nonce="0" * 32, issued_at=1.0, expires_at=2.0, sig="0" * 64,
                    duration_s=duration_s if action == "throttle" else msgspec.UNSET, **extra)  # fmt: skip
@@ -55,6 +60,10 @@ def limiter(tmp_path: Path, fake: FakeNvml, clock: Clock) -> PowerLimiter:
 
 def limit_w(fake: FakeNvml, gpu: int) -> float:
     return fake.nvmlDeviceGetEnforcedPowerLimit(fake.nvmlDeviceGetHandleByIndex(gpu)) / 1000
+
+
+def sm_mhz(fake: FakeNvml, gpu: int) -> int:
+    return fake.nvmlDeviceGetClockInfo(fake.nvmlDeviceGetHandleByIndex(gpu), fake.NVML_CLOCK_SM)
 
 
 # ---------------------------------------------------------------- the agent's power limiter
@@ -131,6 +140,97 @@ def test_an_unreadable_state_file_is_named_with_the_fix(tmp_path: Path) -> None:
         ThrottleState(tmp_path / "throttle.json").load()
 
 
+# ---------------------------------------------------------------- the agent's clock lock
+
+
+def test_a_clock_throttle_records_the_lock_before_locking_and_resets_it_at_its_end(tmp_path: Path) -> None:
+    fake, clock = nvml(), Clock()
+    seen: list[object] = []
+    real_lock = fake.nvmlDeviceSetGpuLockedClocks
+
+    def lock(handle: object, lo: int, hi: int) -> None:  # the state file at the moment NVML changes
+        seen.append(orjson.loads((tmp_path / "throttle.json").read_bytes()))
+        real_lock(handle, lo, hi)
+
+    fake.nvmlDeviceSetGpuLockedClocks = lock  # type: ignore[method-assign]
+    lim = limiter(tmp_path, fake, clock)
+    done = lim(throttle(1, fake.gpus[1].uuid, clock_frac=0.7, duration_s=600.0))
+    assert done.ok and "345..1386 MHz" in done.detail
+    assert fake.gpus[1].locked_clocks == (345, 1386) and sm_mhz(fake, 1) == 1386 and sm_mhz(fake, 0) == 1980
+    assert seen[0][0]["clock_max_mhz"] == 1386 and seen[0][0]["original_mw"] is None
+    clock.now += 599
+    assert lim.restore_due() == [] and fake.gpus[1].locked_clocks is not None
+    clock.now += 1
+    assert [h.ok for h in lim.restore_due()] == [True] and fake.gpus[1].locked_clocks is None
+    assert sm_mhz(fake, 1) == 1980 and ThrottleState(tmp_path / "throttle.json").load() == {}
+
+
+def test_a_clock_ceiling_is_clamped_to_the_supported_clocks_and_the_stand_in_refuses_others(tmp_path: Path) -> None:  # noqa: E501 # fmt: skip
+    fake = nvml()
+    done = limiter(tmp_path, fake, Clock())(throttle(0, fake.gpus[0].uuid, mhz=100))
+    assert done.ok and fake.gpus[0].locked_clocks == (345, 345)
+    assert "the board supports 345..1980 MHz" in done.detail
+    with pytest.raises(Exception, match="InvalidArgument"):
+        fake.nvmlDeviceSetGpuLockedClocks(fake.nvmlDeviceGetHandleByIndex(0), 345, 2100)
+
+
+def test_power_and_clock_throttles_of_one_gpu_both_hold_and_one_restore_undoes_both(tmp_path: Path) -> None:
+    fake, clock = nvml(), Clock()
+    lim = limiter(tmp_path, fake, clock)
+    uuid = fake.gpus[0].uuid
+    assert lim(throttle(0, uuid, frac=0.7, duration_s=600.0)).ok
+    clock.now += 300
+    assert lim(throttle(0, uuid, mhz=1200, duration_s=600.0)).ok  # the end of the hold moves to T0 + 900
+    assert limit_w(fake, 0) == 490.0 and fake.gpus[0].locked_clocks == (345, 1200)
+    saved = ThrottleState(tmp_path / "throttle.json").load()[0]
+    assert (saved.original_mw, saved.limit_mw, saved.clock_max_mhz) == (700_000, 490_000, 1200)
+    clock.now += 400
+    assert lim.restore_due() == []
+    done = lim(throttle(0, uuid, action="restore"))
+    assert done.ok and "power limit restored to 700 W and clocks unlocked" in done.detail
+    assert limit_w(fake, 0) == 700.0 and fake.gpus[0].locked_clocks is None
+
+
+def test_locked_clocks_are_reset_at_agent_start(tmp_path: Path) -> None:
+    fake, clock = nvml(), Clock()
+    assert limiter(tmp_path, fake, clock)(throttle(1, fake.gpus[1].uuid, mhz=1500, duration_s=3600.0)).ok
+    restarted = limiter(tmp_path, fake, clock)  # the agent stopped with the lock held; a new one starts
+    assert [h.ok for h in restarted.restore_all()] == [True] and fake.gpus[1].locked_clocks is None
+
+
+@pytest.mark.parametrize(("privileged", "unsupported", "expected"), [
+    (False, set(), "not permitted"), (True, {"clock_lock"}, "not supported")])  # fmt: skip
+def test_a_clock_lock_nvml_refuses_fails_with_the_fix_and_leaves_no_state(
+    tmp_path: Path, privileged: bool, unsupported: set[str], expected: str
+) -> None:
+    fake = nvml(privileged=privileged)
+    fake.gpus[0].unsupported = unsupported
+    done = limiter(tmp_path, fake, Clock())(throttle(0, fake.gpus[0].uuid, clock_frac=0.6))
+    assert not done.ok and expected in done.detail
+    assert ("root" if not privileged else "Volta or newer") in done.detail and "\n" not in done.detail
+    assert fake.gpus[0].locked_clocks is None and ThrottleState(tmp_path / "throttle.json").load() == {}
+
+
+def test_a_lock_reset_nvml_refuses_is_kept_and_retried_after_the_power_limit_is_back(tmp_path: Path) -> None:
+    fake, clock = nvml(), Clock()
+    lim = limiter(tmp_path, fake, clock)
+    uuid = fake.gpus[0].uuid
+    assert lim(throttle(0, uuid, frac=0.6)).ok and lim(throttle(0, uuid, mhz=1000)).ok
+    fake.gpus[0].unsupported = {"clock_lock"}
+    done = lim(throttle(0, uuid, action="restore"))
+    assert not done.ok and "reset the lock" in done.detail and limit_w(fake, 0) == 700.0
+    saved = ThrottleState(tmp_path / "throttle.json").load()[0]
+    assert (saved.original_mw, saved.clock_max_mhz) == (None, 1000)  # the power limit is not put back twice
+    fake.gpus[0].unsupported = set()
+    assert lim.restore_all()[0].ok and fake.gpus[0].locked_clocks is None
+
+
+def test_a_state_file_of_an_agent_without_clock_locking_still_reads() -> None:
+    old = b'[{"gpu_index":0,"uuid":"GPU-0","original_mw":700000,"limit_mw":490000,"until":1.0,"command_id":"t"}]'
+    saved = msgspec.json.decode(old, type=list[Saved])[0]
+    assert (saved.original_mw, saved.clock_max_mhz) == (700_000, None)
+
+
 # ---------------------------------------------------------------- signed commands through the listener
 
 
@@ -154,6 +254,15 @@ def test_the_listener_runs_a_signed_throttle_and_refuses_a_malformed_or_unsuppor
     assert ack is not None and ack.accepted and ack.ok and limit_w(fake, 1) == 420.0
     bad = listener.process(HOST, _signed(fake, power_limit_frac=0.6, power_limit_w=400.0, duration_s=900.0))
     assert bad is not None and (bad.accepted, bad.reason) == (False, "malformed") and "exactly one" in bad.detail
+    both = listener.process(HOST, _signed(fake, power_limit_frac=0.6, sm_clock_max_mhz=1200, duration_s=90.0))
+    assert both is not None and both.reason == "malformed" and "sm_clock_max_mhz" in both.detail
+    fractional = listener.process(HOST, _signed(fake, sm_clock_max_mhz=1200.5, duration_s=900.0))
+    assert fractional is not None and fractional.reason == "malformed" and "sm_clock_max_mhz" in fractional.detail  # fmt: skip
+    clocks = listener.process(HOST, _signed(fake, sm_clock_frac=0.5, duration_s=900.0))
+    assert clocks is not None and clocks.ok and fake.gpus[1].locked_clocks == (345, 990)
+    fake.gpus[1].unsupported = {"clock_lock"}  # a pre-Volta board: accepted, failed, one line saying why
+    old = listener.process(HOST, _signed(fake, sm_clock_frac=0.5, duration_s=900.0))
+    assert old is not None and (old.accepted, old.ok) == (True, False) and "Volta or newer" in old.detail
     no_time = listener.process(HOST, _signed(fake, power_limit_w=400.0))
     assert no_time is not None and no_time.reason == "malformed" and "duration_s" in no_time.detail
     out_of_range = listener.process(HOST, _signed(fake, power_limit_frac=1.5, duration_s=60.0))
@@ -212,6 +321,24 @@ def test_policy_goes_down_the_ladder_when_the_alarm_holds_after_the_throttle_and
     assert [e.action for e in actions(off, [risk(T0, alarm=True)])] == ["checkpoint"]
 
 
+def test_policy_with_throttle_kind_clocks_locks_clocks_instead_and_settings_check_the_kind() -> None:
+    policy = RemediationPolicy(throttle_s=1800.0, throttle_kind="clocks", throttle_clock_frac=0.6,
+                               throttle_grace_s=300.0, episode_gap_s=600.0)  # fmt: skip
+    events = actions(policy, [risk(T0, alarm=True), risk(T0 + 200, alarm=False), risk(T0 + 900, alarm=False)])
+    assert [e.action for e in events] == ["throttle", "restore"]
+    first = events[0]
+    assert (first.sm_clock_frac, first.power_limit_frac, first.duration_s) == (0.6, msgspec.UNSET, 1800.0)
+    assert "SM clock" in events[0].reason and "clocks unlocked" in events[1].reason
+    assert decode_remediation(encode_remediation(events[0])) == events[0]
+    rules = PolicyRules.from_settings(Settings(policy_throttle_s=1800.0, policy_throttle_kind="clocks"))
+    assert (rules.throttle_kind, rules.throttle_clock_frac) == ("clocks", 0.7)
+    assert Settings().policy_throttle_kind == "power"  # nothing changes by default
+    with pytest.raises(ConfigError, match=r"THROTTLE_KIND=fans: must be one of .*power.*clocks"):
+        load_settings(env={"GPUWATCH_POLICY_THROTTLE_KIND": "fans"})
+    with pytest.raises(ConfigError, match=r"policy_throttle_clock_frac = 1.5: must be"):
+        load_settings(env={}, policy_throttle_clock_frac=1.5)
+
+
 def test_throttling_is_on_only_where_the_cost_model_favours_it() -> None:
     costs = CostModel(throttle_s=1800.0, throttle_slowdown=0.15)
     assert costs.throttle_cost(1800.0) == pytest.approx(1024 * 0.15 * 0.5)
@@ -246,6 +373,28 @@ def test_a_power_cap_cools_the_gpu_reports_the_limit_and_slows_a_thermal_precurs
         capped.set_power_limit(0, 0, 1.5)
 
 
+def test_a_clock_lock_lowers_the_reported_clock_and_the_power_that_follows_it_and_slows_a_precursor() -> None:
+    def run(lock: float | None) -> tuple[FleetSimulator, list[dict]]:
+        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=20.0, start_ts=T0,
+                                         rate_per_gpu_day=0.0, job_len_s=(1e6, 1e6), idle_len_s=(1.0, 1.0)))  # fmt: skip
+        sim.schedule_failure(0, 0, "thermal", 3000.0, 2900.0, strength=1.0)
+        for _ in range(15):
+            sim.step()
+        if lock is not None:
+            assert sim.lock_clocks(0, 0, lock) == pytest.approx(1980.0 * lock)
+        return sim, [sim.step()[0] for _ in range(60)]
+
+    free, free_snaps = run(None)
+    locked, locked_snaps = run(0.6)
+    gpu, other, was = locked_snaps[-1]["gpus"][0], locked_snaps[-1]["gpus"][1], free_snaps[-1]["gpus"][0]
+    assert gpu["sm_clock_mhz"] <= 1188 < was["sm_clock_mhz"] and other["sm_clock_mhz"] > 1188
+    assert gpu["power_limit_w"] == pytest.approx(700.0) and gpu["power_w"] < was["power_w"] - 100
+    assert gpu["temp_c"] < was["temp_c"] - 5
+    assert locked._f_fail[0] > free._f_fail[0] + 600  # noqa: SLF001 - the precursor slowed: failure later
+    with pytest.raises(ValueError, match="not in"):
+        locked.lock_clocks(0, 0, 0.0)
+
+
 # ---------------------------------------------------------------- the controller
 
 
@@ -277,6 +426,11 @@ def test_the_controller_sends_throttle_and_restore_to_the_agent_signed_with_the_
     bare = msgspec.structs.replace(event, power_limit_frac=msgspec.UNSET)
     done = AgentCommandExecutor(Settings(), key=KEY.encode()).execute(bare)
     assert not done.ok and "power_limit_frac" in done.detail
+    # a clock throttle carries its ceiling as a share of the board's maximum; naming both limits is not sent
+    clocks = msgspec.structs.replace(bare, sm_clock_frac=0.6)
+    assert msgspec.to_builtins(command_from_event(clocks))["sm_clock_frac"] == 0.6
+    both = msgspec.structs.replace(event, sm_clock_frac=0.6)
+    assert not AgentCommandExecutor(Settings(), key=KEY.encode()).execute(both).ok
 
 
 # ---------------------------------------------------------------- the evaluation's accounting

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 def command_from_event(event: Remediation) -> Command:
     """The agent command for a remediation event (same id, host, GPU, uuid, action, reason, risk, and a throttle's
-    power_limit_frac and duration_s), not yet signed: `sign_command` fills nonce, issued_at, expires_at and sig."""
+    power_limit_frac or sm_clock_frac and duration_s), not yet signed: `sign_command` fills nonce, issued_at,
+    expires_at and sig."""
     return Command(
         id=event.id,
         host=event.host,
@@ -40,6 +41,7 @@ def command_from_event(event: Remediation) -> Command:
         expires_at=0.0,
         sig="",
         power_limit_frac=event.power_limit_frac,
+        sm_clock_frac=event.sm_clock_frac,
         duration_s=event.duration_s,
     )
 
@@ -73,9 +75,11 @@ class AgentCommandExecutor:
         if event.action not in AGENT_ACTIONS:
             return Outcome(ok=False, detail=f"node agents take {', '.join(AGENT_ACTIONS)} commands, not {event.action}")
         if event.action == "throttle" and not (
-            isinstance(event.power_limit_frac, float) and isinstance(event.duration_s, float)
+            isinstance(event.power_limit_frac, float) != isinstance(event.sm_clock_frac, float)
+            and isinstance(event.duration_s, float)
         ):
-            return Outcome(ok=False, detail="a throttle event needs power_limit_frac and duration_s; not sent")
+            return Outcome(ok=False, detail="a throttle event needs one of power_limit_frac and sm_clock_frac, and "
+                                            "duration_s; not sent")  # fmt: skip
         command = sign_command(command_from_event(event), self._key, ttl_s=self.settings.command_ttl_s)
         producer = self._ensure()
         errors: list[str] = []

@@ -17,8 +17,8 @@ _WOULD = {
     "migrate": "would drain {host} GPU {gpu_index} and migrate its jobs (reason {reason})",
     "reboot": "would reboot {host} (drained; GPU {gpu_index}: {reason})",
     "repair": "would drain {host} and ask for a repair of GPU {gpu_index} ({reason})",
-    "throttle": "would lower the power limit of {host} GPU {gpu_index} ({reason})",
-    "restore": "would put back the power limit of {host} GPU {gpu_index} ({reason})",
+    "throttle": "would throttle {host} GPU {gpu_index}: power limit or clocks ({reason})",
+    "restore": "would undo the throttle of {host} GPU {gpu_index} ({reason})",
 }
 
 
