@@ -245,7 +245,7 @@ def create_app(
             for key, value in result.shadow:
                 produce(producer, settings.topic_risk_shadow, key, value)
             await asyncio.get_running_loop().run_in_executor(None, producer.flush, 30.0)
-            totals.refreshed += result.scored
+            totals.refreshed += len(result.risk)
 
     @app.timer(interval=settings.model_control_poll_s)
     async def _follow_models() -> None:

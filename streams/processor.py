@@ -248,6 +248,8 @@ class RiskProcessor:
         self.model = ModelState(scorer, alarm_op, drain_op, failures_per_gpu_day)
         self.challenger: ModelState | None = None
         self._scored_wall = np.zeros(0)  # per slot: wall time of the last risk record
+        # Per slot: (uuid, key, value) of the champion's last risk record, which `refresh_silent` publishes again.
+        self._published: list[tuple[str, bytes, bytes] | None] = []
 
     # The champion's figures, as records and callers name them.
     scorer = property(lambda self: self.model.scorer)
@@ -444,9 +446,14 @@ class RiskProcessor:
         baselines score the same slots in that order).
 
         Called by `score_slots` after each batched pass; an offline caller that wants columns instead of JSON
-        (training.fleet_replay) overrides this and nothing else, so the decisions are computed once.
+        (training.fleet_replay) overrides this and nothing else, so the decisions are computed once. Each GPU's
+        record is also kept, for `refresh_silent` to publish again.
         """
+        start = len(result.risk)
         self.render(scored, scored_at, result.risk, self.model)
+        uuids, published = self.store.uuids, self._published
+        for sl, (key, value) in zip(scored.slots.tolist(), result.risk[start:], strict=True):
+            published[sl] = (uuids[sl], key, value)
 
     def render(self, scored: Scored, scored_at: float, out: list[tuple[bytes, bytes]], model: ModelState) -> None:
         """Append (key, value) of one `gpuwatch.risk/1` record per scored slot, named after `model`, to `out`."""
@@ -551,19 +558,31 @@ class RiskProcessor:
                 result.deadletters.append(self._deadletter(self._original(src, snap), error))
 
     def refresh_silent(self, now: float, max_age_s: float = 10.0) -> BatchResult:
-        """Re-score tracked GPUs whose last risk record is older than `max_age_s` of wall time.
+        """Publish again the last risk record of tracked GPUs whose last record is older than `max_age_s` of
+        wall time.
 
-        Such GPUs have gone silent (or their host stopped sending): the record they get keeps the ts
-        of their newest sample, so readers see the staleness; the gap itself enters the features
-        when the next sample arrives.
+        Such GPUs have gone silent (or their host stopped sending): the record keeps the ts of the sample it
+        scored, so readers see the staleness; the gap itself enters the features when the next sample arrives.
+        The record is published as it was, not scored again: a rescoring would score the GPU's newest sample,
+        which the rescoring interval may have skipped, so the worker would score (and advance the alarm's run
+        at) a sample that `gpuwatch score` and `eval` never score, and only when its wall clock says so. A GPU
+        with no record of this process yet (windows restored after a restart) is scored.
         """
         result = BatchResult()
-        tracked = np.fromiter(self.store.slot_of.values(), dtype=np.int64, count=len(self.store.slot_of))
+        store = self.store
+        tracked = np.fromiter(store.slot_of.values(), dtype=np.int64, count=len(store.slot_of))
         if len(tracked):
             known = tracked[tracked < len(self._scored_wall)]
-            due = known[now - self._scored_wall[known] >= max_age_s]
-            if len(due):
-                self.score_slots(np.sort(due), result)
+            due = np.sort(known[now - self._scored_wall[known] >= max_age_s])
+            again = np.zeros(len(due), dtype=bool)
+            for i, sl in enumerate(due.tolist()):
+                item = self._published[sl]
+                if item is not None and item[0] == store.uuids[sl]:  # the slot still holds that GPU
+                    result.risk.append(item[1:])
+                    again[i] = True
+            self._scored_wall[due[again]] = now
+            if not again.all():
+                self.score_slots(due[~again], result)
         return result
 
     def checkpoint(self, everything: bool = False) -> list[tuple[int, bytes, bytes]]:
@@ -638,6 +657,7 @@ class RiskProcessor:
         grown = np.zeros(size)
         grown[:have] = self._scored_wall
         self._scored_wall = grown
+        self._published += [None] * (size - len(self._published))
         for model in (self.model, self.challenger):
             if model is not None:
                 model.grow(size)
