@@ -235,8 +235,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from gpuwatch.apps.bench.cli import bench_command
 
     if args.what == "throttle":
-        from gpuwatch.apps.bench.throttle import run_throttle_bench
+        from gpuwatch.apps.bench.throttle import bad_args, run_throttle_bench
 
+        if bad := bad_args(args):
+            print(f"gpuwatch bench throttle: {bad}", file=sys.stderr)
+            return 2
         run_throttle_bench(args, _settings(args))
         return 0
     return bench_command(args)
@@ -418,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--halt-cut", type=float, default=0.3,
                    help="throttle: the simulator's assumption: a cap cutting this share of a failing GPU's power "
                         "halts its precursor (FleetConfig.throttle_halt_cut)")
+    p.add_argument("--throttle-kind", default="power",
+                   help="throttle: what the throttle-first arm throttles: power (a power limit of "
+                        "policy_throttle_frac, the default) or clocks (an SM clock lock at "
+                        "policy_throttle_clock_frac)")
     p.add_argument("--live", action="store_true",
                    help="archive: archive a fleet from the live pipeline (broker, stream worker, archive process) "
                    "and check that eval's replay of the archive gives the live records and figures")

@@ -120,3 +120,9 @@ def test_bench_with_a_negative_fleet_size(what: str) -> None:
     done = gpuwatch("bench", what, "--gpus", "-1")
     assert done.returncode == 2
     assert one_line(done).startswith(f"gpuwatch bench {what}: --gpus -1")
+
+
+def test_bench_throttle_with_a_throttle_kind_it_does_not_know() -> None:
+    done = gpuwatch("bench", "throttle", "--throttle-kind", "fans")
+    assert done.returncode == 2
+    assert one_line(done) == "gpuwatch bench throttle: --throttle-kind fans: give one of power, clocks"

@@ -458,6 +458,41 @@ def test_bench_throttle_refuses_bad_arguments_in_one_line() -> None:
     from gpuwatch.apps.bench.throttle import run_throttle_bench
 
     args = argparse.Namespace(gpus=4, healthy_gpu_days=0.0, false_alarms_per_1000=None, seed=0, halt_cut=0.0,
-                              json_path=None)  # fmt: skip
+                              throttle_kind="power", json_path=None)  # fmt: skip
     with pytest.raises(SystemExit, match="--halt-cut > 0"):
         run_throttle_bench(args, Settings())
+    args.halt_cut, args.throttle_kind = 0.3, "fans"
+    with pytest.raises(SystemExit, match=r"--throttle-kind fans: give one of power, clocks$"):
+        run_throttle_bench(args, Settings())
+
+
+def test_the_closed_loops_agent_locks_clocks_for_a_clocks_throttle_and_unlocks_them_at_restore() -> None:
+    from gpuwatch.training.throttle_eval import SimulatedAgent, ThrottleSpec, rules_for
+
+    def sim() -> FleetSimulator:
+        return FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=20.0, start_ts=T0,
+                                          rate_per_gpu_day=0.0, job_len_s=(1e6, 1e6), idle_len_s=(1.0, 1.0)))  # fmt: skip
+
+    def clocks(s: FleetSimulator) -> list[int]:
+        return [g["sm_clock_mhz"] for g in s.step()[0]["gpus"]]
+
+    spec = ThrottleSpec(throttle_kind="clocks", throttle_clock_frac=0.6)
+    policy = RemediationPolicy(rules_for(spec, throttle=True))
+    throttle, restore = actions(policy, [risk(T0, alarm=True), risk(T0 + 200, alarm=False),
+                                         risk(T0 + 900, alarm=False)])  # fmt: skip
+    assert (throttle.action, throttle.sm_clock_frac, restore.action) == ("throttle", 0.6, "restore")
+    sims = [sim(), sim()]
+    agent = SimulatedAgent(sims)
+    for _ in range(15):
+        clocks(sims[1])
+    assert agent.throttle(3, throttle)  # code 3: the second simulator's GPU 1
+    locked = clocks(sims[1])
+    assert locked[1] <= 0.6 * 1980 < locked[0]
+    agent.restore(3)
+    assert min(clocks(sims[1])) > 0.6 * 1980
+    # a power throttle sets the limit instead, and its restore puts it back
+    power = RemediationPolicy(rules_for(ThrottleSpec(), throttle=True))
+    (capped,) = actions(power, [risk(T0, alarm=True)])
+    assert agent.throttle(3, capped) and sims[1].step()[0]["gpus"][1]["power_limit_w"] == pytest.approx(490.0)
+    agent.restore(3)
+    assert sims[1].step()[0]["gpus"][1]["power_limit_w"] == pytest.approx(700.0)

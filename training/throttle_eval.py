@@ -4,9 +4,10 @@ A throttle changes the telemetry it is judged on (a lower power limit cools the 
 stated assumption, slows the precursor: docs/simulator.md), so it cannot be evaluated on a recording. Here the
 simulator, the stream's `RiskProcessor` (the shipped model) and the real `RemediationPolicy` run in one loop:
 each step's risk records go to the policy, and its throttle and restore events go back to the simulator as the
-node agent would carry them out (the limit is restored when the policy says so or when the throttle's time runs
-out). Two arms on the same fleet and seed: *drain-only* (the ladder as shipped: checkpoint, migrate) and
-*throttle* (throttle first for thermal and power alarms, then the ladder if the alarm holds).
+node agent would carry them out (a power limit, or with `throttle_kind` "clocks" a clock lock, undone when the
+policy says so or when the throttle's time runs out). Two arms on the same fleet and seed: *drain-only* (the
+ladder as shipped: checkpoint, migrate) and *throttle* (throttle first for thermal and power alarms, then the
+ladder if the alarm holds).
 
 Per failure, each arm's cost to the job under the cost model (`gpuwatch.costs`): the failure's loss less what
 the checkpoint and migration before it saved, plus the cost of the true actions and of the throttle while it
@@ -36,6 +37,7 @@ import numpy as np
 
 from gpuwatch.costs import CostModel
 from gpuwatch.schemas.codecs import decode_risk
+from gpuwatch.schemas.records import Remediation
 from gpuwatch.simulator import faults, lookalikes
 from gpuwatch.simulator.fleet import DAY_S, FleetConfig, FleetSimulator
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
@@ -65,7 +67,9 @@ class ThrottleSpec:
     seed: int = 0
     model: str = ""
     throttle_s: float = 1800.0
+    throttle_kind: str = "power"  # PolicyRules.throttle_kind: "power" (power limit) or "clocks" (clock lock)
     throttle_frac: float = 0.7
+    throttle_clock_frac: float = 0.7
     throttle_grace_s: float = 300.0
     halt_cut: float = 0.3  # FleetConfig.throttle_halt_cut: the simulator's assumption about what a cap does
 
@@ -82,11 +86,52 @@ class ArmRun:
     gpu_samples: int = 0
 
 
-def _rules(spec: ThrottleSpec, throttle: bool) -> PolicyRules:
+def rules_for(spec: ThrottleSpec, throttle: bool) -> PolicyRules:
+    """An arm's policy rules: `spec`'s throttle (its kind and share) if `throttle`, else the ladder only."""
     # No fleet-level guard rails (the fleets fail far more often than a real one) and no blast-radius limit:
     # every experiment stands on its own, as in `gpuwatch eval`'s replays.
     return PolicyRules(max_concurrent_drains=10_000, throttle_s=spec.throttle_s if throttle else 0.0,
-                       throttle_frac=spec.throttle_frac, throttle_grace_s=spec.throttle_grace_s)  # fmt: skip
+                       throttle_kind=spec.throttle_kind, throttle_frac=spec.throttle_frac,
+                       throttle_clock_frac=spec.throttle_clock_frac,
+                       throttle_grace_s=spec.throttle_grace_s)  # fmt: skip
+
+
+class SimulatedAgent:
+    """Carries throttle and restore events into the simulators as the node agent would: a throttle's power
+    limit (`power_limit_frac`) or clock lock (`sm_clock_frac`) on the GPU of its code, and a restore (or the
+    throttle's expiry) undoes what the GPU holds, both kinds if both were set."""
+
+    def __init__(self, sims: list[FleetSimulator]) -> None:
+        self.sims = sims
+        self.where = [(k, i) for k, sim in enumerate(sims) for i in range(sim.n)]  # code -> (simulator, GPU)
+        self.held: dict[int, set[str]] = {}  # the kinds of throttle each GPU holds
+
+    def _gpu(self, c: int) -> tuple[FleetSimulator, int, int]:
+        k, i = self.where[c]
+        sim = self.sims[k]
+        return sim, i // sim.G, i % sim.G
+
+    def throttle(self, c: int, ev: Remediation) -> bool:
+        """Applies the event's power limit or clock lock to GPU `c`; False: the event names neither."""
+        sim, h, g = self._gpu(c)
+        if isinstance(ev.power_limit_frac, float):
+            sim.set_power_limit(h, g, ev.power_limit_frac)
+            self.held.setdefault(c, set()).add("power")
+        elif isinstance(ev.sm_clock_frac, float):
+            sim.lock_clocks(h, g, ev.sm_clock_frac)
+            self.held.setdefault(c, set()).add("clocks")
+        else:
+            return False
+        return True
+
+    def restore(self, c: int) -> None:
+        """Puts GPU `c`'s power limit back and unlocks its clocks, whichever it holds (neither: nothing)."""
+        sim, h, g = self._gpu(c)
+        kinds = self.held.pop(c, set())
+        if "power" in kinds:
+            sim.set_power_limit(h, g, None)
+        if "clocks" in kinds:
+            sim.lock_clocks(h, g, None)
 
 
 def run_arm(sims: list[FleetSimulator], steps: int, rules: PolicyRules, scorer: Scorer) -> ArmRun:
@@ -99,14 +144,11 @@ def run_arm(sims: list[FleetSimulator], steps: int, rules: PolicyRules, scorer: 
     processor = RiskProcessor(scorer, rescore_interval_s=interval, stage="throttle-eval", max_age_s=None)
     policy = RemediationPolicy(rules)
     run = ArmRun()
-    where = [(k, i) for k, sim in enumerate(sims) for i in range(sim.n)]  # code -> (simulator, GPU)
+    agent = SimulatedAgent(sims)
+    where = agent.where
     code = {u: c for c, (k, i) in enumerate(where) for u in [sims[k].uuids[i]]}
     until = np.full(len(where), np.inf)  # when each throttle ends (the agent restores then)
     since = np.full(len(where), np.nan)  # when it began, while it holds and the job is still on the GPU
-
-    def set_limit(c: int, frac: float | None) -> None:
-        k, i = where[c]
-        sims[k].set_power_limit(i // sims[k].G, i % sims[k].G, frac)
 
     def stop_counting(c: int, t: float) -> None:
         if not math.isnan(since[c]):
@@ -124,7 +166,7 @@ def run_arm(sims: list[FleetSimulator], steps: int, rules: PolicyRules, scorer: 
                 run.failed.setdefault(c, float(label["fail_ts"]))
                 stop_counting(c, float(label["fail_ts"]))
         for c in np.flatnonzero(until <= t).tolist():  # the agent's expiry
-            set_limit(c, None)
+            agent.restore(c)
             stop_counting(c, t)
             until[c] = np.inf
         for c in np.flatnonzero(np.isfinite(until)).tolist():
@@ -138,13 +180,12 @@ def run_arm(sims: list[FleetSimulator], steps: int, rules: PolicyRules, scorer: 
             if c < 0:
                 continue
             run.events.append((ev.action, ev.ts, c))
-            if ev.action == "throttle" and isinstance(ev.power_limit_frac, float):
-                set_limit(c, ev.power_limit_frac)
+            if ev.action == "throttle" and agent.throttle(c, ev):
                 until[c] = t + (ev.duration_s if isinstance(ev.duration_s, float) else 0.0)
                 if math.isnan(since[c]):
                     since[c] = t
             elif ev.action == "restore":
-                set_limit(c, None)
+                agent.restore(c)
                 stop_counting(c, t)
                 until[c] = np.inf
             elif ev.action == "migrate":
@@ -252,7 +293,7 @@ def evaluate_throttle(spec: ThrottleSpec, costs: CostModel, *, real_failures_per
     hcfg, hsteps, hdays = _healthy_fleet(spec) if spec.healthy_gpu_days > 0 else (None, 0, 0.0)
     arms: dict[str, Any] = {}
     for arm in ARMS:
-        rules = _rules(spec, arm == "throttle")
+        rules = rules_for(spec, arm == "throttle")
         say(f"{arm}: {spec.failures} thermal/power failures, {steps} steps")
         fail_run = run_arm(_failure_fleet(spec)[0], steps, rules, scorer)  # the same fleets afresh for each arm
         healthy_run = ArmRun()
@@ -274,7 +315,8 @@ def summarise(arms: dict[str, Any], spec: ThrottleSpec, costs: CostModel, horizo
     throttle's net GPU-hours saved against drain-only per 1,000 GPU-days at the real rate (issue 9's method)."""
     mix = faults.MODE_MIX
     lam = real_failures_per_gpu_day * (mix["thermal"] + mix["power"])
-    out: dict[str, Any] = {"spec": dataclasses.asdict(spec), "horizon_s": horizon_s, "healthy_gpu_days": healthy_gpu_days,
+    out: dict[str, Any] = {"throttle_kind": spec.throttle_kind, "spec": dataclasses.asdict(spec),
+                           "horizon_s": horizon_s, "healthy_gpu_days": healthy_gpu_days,
                            "real_thermal_power_failures_per_gpu_day": lam, "cost_model": dataclasses.asdict(costs),
                            "arms": {}}  # fmt: skip
     for arm, res in arms.items():
@@ -346,7 +388,11 @@ def summarise(arms: dict[str, Any], spec: ThrottleSpec, costs: CostModel, horizo
 
 def table_rows(out: dict[str, Any]) -> list[tuple[str, Any, str]]:
     """(key, value, note) rows of the figures for `gpuwatch bench throttle`."""
-    rows: list[tuple[str, Any, str]] = []
+    spec = out["spec"]
+    kind = out["throttle_kind"]
+    what = (f"SM clock locked at most {spec['throttle_clock_frac']:.0%} of the maximum" if kind == "clocks"
+            else f"power limit {spec['throttle_frac']:.0%} of the default")  # fmt: skip
+    rows: list[tuple[str, Any, str]] = [("throttle_kind", kind, f"{what} for {spec['throttle_s']:g} s")]
     for arm, a in out["arms"].items():
         for mode, m in a["by_mode"].items():
             rows.append((f"{arm}.{mode}.share_averted_or_delayed", m["share_averted_or_delayed"],
