@@ -3,6 +3,7 @@ restore commands, the policy's throttle step and the simulator's power cap."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -351,20 +352,25 @@ def test_throttling_is_on_only_where_the_cost_model_favours_it() -> None:
 # ---------------------------------------------------------------- the simulator
 
 
-def test_a_power_cap_cools_the_gpu_reports_the_limit_and_slows_a_thermal_precursor() -> None:
-    def run(cap: float | None) -> tuple[FleetSimulator, list[dict]]:
-        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=20.0, start_ts=T0,
-                                         rate_per_gpu_day=0.0, job_len_s=(1e6, 1e6), idle_len_s=(1.0, 1.0)))  # fmt: skip
-        sim.schedule_failure(0, 0, "thermal", 3000.0, 2900.0, strength=1.0)
-        for _ in range(15):
-            sim.step()
-        if cap is not None:
-            assert sim.set_power_limit(0, 0, cap) == pytest.approx(700.0 * cap)
-        snaps = [sim.step()[0] for _ in range(60)]
-        return sim, snaps
+def _failing_host(act: Callable[[FleetSimulator], None] | None) -> tuple[FleetSimulator, list[dict]]:
+    """A 2-GPU host whose GPU 0 has a thermal precursor; `act` (a cap, a lock) is applied after 15 samples, then
+    60 samples are taken."""
+    sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=20.0, start_ts=T0,
+                                     rate_per_gpu_day=0.0, job_len_s=(1e6, 1e6), idle_len_s=(1.0, 1.0)))  # fmt: skip
+    sim.schedule_failure(0, 0, "thermal", 3000.0, 2900.0, strength=1.0)
+    for _ in range(15):
+        sim.step()
+    if act is not None:
+        act(sim)
+    return sim, [sim.step()[0] for _ in range(60)]
 
-    free, free_snaps = run(None)
-    capped, capped_snaps = run(0.6)
+
+def test_a_power_cap_cools_the_gpu_reports_the_limit_and_slows_a_thermal_precursor() -> None:
+    def cap(sim: FleetSimulator) -> None:
+        assert sim.set_power_limit(0, 0, 0.6) == pytest.approx(700.0 * 0.6)
+
+    free, free_snaps = _failing_host(None)
+    capped, capped_snaps = _failing_host(cap)
     assert capped_snaps[-1]["gpus"][0]["power_limit_w"] == pytest.approx(420.0)
     assert capped_snaps[-1]["gpus"][1]["power_limit_w"] == pytest.approx(700.0)
     assert capped_snaps[-1]["gpus"][0]["temp_c"] < free_snaps[-1]["gpus"][0]["temp_c"] - 5
@@ -374,18 +380,11 @@ def test_a_power_cap_cools_the_gpu_reports_the_limit_and_slows_a_thermal_precurs
 
 
 def test_a_clock_lock_lowers_the_reported_clock_and_the_power_that_follows_it_and_slows_a_precursor() -> None:
-    def run(lock: float | None) -> tuple[FleetSimulator, list[dict]]:
-        sim = FleetSimulator(FleetConfig(hosts=1, gpus_per_host=2, seed=3, interval_s=20.0, start_ts=T0,
-                                         rate_per_gpu_day=0.0, job_len_s=(1e6, 1e6), idle_len_s=(1.0, 1.0)))  # fmt: skip
-        sim.schedule_failure(0, 0, "thermal", 3000.0, 2900.0, strength=1.0)
-        for _ in range(15):
-            sim.step()
-        if lock is not None:
-            assert sim.lock_clocks(0, 0, lock) == pytest.approx(1980.0 * lock)
-        return sim, [sim.step()[0] for _ in range(60)]
+    def lock(sim: FleetSimulator) -> None:
+        assert sim.lock_clocks(0, 0, 0.6) == pytest.approx(1980.0 * 0.6)
 
-    free, free_snaps = run(None)
-    locked, locked_snaps = run(0.6)
+    free, free_snaps = _failing_host(None)
+    locked, locked_snaps = _failing_host(lock)
     gpu, other, was = locked_snaps[-1]["gpus"][0], locked_snaps[-1]["gpus"][1], free_snaps[-1]["gpus"][0]
     assert gpu["sm_clock_mhz"] <= 1188 < was["sm_clock_mhz"] and other["sm_clock_mhz"] > 1188
     assert gpu["power_limit_w"] == pytest.approx(700.0) and gpu["power_w"] < was["power_w"] - 100
