@@ -248,8 +248,10 @@ class RiskProcessor:
         self.model = ModelState(scorer, alarm_op, drain_op, failures_per_gpu_day)
         self.challenger: ModelState | None = None
         self._scored_wall = np.zeros(0)  # per slot: wall time of the last risk record
-        # Per slot: (uuid, key, value) of the champion's last risk record, which `refresh_silent` publishes again.
-        self._published: list[tuple[str, bytes, bytes] | None] = []
+        # Per slot: (key, value) of the champion's last risk record, which `refresh_silent` publishes again, and
+        # the first_ts of the GPU it belongs to (a slot later held by another GPU has another), as runs_first_ts.
+        self._published: list[tuple[bytes, bytes] | None] = []
+        self._published_first_ts = np.zeros(0)
 
     # The champion's figures, as records and callers name them.
     scorer = property(lambda self: self.model.scorer)
@@ -451,9 +453,10 @@ class RiskProcessor:
         """
         start = len(result.risk)
         self.render(scored, scored_at, result.risk, self.model)
-        uuids, published = self.store.uuids, self._published
-        for sl, (key, value) in zip(scored.slots.tolist(), result.risk[start:], strict=True):
-            published[sl] = (uuids[sl], key, value)
+        published = self._published
+        for sl, item in zip(scored.slots.tolist(), result.risk[start:], strict=True):
+            published[sl] = item
+        self._published_first_ts[scored.slots] = self.store.first_ts[scored.slots]
 
     def render(self, scored: Scored, scored_at: float, out: list[tuple[bytes, bytes]], model: ModelState) -> None:
         """Append (key, value) of one `gpuwatch.risk/1` record per scored slot, named after `model`, to `out`."""
@@ -566,7 +569,8 @@ class RiskProcessor:
         The record is published as it was, not scored again: a rescoring would score the GPU's newest sample,
         which the rescoring interval may have skipped, so the worker would score (and advance the alarm's run
         at) a sample that `gpuwatch score` and `eval` never score, and only when its wall clock says so. A GPU
-        with no record of this process yet (windows restored after a restart) is scored.
+        whose record this process cannot publish again (none yet, as after a restart, or its window was reset or
+        moved in time since) is scored.
         """
         result = BatchResult()
         store = self.store
@@ -574,12 +578,9 @@ class RiskProcessor:
         if len(tracked):
             known = tracked[tracked < len(self._scored_wall)]
             due = np.sort(known[now - self._scored_wall[known] >= max_age_s])
-            again = np.zeros(len(due), dtype=bool)
-            for i, sl in enumerate(due.tolist()):
-                item = self._published[sl]
-                if item is not None and item[0] == store.uuids[sl]:  # the slot still holds that GPU
-                    result.risk.append(item[1:])
-                    again[i] = True
+            # A slot that still holds the GPU its record was published for (NaN, never published, equals nothing)
+            again = self._published_first_ts[due] == store.first_ts[due]
+            result.risk += [self._published[sl] for sl in due[again].tolist()]
             self._scored_wall[due[again]] = now
             if not again.all():
                 self.score_slots(due[~again], result)
@@ -658,6 +659,9 @@ class RiskProcessor:
         grown[:have] = self._scored_wall
         self._scored_wall = grown
         self._published += [None] * (size - len(self._published))
+        first_ts = np.full(size, np.nan)  # NaN equals no first_ts: a slot never published is scored
+        first_ts[:have] = self._published_first_ts
+        self._published_first_ts = first_ts
         for model in (self.model, self.challenger):
             if model is not None:
                 model.grow(size)
