@@ -54,7 +54,7 @@ def _per_min(seqs: np.ndarray, name: str) -> np.ndarray:
 def rule_hits(seqs: np.ndarray) -> np.ndarray:
     """(B, len(RULES)) bool: which rule fires on each sequence (rows 30 s apart, the last one current)."""
     cur = seqs[:, -1]
-    hot_rows = seqs[:, -11:, _I["temp"]] >= 0.85  # temp / 100; 11 rows span 5 minutes
+    hot_rows = seqs[:, -11:, _I["temp"]] >= 85.0 / 100.0  # 85 °C (the feature is temp / 100); 11 rows span 5 min
     last_min = seqs[:, -3:, :]  # the current row and the two before it (1 minute)
     xid_5m = cur[:, _I["log_min_since_xid"]] <= np.log1p(5.0) / 7.0
     hits = [

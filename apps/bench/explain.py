@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from gpuwatch.apps.bench.codecs import best_emit_us, filled_processor
 from gpuwatch.apps.bench.table import emit
 from gpuwatch.training import explain_eval
 
@@ -32,15 +33,10 @@ def _emit_costs(gpus: int = 2048, repeat: int = 15, seed: int = 0) -> dict[str, 
     """Best of `repeat` timings of `RiskProcessor.emit` (µs per record) at alarm shares 0, 0.1 %, 1 % and 10 %, and
     of `explain` per GPU explained. CPU time of this process (`time.process_time`): on a shared machine wall time
     moves with other people's load, CPU time much less."""
-    from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
     from gpuwatch.streams.explain import explain
-    from gpuwatch.streams.model import Scorer, load_artifact
-    from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor, Scored
+    from gpuwatch.streams.processor import Scored
 
-    processor = RiskProcessor(Scorer(load_artifact(), "cpu"), rescore_interval_s=1e9)  # fold only
-    sim = FleetSimulator(FleetConfig(hosts=gpus // 8, gpus_per_host=8, seed=seed, start_ts=1_700_000_000.0))
-    for _ in range(60):
-        processor.process([Inbound(value, "samples", 0, i) for i, (_, value) in enumerate(sim.step_json())])
+    processor = filled_processor(gpus, 60, seed)
     rng = np.random.default_rng(seed)
     n = len(processor.store.uuids)
     out: dict[str, float] = {}
@@ -48,13 +44,8 @@ def _emit_costs(gpus: int = 2048, repeat: int = 15, seed: int = 0) -> dict[str, 
         alarm = rng.random(n) < share
         scored = Scored(np.arange(n), np.zeros(n, dtype=bool), rng.random(n) * 1e-3, rng.random(n),
                         rng.integers(0, 6, n), alarm, alarm & (rng.random(n) < 0.2))  # fmt: skip
-        best = float("inf")
-        for _ in range(repeat + 1):  # the first is a warm-up
-            result = BatchResult()
-            start = time.process_time()
-            processor.emit(scored, 1_700_000_010.0, result)
-            best = min(best, time.process_time() - start)
-        out[f"emit_us_per_record_alarm_{share:g}"] = round(best / n * 1e6, 3)
+        cost = best_emit_us(processor, scored, repeat, time.process_time)
+        out[f"emit_us_per_record_alarm_{share:g}"] = round(cost, 3)
     for k in (1, 20, 200):
         slots = np.sort(rng.choice(n, size=k, replace=False))
         best = float("inf")
