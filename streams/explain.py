@@ -125,12 +125,12 @@ def severities(store: WindowStore, slots: np.ndarray) -> tuple[np.ndarray, np.nd
     put("pcie_link_width", np.clip(2.0 * (1.0 - width), 0.0, None), 100.0 * width, 100.0)
 
     peers = np.nan_to_num(_peer_means(store, slots, _PEERED, _PEERED_COOL), nan=0.0)
-    # Temperature in °C at the same power: the window keeps thermal resistance R = (T - 25) / (P + 60), so a
-    # change of R reads as dR * (P + 60) = dR * (T - 25) / R degrees at the present load.
+    # Temperature in °C at the same power: the window keeps thermal resistance R = (T - 25) / (P + 60) against
+    # its own baseline, so a change of R reads as dR * (P + 60) = dR * (T - 25) / R degrees at the present load.
     temp = 100.0 * cur[:, _TEMP_COL].astype(np.float64)
     r_now = base[:, _B_THERMAL_R] + ew10[:, _SIG["thermal_dev"]] / 10.0
     watts = np.where(r_now > 1e-3, np.maximum(temp - 25.0, 0.0) / np.maximum(r_now, 1e-3), 0.0)  # P + 60
-    peer_c = ew10[:, _SIG["thermal_peer"]] / 100.0 * watts
+    peer_c = ew10[:, _SIG["thermal_peer"]].astype(np.float64)  # the window keeps it in °C at the present power
     # against its own baseline, beyond what its neighbours warmed too (a warm spell in the room warms them all)
     own_c = ew10[:, _SIG["thermal_dev"]] / 10.0 * watts
     mates_c = peers[:, 3] / 10.0 * watts

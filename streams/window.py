@@ -121,6 +121,10 @@ _NO_XID_MIN = 24 * 60.0  # "never seen an XID" reads as a day ago
 # snapshot was stamped ahead. Such a GPU's window is moved back in time instead of refusing its samples
 # until the clock catches up. A resend or an older snapshot never has a seq after the last one.
 MAX_SEQ_STEP = 64
+# The meaning of a checkpointed window's arrays: a release that changes what a feature or a baseline holds (not
+# only the arrays' shapes, which the record's size tells) raises it, and older checkpoints start afresh.
+# 2: thermal_peer and its baselines in °C at the GPU's power, not in thermal resistance (2026-12-07).
+WINDOW_LAYOUT = 2
 # Marks bytes a caller framed after a checkpointed window (`export_state(extensions=...)`): magic, u16 length.
 EXTENSION_MAGIC = b"GWX1"
 # Every per-GPU time of the window (sample time), moved together so that time differences stay what they were.
@@ -279,7 +283,8 @@ class WindowStore:
 
     # -- checkpoint and restore (so a restarted or rebalanced worker keeps its windows) ----------
     def _record_dtype(self) -> np.dtype:
-        return np.dtype([(name, dtype, shape) for name, (shape, dtype) in self._shapes().items()])
+        arrays = [(name, dtype, shape) for name, (shape, dtype) in self._shapes().items()]
+        return np.dtype([*arrays, ("layout", np.uint8)])
 
     def export_state(
         self, slots: np.ndarray, extensions: list[bytes] | None = None
@@ -290,6 +295,7 @@ class WindowStore:
         rec = np.zeros(len(slots), dtype=self._record_dtype())
         for name in self._shapes():
             rec[name] = getattr(self, name)[slots]
+        rec["layout"] = WINDOW_LAYOUT
         out = []
         for i, s in enumerate(slots.tolist()):
             host = self.hosts[s].encode()
@@ -311,6 +317,8 @@ class WindowStore:
             if len(body) < size or ext is None:
                 continue  # written by a different window layout: start that GPU fresh instead
             rec = np.frombuffer(body[:size], dtype=dtype)[0]
+            if rec["layout"] != WINDOW_LAYOUT:
+                continue  # the same size, other meanings: fresh as well
             s = self.slot_of.get(uuid)
             if s is not None and self.last_ts[s] >= rec["last_ts"]:
                 continue
@@ -480,7 +488,11 @@ class WindowStore:
         )
         temp_peer = np.nan_to_num(temp - peer[:, 0], nan=0.0)
         power_peer = np.nan_to_num(power - peer[:, 2], nan=0.0)
-        peer_r = np.nan_to_num(thermal_r - peer[:, 1], nan=0.0) * 100.0
+        # In degrees at the GPU's present power, not in resistance: dR * (P + 60) is how much hotter it runs than
+        # its peers would at its power. At idle, a resistance difference is mostly 1 °C of NVML's integer
+        # temperatures over a small power, and read as resistance it looked like a loaded GPU 20 °C too hot
+        # (what most of a healthy plain fleet's high scores were, docs/model.md).
+        peer_r = np.nan_to_num((thermal_r - peer[:, 1]) * (np.nan_to_num(power, nan=0.0) + 60.0), nan=0.0)
 
         base = self.baseline[s]
         base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, _B_THERMAL_R])

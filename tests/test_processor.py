@@ -9,6 +9,7 @@ from gpuwatch.schemas.codecs import decode_deadletter, decode_risk
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor
+from gpuwatch.streams.window import WINDOW_LAYOUT
 
 
 def _processor(rescore_s: float = 5.0) -> RiskProcessor:
@@ -189,3 +190,6 @@ def test_a_window_checkpoint_brings_back_what_was_framed_after_it_and_refuses_an
     assert _processor().store.import_state(proc.store.export_state(slots)) == [(i, b"") for i in range(8)]
     longer = [(u, blob + bytes(9)) for u, blob in proc.store.export_state(slots)]  # another window layout
     assert _processor().store.import_state(longer) == []
+    # the same size, another meaning (a release that changed what a feature holds): the layout byte refuses it
+    older = [(u, blob[:-1] + bytes([WINDOW_LAYOUT - 1])) for u, blob in proc.store.export_state(slots)]
+    assert _processor().store.import_state(older) == []
