@@ -17,7 +17,7 @@ from gpuwatch.streams.processor import Inbound, RiskProcessor, chosen_for_other_
 
 ARTIFACT = load_artifact()
 SCORER = Scorer(ARTIFACT, device="cpu")
-EVERY = OperatingPoint(1e-12, 3)  # every score reaches it: only the run of scorings in a row decides
+EVERY = OperatingPoint(1e-300, 3)  # every score reaches it (after a gap the model scores ~1e-15): only the run decides
 NEVER = OperatingPoint(1.0, 1)
 
 
@@ -53,7 +53,7 @@ def test_alarm_needs_the_operating_points_run_of_scorings_in_a_row() -> None:
     proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=EVERY, drain_op=NEVER)
     recs = run(proc, Host(), 21)  # scored at 0, 5, 10, 15, 20 s
     assert [r.alarm for r in recs] == [False, False, True, True, True]
-    assert {r.op for r in recs} == {"model:1e-12x3"} and not any(r.drain for r in recs)
+    assert {r.op for r in recs} == {"model:1e-300x3"} and not any(r.drain for r in recs)
     # Re-publishing a silent GPU (no new sample) does not extend the run
     again = gpu0(proc.refresh_silent(recs[-1].scored_at + 11.0, max_age_s=10.0))
     assert [r.alarm for r in again] == [True]
@@ -61,7 +61,7 @@ def test_alarm_needs_the_operating_points_run_of_scorings_in_a_row() -> None:
 
 
 def test_drain_holds_only_while_the_alarm_does() -> None:
-    proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=EVERY, drain_op=OperatingPoint(1e-12, 1))
+    proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=EVERY, drain_op=OperatingPoint(1e-300, 1))
     recs = run(proc, Host(), 21)
     assert [(r.alarm, r.drain) for r in recs] == [(False, False)] * 2 + [(True, True)] * 3
 
@@ -92,12 +92,12 @@ def run_every(proc: RiskProcessor, host: Host, interval: int, samples: int) -> l
     (240, [False, True, True]),  # an agent sampling every 4 min still alarms: its runs are not cut by gaps
 ])  # fmt: skip
 def test_persistence_in_seconds_means_the_same_at_any_sampling_interval(interval: int, expected: list) -> None:
-    op = OperatingPoint(1e-12, 1, for_s=30.0)
+    op = OperatingPoint(1e-300, 1, for_s=30.0)
     proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=op)
     recs = run(proc, Host(), 36) if interval == 1 else run_every(proc, Host(), interval, len(expected))
     assert [r.alarm for r in recs] == expected
-    assert {r.op for r in recs} == {"model:1e-12x1/30s"}
-    assert OperatingPoint.parse("model:1e-12x1/30s") == op
+    assert {r.op for r in recs} == {"model:1e-300x1/30s"}
+    assert OperatingPoint.parse("model:1e-300x1/30s") == op
 
 
 def test_a_lost_gpu_is_failed_not_at_risk_until_it_answers_again() -> None:
