@@ -1,6 +1,6 @@
 """Where a plain healthy fleet's high scores and false alarms come from (issue 14 diagnostic).
 
-    python scripts/plain-alarms.py SEED DAYS OUT.jsonl
+    python scripts/plain-alarms.py SEED DAYS OUT.jsonl [--occlude]
 
 Simulates `gpuwatch realrate`'s plain fleet (128 hosts x 8 GPUs, the realistic hardware mix, every look-alike
 off, the real failure rate, a snapshot every 30 s) for DAYS days with SEED, scores it with the shipped model
@@ -8,6 +8,11 @@ through the stream's `RiskProcessor`, and writes one JSON line per scoring at or
 calibrated score, whether the GPU was in alarm (the shipped operating point), whether that was an alarm onset,
 the host's board and the explainer's reasons. The first line holds the run's size and the simulator's failures.
 Use a seed no fleet was chosen on (realrate uses 9100 and up to 9213).
+
+`--occlude` also says which inputs drive those scorings: each feature in turn is set, over the whole window, to
+the median of its board's GPUs (a random 0.2 % of every batch's scorings), and the drop of the risk logit is
+averaged over the high scorings; the first line then holds `occlusion`, the ten largest drops and how often each
+feature is the largest.
 """
 
 from __future__ import annotations
@@ -25,15 +30,19 @@ from gpuwatch.simulator.lookalikes import QUIET
 from gpuwatch.streams.explain import explain
 from gpuwatch.streams.model import Scorer, load_artifact
 from gpuwatch.streams.processor import RiskProcessor
+from gpuwatch.streams.window import FEATURE_NAMES, N_FEATURES
 from gpuwatch.training.score import replay_messages
 
 HIGH = 0.9  # scorings at or above this calibrated score are written
+SAMPLE = 0.002  # share of every batch's scorings kept as the boards' normal (--occlude)
 INTERVAL_S, HOSTS, GPUS = 30.0, 128, 8
 
 
-def main(seed: int, days: float, out: str) -> None:
+def main(seed: int, days: float, out: str, occlude: bool = False) -> None:
     torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
     found: list[dict] = []
+    windows: dict[str, list] = {"high": [], "high_board": [], "normal": [], "normal_board": []}
     in_alarm: dict[tuple[str, int], bool] = {}
     sim = FleetSimulator(FleetConfig(hosts=HOSTS, gpus_per_host=GPUS, seed=seed, interval_s=INTERVAL_S,
                                      start_ts=1_700_000_000.0, hardware=dict(REALISTIC_MIX), rate_scale=1.0,
@@ -53,8 +62,15 @@ def main(seed: int, days: float, out: str) -> None:
                               "onset": alarm and not in_alarm.get(key, False), "board": board[key[0]],
                               "why": [r.text for r in why]})  # fmt: skip
                 in_alarm[key] = alarm
+            if occlude:
+                normal = np.flatnonzero(rng.random(len(live)) < SAMPLE)
+                for name, rows in (("high", high), ("normal", normal)):
+                    if len(rows):
+                        windows[name].append(store.sequences(live[rows]))
+                        windows[f"{name}_board"] += [board[store.hosts[int(slot)]] for slot in live[rows]]
 
-    processor = Recorder(Scorer(load_artifact(None), "cpu"), rescore_interval_s=5.0, stage="plain-alarms")
+    scorer = Scorer(load_artifact(None), "cpu")
+    processor = Recorder(scorer, rescore_interval_s=5.0, stage="plain-alarms")
 
     def messages():  # noqa: ANN202
         offset = 0
@@ -68,13 +84,32 @@ def main(seed: int, days: float, out: str) -> None:
         samples += result.samples
     head = {"seed": seed, "gpu_days": HOSTS * GPUS * days, "gpu_samples": samples,
             "seconds": round(time.time() - t0, 1), "failures": sim.drain_labels()}  # fmt: skip
+    if occlude and windows["high"]:
+        head["occlusion"] = occlusion(scorer, windows)
     with open(out, "wb") as fh:
         fh.write(b"".join(orjson.dumps(x) + b"\n" for x in [head, *found]))
     print(f"{samples:,} GPU-samples, {len(found)} scorings >= {HIGH}, "
           f"{sum(x['onset'] for x in found)} alarm onsets -> {out}")  # fmt: skip
 
 
+def occlusion(scorer: Scorer, windows: dict[str, list]) -> list[dict]:
+    """Per feature: the mean drop of the high scorings' risk logit when it is set to its board's median."""
+    high, normal = np.concatenate(windows["high"]), np.concatenate(windows["normal"])
+    high_board, normal_board = np.array(windows["high_board"]), np.array(windows["normal_board"])
+    base = scorer.logits(high)[0]
+    drops = np.zeros((len(high), N_FEATURES))
+    for f in range(N_FEATURES):
+        x = high.copy()
+        for b in np.unique(high_board):
+            x[high_board == b, :, f] = np.median(normal[normal_board == b, -1, f])
+        drops[:, f] = base - scorer.logits(x)[0]
+    first = np.bincount(drops.argmax(axis=1), minlength=N_FEATURES)
+    return [{"feature": FEATURE_NAMES[f], "mean_logit_drop": round(float(drops[:, f].mean()), 3),
+             "largest_for": int(first[f])} for f in np.argsort(-drops.mean(axis=0))[:10]]  # fmt: skip
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit("usage: python scripts/plain-alarms.py SEED DAYS OUT.jsonl (e.g. 9500 3 plain.jsonl)")
-    main(int(sys.argv[1]), float(sys.argv[2]), sys.argv[3])
+    args = [a for a in sys.argv[1:] if a != "--occlude"]
+    if len(args) != 3:
+        sys.exit("usage: python scripts/plain-alarms.py SEED DAYS OUT.jsonl [--occlude] (e.g. 9500 3 plain.jsonl)")
+    main(int(args[0]), float(args[1]), args[2], occlude="--occlude" in sys.argv[1:])
