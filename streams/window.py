@@ -492,7 +492,7 @@ class WindowStore:
         # its peers would at its power. At idle, a resistance difference is mostly 1 °C of NVML's integer
         # temperatures over a small power, and read as resistance it looked like a loaded GPU 20 °C too hot
         # (what most of a healthy plain fleet's high scores were, docs/model.md).
-        peer_r = np.nan_to_num((thermal_r - peer[:, 1]) * (np.nan_to_num(power, nan=0.0) + 60.0), nan=0.0)
+        peer_c = np.nan_to_num((thermal_r - peer[:, 1]) * (np.nan_to_num(power, nan=0.0) + 60.0), nan=0.0)
 
         base = self.baseline[s]
         base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, _B_THERMAL_R])
@@ -505,7 +505,7 @@ class WindowStore:
         settled = ts - self.state_since[s] >= SETTLE_S
         b_col = np.where(loaded, _B_PEER_LOADED, _B_PEER_IDLE)
         rows_i = np.arange(len(s))
-        thermal_peer = np.where(settled, peer_r - base[rows_i, b_col], 0.0)
+        thermal_peer = np.where(settled, peer_c - base[rows_i, b_col], 0.0)
         last_pp = self.last_power_peer[s]
         jitter = np.where(loaded & ~first & ~np.isnan(last_pp), np.abs(power_peer - last_pp) / 100.0, 0.0)
         self.last_power_peer[s] = np.where(loaded, power_peer, np.nan)
@@ -547,7 +547,7 @@ class WindowStore:
         tau_peer = np.where(state_s < PEER_WARMUP_S, np.maximum(state_s, 30.0), BASELINE_TAU_S)
         a_peer = 1.0 - np.exp(-np.minimum(dt_pos, 60.0) / tau_peer)
         old_peer = base[rows_i, b_col]
-        new_base[rows_i, b_col] = np.where(learn_peer, old_peer + a_peer * (peer_r - old_peer), old_peer)
+        new_base[rows_i, b_col] = np.where(learn_peer, old_peer + a_peer * (peer_c - old_peer), old_peer)
         self.baseline[s] = new_base
         self.state_s[s, state_col] = state_s
 
