@@ -109,7 +109,18 @@ def occlusion(scorer: Scorer, windows: dict[str, list]) -> list[dict]:
 
 
 if __name__ == "__main__":
+    usage = "usage: python scripts/plain-alarms.py SEED DAYS OUT.jsonl [--occlude] (e.g. 9500 3 plain.jsonl)"
     args = [a for a in sys.argv[1:] if a != "--occlude"]
     if len(args) != 3:
-        sys.exit("usage: python scripts/plain-alarms.py SEED DAYS OUT.jsonl [--occlude] (e.g. 9500 3 plain.jsonl)")
-    main(int(args[0]), float(args[1]), args[2], occlude="--occlude" in sys.argv[1:])
+        sys.exit(usage)
+    try:
+        seed, days = int(args[0]), float(args[1])
+    except ValueError:
+        sys.exit(f"plain-alarms: SEED must be an integer and DAYS a number, got {args[0]!r} {args[1]!r}; {usage}")
+    if not days > 0:
+        sys.exit(f"plain-alarms: DAYS must be above 0, got {args[1]}; {usage}")
+    try:
+        open(args[2], "ab").close()  # now, not after the run: a folder that is not there fails here
+    except OSError as exc:
+        sys.exit(f"plain-alarms: cannot write {args[2]} ({exc.strerror}); give a path in a folder that exists")
+    main(seed, days, args[2], occlude="--occlude" in sys.argv[1:])

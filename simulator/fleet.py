@@ -39,6 +39,7 @@ APP_FAULT_P = (0.5, 0.3, 0.2)
 APP_KILL_XID = 45  # preemptive cleanup: a process killed with work in flight
 REBOOT_S, DRIVER_RELOAD_S, SWAP_S = (180.0, 600.0), (20.0, 90.0), (1800.0, 5400.0)
 LIMIT_FRAC, LIMIT_HOURS = (0.55, 0.85), (2.0, 24.0)  # operator power caps: share of the max limit, duration
+START_BUSY_POWER = 0.85  # a busy GPU's starting temperature is set as if it drew this share of its power limit
 AMBIENT_RISE_C, AMBIENT_HOLD_S, AMBIENT_RAMP_S = (4.0, 12.0), (1200.0, 7200.0), (300.0, 900.0)
 SBE_BURST_MEAN, SBE_BURST_REMAP_P = 30.0, 0.25
 _RX_STREAM = 0x5EED  # root of the look-alike generators: knobs at 0 leave the legacy stream untouched
@@ -252,7 +253,7 @@ class FleetSimulator:
         if self._t_off is None:
             self._temp = amb + self._r_th * np.where(self._busy[self._hidx], 600.0, 70.0)
         else:
-            busy_w = np.where(self._busy[self._hidx], 0.85 * self._lim, self._idle_w)
+            busy_w = np.where(self._busy[self._hidx], START_BUSY_POWER * self._lim, self._idle_w)
             self._temp = amb + self._t_off + self._r_th * busy_w
         self._temp_fast = None if self._fast_frac is None else self._temp.copy()
         self._temp_rep = self._temp  # what NVML reports: slow + fast parts (in legacy the same array)

@@ -466,7 +466,8 @@ class WindowStore:
         limit = x[:, _NUM["power_limit_w"]]
         power_frac = power / np.where(limit > 0, limit, np.nan)
         # Thermal resistance (°C per W above ambient): fan or heatsink trouble raises it at any load.
-        thermal_r = (temp - 25.0) / (np.nan_to_num(power, nan=0.0) + 60.0)
+        heat_w = np.nan_to_num(power, nan=0.0) + 60.0
+        thermal_r = (temp - 25.0) / heat_w
         sm_clock = x[:, _NUM["sm_clock_mhz"]]
         # Clocks relative to the highest this GPU has shown: boards boost to 1410 (A100) or 1980 MHz (H100), so
         # a fixed scale would read every A100 as throttled.
@@ -492,7 +493,7 @@ class WindowStore:
         # its peers would at its power. At idle, a resistance difference is mostly 1 °C of NVML's integer
         # temperatures over a small power, and read as resistance it looked like a loaded GPU 20 °C too hot
         # (what most of a healthy plain fleet's high scores were, docs/model.md).
-        peer_c = np.nan_to_num((thermal_r - peer[:, 1]) * (np.nan_to_num(power, nan=0.0) + 60.0), nan=0.0)
+        peer_c = np.nan_to_num((thermal_r - peer[:, 1]) * heat_w, nan=0.0)
 
         base = self.baseline[s]
         base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, _B_THERMAL_R])
