@@ -6,6 +6,7 @@ consumer digests a backlog, so latency measured from sample ts means what it say
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 
@@ -16,18 +17,35 @@ from gpuwatch.simulator.fleet import FleetSimulator
 
 
 class SimulatedFeed:
-    """Drives `sim` into `topic` (keyed by host); counts the GPU-samples it produced."""
+    """Drives `sim` into `topic` (keyed by host); counts the GPU-samples it produced.
 
-    def __init__(self, sim: FleetSimulator, producer: Producer, topic: str) -> None:
+    With `join_over_s`, each host's agent starts at its own moment, drawn uniformly within that many seconds of
+    the simulator's start (seeded by the fleet's seed): what the stream sees of a real fleet, whose agents never
+    start in the same second. Without it, every GPU's first sample has the same ts, and so do its window's ring
+    advances and rescorings from then on: the whole fleet's work lands in the same batches (the worst case,
+    as after a fleet-wide agent restart).
+    """
+
+    def __init__(self, sim: FleetSimulator, producer: Producer, topic: str, join_over_s: float = 0.0) -> None:
         self.sim = sim
         self.producer = producer
         self.topic = topic
         self.produced = 0
         self._gpus_per_host = sim.G
+        rng = random.Random(sim.cfg.seed)
+        self._joins_at = {host: sim.now + rng.uniform(0.0, join_over_s) for host in sim.hosts} if join_over_s > 0 else {}
+
+    def snapshots(self) -> list[tuple[str, bytes]]:
+        """(host, message) of one interval of every host whose agent has started."""
+        pairs = self.sim.step_json()
+        if not self._joins_at:
+            return pairs
+        now, joins_at = self.sim.now, self._joins_at
+        return [(host, value) for host, value in pairs if now >= joins_at[host]]
 
     def step(self) -> None:
-        """Publish one interval of every host."""
-        for host, value in self.sim.step_json():
+        """Publish one interval of every host whose agent has started."""
+        for host, value in self.snapshots():
             produce(self.producer, self.topic, host.encode(), value)
             self.produced += self._gpus_per_host
         self.producer.poll(0)

@@ -10,6 +10,7 @@ import pytest
 
 from gpuwatch.schemas import fields as F
 from gpuwatch.simulator import faults
+from gpuwatch.simulator.feed import SimulatedFeed
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator, simulate_to_dir
 
 # A copy of the StepFun fault trace (Apache-2.0, see its LICENSE), so this check runs everywhere.
@@ -284,3 +285,22 @@ def test_meta_lists_the_gpus_born_with_a_lookalike(tmp_path: Path) -> None:
     assert host0 <= set(meta["lookalike_gpus"]) and len(meta["lookalike_gpus"]) == 8
     assert set(meta["lookalike_gpus_by_kind"]["hot_gpu"]) == set(meta["lookalike_gpus"])
     assert meta["lookalike_gpus_by_kind"]["sbe_trickle"] == []
+
+
+def test_a_feed_starts_its_agents_at_moments_spread_over_join_over_s() -> None:
+    def first_seen(join_over_s: float) -> dict[str, float]:
+        sim = FleetSimulator(FleetConfig(hosts=16, seed=3, start_ts=1_000_000.0))
+        feed = SimulatedFeed(sim, producer=None, topic="unused", join_over_s=join_over_s)  # type: ignore[arg-type]
+        seen: dict[str, float] = {}
+        for _ in range(30):
+            for host, value in feed.snapshots():
+                seen.setdefault(host, orjson.loads(value)["ts"])
+        return seen
+
+    together = first_seen(0.0)
+    assert len(together) == 16 and set(together.values()) == {1_000_001.0}
+    spread = first_seen(20.0)
+    assert set(spread) == set(together)  # every agent has started after 20 s
+    starts = sorted(spread.values())
+    assert starts[0] < 1_000_006.0 and starts[-1] > 1_000_015.0 and len(set(starts)) >= 8
+    assert spread == first_seen(20.0)  # the same moments for the same fleet seed

@@ -15,7 +15,10 @@
    per-request /predict service); the two must give the same risks. batching_only_speedup is full-window
    batches versus one at a time (batching without the incremental state).
 5. latency_p99_ms: sample ts to risk visible in Redis for a fleet at 1 Hz on the embedded stack, measured
-   for `--seconds` once the worker has caught up with the live fleet (the run fails if it cannot).
+   for `--seconds` once the worker has caught up with the live fleet (the run fails if it cannot). The hosts'
+   agents start at moments spread over one window stride, as a real fleet's do; latency_synchronized_*
+   measures the same with every agent started in the same second (the worst case: each GPU's ring advance,
+   which re-encodes its past, and each rescoring then come for the whole fleet in the same batch).
 6. state_bytes_per_gpu: window state per tracked GPU.
 """
 
@@ -216,8 +219,9 @@ def batched_speedup(msgs: list[tuple[str, bytes]], batch: int, rescore_s: float)
     }
 
 
-def live_latency(settings: Settings, gpus: int, seconds: float) -> dict[str, Any]:
-    """Sample ts → risk visible in Redis, for `gpus` simulated GPUs at 1 Hz through the whole pipeline."""
+def live_latency(settings: Settings, gpus: int, seconds: float, join_over_s: float = 0.0) -> dict[str, Any]:
+    """Sample ts → risk visible in Redis, for `gpus` simulated GPUs at 1 Hz through the whole pipeline; with
+    `join_over_s`, the hosts' agents start at moments spread over that many seconds (`SimulatedFeed`)."""
     from gpuwatch.sinks.risk_sink import run_risk_sink
 
     ensure_topics(settings)
@@ -236,7 +240,7 @@ def live_latency(settings: Settings, gpus: int, seconds: float) -> dict[str, Any
                             daemon=True)
     sink.start()
     sim = FleetSimulator(FleetConfig(hosts=max(1, gpus // 8), seed=9, start_ts=time.time() - 60))
-    feed = SimulatedFeed(sim, make_producer(settings), settings.topic_samples)
+    feed = SimulatedFeed(sim, make_producer(settings), settings.topic_samples, join_over_s=join_over_s)
     backlog: list[int] = []
 
     def processed() -> int:
@@ -311,13 +315,21 @@ def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
         rep = replay(msgs, settings.stream_batch_size, settings.rescore_interval_s)
         _say("in-process replay with a challenger scoring in the shadow")
         rep_shadow = replay(msgs, settings.stream_batch_size, settings.rescore_interval_s, challenger=True)
+        # A real fleet's agents start at different moments; spread over one window stride, their GPUs' ring
+        # advances (each re-encodes the past) and rescorings are spread evenly. Then the worst case: all at once.
+        stride_s = load_artifact().window.stride_s
         _say("batched versus per-sample inference")
         speed = batched_speedup(msgs, settings.stream_batch_size, settings.rescore_interval_s)
-        s_live = settings.replace(
-            stream_app_id=f"bench-live-{time.time_ns()}", topic_samples=f"bench.live.{time.time_ns()}",
-            topic_risk=f"bench.live.risk.{time.time_ns()}", partitions=8,
-        )
-        lat = live_latency(s_live, live_gpus, live_s)
+        def latency(join_over_s: float) -> dict[str, Any]:
+            s_live = settings.replace(
+                stream_app_id=f"bench-live-{time.time_ns()}", topic_samples=f"bench.live.{time.time_ns()}",
+                topic_risk=f"bench.live.risk.{time.time_ns()}", partitions=8,
+            )
+            return live_latency(s_live, live_gpus, live_s, join_over_s)
+
+        lat = latency(stride_s)
+        _say("the same with every agent started in the same second")
+        lat_sync = latency(0.0)
     raw_samples_per_s = raw["samples_per_s"]
     figures = {
         "worker_samples_per_s": worker["samples_per_s"],
@@ -345,6 +357,11 @@ def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
         "latency_gpus": live_gpus,
         "latency_seconds": live_s,
         "backlog_gpu_samples_max": lat["backlog_gpu_samples_max"],
+        "latency_hosts_join_over_s": stride_s,
+        "latency_synchronized_p50_ms": lat_sync["p50_ms"],
+        "latency_synchronized_p99_ms": lat_sync["p99_ms"],
+        "latency_synchronized_max_ms": lat_sync["max_ms"],
+        "backlog_synchronized_gpu_samples_max": lat_sync["backlog_gpu_samples_max"],
         "state_bytes_per_gpu": rep["state_bytes_per_gpu"],
         "bench_gpus": gpus,
         "bench_gpu_samples": n_samples,
@@ -353,7 +370,7 @@ def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": 1,
     }
     targets = {"worker_samples_per_s": ">= 50,000", "ratio_vs_raw": ">= 0.5", "batched_vs_per_sample_speedup": ">= 50",
-               "latency_p99_ms": "<= 1,000", "state_bytes_per_gpu": "<= 4,096"}
+               "latency_p99_ms": "<= 500", "state_bytes_per_gpu": "<= 4,096"}
     rows = [(k, v, f"target {targets[k]}" if k in targets else "") for k, v in figures.items()]
     emit("gpuwatch bench stream", rows, figures, args.json_path)
     return figures
