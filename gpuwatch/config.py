@@ -51,10 +51,10 @@ class Settings:
 
     stream_app_id: str = field(default="gpuwatch-stream", metadata={"doc": "Consumer group / faust app id of the stream workers."})
     stream_batch_size: int = field(default=2000, metadata={"doc": "Messages per take() batch."})
-    stream_batch_within_s: float = field(default=0.1, metadata={"doc": "Longest wait to fill a batch."})
+    stream_batch_within_s: float = field(default=0.05, metadata={"doc": "Longest wait to fill a batch (part of every sample's latency; a backlog fills batches at once)."})
     rescore_interval_s: float = field(default=5.0, metadata={"doc": "Minimum seconds between two scorings of one GPU (at most 10)."})
     stream_fetch_max_wait_ms: int = field(
-        default=100, metadata={"doc": "Longest a stream worker's fetch waits for data (latency floor on quiet topics)."}
+        default=50, metadata={"doc": "Longest a stream worker's fetch waits for data (latency floor on quiet topics)."}
     )
     stream_max_sample_age_s: float = field(
         default=604800.0, metadata={"doc": "Snapshots whose ts is older than this versus the worker's clock are dead-lettered as stale; 0 turns the check off."}
