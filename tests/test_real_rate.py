@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 
 from gpuwatch.costs import CostModel
+from gpuwatch.simulator.lookalikes import LOOKALIKES
 from gpuwatch.training.actions import poisson_upper
-from gpuwatch.training.real_rate import HealthyRun, at_real_rate, false_rates
+from gpuwatch.training.real_rate import (
+    HealthyRun,
+    at_real_rate,
+    false_rates,
+    healthy_specs,
+    weighted_poisson_upper,
+)
 
 COSTS = CostModel()
 
@@ -21,10 +28,36 @@ def test_false_rates_add_each_lookalikes_excess_scaled_by_its_prevalence() -> No
     assert ck["per_1000_gpu_days"] == pytest.approx(0.2 + 0.05 * 11.8)
     assert ck["by_lookalike_per_1000_gpu_days"] == pytest.approx({"hot": 0.05 * 11.8, "xid": 0.0})
     assert mg["per_1000_gpu_days"] == pytest.approx(0.05 * 3)
-    # the bound: the plain run's exact bound plus each kind's weighted bound, nothing subtracted
-    assert mg["per_1000_gpu_days_upper95"] == pytest.approx(
-        1000 * (poisson_upper(0) / 10_000 + 0.05 * poisson_upper(3) / 1_000 + 0.02 * poisson_upper(0) / 1_000)
-    )
+    # The bound, by hand: the weighted sum plain/10,000 + 0.05 hot/1,000 + 0.02 xid/1,000 of the counts 0, 3, 0
+    # (nothing subtracted) has mean y = 1.5e-4 and variance v = 3 x (5e-5)^2; the largest weight is 1e-4. Fay-Feuer:
+    # a gamma of shape (y + 1e-4)^2 / (v + 1e-8) = 25/7 and scale (v + 1e-8) / (y + 1e-4) = 7e-5, whose 95 %
+    # quantile is 7e-5 x 7.137428870968061 (scipy.stats.gamma.ppf(0.95, 25/7)).
+    assert mg["per_1000_gpu_days_upper95"] == pytest.approx(1000 * 7e-5 * 7.137428870968061, rel=1e-9)
+    # Below the sum of each run's own bound, above the largest single one.
+    separate = [poisson_upper(0) / 10_000, 0.05 * poisson_upper(3) / 1_000, 0.02 * poisson_upper(0) / 1_000]
+    assert max(separate) < mg["per_1000_gpu_days_upper95"] / 1000 < sum(separate)
+
+
+def test_the_weighted_bound_of_one_count_is_the_exact_poisson_bound() -> None:
+    for count in (0, 1, 2, 5, 17, 60):
+        for weight in (1.0, 2.5e-4):
+            assert weighted_poisson_upper([(count, weight)]) == pytest.approx(weight * poisson_upper(count), rel=1e-9)
+    assert weighted_poisson_upper([]) == 0.0 and weighted_poisson_upper([(0, 0.0)]) == 0.0
+    with pytest.raises(ValueError):
+        weighted_poisson_upper([(-1, 1.0)])
+
+
+def test_each_rich_run_is_long_enough_to_weigh_no_more_per_gpu_day_than_the_plain_run() -> None:
+    specs = healthy_specs(6_000.0, 400.0, 30.0, seed=1, processes=2)
+    plain_days = sum(s.hosts * 8 * s.days for s in specs if s.name.startswith("plain-"))
+    assert plain_days == pytest.approx(6_000.0)
+    for s in specs:
+        if s.name.startswith("rich-"):
+            kind = LOOKALIKES[s.name[5:]]
+            days = s.hosts * 8 * s.days
+            assert days >= 400.0 - 1e-6
+            assert kind.weight / days <= 1.0 / plain_days + 1e-12, s.name
+    assert LOOKALIKES["power_cap_job"].weight * 6_000.0 > 400.0  # the case that needs a longer run
 
 
 def test_at_real_rate_scales_per_failure_figures_and_keeps_per_day_costs() -> None:

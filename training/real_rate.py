@@ -9,20 +9,24 @@ when it is everywhere, which its stated prevalence scales down (`Lookalike.weigh
 
     false per GPU-day = plain + sum over kinds of weight x max(rich - plain, 0)
 
-and its 95 % upper bound the plain run's exact Poisson bound plus each kind's weight x its rich run's bound (no
-subtraction: conservative). Recall and lead come from the failure-rich held-out fleets (`gpuwatch eval`):
+and its 95 % upper bound is that of the weighted sum of every run's counts, plain + sum over kinds of weight x
+rich (no subtraction: conservative), by the gamma method of Fay and Feuer (Statistics in Medicine 16, 1997),
+made for directly standardised rates, i.e. weighted sums of Poisson counts: exact for one run, conservative for
+several. What bounds it is the largest weight per GPU-day of any run, so each rich run is simulated long enough
+that its weight per GPU-day is no larger than the plain run's (`healthy_specs`). Recall and lead come from the
+failure-rich held-out fleets (`gpuwatch eval`):
 together they give the precision of each action at the real failure rate and the net GPU-hours saved per 1,000
 GPU-days under the cost model, next to the oracle's and the static rules'.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpuwatch.costs import CostModel
-from gpuwatch.training.actions import poisson_upper
 
 ACTIONS = ("checkpoint", "migrate", "reboot")
 
@@ -37,8 +41,66 @@ class HealthyRun:
     def rate(self, action: str) -> float:
         return self.false.get(action, 0) / max(self.gpu_days, 1e-9)
 
-    def upper(self, action: str) -> float:
-        return poisson_upper(self.false.get(action, 0)) / max(self.gpu_days, 1e-9)
+
+def weighted_poisson_upper(terms: list[tuple[int, float]], confidence: float = 0.95) -> float:
+    """One-sided upper confidence bound of sum(a x mean) for independent Poisson counts, given (count, a) per count
+    (the Fay-Feuer gamma method: a gamma with the estimate's mean and variance, widened by the largest `a`).
+    Equals `poisson_upper(count) x a` for a single count."""
+    if not terms:
+        return 0.0
+    if any(c < 0 or a < 0 for c, a in terms):
+        raise ValueError("counts and weights must be >= 0")
+    y = sum(a * c for c, a in terms)
+    v = sum(a * a * c for c, a in terms)
+    top = max(a for _, a in terms)
+    if top == 0:
+        return 0.0
+    shape, scale = (y + top) ** 2 / (v + top * top), (v + top * top) / (y + top)
+    return scale * _gamma_quantile(confidence, shape)
+
+
+def _gamma_quantile(q: float, shape: float) -> float:
+    """The `q` quantile of a gamma of `shape` and scale 1, by bisection on its CDF."""
+    lo, hi = 0.0, shape + 10.0 + 10.0 * math.sqrt(shape)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if _gamma_cdf(mid, shape) < q:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _gamma_cdf(x: float, shape: float) -> float:
+    """The regularised lower incomplete gamma P(shape, x): a series below shape + 1, a continued fraction above."""
+    if x <= 0:
+        return 0.0
+    log_front = shape * math.log(x) - x - math.lgamma(shape)
+    if x < shape + 1:
+        term = total = 1.0 / shape
+        n = shape
+        while term > total * 1e-15:
+            n += 1
+            term *= x / n
+            total += term
+        return min(1.0, total * math.exp(log_front))
+    # Lentz's continued fraction for the upper tail Q(shape, x).
+    tiny = 1e-300
+    b = x + 1 - shape
+    c, d = 1 / tiny, 1 / b
+    h = d
+    for i in range(1, 500):
+        an = -i * (i - shape)
+        b += 2
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-15:
+            break
+    return max(0.0, 1.0 - h * math.exp(log_front))
 
 
 def false_rates(plain: HealthyRun, rich: Mapping[str, HealthyRun], weights: Mapping[str, float]) -> dict[str, Any]:
@@ -48,7 +110,9 @@ def false_rates(plain: HealthyRun, rich: Mapping[str, HealthyRun], weights: Mapp
     for action in ACTIONS:
         base = plain.rate(action)
         by_kind = {k: weights[k] * max(run.rate(action) - base, 0.0) for k, run in rich.items()}
-        upper = plain.upper(action) + sum(weights[k] * run.upper(action) for k, run in rich.items())
+        terms = [(plain.false.get(action, 0), 1.0 / max(plain.gpu_days, 1e-9))]
+        terms += [(run.false.get(action, 0), weights[k] / max(run.gpu_days, 1e-9)) for k, run in rich.items()]
+        upper = weighted_poisson_upper(terms)
         out[action] = {
             "per_1000_gpu_days": 1000.0 * (base + sum(by_kind.values())),
             "per_1000_gpu_days_upper95": 1000.0 * upper,
@@ -257,7 +321,10 @@ def pool_system_reports(reports: list[Mapping[str, Any]], scorer: str) -> dict[s
 def healthy_specs(plain_gpu_days: float, rich_gpu_days: float, interval_s: float, seed: int, processes: int,
                   model: str = "") -> list[HealthySpec]:  # fmt: skip
     """The plain healthy fleet (split in `processes` shards) and one fleet rich in each look-alike, on the realistic
-    hardware mix at the real failure rate; seeds from `seed` (keep them apart from every fleet used to choose)."""
+    hardware mix at the real failure rate; seeds from `seed` (keep them apart from every fleet used to choose).
+
+    A rich fleet runs `rich_gpu_days`, or longer where its look-alike's weight needs it: weight x plain GPU-days,
+    so that no run weighs more per GPU-day than the plain one (the upper bound is set by the heaviest)."""
     from gpuwatch.simulator.hardware import REALISTIC_MIX
     from gpuwatch.simulator.lookalikes import LOOKALIKES, QUIET, rich_overrides
 
@@ -268,9 +335,10 @@ def healthy_specs(plain_gpu_days: float, rich_gpu_days: float, interval_s: float
     days = plain_gpu_days / (shards * hosts * 8)
     specs = [HealthySpec(f"plain-{k}", quiet, hosts, days, interval_s, seed + k, model) for k in range(shards)]
     rich_hosts = 32
-    for i, name in enumerate(LOOKALIKES):
+    for i, (name, kind) in enumerate(LOOKALIKES.items()):
+        gpu_days = max(rich_gpu_days, kind.weight * plain_gpu_days)
         specs.append(HealthySpec(f"rich-{name}", {**base, **rich_overrides(name)}, rich_hosts,
-                                 rich_gpu_days / (rich_hosts * 8), interval_s, seed + 100 + i, model))  # fmt: skip
+                                 gpu_days / (rich_hosts * 8), interval_s, seed + 100 + i, model))  # fmt: skip
     return specs
 
 
@@ -323,9 +391,11 @@ def realrate_command(args: Any, settings: Any) -> int:
     else:
         specs = healthy_specs(args.plain_gpu_days, args.rich_gpu_days, args.interval, args.seed, args.processes,
                               args.model)  # fmt: skip
+        longer = [f"{s.name[5:]} {s.hosts * s.gpus_per_host * s.days:,.0f}" for s in specs
+                  if s.name.startswith("rich-") and s.hosts * s.gpus_per_host * s.days > args.rich_gpu_days * 1.0001]
         print(f"simulating {len(specs)} healthy fleets ({args.plain_gpu_days:,.0f} plain GPU-days, "
-              f"{args.rich_gpu_days:,.0f} per look-alike, {args.interval:g} s) on {args.processes} processes",
-              file=sys.stderr)  # fmt: skip
+              f"{args.rich_gpu_days:,.0f} per look-alike" + (f", {', '.join(longer)} by weight" if longer else "")
+              + f", {args.interval:g} s) on {args.processes} processes", file=sys.stderr)  # fmt: skip
         runs = [{k: r[k] for k in ("name", "gpu_days", "gpu_samples", "seconds")}
                 | {"false": {s: healthy_false(r, s).false for s in ("lstm", "threshold")}, "failures": len(r["labels"])}
                 for r in run_healthy(specs, args.processes)]  # fmt: skip
