@@ -7,14 +7,8 @@ import pytest
 
 from gpuwatch.costs import CostModel
 from gpuwatch.simulator.lookalikes import LOOKALIKES
-from gpuwatch.training.actions import poisson_upper
-from gpuwatch.training.real_rate import (
-    HealthyRun,
-    at_real_rate,
-    false_rates,
-    healthy_specs,
-    weighted_poisson_upper,
-)
+from gpuwatch.training.actions import poisson_upper, weighted_poisson_upper
+from gpuwatch.training.real_rate import HealthyRun, at_real_rate, false_rates, healthy_specs
 
 COSTS = CostModel()
 

@@ -21,12 +21,12 @@ GPU-days under the cost model, next to the oracle's and the static rules'.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpuwatch.costs import CostModel
+from gpuwatch.training.actions import weighted_poisson_upper
 
 ACTIONS = ("checkpoint", "migrate", "reboot")
 
@@ -40,67 +40,6 @@ class HealthyRun:
 
     def rate(self, action: str) -> float:
         return self.false.get(action, 0) / max(self.gpu_days, 1e-9)
-
-
-def weighted_poisson_upper(terms: list[tuple[int, float]], confidence: float = 0.95) -> float:
-    """One-sided upper confidence bound of sum(a x mean) for independent Poisson counts, given (count, a) per count
-    (the Fay-Feuer gamma method: a gamma with the estimate's mean and variance, widened by the largest `a`).
-    Equals `poisson_upper(count) x a` for a single count."""
-    if not terms:
-        return 0.0
-    if any(c < 0 or a < 0 for c, a in terms):
-        raise ValueError("counts and weights must be >= 0")
-    y = sum(a * c for c, a in terms)
-    v = sum(a * a * c for c, a in terms)
-    top = max(a for _, a in terms)
-    if top == 0:
-        return 0.0
-    shape, scale = (y + top) ** 2 / (v + top * top), (v + top * top) / (y + top)
-    return scale * _gamma_quantile(confidence, shape)
-
-
-def _gamma_quantile(q: float, shape: float) -> float:
-    """The `q` quantile of a gamma of `shape` and scale 1, by bisection on its CDF."""
-    lo, hi = 0.0, shape + 10.0 + 10.0 * math.sqrt(shape)
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if _gamma_cdf(mid, shape) < q:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def _gamma_cdf(x: float, shape: float) -> float:
-    """The regularised lower incomplete gamma P(shape, x): a series below shape + 1, a continued fraction above."""
-    if x <= 0:
-        return 0.0
-    log_front = shape * math.log(x) - x - math.lgamma(shape)
-    if x < shape + 1:
-        term = total = 1.0 / shape
-        n = shape
-        while term > total * 1e-15:
-            n += 1
-            term *= x / n
-            total += term
-        return min(1.0, total * math.exp(log_front))
-    # Lentz's continued fraction for the upper tail Q(shape, x).
-    tiny = 1e-300
-    b = x + 1 - shape
-    c, d = 1 / tiny, 1 / b
-    h = d
-    for i in range(1, 500):
-        an = -i * (i - shape)
-        b += 2
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1 / d
-        h *= d * c
-        if abs(d * c - 1) < 1e-15:
-            break
-    return max(0.0, 1.0 - h * math.exp(log_front))
 
 
 def false_rates(plain: HealthyRun, rich: Mapping[str, HealthyRun], weights: Mapping[str, float]) -> dict[str, Any]:

@@ -315,11 +315,12 @@ def run_stream_bench(args: argparse.Namespace) -> dict[str, Any]:
         rep = replay(msgs, settings.stream_batch_size, settings.rescore_interval_s)
         _say("in-process replay with a challenger scoring in the shadow")
         rep_shadow = replay(msgs, settings.stream_batch_size, settings.rescore_interval_s, challenger=True)
+        _say("batched versus per-sample inference")
+        speed = batched_speedup(msgs, settings.stream_batch_size, settings.rescore_interval_s)
         # A real fleet's agents start at different moments; spread over one window stride, their GPUs' ring
         # advances (each re-encodes the past) and rescorings are spread evenly. Then the worst case: all at once.
         stride_s = load_artifact().window.stride_s
-        _say("batched versus per-sample inference")
-        speed = batched_speedup(msgs, settings.stream_batch_size, settings.rescore_interval_s)
+
         def latency(join_over_s: float) -> dict[str, Any]:
             s_live = settings.replace(
                 stream_app_id=f"bench-live-{time.time_ns()}", topic_samples=f"bench.live.{time.time_ns()}",
