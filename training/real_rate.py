@@ -121,6 +121,11 @@ class HealthySpec:
     gpus_per_host: int = 8
     rescore_interval_s: float = 5.0
 
+    @property
+    def gpu_days(self) -> float:
+        """GPU-days simulated (before any repair downtime)."""
+        return self.hosts * self.gpus_per_host * self.days
+
 
 def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
     """Simulate and score one healthy fleet in this process; replay the policy on the model's decisions and on
@@ -204,9 +209,8 @@ def _healthy_shard(spec: HealthySpec) -> dict[str, Any]:
     labels = sim.drain_labels()
     end = 1_700_000_000.0 + spec.days * 86400.0
     down = sum(min(lab["repair_end_ts"] or end, end) - lab["fail_ts"] for lab in labels)
-    gpus = spec.hosts * spec.gpus_per_host
     return {"name": spec.name, "events": events, "labels": labels, "gpu_samples": samples,
-            "gpu_days": gpus * spec.days - down / 86400.0, "seconds": round(time.time() - t0, 1)}  # fmt: skip
+            "gpu_days": spec.gpu_days - down / 86400.0, "seconds": round(time.time() - t0, 1)}  # fmt: skip
 
 
 def healthy_false(run: Mapping[str, Any], scorer: str, horizon_s: float = 3600.0) -> HealthyRun:
@@ -330,8 +334,8 @@ def realrate_command(args: Any, settings: Any) -> int:
     else:
         specs = healthy_specs(args.plain_gpu_days, args.rich_gpu_days, args.interval, args.seed, args.processes,
                               args.model)  # fmt: skip
-        longer = [f"{s.name[5:]} {s.hosts * s.gpus_per_host * s.days:,.0f}" for s in specs
-                  if s.name.startswith("rich-") and s.hosts * s.gpus_per_host * s.days > args.rich_gpu_days * 1.0001]
+        longer = [f"{s.name[5:]} {s.gpu_days:,.0f}" for s in specs
+                  if s.name.startswith("rich-") and s.gpu_days > args.rich_gpu_days * 1.0001]
         print(f"simulating {len(specs)} healthy fleets ({args.plain_gpu_days:,.0f} plain GPU-days, "
               f"{args.rich_gpu_days:,.0f} per look-alike" + (f", {', '.join(longer)} by weight" if longer else "")
               + f", {args.interval:g} s) on {args.processes} processes", file=sys.stderr)  # fmt: skip
