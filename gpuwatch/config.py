@@ -80,9 +80,11 @@ class Settings:
     alarm_threshold: float = field(default=0.0, metadata={"doc": "Override of the model's alarm operating point: the calibrated score at which a GPU is in alarm (0: the model artifact's, chosen on validation data; docs/model.md says what an override costs)."})
     alarm_records: int = field(default=0, metadata={"doc": "Override of how many scorings in a row must reach the alarm threshold (0: the model artifact's)."})
     alarm_for_s: float = field(default=-1.0, metadata={"doc": "Override of how many seconds of sample time the score must hold at or above the alarm threshold (-1: the model artifact's; 0: no minimum)."})
+    alarm_bridge_s: float = field(default=-1.0, metadata={"doc": "Override of how long (seconds) the score may dip below the alarm threshold without breaking its hold (-1: the model artifact's, or 0 where that is not shorter than an overridden alarm_for_s; 0: no dip; must be shorter than the hold)."})
     migrate_threshold: float = field(default=0.0, metadata={"doc": "Override of the model's drain operating point (migrate, then reboot): its score threshold (0: the model artifact's)."})
     migrate_records: int = field(default=0, metadata={"doc": "Override of how many scorings in a row must reach the drain threshold (0: the model artifact's)."})
     migrate_for_s: float = field(default=-1.0, metadata={"doc": "Override of how many seconds of sample time the score must hold at or above the drain threshold (-1: the model artifact's; 0: no minimum)."})
+    migrate_bridge_s: float = field(default=-1.0, metadata={"doc": "Override of how long (seconds) the score may dip below the drain threshold without breaking its hold (as alarm_bridge_s)."})
     stale_after_s: float = field(default=60.0, metadata={"doc": "A GPU with no risk update for this long is stale."})
     policy_episode_gap_s: float = field(default=600.0, metadata={"doc": "A GPU's alarm episode ends after this long without an alarm (the evaluation's episode gap)."})
     policy_checkpoint_grace_s: float = field(default=60.0, metadata={"doc": "Least time between checkpoint and migrate, so jobs can save their state."})
@@ -278,9 +280,11 @@ ALLOWED: dict[str, Allowed] = {
     "alarm_threshold": Allowed(lo=0, hi=1, why="a calibrated score; 0 keeps the model's"),
     "alarm_records": Allowed(lo=0, why="scorings in a row; 0 keeps the model's"),
     "alarm_for_s": Allowed(lo=-1, hi=86400, why="seconds; -1 keeps the model's, 0 is no minimum"),
+    "alarm_bridge_s": Allowed(lo=-1, hi=86400, why="seconds; -1 keeps the model's, 0 bridges no dip"),
     "migrate_threshold": Allowed(lo=0, hi=1, why="a calibrated score; 0 keeps the model's"),
     "migrate_records": Allowed(lo=0, why="scorings in a row; 0 keeps the model's"),
     "migrate_for_s": Allowed(lo=-1, hi=86400, why="seconds; -1 keeps the model's, 0 is no minimum"),
+    "migrate_bridge_s": Allowed(lo=-1, hi=86400, why="seconds; -1 keeps the model's, 0 bridges no dip"),
     "stale_after_s": _POSITIVE,
     "archive_flush_interval_s": _POSITIVE,
     "archive_flush_rows": Allowed(lo=1),

@@ -85,6 +85,8 @@ class ModelArtifact:
     alarm_records: int = 1
     # ... and the score must hold for this many seconds of sample time (chosen the same way; 0: no minimum).
     alarm_for_s: float = 0.0
+    # ... through dips below it of at most this many seconds (chosen the same way; 0: none; less than alarm_for_s).
+    alarm_bridge_s: float = 0.0
     # Share of the calibration records that preceded a failure within the horizon: the base rate the
     # calibrated score is a probability at (training fleets fail thousands of times more often than real ones).
     calibration_prevalence: float = _LEGACY_CALIBRATION_PREVALENCE
@@ -95,6 +97,7 @@ class ModelArtifact:
     migrate_threshold: float | None = None
     migrate_records: int = 1
     migrate_for_s: float = 0.0
+    migrate_bridge_s: float = 0.0
     horizon_s: float = 3600.0
     mode_min_risk: float = 0.5
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -103,13 +106,14 @@ class ModelArtifact:
 
     @property
     def alarm_op(self) -> OperatingPoint:
-        return OperatingPoint(self.threshold, self.alarm_records, for_s=self.alarm_for_s)
+        return OperatingPoint(self.threshold, self.alarm_records, for_s=self.alarm_for_s, bridge_s=self.alarm_bridge_s)
 
     @property
     def migrate_op(self) -> OperatingPoint | None:
         if self.migrate_threshold is None:
             return None
-        return OperatingPoint(self.migrate_threshold, self.migrate_records, for_s=self.migrate_for_s)
+        return OperatingPoint(self.migrate_threshold, self.migrate_records, for_s=self.migrate_for_s,
+                              bridge_s=self.migrate_bridge_s)  # fmt: skip
 
     def build(self) -> FailureLSTM:
         model = FailureLSTM(len(self.features), self.hidden, self.mlp)
@@ -132,11 +136,13 @@ class ModelArtifact:
             "threshold": float(self.threshold),
             "alarm_records": int(self.alarm_records),
             "alarm_for_s": float(self.alarm_for_s),
+            "alarm_bridge_s": float(self.alarm_bridge_s),
             "calibration_prevalence": float(self.calibration_prevalence),
             "calibration_map": None if self.calibration_map is None else [list(v) for v in self.calibration_map],
             "migrate_threshold": None if self.migrate_threshold is None else float(self.migrate_threshold),
             "migrate_records": int(self.migrate_records),
             "migrate_for_s": float(self.migrate_for_s),
+            "migrate_bridge_s": float(self.migrate_bridge_s),
             "horizon_s": float(self.horizon_s),
             "mode_min_risk": float(self.mode_min_risk),
             "metrics": self.metrics,
@@ -196,12 +202,14 @@ def _artifact(path: Path, raw: dict[str, Any]) -> ModelArtifact:
         threshold=float(raw["threshold"]),
         alarm_records=int(raw.get("alarm_records", 1)),
         alarm_for_s=float(raw.get("alarm_for_s", 0.0)),
+        alarm_bridge_s=float(raw.get("alarm_bridge_s", 0.0)),
         calibration_prevalence=float(raw.get("calibration_prevalence", _LEGACY_CALIBRATION_PREVALENCE)),
         calibration_map=None if raw.get("calibration_map") is None
         else (tuple(raw["calibration_map"][0]), tuple(raw["calibration_map"][1])),
         migrate_threshold=None if raw.get("migrate_threshold") is None else float(raw["migrate_threshold"]),
         migrate_records=int(raw.get("migrate_records", 1)),
         migrate_for_s=float(raw.get("migrate_for_s", 0.0)),
+        migrate_bridge_s=float(raw.get("migrate_bridge_s", 0.0)),
         horizon_s=float(raw["horizon_s"]),
         mode_min_risk=float(raw.get("mode_min_risk", 0.5)),
         metrics=raw.get("metrics", {}),

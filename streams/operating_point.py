@@ -12,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
-_NAME = re.compile(r"(?P<source>[a-z]+):(?P<threshold>[0-9.e+-]+)x(?P<records>[0-9]+)(?:/(?P<for_s>[0-9.]+)s)?")
+_NAME = re.compile(
+    r"(?P<source>[a-z]+):(?P<threshold>[0-9.e+-]+)x(?P<records>[0-9]+)(?:/(?P<for_s>[0-9.]+)s)?(?:~(?P<bridge_s>[0-9.]+)s)?"
+)
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,10 @@ class OperatingPoint:
     Persistence is held in seconds so that it means the same at any sampling interval (6 scorings are 25 s at
     1 s sampling and 5 min at 60 s). A run of scorings is broken by a gap longer than `max_gap_s` or twice the
     GPU's usual sample interval, whichever is longer, so a slow agent (sampling every 2 min) can still alarm.
+
+    With `bridge_s`, a dip below the threshold does not break the run as long as the GPU scored at or above it
+    in the last `bridge_s` seconds: a score that flickers about the threshold holds. It must be shorter than
+    `for_s`, so that one high scoring alone never makes an alarm.
     """
 
     threshold: float
@@ -31,6 +37,7 @@ class OperatingPoint:
     source: str = "model"
     max_gap_s: float = 180.0
     for_s: float = 0.0
+    bridge_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -39,25 +46,30 @@ class OperatingPoint:
             raise ValueError(f"an operating point needs at least 1 record in a row, got {self.records}")
         if not 0.0 <= self.for_s <= 86400.0:
             raise ValueError(f"an operating point's persistence must be 0 to 86400 s, got {self.for_s}")
+        if self.bridge_s < 0.0 or (self.bridge_s > 0.0 and self.bridge_s >= self.for_s):
+            raise ValueError(f"an operating point's bridged dips must be 0 s or shorter than its persistence "
+                             f"({self.for_s:g} s), got {self.bridge_s:g} s")  # fmt: skip
 
     @property
     def name(self) -> str:
         """What risk records carry as `op`: who set it, the score threshold, the scorings in a row and, when
-        set, the seconds it must hold (``model:0.91x1/90s``)."""
+        set, the seconds it must hold and the dips it bridges (``model:0.91x1/90s``, ``model:0.91x1/90s~30s``)."""
         held = f"/{self.for_s:g}s" if self.for_s else ""
-        return f"{self.source}:{self.threshold:.4g}x{self.records}{held}"
+        bridged = f"~{self.bridge_s:g}s" if self.bridge_s else ""
+        return f"{self.source}:{self.threshold:.4g}x{self.records}{held}{bridged}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "records": self.records, "for_s": self.for_s}
+        return {"threshold": self.threshold, "records": self.records, "for_s": self.for_s, "bridge_s": self.bridge_s}
 
     @classmethod
     def parse(cls, name: str) -> OperatingPoint:
-        """The operating point a risk record's `op` names (``model:0.658x2``, ``model:0.91x1/90s``); ValueError if
-        it names none."""
+        """The operating point a risk record's `op` names (``model:0.658x2``, ``model:0.91x1/90s~30s``); ValueError
+        if it names none."""
         m = _NAME.fullmatch(name)
         if m is None:
             raise ValueError(f"{name!r} does not name an operating point (like model:0.658x2 or model:0.91x1/90s)")
-        return cls(float(m["threshold"]), int(m["records"]), m["source"], for_s=float(m["for_s"] or 0.0))
+        return cls(float(m["threshold"]), int(m["records"]), m["source"], for_s=float(m["for_s"] or 0.0),
+                   bridge_s=float(m["bridge_s"] or 0.0))  # fmt: skip
 
     def gap_limit(self, interval_s: np.ndarray) -> np.ndarray:
         """Longest gap between two scorings that keeps a run going, per GPU with usual interval `interval_s`."""

@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 from msgspec import UNSET
 
-from gpuwatch.config import Settings
+from gpuwatch.config import ConfigError, Settings
 from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, encode_risk, make_deadletter
 from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES
 from gpuwatch.schemas.records import Risk
@@ -34,18 +34,26 @@ _MEMORY = FAILURE_MODES.index("memory")
 
 def operating_points(artifact: ModelArtifact, settings: Settings) -> tuple[OperatingPoint, OperatingPoint | None]:
     """The alarm and drain operating points: the artifact's, or the `alarm_*` / `migrate_*` settings' overrides."""
-    def pick(op: OperatingPoint | None, threshold: float, records: int, for_s: float) -> OperatingPoint | None:
-        if not threshold and not records and for_s < 0:
+    def pick(op: OperatingPoint | None, which: str) -> OperatingPoint | None:
+        threshold, records = getattr(settings, f"{which}_threshold"), getattr(settings, f"{which}_records")
+        for_s, bridge_s = getattr(settings, f"{which}_for_s"), getattr(settings, f"{which}_bridge_s")
+        if not threshold and not records and for_s < 0 and bridge_s < 0:
             return op
         if op is None and not threshold:
             return None  # the model has no drain operating point and the override names no threshold
         base = op or OperatingPoint(threshold)
-        return OperatingPoint(threshold or base.threshold, records or base.records, source="override",
-                              for_s=base.for_s if for_s < 0 else for_s)  # fmt: skip
+        held = base.for_s if for_s < 0 else for_s
+        # The model's bridge goes with its hold: one no shorter than an overridden hold is dropped.
+        bridged = (base.bridge_s if base.bridge_s < held else 0.0) if bridge_s < 0 else bridge_s
+        try:
+            return OperatingPoint(threshold or base.threshold, records or base.records, source="override",
+                                  for_s=held, bridge_s=bridged)  # fmt: skip
+        except ValueError as exc:
+            raise ConfigError(f"{which}_bridge_s / {which}_for_s: {exc}; set {which}_bridge_s below {which}_for_s") from None
 
-    alarm = pick(artifact.alarm_op, settings.alarm_threshold, settings.alarm_records, settings.alarm_for_s)
+    alarm = pick(artifact.alarm_op, "alarm")
     assert alarm is not None
-    return alarm, pick(artifact.migrate_op, settings.migrate_threshold, settings.migrate_records, settings.migrate_for_s)
+    return alarm, pick(artifact.migrate_op, "migrate")
 
 
 def chosen_for_other_settings(artifact: ModelArtifact, settings: Settings) -> str | None:
@@ -115,10 +123,11 @@ def _check_plausible(snap: Snapshot) -> None:
         raise DecodeError(reason, path=path, kind="range")
 
 
-RUN_FIELDS = ("alarm_run", "alarm_since", "drain_run", "drain_since")  # a model's runs at its operating points
+# A model's runs at its operating points: scorings in a row, the ts of the first and of the last at or above it.
+RUN_FIELDS = ("alarm_run", "alarm_since", "alarm_hit", "drain_run", "drain_since", "drain_hit")
 # A challenger's runs in a window checkpoint (docs/architecture.md, "Window checkpoints"): this format byte, the
 # champion's and the challenger's versions (u16 length + UTF-8 each), then the runs as one record of this dtype.
-RUNS_CHECKPOINT_FORMAT = 1
+RUNS_CHECKPOINT_FORMAT = 2  # 2: with the ts of the last scoring at or above each operating point
 _RUNS_DTYPE = np.dtype([(name, "<i2" if name.endswith("_run") else "<f8") for name in RUN_FIELDS])
 
 
@@ -174,8 +183,8 @@ class ModelState:
         self.cache_push_ts = np.zeros(0)
         self.cache_first_ts = np.zeros(0)
         # Runs while this model is the challenger, and the first_ts of the GPU each slot's run belongs to.
-        self.runs: dict[str, np.ndarray] = {"alarm_run": np.zeros(0, np.int16), "alarm_since": np.zeros(0), "drain_run": np.zeros(0, np.int16),
-                     "drain_since": np.zeros(0)}  # fmt: skip
+        self.runs: dict[str, np.ndarray] = {name: np.zeros(0, np.int16 if name.endswith("_run") else np.float64)
+                                            for name in RUN_FIELDS}  # fmt: skip
         self.runs_first_ts = np.zeros(0)
 
     def grow(self, size: int) -> None:
@@ -431,11 +440,12 @@ class RiskProcessor:
         gap = store.last_ts[live] - store.last_scored_ts[live]
         interval = store.dt_ewma[live].astype(np.float64)
         ts = store.last_ts[live]
-        alarm = self._run(runs["alarm_run"], runs["alarm_since"], live, score, model.alarm_op, new_sample, gap,
-                          interval, ts)  # fmt: skip
+        alarm = self._run(runs["alarm_run"], runs["alarm_since"], runs["alarm_hit"], live, score, model.alarm_op,
+                          new_sample, gap, interval, ts)  # fmt: skip
         # The drain operating point is the stricter one: a GPU is never drained without being in alarm.
         drain = (
-            self._run(runs["drain_run"], runs["drain_since"], live, score, model.drain_op, new_sample, gap, interval, ts)
+            self._run(runs["drain_run"], runs["drain_since"], runs["drain_hit"], live, score, model.drain_op,
+                      new_sample, gap, interval, ts)
             & alarm
             if model.drain_op is not None
             else np.zeros(len(live), dtype=bool)
@@ -490,16 +500,22 @@ class RiskProcessor:
 
     @staticmethod
     def _run(
-        runs: np.ndarray, since: np.ndarray, slots: np.ndarray, score: np.ndarray, op: OperatingPoint,
-        new_sample: np.ndarray, gap: np.ndarray, interval: np.ndarray, ts: np.ndarray,
+        runs: np.ndarray, since: np.ndarray, last_hit: np.ndarray, slots: np.ndarray, score: np.ndarray,
+        op: OperatingPoint, new_sample: np.ndarray, gap: np.ndarray, interval: np.ndarray, ts: np.ndarray,
     ) -> np.ndarray:  # fmt: skip
-        """Advances each GPU's run of scorings at or above `op` (how many, and the ts of the first): a rescoring
-        of the same sample does not count, a gap past `op.gap_limit` restarts it. Whether `op` holds now: at
-        least `op.records` scorings spanning at least `op.for_s` seconds of sample time."""
-        hit = score >= op.threshold
+        """Advances each GPU's run of scorings at or above `op` (how many, the ts of the first, and of the last
+        one at or above its threshold): a rescoring of the same sample does not count, a gap past
+        `op.gap_limit` restarts it, and so does a scoring below the threshold more than `op.bridge_s` after the
+        last one at or above it. Whether `op` holds now: at least `op.records` scorings spanning at least
+        `op.for_s` seconds of sample time (`training.evaluate.sustained_risk` computes the same offline)."""
+        in_reach = gap <= op.gap_limit(interval)
+        above = score >= op.threshold
+        hit_ts = np.where(above, ts, np.where(in_reach, last_hit[slots], -np.inf))
+        last_hit[slots] = np.where(new_sample, hit_ts, last_hit[slots])
+        hit = ts - hit_ts <= op.bridge_s
         run = runs[slots].astype(np.int32)
         start = since[slots]
-        linked = (gap <= op.gap_limit(interval)) & (run > 0)
+        linked = in_reach & (run > 0)
         advanced = np.where(hit, np.where(linked, run + 1, 1), 0)
         started = np.where(hit & ~linked, ts, start)
         run = np.where(new_sample, advanced, run)

@@ -131,6 +131,7 @@ EXTENSION_MAGIC = b"GWX1"
 # failed_since is left alone: it names the failure (the repair event's id is built from it).
 _TIME_FIELDS = (
     "first_ts", "last_ts", "last_push_ts", "last_xid_ts", "last_scored_ts", "state_since", "alarm_since", "drain_since",
+    "alarm_hit", "drain_hit",
 )  # fmt: skip
 
 
@@ -235,6 +236,8 @@ class WindowStore:
             "drain_run": ((), np.int16),
             "alarm_since": ((), np.float64),
             "drain_since": ((), np.float64),
+            "alarm_hit": ((), np.float64),  # ts of the last scoring at or above the operating point
+            "drain_hit": ((), np.float64),
         }
 
     def _reset(self, slots: np.ndarray) -> None:

@@ -3,12 +3,14 @@ is not a prediction, and risk at the fleet's own failure rate (docs/model.md, "F
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
 import numpy as np
 import orjson
 import pytest
 
-from gpuwatch.config import Settings
+from gpuwatch.config import ConfigError, Settings
 from gpuwatch.schemas.codecs import decode_risk, encode_snapshot
 from gpuwatch.schemas.records import Risk
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
@@ -194,7 +196,25 @@ def test_settings_override_the_models_operating_points() -> None:
     with pytest.raises(ValueError):
         OperatingPoint(0.0, 1)
     assert orjson.loads(orjson.dumps(alarm.to_dict())) == {"threshold": 0.9, "records": ARTIFACT.alarm_records,
-                                                           "for_s": ARTIFACT.alarm_for_s}  # fmt: skip
+                                                           "for_s": ARTIFACT.alarm_for_s,
+                                                           "bridge_s": ARTIFACT.alarm_bridge_s}  # fmt: skip
+
+
+def test_an_operating_points_bridged_dips_are_shorter_than_its_hold() -> None:
+    """A bridge at least as long as the hold would let one high scoring alarm on its own: refused with the
+    setting to change, and a model's bridge is dropped with a hold overridden to no longer than it."""
+    bridged = dataclasses.replace(ARTIFACT, alarm_for_s=90.0, alarm_bridge_s=45.0)
+    assert bridged.alarm_op.name.endswith("/90s~45s") and OperatingPoint.parse(bridged.alarm_op.name) == bridged.alarm_op
+    with pytest.raises(ValueError, match="shorter than its persistence"):
+        OperatingPoint(0.9, for_s=30.0, bridge_s=30.0)
+    alarm, _ = operating_points(bridged, Settings(alarm_for_s=30.0))
+    assert (alarm.for_s, alarm.bridge_s) == (30.0, 0.0)
+    alarm, _ = operating_points(bridged, Settings(alarm_for_s=300.0))
+    assert (alarm.for_s, alarm.bridge_s) == (300.0, 45.0)
+    alarm, _ = operating_points(bridged, Settings(alarm_bridge_s=0.0))
+    assert (alarm.for_s, alarm.bridge_s, alarm.source) == (90.0, 0.0, "override")
+    with pytest.raises(ConfigError, match="set alarm_bridge_s below alarm_for_s"):
+        operating_points(bridged, Settings(alarm_bridge_s=120.0))
 
 
 def test_a_worker_says_when_its_settings_are_not_those_the_operating_points_were_chosen_for() -> None:

@@ -207,25 +207,30 @@ def test_offline_persistence_is_exactly_the_streams(tmp_path: Path) -> None:
     from gpuwatch.streams.processor import RiskProcessor
 
     rng = np.random.default_rng(7)
-    for trial in range(40):
+    bridged = 0
+    for trial in range(60):
         interval = float(rng.choice([1.0, 5.0, 30.0, 60.0, 120.0]))
         steps = rng.choice([1, 1, 1, 1, 2, 3, 5], size=300) * interval  # some samples lost
         ts = 1e6 + np.cumsum(steps)
         score = np.clip(rng.normal(0.5, 0.3, len(ts)).cumsum() * 0.05 + rng.normal(0.5, 0.2, len(ts)), 0, 1)
-        op = OperatingPoint(float(rng.uniform(0.3, 0.7)), int(rng.integers(1, 4)),
-                            for_s=float(rng.choice([0.0, 10.0, 45.0, 150.0, 300.0])))  # fmt: skip
+        for_s = float(rng.choice([0.0, 10.0, 45.0, 150.0, 300.0]))
+        bridge_s = float(rng.choice([b for b in (0.0, 5.0, 30.0, 120.0) if b == 0 or b < for_s]))
+        op = OperatingPoint(float(rng.uniform(0.3, 0.7)), int(rng.integers(1, 4)), for_s=for_s, bridge_s=bridge_s)
         lab = _one_gpu(tmp_path, ts, score)
         usual = np.median(np.diff(ts))
-        runs, since = np.zeros(1, np.int16), np.zeros(1)
+        runs, since, last_hit = np.zeros(1, np.int16), np.zeros(1), np.zeros(1)
         online = []
         prev = -np.inf
         for t, sc in zip(ts, score):
-            held = RiskProcessor._run(runs, since, np.zeros(1, np.int64), np.array([sc]), op, np.array([True]),
-                                      np.array([t - prev]), np.array([usual]), np.array([t]))  # fmt: skip
+            held = RiskProcessor._run(runs, since, last_hit, np.zeros(1, np.int64), np.array([sc]), op,
+                                      np.array([True]), np.array([t - prev]), np.array([usual]), np.array([t]))  # fmt: skip
             online.append(bool(held[0]))
             prev = t
-        offline = sustained_risk(lab, lab.risk["m"], op.records, for_s=op.for_s) >= op.threshold
+        offline = sustained_risk(lab, lab.risk["m"], op.records, for_s=op.for_s, bridge_s=op.bridge_s) >= op.threshold
         assert online == offline.tolist(), (trial, op, interval)
+        unbridged = sustained_risk(lab, lab.risk["m"], op.records, for_s=op.for_s) >= op.threshold
+        bridged += bool((offline != unbridged).any())
+    assert bridged >= 10  # in that many trials a bridged dip changed the alarms
 
 
 def test_operating_point_picks_the_persistence_with_the_best_f1(tmp_path: Path) -> None:

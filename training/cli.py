@@ -135,10 +135,10 @@ def choose_thresholds(
     alarm, drain = choose(lab, uuids, lab.risk["lstm"], costs, rate, args.merge_gap, curve=curve)
     out: dict[str, dict] = {
         "lstm": {"threshold": alarm.threshold, "alarm_records": 1, "alarm_for_s": alarm.for_s,
-                 "validation": describe(lab, lab.risk["lstm"], alarm, args.merge_gap)},
+                 "alarm_bridge_s": alarm.bridge_s, "validation": describe(lab, lab.risk["lstm"], alarm, args.merge_gap)},
         "lstm-drain": None if drain is None else {
             "threshold": drain.threshold, "alarm_records": 1, "alarm_for_s": drain.for_s,
-            "validation": describe(lab, lab.risk["lstm"], drain, args.merge_gap)},
+            "alarm_bridge_s": drain.bridge_s, "validation": describe(lab, lab.risk["lstm"], drain, args.merge_gap)},
         "chosen_for": {"failures_per_gpu_day": rate, "costs": costs.__dict__, "validation_gpu_days": lab.gpu_days},
         "calibration": calibration,
         "curve": curve,
@@ -227,10 +227,12 @@ def choose_and_save(
         artifact.threshold = chosen["lstm"]["threshold"]
         artifact.alarm_records = chosen["lstm"]["alarm_records"]
         artifact.alarm_for_s = chosen["lstm"]["alarm_for_s"]
+        artifact.alarm_bridge_s = chosen["lstm"]["alarm_bridge_s"]
         drain = chosen["lstm-drain"]
         artifact.migrate_threshold = None if drain is None else drain["threshold"]
         artifact.migrate_records = 1 if drain is None else drain["alarm_records"]
         artifact.migrate_for_s = 0.0 if drain is None else drain["alarm_for_s"]
+        artifact.migrate_bridge_s = 0.0 if drain is None else drain["alarm_bridge_s"]
         artifact.metrics["validation_events"] = chosen["lstm"]["validation"]
         artifact.metrics["validation_drain"] = None if drain is None else drain["validation"]
         artifact.metrics["operating_points_chosen_for"] = chosen["chosen_for"]
@@ -249,6 +251,7 @@ def choose_and_save(
             v = c["validation"]
             worth = v.get("value", {}).get("net_gpu_h_per_1000_gpu_days_real")
             held = f"held {c['alarm_for_s']:g} s" if c.get("alarm_for_s") else f"for {c['alarm_records']} scorings"
+            held += f" through dips of up to {c['alarm_bridge_s']:g} s" if c.get("alarm_bridge_s") else ""
             print(f"{name}: threshold {c['threshold']:.3f} {held}; validation precision "
                   f"{v['precision']:.3f} recall {v['recall']:.3f} F1 {v['f1']:.3f}"
                   + (f"; net {worth:.1f} GPU-h per 1,000 GPU-days at the real failure rate" if worth is not None else ""),

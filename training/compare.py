@@ -78,7 +78,7 @@ def model_report(name: str, col: _Columns, failures: Failures, merge_gap_s: floa
     table = RiskTable.from_columns(col.uuid, np.asarray(col.ts), {name: np.asarray(col.score),
                                    name + _AT_RISK: np.asarray(col.risk)}, {name: np.asarray(col.mode)})  # fmt: skip
     lab = join_labels(table, failures, horizon)
-    rep = scorer_report(lab, name, op.threshold, merge_gap_s, op.records, op.for_s)
+    rep = scorer_report(lab, name, op.threshold, merge_gap_s, op.records, op.for_s, op.bridge_s)
     risk = lab.risk[name + _AT_RISK]
     rep["brier"] = brier_score(lab.y, risk)
     rep["ece"] = expected_calibration_error(lab.y, risk)

@@ -194,10 +194,12 @@ def collect_cached(
 def build_report(
     lab: Labelled, thresholds: dict[str, float], merge_gap_s: float, meta: dict[str, Any],
     alarm_records: dict[str, int] | None = None, alarm_for_s: dict[str, float] | None = None,
+    alarm_bridge_s: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The eval JSON: the model's figures at the top level, every scorer's under `scorers`."""
-    records, held = alarm_records or {}, alarm_for_s or {}
-    scorers = {name: scorer_report(lab, name, thr, merge_gap_s, records.get(name, 1), held.get(name, 0.0))
+    records, held, bridged = alarm_records or {}, alarm_for_s or {}, alarm_bridge_s or {}
+    scorers = {name: scorer_report(lab, name, thr, merge_gap_s, records.get(name, 1), held.get(name, 0.0),
+                                   bridged.get(name, 0.0))
                for name, thr in thresholds.items()}  # fmt: skip
     m = scorers["lstm"]
     report: dict[str, Any] = {
@@ -205,7 +207,7 @@ def build_report(
         "median_lead_min": m["median_lead_min"], "p10_lead_min": m["p10_lead_min"], "ece": m["ece"],
         "brier": m["brier"], "false_alarms_per_1000_gpu_days": m["false_alarms_per_1000_gpu_days"],
         "recall_by_mode": m["recall_by_mode"], "threshold": m["threshold"], "alarm_records": m["alarm_records"],
-        "alarm_for_s": m["alarm_for_s"],
+        "alarm_for_s": m["alarm_for_s"], "alarm_bridge_s": m["alarm_bridge_s"],
         "baseline_threshold_f1": scorers["threshold"]["f1"] if "threshold" in scorers else None,
         "baseline_gbdt_f1": scorers["gbdt"]["f1"] if "gbdt" in scorers else None,
     }  # fmt: skip
@@ -216,7 +218,8 @@ def build_report(
         "sudden failures and not-yet-visible precursors included",
         "alarm": "a risk record at or above the operating threshold, as are the alarm_records - 1 records of "
         "its GPU before it and every record of its GPU in the alarm_for_s seconds before it (consecutive "
-        "scorings, like a Prometheus `for:`; chosen on validation data)",
+        "scorings, like a Prometheus `for:`; chosen on validation data), where a record below it counts as at "
+        "or above it when its GPU had one at or above it at most alarm_bridge_s seconds before",
         "episode": f"alarms of one GPU less than {merge_gap_s:.0f} s apart, all followed by "
         "the same failure within the horizon (true) or all not (false)",
         "lead_min": "failure ts minus the first alarm of the earliest true episode before it (at most the "
@@ -320,6 +323,7 @@ def evaluate_dir(
     thresholds = {"lstm": alarm_op.threshold, "threshold": 0.5}
     records = {"lstm": alarm_op.records}  # the rules carry their own `for:` durations
     held = {"lstm": alarm_op.for_s}
+    bridged = {"lstm": alarm_op.bridge_s}
     if gbdt is not None:
         thresholds["gbdt"] = gbdt.threshold
         records["gbdt"] = gbdt.alarm_records
@@ -334,7 +338,7 @@ def evaluate_dir(
             "config": sim.get("config"),
             "failures": sim.get("failures"),
         }
-    report = build_report(lab, thresholds, merge_gap_s, meta, records, held)
+    report = build_report(lab, thresholds, merge_gap_s, meta, records, held, bridged)
     costs = CostModel.from_settings(settings)
     look = lookalike_gpus(data_dir)
     report["system"] = {

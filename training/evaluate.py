@@ -248,21 +248,27 @@ def alarm_episodes(lab: Labelled, risk: np.ndarray, threshold: float, merge_gap_
 
 
 def sustained_risk(
-    lab: Labelled, risk: np.ndarray, records: int = 1, max_gap_s: float = 180.0, for_s: float = 0.0
-) -> np.ndarray:
+    lab: Labelled, risk: np.ndarray, records: int = 1, max_gap_s: float = 180.0, for_s: float = 0.0,
+    bridge_s: float = 0.0,
+) -> np.ndarray:  # fmt: skip
     """Risk as the stream's operating point sees it (`OperatingPoint`, `RiskProcessor._run`): the least of each
     record and the records before it of the same GPU back to the last one at least `for_s` seconds earlier, and
     at least `records` records in all, each linked to the one before (at most `max_gap_s` or twice the GPU's
     usual scoring interval apart; else 0: the run was broken, so a GPU's first records, or its first after a
-    gap, cannot alarm until it has held that long). `value >= threshold` is then exactly the stream's alarm."""
+    gap, cannot alarm until it has held that long). `value >= threshold` is then exactly the stream's alarm.
+
+    With `bridge_s`, each record first counts as the most of itself and its linked records of the `bridge_s`
+    seconds before it, so that a dip below the threshold no longer than that does not break the run: the
+    stream tracks this as the ts of the GPU's last scoring at or above the threshold."""
     r = np.asarray(risk, dtype=np.float64)
     n = len(r)
-    if n == 0 or (records <= 1 and for_s <= 0):
+    if n == 0 or (records <= 1 and for_s <= 0 and bridge_s <= 0):
         return r
-    same = lab.gpu[1:] == lab.gpu[:-1]
-    dt = np.diff(lab.ts)
-    limit = np.maximum(max_gap_s, 2.0 * _usual_gap(lab.gpu[1:], dt, same))
-    linked = np.r_[False, same & (dt <= limit)]  # row i follows row i-1 in one run
+    linked = _linked(lab, max_gap_s)
+    if bridge_s > 0:
+        r = _rolling_max(lab, r, linked, bridge_s)
+    if records <= 1 and for_s <= 0:
+        return r
     out = r.copy()
     whole = np.ones(n, dtype=bool)
     active = np.arange(n)  # rows whose window still reaches further back
@@ -279,6 +285,29 @@ def sustained_risk(
         active = active[ok]
         out[active] = np.minimum(out[active], r[active - j])
     return np.where(whole, out, 0.0)
+
+
+def _linked(lab: Labelled, max_gap_s: float) -> np.ndarray:
+    """Whether each row follows the row before it in one run of its GPU (gap at most `max_gap_s` or twice the
+    GPU's usual scoring interval)."""
+    same = lab.gpu[1:] == lab.gpu[:-1]
+    dt = np.diff(lab.ts)
+    limit = np.maximum(max_gap_s, 2.0 * _usual_gap(lab.gpu[1:], dt, same))
+    return np.r_[False, same & (dt <= limit)]
+
+
+def _rolling_max(lab: Labelled, r: np.ndarray, linked: np.ndarray, window_s: float) -> np.ndarray:
+    """The most of each row and the rows of its linked run at most `window_s` seconds before it."""
+    out = r.copy()
+    active = np.arange(len(r))
+    j = 0
+    while len(active):
+        j += 1
+        head = active - j + 1
+        active = active[(head > 0) & linked[np.maximum(head, 0)]]
+        active = active[lab.ts[active] - lab.ts[active - j] <= window_s]
+        out[active] = np.maximum(out[active], r[active - j])
+    return out
 
 
 def _usual_gap(gpu: np.ndarray, dt: np.ndarray, same: np.ndarray) -> np.ndarray:
@@ -435,15 +464,18 @@ def best_operating_point(
 
 
 def scorer_report(
-    lab: Labelled, name: str, threshold: float, merge_gap_s: float, alarm_records: int = 1, alarm_for_s: float = 0.0
-) -> dict:
+    lab: Labelled, name: str, threshold: float, merge_gap_s: float, alarm_records: int = 1, alarm_for_s: float = 0.0,
+    alarm_bridge_s: float = 0.0,
+) -> dict:  # fmt: skip
     """Every figure of one scorer: event metrics at `threshold` (alarms need `alarm_records` scorings in a row
-    at or above it, for at least `alarm_for_s` seconds), event PR-AUC (the same alarms, over thresholds), record-level metrics (raw risk)."""
+    at or above it, for at least `alarm_for_s` seconds, through dips of at most `alarm_bridge_s`), event PR-AUC
+    (the same alarms, over thresholds), record-level metrics (raw risk)."""
     risk = lab.risk[name]
-    alarming = sustained_risk(lab, risk, alarm_records, for_s=alarm_for_s)
+    alarming = sustained_risk(lab, risk, alarm_records, for_s=alarm_for_s, bridge_s=alarm_bridge_s)
     out = event_metrics(lab, alarming, threshold, merge_gap_s, lab.mode.get(name))
     out["alarm_records"] = int(alarm_records)
     out["alarm_for_s"] = float(alarm_for_s)
+    out["alarm_bridge_s"] = float(alarm_bridge_s)
     out["pr_auc"] = event_pr_auc(lab, alarming, merge_gap_s)
     out["record_pr_auc"] = average_precision(lab.y, risk)
     # Positives whose precursor had not started yet carry no signal; this AP leaves them out.

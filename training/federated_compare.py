@@ -62,13 +62,14 @@ def compare(models: dict[str, str], sites: dict[str, str], rescore_interval_s: f
         labs["pooled"] = concat_labelled(list(labs.values()))
         figures = {}
         for site, lab in labs.items():
-            r = scorer_report(lab, "lstm", alarm.threshold, merge_gap_s, alarm.records, alarm.for_s)
+            r = scorer_report(lab, "lstm", alarm.threshold, merge_gap_s, alarm.records, alarm.for_s, alarm.bridge_s)
             figures[site] = {k: r[k] for k in FIGURES} | {
                 "failures_with_precursor": r["failures_with_precursor"], "caught_with_precursor": r["caught_with_precursor"],
                 "records": int(len(lab.ts)), "gpu_days": round(lab.gpu_days, 2),
             }  # fmt: skip
         out["models"][model_name] = {"path": path, "version": artifact.version, "threshold": alarm.threshold,
-                                     "alarm_for_s": alarm.for_s, "figures": figures}  # fmt: skip
+                                     "alarm_for_s": alarm.for_s, "alarm_bridge_s": alarm.bridge_s,
+                                     "figures": figures}  # fmt: skip
     return out
 
 

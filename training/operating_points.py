@@ -1,6 +1,7 @@
 """Choosing the operating points on validation data: the alarm's (checkpoint) and the drain's (migrate).
 
-Each is a score threshold and how many seconds of sample time the score must hold (`PERSISTENCE_CHOICES_S`). The alarm's must meet service levels on the
+Each is a score threshold, how many seconds of sample time the score must hold (`PERSISTENCE_CHOICES_S`) and how
+long a dip below the threshold may last without breaking the hold (`BRIDGE_CHOICES_S`). The alarm's must meet service levels on the
 validation fleets (`ServiceLevels`: alarm precision, false checkpoints per 1,000 healthy GPU-days) and has the
 highest recall that does. The drain's must keep false drains per 1,000 healthy GPU-days under its level and
 saves the most GPU-hours per 1,000 GPU-days on a fleet failing at the real rate, under the cost model
@@ -27,12 +28,17 @@ from gpuwatch.costs import CostModel
 from gpuwatch.training.actions import classify, net_value
 from gpuwatch.training.evaluate import PERSISTENCE_CHOICES_S, Labelled, event_metrics, sustained_risk
 
+# Dips a hold may bridge (seconds; each used only with a longer persistence): a score that flickers about the
+# threshold near a failure (scripts/precursor-sweep.py found most missed failures there) can still alarm.
+BRIDGE_CHOICES_S = (0.0, 15.0, 45.0, 120.0)
+
 
 @dataclass(frozen=True)
 class Choice:
     threshold: float
     for_s: float
     value: dict[str, Any]
+    bridge_s: float = 0.0
 
 
 # Every candidate the alarm search valued (threshold, seconds held, net GPU-hours with checkpoints alone and with a
@@ -112,7 +118,7 @@ def _healthy_false(ev: Any, action: str, days: float) -> float:
 def choose(
     lab: Labelled, uuids: Sequence[str], risk: np.ndarray, costs: CostModel, real_failures_per_gpu_day: float,
     merge_gap_s: float = 600.0, choices: tuple[float, ...] = PERSISTENCE_CHOICES_S, curve: Curve | None = None,
-    levels: ServiceLevels = ServiceLevels(),
+    levels: ServiceLevels = ServiceLevels(), bridges: tuple[float, ...] = BRIDGE_CHOICES_S,
 ) -> tuple[Choice, Choice | None]:  # fmt: skip
     """(alarm, drain) operating points on `lab`, the validation fleets pooled.
 
@@ -123,31 +129,33 @@ def choose(
     The drain's (migrate, then reboot), at least as strict: the most net GPU-hours at the real failure rate among
     those with at most `levels.max_false_drains` false drains per 1,000 GPU-days, if any beats checkpoints alone
     (else None: the model never drains). Every alarm candidate lands in `curve`."""
-    sustained = {k: sustained_risk(lab, risk, for_s=k) for k in sorted(choices)}
+    sustained = {(k, b): sustained_risk(lab, risk, for_s=k, bridge_s=b)
+                 for k in sorted(choices) for b in sorted(bridges) if b == 0 or b < k}  # fmt: skip
     key = "net_gpu_h_per_1000_gpu_days_real"
     days = lab.gpu_days
     curve = [] if curve is None else curve
     candidates = []
-    for k, s in sustained.items():
+    for (k, b), s in sustained.items():
         for thr in _grid(risk)[::-1]:
             rows = s >= thr
             ev = classify(simulated_events(lab, uuids, rows, None, merge_gap_s), lab, uuids)
             v = net_value(ev, lab, costs, real_failures_per_gpu_day)
             m = event_metrics(lab, s, float(thr), merge_gap_s)
-            entry = {"threshold": float(thr), "for_s": k, "precision": m["precision"], "recall": m["recall"],
-                     "median_lead_min": m["median_lead_min"], "false_checkpoints_per_1000_gpu_days":
-                     _healthy_false(ev, "checkpoint", days), "net_checkpoint": v[key]}  # fmt: skip
+            entry = {"threshold": float(thr), "for_s": k, "bridge_s": b, "precision": m["precision"],
+                     "recall": m["recall"], "median_lead_min": m["median_lead_min"],
+                     "false_checkpoints_per_1000_gpu_days": _healthy_false(ev, "checkpoint", days),
+                     "net_checkpoint": v[key]}  # fmt: skip
             curve.append(entry)
-            candidates.append((entry, Choice(float(thr), k, v)))
+            candidates.append((entry, Choice(float(thr), k, v, b)))
     ok = [(e, c) for e, c in candidates if np.nan_to_num(e["precision"]) >= levels.min_alarm_precision
           and e["false_checkpoints_per_1000_gpu_days"] <= levels.max_false_checkpoints]  # fmt: skip
     if ok:
         alarm = max(ok, key=lambda ec: (round(ec[0]["recall"], 6), ec[1].value[key]))[1]
     else:
         alarm = max(candidates, key=lambda ec: ec[1].value[key])[1]
-    alarm_rows = sustained[alarm.for_s] >= alarm.threshold
+    alarm_rows = sustained[alarm.for_s, alarm.bridge_s] >= alarm.threshold
     drain: Choice | None = None
-    for k, s in sustained.items():
+    for (k, b), s in sustained.items():
         if k < alarm.for_s:
             continue  # the drain operating point is the stricter one: never drain what is not in alarm
         for thr in _grid(risk)[::-1]:
@@ -159,11 +167,13 @@ def choose(
                 continue
             v = net_value(ev, lab, costs, real_failures_per_gpu_day)
             if v[key] > (drain.value[key] if drain else alarm.value[key]) + 1e-9:
-                drain = Choice(float(thr), k, v)
+                drain = Choice(float(thr), k, v, b)
     return alarm, drain
 
 
 def describe(lab: Labelled, risk: np.ndarray, choice: Choice, merge_gap_s: float) -> dict[str, Any]:
     """The event-level figures (precision, recall, F1, leads) of an operating point, for the artifact's metrics."""
-    m = event_metrics(lab, sustained_risk(lab, risk, for_s=choice.for_s), choice.threshold, merge_gap_s)
-    return {**m, "alarm_records": 1, "alarm_for_s": choice.for_s, "value": choice.value}
+    m = event_metrics(lab, sustained_risk(lab, risk, for_s=choice.for_s, bridge_s=choice.bridge_s), choice.threshold,
+                      merge_gap_s)  # fmt: skip
+    return {**m, "alarm_records": 1, "alarm_for_s": choice.for_s, "alarm_bridge_s": choice.bridge_s,
+            "value": choice.value}  # fmt: skip

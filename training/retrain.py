@@ -244,9 +244,11 @@ def retrain_command(args: argparse.Namespace, settings: Settings) -> int:
     choose_and_save(artifact, None, args, t0, fleet, val_recordings=[validation], own_fleet=True)
     report = {**about, "model": artifact.version, "out": str(args.out),
               "calibration_prevalence": artifact.calibration_prevalence,
-              "alarm": {"threshold": artifact.threshold, "for_s": artifact.alarm_for_s},
+              "alarm": {"threshold": artifact.threshold, "for_s": artifact.alarm_for_s,
+                        "bridge_s": artifact.alarm_bridge_s},
               "drain": None if artifact.migrate_threshold is None else
-              {"threshold": artifact.migrate_threshold, "for_s": artifact.migrate_for_s},
+              {"threshold": artifact.migrate_threshold, "for_s": artifact.migrate_for_s,
+               "bridge_s": artifact.migrate_bridge_s},
               "validation": artifact.metrics.get("validation_events"), "train_config": dataclasses.asdict(config)}  # fmt: skip
     Path(args.out).with_suffix(".json").write_bytes(
         orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY)

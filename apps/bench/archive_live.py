@@ -201,7 +201,8 @@ def bench_archive_live(
         for name, tab in (("live", live_table), ("replay", table)):
             lab = join_labels(tab, failures, artifact.horizon_s)
             reports[name] = build_report(lab, {"lstm": alarm_op.threshold}, MERGE_GAP_S, {"name": name},
-                                         {"lstm": alarm_op.records}, {"lstm": alarm_op.for_s})  # fmt: skip
+                                         {"lstm": alarm_op.records}, {"lstm": alarm_op.for_s},
+                                         {"lstm": alarm_op.bridge_s})  # fmt: skip
         figures_equal = {k: _same(k, reports["live"][k], reports["replay"][k]) for k in COMPARED}
     return {
         "gpus": hosts * 8, "fleet_seconds": seconds, "interval_s": interval_s, "gpu_days": round(hosts * 8 * seconds / DAY_S, 2),
