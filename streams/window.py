@@ -245,6 +245,8 @@ class WindowStore:
             getattr(self, name)[slots] = 0
         self.last_xid_ts[slots] = -np.inf
         self.last_scored_ts[slots] = -np.inf
+        self.alarm_hit[slots] = -np.inf
+        self.drain_hit[slots] = -np.inf
         self.last_seq[slots] = -1
 
     def __len__(self) -> int:

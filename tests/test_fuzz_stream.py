@@ -32,7 +32,8 @@ from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 SCORER = Scorer(load_artifact(), device="cpu")
 NOW = time.time()
 # Arrays that hold NaN or -inf by design: "not loaded" and "never" sentinels.
-_SENTINELS = {"last_power_peer", "last_xid_ts", "last_scored_ts"}
+# -inf where there is none yet: no XID, no scoring, no scoring at or above an operating point in reach.
+_SENTINELS = {"last_power_peer", "last_xid_ts", "last_scored_ts", "alarm_hit", "drain_hit"}
 
 
 def _processor(rescore_s: float = 1.0) -> RiskProcessor:
