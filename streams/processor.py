@@ -136,6 +136,12 @@ def _version_tag(version: str) -> bytes:
     return len(raw).to_bytes(2, "big") + raw
 
 
+def _end_runs(runs: dict[str, np.ndarray], slots: np.ndarray) -> None:
+    """A failed GPU has no run at any operating point (and no scoring at or above one to bridge a dip from)."""
+    for name in RUN_FIELDS:
+        runs[name][slots] = -np.inf if name.endswith("_hit") else 0
+
+
 def decode_runs_checkpoint(ext: bytes) -> tuple[str, str, np.void] | None:
     """(champion version, challenger version, challenger's runs) from a window checkpoint's extension, or None
     when it has none or one this code cannot read (the challenger then starts its runs afresh)."""
@@ -417,11 +423,9 @@ class RiskProcessor:
         if self.challenger is not None:
             own = self.challenger.own_runs(store, slots)
             shadow = self._decide(self.challenger, slots, failed, live, own)
-            own["alarm_run"][dead] = 0
-            own["drain_run"][dead] = 0
+            _end_runs(own, dead)
         result.inference_s += time.perf_counter() - t0
-        store.alarm_run[dead] = 0
-        store.drain_run[dead] = 0
+        _end_runs(runs, dead)
         store.last_scored_ts[slots] = store.last_ts[slots]
         scored_at = time.time()
         self._scored_wall[slots] = scored_at

@@ -163,11 +163,11 @@ def test_sustained_risk_needs_records_in_a_row_of_one_gpu(tmp_path: Path) -> Non
     first_alarm = lab.ts[(lab.gpu == a) & (two >= 0.5)].min()
     assert first_alarm == 47_100
     # Records 60 s apart stay linked under a shorter max_gap_s: a gap up to twice the usual interval is fine.
-    # Past it (C's 100 s repair gap, 120 s > 2 x 60 s > 30 s), a run restarts.
     short = sustained_risk(lab, lab.risk["m"], 2, max_gap_s=30.0)
-    changed = np.flatnonzero(short != two)
-    assert len(changed) and (short[changed] == 0).all()
-    assert (lab.ts[changed] - lab.ts[changed - 1] > 120.0).all()
+    assert np.array_equal(short, two)
+    # A failure ends a run whatever the gap: C's first record after its repair has no predecessor of its own.
+    after = np.flatnonzero((lab.gpu == c) & (lab.ts > 70_000))[0]
+    assert lab.ts[after] == 70_140 and two[after] == 0
 
 
 def _one_gpu(tmp_path: Path, ts: np.ndarray, risk: np.ndarray):  # type: ignore[no-untyped-def]
@@ -184,6 +184,19 @@ def test_a_gap_past_the_limit_restarts_a_run_and_a_slow_agent_still_alarms(tmp_p
     slow = np.arange(0.0, 2400.0, 240.0)  # an agent sampling every 4 min: 240 s <= 2 x its usual interval
     lab = _one_gpu(tmp_path, slow, np.full(len(slow), 0.9))
     assert (sustained_risk(lab, lab.risk["m"], for_s=200.0)[1:] == 0.9).all()
+
+
+def test_a_failure_ends_a_run_and_a_bridge_does_not_reach_across_it(tmp_path: Path) -> None:
+    """High scores right before a failure, a repair within the gap limit, then quiet scores: the quiet GPU is
+    not in alarm (the stream ends a failed GPU's runs, `_end_runs`), however long the bridge."""
+    ts = np.arange(0.0, 1200.0, 5.0)
+    risk = np.where(ts < 500.0, 0.99, 0.01)
+    table = RiskTable.from_columns(["G"] * len(ts), ts, {"m": risk}, {"m": np.zeros(len(ts), dtype=np.int64)})
+    lab = join_labels(table, _labels(tmp_path, [{"uuid": "G", "fail_ts": 502.0, "mode": "memory",
+                                                 "precursor_start_ts": 0.0, "repair_end_ts": 560.0}]), H)  # fmt: skip
+    assert lab.ts[lab.ts > 500.0].min() == 560.0  # down 500..560: 60 s, within the 180 s gap limit
+    held = sustained_risk(lab, lab.risk["m"], for_s=45.0, bridge_s=30.0) >= 0.5
+    assert held[lab.ts < 500.0].any() and not held[lab.ts >= 560.0].any()
 
 
 def test_persistence_in_seconds_holds_the_same_time_at_any_interval(tmp_path: Path) -> None:

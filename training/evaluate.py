@@ -289,11 +289,11 @@ def sustained_risk(
 
 def _linked(lab: Labelled, max_gap_s: float) -> np.ndarray:
     """Whether each row follows the row before it in one run of its GPU (gap at most `max_gap_s` or twice the
-    GPU's usual scoring interval)."""
+    GPU's usual scoring interval, and no failure between them: the stream ends a failed GPU's runs)."""
     same = lab.gpu[1:] == lab.gpu[:-1]
     dt = np.diff(lab.ts)
     limit = np.maximum(max_gap_s, 2.0 * _usual_gap(lab.gpu[1:], dt, same))
-    return np.r_[False, same & (dt <= limit)]
+    return np.r_[False, same & (dt <= limit) & (lab.next_fail[1:] == lab.next_fail[:-1])]
 
 
 def _rolling_max(lab: Labelled, r: np.ndarray, linked: np.ndarray, window_s: float) -> np.ndarray:
