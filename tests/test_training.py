@@ -20,8 +20,8 @@ from gpuwatch.streams.processor import Inbound, RiskProcessor
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules, rule_hits
 from gpuwatch.training.cli import train_command
-from gpuwatch.training.eval_cli import eval_command
-from gpuwatch.training.evaluate import PERSISTENCE_CHOICES_S
+from gpuwatch.training.eval_cli import as_recording, eval_command
+from gpuwatch.training.evaluate import PERSISTENCE_CHOICES_S, RiskTable, event_metrics, join_labels
 from gpuwatch.training.score import replay, score_command
 
 
@@ -99,6 +99,16 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert report["system"]["lstm"]["value"]["oracle_gpu_h_per_1000_gpu_days_real"] > 0
     assert report["scorers"]["gbdt"]["alarm_records"] == GbdtBaseline.load(model.with_suffix(".gbdt.txt"),
                                                                            artifact).alarm_records  # fmt: skip
+    # The eval's alarms are the stream's: its alarm episodes are those of the scored records' own `alarm` flags,
+    # though it states risk at the fleet's own failure rate (the operating point compares the score).
+    live = [r for r in records if not r.failed]
+    flags = RiskTable.from_columns([r.uuid for r in live], np.array([r.ts for r in live]),
+                                   {"m": np.array([float(r.alarm) for r in live])},
+                                   {"m": np.zeros(len(live), dtype=np.int64)})  # fmt: skip
+    lab = join_labels(flags, as_recording(tmp_path / "test").failures(), artifact.horizon_s)
+    by_flags = event_metrics(lab, lab.risk["m"], 0.5, 600.0)
+    assert by_flags["alarm_episodes"] == report["scorers"]["lstm"]["alarm_episodes"] > 0
+    assert by_flags["caught_with_precursor"] == report["scorers"]["lstm"]["caught_with_precursor"]
 
     # New operating points for trained weights, without retraining: same weights, chosen on another fleet.
     repicked = tmp_path / "repicked.pt"

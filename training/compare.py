@@ -20,18 +20,9 @@ from gpuwatch.schemas.fields import FAILURE_MODES
 from gpuwatch.schemas.records import Risk
 from gpuwatch.streams.operating_point import OperatingPoint
 from gpuwatch.training.dataset import Failures
-from gpuwatch.training.evaluate import (
-    RiskTable,
-    brier_score,
-    calibration_bins,
-    expected_calibration_error,
-    join_labels,
-    max_gap_above,
-    scorer_report,
-)
+from gpuwatch.training.evaluate import AT_RISK, RiskTable, join_labels, scorer_report
 
 _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
-_AT_RISK = "@risk"  # the second column of a model's table: its records' risk at the fleet's failure rate
 
 
 @dataclass
@@ -76,14 +67,9 @@ def model_report(name: str, col: _Columns, failures: Failures, merge_gap_s: floa
         op = OperatingPoint(0.5)  # records of old workers name none: a plain 0.5 threshold, said in the report
     horizon = col.horizon.most_common(1)[0][0] if col.horizon else 3600.0
     table = RiskTable.from_columns(col.uuid, np.asarray(col.ts), {name: np.asarray(col.score),
-                                   name + _AT_RISK: np.asarray(col.risk)}, {name: np.asarray(col.mode)})  # fmt: skip
+                                   name + AT_RISK: np.asarray(col.risk)}, {name: np.asarray(col.mode)})  # fmt: skip
     lab = join_labels(table, failures, horizon)
     rep = scorer_report(lab, name, op.threshold, merge_gap_s, op.records, op.for_s, op.bridge_s)
-    risk = lab.risk[name + _AT_RISK]
-    rep["brier"] = brier_score(lab.y, risk)
-    rep["ece"] = expected_calibration_error(lab.y, risk)
-    rep["calibration"] = calibration_bins(lab.y, risk)
-    rep["calibration_max_gap_above_half"] = max_gap_above(rep["calibration"], 0.5)
     rep["operating_point"] = op.name if op_name else f"{op.name} (the records name none)"
     rep["records"] = int(len(lab.ts))
     rep["failed_records"] = col.failed

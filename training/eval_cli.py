@@ -35,7 +35,7 @@ from gpuwatch.streams.processor import BatchResult, RiskProcessor, operating_poi
 from gpuwatch.training.actions import action_report
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules
 from gpuwatch.training.dataset import DeadLetterCount, RecordingError
-from gpuwatch.training.evaluate import Labelled, RiskTable, join_labels, scorer_report
+from gpuwatch.training.evaluate import AT_RISK, Labelled, RiskTable, join_labels, scorer_report
 from gpuwatch.training.recording import Recording, open_recording
 from gpuwatch.training.score import observe_in_time, replay_messages
 
@@ -106,6 +106,7 @@ def collect(
     events: dict[str, list[dict[str, Any]]] = {name: [] for name in policies}
     uuid: list[str] = []
     ts: list[float] = []
+    score: list[float] = []
     risk: list[float] = []
     mode: list[int] = []
     keep: list[np.ndarray] = []
@@ -123,6 +124,7 @@ def collect(
         for rec in (r for r, ok in zip(recs, live) if ok):
             uuid.append(rec.uuid)
             ts.append(rec.ts)
+            score.append(rec.risk if rec.score is msgspec.UNSET else rec.score)  # records of a live GPU carry their score
             risk.append(rec.risk)
             mode.append(_MODE_INDEX[rec.mode])
         if recs:
@@ -143,7 +145,11 @@ def collect(
     if dead.lines:
         sys.stderr.write(f"{recording.source}: {dead.describe()}\n")
     live_rows = np.concatenate(keep) if keep else np.zeros(0, dtype=bool)
-    risks = {primary_name: np.asarray(risk)}
+    # The score is what the operating points compare (as in the stream); where the records state risk at the
+    # fleet's own rate, that is a second column for the record-level and calibration figures.
+    risks = {primary_name: np.asarray(score)}
+    if failures_per_gpu_day is not None:
+        risks[primary_name + AT_RISK] = np.asarray(risk)
     modes = {primary_name: np.asarray(mode)}
     for name in others:
         risks[name] = (np.concatenate(processor.risk[name]) if processor.risk[name] else np.zeros(0))[live_rows]

@@ -463,15 +463,21 @@ def best_operating_point(
     return best
 
 
+# A scorer's second column, where its records state risk at another base rate than its score's (`gpuwatch eval`
+# states it at the fleet's own failure rate, as the stream does): the record-level and calibration figures read
+# it; the alarms read the score, which the operating point compares, as the stream does.
+AT_RISK = "@risk"
+
+
 def scorer_report(
     lab: Labelled, name: str, threshold: float, merge_gap_s: float, alarm_records: int = 1, alarm_for_s: float = 0.0,
     alarm_bridge_s: float = 0.0,
 ) -> dict:  # fmt: skip
     """Every figure of one scorer: event metrics at `threshold` (alarms need `alarm_records` scorings in a row
     at or above it, for at least `alarm_for_s` seconds, through dips of at most `alarm_bridge_s`), event PR-AUC
-    (the same alarms, over thresholds), record-level metrics (raw risk)."""
-    risk = lab.risk[name]
-    alarming = sustained_risk(lab, risk, alarm_records, for_s=alarm_for_s, bridge_s=alarm_bridge_s)
+    (the same alarms, over thresholds), record-level metrics (the risk: the `AT_RISK` column where there is one)."""
+    alarming = sustained_risk(lab, lab.risk[name], alarm_records, for_s=alarm_for_s, bridge_s=alarm_bridge_s)
+    risk = lab.risk.get(name + AT_RISK, lab.risk[name])
     out = event_metrics(lab, alarming, threshold, merge_gap_s, lab.mode.get(name))
     out["alarm_records"] = int(alarm_records)
     out["alarm_for_s"] = float(alarm_for_s)
