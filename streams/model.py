@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gpuwatch.schemas.fields import FAILURE_MODES
-from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, prevalence
+from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, bridge_for, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig
 
 __all__ = ["ModelArtifact", "ModelError", "OperatingPoint", "Scorer", "at_prevalence", "load_artifact", "prevalence"]
@@ -86,7 +86,7 @@ class ModelArtifact:
     # ... and the score must hold for this many seconds of sample time (chosen the same way; 0: no minimum).
     alarm_for_s: float = 0.0
     # ... through dips below it of at most this many seconds (chosen the same way; 0: none). The bridge goes with
-    # its hold: one no shorter than the hold (an artifact whose alarm_for_s was changed) is dropped (`_bridge`).
+    # its hold: one no shorter than the hold (an artifact whose alarm_for_s was changed) is dropped (`bridge_for`).
     alarm_bridge_s: float = 0.0
     # Share of the calibration records that preceded a failure within the horizon: the base rate the
     # calibrated score is a probability at (training fleets fail thousands of times more often than real ones).
@@ -108,14 +108,14 @@ class ModelArtifact:
     @property
     def alarm_op(self) -> OperatingPoint:
         return OperatingPoint(self.threshold, self.alarm_records, for_s=self.alarm_for_s,
-                              bridge_s=_bridge(self.alarm_bridge_s, self.alarm_for_s))  # fmt: skip
+                              bridge_s=bridge_for(self.alarm_bridge_s, self.alarm_for_s))  # fmt: skip
 
     @property
     def migrate_op(self) -> OperatingPoint | None:
         if self.migrate_threshold is None:
             return None
         return OperatingPoint(self.migrate_threshold, self.migrate_records, for_s=self.migrate_for_s,
-                              bridge_s=_bridge(self.migrate_bridge_s, self.migrate_for_s))  # fmt: skip
+                              bridge_s=bridge_for(self.migrate_bridge_s, self.migrate_for_s))  # fmt: skip
 
     def build(self) -> FailureLSTM:
         model = FailureLSTM(len(self.features), self.hidden, self.mlp)
@@ -182,11 +182,6 @@ def load_artifact(path: str | Path | None = None) -> ModelArtifact:
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ModelError(f"{path} is an incomplete {ARTIFACT_FORMAT} artifact ({type(exc).__name__}: {exc}); "
                          "retrain it with `gpuwatch train`") from exc  # fmt: skip
-
-
-def _bridge(bridge_s: float, for_s: float) -> float:
-    """An artifact's bridge for its hold: dropped where it is no shorter than the hold (see `OperatingPoint`)."""
-    return bridge_s if bridge_s < for_s else 0.0
 
 
 def _artifact(path: Path, raw: dict[str, Any]) -> ModelArtifact:

@@ -76,6 +76,12 @@ class OperatingPoint:
         return np.maximum(self.max_gap_s, 2.0 * interval_s)
 
 
+def bridge_for(bridge_s: float, for_s: float) -> float:
+    """A bridge kept with a hold: dropped where it is no shorter than the hold (an artifact or override whose hold
+    was shortened), which `OperatingPoint` would refuse."""
+    return bridge_s if bridge_s < for_s else 0.0
+
+
 def prevalence(failures_per_gpu_day: float, horizon_s: float) -> float:
     """Share of a fleet's records that precede a failure within `horizon_s` at this failure rate."""
     return 1.0 - math.exp(-max(failures_per_gpu_day, 0.0) * horizon_s / 86400.0)

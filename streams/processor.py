@@ -21,7 +21,7 @@ from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES
 from gpuwatch.schemas.records import Risk
 from gpuwatch.streams.explain import explain
 from gpuwatch.streams.model import ModelArtifact, Scorer
-from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, prevalence
+from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, bridge_for, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 
 _MODES = FAILURE_MODES
@@ -44,7 +44,7 @@ def operating_points(artifact: ModelArtifact, settings: Settings) -> tuple[Opera
         base = op or OperatingPoint(threshold)
         held = base.for_s if for_s < 0 else for_s
         # The model's bridge goes with its hold: one no shorter than an overridden hold is dropped.
-        bridged = (base.bridge_s if base.bridge_s < held else 0.0) if bridge_s < 0 else bridge_s
+        bridged = bridge_for(base.bridge_s, held) if bridge_s < 0 else bridge_s
         try:
             return OperatingPoint(threshold or base.threshold, records or base.records, source="override",
                                   for_s=held, bridge_s=bridged)  # fmt: skip
