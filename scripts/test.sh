@@ -35,4 +35,8 @@ if [ "$need_slurm" = 1 ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" =
 fi
 # .venv/bin/pytest, not `python -m pytest`: the latter would import the source folder gpuwatch/ instead
 # of the installed package (whose stage sub-packages are mapped from producers/, streams/, ...).
-exec .venv/bin/pytest -q "$@"
+# Several test processes (pytest-xdist), one test file each at a time: most of the suite's time is waiting on
+# real servers (a worker rejoining its group, an outage running its course), not CPU. Every fixture uses free
+# ports, its own temp dir and unique topic names. GPUWATCH_TEST_PROCESSES=0 runs the tests in this process (a
+# -n on the command line also wins).
+exec .venv/bin/pytest -q -n "${GPUWATCH_TEST_PROCESSES:-3}" --dist loadfile "$@"
