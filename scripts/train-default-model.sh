@@ -26,7 +26,7 @@ done
 # drain's saves the most GPU-hours at the real failure rate with <= 0.05 false drains per 1,000 GPU-days. SEED: the weight seed (docs/model.md says which one shipped and why).
 "$GW" train --data "$WORK/train-a" --data "$WORK/train-b" --data "$WORK/train-c" --data "$WORK/train-d" \
   --data "$WORK/train-e" --val-data "$WORK/val" --val-data "$WORK/val-b" --val-data "$WORK/val-c" \
-  --val-data "$WORK/val-healthy" --val-data "$WORK/val-healthy-b" --out "$WORK/model.pt" --epochs 8 --seed "${SEED:-2}" --data-seed 0
+  --val-data "$WORK/val-healthy" --val-data "$WORK/val-healthy-b" --out "$WORK/model.pt" --epochs 12 --seed "${SEED:-2}" --data-seed 0
 
 "$GW" eval --data "$WORK/heldout" --data "$WORK/heldout-faint" --data "$WORK/heldout-hw" --model "$WORK/model.pt" \
   --json "$WORK/eval.json"
