@@ -39,4 +39,9 @@ fi
 # real servers (a worker rejoining its group, an outage running its course), not CPU. Every fixture uses free
 # ports, its own temp dir and unique topic names. GPUWATCH_TEST_PROCESSES=0 runs the tests in this process (a
 # -n on the command line also wins).
-exec .venv/bin/pytest -q -n "${GPUWATCH_TEST_PROCESSES:-3}" --dist loadfile "$@"
+processes=${GPUWATCH_TEST_PROCESSES:-3}
+if ! [[ "$processes" =~ ^[0-9]+$ ]]; then
+  echo "scripts/test.sh: GPUWATCH_TEST_PROCESSES=$processes is not a whole number; set it to 0 (one process) or more" >&2
+  exit 2
+fi
+exec .venv/bin/pytest -q -n "$processes" --dist loadfile "$@"
