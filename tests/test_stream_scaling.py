@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from helpers import consume_from_start
+from helpers import consume_from_start, wait_for
 
 from gpuwatch.config import Settings
 from gpuwatch.embedded import EmbeddedServer
@@ -107,12 +107,11 @@ def test_two_workers_split_the_partitions(settings: Settings) -> None:
     # Every GPU lives in exactly one worker, and both carry a share. A stats line can come from before a worker
     # has folded every GPU of its partitions (a busy machine), so wait for the counts to settle at 128; GPUs
     # counted twice never settle there and fail the deadline with the counts.
-    deadline = time.monotonic() + 90
-    tracked = [w.latest.gpus_tracked for w in watchers]
-    while sum(tracked) != 128:
-        assert time.monotonic() < deadline, tracked
-        time.sleep(0.1)
+    def settled() -> list[int] | None:
         tracked = [w.latest.gpus_tracked for w in watchers]
+        return tracked if sum(tracked) == 128 else None
+
+    tracked = wait_for(settled, 90, "both workers' GPU counts to add up to 128")
     assert min(tracked) > 0, tracked
     for w in workers:
         w.stop()
