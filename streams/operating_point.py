@@ -12,6 +12,13 @@ from typing import Any
 
 import numpy as np
 
+# The fewest scorings in a row an operating point chosen on validation data holds for (`training.operating_points`).
+# Its hold is in seconds; at sampling intervals up to 45 s a 90 s hold spans 3 or more scorings anyway, but an agent
+# sampling every 90 s or slower would reach it on 2 scorings, two points of signals that its window smooths over
+# far fewer samples than in training. On a fleet sampled at 120 s (docs/model.md, "Sampling intervals") a 2-scoring
+# hold made 3 times the false alarms of a 3-scoring one.
+MIN_RECORDS = 3
+
 _NAME = re.compile(
     r"(?P<source>[a-z]+):(?P<threshold>[0-9.e+-]+)x(?P<records>[0-9]+)(?:/(?P<for_s>[0-9.]+)s)?(?:~(?P<bridge_s>[0-9.]+)s)?"
 )

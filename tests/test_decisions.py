@@ -15,6 +15,7 @@ from gpuwatch.schemas.codecs import decode_risk, encode_snapshot
 from gpuwatch.schemas.records import Risk
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
 from gpuwatch.streams.model import OperatingPoint, Scorer, at_prevalence, load_artifact, prevalence
+from gpuwatch.streams.operating_point import MIN_RECORDS
 from gpuwatch.streams.processor import Inbound, RiskProcessor, chosen_for_other_settings, operating_points
 
 ARTIFACT = load_artifact()
@@ -100,6 +101,18 @@ def test_persistence_in_seconds_means_the_same_at_any_sampling_interval(interval
     assert [r.alarm for r in recs] == expected
     assert {r.op for r in recs} == {"model:1e-300x1/30s"}
     assert OperatingPoint.parse("model:1e-300x1/30s") == op
+
+
+@pytest.mark.parametrize(("interval", "expected"), [
+    (30, [False, False, False, True, True]),  # 90 s held at the 4th scoring: MIN_RECORDS changes nothing
+    (120, [False, False, True, True, True]),  # 90 s held at the 2nd scoring, but 3 scorings are needed
+])  # fmt: skip
+def test_the_models_points_hold_for_at_least_min_records_scorings(interval: int, expected: list) -> None:
+    assert ARTIFACT.alarm_op.records == MIN_RECORDS == 3
+    assert ARTIFACT.migrate_op is not None and ARTIFACT.migrate_op.records == MIN_RECORDS
+    op = OperatingPoint(1e-300, MIN_RECORDS, for_s=90.0)
+    proc = RiskProcessor(SCORER, rescore_interval_s=5.0, alarm_op=op)
+    assert [r.alarm for r in run_every(proc, Host(), interval, len(expected))] == expected
 
 
 def test_a_lost_gpu_is_failed_not_at_risk_until_it_answers_again() -> None:

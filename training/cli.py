@@ -15,6 +15,7 @@ import orjson
 from gpuwatch.config import Settings
 from gpuwatch.costs import CostModel
 from gpuwatch.streams.model import ModelArtifact, ModelError, Scorer, fingerprint_files, load_artifact
+from gpuwatch.streams.operating_point import MIN_RECORDS
 from gpuwatch.streams.window import WindowConfig
 from gpuwatch.training.baselines import GbdtBaseline
 from gpuwatch.training.dataset import DeadLetterCount, RecordingError, SequenceSet, build_sequences
@@ -134,10 +135,10 @@ def choose_thresholds(
     curve: list[dict] = []
     alarm, drain = choose(lab, uuids, lab.risk["lstm"], costs, rate, args.merge_gap, curve=curve)
     out: dict[str, dict] = {
-        "lstm": {"threshold": alarm.threshold, "alarm_records": 1, "alarm_for_s": alarm.for_s,
+        "lstm": {"threshold": alarm.threshold, "alarm_records": MIN_RECORDS, "alarm_for_s": alarm.for_s,
                  "alarm_bridge_s": alarm.bridge_s, "validation": describe(lab, lab.risk["lstm"], alarm, args.merge_gap)},
         "lstm-drain": None if drain is None else {
-            "threshold": drain.threshold, "alarm_records": 1, "alarm_for_s": drain.for_s,
+            "threshold": drain.threshold, "alarm_records": MIN_RECORDS, "alarm_for_s": drain.for_s,
             "alarm_bridge_s": drain.bridge_s, "validation": describe(lab, lab.risk["lstm"], drain, args.merge_gap)},
         "chosen_for": {"failures_per_gpu_day": rate, "costs": costs.__dict__, "validation_gpu_days": lab.gpu_days},
         "calibration": calibration,

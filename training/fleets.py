@@ -78,6 +78,17 @@ FLEETS: dict[str, Fleet] = {
         8, 8, 0.25, 1.0, 106, {**_TRAIN, **_MANY_LOOKALIKES},
         "training fleet at 1 s (the agent's default) on the training hardware, many look-alikes",
     ),
+    # Slow agents (2026-12-07): a model trained at 1 to 30 s alone made about 10 times the false alarms at 120 s
+    # sampling that it made at 10 s (docs/model.md, "Sampling intervals"), mostly thermal: its smoothed signals
+    # rest on far fewer samples there, so they are noisier than anything it had seen.
+    "train-f": Fleet(
+        64, 8, 4.0, 60.0, 107, {**_TRAIN, **_MANY_LOOKALIKES},
+        "training fleet at 60 s (a slow agent or a DCGM scrape) on the training hardware, many look-alikes",
+    ),
+    "train-g": Fleet(
+        64, 8, 8.0, 120.0, 108, {**_TRAIN, **_MANY_LOOKALIKES},
+        "training fleet at 120 s on the training hardware, many look-alikes",
+    ),
     "val": Fleet(
         16,
         8,
@@ -156,6 +167,13 @@ FLEETS: dict[str, Fleet] = {
          "repair_time_scale": 0.02},
         "held-out fleet on hardware the model never trained on (A100 and V100 boards: other power limits, "
         "clocks, memory, page retirement), sampled at 30 s, every look-alike at its real rate",
+    ),  # fmt: skip
+    "heldout-slow": Fleet(
+        40, 8, 3.0, 180.0, 606,
+        {**realistic_overrides(), "hardware": {"h100-sxm": 0.5, "a100-sxm": 0.5}, "rate_scale": 2500.0,
+         "repair_time_scale": 0.02, "hot_gpu_frac": 0.08, "sbe_trickle_frac": 0.05, "replay_trickle_frac": 0.04},
+        "held-out fleet sampled every 3 min, slower than any training fleet, half on hardware not trained on, "
+        "with more hot boards and error trickles than real",
     ),  # fmt: skip
 }
 

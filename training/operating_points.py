@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from gpuwatch.costs import CostModel
+from gpuwatch.streams.operating_point import MIN_RECORDS
 from gpuwatch.training.actions import classify, net_value
 from gpuwatch.training.evaluate import PERSISTENCE_CHOICES_S, Labelled, event_metrics, sustained_risk
 
@@ -129,7 +130,7 @@ def choose(
     The drain's (migrate, then reboot), at least as strict: the most net GPU-hours at the real failure rate among
     those with at most `levels.max_false_drains` false drains per 1,000 GPU-days, if any beats checkpoints alone
     (else None: the model never drains). Every alarm candidate lands in `curve`."""
-    sustained = {(k, b): sustained_risk(lab, risk, for_s=k, bridge_s=b)
+    sustained = {(k, b): sustained_risk(lab, risk, MIN_RECORDS, for_s=k, bridge_s=b)
                  for k in sorted(choices) for b in sorted(bridges) if b == 0 or b < k}  # fmt: skip
     key = "net_gpu_h_per_1000_gpu_days_real"
     days = lab.gpu_days
@@ -173,7 +174,7 @@ def choose(
 
 def describe(lab: Labelled, risk: np.ndarray, choice: Choice, merge_gap_s: float) -> dict[str, Any]:
     """The event-level figures (precision, recall, F1, leads) of an operating point, for the artifact's metrics."""
-    m = event_metrics(lab, sustained_risk(lab, risk, for_s=choice.for_s, bridge_s=choice.bridge_s), choice.threshold,
-                      merge_gap_s)  # fmt: skip
-    return {**m, "alarm_records": 1, "alarm_for_s": choice.for_s, "alarm_bridge_s": choice.bridge_s,
+    m = event_metrics(lab, sustained_risk(lab, risk, MIN_RECORDS, for_s=choice.for_s, bridge_s=choice.bridge_s),
+                      choice.threshold, merge_gap_s)  # fmt: skip
+    return {**m, "alarm_records": MIN_RECORDS, "alarm_for_s": choice.for_s, "alarm_bridge_s": choice.bridge_s,
             "value": choice.value}  # fmt: skip
