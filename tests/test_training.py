@@ -16,6 +16,7 @@ from gpuwatch.schemas.codecs import decode_risk, decode_snapshot
 from gpuwatch.schemas.fields import ALL_NUMERIC
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator, simulate_to_dir
 from gpuwatch.streams.model import Scorer, load_artifact, weights_digest
+from gpuwatch.streams.operating_point import MIN_RECORDS
 from gpuwatch.streams.processor import Inbound, RiskProcessor
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 from gpuwatch.training.baselines import RULES, GbdtBaseline, ThresholdRules, rule_hits
@@ -59,7 +60,7 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     # the calibration base rate is recorded, so risk can be restated at a real fleet's
     assert 0.0 < artifact.calibration_prevalence < 1.0
     # persistence is chosen in seconds of sample time, one of the candidates
-    assert artifact.alarm_records == 1 and artifact.alarm_for_s in PERSISTENCE_CHOICES_S
+    assert artifact.alarm_records == MIN_RECORDS and artifact.alarm_for_s in PERSISTENCE_CHOICES_S
     if artifact.migrate_threshold is not None:  # a drain operating point is never looser than the alarm's
         assert artifact.migrate_threshold >= artifact.threshold and artifact.migrate_for_s >= artifact.alarm_for_s
     # Both validation fleets pooled: each has the two forced failures with precursors.
