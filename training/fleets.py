@@ -80,7 +80,9 @@ FLEETS: dict[str, Fleet] = {
     ),
     # Slow agents (2026-12-07): a model trained at 1 to 30 s alone made about 10 times the false alarms at 120 s
     # sampling that it made at 10 s (docs/model.md, "Sampling intervals"), mostly thermal: its smoothed signals
-    # rest on far fewer samples there, so they are noisier than anything it had seen.
+    # rest on far fewer samples there, so they are noisier than anything it had seen. Training with these two as
+    # well was tried and not shipped (docs/model.md, "What was tried", step 15): scripts/train-default-model.sh
+    # leaves them out.
     "train-f": Fleet(
         64, 8, 4.0, 60.0, 107, {**_TRAIN, **_MANY_LOOKALIKES},
         "training fleet at 60 s (a slow agent or a DCGM scrape) on the training hardware, many look-alikes",
