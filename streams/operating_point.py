@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 # The fewest scorings in a row an operating point chosen on validation data holds for (`training.operating_points`).
-# Its hold is in seconds; at sampling intervals up to 45 s a 90 s hold spans 3 or more scorings anyway, but an agent
+# Its hold is in seconds; at sampling intervals under 90 s a 90 s hold spans 3 or more scorings anyway, but an agent
 # sampling every 90 s or slower would reach it on 2 scorings, two points of signals that its window smooths over
 # far fewer samples than in training. On a fleet sampled at 120 s (docs/model.md, "Sampling intervals") a 2-scoring
 # hold made 3 times the false alarms of a 3-scoring one.
