@@ -149,7 +149,7 @@ class Settings:
     fleet_metrics_port: int = field(default=0, metadata={"doc": "Port of `gpuwatch fleet --serve`'s Prometheus exporter (the fleet reliability view: gpuwatch_fleet_*); 0 turns it off."})
     agent_metrics_port: int = field(default=0, metadata={"doc": "Port of the node agent's Prometheus exporter (spool depth, snapshots sent); 0 turns it off."})
     agent_metrics_addr: str = field(default="0.0.0.0", metadata={"doc": "Agent: address its /metrics and /healthz endpoint listens on."})
-    agent_interval_s: float = field(default=1.0, metadata={"doc": "Agent: seconds between two snapshots of the node."})
+    agent_interval_s: float = field(default=1.0, metadata={"doc": "Agent: seconds between two snapshots of the node. The shipped model is validated at up to 60 s; slower sampling makes more false alarms (docs/model.md, 'Sampling intervals')."})
     agent_host: str = field(default="", metadata={"doc": "Agent: node name it publishes as (the message key); empty: the machine's host name. On Kubernetes set it from spec.nodeName."})
     agent_spool_dir: str = field(default="/var/lib/gpuwatch/spool", metadata={"doc": "Agent: directory of the on-disk spool that holds snapshots until Kafka acknowledges them (keep it across restarts)."})
     agent_spool_max_bytes: int = field(default=256 << 20, metadata={"doc": "Agent: spool size limit; when full, the oldest unsent snapshots are dropped and counted (256 MiB holds ~12 h of an 8-GPU node)."})
