@@ -5,7 +5,7 @@ Windows and features come from `gpuwatch.streams.window`, the code the stream wo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
-from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_deadletter, decode_snapshot
+from gpuwatch.schemas.codecs import decode_deadletter
 from gpuwatch.schemas.fields import FAILURE_MODES
 from gpuwatch.streams.window import FEATURE_NAMES, WindowConfig, WindowStore
 
@@ -21,9 +21,6 @@ if TYPE_CHECKING:
     from gpuwatch.training.recording import Recording
 
 _MODE_INDEX = {m: i for i, m in enumerate(FAILURE_MODES)}
-# Read buffer for recordings of snapshots (about 6 KB a line at 8 GPUs): 1 MiB instead of Python's 8 KiB reads
-# them about three times as fast.
-READ_BUFFER = 1 << 20
 
 
 class RecordingError(ValueError):
@@ -119,25 +116,6 @@ class Failures:
             visible = bool(precursor[i]) and ts >= pstart[i]
             return 1, int(mode[i]), float(fail[i] - ts), visible, failed_now
         return 0, 0, float(fail[i] - ts) if i < len(fail) else np.inf, False, failed_now
-
-
-def iter_snapshot_batches(path: Path, batch: int = 2000) -> Iterator[tuple[list[Snapshot], int]]:
-    """Decoded snapshots in file order, `batch` at a time, with the count of bad lines skipped."""
-    snaps: list[Snapshot] = []
-    bad = 0
-    with open(path, "rb", buffering=READ_BUFFER) as fh:
-        for line in fh:
-            if line.isspace():
-                continue
-            try:
-                snaps.append(decode_snapshot(line[:-1] if line.endswith(b"\n") else line))
-            except DecodeError:
-                bad += 1
-            if len(snaps) >= batch:
-                yield snaps, bad
-                snaps, bad = [], 0
-    if snaps:
-        yield snaps, bad
 
 
 @dataclass

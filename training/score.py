@@ -34,8 +34,11 @@ from gpuwatch.schemas.records import Remediation, Risk
 from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
 from gpuwatch.streams.model import ModelError, Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
-from gpuwatch.training.dataset import READ_BUFFER, DeadLetterCount
+from gpuwatch.training.dataset import DeadLetterCount
 
+# Read buffer for recordings of snapshots (about 6 KB a line at 8 GPUs): 1 MiB instead of Python's 8 KiB reads
+# them about three times as fast.
+READ_BUFFER = 1 << 20
 REPLAY_SPAN_S = 60.0  # longest sample time one replayed batch spans (a batch never holds a host twice)
 
 
