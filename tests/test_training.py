@@ -124,6 +124,9 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert repicked.with_suffix(".gbdt.txt").exists()
     with pytest.raises(SystemExit, match="needs --val-data"):
         train_command(_args("train", "--operating-point-of", str(model), "--out", str(repicked)))
+    with pytest.raises(SystemExit, match="--operating-point-of .*missing.pt is not a file"):
+        train_command(_args("train", "--operating-point-of", str(tmp_path / "missing.pt"), "--val-data",
+                            str(tmp_path / "test"), "--out", str(repicked)))  # fmt: skip
 
 
 def test_data_seed_keeps_the_sequences_and_split_while_seed_changes_the_weights(tmp_path: Path) -> None:

@@ -199,6 +199,9 @@ def operating_point_command(args: argparse.Namespace, t0: float, settings: Setti
     trained weights, e.g. on a validation fleet with real labels, without retraining."""
     if not args.val_data:
         raise SystemExit("gpuwatch train --operating-point-of needs --val-data (where to choose it)")
+    if not Path(args.operating_point_of).is_file():
+        raise SystemExit(f"gpuwatch train: --operating-point-of {args.operating_point_of} is not a file; give a model "
+                         "artifact that `gpuwatch train` wrote")  # fmt: skip
     artifact = load_artifact(args.operating_point_of)
     sibling = Path(args.operating_point_of).with_suffix(".gbdt.txt")
     gbdt = GbdtBaseline.load(sibling, artifact) if sibling.exists() and not args.no_gbdt else None
