@@ -228,6 +228,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# Sequences per LSTM call when `Scorer.encode_past` runs on the CPU: past a few hundred, each sequence took longer
+# (20 us at 512 a call, 32 us at 10,000, one thread: the batch's gates outgrow the caches). The states are those of
+# one call (bit for bit on the development machine; calls of a few rows can differ in the last bit).
+CPU_ENCODE_ROWS = 512
+
+
 @contextmanager
 def _without_onednn() -> Iterator[None]:
     """Inference on the CPU without oneDNN (mkldnn). oneDNN builds and caches kernels ("primitives") for every
@@ -280,10 +286,16 @@ class Scorer:
     @torch.inference_mode()
     def encode_past(self, past: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """LSTM state (h, c), each (B, hidden) float32, after the past rows (B, T-1, F) of each sequence."""
-        x = (self._to_device(np.ascontiguousarray(past, dtype=np.float32)) - self._mean) / self._std
+        past = np.ascontiguousarray(past, dtype=np.float32)
+        step = len(past) if self.device.type == "cuda" else CPU_ENCODE_ROWS
+        hs, cs = [], []
         with _without_onednn():
-            _, (h, c) = self.model.lstm(x)
-        return h[0].float().cpu().numpy(), c[0].float().cpu().numpy()
+            for at in range(0, max(len(past), 1), step):
+                x = (self._to_device(past[at : at + step]) - self._mean) / self._std
+                _, (h, c) = self.model.lstm(x)
+                hs.append(h[0].float().cpu().numpy())
+                cs.append(c[0].float().cpu().numpy())
+        return (hs[0], cs[0]) if len(hs) == 1 else (np.concatenate(hs), np.concatenate(cs))
 
     @torch.inference_mode()
     def logits_from_state(self, h: np.ndarray, c: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -219,7 +219,7 @@ class ModelState:
         stale |= store.ring_count[live] == 0  # no past yet: the padding copies the (changing) current row
         miss = live[stale]
         if len(miss):
-            h, c = self.scorer.encode_past(store.sequences(miss)[:, :-1])
+            h, c = self.scorer.encode_past(store.sequences(miss, past_only=True))
             self.h[miss], self.c[miss] = h, c
             self.cache_push_ts[miss] = store.last_push_ts[miss]
             self.cache_first_ts[miss] = store.first_ts[miss]

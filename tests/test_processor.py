@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import orjson
+import torch
 
 from gpuwatch.schemas.codecs import decode_deadletter, decode_risk
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
-from gpuwatch.streams.model import Scorer, load_artifact
+from gpuwatch.streams.model import CPU_ENCODE_ROWS, Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor
 from gpuwatch.streams.window import WINDOW_LAYOUT
 
@@ -114,6 +115,32 @@ def test_incremental_scoring_equals_a_full_forward_pass() -> None:
         full, _ = scorer.score(proc.store.sequences(slots))
         assert np.allclose(sorted(incremental), sorted(full), atol=1e-5)
     assert hits > 100  # the cache was really used, not recomputed every time
+
+
+def test_a_large_batch_is_encoded_in_parts_with_the_states_of_one_call() -> None:
+    """The CPU encodes pasts CPU_ENCODE_ROWS sequences a call (faster per sequence than one big call): every
+    sequence gets the LSTM state the whole batch in one call gives it; the past rows are the sequences without
+    their current row."""
+    sim = FleetSimulator(FleetConfig(hosts=2, seed=6, start_ts=1.7e9, rate_scale=2000.0))
+    proc = _processor()
+    for _ in range(70):  # two ring rows
+        proc.process(_feed(sim, 1))
+    slots = np.sort(np.array(list(proc.store.slot_of.values())))
+    past = proc.store.sequences(slots, past_only=True)
+    assert np.array_equal(past, proc.store.sequences(slots)[:, :-1])
+    rng = np.random.default_rng(0)
+    batch = np.concatenate([past] * (2 * CPU_ENCODE_ROWS // len(past) + 2))
+    batch = (batch + rng.normal(0.0, 0.01, batch.shape)).astype(np.float32)  # all different
+    h, c = proc.scorer.encode_past(batch)
+    scorer = proc.scorer
+    was, torch.backends.mkldnn.enabled = torch.backends.mkldnn.enabled, False  # PyTorch's kernels, as the scorer's
+    try:
+        with torch.inference_mode():
+            _, (h1, c1) = scorer.model.lstm((torch.from_numpy(batch) - scorer._mean) / scorer._std)
+    finally:
+        torch.backends.mkldnn.enabled = was
+    np.testing.assert_allclose(h, h1[0].numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(c, c1[0].numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_the_stream_bench_compares_the_worker_path_with_per_request_scoring_on_its_own_sequences() -> None:
