@@ -147,9 +147,19 @@ def _unframe(rest: bytes) -> bytes | None:
     return rest[head:] if declared == len(rest) - head else None
 
 
+def _nan_to(x: np.ndarray, nan: float = 0.0) -> np.ndarray:
+    """`np.nan_to_num(x, nan=nan)` of a float array (NaN -> `nan`, +-inf -> the largest finite float), in a
+    third of its time: a fold makes many such calls, and on a small batch their overhead was most of its cost."""
+    big = np.finfo(x.dtype).max
+    out = np.where(np.isnan(x), nan, x)
+    np.minimum(out, big, out=out)
+    return np.maximum(out, -big, out=out)
+
+
 def _peer_means(group: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """(N, K): per row, the mean of each column over the other rows of its group, ignoring NaN."""
-    _, inv = np.unique(group, return_inverse=True)
+    """(N, K): per row, the mean of each column over the other rows of its group, ignoring NaN. `group` is
+    nondecreasing (a snapshot's rows are contiguous)."""
+    inv = np.cumsum(np.concatenate(([0], group[1:] != group[:-1])))  # what np.unique's inverse is, far sooner
     ok = ~np.isnan(v)
     vv = np.where(ok, v, 0.0)
     out = np.empty_like(vv)
@@ -384,9 +394,10 @@ class WindowStore:
         accepted = np.zeros(len(slots), dtype=bool)
         # Peer groups: a snapshot's GPUs arrive together (same host, same ts, contiguous rows).
         hc = self.host_code[slots]
-        group = np.cumsum(np.r_[True, (hc[1:] != hc[:-1]) | (ts[1:] != ts[:-1])]) if len(slots) else hc
+        group = np.cumsum(np.concatenate(([True], (hc[1:] != hc[:-1]) | (ts[1:] != ts[:-1])))) if len(slots) else hc
         # A GPU may appear several times in one batch: apply its samples in rounds of unique slots.
-        if len(np.unique(slots)) == len(slots):
+        by_slot = np.sort(slots)
+        if not (by_slot[1:] == by_slot[:-1]).any():
             rounds = [np.arange(len(slots))]
         else:
             order = np.argsort(slots, kind="stable")
@@ -478,17 +489,17 @@ class WindowStore:
         limit = x[:, _NUM["power_limit_w"]]
         power_frac = power / np.where(limit > 0, limit, np.nan)
         # Thermal resistance (°C per W above ambient): fan or heatsink trouble raises it at any load.
-        heat_w = np.nan_to_num(power, nan=0.0) + 60.0
+        heat_w = _nan_to(power) + 60.0
         thermal_r = (temp - 25.0) / heat_w
         sm_clock = x[:, _NUM["sm_clock_mhz"]]
         # Clocks relative to the highest this GPU has shown: boards boost to 1410 (A100) or 1980 MHz (H100), so
         # a fixed scale would read every A100 as throttled.
-        clock_max = np.fmax(np.where(first, 0.0, self.clock_max[s]), np.nan_to_num(sm_clock, nan=0.0))
+        clock_max = np.fmax(np.where(first, 0.0, self.clock_max[s]), _nan_to(sm_clock))
         self.clock_max[s] = clock_max
         clock_ratio = sm_clock / np.where(clock_max > 0, clock_max, np.nan)
         util = x[:, _NUM["util_gpu_pct"]] / 100.0
         # Load is the job's demand (utilisation), not power: a throttling GPU draws less power but is busy.
-        loaded = np.nan_to_num(util, nan=0.0) >= LOADED_UTIL
+        loaded = _nan_to(util) >= LOADED_UTIL
         clock_deficit = np.where(util > 0.5, np.clip(1.0 - clock_ratio, 0.0, 1.0), 0.0)
 
         thr_thermal = (throttle & (F.THROTTLE_SW_THERMAL | F.THROTTLE_HW_THERMAL)) != 0
@@ -499,17 +510,17 @@ class WindowStore:
         peer = _peer_means(
             group, np.stack([temp, thermal_r, power, fan, thr_power.astype(np.float64)], axis=1)
         )
-        temp_peer = np.nan_to_num(temp - peer[:, 0], nan=0.0)
-        power_peer = np.nan_to_num(power - peer[:, 2], nan=0.0)
+        temp_peer = _nan_to(temp - peer[:, 0])
+        power_peer = _nan_to(power - peer[:, 2])
         # In degrees at the GPU's present power, not in resistance: dR * (P + 60) is how much hotter it runs than
         # its peers would at its power. At idle, a resistance difference is mostly 1 °C of NVML's integer
         # temperatures over a small power, and read as resistance it looked like a loaded GPU 20 °C too hot
         # (what most of a healthy plain fleet's high scores were, docs/model.md).
-        peer_c = np.nan_to_num((thermal_r - peer[:, 1]) * heat_w, nan=0.0)
+        peer_c = _nan_to((thermal_r - peer[:, 1]) * heat_w)
 
         base = self.baseline[s]
-        base_thermal = np.where(first, np.nan_to_num(thermal_r, nan=0.3), base[:, _B_THERMAL_R])
-        thermal_dev = np.nan_to_num(thermal_r - base_thermal, nan=0.0) * 10.0
+        base_thermal = np.where(first, _nan_to(thermal_r, 0.3), base[:, _B_THERMAL_R])
+        thermal_dev = _nan_to(thermal_r - base_thermal) * 10.0
         # Peer-relative resistance against this GPU's own usual offset from its peers in the same load state
         # (a hot-running board is normal for itself), once temperatures have settled after a load change.
         changed = first | (loaded != self.was_loaded[s])
@@ -529,11 +540,11 @@ class WindowStore:
         signals[:, _SIG["thermal_peer"]] = thermal_peer
         signals[:, _SIG["throttle_thermal"]] = thr_thermal
         signals[:, _SIG["throttle_power"]] = thr_power
-        signals[:, _SIG["own_brake"]] = np.maximum(thr_power - np.nan_to_num(peer[:, 4], nan=0.0), 0.0)
-        signals[:, _SIG["power_excursion"]] = np.nan_to_num(np.maximum(power_frac - 1.0, 0.0) * 10.0, nan=0.0)
+        signals[:, _SIG["own_brake"]] = np.maximum(thr_power - _nan_to(peer[:, 4]), 0.0)
+        signals[:, _SIG["power_excursion"]] = _nan_to(np.maximum(power_frac - 1.0, 0.0) * 10.0)
         signals[:, _SIG["power_jitter"]] = jitter
         signals[:, _SIG["xid"]] = xid_count * (60.0 / dt_pos)
-        signals[:, _SIG["clock_deficit"]] = np.nan_to_num(clock_deficit, nan=0.0)
+        signals[:, _SIG["clock_deficit"]] = _nan_to(clock_deficit)
 
         taus = np.asarray(EWMA_TAUS_S, dtype=np.float32)
         alpha = np.where(first[:, None], 1.0, 1.0 - np.exp(-dt_pos[:, None] / taus[None, :]))
@@ -550,7 +561,7 @@ class WindowStore:
         new_base[:, :nb] += a_base[:, None] * (rates[:, _RATE_BASE_COLS] - base[:, :nb])
         # The thermal baselines only learn while the GPU is not throttling, so a failing fan is not learned as normal.
         learn = ~thr_thermal | first
-        r_now = np.nan_to_num(thermal_r, nan=0.3)
+        r_now = _nan_to(thermal_r, 0.3)
         new_base[:, _B_THERMAL_R] = np.where(learn, base[:, _B_THERMAL_R] + a_base * (r_now - base[:, _B_THERMAL_R]),
                                              base[:, _B_THERMAL_R])  # fmt: skip
         learn_peer = settled & ~thr_thermal
@@ -603,13 +614,13 @@ class WindowStore:
             self.xid_last_fatal[s],
             np.log1p(min_since_xid) / 7.0,
             np.clip(gap_ratio, -3.0, 8.0),
-            np.log1p(np.nan_to_num(x[:, _NUM["ecc_dbe_aggregate"]], nan=0.0)),
-            np.log1p(np.nan_to_num(x[:, _NUM["retired_pages"]], nan=0.0)),
-            np.log1p(np.nan_to_num(x[:, _NUM["remapped_rows_uncorrectable"]], nan=0.0)),
+            np.log1p(_nan_to(x[:, _NUM["ecc_dbe_aggregate"]])),
+            np.log1p(_nan_to(x[:, _NUM["retired_pages"]])),
+            np.log1p(_nan_to(x[:, _NUM["remapped_rows_uncorrectable"]])),
             violation_frac[:, 0],
             violation_frac[:, 1],
             np.clip(temp_peer / 10.0, -5.0, 5.0),
-            np.nan_to_num((fan - peer[:, 3]) / 100.0, nan=0.0),
+            _nan_to((fan - peer[:, 3]) / 100.0),
             np.clip(power_peer / 100.0, -5.0, 5.0),
         ]
         for j, col in enumerate(cols):
@@ -624,7 +635,9 @@ class WindowStore:
             np.maximum(self.baseline[s, :nb], 0.0)
         )
         cur[:, n_inst + n_ew + nb] = ew[:, 1, _SIG["thermal_dev"]]
-        np.nan_to_num(cur, copy=False, nan=0.0, posinf=10.0, neginf=-10.0)
+        bad = ~np.isfinite(cur)
+        if bad.any():  # rare: NaN reads as 0, an infinity as +-10
+            cur[bad] = np.where(np.isnan(cur[bad]), 0.0, np.where(cur[bad] > 0, 10.0, -10.0))
         np.clip(cur, -1000.0, 1000.0, out=cur)  # features are O(1); the clip keeps float16 rings finite
         self.current[s] = cur
 
