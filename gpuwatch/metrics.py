@@ -56,6 +56,10 @@ STREAM_NEWEST_SAMPLE_TS = Gauge(
     "gpuwatch_stream_newest_sample_timestamp_seconds",
     "Sample time of the newest GPU-sample the worker folded.",
 )
+STREAM_SLOW_GPUS = Gauge(
+    "gpuwatch_stream_gpus_sampled_slower_than_validated",
+    "GPUs sampled more slowly than the model was validated at (their alarms are less reliable; docs/model.md).",
+)
 INFERENCE_LATENCY = Histogram(
     "gpuwatch_inference_latency_seconds",
     "Wall time of one model forward pass over the GPUs of a batch that were due for scoring.",
@@ -469,7 +473,7 @@ def register_gpu_telemetry(fetch: TelemetryFetch) -> None:
 _CONSUMER_METRICS: tuple[Collector, ...] = (BATCH_SIZE, BATCH_DURATION, CONSUMER_LAG, DEADLETTERS)
 COMPONENT_METRICS: dict[str, tuple[Collector, ...]] = {
     "stream": (*_CONSUMER_METRICS, STREAM_SAMPLES, STREAM_SAMPLES_REJECTED, STREAM_SCORED, STREAM_NEWEST_SAMPLE_TS,
-               INFERENCE_LATENCY, GPU_TELEMETRY),
+               STREAM_SLOW_GPUS, INFERENCE_LATENCY, GPU_TELEMETRY),
     "sink": (*_CONSUMER_METRICS, RISK_RECORDS_WRITTEN, REMEDIATION_EVENTS, FLEET_RISK, POLICY_TRIPS,
              POLICY_BREAKER_OPEN, POLICY_INCIDENT, POLICY_UNHEALTHY_HOSTS, POLICY_FLEET_HOSTS, POLICY_ESCALATED_HOSTS),
     "controller": (CONSUMER_LAG, DEADLETTERS, REMEDIATION_ACTIONS),

@@ -233,11 +233,14 @@ def create_app(
     async def _report() -> None:
         totals.report(processor)
 
+    slow_warned = [False]  # whether the slow-sampling warning is out (logged again after all GPUs are fast again)
+
     @app.timer(interval=2.0)
     async def _refresh_silent() -> None:
         # Every GPU's risk is refreshed at least every 10 s, also when its samples stop coming.
         if not ready.is_set():
             return
+        slow_warned[0] = export_slow_sampling(processor, slow_warned[0])
         result = processor.refresh_silent(time.time(), settings.risk_refresh_s)
         if result.risk:
             for key, value in result.risk:
@@ -356,6 +359,17 @@ def export_batch_metrics(result: BatchResult, messages: int, seconds: float) -> 
         metrics.INFERENCE_LATENCY.observe(result.inference_s)
     if result.newest_sample_ts:
         metrics.STREAM_NEWEST_SAMPLE_TS.set(result.newest_sample_ts)
+
+
+def export_slow_sampling(processor: RiskProcessor, warned: bool) -> bool:
+    """Sets the gauge of GPUs sampled more slowly than the model was validated at, and logs a warning when some
+    first are (again); returns whether some are."""
+    slow, example, interval = processor.sampled_slower_than_validated()
+    metrics.STREAM_SLOW_GPUS.set(slow)
+    if slow and not warned:
+        note = processor.scorer.artifact.slow_sampling_note(f"GPU {example}", interval)
+        log.warning("%d GPU%s sampled more slowly than validated; %s", slow, "s" if slow > 1 else "", note)
+    return slow > 0
 
 
 def export_lag(app: faust.App, settings: Settings, previous: set[tuple[str, str]]) -> set[tuple[str, str]]:

@@ -36,6 +36,10 @@ FAILURE_CLASSES: tuple[str, ...] = tuple(m for m in FAILURE_MODES if m != "none"
 # Calibration prevalence assumed for artifacts written before it was recorded: the training fleets' failure
 # rate (x5000 the trace's 1.943e-4 per GPU-day, no host frailty) over a 60-minute horizon.
 _LEGACY_CALIBRATION_PREVALENCE = 1.0 - math.exp(-5000 * 1.943e-4 / 24)
+# A GPU or a recording counts as sampled more slowly than the model was validated at when its interval exceeds the
+# slowest validated one by this factor: a quarter more, for timers that jitter. Its alarms there are measured only on
+# diagnostic fleets, and were worse (docs/model.md, "Sampling intervals").
+SLOWER_THAN_VALIDATED = 1.25
 
 
 class FailureLSTM(nn.Module):
@@ -104,6 +108,26 @@ class ModelArtifact:
     metrics: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str = ""
     created_at: float = 0.0
+
+    @property
+    def validated_interval_s(self) -> float | None:
+        """The slowest sampling interval of the fleets its operating points were chosen on (None: not recorded)."""
+        intervals = self.metrics.get("validated_intervals_s") or []
+        return max(intervals) if intervals else None
+
+    def sampled_slower_than_validated(self, interval_s: float | None) -> bool:
+        """Whether telemetry sampled every `interval_s` is slower than anything this model was validated at, by more
+        than a timer's jitter (SLOWER_THAN_VALIDATED)."""
+        limit = self.validated_interval_s
+        return limit is not None and interval_s is not None and interval_s > SLOWER_THAN_VALIDATED * limit
+
+    def slow_sampling_note(self, what: str, interval_s: float | None) -> str:
+        """One line for an operator when `what` is sampled more slowly than validated ("" when it is not)."""
+        if not self.sampled_slower_than_validated(interval_s):
+            return ""
+        return (f"{what} is sampled every {interval_s:g} s, slower than the {self.validated_interval_s:g} s model "
+                f"{self.version} was validated at: its alarms there were measured only on diagnostic fleets, with "
+                "more false alarms and lower recall (docs/model.md, 'Sampling intervals')")
 
     @property
     def alarm_op(self) -> OperatingPoint:

@@ -20,7 +20,7 @@ from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, enco
 from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES
 from gpuwatch.schemas.records import Risk
 from gpuwatch.streams.explain import explain
-from gpuwatch.streams.model import ModelArtifact, Scorer
+from gpuwatch.streams.model import SLOWER_THAN_VALIDATED, ModelArtifact, Scorer
 from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, bridge_for, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 
@@ -698,6 +698,22 @@ class RiskProcessor:
 
     def stats(self) -> dict[str, Any]:
         return {"gpus_tracked": len(self.store), "state_bytes_per_gpu": self.state_bytes_per_gpu()}
+
+    def sampled_slower_than_validated(self, fresh_within_s: float = 1800.0) -> tuple[int, str, float]:
+        """GPUs heard from within `fresh_within_s` of the newest sample whose usual interval is slower than the
+        model was validated at (`ModelArtifact.sampled_slower_than_validated`): how many, and one of them
+        (host/index) with its interval ("", 0.0 when none)."""
+        store, artifact = self.store, self.scorer.artifact
+        limit = artifact.validated_interval_s
+        n = len(store.uuids)
+        if limit is None or not n:
+            return 0, "", 0.0
+        last_ts, interval = store.last_ts[:n], store.dt_ewma[:n].astype(np.float64)
+        slow = np.flatnonzero((last_ts >= last_ts.max() - fresh_within_s) & (interval > SLOWER_THAN_VALIDATED * limit))
+        if not len(slow):
+            return 0, "", 0.0
+        s = int(slow[0])
+        return len(slow), f"{store.hosts[s]}/{int(store.gpu_index[s])}", float(interval[s])
 
     def telemetry(
         self, fresh_within_s: float = 120.0

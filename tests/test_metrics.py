@@ -107,6 +107,7 @@ def test_every_labelled_counter_an_alert_reads_exists_at_zero_from_the_start() -
 OWN_METRICS = {
     "stream": {"gpuwatch_stream_samples_total", "gpuwatch_stream_samples_rejected_total", "gpuwatch_stream_scored_total",
                "gpuwatch_stream_newest_sample_timestamp_seconds", "gpuwatch_inference_latency_seconds",
+               "gpuwatch_stream_gpus_sampled_slower_than_validated",
                "gpuwatch_batch_size_messages", "gpuwatch_batch_duration_seconds", "gpuwatch_consumer_lag_messages",
                "gpuwatch_deadletters_total"},
     "sink": {"gpuwatch_risk_records_written_total", "gpuwatch_remediation_events_total", "gpuwatch_failure_risk",

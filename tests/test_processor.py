@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import orjson
+import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from gpuwatch.schemas.codecs import decode_deadletter, decode_risk
 from gpuwatch.simulator.fleet import FleetConfig, FleetSimulator
+from gpuwatch.streams.app import export_slow_sampling
 from gpuwatch.streams.model import CPU_ENCODE_ROWS, Scorer, load_artifact
 from gpuwatch.streams.processor import Inbound, RiskProcessor
 from gpuwatch.streams.window import WINDOW_LAYOUT
@@ -141,6 +146,27 @@ def test_a_large_batch_is_encoded_in_parts_with_the_states_of_one_call() -> None
         torch.backends.mkldnn.enabled = was
     np.testing.assert_allclose(h, h1[0].numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(c, c1[0].numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_gpus_sampled_more_slowly_than_validated_are_counted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The shipped model was validated at up to 60 s: a worker counts the GPUs sampled every 120 s in a gauge and
+    logs one warning naming one of them; GPUs at 60 s are not counted."""
+    procs = {}
+    for interval in (60.0, 120.0):
+        sim = FleetSimulator(FleetConfig(hosts=2, seed=6, start_ts=1.7e9, interval_s=interval))
+        procs[interval] = proc = _processor()
+        for _ in range(5):
+            proc.process(_feed(sim, 1))
+    assert procs[60.0].sampled_slower_than_validated() == (0, "", 0.0)
+    count, example, interval_s = procs[120.0].sampled_slower_than_validated()
+    assert count == 16 and example.endswith("/0") and interval_s == pytest.approx(120.0)
+    with caplog.at_level(logging.WARNING, logger="gpuwatch.streams.app"):
+        assert export_slow_sampling(procs[120.0], warned=False)
+        assert export_slow_sampling(procs[120.0], warned=True)  # already said
+    assert REGISTRY.get_sample_value("gpuwatch_stream_gpus_sampled_slower_than_validated") == 16
+    assert len(caplog.records) == 1 and "16 GPUs sampled more slowly than validated" in caplog.text
+    assert not export_slow_sampling(procs[60.0], warned=True)
+    assert REGISTRY.get_sample_value("gpuwatch_stream_gpus_sampled_slower_than_validated") == 0
 
 
 def test_the_stream_bench_compares_the_worker_path_with_per_request_scoring_on_its_own_sequences() -> None:

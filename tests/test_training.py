@@ -66,6 +66,7 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     # Both validation fleets pooled: each has the two forced failures with precursors.
     assert artifact.metrics["validation_events"]["failures_with_precursor"] >= 4
     assert artifact.metrics["data_seed"] == 0 and artifact.metrics["train_config"]["seed"] == 3
+    assert artifact.metrics["validated_intervals_s"] == [5.0] and artifact.validated_interval_s == 5.0
     assert model.with_suffix(".gbdt.txt").exists()
 
     risk_path = tmp_path / "risk.jsonl"
@@ -92,6 +93,7 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     assert report["data"]["failed_records"] == sum(r.failed for r in records) > 0
     assert report["scorers"]["lstm"]["failures_with_precursor"] >= 2  # the two forced failures at least
     assert report["alarm_records"] == artifact.alarm_records >= 1
+    assert report["sampling"] == {"interval_s": 5.0, "validated_intervals_s": [5.0], "slower_than_validated": False}
     # The policy was replayed on the model's records and on the threshold rules' alarms
     assert set(report["system"]) == {"lstm", "threshold"}
     for action in ("checkpoint", "migrate", "reboot"):
@@ -127,6 +129,28 @@ def test_train_score_eval_end_to_end(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="--operating-point-of .*missing.pt is not a file"):
         train_command(_args("train", "--operating-point-of", str(tmp_path / "missing.pt"), "--val-data",
                             str(tmp_path / "test"), "--out", str(repicked)))  # fmt: skip
+
+
+@pytest.mark.parametrize(("interval_s", "slower"), [(60.0, False), (120.0, True)])
+def test_score_and_eval_say_when_a_recording_is_sampled_more_slowly_than_validated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], interval_s: float, slower: bool
+) -> None:
+    """The shipped model's points were chosen on fleets sampled every 5 to 60 s: a recording at 120 s gets a
+    warning line from score and eval, and eval's report says so; one at 60 s does not."""
+    simulate_to_dir(2, 2, days=2 / 24, out=tmp_path, seed=5, interval_s=interval_s)
+    assert load_artifact().validated_interval_s == 60.0
+    assert score_command(_args("score", "--input", str(tmp_path / "samples.jsonl"), "--output",
+                               str(tmp_path / "risk.jsonl"), "--workers", "1")) == 0  # fmt: skip
+    assert eval_command(_args("eval", "--data", str(tmp_path), "--json", str(tmp_path / "eval.json"))) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    if slower:
+        assert [w.split(":")[0] for w in warnings] == ["gpuwatch score", "gpuwatch eval"]
+        assert all(f"sampled every {interval_s:g} s, slower than the 60 s model" in w for w in warnings)
+    else:
+        assert warnings == []
+    report = orjson.loads((tmp_path / "eval.json").read_bytes())
+    assert report["sampling"] == {"interval_s": interval_s, "validated_intervals_s": [5.0, 30.0, 60.0],
+                                  "slower_than_validated": slower}  # fmt: skip
 
 
 def test_data_seed_keeps_the_sequences_and_split_while_seed_changes_the_weights(tmp_path: Path) -> None:

@@ -209,6 +209,11 @@ def operating_point_command(args: argparse.Namespace, t0: float, settings: Setti
     return choose_and_save(artifact, gbdt, args, t0, settings)
 
 
+def validated_intervals(recordings: list[Recording]) -> list[float]:
+    """The distinct sampling intervals (s, rounded to 0.1) of the recordings the operating points are chosen on."""
+    return sorted({round(i, 1) for i in (r.typical_interval_s() for r in recordings) if i is not None})
+
+
 def choose_and_save(
     artifact: ModelArtifact, gbdt: GbdtBaseline | None, args: argparse.Namespace, t0: float, settings: Settings,
     val_recordings: list[Recording] | None = None, own_fleet: bool = False,
@@ -241,6 +246,8 @@ def choose_and_save(
         artifact.metrics["validation_drain"] = None if drain is None else drain["validation"]
         artifact.metrics["operating_points_chosen_for"] = chosen["chosen_for"]
         artifact.metrics["operating_point_curve"] = chosen["curve"]
+        # What the figures were measured at: the stream, score and eval say when telemetry is slower.
+        artifact.metrics["validated_intervals_s"] = validated_intervals(val_dirs)
         artifact.metrics["threshold_from"] = (
             "alarm: the highest recall with alarm precision and false checkpoints per 1,000 healthy GPU-days within "
             "the service levels; drain: the most net GPU-hours at the real failure rate with false drains within "

@@ -405,9 +405,15 @@ def eval_command(
     else:
         print(f"gpuwatch eval: no GBDT baseline at {gbdt_path} (pass --gbdt; `gpuwatch train` writes one); "
               "reporting the threshold baseline only", file=sys.stderr)  # fmt: skip
+    intervals = [d.typical_interval_s() for d in recordings]
+    for d, interval in zip(recordings, intervals):
+        if note := artifact.slow_sampling_note(d.name, interval):
+            print(f"gpuwatch eval: warning: {note}", file=sys.stderr)
     reports = []
-    for d in recordings:
+    for d, interval in zip(recordings, intervals):
         report = evaluate_dir(d, artifact, gbdt, args.rescore_interval, args.merge_gap, args.device, settings)
+        report["sampling"] = {"interval_s": interval, "validated_intervals_s": artifact.metrics.get("validated_intervals_s"),
+                              "slower_than_validated": artifact.sampled_slower_than_validated(interval)}  # fmt: skip
         print(format_report(report))
         print(format_system(report))
         reports.append(report)

@@ -7,13 +7,16 @@ exactly as it decodes JSONL lines, and the failure labels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
+from gpuwatch.schemas.codecs import snapshot_head
 from gpuwatch.training.dataset import Failures, RecordingError
 
 
@@ -64,6 +67,11 @@ class Recording:
             raise RecordingError(str(exc)) from None
         return Failures.parse(data.splitlines(), f"{self.archive_url} (label store)")
 
+    def typical_interval_s(self, messages: int = 20_000) -> float | None:
+        """The median time between a host's consecutive snapshots over the first `messages` messages (None: no
+        host sent two): the sampling interval the model meets on this recording."""
+        return typical_interval_s(self.messages(), messages)
+
     def meta(self) -> dict[str, Any]:
         """The simulator's meta.json ({} when there is none, as for an archive)."""
         if self.meta_path is None or not self.meta_path.exists():
@@ -110,3 +118,19 @@ def open_recording(location: str | Path, *, need_labels: bool = True) -> Recordi
     return Recording(name=folder.name, location=text, source=str(folder / "samples.jsonl"), samples_path=folder / "samples.jsonl",
                      labels_path=folder / "labels.jsonl", meta_path=folder / "meta.json",
                      cache_dir=folder / ".gpuwatch")  # fmt: skip
+
+
+def typical_interval_s(messages: Iterable[tuple[int, bytes]], limit: int = 20_000) -> float | None:
+    """The median gap between consecutive snapshots of a host, over the first `limit` (offset, raw) messages
+    (None: no host sent two it could read)."""
+    last: dict[str, float] = {}
+    gaps: list[float] = []
+    for _, raw in islice(messages, limit):
+        head = snapshot_head(raw)
+        if head is None:
+            continue
+        host, ts = head
+        if host in last and ts > last[host]:
+            gaps.append(ts - last[host])
+        last[host] = ts
+    return float(np.median(gaps)) if gaps else None

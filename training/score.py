@@ -35,6 +35,7 @@ from gpuwatch.sinks.policy import PolicyRules, RemediationPolicy
 from gpuwatch.streams.model import ModelError, Scorer, load_artifact
 from gpuwatch.streams.processor import BatchResult, Inbound, RiskProcessor
 from gpuwatch.training.dataset import DeadLetterCount
+from gpuwatch.training.recording import typical_interval_s
 
 # Read buffer for recordings of snapshots (about 6 KB a line at 8 GPUs): 1 MiB instead of Python's 8 KiB reads
 # them about three times as fast.
@@ -156,9 +157,16 @@ def _replay_input(location: str, processor: RiskProcessor) -> Iterator[BatchResu
     """`replay` of a JSONL file, or of an archive's snapshots (in time order)."""
     if Path(location).is_file():
         return replay(Path(location), processor)
+    return replay_messages(_input_messages(location), f"{location.rstrip('/')}/samples", processor)
+
+
+def _input_messages(location: str) -> Iterator[tuple[int, bytes]]:
+    """(offset, raw snapshot) of a JSONL file's lines, or of an archive's snapshots in time order."""
+    if Path(location).is_file():
+        return file_messages(Path(location))
     from gpuwatch.archive.reader import ArchiveReader
 
-    return replay_messages(ArchiveReader(location).snapshot_messages(), f"{location.rstrip('/')}/samples", processor)
+    return ArchiveReader(location).snapshot_messages()
 
 
 def is_archive(location: str) -> bool:
@@ -208,6 +216,8 @@ def score_command(args: argparse.Namespace, settings: Settings | None = None) ->
     except ModelError as exc:
         print(f"gpuwatch score: {exc}", file=sys.stderr)
         return 2
+    if note := scorer.artifact.slow_sampling_note(args.input, typical_interval_s(_input_messages(args.input))):
+        print(f"gpuwatch score: warning: {note}", file=sys.stderr)
     # What the stream would run: operating points (with the settings' overrides), risk at the fleet's rate.
     processor = RiskProcessor.from_settings(scorer, settings, rescore_interval_s=args.rescore_interval, stage="score")
     decisions = {"alarm_op": processor.alarm_op, "drain_op": processor.drain_op,
