@@ -159,7 +159,7 @@ def _nan_to(x: np.ndarray, nan: float = 0.0) -> np.ndarray:
 def _peer_means(group: np.ndarray, v: np.ndarray) -> np.ndarray:
     """(N, K): per row, the mean of each column over the other rows of its group, ignoring NaN. `group` is
     nondecreasing (a snapshot's rows are contiguous)."""
-    inv = np.cumsum(np.concatenate(([0], group[1:] != group[:-1])))  # what np.unique's inverse is, far sooner
+    inv = np.cumsum(np.concatenate(([0], group[1:] != group[:-1])))[: len(group)]  # np.unique's inverse, sooner
     ok = ~np.isnan(v)
     vv = np.where(ok, v, 0.0)
     out = np.empty_like(vv)
