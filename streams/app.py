@@ -233,14 +233,15 @@ def create_app(
     async def _report() -> None:
         totals.report(processor)
 
-    slow_warned = [False]  # whether the slow-sampling warning is out (logged again after all GPUs are fast again)
+    slow_warned = False  # whether the slow-sampling warning is out (logged again after all GPUs are fast again)
 
     @app.timer(interval=2.0)
     async def _refresh_silent() -> None:
         # Every GPU's risk is refreshed at least every 10 s, also when its samples stop coming.
+        nonlocal slow_warned
         if not ready.is_set():
             return
-        slow_warned[0] = export_slow_sampling(processor, slow_warned[0])
+        slow_warned = export_slow_sampling(processor, slow_warned)
         result = processor.refresh_silent(time.time(), settings.risk_refresh_s)
         if result.risk:
             for key, value in result.risk:

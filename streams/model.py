@@ -115,11 +115,17 @@ class ModelArtifact:
         intervals = self.metrics.get("validated_intervals_s") or []
         return max(intervals) if intervals else None
 
-    def sampled_slower_than_validated(self, interval_s: float | None) -> bool:
-        """Whether telemetry sampled every `interval_s` is slower than anything this model was validated at, by more
-        than a timer's jitter (SLOWER_THAN_VALIDATED)."""
+    @property
+    def slow_interval_s(self) -> float | None:
+        """Sampling intervals above this are slower than anything this model was validated at, by more than a
+        timer's jitter (SLOWER_THAN_VALIDATED; None: not recorded)."""
         limit = self.validated_interval_s
-        return limit is not None and interval_s is not None and interval_s > SLOWER_THAN_VALIDATED * limit
+        return None if limit is None else SLOWER_THAN_VALIDATED * limit
+
+    def sampled_slower_than_validated(self, interval_s: float | None) -> bool:
+        """Whether telemetry sampled every `interval_s` is slower than validated (`slow_interval_s`)."""
+        slow = self.slow_interval_s
+        return slow is not None and interval_s is not None and interval_s > slow
 
     def slow_sampling_note(self, what: str, interval_s: float | None) -> str:
         """One line for an operator when `what` is sampled more slowly than validated ("" when it is not)."""

@@ -20,7 +20,7 @@ from gpuwatch.schemas.codecs import DecodeError, Snapshot, decode_snapshot, enco
 from gpuwatch.schemas.fields import ALL_NUMERIC, FAILURE_MODES
 from gpuwatch.schemas.records import Risk
 from gpuwatch.streams.explain import explain
-from gpuwatch.streams.model import SLOWER_THAN_VALIDATED, ModelArtifact, Scorer
+from gpuwatch.streams.model import ModelArtifact, Scorer
 from gpuwatch.streams.operating_point import OperatingPoint, at_prevalence, bridge_for, prevalence
 from gpuwatch.streams.window import FEATURE_NAMES, WindowStore
 
@@ -703,13 +703,12 @@ class RiskProcessor:
         """GPUs heard from within `fresh_within_s` of the newest sample whose usual interval is slower than the
         model was validated at (`ModelArtifact.sampled_slower_than_validated`): how many, and one of them
         (host/index) with its interval ("", 0.0 when none)."""
-        store, artifact = self.store, self.scorer.artifact
-        limit = artifact.validated_interval_s
+        store, limit = self.store, self.scorer.artifact.slow_interval_s
         n = len(store.uuids)
         if limit is None or not n:
             return 0, "", 0.0
         last_ts, interval = store.last_ts[:n], store.dt_ewma[:n].astype(np.float64)
-        slow = np.flatnonzero((last_ts >= last_ts.max() - fresh_within_s) & (interval > SLOWER_THAN_VALIDATED * limit))
+        slow = np.flatnonzero((last_ts >= last_ts.max() - fresh_within_s) & (interval > limit))
         if not len(slow):
             return 0, "", 0.0
         s = int(slow[0])
