@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-nvml", action="store_true",
                    help="agent: sample this machine's GPUs through the driver instead of stand-in GPUs")
     p.add_argument("--interval", type=float, default=1.0,
-                   help="archive --live: seconds between a node's snapshots in the simulated fleet (default 1)")
+                   help="archive --live, soak: seconds between a node's snapshots in the simulated fleet (default 1)")
     p.add_argument("--healthy-gpu-days", type=float, default=0.0,
                    help="throttle: GPU-days of the healthy fleet that counts false throttles (--gpus: failures)")
     p.add_argument("--false-alarms-per-1000", type=float, default=None,

@@ -121,5 +121,16 @@ def test_a_run_too_small_to_judge_is_refused_in_one_line(gpus, seconds):
     from gpuwatch.apps.bench.soak import run_soak_bench
 
     with pytest.raises(SystemExit) as exc:
-        run_soak_bench(argparse.Namespace(gpus=gpus, seconds=seconds, json_path=None))
+        run_soak_bench(argparse.Namespace(gpus=gpus, seconds=seconds, interval=1.0, json_path=None))
     assert "too small to judge" in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, 120.0])
+def test_an_interval_out_of_range_is_refused_in_one_line(interval):
+    import argparse
+
+    from gpuwatch.apps.bench.soak import run_soak_bench
+
+    with pytest.raises(SystemExit) as exc:
+        run_soak_bench(argparse.Namespace(gpus=2000, seconds=600.0, interval=interval, json_path=None))
+    assert "--interval" in str(exc.value) and "\n" not in str(exc.value)

@@ -276,8 +276,8 @@ class _Gate(SimulatedSource):
     """The simulated fleet's agents, which the bench can pause (they keep delivering what they spooled, and
     their clock stops); keeps recent snapshots to spoil."""
 
-    def __init__(self, hosts: int) -> None:
-        super().__init__(hosts, 1.0, gpus_per_host=GPUS_PER_HOST, seed=17)
+    def __init__(self, hosts: int, interval_s: float = 1.0) -> None:
+        super().__init__(hosts, interval_s, gpus_per_host=GPUS_PER_HOST, seed=17)
         self.open = threading.Event()
         self.open.set()
         self.recent: list[list[tuple[str, bytes]]] = []
@@ -504,8 +504,9 @@ class Ledger:
 class ReliabilityRun:
     """The scenario; `run()` returns the figures."""
 
-    def __init__(self, gpus: int, seconds: float, workdir: Path) -> None:
+    def __init__(self, gpus: int, seconds: float, workdir: Path, interval_s: float = 1.0) -> None:
         self.hosts = max(1, gpus // GPUS_PER_HOST)
+        self.interval_s = interval_s  # seconds between a node's snapshots
         self.gpus = self.hosts * GPUS_PER_HOST
         self.seconds = seconds
         self.workdir = workdir
@@ -542,10 +543,10 @@ class ReliabilityRun:
         self.tap = DeadLetterTap(self.settings, self.partitions)
         self.downstream = Downstream(self.settings, self.partitions, self.tap)
         self.bad = BadInput(self.settings)
-        self.source = _Gate(self.hosts)
+        self.source = _Gate(self.hosts, self.interval_s)
         spool = Spool(self.workdir / "spool", max_bytes=2 << 30)
         self.publisher = Publisher(self.settings, spool, client_id="bench-agents", delivery_timeout_s=10.0)
-        self.agent = Agent(self.source, self.publisher, interval_s=1.0, flush_timeout_s=30.0)
+        self.agent = Agent(self.source, self.publisher, interval_s=self.interval_s, flush_timeout_s=30.0)
         self.agent_thread = threading.Thread(target=self.agent.run, name="bench-agents", daemon=True)
 
     def _topics(self) -> None:

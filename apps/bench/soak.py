@@ -1,7 +1,8 @@
 """`gpuwatch bench soak`: the pipeline under steady load for a long time; is any process's memory growing?
 
 On the same embedded stack as `gpuwatch bench reliability` (a Tansu broker and a redis-server as child
-processes; node agents for `--gpus` simulated GPUs at 1 Hz in this process; one `gpuwatch stream` worker, one
+processes; node agents for `--gpus` simulated GPUs in this process, each node sending a snapshot every
+`--interval` seconds (default 1); one `gpuwatch stream` worker, one
 `gpuwatch sink` and one `gpuwatch controller` as real processes; the reliability bench's trickle of bad
 snapshots and downstream probes every PROBE_EVERY_S, so that every stage has work of each kind, the
 controller included), but with no faults, for `--seconds` (default 3,600). Every SAMPLE_EVERY_S it records the
@@ -10,8 +11,9 @@ resident memory of the worker, the sink, the controller and the broker, and the 
 
 The verdict is read over the steady part of the run, its last TREND_FRACTION (the last 40 minutes of an
 hour): each gpuwatch process's RSS trend (least-squares slope) must be at most RSS_TREND_LIMIT_MB_PER_MIN, and
-each lag must be flat: its slope times the window's length must stay under `--gpus` (one second of the
-fleet's GPU-samples; on the risk topic, where a GPU gets a record about every 5 s, about five seconds of records).
+each lag must be flat: its slope times the window's length must stay under `--gpus` (one sampling interval of
+the fleet's GPU-samples; on the risk topic, where a GPU gets a record about every 5 s or every interval if that is
+longer, about that long of records).
 The broker's RSS is recorded, not judged: the memory-only Tansu keeps every message.
 """
 
@@ -78,7 +80,8 @@ def trend(ts: list[float], values: list[float], since_s: float) -> Trend:
 
 
 def lag_is_flat(slope_per_min: float, window_s: float, gpus: int) -> bool:
-    """A lag is flat when its trend adds less than one second of the fleet's samples over the whole window."""
+    """A lag is flat when its trend adds less than one sampling interval of the fleet's samples (one per GPU)
+    over the whole window."""
     return slope_per_min * window_s / 60.0 < gpus
 
 
@@ -139,7 +142,8 @@ class SoakRun(ReliabilityRun):
 
     def soak(self) -> list[dict[str, float]]:
         self.start()
-        _say(f"soak: {self.gpus:,} GPUs ({self.hosts:,} hosts) at 1 Hz for {self.seconds:.0f} s, no faults")
+        _say(f"soak: {self.gpus:,} GPUs ({self.hosts:,} hosts), a snapshot every {self.interval_s:g} s, for "
+             f"{self.seconds:.0f} s, no faults")
         self.agent_thread.start()
         t0 = self.t0 = time.monotonic()
         series: list[dict[str, float]] = []
@@ -176,15 +180,19 @@ def load_average() -> list[float]:
 
 
 def run_soak_bench(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the soak (`args.gpus`, default 10,000; `args.seconds`, default 3,600), prints the table, writes
-    `args.json_path`; `figures["passed"]` is the verdict."""
+    """Runs the soak (`args.gpus`, default 10,000; `args.seconds`, default 3,600; `args.interval`, seconds between
+    a node's snapshots, default 1), prints the table, writes `args.json_path`; `figures["passed"]` is the verdict."""
     gpus = args.gpus or 10_000
     seconds = args.seconds or 3600.0
+    interval = args.interval
+    if not 0 < interval <= 60:
+        raise SystemExit(f"gpuwatch bench soak: --interval {interval:g} is out of range; give seconds between a "
+                         f"node's snapshots in (0, 60], e.g. --interval 10")  # fmt: skip
     if gpus < GPUS_PER_HOST or seconds < 6 * SAMPLE_EVERY_S:
         raise SystemExit(f"gpuwatch bench soak: --gpus {gpus} --seconds {seconds:g} is too small to judge; give at "
                          f"least --gpus {GPUS_PER_HOST} and --seconds {6 * SAMPLE_EVERY_S:g} (an hour: 3600)")  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="gpuwatch-bench-soak-"))
-    run = SoakRun(gpus, seconds, workdir)
+    run = SoakRun(gpus, seconds, workdir, interval)
     load_before = load_average()
     try:
         series = run.soak()
@@ -197,6 +205,7 @@ def run_soak_bench(args: argparse.Namespace) -> dict[str, Any]:
         "gpus": run.gpus,
         "hosts": run.gpus // GPUS_PER_HOST,
         "seconds": seconds,
+        "interval_s": interval,
         "sample_every_s": SAMPLE_EVERY_S,
         "rss_trend_limit_mb_per_min": RSS_TREND_LIMIT_MB_PER_MIN,
         "agent_late_ticks": agent_late,
@@ -213,6 +222,6 @@ def run_soak_bench(args: argparse.Namespace) -> dict[str, Any]:
     }
     shown = {key: ("yes" if value else "NO") if isinstance(value, bool) else value for key, value in figures.items()}
     rows = [(key, value, notes.get(key, "")) for key, value in shown.items() if key != "series"]
-    emit(f"gpuwatch bench soak ({run.gpus:,} GPUs at 1 Hz, {seconds:.0f} s, no faults)", rows, figures,
-         args.json_path)  # fmt: skip
+    emit(f"gpuwatch bench soak ({run.gpus:,} GPUs, a snapshot every {interval:g} s, {seconds:.0f} s, no faults)",
+         rows, figures, args.json_path)  # fmt: skip
     return figures
